@@ -1,0 +1,40 @@
+"""ipcv_kernels: IPCV token compression for the vision encoders of multimodal LLMs.
+
+Public API: the ops (``knn``, ``ngr_reconstruct``, ``ngr_attention``, ``token_scores``,
+``select_tokens``, ``plan_ipcv``), ``IPCVConfig`` and ``apply_ipcv`` / ``remove_ipcv``.
+All ops are inference-only (no autograd).
+"""
+
+from .config import IPCVConfig
+from .models import apply_ipcv, get_ipcv_patch, remove_ipcv, supported_classes
+from .ops import (
+    available_backends,
+    knn,
+    ngr_attention,
+    ngr_reconstruct,
+    plan_ipcv,
+    select_tokens,
+    shrink_cu_seqlens,
+    token_scores,
+)
+from .reference import IPCVPlan, TokenSelection
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IPCVConfig",
+    "IPCVPlan",
+    "TokenSelection",
+    "apply_ipcv",
+    "available_backends",
+    "get_ipcv_patch",
+    "knn",
+    "ngr_attention",
+    "ngr_reconstruct",
+    "plan_ipcv",
+    "remove_ipcv",
+    "select_tokens",
+    "shrink_cu_seqlens",
+    "supported_classes",
+    "token_scores",
+]

@@ -1,0 +1,62 @@
+"""IPCV hyper-parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._validation import check_choice, check_int, check_ratio
+
+SCOPES = ("image", "global")
+AS_QUERIES = ("kept", "all")
+
+
+@dataclass(frozen=True)
+class IPCVConfig:
+    """Settings of one IPCV patch (see ``IPCV_SPEC.md``).
+
+    Attributes:
+        prune_layer: ``P``, the block before which tokens are dropped; ``1 <= P < depth``
+            (checked against the model in ``apply_ipcv``).
+        ratio: ``r``, the fraction of tokens dropped per item, in ``[0, 1)``. ``0`` reproduces
+            the unpatched model.
+        as_layers: ``A >= 0``, attention-stabilisation blocks ``P .. P+A-1`` in which the dropped
+            tokens are reconstructed and serve as keys/values. Values past the last block are
+            clamped to "until the end".
+        num_neighbors: ``k >= 1`` kept neighbours per dropped token for reconstruction.
+        scope: ``"image"`` (each image / video competes and finds neighbours alone: a batch equals
+            its items run one by one) or ``"global"`` (the whole packed input is one item, as in
+            the paper's code).
+        backend: backend of the planning ops (selection, ``knn``) and ``ngr_reconstruct``.
+        attention_backend: backend of ``ngr_attention`` in the stabilisation blocks.
+        as_queries: ``"kept"`` computes queries for kept tokens only (``ngr_attention``, the fast
+            path); ``"all"`` runs the model's own block on the full reconstructed sequence and
+            discards the dropped rows (the paper code's formulation, for parity and benchmarks).
+    """
+
+    prune_layer: int = 3
+    ratio: float = 0.65
+    as_layers: int = 7
+    num_neighbors: int = 10
+    scope: str = "image"
+    backend: str = "auto"
+    attention_backend: str = "auto"
+    as_queries: str = "kept"
+
+    def __post_init__(self) -> None:
+        check_int("prune_layer", self.prune_layer, low=1)
+        object.__setattr__(self, "ratio", check_ratio("ratio", self.ratio))
+        check_int("as_layers", self.as_layers, low=0)
+        check_int("num_neighbors", self.num_neighbors, low=1)
+        check_choice("scope", self.scope, SCOPES)
+        check_choice("as_queries", self.as_queries, AS_QUERIES)
+        for name in ("backend", "attention_backend"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
+
+    def check_depth(self, depth: int) -> None:
+        """Validate ``prune_layer`` against a tower of ``depth`` blocks."""
+        check_int("prune_layer", self.prune_layer, low=1, high=depth)
+
+    def stabilisation_end(self, depth: int) -> int:
+        """First pruned block index ``min(P + A, depth)``."""
+        return min(self.prune_layer + self.as_layers, depth)

@@ -1,0 +1,254 @@
+"""The IPCV state machine over a ViT's blocks, shared by every model family.
+
+``apply_ipcv`` wraps each block's ``forward`` on the model *instance* (never the class) and adds a
+forward pre-hook / hook on the tower. The tower's own forward is untouched: it keeps computing its
+patch embedding, rotary tables and segment offsets, and passes the hidden states from block to
+block, unaware that from block ``P`` on they hold only the kept tokens. Per forward:
+
+- block ``P-1`` records its input (``x_before``);
+- block ``P`` plans: scores ``||x_P - x_{P-1}||``, per-item top-k, neighbours on ``base = x_P``;
+- blocks ``P .. P+A-1`` (attention stabilisation) take the kept states ``h``, reconstruct the
+  dropped ones, attend with kept queries over kept + reconstructed keys/values, and return ``h``;
+- blocks ``P+A ..`` run the model's own block on the kept tokens with shrunk segments;
+- the last block restores the full sequence, so the merger / head sees every token.
+
+A family adapter (one module per model family) supplies what differs: how items are read from
+the tower's call, and the block's attention-stabilisation forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import IPCVConfig
+from ..ops import ngr_reconstruct, plan_ipcv, shrink_cu_seqlens
+from ..reference import IPCVPlan
+
+PATCH_ATTRIBUTE = "_ipcv_patch"
+
+
+@dataclass
+class ForwardState:
+    """What one forward of the tower carries from block to block."""
+
+    cu_items: torch.Tensor | None = None
+    x_before: torch.Tensor | None = None
+    plan: IPCVPlan | None = None
+    base: torch.Tensor | None = None
+    base_kept: torch.Tensor | None = None
+    base_drop: torch.Tensor | None = None
+    planned_cu_seqlens: torch.Tensor | None = None
+    tokens_per_block: list[int] = field(default_factory=list)
+
+
+@dataclass
+class BlockCall:
+    """The arguments a tower passed to one block, split into what IPCV reads and the rest."""
+
+    cu_seqlens: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+class FamilyAdapter:
+    """What differs between model families. Subclasses live in ``ipcv_kernels.models.<family>``."""
+
+    name = "base"
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        return tower.blocks
+
+    def item_lengths(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[int]:
+        """Token count of every item (image / video) of one tower call, in packing order."""
+        raise NotImplementedError
+
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any]) -> BlockCall:
+        kwargs = dict(kwargs)
+        if "cu_seqlens" in kwargs:
+            cu_seqlens = kwargs.pop("cu_seqlens")
+        else:
+            cu_seqlens, args = args[0], args[1:]
+        position_embeddings = kwargs.pop("position_embeddings", None)
+        return BlockCall(cu_seqlens, position_embeddings, args, kwargs)
+
+    def run_block(
+        self,
+        block: nn.Module,
+        forward,
+        hidden: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        call: BlockCall,
+    ) -> torch.Tensor:
+        """The model's own block forward with the given segments and rotary tables."""
+        kwargs = dict(call.kwargs)
+        if "max_seqlen" in kwargs:
+            kwargs["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        if position_embeddings is not None:
+            kwargs["position_embeddings"] = position_embeddings
+        return forward(hidden, *call.args, cu_seqlens=cu_seqlens, **kwargs)
+
+    def stabilised_block(
+        self,
+        block: nn.Module,
+        kept: torch.Tensor,
+        full: torch.Tensor,
+        plan: IPCVPlan,
+        call: BlockCall,
+        config: IPCVConfig,
+        kept_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """One attention-stabilisation block with queries for kept rows only; returns kept rows.
+
+        ``kept_cu_seqlens`` are this call's segments restricted to the kept (query) rows; the
+        key/value segments are ``call.cu_seqlens`` over ``full``.
+        """
+        raise NotImplementedError
+
+
+def gather_rotary(
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if position_embeddings is None:
+        return None
+    cos, sin = position_embeddings
+    return cos[rows], sin[rows]
+
+
+class IPCVPatch:
+    """The installed patch of one tower: its config, hooks, wrapped blocks and per-call state."""
+
+    def __init__(self, tower: nn.Module, adapter: FamilyAdapter, config: IPCVConfig) -> None:
+        self.tower = tower
+        self.adapter = adapter
+        self.config = config
+        self.blocks = adapter.blocks(tower)
+        self.depth = len(self.blocks)
+        config.check_depth(self.depth)
+        self.stabilisation_end = config.stabilisation_end(self.depth)
+        self.state = ForwardState()
+        self.last_tokens_per_block: list[int] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # -- installation ---------------------------------------------------------------------------
+    def install(self) -> None:
+        self._handles.append(self.tower.register_forward_pre_hook(self._start_forward, with_kwargs=True))
+        self._handles.append(self.tower.register_forward_hook(self._end_forward))
+        for index, block in enumerate(self.blocks):
+            block.forward = self._make_block_forward(index, block, block.forward)
+        setattr(self.tower, PATCH_ATTRIBUTE, self)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for block in self.blocks:
+            # The wrapper is an instance attribute shadowing the class's forward: deleting it
+            # restores the original bound method exactly.
+            del block.forward
+        delattr(self.tower, PATCH_ATTRIBUTE)
+
+    def _make_block_forward(self, index: int, block: nn.Module, original):
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return self._block_forward(index, block, original, hidden_states, args, kwargs)
+
+        return forward
+
+    # -- per-forward state ----------------------------------------------------------------------
+    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        lengths = self.adapter.item_lengths(self.tower, args, kwargs)
+        if self.config.scope == "global":
+            lengths = [sum(lengths)]
+        offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
+        self.state = ForwardState(cu_items=offsets)
+
+    def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.last_tokens_per_block = self.state.tokens_per_block
+        self.state = ForwardState()
+
+    # -- the per-block logic --------------------------------------------------------------------
+    def _block_forward(
+        self, index: int, block: nn.Module, original, hidden: torch.Tensor, args: tuple, kwargs: dict
+    ) -> torch.Tensor:
+        state, cfg = self.state, self.config
+        if state.cu_items is None:  # block called outside a tower forward: behave as unpatched
+            return original(hidden, *args, **kwargs)
+        state.tokens_per_block.append(hidden.shape[0])
+        if index < cfg.prune_layer:
+            if index == cfg.prune_layer - 1:
+                state.x_before = hidden
+            return original(hidden, *args, **kwargs)
+
+        call = self.adapter.parse_block_call(args, kwargs)
+        if index == cfg.prune_layer:
+            hidden = self._plan(hidden, call)
+        plan = state.plan
+        if index < self.stabilisation_end:
+            full = self._restore(hidden)
+            if cfg.as_queries == "all":
+                out_full = self.adapter.run_block(
+                    block, original, full, call.cu_seqlens, call.position_embeddings, call
+                )
+                hidden = out_full[plan.keep]
+            else:
+                hidden = self.adapter.stabilised_block(
+                    block, hidden, full, plan, call, cfg, self._kept_segments(call.cu_seqlens)
+                )
+        else:
+            hidden = self.adapter.run_block(
+                block,
+                original,
+                hidden,
+                self._kept_segments(call.cu_seqlens),
+                gather_rotary(call.position_embeddings, plan.keep),
+                call,
+            )
+        if index == self.depth - 1:
+            return self._restore(hidden)
+        return hidden
+
+    def _plan(self, x_after: torch.Tensor, call: BlockCall) -> torch.Tensor:
+        state, cfg = self.state, self.config
+        cu_items = state.cu_items.to(x_after.device)
+        if int(cu_items[-1]) != x_after.shape[0]:
+            raise ValueError(
+                f"the tower's input holds {x_after.shape[0]} tokens but its grid describes {int(cu_items[-1])}"
+            )
+        plan = plan_ipcv(
+            state.x_before,
+            x_after,
+            cu_items,
+            call.cu_seqlens.to(torch.int32),
+            cfg.ratio,
+            cfg.num_neighbors,
+            backend=cfg.backend,
+        )
+        state.plan, state.base, state.x_before = plan, x_after, None
+        state.planned_cu_seqlens = call.cu_seqlens
+        state.base_kept, state.base_drop = x_after[plan.keep], x_after[plan.drop]
+        return state.base_kept
+
+    def _kept_segments(self, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """``cu_seqlens`` of this block call shrunk to the kept tokens.
+
+        Towers may pass different segments to different blocks (Qwen2.5-VL's windows); the plan
+        holds the shrink of block ``P``'s segments, reused whenever a block gets the same tensor.
+        """
+        if cu_seqlens is self.state.planned_cu_seqlens:
+            return self.state.plan.cu_seqlens_kept
+        return shrink_cu_seqlens(cu_seqlens.to(torch.int32), self.state.plan.keep)
+
+    def _restore(self, kept: torch.Tensor) -> torch.Tensor:
+        """``full[keep] = kept``, ``full[drop] = NGR reconstruction`` (spec steps 4 and 7)."""
+        state = self.state
+        full = torch.empty_like(state.base)
+        full[state.plan.keep] = kept
+        full[state.plan.drop] = ngr_reconstruct(
+            state.base_drop, kept, state.base_kept, state.plan.neighbors, backend=self.config.backend
+        )
+        return full

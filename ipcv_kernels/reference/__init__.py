@@ -1,0 +1,30 @@
+"""Readable pure-PyTorch references, one per op, written from ``IPCV_SPEC.md``.
+
+Tests and benchmarks import these as the oracle for every fast path; ``backend="torch"`` of the
+public ops runs them directly.
+"""
+
+from .attention import ngr_attention_reference
+from .knn import knn_reference
+from .plan import IPCVPlan, plan_reference
+from .reconstruct import ngr_reconstruct_reference
+from .selection import (
+    TokenSelection,
+    keep_count,
+    select_tokens_reference,
+    shrink_cu_seqlens_reference,
+    token_scores_reference,
+)
+
+__all__ = [
+    "IPCVPlan",
+    "TokenSelection",
+    "keep_count",
+    "knn_reference",
+    "ngr_attention_reference",
+    "ngr_reconstruct_reference",
+    "plan_reference",
+    "select_tokens_reference",
+    "shrink_cu_seqlens_reference",
+    "token_scores_reference",
+]

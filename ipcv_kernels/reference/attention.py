@@ -1,0 +1,42 @@
+"""Pure-PyTorch reference for non-causal varlen attention with separate query/key segments."""
+
+from __future__ import annotations
+
+import torch
+
+from .knn import accumulation_dtype
+
+
+def ngr_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """``out[i] = softmax(scale * q[i] . K_b^T) V_b`` for query row ``i`` of segment ``b``.
+
+    Args:
+        q: ``[Nq, H, Dh]`` float; k, v: ``[Nk, H, Dh]`` float (same dtype).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` offsets of the query and key segments.
+        softmax_scale: defaults to ``Dh ** -0.5``.
+
+    Returns:
+        ``[Nq, H, Dh]`` in ``q``'s dtype. Rows of a segment with no keys are 0. Materialises the
+        ``[H, Lq, Lk]`` score matrix of one segment at a time: a readable oracle, not a fast path.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    acc = accumulation_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        qs = q[q0:q1].to(acc).transpose(0, 1)  # [H, Lq, Dh]
+        ks = k[k0:k1].to(acc).transpose(0, 1)
+        vs = v[k0:k1].to(acc).transpose(0, 1)
+        probs = torch.softmax(scale * qs @ ks.transpose(1, 2), dim=-1)
+        out[q0:q1] = (probs @ vs).transpose(0, 1)
+    return out.to(q.dtype)
