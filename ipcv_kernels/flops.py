@@ -1,0 +1,280 @@
+"""Analytic FLOP model of a ViT tower, unpatched and with IPCV, and the speedup it predicts.
+
+Units: FLOPs, one multiply-add = 2 FLOPs. Per token row the model counts:
+
+Matmul work (``linear`` and ``attention``, present in the unpatched model too), width ``D``, MLP
+hidden ``M``, ``q`` query rows and ``kv`` key/value rows in a block, attention segments with
+``q_s`` query and ``k_s`` key rows:
+
+- full block (``"full"``, ``n`` rows): ``linear = 2n(3D^2 + D^2 + 2DM)`` (fused qkv, output
+  projection, MLP fc1 + fc2); ``attention = 4D * sum_s n_s^2`` (``Q K^T`` and ``P V``, all heads:
+  ``2 * q_s * k_s * head_dim * heads`` each). Attention is per segment (one image / video frame),
+  never across the packed batch.
+- attention-stabilisation block with kept queries (``"stabilised"``, ``as_queries="kept"``,
+  ``q = Nk`` kept rows, ``kv = n`` rows): ``linear = 2(q D^2 + kv 2D^2 + q D^2 + q 2DM)``
+  (``W_q`` on kept rows, ``W_k, W_v`` on all rows, output projection and MLP on kept rows);
+  ``attention = 4D * sum_s q_s k_s``.
+- attention-stabilisation block, paper formulation (``"stabilised_all"``, ``as_queries="all"``):
+  the model's own block on all ``n`` rows, then the dropped rows are discarded: the cost of a full
+  block.
+- pruned block (``"pruned"``): a full block on the ``Nk`` kept rows, segments shrunk to their
+  kept rows.
+- patch embedding ``2 n (C T p^2) D`` and PatchMerger ``2 (n / s^2)(s^2 D)(s^2 D + H)`` (``s`` the
+  spatial merge, ``H`` the output width), identical with and without IPCV; counted only when their
+  sizes are given, so that the ratio is the whole tower's.
+
+IPCV's own work (``overhead``: no counterpart in the unpatched model; element-wise except the
+distance GEMM), per item with ``n_i`` rows, ``k_i`` kept, ``d_i = n_i - k_i`` dropped and
+``k' = min(num_neighbors, k_i)``:
+
+- planning at block ``P``: scores ``||x_P - x_{P-1}||`` ``3 n D``; neighbour search, only when
+  ``d_i > 0``: the distance GEMM ``2 d_i k_i D`` plus squared norms ``2 D (d_i + k_i)``; top-k
+  is comparisons, not counted;
+- NGR reconstruction (each stabilisation block, and the final restoration), only when
+  ``d_i > 0``: ``k_i D`` (``h - base``) ``+ d_i (k' + 2) D`` (neighbour sum, mean, ``+ base``).
+
+Not counted anywhere (``O(n D)`` element-wise, under 1% of a block at ViT widths and identical in
+both towers): layer norms, activations, softmax, rotary, residual adds, gathers and scatters.
+
+Exactness: the kept count per item is the spec's ``max(1, int(n_i (1 - r)))``, so totals are exact
+for items with one attention segment (images). For items with several segments (video frames) the
+split of kept rows among the segments depends on the data; the model spreads them in proportion to
+segment length. That minimises ``sum_s q_s^2``, so for videos the IPCV estimate is a lower bound and
+the predicted speedup an upper bound. With ``ratio = 0`` every row is kept: the matmul work equals
+the unpatched tower's exactly (both ``as_queries``), and only the score computation remains as
+overhead (``predicted_speedup(..., include_overhead=False) == 1.0`` exactly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ._validation import check_choice, check_int
+from .config import AS_QUERIES, IPCVConfig
+
+BLOCK_KINDS = ("full", "stabilised", "stabilised_all", "pruned")
+
+
+@dataclass(frozen=True)
+class BlockFlops:
+    """FLOPs of one block.
+
+    kind: one of ``BLOCK_KINDS``. query_rows / key_rows: rows whose queries / keys are computed.
+    linear, attention: matmul FLOPs; overhead: IPCV reconstruction run inside this block.
+    """
+
+    index: int
+    kind: str
+    query_rows: int
+    key_rows: int
+    linear: float
+    attention: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention + self.overhead
+
+
+@dataclass(frozen=True)
+class FlopReport:
+    """FLOPs of one tower forward.
+
+    total: everything below summed. per_block: ``blocks[i].total``. blocks: per-block detail.
+    planning: IPCV's selection + neighbour search (0 unpatched). restoration: the final NGR (0
+    unpatched). embed, merger: patch embedding and PatchMerger (0 when their sizes were not given).
+    core: matmul FLOPs only (``total`` minus IPCV's overhead). overhead: planning + every NGR.
+    tokens: rows entering the tower. kept_tokens: rows after pruning (``tokens`` unpatched).
+    """
+
+    total: float
+    per_block: tuple[float, ...]
+    blocks: tuple[BlockFlops, ...]
+    planning: float
+    restoration: float
+    embed: float
+    merger: float
+    core: float
+    overhead: float
+    tokens: int
+    kept_tokens: int
+
+
+def _items(seq_lens: Sequence[int | Sequence[int]]) -> list[list[int]]:
+    if isinstance(seq_lens, (str, bytes)) or not isinstance(seq_lens, Sequence) or len(seq_lens) == 0:
+        raise TypeError("seq_lens must be a non-empty list of ints (images) or of lists of ints (videos)")
+    items = []
+    for entry in seq_lens:
+        segments = [entry] if isinstance(entry, int) else list(entry)
+        if not segments:
+            raise ValueError("seq_lens: an item needs at least one segment")
+        for length in segments:
+            check_int("seq_lens", length, low=1)
+        items.append(segments)
+    return items
+
+
+def kept_count(n: int, ratio: float) -> int:
+    """The spec's kept rows of an ``n``-row item: ``max(1, int(n * (1 - ratio)))`` (Python floats)."""
+    return max(1, int(n * (1 - ratio)))
+
+
+def _block_linear(query_rows: float, key_rows: float, width: int, mlp_hidden: int) -> float:
+    """``W_q`` + output projection + MLP on the query rows, ``W_k, W_v`` on the key rows."""
+    return 2.0 * (query_rows * (2 * width * width + 2 * width * mlp_hidden) + key_rows * 2 * width * width)
+
+
+def grid_seq_lens(grid_thw: Sequence[Sequence[int]]) -> list[int | list[int]]:
+    """``seq_lens`` for Qwen2-VL ``grid_thw`` rows: an image ``h * w``, a video ``[h * w] * t``."""
+    items: list[int | list[int]] = []
+    for t, h, w in grid_thw:
+        t, h, w = int(t), int(h), int(w)
+        items.append(h * w if t == 1 else [h * w] * t)
+    return items
+
+
+def vit_flops(
+    depth: int,
+    width: int,
+    mlp_hidden: int,
+    num_heads: int,
+    seq_lens: Sequence[int | Sequence[int]],
+    config: IPCVConfig | None = None,
+    *,
+    as_queries: str | None = None,
+    patch_dim: int | None = None,
+    merger_out: int | None = None,
+    spatial_merge: int = 2,
+) -> FlopReport:
+    """FLOPs of one forward of a ``depth``-block pre-norm ViT, unpatched or with IPCV.
+
+    Args:
+        depth, width, mlp_hidden, num_heads: the tower's blocks (``num_heads`` is checked to divide
+            ``width``; attention FLOPs do not depend on it).
+        seq_lens: one entry per item (``grid_thw`` row): an int for a one-segment item (image), or
+            the segment lengths of a multi-segment item (a video's frames). See ``grid_seq_lens``.
+        config: IPCV settings, or ``None`` for the unpatched tower.
+        as_queries: ``"kept"`` or ``"all"`` for the stabilisation blocks; ``None`` takes
+            ``config.as_queries``.
+        patch_dim: ``C * T * p * p`` of the patch embedding; ``None`` leaves it out.
+        merger_out: PatchMerger output width; ``None`` leaves the merger out.
+        spatial_merge: PatchMerger's spatial merge size ``s``.
+
+    Returns:
+        A ``FlopReport``; the module docstring gives every formula.
+    """
+    check_int("depth", depth, low=1)
+    check_int("width", width, low=1)
+    check_int("mlp_hidden", mlp_hidden, low=1)
+    check_int("num_heads", num_heads, low=1)
+    if width % num_heads:
+        raise ValueError(f"num_heads must divide width ({width}), got {num_heads}")
+    if config is not None and not isinstance(config, IPCVConfig):
+        raise TypeError(f"config must be an IPCVConfig or None, got {type(config).__name__}")
+    if as_queries is not None:
+        check_choice("as_queries", as_queries, AS_QUERIES)
+    items = _items(seq_lens)
+    segments = [length for item in items for length in item]
+    tokens = sum(segments)
+    full_linear = _block_linear(tokens, tokens, width, mlp_hidden)
+    full_attention = 4.0 * width * sum(length * length for length in segments)
+
+    embed = 2.0 * tokens * patch_dim * width if patch_dim is not None else 0.0
+    merged_width = spatial_merge * spatial_merge * width
+    merger = (
+        2.0 * (tokens / spatial_merge**2) * merged_width * (merged_width + merger_out)
+        if merger_out is not None
+        else 0.0
+    )
+
+    def report(blocks: list[BlockFlops], planning: float, restoration: float, kept_tokens: int) -> FlopReport:
+        per_block = tuple(b.total for b in blocks)
+        overhead = planning + restoration + sum(b.overhead for b in blocks)
+        total = sum(per_block) + planning + restoration + embed + merger
+        return FlopReport(
+            total,
+            per_block,
+            tuple(blocks),
+            planning,
+            restoration,
+            embed,
+            merger,
+            total - overhead,
+            overhead,
+            tokens,
+            kept_tokens,
+        )
+
+    def full_block(index: int) -> BlockFlops:
+        return BlockFlops(index, "full", tokens, tokens, full_linear, full_attention, 0.0)
+
+    if config is None:
+        return report([full_block(i) for i in range(depth)], 0.0, 0.0, tokens)
+
+    config.check_depth(depth)
+    mode = as_queries if as_queries is not None else config.as_queries
+    # Items as IPCV sees them: scope "global" makes the whole packed input one item.
+    competing = [segments] if config.scope == "global" else items
+    kept_segments: list[float] = []
+    planning = 3.0 * tokens * width
+    ngr = 0.0
+    for item in competing:
+        n = sum(item)
+        kept = kept_count(n, config.ratio)
+        dropped = n - kept
+        kept_segments += [kept * length / n for length in item] if len(item) > 1 else [float(kept)]
+        if dropped:
+            planning += 2.0 * dropped * kept * width + 2.0 * width * (dropped + kept)
+            ngr += kept * width + dropped * (min(config.num_neighbors, kept) + 2) * width
+    kept_tokens = sum(kept_count(sum(item), config.ratio) for item in competing)
+
+    stabilisation_end = config.stabilisation_end(depth)
+    blocks = []
+    for index in range(depth):
+        if index < config.prune_layer:
+            blocks.append(full_block(index))
+        elif index < stabilisation_end and mode == "all":
+            blocks.append(BlockFlops(index, "stabilised_all", tokens, tokens, full_linear, full_attention, ngr))
+        elif index < stabilisation_end:
+            attention = 4.0 * width * sum(q * k for q, k in zip(kept_segments, segments, strict=True))
+            linear = _block_linear(kept_tokens, tokens, width, mlp_hidden)
+            blocks.append(BlockFlops(index, "stabilised", kept_tokens, tokens, linear, attention, ngr))
+        else:
+            attention = 4.0 * width * sum(q * q for q in kept_segments)
+            linear = _block_linear(kept_tokens, kept_tokens, width, mlp_hidden)
+            blocks.append(BlockFlops(index, "pruned", kept_tokens, kept_tokens, linear, attention, 0.0))
+    return report(blocks, planning, ngr, kept_tokens)
+
+
+def qwen2_vl_flops(
+    vision_config, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None, *, as_queries: str | None = None
+) -> FlopReport:
+    """``vit_flops`` for a ``Qwen2VLVisionConfig`` (read by attribute) and ``grid_thw`` rows,
+    including the patch embedding and the PatchMerger."""
+    c = vision_config
+    return vit_flops(
+        c.depth,
+        c.embed_dim,
+        int(c.embed_dim * c.mlp_ratio),
+        c.num_heads,
+        grid_seq_lens(grid_thw),
+        config,
+        as_queries=as_queries,
+        patch_dim=c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size,
+        merger_out=c.hidden_size,
+        spatial_merge=c.spatial_merge_size,
+    )
+
+
+def predicted_speedup(unpatched: FlopReport, patched: FlopReport, *, include_overhead: bool = True) -> float:
+    """The FLOP model's bound on the speedup: ``unpatched.total / patched.total``.
+
+    ``include_overhead=False`` compares matmul FLOPs only (``core``), which is exactly 1.0 at
+    ``ratio = 0``.
+    """
+    if not isinstance(unpatched, FlopReport) or not isinstance(patched, FlopReport):
+        raise TypeError("unpatched and patched must be FlopReport instances (from vit_flops)")
+    if include_overhead:
+        return unpatched.total / patched.total
+    return unpatched.core / patched.core

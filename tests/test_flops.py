@@ -1,0 +1,131 @@
+"""The FLOP model against hand-computed counts on small towers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from ipcv_kernels.config import IPCVConfig
+from ipcv_kernels.flops import grid_seq_lens, predicted_speedup, qwen2_vl_flops, vit_flops
+
+# depth 3, width D = 4, MLP M = 8, 2 heads. A full block on n rows, one segment:
+# linear 2n(4D^2 + 2DM) = 2n * 128, attention 4D n^2 = 16 n^2.
+TOWER = dict(depth=3, width=4, mlp_hidden=8, num_heads=2)
+
+
+def test_unpatched_blocks_count_linear_and_per_segment_attention():
+    report = vit_flops(**TOWER, seq_lens=[10])
+    assert report.per_block == (2560 + 1600,) * 3
+    assert report.total == 3 * 4160
+    assert report.planning == report.restoration == report.overhead == 0
+    # Two images of 5: same linear work, attention only within each image (16 * (25 + 25)).
+    two = vit_flops(**TOWER, seq_lens=[5, 5])
+    assert two.blocks[0].linear == 2560
+    assert two.blocks[0].attention == 800
+
+
+def test_ipcv_by_hand():
+    config = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=2)
+    report = vit_flops(**TOWER, seq_lens=[10], config=config)
+    # kept = int(10 * 0.5) = 5, dropped = 5.
+    full, stabilised, pruned = report.blocks
+    assert (full.kind, stabilised.kind, pruned.kind) == ("full", "stabilised", "pruned")
+    assert full.total == 4160
+    # W_q, proj, MLP on 5 kept rows: 2 * 5 * (2*16 + 2*32) = 960; W_k, W_v on 10 rows: 2 * 10 * 32.
+    assert stabilised.linear == 960 + 640
+    assert stabilised.attention == 16 * 5 * 10
+    # NGR: kept * D (h - base) + dropped * (k' + 2) * D = 20 + 5 * 4 * 4.
+    assert stabilised.overhead == 100
+    assert (pruned.linear, pruned.attention) == (2 * 5 * 128, 16 * 25)
+    # Scores 3nD = 120, distance GEMM 2 * 5 * 5 * 4 = 200, squared norms 2 * 4 * 10 = 80.
+    assert report.planning == 400
+    assert report.restoration == 100
+    assert report.total == 4160 + 2500 + 1680 + 400 + 100
+    assert report.kept_tokens == 5
+    assert predicted_speedup(vit_flops(**TOWER, seq_lens=[10]), report) == 12480 / 8840
+
+
+def test_all_queries_formulation_costs_a_full_block_plus_reconstruction():
+    config = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=2, as_queries="all")
+    report = vit_flops(**TOWER, seq_lens=[10], config=config)
+    assert report.blocks[1].kind == "stabilised_all"
+    assert report.blocks[1].total == 4160 + 100
+    # The keyword overrides the config's choice.
+    kept = vit_flops(**TOWER, seq_lens=[10], config=config, as_queries="kept")
+    assert kept.blocks[1].kind == "stabilised"
+    assert kept.total < report.total
+
+
+@pytest.mark.parametrize("as_queries", ["kept", "all"])
+@pytest.mark.parametrize("seq_lens", [[10], [3, 7], [[4, 4, 4]]])
+def test_ratio_zero_matmul_work_equals_unpatched_exactly(as_queries, seq_lens):
+    config = IPCVConfig(prune_layer=1, ratio=0.0, as_layers=1, num_neighbors=2, as_queries=as_queries)
+    unpatched = vit_flops(**TOWER, seq_lens=seq_lens)
+    patched = vit_flops(**TOWER, seq_lens=seq_lens, config=config)
+    assert patched.core == unpatched.core
+    assert predicted_speedup(unpatched, patched, include_overhead=False) == 1.0
+    # Only the selection scores (3nD) remain: nothing is dropped, so no search, no reconstruction.
+    assert patched.overhead == 3 * sum(_flat(seq_lens)) * 4
+    assert predicted_speedup(unpatched, patched) < 1.0
+
+
+def _flat(seq_lens):
+    return [n for item in seq_lens for n in ([item] if isinstance(item, int) else item)]
+
+
+def test_video_spreads_kept_rows_over_frames():
+    config = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=2)
+    report = vit_flops(**TOWER, seq_lens=[[6, 6]], config=config)
+    # One item of 12 rows, 6 kept: 3 per frame.
+    assert report.blocks[1].attention == 16 * (3 * 6 + 3 * 6)
+    assert report.blocks[2].attention == 16 * (9 + 9)
+
+
+def test_scope_decides_which_rows_compete():
+    image = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=2)
+    whole = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=2, scope="global")
+    assert vit_flops(**TOWER, seq_lens=[3, 7], config=image).kept_tokens == 1 + 3
+    assert vit_flops(**TOWER, seq_lens=[3, 7], config=whole).kept_tokens == 5
+
+
+def test_stabilisation_past_the_last_block_is_clamped():
+    config = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=9, num_neighbors=2)
+    kinds = [b.kind for b in vit_flops(**TOWER, seq_lens=[10], config=config).blocks]
+    assert kinds == ["full", "full", "stabilised"]
+
+
+def test_qwen2_vl_counts_embedding_and_merger():
+    vision = SimpleNamespace(
+        depth=3,
+        embed_dim=4,
+        mlp_ratio=2,
+        num_heads=2,
+        in_channels=3,
+        temporal_patch_size=2,
+        patch_size=2,
+        hidden_size=6,
+        spatial_merge_size=2,
+    )
+    report = qwen2_vl_flops(vision, [[1, 4, 4], [2, 2, 2]])
+    assert grid_seq_lens([[1, 4, 4], [2, 2, 2]]) == [16, [4, 4]]
+    tokens = 24
+    assert report.embed == 2 * tokens * 24 * 4
+    # 6 merged rows of 16 features: 16 -> 16 -> 6.
+    assert report.merger == 2 * 6 * 16 * (16 + 6)
+    assert report.blocks[0].attention == 16 * (256 + 16 + 16)
+
+
+def test_validation_names_the_argument():
+    with pytest.raises(ValueError, match="num_heads"):
+        vit_flops(3, 4, 8, 3, [10])
+    with pytest.raises(TypeError, match="seq_lens"):
+        vit_flops(3, 4, 8, 2, 10)
+    with pytest.raises(ValueError, match="seq_lens"):
+        vit_flops(3, 4, 8, 2, [0])
+    with pytest.raises(ValueError, match="as_queries"):
+        vit_flops(3, 4, 8, 2, [10], IPCVConfig(prune_layer=1), as_queries="some")
+    with pytest.raises(ValueError, match="prune_layer"):
+        vit_flops(3, 4, 8, 2, [10], IPCVConfig(prune_layer=3))
+    with pytest.raises(TypeError, match="config"):
+        vit_flops(3, 4, 8, 2, [10], {"ratio": 0.5})
