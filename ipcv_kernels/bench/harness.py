@@ -1,0 +1,457 @@
+"""The one benchmark harness: timing, peak memory, run metadata, result files and plots.
+
+Every benchmark script (``benchmarks/bench_*.py``) uses it, so all result files carry the same
+fields. ``benchmarks/harness.py`` re-exports this module for scripts run from that folder.
+
+Timing: ``warmup`` untimed calls, then ``repeats`` timed calls; reported as the median and the
+spread (p10 / p90 and the interquartile range) of the samples. On CUDA each sample is a pair of
+CUDA events around the call followed by ``torch.cuda.synchronize()`` (device time, no host
+jitter); on CPU it is ``time.perf_counter`` around the call. ``time_interleaved`` rotates the
+order of several variants every round so that drift (thermal, other processes) hits all alike.
+
+Peak memory of one call (``measure_peak_memory``):
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``: bytes held by
+  PyTorch's allocator, exact. ``peak_extra_bytes`` is the peak minus what was allocated before
+  the call (activations and workspaces; the weights are excluded).
+- CPU: ``tracemalloc`` does not see PyTorch's allocations, so we use the kernel's resident-set
+  high-water mark: ``/proc/self/clear_refs`` (write ``5``) resets ``VmHWM`` in
+  ``/proc/self/status`` (Linux >= 4.0), and ``VmHWM`` after the call minus ``VmRSS`` before it is
+  the call's peak extra resident memory. It counts every allocation of the process (including
+  other threads) at page granularity, and memory the allocator kept from earlier calls is reused
+  without showing; treat it as an estimate. Where the reset is not possible the fields are
+  ``None`` (reported honestly as unknown).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# -- timing ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Timing:
+    """Samples of one timed callable, in milliseconds."""
+
+    samples_ms: tuple[float, ...]
+
+    def _percentile(self, q: float) -> float:
+        # Linear interpolation between order statistics (numpy's default).
+        ordered = sorted(self.samples_ms)
+        pos = (len(ordered) - 1) * q
+        low, high = math.floor(pos), math.ceil(pos)
+        return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def p10_ms(self) -> float:
+        return self._percentile(0.10)
+
+    @property
+    def p90_ms(self) -> float:
+        return self._percentile(0.90)
+
+    @property
+    def iqr_ms(self) -> float:
+        return self._percentile(0.75) - self._percentile(0.25)
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.samples_ms)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: median, p10, p90, iqr, min, repeats, samples."""
+        return {
+            "median_ms": self.median_ms,
+            "p10_ms": self.p10_ms,
+            "p90_ms": self.p90_ms,
+            "iqr_ms": self.iqr_ms,
+            "min_ms": self.min_ms,
+            "repeats": len(self.samples_ms),
+            "samples_ms": list(self.samples_ms),
+        }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events on CUDA, ``perf_counter`` elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start_s) * 1e3
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, repeats: int = 5) -> Timing:
+    """``warmup`` untimed calls, then ``repeats`` timed ones."""
+    return time_interleaved({"fn": fn}, device, warmup=warmup, repeats=repeats)["fn"]
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    before_each: Callable[[str], None] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
+    """Time several variants in rounds: round ``r`` runs every variant once, starting at ``r``.
+
+    Args:
+        fns: name -> zero-argument callable.
+        device: where the callables run (chooses the clock).
+        warmup: untimed calls of every variant before the first round.
+        repeats: timed rounds.
+        before_each: called with the variant's name before each of its calls, outside the timed
+            region (e.g. to switch a model's patch).
+        progress: called after every timed call (e.g. a progress bar's ``update``).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            if before_each is not None:
+                before_each(name)
+            fns[name]()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if before_each is not None:
+                before_each(name)
+            samples[name].append(time_once(fns[name], device))
+            if progress is not None:
+                progress()
+    return {name: Timing(tuple(values)) for name, values in samples.items()}
+
+
+# -- memory ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PeakMemory:
+    """Peak memory of one call; ``None`` where it could not be measured. See the module docstring."""
+
+    method: str
+    peak_bytes: int | None
+    peak_extra_bytes: int | None
+
+    def summary(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_high_water() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure_peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[Any, PeakMemory]:
+    """Run ``fn`` once and return ``(its result, PeakMemory)``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return result, PeakMemory("cuda_max_memory_allocated", peak, peak - before)
+    if not _reset_rss_high_water():
+        return fn(), PeakMemory("unavailable", None, None)
+    before_kib = _proc_status_kib("VmRSS")
+    result = fn()
+    peak_kib = _proc_status_kib("VmHWM")
+    if before_kib is None or peak_kib is None:
+        return result, PeakMemory("unavailable", None, None)
+    return result, PeakMemory("linux_rss_high_water", peak_kib * 1024, (peak_kib - before_kib) * 1024)
+
+
+# -- metadata -------------------------------------------------------------------------------------
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: the metadata says so instead of failing the run
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device, library versions, host and source revision of a run."""
+    info: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "numpy": _version("numpy"),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": None,
+        "cuda": torch.version.cuda,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None,
+        "argv": sys.argv,
+    }
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    info["git_dirty"] = None if status is None else bool(status)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_bytes"] = props.total_memory
+    info["device_name"] = info["gpu"] or info["cpu"]
+    return info
+
+
+def configure_threads(threads: int | None) -> None:
+    """``torch.set_num_threads`` when given (benchmarks on a shared box pin it)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+# -- result files ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Column:
+    """One column of the markdown table: ``key`` into a row, header text, format spec."""
+
+    key: str
+    header: str
+    fmt: str = ""
+
+
+def _format(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return str(value)
+    return format(value, fmt) if fmt else str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    lines = ["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_format(row.get(c.key), c.fmt) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment_markdown(env: dict[str, Any]) -> str:
+    """Two lines naming the device and the versions, for the top of a result table."""
+    dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
+    return (
+        f"Device: **{env['device_name']}** ({env['device']}, {env['torch_threads']} torch threads). "
+        f"{env['date_utc']}, commit `{(env.get('git_commit') or 'unknown')[:10]}`{dirty}.\n"
+        f"python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
+        f"transformers {env['transformers']}, CUDA {env['cuda']}."
+    )
+
+
+@dataclass
+class ResultFiles:
+    """Where one run's results go: ``<stem>.json``, ``<stem>.csv``, ``<stem>.md``, ``<stem>.png``."""
+
+    directory: Path
+    stem: str
+    written: list[Path] = field(default_factory=list)
+
+    def path(self, suffix: str) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self.directory / f"{self.stem}{suffix}"
+
+    def write_json(self, payload: dict[str, Any]) -> Path:
+        path = self.path(".json")
+        path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+        self.written.append(path)
+        return path
+
+    def write_csv(self, rows: Sequence[dict[str, Any]]) -> Path:
+        path = self.path(".csv")
+        keys: list[str] = []
+        for row in rows:
+            keys += [k for k in row if k not in keys]
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.written.append(path)
+        return path
+
+    def write_markdown(self, text: str) -> Path:
+        path = self.path(".md")
+        path.write_text(text.rstrip() + "\n")
+        self.written.append(path)
+        return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (torch.dtype, torch.device, Path)):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+# -- plots ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Series:
+    """One line of a plot. ``style``: a matplotlib format string (``"o-"``, ``"--"``)."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    style: str = "o-"
+
+
+def plot_series(
+    path: Path,
+    series: Sequence[Series],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = True,
+    hline: float | None = None,
+) -> Path:
+    """A line plot written to ``path`` (PNG) with matplotlib's non-interactive backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for line in series:
+        axes.plot(line.x, line.y, line.style, label=line.label)
+    if hline is not None:
+        axes.axhline(hline, color="grey", linewidth=0.8)
+    if logx:
+        axes.set_xscale("log", base=2)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+# -- progress -------------------------------------------------------------------------------------
+class Progress:
+    """A tqdm bar when tqdm is installed and ``enabled``; otherwise silent. Use as a context."""
+
+    def __init__(self, total: int, description: str, *, enabled: bool = True) -> None:
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=total, desc=description, leave=False, file=sys.stderr)
+
+    def update(self, count: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(count)
+
+    def describe(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def progress_iter(items: Iterable[Any], total: int, description: str, *, enabled: bool = True) -> Iterable[Any]:
+    """Iterate ``items`` with a progress bar (see ``Progress``)."""
+    with Progress(total, description, enabled=enabled) as bar:
+        for item in items:
+            yield item
+            bar.update()
+
+
+__all__ = [
+    "REPO_ROOT",
+    "Column",
+    "PeakMemory",
+    "Progress",
+    "ResultFiles",
+    "Series",
+    "Timing",
+    "configure_threads",
+    "environment",
+    "environment_markdown",
+    "markdown_table",
+    "measure_peak_memory",
+    "plot_series",
+    "progress_iter",
+    "synchronize",
+    "time_fn",
+    "time_interleaved",
+    "time_once",
+]
