@@ -1,6 +1,11 @@
 """Public op layer. Importing it registers every backend available in this install."""
 
-from . import torch_backend  # noqa: F401  (registers the reference and sdpa backends)
+import importlib.util
+
+from . import (
+    attention_backends,  # noqa: F401  (flash_attn / torch_varlen; their libraries load at call time)
+    torch_backend,  # noqa: F401  (registers the reference and sdpa backends)
+)
 from .api import (
     backend_for,
     knn,
@@ -12,6 +17,10 @@ from .api import (
     token_scores,
 )
 from .dispatch import available_backends, backend_names
+
+# The Triton backends need the triton package (optional: ``pip install ipcv_kernels[triton]``).
+if importlib.util.find_spec("triton") is not None:
+    from . import triton_backend  # noqa: F401
 
 __all__ = [
     "available_backends",

@@ -16,8 +16,9 @@ import torch
 
 from .._validation import check_cu_seqlens, check_float, check_int, check_ratio, check_tensor
 from ..reference import IPCVPlan, TokenSelection, shrink_cu_seqlens_reference, token_scores_reference
+from ..reference.rotary import apply_rotary_vision
 from . import library  # noqa: F401  (registers torch.ops.ipcv_kernels.*)
-from .dispatch import resolve_backend
+from .dispatch import backend_names, resolve_backend
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -135,6 +136,9 @@ def ngr_attention(
     softmax_scale: float | None = None,
     *,
     backend: str = "auto",
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    q_rows: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Non-causal varlen attention with separate query and key/value segments.
 
@@ -150,9 +154,20 @@ def ngr_attention(
             compatibility; backends that need them compute them when absent).
         softmax_scale: defaults to ``Dh ** -0.5``.
         backend: ``"auto"``, ``"torch"`` (reference), ``"sdpa"``, or another registered backend.
+        rotary: optional ``(cos, sin)``, float ``[Nk, Dh]`` each (``Dh`` even): apply the vision
+            rotary ``x * cos + rotate_half(x) * sin`` to k (row ``j`` with row ``j``) and to q (at
+            its rows ``q_rows`` / ``q_positions``, else row ``i`` with ``Nq == Nk``) before attending.
+        q_rows: optional int64 ``[Nq']``: the queries are ``q[q_rows]`` of a full-length ``q``
+            (``cu_seqlens_q`` then counts these ``Nq'`` rows); they are also the queries' rotary rows.
+        q_positions: optional int64 ``[Nq]``: rotary rows of a compact ``q`` (needs ``rotary``;
+            exclusive with ``q_rows``).
+
+        Backends registered for ``"ngr_attention_fused"`` (Triton) fuse rotary and the gather into
+        the kernel; the others get the rotated / gathered tensors computed with PyTorch first.
 
     Returns:
-        ``[Nq, H, Dh]`` in ``q``'s dtype. Query rows whose segment has no keys get 0.
+        ``[Nq, H, Dh]`` (``[Nq', H, Dh]`` with ``q_rows``) in ``q``'s dtype. Query rows whose
+        segment has no keys get 0.
     """
     check_float("q", q, ndim=3)
     check_float("k", k, ndim=3, device=q.device)
@@ -162,16 +177,87 @@ def ngr_attention(
         _check_width(name, value, "q", q)
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"v must have as many rows as k ({k.shape[0]}), got {v.shape[0]}")
-    _check_paired_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    num_queries = q.shape[0] if q_rows is None else _check_rows("q_rows", q_rows, q.shape[0], q.device)
+    _check_paired_offsets("cu_seqlens_q", cu_seqlens_q, num_queries, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cu_seqlens_q is None:
         raise ValueError("cu_seqlens_q and cu_seqlens_k are required")
+    _check_fused_attention_options(q, k, rotary, q_rows, q_positions)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if value is not None:
             check_int(name, value, low=0)
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive float, got {softmax_scale!r}")
     scale = None if softmax_scale is None else float(softmax_scale)
-    return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, backend)
+    if rotary is None and q_rows is None and q_positions is None:
+        return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, backend)
+    chosen = resolve_backend("ngr_attention", backend, q.device).name
+    if chosen in backend_names("ngr_attention_fused"):
+        cos, sin = rotary if rotary is not None else (None, None)
+        return torch.ops.ipcv_kernels.ngr_attention_fused(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, cos, sin, q_rows, q_positions, scale, chosen
+        )
+    q, k = _unfused_attention_inputs(q, k, rotary, q_rows, q_positions)
+    return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, chosen)
+
+
+def _check_rows(name: str, rows: object, limit: int, device: torch.device) -> int:
+    """Check int ``[m]`` row indices in ``[0, limit)``; returns ``m``."""
+    check_tensor(name, rows, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= limit):
+        raise ValueError(f"{name} must hold row indices in [0, {limit})")
+    return rows.shape[0]
+
+
+def _check_fused_attention_options(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rotary: object,
+    q_rows: torch.Tensor | None,
+    q_positions: object,
+) -> None:
+    if q_rows is not None and q_positions is not None:
+        raise ValueError("q_rows and q_positions are mutually exclusive (q_rows are already the rotary rows)")
+    if rotary is None:
+        if q_positions is not None:
+            raise ValueError("q_positions needs rotary (they are the queries' rows of cos/sin)")
+        return
+    if not (isinstance(rotary, tuple) and len(rotary) == 2):
+        raise TypeError("rotary must be a (cos, sin) tuple of tensors")
+    head_dim = q.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"rotary needs an even head dim, got {head_dim}")
+    for name, table in zip(("rotary cos", "rotary sin"), rotary, strict=True):
+        check_float(name, table, ndim=2, device=q.device)
+        if tuple(table.shape) != (k.shape[0], head_dim):
+            raise ValueError(
+                f"{name} must have shape {(k.shape[0], head_dim)} (one row per key), got {tuple(table.shape)}"
+            )
+    if q_rows is not None:
+        _check_rows("q_rows", q_rows, k.shape[0], q.device)
+    elif q_positions is not None:
+        if _check_rows("q_positions", q_positions, k.shape[0], q.device) != q.shape[0]:
+            raise ValueError(f"q_positions must have {q.shape[0]} entries (one per q row), got {q_positions.shape[0]}")
+    elif q.shape[0] != k.shape[0]:
+        raise ValueError("rotary without q_rows / q_positions needs q and k rows aligned (Nq == Nk)")
+
+
+def _unfused_attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    q_rows: torch.Tensor | None,
+    q_positions: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gathered / rotated q and k that a backend without fusion attends with."""
+    positions = q_rows if q_rows is not None else q_positions
+    if q_rows is not None:
+        q = q[q_rows]
+    if rotary is not None:
+        cos, sin = rotary
+        q_cos, q_sin = (cos, sin) if positions is None else (cos[positions], sin[positions])
+        q = apply_rotary_vision(q, q_cos, q_sin)
+        k = apply_rotary_vision(k, cos, sin)
+    return q, k
 
 
 @torch.no_grad()

@@ -65,6 +65,31 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, backend):
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("ipcv_kernels::ngr_attention_fused", mutates_args=())
+def ngr_attention_fused_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_rows: torch.Tensor | None,
+    q_positions: torch.Tensor | None,
+    softmax_scale: float | None,
+    backend: str,
+) -> torch.Tensor:
+    """``ngr_attention`` with rotary and/or a query-row gather fused in (backends that fuse them)."""
+    impl = resolve_backend("ngr_attention_fused", backend, q.device).fn
+    return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, cos, sin, q_rows, q_positions, softmax_scale)
+
+
+@ngr_attention_fused_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, cos, sin, q_rows, q_positions, softmax_scale, backend):
+    num_q = q.shape[0] if q_rows is None else q_rows.shape[0]
+    return q.new_empty((num_q, *q.shape[1:]))
+
+
 @torch.library.custom_op("ipcv_kernels::select_tokens", mutates_args=())
 def select_tokens_op(
     scores: torch.Tensor, cu_items: torch.Tensor, ratio: float, backend: str

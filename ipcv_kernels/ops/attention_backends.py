@@ -1,0 +1,104 @@
+"""``ngr_attention`` backends from attention libraries, CUDA only.
+
+- ``"flash_attn"``: flash-attn 2's ``flash_attn_varlen_func`` (fp16/bf16), when the package is installed.
+- ``"torch_varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's own flash kernel,
+  fp16/bf16), when this PyTorch has it.
+
+Both take separate query / key offsets, so they compute exactly the op (kept queries over full
+keys). Neither library is imported until a call: importing flash-attn loads its CUDA extension.
+Both need the longest segment lengths on the host: one small device-to-host copy per call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .dispatch import Backend, register_backend
+
+# Below Triton (20), above sdpa (10): ``auto`` on CUDA prefers the fused Triton kernel.
+FLASH_ATTN_PRIORITY = 15
+TORCH_VARLEN_PRIORITY = 12
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_attn_unavailable() -> str | None:
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed (pip install flash-attn --no-build-isolation)"
+    return None
+
+
+def torch_varlen_unavailable() -> str | None:
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)"
+    return None
+
+
+def _longest(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+def _check_half(backend: str, q: torch.Tensor) -> None:
+    if q.dtype not in HALF_DTYPES:
+        raise TypeError(f"backend {backend!r} of ngr_attention needs fp16/bf16 inputs, got {q.dtype}")
+
+
+def ngr_attention_flash_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """``flash_attn_varlen_func``, non-causal. q ``[Nq, H, Dh]``, k/v ``[Nk, H, Dh]`` fp16/bf16 on CUDA."""
+    from flash_attn import flash_attn_varlen_func
+
+    _check_half("flash_attn", q)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        _longest(cu_seqlens_q),
+        _longest(cu_seqlens_k),
+        dropout_p=0.0,
+        softmax_scale=softmax_scale,
+        causal=False,
+    )
+
+
+def ngr_attention_torch_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """``torch.nn.attention.varlen.varlen_attn``, non-causal. Shapes and dtypes as ``flash_attn``."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    _check_half("torch_varlen", q)
+    return varlen_attn(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        _longest(cu_seqlens_q),
+        _longest(cu_seqlens_k),
+        scale=softmax_scale,
+    )
+
+
+register_backend(
+    "ngr_attention",
+    Backend("flash_attn", ngr_attention_flash_attn, ("cuda",), FLASH_ATTN_PRIORITY, flash_attn_unavailable),
+)
+register_backend(
+    "ngr_attention",
+    Backend("torch_varlen", ngr_attention_torch_varlen, ("cuda",), TORCH_VARLEN_PRIORITY, torch_varlen_unavailable),
+)

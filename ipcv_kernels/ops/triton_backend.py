@@ -1,0 +1,409 @@
+"""Launchers of the Triton kernels and their registration as the ``"triton"`` backend of every op.
+
+The kernels (``ipcv_kernels.triton``) take raw pointers and strides; this module chooses tiles
+and grids, handles contiguity, and maps segments to rows on the device, so that no launcher reads
+a device value on the host except ``select_tokens``, whose output sizes depend on the item
+offsets (one small copy of ``cu_items``).
+
+Registration: the ``"triton"`` backends run on ``"cuda"`` devices, where ``auto`` picks them. On
+the CPU, Triton kernels only run under the interpreter (``TRITON_INTERPRET=1``, set before
+``triton`` is imported): tests call the launchers below directly, or call
+``register_triton_backends(("cuda", "cpu"))`` to route ``backend="triton"`` of the public ops
+there (and ``register_triton_backends()`` afterwards to restore the CUDA-only table).
+
+Dtypes: fp16/bf16/fp32 run the kernels; fp64 (an oracle dtype, no fast path needed) runs the
+reference, as does ``knn`` with ``k > MAX_KERNEL_K``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+
+from ..reference import (
+    TokenSelection,
+    keep_count,
+    knn_reference,
+    ngr_attention_reference,
+    ngr_reconstruct_reference,
+    shrink_cu_seqlens_reference,
+    token_scores_reference,
+)
+from ..triton.attention import varlen_attention_kernel
+from ..triton.knn import knn_kernel
+from ..triton.reconstruct import ngr_reconstruct_kernel
+from .dispatch import Backend, register_backend
+
+# The running top-k list lives in registers: beyond 32 slots it spills, so larger k uses the reference.
+MAX_KERNEL_K = 32
+# Above sdpa (10) and the library backends of attention_backends.py: ``auto`` on CUDA takes Triton.
+TRITON_PRIORITY = 20
+MAX_HEAD_DIM = 256
+
+
+def _kernel_dtype(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision products (the default tf32 would lose ~3 decimal digits).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a unit-stride last dim (gathered rows are then contiguous reads)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def segment_of_rows(cu_seqlens: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """int32 ``[num_rows]``: the segment index of every row, on the device (no host sync).
+
+    ``cu_seqlens``: int32 ``[B + 1]`` offsets. Row ``i`` lies in segment ``b`` with
+    ``cu[b] <= i < cu[b + 1]``; empty segments are skipped by the right-sided search.
+    """
+    rows = torch.arange(num_rows, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    return (torch.searchsorted(cu_seqlens, rows, right=True) - 1).to(torch.int32)
+
+
+def _single_segment(num_query: int, num_ref: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.tensor([0, num_query], dtype=torch.int32, device=device),
+        torch.tensor([0, num_ref], dtype=torch.int32, device=device),
+    )
+
+
+# -- knn ----------------------------------------------------------------------------------------
+def knn_triton(
+    query: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    cu_query: torch.Tensor | None = None,
+    cu_ref: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused distance + top-k; the ``knn`` op contract (int64 ``[Nq, k]``, nearest first, ``-1`` pad).
+
+    Args:
+        query: ``[Nq, D]`` fp16/bf16/fp32 (any strides); ref: ``[Nr, D]`` same dtype.
+        k: neighbours per query; cu_query, cu_ref: optional int32 ``[B + 1]`` offsets.
+    """
+    if not _kernel_dtype(query.dtype) or k > MAX_KERNEL_K:
+        return knn_reference(query, ref, k, cu_query, cu_ref)
+    num_query, dim = query.shape
+    out = torch.full((num_query, k), -1, dtype=torch.int64, device=query.device)
+    if num_query == 0 or ref.shape[0] == 0 or dim == 0:
+        return out
+    if cu_query is None:
+        cu_query, cu_ref = _single_segment(num_query, ref.shape[0], query.device)
+    block_q, block_r = 32, 64
+    block_d = max(16, min(64, triton.next_power_of_2(dim)))
+    grid = (triton.cdiv(num_query, block_q),)
+    knn_kernel[grid](
+        query,
+        ref,
+        segment_of_rows(cu_query, num_query),
+        cu_ref,
+        out,
+        num_query,
+        dim,
+        k,
+        query.stride(0),
+        query.stride(1),
+        ref.stride(0),
+        ref.stride(1),
+        BLOCK_Q=block_q,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        K_PAD=max(2, triton.next_power_of_2(k)),
+        DOT_PRECISION=_dot_precision(query.dtype),
+        num_warps=4,
+    )
+    return out
+
+
+# -- ngr_reconstruct ----------------------------------------------------------------------------
+def _launch_reconstruct(
+    base: torch.Tensor,
+    kept: torch.Tensor,
+    base_kept: torch.Tensor,
+    neighbors: torch.Tensor,
+    out: torch.Tensor,
+    out_rows: torch.Tensor | None,
+    normed: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    eps: float,
+) -> None:
+    num_rows, dim = base.shape
+    if num_rows == 0:
+        return
+    fuse_norm = normed is not None
+    if fuse_norm:
+        # The LayerNorm statistics need the whole row in one program.
+        block_d = triton.next_power_of_2(dim)
+        block_n = max(1, min(8, 4096 // block_d))
+    else:
+        block_d = min(256, triton.next_power_of_2(dim))
+        block_n = 8
+    grid = (triton.cdiv(num_rows, block_n), triton.cdiv(dim, block_d))
+    ngr_reconstruct_kernel[grid](
+        base,
+        kept,
+        base_kept,
+        neighbors,
+        out,
+        out_rows if out_rows is not None else neighbors,
+        normed if fuse_norm else out,
+        norm_weight if fuse_norm else out,
+        norm_bias if fuse_norm else out,
+        num_rows,
+        dim,
+        neighbors.shape[1],
+        eps,
+        base.stride(0),
+        kept.stride(0),
+        base_kept.stride(0),
+        neighbors.stride(0),
+        out.stride(0),
+        normed.stride(0) if fuse_norm else 0,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        HAS_OUT_ROWS=out_rows is not None,
+        FUSE_NORM=fuse_norm,
+        num_warps=4,
+    )
+
+
+def ngr_reconstruct_triton(
+    base_drop: torch.Tensor, kept: torch.Tensor, base_kept: torch.Tensor, neighbors: torch.Tensor
+) -> torch.Tensor:
+    """The ``ngr_reconstruct`` op: ``[Nd, D]`` in ``base_drop``'s dtype (see the reference)."""
+    if not _kernel_dtype(base_drop.dtype):
+        return ngr_reconstruct_reference(base_drop, kept, base_kept, neighbors)
+    base_drop, kept, base_kept = _row_major(base_drop), _row_major(kept), _row_major(base_kept)
+    neighbors = neighbors.contiguous()
+    out = torch.empty_like(base_drop, memory_format=torch.contiguous_format)
+    _launch_reconstruct(base_drop, kept, base_kept, neighbors, out, None, None, None, None, 0.0)
+    return out
+
+
+def ngr_restore_triton(
+    out: torch.Tensor,
+    kept: torch.Tensor,
+    base_drop: torch.Tensor,
+    base_kept: torch.Tensor,
+    keep: torch.Tensor,
+    drop: torch.Tensor,
+    neighbors: torch.Tensor,
+    *,
+    normed_out: torch.Tensor | None = None,
+    norm: torch.nn.LayerNorm | None = None,
+) -> None:
+    """Fill a full-length buffer in place: ``out[keep] = kept``, ``out[drop] = NGR reconstruction``.
+
+    With ``norm`` (a ``LayerNorm``) and ``normed_out``, also ``normed_out = norm(out)`` in the same
+    pass, so the next block's K/V projection reads the normalised full sequence directly.
+
+    Args:
+        out: ``[n, D]`` fp16/bf16/fp32 with unit last stride, written in place.
+        kept: ``[Nk, D]`` current kept states; base_drop ``[Nd, D]``, base_kept ``[Nk, D]``: prune-layer
+            states; all in ``out``'s dtype.
+        keep, drop: int64 ``[Nk]`` / ``[Nd]`` row positions in ``out``.
+        neighbors: int32/int64 ``[Nd, k]`` rows of ``kept`` (``-1`` = none).
+        normed_out: ``[n, D]`` like ``out``; norm: ``nn.LayerNorm(D)`` (weights may be None).
+    """
+    if (normed_out is None) != (norm is None):
+        raise ValueError("normed_out and norm must be given together")
+    if out.stride(-1) != 1 or (normed_out is not None and normed_out.stride(-1) != 1):
+        raise ValueError("out and normed_out need a unit stride on their last dim")
+    weight = bias = None
+    eps = 0.0
+    if norm is not None:
+        dim = out.shape[1]
+        weight = norm.weight if norm.weight is not None else out.new_ones(dim)
+        bias = norm.bias if norm.bias is not None else out.new_zeros(dim)
+        eps = float(norm.eps)
+    kept, base_drop, base_kept = _row_major(kept), _row_major(base_drop), _row_major(base_kept)
+    neighbors = neighbors.contiguous()
+    # Kept rows: the same kernel with no neighbours copies ``kept`` (and normalises it).
+    no_neighbors = neighbors.new_empty((kept.shape[0], 0))
+    _launch_reconstruct(kept, kept, kept, no_neighbors, out, keep, normed_out, weight, bias, eps)
+    _launch_reconstruct(base_drop, kept, base_kept, neighbors, out, drop, normed_out, weight, bias, eps)
+
+
+# -- ngr_attention ------------------------------------------------------------------------------
+def _attention_tiles(head_dim: int) -> tuple[int, int]:
+    # Wider heads hold a wider fp32 accumulator per query row: fewer key columns per tile.
+    return (64, 64) if head_dim <= 128 else (64, 32)
+
+
+def ngr_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float | None = None,
+    *,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    q_rows: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Varlen flash attention (the ``ngr_attention`` contract) with optional fused rotary / q gather.
+
+    Args:
+        q: ``[Nq, H, Dh]``, or with ``q_rows`` a full-length ``[N, H, Dh]`` to gather from; any strides.
+        k, v: ``[Nk, H, Dh]`` same dtype (fp16/bf16/fp32), any strides; ``Dh <= 256``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` (``cu_seqlens_q`` counts the attending queries).
+        softmax_scale: defaults to ``Dh ** -0.5``.
+        rotary: ``(cos, sin)``, each ``[Nk, Dh]``: row ``j`` rotates key row ``j``; queries use the
+            rows ``q_rows`` / ``q_positions`` (or row ``i`` when neither is given). ``Dh`` even.
+        q_rows: int64 ``[Nq']``: the queries are ``q[q_rows]`` (fused gather; q never copied).
+        q_positions: int64 ``[Nq]``: rotary rows of a compact ``q`` (mutually exclusive with q_rows).
+
+    Returns:
+        ``[Nq', H, Dh]`` contiguous, in ``q``'s dtype; rows of a segment with no keys are 0.
+    """
+    if q_rows is not None and q_positions is not None:
+        raise ValueError("q_rows and q_positions are mutually exclusive")
+    head_dim = q.shape[-1]
+    if not _kernel_dtype(q.dtype) or head_dim > MAX_HEAD_DIM:
+        if rotary is not None or q_rows is not None or q_positions is not None:
+            raise ValueError(f"the fused Triton attention needs fp16/bf16/fp32 and Dh <= {MAX_HEAD_DIM}")
+        return ngr_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
+    q_index = q_rows if q_rows is not None else q_positions
+    num_q = q_index.shape[0] if q_rows is not None else q.shape[0]
+    num_heads = q.shape[1]
+    out = torch.empty((num_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if num_q == 0 or num_heads == 0:
+        return out
+    if rotary is not None:
+        if head_dim % 2:
+            raise ValueError(f"rotary needs an even head dim, got {head_dim}")
+        cos, sin = (_row_major(t) for t in rotary)
+        half = head_dim // 2
+    else:
+        cos = sin = q  # never read
+        half = (head_dim + 1) // 2
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    block_m, block_n = _attention_tiles(head_dim)
+    grid = (triton.cdiv(num_q, block_m), num_heads)
+    varlen_attention_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        segment_of_rows(cu_seqlens_q, num_q),
+        cu_seqlens_k,
+        q_index if q_index is not None else cu_seqlens_q,
+        cos,
+        sin,
+        num_q,
+        head_dim,
+        half,
+        scale * math.log2(math.e),
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        out.stride(0),
+        out.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_HALF=max(16, triton.next_power_of_2(half)),
+        BLOCK_DV=max(16, triton.next_power_of_2(head_dim)),
+        HAS_Q_INDEX=q_index is not None,
+        GATHER_Q=q_rows is not None,
+        ROTARY=rotary is not None,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4 if head_dim <= 64 else 8,
+    )
+    return out
+
+
+def ngr_attention_fused_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_rows: torch.Tensor | None,
+    q_positions: torch.Tensor | None,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """``ngr_attention_triton`` with the fused options as positional arguments (the custom op's schema)."""
+    rotary = None if cos is None else (cos, sin)
+    return ngr_attention_triton(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, rotary=rotary, q_rows=q_rows, q_positions=q_positions
+    )
+
+
+# -- selection and planning ---------------------------------------------------------------------
+def select_tokens_device(scores: torch.Tensor, cu_items: torch.Tensor, ratio: float) -> TokenSelection:
+    """Per-item top-k on the device with vectorised PyTorch ops (no per-item loop, no kernel of its own).
+
+    One small host read of ``cu_items`` (the output sizes depend on it); everything else stays on
+    the device: a segmented descending sort (sort by score, then stably by item), each token's rank
+    in its item, ``rank < keep_count`` as the keep mask, and fixed-size ``nonzero_static`` for the
+    ascending keep/drop positions.
+    """
+    num = scores.shape[0]
+    bounds = cu_items.tolist()
+    counts = [keep_count(b1 - b0, ratio) for b0, b1 in itertools.pairwise(bounds)]
+    num_keep = sum(counts)
+    device = scores.device
+    item = segment_of_rows(cu_items, num).long()
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(item[order], stable=True)]
+    rank = torch.empty(num, dtype=torch.int64, device=device)
+    rank[order] = torch.arange(num, device=device) - cu_items.long()[item[order]]
+    is_kept = rank < torch.tensor(counts, dtype=torch.int64, device=device)[item]
+    keep = torch.nonzero_static(is_kept, size=num_keep).squeeze(1)
+    drop = torch.nonzero_static(~is_kept, size=num - num_keep).squeeze(1)
+    cu_keep = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0).to(torch.int32)
+    lengths = [b1 - b0 for b0, b1 in itertools.pairwise(bounds)]
+    cu_drop = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32) - cu_keep
+    return TokenSelection(keep, drop, cu_keep.to(device), cu_drop.to(device))
+
+
+def plan_triton(
+    x_before: torch.Tensor,
+    x_after: torch.Tensor,
+    cu_items: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    ratio: float,
+    num_neighbors: int,
+) -> tuple[torch.Tensor, ...]:
+    """The ``plan`` op on the device: scores, ``select_tokens_device``, ``knn_triton``, shrunk offsets."""
+    scores = token_scores_reference(x_before, x_after)
+    sel = select_tokens_device(scores, cu_items, ratio)
+    neighbors = knn_triton(x_after[sel.drop], x_after[sel.keep], num_neighbors, sel.cu_drop, sel.cu_keep)
+    cu_kept = shrink_cu_seqlens_reference(cu_seqlens, sel.keep)
+    return sel.keep, sel.drop, sel.cu_keep, sel.cu_drop, neighbors, cu_kept
+
+
+def register_triton_backends(device_types: Sequence[str] = ("cuda",)) -> None:
+    """(Re-)register the ``"triton"`` backend of every op for ``device_types``.
+
+    Import registers them for CUDA. ``("cuda", "cpu")`` is for tests under ``TRITON_INTERPRET=1``
+    only: ``auto`` on the CPU would then pick the (slow) interpreter too.
+    """
+    devices = tuple(device_types)
+    for op, fn in (
+        ("knn", knn_triton),
+        ("ngr_reconstruct", ngr_reconstruct_triton),
+        ("ngr_attention", ngr_attention_triton),
+        ("ngr_attention_fused", ngr_attention_fused_triton),
+        ("select_tokens", select_tokens_device),
+        ("plan", plan_triton),
+    ):
+        register_backend(op, Backend("triton", fn, devices, priority=TRITON_PRIORITY))
+
+
+register_triton_backends()

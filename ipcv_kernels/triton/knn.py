@@ -1,0 +1,101 @@
+"""Fused squared-distance + running top-k, segment-aware (the cuVS ``fusedL2Knn`` / FAISS WarpSelect idea).
+
+One program owns ``BLOCK_Q`` query rows and walks the reference rows of their segments in tiles of
+``BLOCK_R``. Each tile's distances live only in registers and are merged into a per-row list of
+the ``k`` best so far, so no ``queries x refs`` distance matrix ever exists in memory.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def knn_kernel(
+    query_ptr,
+    ref_ptr,
+    query_segment_ptr,
+    cu_ref_ptr,
+    out_ptr,
+    num_query,
+    dim,
+    k,
+    stride_qn,
+    stride_qd,
+    stride_rn,
+    stride_rd,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    K_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Ranking key: |r|^2 - 2 q.r, which orders refs like |q - r|^2 = |q|^2 + |r|^2 - 2 q.r because
+    # |q|^2 is constant per query row. Products accumulate in fp32 from fp16/bf16/fp32 inputs.
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < num_query
+    segment = tl.load(query_segment_ptr + rows, mask=row_ok, other=0)
+    ref_start = tl.load(cu_ref_ptr + segment, mask=row_ok, other=0)
+    ref_end = tl.load(cu_ref_ptr + segment + 1, mask=row_ok, other=0)
+    # A tile may straddle segments: walk the union of its rows' ref ranges (contiguous, since
+    # segments are laid out in order) and mask each row to its own range.
+    lo = tl.min(tl.where(row_ok, ref_start, 2147483647), axis=0)
+    hi = tl.max(ref_end, axis=0)
+
+    slots = tl.arange(0, K_PAD)
+    # Running list, unsorted: slots >= k hold -inf so they are never the "worst" and never replaced.
+    best_dist = tl.where(slots[None, :] < k, float("inf"), float("-inf")) + tl.zeros([BLOCK_Q, K_PAD], tl.float32)
+    best_index = tl.full([BLOCK_Q, K_PAD], -1, tl.int32)
+    tile_cols = tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+
+    for r0 in range(lo, hi, BLOCK_R):
+        cols = r0 + tile_cols
+        col_ok = cols < hi
+        dot = tl.zeros([BLOCK_Q, BLOCK_R], tl.float32)
+        ref_sq = tl.zeros([BLOCK_R], tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + dims
+            d_ok = d < dim
+            q = tl.load(
+                query_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            r = tl.load(
+                ref_ptr + cols[:, None] * stride_rn + d[None, :] * stride_rd,
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            dot = tl.dot(q, tl.trans(r), dot, input_precision=DOT_PRECISION)
+            r32 = r.to(tl.float32)
+            ref_sq += tl.sum(r32 * r32, axis=1)
+        valid = (cols[None, :] >= ref_start[:, None]) & (cols[None, :] < ref_end[:, None])
+        dist = tl.where(valid, ref_sq[None, :] - 2.0 * dot, float("inf"))
+
+        # Merge: while some row's best tile candidate beats its current worst, replace the worst.
+        # After the first few tiles almost no candidate qualifies, so this loop rarely iterates.
+        cand = tl.min(dist, axis=1)
+        need = cand < tl.max(best_dist, axis=1)
+        while tl.max(need.to(tl.int32), axis=0) > 0:
+            cand_col = tl.argmin(dist, axis=1)
+            worst_slot = tl.argmax(best_dist, axis=1)
+            replace = need[:, None] & (slots[None, :] == worst_slot[:, None])
+            best_dist = tl.where(replace, cand[:, None], best_dist)
+            best_index = tl.where(replace, (r0 + cand_col)[:, None], best_index)
+            taken = need[:, None] & (tile_cols[None, :] == cand_col[:, None])
+            dist = tl.where(taken, float("inf"), dist)
+            cand = tl.min(dist, axis=1)
+            need = cand < tl.max(best_dist, axis=1)
+
+    # Emit nearest first: k rounds of selection over the K_PAD slots. Unfilled slots keep index -1.
+    best_dist = tl.where(slots[None, :] < k, best_dist, float("inf"))
+    for j in tl.static_range(K_PAD):
+        pick = tl.argmin(best_dist, axis=1)
+        picked = slots[None, :] == pick[:, None]
+        index = tl.sum(tl.where(picked, best_index, 0), axis=1)
+        tl.store(
+            out_ptr + rows.to(tl.int64) * k + j, index.to(tl.int64), mask=row_ok & (tl.full([BLOCK_Q], j, tl.int32) < k)
+        )
+        best_dist = tl.where(picked, float("inf"), best_dist)
+        best_index = tl.where(picked, -1, best_index)
