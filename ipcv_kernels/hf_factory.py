@@ -7,6 +7,7 @@ through the model's own modules.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -93,12 +94,31 @@ def sample_pixels(
     return pixels, grid
 
 
-def vision_prompt(model_config, grid_thw: list[list[int]], *, video: bool = False, text_len: int = 5) -> torch.Tensor:
-    """``input_ids [1, L]``: a few text tokens, then each item's vision placeholders, then text."""
-    merge = model_config.vision_config.spatial_merge_size**2
-    token = model_config.video_token_id if video else model_config.image_token_id
+def vision_inputs(
+    model: nn.Module, grid_thw: list[list[int]], *, video: bool = False, text_len: int = 5, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Model inputs for one prompt: text, each item's vision placeholders, text, and the pixels.
+
+    Returns ``input_ids``/``attention_mask`` ``[1, L]``, ``pixel_values[_videos]``,
+    ``image|video_grid_thw``, and ``mm_token_type_ids`` (0 text, 1 image, 2 video) where the
+    installed transformers' forward takes it.
+    """
+    config = model.config
+    merge = config.vision_config.spatial_merge_size**2
+    token = config.video_token_id if video else config.image_token_id
     ids: list[int] = [3 + i for i in range(text_len)]
     for t, h, w in grid_thw:
-        ids += [model_config.vision_start_token_id, *[token] * (t * h * w // merge), model_config.vision_end_token_id]
+        ids += [config.vision_start_token_id, *[token] * (t * h * w // merge), config.vision_end_token_id]
     ids += [10 + i for i in range(text_len)]
-    return torch.tensor([ids])
+    input_ids = torch.tensor([ids])
+    pixels, grid = sample_pixels(config.vision_config, grid_thw, dtype=model.dtype, seed=seed)
+    prefix = "video" if video else "image"
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values_videos" if video else "pixel_values": pixels,
+        f"{prefix}_grid_thw": grid,
+    }
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        inputs["mm_token_type_ids"] = (input_ids == token).long() * (2 if video else 1)
+    return inputs

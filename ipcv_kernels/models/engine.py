@@ -13,13 +13,17 @@ block, unaware that from block ``P`` on they hold only the kept tokens. Per forw
 - the last block restores the full sequence, so the merger / head sees every token.
 
 A family adapter (one module per model family) supplies what differs: how items are read from
-the tower's call, and the block's attention-stabilisation forward.
+the tower's call, and the block's attention-stabilisation forward. Optional adapter hooks cover
+towers that differ further: ``pack`` / ``unpack`` for towers whose blocks take a padded batch
+``[B, L, D]`` instead of packed rows (the engine works on packed rows from block ``P`` on),
+``plan`` for tokens that must never be dropped (a CLS token), and ``install_hooks`` for modules
+that read intermediate block outputs (they get full sequences through ``IPCVPatch.full_sequence``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -42,6 +46,8 @@ class ForwardState:
     base_kept: torch.Tensor | None = None
     base_drop: torch.Tensor | None = None
     planned_cu_seqlens: torch.Tensor | None = None
+    block_layout: torch.Size | None = None  # shape of block P's input, for ``FamilyAdapter.unpack``
+    # Rows each block computes outputs for (its queries): all tokens before P, kept tokens after.
     tokens_per_block: list[int] = field(default_factory=list)
 
 
@@ -59,6 +65,12 @@ class FamilyAdapter:
     """What differs between model families. Subclasses live in ``ipcv_kernels.models.<family>``."""
 
     name = "base"
+    # This family's recommended ``IPCVConfig`` fields (``IPCVConfig.for_model``); others default.
+    default_settings: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        # The module ``apply_ipcv`` was given: the tower itself or a model wrapping it.
+        self.model = model
 
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
         return tower.blocks
@@ -66,6 +78,35 @@ class FamilyAdapter:
     def item_lengths(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[int]:
         """Token count of every item (image / video) of one tower call, in packing order."""
         raise NotImplementedError
+
+    def install_hooks(self, patch: IPCVPatch) -> list[torch.utils.hooks.RemovableHandle]:
+        """Extra hooks of this family (removed with the patch); none by default."""
+        return []
+
+    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A block's input as packed rows ``[n, D]``: identity for packed (varlen) towers.
+
+        Towers whose blocks take a batch ``[B, L, D]`` return ``hidden.reshape(-1, D)``; their
+        blocks from ``P`` on then receive and return packed kept rows.
+        """
+        return hidden
+
+    def unpack(self, packed: torch.Tensor, layout: torch.Size) -> torch.Tensor:
+        """Inverse of ``pack``: the restored ``[n, D]`` rows in block ``P``'s input ``layout``."""
+        return packed
+
+    def plan(
+        self,
+        x_before: torch.Tensor,
+        x_after: torch.Tensor,
+        cu_items: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        config: IPCVConfig,
+    ) -> IPCVPlan:
+        """Spec steps 2-3 on packed rows; override to pin tokens that must never be dropped."""
+        return plan_ipcv(
+            x_before, x_after, cu_items, cu_seqlens, config.ratio, config.num_neighbors, backend=config.backend
+        )
 
     def parse_block_call(self, args: tuple, kwargs: dict[str, Any]) -> BlockCall:
         kwargs = dict(kwargs)
@@ -85,7 +126,12 @@ class FamilyAdapter:
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         call: BlockCall,
     ) -> torch.Tensor:
-        """The model's own block forward with the given segments and rotary tables."""
+        """The model's own block forward with the given segments and rotary tables.
+
+        Empty segments are removed first: they contribute nothing to attention, and models'
+        per-segment attention loops fail on zero-length splits.
+        """
+        cu_seqlens = torch.unique_consecutive(cu_seqlens)
         kwargs = dict(call.kwargs)
         if "max_seqlen" in kwargs:
             kwargs["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
@@ -141,6 +187,7 @@ class IPCVPatch:
         self._handles.append(self.tower.register_forward_hook(self._end_forward))
         for index, block in enumerate(self.blocks):
             block.forward = self._make_block_forward(index, block, block.forward)
+        self._handles.extend(self.adapter.install_hooks(self))
         setattr(self.tower, PATCH_ATTRIBUTE, self)
 
     def remove(self) -> None:
@@ -178,8 +225,8 @@ class IPCVPatch:
         state, cfg = self.state, self.config
         if state.cu_items is None:  # block called outside a tower forward: behave as unpatched
             return original(hidden, *args, **kwargs)
-        state.tokens_per_block.append(hidden.shape[0])
         if index < cfg.prune_layer:
+            state.tokens_per_block.append(self.adapter.pack(hidden).shape[0])
             if index == cfg.prune_layer - 1:
                 state.x_before = hidden
             return original(hidden, *args, **kwargs)
@@ -188,6 +235,7 @@ class IPCVPatch:
         if index == cfg.prune_layer:
             hidden = self._plan(hidden, call)
         plan = state.plan
+        state.tokens_per_block.append(hidden.shape[0])
         if index < self.stabilisation_end:
             full = self._restore(hidden)
             if cfg.as_queries == "all":
@@ -209,26 +257,20 @@ class IPCVPatch:
                 call,
             )
         if index == self.depth - 1:
-            return self._restore(hidden)
+            return self.adapter.unpack(self._restore(hidden), state.block_layout)
         return hidden
 
     def _plan(self, x_after: torch.Tensor, call: BlockCall) -> torch.Tensor:
-        state, cfg = self.state, self.config
+        state = self.state
+        layout = x_after.shape
+        x_before, x_after = self.adapter.pack(state.x_before), self.adapter.pack(x_after)
         cu_items = state.cu_items.to(x_after.device)
         if int(cu_items[-1]) != x_after.shape[0]:
             raise ValueError(
                 f"the tower's input holds {x_after.shape[0]} tokens but its grid describes {int(cu_items[-1])}"
             )
-        plan = plan_ipcv(
-            state.x_before,
-            x_after,
-            cu_items,
-            call.cu_seqlens.to(torch.int32),
-            cfg.ratio,
-            cfg.num_neighbors,
-            backend=cfg.backend,
-        )
-        state.plan, state.base, state.x_before = plan, x_after, None
+        plan = self.adapter.plan(x_before, x_after, cu_items, call.cu_seqlens.to(torch.int32), self.config)
+        state.plan, state.base, state.x_before, state.block_layout = plan, x_after, None, layout
         state.planned_cu_seqlens = call.cu_seqlens
         state.base_kept, state.base_drop = x_after[plan.keep], x_after[plan.drop]
         return state.base_kept
@@ -242,6 +284,17 @@ class IPCVPatch:
         if cu_seqlens is self.state.planned_cu_seqlens:
             return self.state.plan.cu_seqlens_kept
         return shrink_cu_seqlens(cu_seqlens.to(torch.int32), self.state.plan.keep)
+
+    def full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A block output as the full sequence: restored (spec step 7) where it holds kept rows.
+
+        For modules that tap intermediate block outputs during a patched forward; anything else
+        (a full-length input, or a call outside a pruned stretch) is returned unchanged.
+        """
+        plan = self.state.plan
+        if plan is None or hidden.dim() != 2 or hidden.shape[0] != plan.keep.shape[0]:
+            return hidden
+        return self._restore(hidden)
 
     def _restore(self, kept: torch.Tensor) -> torch.Tensor:
         """``full[keep] = kept``, ``full[drop] = NGR reconstruction`` (spec steps 4 and 7)."""
