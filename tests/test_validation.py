@@ -153,3 +153,18 @@ def test_apply_rejects_unsupported_model_and_bad_config():
 def test_backend_for_wrong_device_or_unknown_is_clear():
     with pytest.raises(ValueError, match="backend"):
         ik.ngr_attention(QA, KA, KA, CQ, CK, backend="flash")
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: ik.knn(Q, R.to("meta"), 2), "ref"),
+        (lambda: ik.ngr_reconstruct(BD, K, BK.to("meta"), NB), "base_kept"),
+        (lambda: ik.ngr_attention(QA, KA, KA.to("meta"), CQ, CK), "v"),
+        (lambda: ik.ngr_attention(QA, KA, KA, CQ, CK.to("meta")), "cu_seqlens_k"),
+    ],
+)
+def test_mixed_devices_are_rejected(call, name):
+    # The meta device stands in for "another device" on a CPU-only machine.
+    with pytest.raises(ValueError, match=f"{name} must be on"):
+        call()
