@@ -1,11 +1,13 @@
 """ipcv_kernels: IPCV token compression for the vision encoders of multimodal LLMs.
 
 Public API: the ops (``knn``, ``ngr_reconstruct``, ``ngr_attention``, ``token_scores``,
-``select_tokens``, ``plan_ipcv``), ``IPCVConfig`` and ``apply_ipcv`` / ``remove_ipcv``.
+``select_tokens``, ``plan_ipcv``), ``IPCVConfig`` and ``apply_ipcv`` / ``remove_ipcv``, and the
+LLM-side pruners ``FastV`` / ``DART`` (``apply_ipcv(model, config, llm_pruner=...)``).
 All ops are inference-only (no autograd).
 """
 
 from .config import IPCVConfig
+from .llm import DART, FastV, LLMPruner
 from .models import apply_ipcv, get_ipcv_patch, remove_ipcv, supported_classes
 from .ops import (
     available_backends,
@@ -22,8 +24,11 @@ from .reference import IPCVPlan, TokenSelection
 __version__ = "0.1.0"
 
 __all__ = [
+    "DART",
+    "FastV",
     "IPCVConfig",
     "IPCVPlan",
+    "LLMPruner",
     "TokenSelection",
     "apply_ipcv",
     "available_backends",

@@ -5,43 +5,55 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import IPCVConfig
+from ..llm import LLMPruner, prepare_llm_pruning, remove_llm_pruning
 from .engine import PATCH_ATTRIBUTE, IPCVPatch
 from .registry import find_tower, supported_classes
 
 
-def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> nn.Module:
-    """Patch ``model``'s vision tower in place with IPCV and return ``model``.
+def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner: LLMPruner | None = None) -> nn.Module:
+    """Patch ``model`` in place with IPCV in its vision tower and/or an LLM-side pruner; return it.
 
     Args:
         model: a supported Hugging Face model instance: the full conditional-generation model, the
             base model, or the vision tower itself (see ``supported_classes()``). Only this
             instance is patched; other instances of the class are untouched.
-        config: IPCV settings; ``None`` uses ``IPCVConfig()`` (the paper's Qwen2-VL-7B setting).
+        config: IPCV settings. ``None`` means ``IPCVConfig()`` (the paper's Qwen2-VL-7B setting)
+            when ``llm_pruner`` is ``None`` too, and no vision-side IPCV when a pruner is given.
+        llm_pruner: an LLM-side pruner (``FastV``, ``DART``) for the language model, or ``None``.
+            Needs a model with a language model (not a bare tower). See ``ipcv_kernels.llm``.
 
     The tower keeps its output types and shapes: every dropped token is restored before its
-    merger. Applying to an already patched model replaces the previous patch.
+    merger. Applying to an already patched model replaces the previous patches: afterwards the
+    model carries exactly what this call describes.
 
     Raises:
-        TypeError: unsupported model, or ``config`` not an ``IPCVConfig``.
-        ValueError: ``config.prune_layer`` outside ``[1, depth)`` of this tower.
+        TypeError: unsupported model, ``config`` not an ``IPCVConfig``, ``llm_pruner`` not an
+            ``LLMPruner``, or a pruner for a model without a language model.
+        ValueError: ``config.prune_layer`` outside ``[1, depth)`` of this tower, or
+            ``llm_pruner.layer`` outside ``[1, num_hidden_layers)`` of the language model.
     """
-    if config is None:
+    if config is None and llm_pruner is None:
         config = IPCVConfig()
-    if not isinstance(config, IPCVConfig):
+    if config is not None and not isinstance(config, IPCVConfig):
         raise TypeError(f"config must be an IPCVConfig, got {type(config).__name__}")
     tower, adapter = find_tower(model)
-    patch = IPCVPatch(tower, adapter, config)  # validates the layer range before touching anything
-    if hasattr(tower, PATCH_ATTRIBUTE):
-        getattr(tower, PATCH_ATTRIBUTE).remove()
-    patch.install()
+    # Validate both sides (layer ranges included) before touching the model.
+    patch = IPCVPatch(tower, adapter, config) if config is not None else None
+    llm_patch = prepare_llm_pruning(model, llm_pruner) if llm_pruner is not None else None
+    remove_ipcv(model)
+    if patch is not None:
+        patch.install()
+    if llm_patch is not None:
+        llm_patch.install()
     return model
 
 
 def remove_ipcv(model: nn.Module) -> nn.Module:
-    """Undo ``apply_ipcv`` on ``model`` (a no-op if it is not patched) and return it."""
+    """Undo ``apply_ipcv`` on ``model``, both sides (a no-op if it is not patched); return it."""
     tower, _ = find_tower(model)
     if hasattr(tower, PATCH_ATTRIBUTE):
         getattr(tower, PATCH_ATTRIBUTE).remove()
+    remove_llm_pruning(model)
     return model
 
 

@@ -1,0 +1,279 @@
+"""LLM-side pruning on stock transformers: per-instance wrappers of the decoder layers.
+
+The text model's own forward is untouched. It embeds the tokens, computes the rotary tables and
+attention masks for the FULL sequence once, and passes them to every decoder layer. The wrappers
+make layers ``K ..`` work on the kept tokens only:
+
+- a forward pre-hook on the multimodal model reads which tokens are image / video tokens
+  (``input_ids``); a pre-hook on the text model starts the per-forward state;
+- layer ``K - 1`` records its input (FastV scores it); layer ``K``, in a prefill that starts from
+  an empty cache and holds image / video tokens, asks the pruner for the kept tokens;
+- layers ``K ..`` get their hidden states, rotary ``(cos, sin)``, text position ids and attention
+  mask restricted to the kept tokens: the KV cache of layers ``>= K`` then holds the kept tokens
+  only, while layers ``< K`` hold all of them;
+- a forward hook on the text model scatters the kept rows back into a full-length
+  ``last_hidden_state`` (dropped rows carry their layer-``K`` input through the final norm), so
+  outputs keep the unpatched shapes.
+
+Decoding stays exact: positions come from the full sequence (layer 0's cache length and
+Qwen2-VL's ``rope_deltas``, both unpruned), so generated tokens get the positions they would have
+had without pruning; and every later forward's attention mask (built by the text model for the
+full length) is cut down, for layers ``>= K``, to the columns their cache holds, which the patch
+tracks per cache object.
+
+Supported: ``DynamicCache`` (generate's default) or no cache; eager, sdpa and flash attention
+masks (4-D or 2-D tensors, or ``None``). Not supported: static (compileable) caches, flex
+attention's block masks, packed sequences.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..reference.llm_pruning import llm_keep_count
+from .pruners import LLMPruner, PruningInputs
+
+LLM_PATCH_ATTRIBUTE = "_ipcv_llm_patch"
+
+
+@dataclass
+class ForwardState:
+    """What one forward of the text model carries from layer to layer."""
+
+    visual: torch.Tensor | None
+    padding: torch.Tensor | None
+    past_length: int
+    prunable: bool
+    hidden_before: torch.Tensor | None = None
+    hidden_full: torch.Tensor | None = None
+    kept: torch.Tensor | None = None  # [B, L] positions in this forward's input, or None: all
+    columns: torch.Tensor | None = None  # [B, C] full-mask columns held by the pruned layers' cache
+    sliced: dict | None = None  # memo: the kwargs of layers >= K, per attention-mask object
+
+
+class LLMPruningPatch:
+    """The installed LLM-side pruner of one multimodal model: hooks, wrapped layers, state."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        text_model: nn.Module,
+        pruner: LLMPruner,
+        visual_token_ids: tuple[int, ...],
+    ) -> None:
+        self.model = model
+        self.text_model = text_model
+        self.layers: nn.ModuleList = text_model.layers
+        pruner.check_depth(len(self.layers))
+        self.pruner = pruner
+        self.visual_token_ids = visual_token_ids
+        self.state: ForwardState | None = None
+        self.last_kept: torch.Tensor | None = None
+        self._pending_visual: torch.Tensor | None = None
+        # The pruned layers' cache columns, per cache object (generation keeps one per call).
+        self._cache_columns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # -- installation ---------------------------------------------------------------------------
+    def install(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._read_tokens, with_kwargs=True))
+        self._handles.append(self.text_model.register_forward_pre_hook(self._start_forward, with_kwargs=True))
+        self._handles.append(self.text_model.register_forward_hook(self._end_forward))
+        for index in range(self.pruner.layer - 1, len(self.layers)):
+            layer = self.layers[index]
+            layer.forward = self._make_layer_forward(index, layer.forward)
+        setattr(self.text_model, LLM_PATCH_ATTRIBUTE, self)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for index in range(self.pruner.layer - 1, len(self.layers)):
+            # The wrapper is an instance attribute shadowing the class's forward.
+            del self.layers[index].forward
+        delattr(self.text_model, LLM_PATCH_ATTRIBUTE)
+
+    def _make_layer_forward(self, index: int, original):
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+            return self._layer_forward(index, original, hidden_states, args, kwargs)
+
+        return forward
+
+    # -- per-forward state ----------------------------------------------------------------------
+    def _visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor(self.visual_token_ids, device=input_ids.device)
+        return torch.isin(input_ids, ids)
+
+    def _read_tokens(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        if input_ids is not None:
+            self._pending_visual = self._visual_mask(input_ids)
+        elif kwargs.get("mm_token_type_ids") is not None:
+            self._pending_visual = kwargs["mm_token_type_ids"] != 0
+        else:
+            self._pending_visual = None
+
+    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        batch, length = input_ids.shape if input_ids is not None else embeds.shape[:2]
+        visual, self._pending_visual = self._pending_visual, None
+        if input_ids is not None:  # the text model called on its own
+            visual = self._visual_mask(input_ids)
+        if visual is not None and tuple(visual.shape) != (batch, length):
+            visual = None
+        cache = kwargs.get("past_key_values")
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise NotImplementedError(
+                "LLM-side pruning needs a dynamic KV cache (its pruned layers hold fewer tokens); "
+                f"got {type(cache).__name__}"
+            )
+        past_length = cache.get_seq_length() if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        padding = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] == length:
+            padding = mask == 0
+        prunable = length > 1 and past_length == 0 and visual is not None and bool(visual.any())
+        self.state = ForwardState(visual, padding, past_length, prunable)
+
+    def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        state, self.state = self.state, None
+        if state is None or state.kept is None:
+            return output
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        full = self.text_model.norm(state.hidden_full).to(hidden.dtype)
+        full.scatter_(1, state.kept[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
+        if isinstance(output, tuple):
+            return (full, *output[1:])
+        output.last_hidden_state = full
+        return output
+
+    # -- the per-layer logic --------------------------------------------------------------------
+    def _layer_forward(self, index: int, original, hidden: torch.Tensor, args: tuple, kwargs: dict):
+        state = self.state
+        if state is None:  # layer called outside a text-model forward: behave as unpatched
+            return original(hidden, *args, **kwargs)
+        if index == self.pruner.layer - 1:
+            state.hidden_before = hidden
+            return original(hidden, *args, **kwargs)
+        if index == self.pruner.layer:
+            hidden = self._prune(hidden, kwargs)
+        if state.columns is not None:
+            kwargs = self._sliced_kwargs(kwargs)
+        return original(hidden, *args, **kwargs)
+
+    def _prune(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """At layer ``K``: choose the kept tokens and the pruned layers' cache columns."""
+        state = self.state
+        cache = kwargs.get("past_key_values")
+        batch, length = hidden.shape[:2]
+        if state.prunable:
+            state.kept = self._select(hidden, kwargs["position_embeddings"])
+            self.last_kept = state.kept
+            state.hidden_full = hidden
+        known = self._cache_columns.get(cache) if cache is not None and state.past_length > 0 else None
+        if state.kept is None and known is None:
+            return hidden  # nothing pruned now nor earlier: layers >= K see what layer 0 sees
+        new = state.kept if state.kept is not None else torch.arange(length, device=hidden.device).expand(batch, -1)
+        new = new + state.past_length
+        if state.past_length > 0:
+            # A cache this patch has not seen holds every token in every layer.
+            old = known if known is not None else torch.arange(state.past_length, device=hidden.device)
+            new = torch.cat([old.expand(batch, -1), new], dim=1)
+        state.columns = new
+        state.sliced = {}
+        if cache is not None:
+            self._cache_columns[cache] = new
+        if state.kept is None:
+            return hidden
+        return hidden.gather(1, state.kept[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    def _select(self, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """``[B, L]`` sorted positions of the tokens kept in every row (rows keep equal counts).
+
+        Each row's candidates are its image / video tokens except the last token. Row ``b`` wants
+        to drop ``d_b = n_b - max(1, int(n_b * (1 - R)))`` of its ``n_b`` candidates; the KV cache
+        is one tensor, so every row must drop the same number ``D = min_b (d_b + pad_b)`` of
+        tokens, where ``pad_b`` counts its padding tokens. A row drops ``min(d_b, D)`` candidates
+        and, for the rest, its leftmost padding tokens (masked out of attention anyway); so a row
+        keeps more than its share only when another row lacks tokens to drop (e.g. a text-only
+        row in the batch without enough padding).
+        """
+        state = self.state
+        batch, length = hidden.shape[:2]
+        padding = state.padding if state.padding is not None else torch.zeros_like(state.visual)
+        candidates = state.visual & ~padding
+        candidates[:, -1] = False
+        counts = candidates.sum(dim=1).tolist()
+        pads = padding.sum(dim=1).tolist()
+        wanted = [n - llm_keep_count(n, self.pruner.ratio) for n in counts]
+        dropped = min(d + p for d, p in zip(wanted, pads, strict=True))
+        num_keep = [n - min(d, dropped) for n, d in zip(counts, wanted, strict=True)]
+        inputs = PruningInputs(
+            layers=self.layers,
+            hidden=hidden,
+            hidden_before=state.hidden_before,
+            position_embeddings=position_embeddings,
+            candidates=candidates,
+            text=~state.visual & ~padding,
+            padding=padding,
+        )
+        chosen = self.pruner.select(inputs, num_keep)
+        keep = ~candidates
+        for row in range(batch):
+            pad_drop = dropped - (counts[row] - num_keep[row])
+            keep[row, padding[row].nonzero().flatten()[:pad_drop]] = False
+            keep[row, chosen[row]] = True
+        return keep.nonzero()[:, 1].view(batch, length - dropped)
+
+    def _sliced_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Layer kwargs restricted to the kept queries and the pruned layers' cache columns."""
+        state = self.state
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        key = id(mask)
+        if key not in state.sliced:
+            state.sliced[key] = self._slice_mask(mask)
+        kwargs["attention_mask"] = state.sliced[key]
+        if state.kept is not None:
+            if "rotary" not in state.sliced:
+                cos, sin = kwargs["position_embeddings"]
+                ids = kwargs.get("position_ids")
+                state.sliced["rotary"] = (take_rows(cos, state.kept), take_rows(sin, state.kept))
+                state.sliced["position_ids"] = (
+                    None if ids is None else ids.expand(len(state.kept), -1).gather(1, state.kept)
+                )
+            kwargs["position_embeddings"] = state.sliced["rotary"]
+            if "position_ids" in kwargs:
+                kwargs["position_ids"] = state.sliced["position_ids"]
+        return kwargs
+
+    def _slice_mask(self, mask: Any) -> Any:
+        state = self.state
+        if mask is None:
+            # sdpa's causal shortcut (no padding): still causal over the kept tokens in order.
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise NotImplementedError(
+                f"LLM-side pruning supports tensor attention masks (eager, sdpa, flash), got {type(mask).__name__}"
+            )
+        batch = state.columns.shape[0]
+        if mask.dim() == 2:  # flash attention: [B, kv] padding mask
+            return mask.expand(batch, -1).gather(1, state.columns)
+        mask = mask.expand(batch, *mask.shape[1:])
+        if state.kept is not None:
+            rows = state.kept[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
+            mask = mask.gather(2, rows)
+        columns = state.columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
+        return mask.gather(3, columns)
+
+
+def take_rows(table: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``table[b, kept[b]]`` for a ``[B or 1, S, d]`` rotary table and ``[B, L]`` positions."""
+    table = table.expand(kept.shape[0], *table.shape[1:])
+    return table.gather(1, kept[..., None].expand(-1, -1, table.shape[-1]))

@@ -1,0 +1,45 @@
+"""Where Qwen2-VL keeps its language model and which tokens are its image / video tokens.
+
+``Qwen2VLForConditionalGeneration.model`` is a ``Qwen2VLModel``; its ``language_model`` is the
+``Qwen2VLTextModel`` whose ``layers`` the patch wraps. The multimodal model computes the 3-D
+rotary positions (``get_rope_index``, ``rope_deltas``) from the full sequence before the text
+model runs, so pruning never changes a position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LanguageModelFamily:
+    name: str
+    # Classes that hold a language model, each with the attribute path from it to the
+    # multimodal model whose forward receives ``input_ids`` ("" for the class itself).
+    wrappers: dict[str, str]
+
+
+QWEN2_VL = LanguageModelFamily("Qwen2-VL", {"Qwen2VLForConditionalGeneration": "model", "Qwen2VLModel": ""})
+LANGUAGE_MODEL_FAMILIES: tuple[LanguageModelFamily, ...] = (QWEN2_VL,)
+
+
+def find_language_model(model: nn.Module) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    """``(multimodal model, text model, image / video token ids)`` of ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a supported multimodal model with a language model (a bare
+            vision tower has none).
+    """
+    class_names = {cls.__name__ for cls in type(model).__mro__}
+    for family in LANGUAGE_MODEL_FAMILIES:
+        for wrapper, path in family.wrappers.items():
+            if wrapper in class_names:
+                multimodal = model
+                for attribute in filter(None, path.split(".")):
+                    multimodal = getattr(multimodal, attribute)
+                config = multimodal.config
+                return multimodal, multimodal.language_model, (config.image_token_id, config.video_token_id)
+    supported = [name for family in LANGUAGE_MODEL_FAMILIES for name in family.wrappers]
+    raise TypeError(f"llm_pruner needs a model with a language model, one of {supported}; got {type(model).__name__}")
