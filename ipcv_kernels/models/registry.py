@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from .engine import FamilyAdapter
+from .internvl import InternVLAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,24 @@ FAMILIES: tuple[Family, ...] = (
         {"Qwen2VLForConditionalGeneration": "model.visual", "Qwen2VLModel": "visual"},
         Qwen2VLAdapter,
     ),
+    Family(
+        "Qwen2.5-VL",
+        ("Qwen2_5_VisionTransformerPretrainedModel",),
+        {"Qwen2_5_VLForConditionalGeneration": "model.visual", "Qwen2_5_VLModel": "visual"},
+        Qwen2_5_VLAdapter,
+    ),
+    Family(
+        "Qwen3-VL",
+        ("Qwen3VLVisionModel",),
+        {"Qwen3VLForConditionalGeneration": "model.visual", "Qwen3VLModel": "visual"},
+        Qwen3VLAdapter,
+    ),
+    Family(
+        "InternVL",
+        ("InternVLVisionModel",),
+        {"InternVLForConditionalGeneration": "model.vision_tower", "InternVLModel": "vision_tower"},
+        InternVLAdapter,
+    ),
 )
 
 
@@ -43,11 +64,14 @@ def find_tower(model: nn.Module) -> tuple[nn.Module, FamilyAdapter]:
     for family in FAMILIES:
         for tower_class in family.tower_classes:
             if tower_class in class_names:
-                return model, family.adapter()
+                return model, family.adapter(model)
         for wrapper, path in family.wrappers.items():
             if wrapper in class_names:
                 tower = model
                 for attribute in path.split("."):
                     tower = getattr(tower, attribute)
-                return tower, family.adapter()
-    raise TypeError(f"model must be one of the supported classes {supported_classes()}, got {type(model).__name__}")
+                return tower, family.adapter(model)
+    families = "; ".join(
+        f"{family.name}: {', '.join((*family.wrappers, *family.tower_classes))}" for family in FAMILIES
+    )
+    raise TypeError(f"model must be of a supported family ({families}), got {type(model).__name__}")

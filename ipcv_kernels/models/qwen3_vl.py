@@ -1,0 +1,37 @@
+"""Qwen3-VL vision tower (``Qwen3VLVisionModel``).
+
+Blocks are Qwen2-VL's (pre-norm LayerNorm, fused ``qkv``, 2-D rotary, one attention segment per
+image or frame) and items are the ``grid_thw`` rows. What is new are the DeepStack taps: after each
+block in ``deepstack_visual_indexes`` the tower feeds that block's output to a
+``deepstack_merger_list`` merger, whose features go to early LLM layers. Under IPCV a block in the
+pruned stretch returns only the kept tokens, so a forward pre-hook on every DeepStack merger
+restores the dropped ones first, exactly as for the final output (NGR from the current kept states,
+``IPCVPatch.full_sequence``): every tap sees the full token count, in the usual order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .engine import IPCVPatch
+from .qwen2_vl import Qwen2VLAdapter
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    name = "qwen3_vl"
+
+    def install_hooks(self, patch: IPCVPatch) -> list[torch.utils.hooks.RemovableHandle]:
+        def restore_tap_input(
+            module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            if args:
+                return (patch.full_sequence(args[0]), *args[1:]), kwargs
+            name = next(iter(kwargs))  # the features passed by keyword
+            return args, {**kwargs, name: patch.full_sequence(kwargs[name])}
+
+        return [
+            merger.register_forward_pre_hook(restore_tap_input, with_kwargs=True)
+            for merger in patch.tower.deepstack_merger_list
+        ]
