@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,3 +19,25 @@ def cuda_device() -> torch.device:
 def offsets(lengths: list[int], device: str | torch.device = "cpu") -> torch.Tensor:
     """int32 ``cu_seqlens`` for segment ``lengths``."""
     return torch.tensor([0, *lengths], dtype=torch.int64, device=device).cumsum(0).to(torch.int32)
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    """Where Triton kernels run: the CPU under ``TRITON_INTERPRET=1`` (CI), else CUDA, else a skip."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    return torch.device("cuda")
+
+
+@pytest.fixture
+def triton_backends(triton_device: torch.device):
+    """``backend="triton"`` of the public ops usable on ``triton_device`` (CPU in the interpreter)
+    for the test's duration; the CUDA-only registration is restored afterwards."""
+    from ipcv_kernels.ops.triton_backend import register_triton_backends
+
+    register_triton_backends(("cuda", triton_device.type))
+    yield triton_device
+    register_triton_backends()

@@ -1,0 +1,112 @@
+"""The Triton varlen attention kernel against the fp64 reference (interpreter on CPU, or CUDA).
+
+Error bound: ``assert_close_to_reference`` with PyTorch's own same-dtype attention (``sdpa``) as
+the yardstick, so fp16 results may be a few times less exact than PyTorch's, never more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import offsets
+
+pytest.importorskip("triton")
+
+from ipcv_kernels.ops.torch_backend import ngr_attention_sdpa
+from ipcv_kernels.ops.triton_backend import ngr_attention_triton
+from ipcv_kernels.reference import ngr_attention_reference
+from ipcv_kernels.reference.rotary import apply_rotary_vision
+from ipcv_kernels.testing import assert_close_to_reference
+
+# Segments: odd sizes, an empty one, a one-token one, queries whose segment has no keys, keys
+# without queries, and one segment longer than a 64-row tile so tiles straddle segments.
+Q_LENGTHS = [5, 0, 1, 3, 70, 2]
+K_LENGTHS = [9, 4, 1, 0, 131, 7]
+
+
+def random_qkv(num_q, num_k, heads, head_dim, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        return torch.randn(n, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+
+    return make(num_q), make(num_k), make(num_k)
+
+
+def check(got, q, k, v, cu_q, cu_k, scale=None):
+    expected = ngr_attention_reference(q.double(), k.double(), v.double(), cu_q, cu_k, scale)
+    same_dtype = ngr_attention_sdpa(q, k, v, cu_q, cu_k, scale)
+    assert got.shape == expected.shape and got.dtype == q.dtype
+    assert_close_to_reference(got, expected, same_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_varlen_segments(triton_device, dtype, head_dim):
+    cu_q, cu_k = offsets(Q_LENGTHS, triton_device), offsets(K_LENGTHS, triton_device)
+    q, k, v = random_qkv(sum(Q_LENGTHS), sum(K_LENGTHS), 2, head_dim, dtype, triton_device)
+    got = ngr_attention_triton(q, k, v, cu_q, cu_k)
+    check(got, q, k, v, cu_q, cu_k)
+    # Queries of segment 3 have no keys: exactly zero.
+    assert got[6:9].eq(0).all()
+
+
+def test_odd_head_dim_and_scale(triton_device):
+    cu_q, cu_k = offsets([3, 4], triton_device), offsets([5, 2], triton_device)
+    q, k, v = random_qkv(7, 7, 3, 37, torch.float32, triton_device, seed=1)
+    check(ngr_attention_triton(q, k, v, cu_q, cu_k, 0.3), q, k, v, cu_q, cu_k, 0.3)
+
+
+def test_non_contiguous_inputs(triton_device):
+    # k and v as views of a packed [n, 2, H, Dh] projection; q with heads and rows transposed.
+    cu_q, cu_k = offsets([6, 11], triton_device), offsets([13, 20], triton_device)
+    generator = torch.Generator().manual_seed(2)
+    kv = torch.randn(33, 2, 3, 64, generator=generator).to(triton_device)
+    k, v = kv.unbind(1)
+    q = torch.randn(3, 17, 64, generator=generator).to(triton_device).transpose(0, 1)
+    assert not (k.is_contiguous() or q.is_contiguous())
+    check(ngr_attention_triton(q, k, v, cu_q, cu_k), q, k, v, cu_q, cu_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode", ["q_rows", "q_positions"])
+def test_fused_rotary_and_query_rows(triton_device, dtype, mode):
+    # Kept queries over full keys, as in an attention-stabilisation block.
+    lengths = [12, 1, 0, 67]
+    cu_k = offsets(lengths, triton_device)
+    n = sum(lengths)
+    q_full, k, v = random_qkv(n, n, 2, 80, dtype, triton_device, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    cos, sin = (torch.randn(n, 80, generator=generator).to(triton_device) for _ in range(2))
+    keep = torch.tensor([0, 4, 5, 11, 12, *range(14, 80, 3)], device=triton_device)
+    cu_q = torch.searchsorted(keep, cu_k.long()).to(torch.int32)
+    if mode == "q_rows":
+        got = ngr_attention_triton(q_full, k, v, cu_q, cu_k, rotary=(cos, sin), q_rows=keep)
+    else:
+        got = ngr_attention_triton(q_full[keep], k, v, cu_q, cu_k, rotary=(cos, sin), q_positions=keep)
+    q_rot = apply_rotary_vision(q_full[keep], cos[keep], sin[keep])
+    k_rot = apply_rotary_vision(k, cos, sin)
+    check(got, q_rot, k_rot, v, cu_q, cu_k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+def test_gpu_long_segments(cuda_device, dtype, head_dim):
+    lengths_q, lengths_k = [350, 0, 1400, 3], [1000, 17, 4000, 0]
+    cu_q, cu_k = offsets(lengths_q, cuda_device), offsets(lengths_k, cuda_device)
+    q, k, v = random_qkv(sum(lengths_q), sum(lengths_k), 4, head_dim, dtype, cuda_device, seed=5)
+    check(ngr_attention_triton(q, k, v, cu_q, cu_k), q, k, v, cu_q, cu_k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fused_rotary_gather(cuda_device, dtype):
+    n = 4096
+    cu_k = offsets([n], cuda_device)
+    q_full, k, v = random_qkv(n, n, 16, 80, dtype, cuda_device, seed=6)
+    cos, sin = torch.randn(n, 80, device=cuda_device), torch.randn(n, 80, device=cuda_device)
+    keep = torch.randperm(n, device=cuda_device)[: int(n * 0.35)].sort().values
+    cu_q = offsets([keep.numel()], cuda_device)
+    got = ngr_attention_triton(q_full, k, v, cu_q, cu_k, rotary=(cos, sin), q_rows=keep)
+    check(got, apply_rotary_vision(q_full[keep], cos[keep], sin[keep]), apply_rotary_vision(k, cos, sin), v, cu_q, cu_k)

@@ -1,0 +1,50 @@
+"""``torch.library.opcheck`` of the IPCV custom ops: schema, fake (meta) implementations, and
+dispatch under tracing, for the reference backend and the Triton backend (interpreter or CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import offsets
+
+import ipcv_kernels  # noqa: F401  (registers torch.ops.ipcv_kernels.*)
+
+# The ops are inference-only and register no autograd formula; inputs need no grad.
+TEST_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def op_cases(device: torch.device, backend: str):
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device)
+
+    cu_a, cu_b = offsets([3, 0, 4], device), offsets([5, 2, 6], device)
+    neighbors = torch.tensor([[0, 2], [1, -1], [-1, -1], [3, 0]], device=device)
+    q, k, v = randn(7, 2, 16), randn(13, 2, 16), randn(13, 2, 16)
+    cos, sin = randn(13, 16), randn(13, 16)
+    rows = torch.tensor([0, 2, 4, 5, 8, 9, 12], device=device)
+    return {
+        "knn": (torch.ops.ipcv_kernels.knn, (randn(7, 8), randn(13, 8), 3, cu_a, cu_b, backend)),
+        "ngr_reconstruct": (
+            torch.ops.ipcv_kernels.ngr_reconstruct,
+            (randn(4, 8), randn(5, 8), randn(5, 8), neighbors, backend),
+        ),
+        "ngr_attention": (torch.ops.ipcv_kernels.ngr_attention, (q, k, v, cu_a, cu_b, None, backend)),
+        "ngr_attention_fused": (
+            torch.ops.ipcv_kernels.ngr_attention_fused,
+            (k, k, v, cu_a, cu_b, cos, sin, rows, None, 0.25, backend),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "ngr_attention"])
+def test_opcheck_reference_backend(name):
+    op, args = op_cases(torch.device("cpu"), "torch")[name]
+    torch.library.opcheck(op, args, test_utils=TEST_UTILS)
+
+
+@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "ngr_attention", "ngr_attention_fused"])
+def test_opcheck_triton_backend(triton_backends, name):
+    op, args = op_cases(triton_backends, "triton")[name]
+    torch.library.opcheck(op, args, test_utils=TEST_UTILS)
