@@ -127,12 +127,13 @@ def fastv_received_attention(
         query: ``[B, H, d]``; keys: ``[B, H_kv, S, d]``; key_padding: ``[B, S]`` bool.
 
     Returns:
-        ``[B, S]`` float32.
+        ``[B, S]`` in float32 (float64 for float64 inputs).
     """
     batch, heads, head_dim = query.shape
     groups = heads // keys.shape[1]
-    grouped = query.float().view(batch, keys.shape[1], groups, head_dim)
-    logits = torch.einsum("bkgd,bksd->bkgs", grouped, keys.float()) * scaling
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    grouped = query.to(dtype).view(batch, keys.shape[1], groups, head_dim)
+    logits = torch.einsum("bkgd,bksd->bkgs", grouped, keys.to(dtype)) * scaling
     logits = logits.masked_fill(key_padding[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=(1, 2))
 
@@ -185,7 +186,8 @@ class DART(LLMPruner):
 
     def select(self, inputs: PruningInputs, num_keep: list[int]) -> list[torch.Tensor]:
         layer = inputs.layers[self.layer]
-        key_norms = layer.self_attn.k_proj(layer.input_layernorm(inputs.hidden)).float().abs().sum(dim=-1)
+        keys = layer.self_attn.k_proj(layer.input_layernorm(inputs.hidden))
+        key_norms = keys.to(torch.promote_types(keys.dtype, torch.float32)).abs().sum(dim=-1)
         return [
             dart_select_row(
                 inputs.hidden[row],
@@ -214,7 +216,8 @@ def dart_select_row(
     Memory is ``O(P * n)`` for ``P`` pivots and ``n`` candidates: one similarity row per pivot.
 
     Args:
-        hidden: ``[S, D]``; key_norms: ``[S]`` float32 key L1 norms; candidates, text: ``[S]`` bool.
+        hidden: ``[S, D]``; key_norms: ``[S]`` key L1 norms (float32 or float64); candidates,
+            text: ``[S]`` bool. Similarities are computed in float32 at least.
 
     Returns:
         ``[num_keep]`` int64, sorted kept candidate positions.
@@ -229,12 +232,13 @@ def dart_select_row(
     taken = torch.zeros(len(positions), dtype=torch.bool, device=hidden.device)
     taken[image_pivots] = True
     share, extra = divmod(num_keep - len(image_pivots), len(pivots))
-    normed = F.normalize(hidden[positions].float(), dim=-1)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    normed = F.normalize(hidden[positions].to(dtype), dim=-1)
     for j, pivot in enumerate(pivots.tolist()):
         quota = share + (1 if j < extra else 0)
         if quota == 0:
             continue
-        similarity = normed @ F.normalize(hidden[pivot].float(), dim=0)
+        similarity = normed @ F.normalize(hidden[pivot].to(dtype), dim=0)
         similarity = similarity.masked_fill(taken, float("inf"))
         taken[similarity.topk(quota, largest=False).indices] = True
     return positions[taken]

@@ -35,11 +35,11 @@ def fastv_attention_reference(
         key_padding: ``[S]`` bool, ``True`` for padding tokens (never attended), or ``None``.
 
     Returns:
-        ``[S]`` float32: row ``S - 1`` of the causal attention probabilities, averaged over heads.
+        ``[S]`` float64: row ``S - 1`` of the causal attention probabilities, averaged over heads.
     """
     heads, length, _ = query.shape
-    key = key.repeat_interleave(heads // key.shape[0], dim=0).float()
-    logits = query.float() @ key.transpose(1, 2) * scaling  # [H, S, S]
+    key = key.repeat_interleave(heads // key.shape[0], dim=0).double()
+    logits = query.double() @ key.transpose(1, 2) * scaling  # [H, S, S]
     blocked = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
     if key_padding is not None:
         blocked = blocked | key_padding[None, :]
@@ -101,7 +101,7 @@ def dart_select_reference(
     Returns:
         ``[num_keep]`` int64, sorted positions of the kept candidates.
     """
-    norms = keys.float().abs().sum(dim=-1)
+    norms = keys.double().abs().sum(dim=-1)
     positions = candidates.nonzero().flatten().tolist()
     text_positions = text.nonzero().flatten().tolist()
     if num_keep == 0:

@@ -1,0 +1,346 @@
+"""LLM-side pruning (FastV, DART) on a tiny random Qwen2-VL, alone and composed with IPCV."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+from ipcv_kernels import DART, FastV, IPCVConfig, LLMPruner, apply_ipcv, get_ipcv_patch, remove_ipcv
+from ipcv_kernels.hf_factory import build_qwen2_vl_model, vision_inputs
+from ipcv_kernels.llm import PruningInputs, get_llm_pruning_patch
+from ipcv_kernels.llm.pruners import decoder_last_query_and_keys, fastv_received_attention
+from ipcv_kernels.reference.llm_pruning import (
+    dart_select_reference,
+    fastv_attention_reference,
+    fastv_select_reference,
+    llm_keep_count,
+)
+from ipcv_kernels.testing import assert_close
+
+LAYER = 2
+NUM_LAYERS = 4  # hf_factory.TINY_TEXT
+PRUNERS = [FastV(layer=LAYER, ratio=0.6), DART(layer=LAYER, ratio=0.6, pivot_image_tokens=2, pivot_text_tokens=2)]
+IPCV = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=2, num_neighbors=3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_qwen2_vl_model()
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return build_qwen2_vl_model(dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def unpatched(model):
+    remove_ipcv(model)
+    yield
+    remove_ipcv(model)
+
+
+def greedy(model, inputs, new_tokens=4, **kwargs):
+    with torch.no_grad():
+        return model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
+            **kwargs,
+        )
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def padded_batch(model, grids: list[list[list[int]]]) -> dict[str, torch.Tensor]:
+    """Left-padded batch of one-image prompts (one ``grid_thw`` list per row)."""
+    rows = [vision_inputs(model, grid, seed=i) for i, grid in enumerate(grids)]
+    length = max(row["input_ids"].shape[1] for row in rows)
+
+    def pad(key):
+        return torch.cat([torch.nn.functional.pad(r[key], (length - r[key].shape[1], 0)) for r in rows])
+
+    return {
+        "input_ids": pad("input_ids"),
+        "attention_mask": pad("attention_mask"),
+        "mm_token_type_ids": pad("mm_token_type_ids"),
+        "pixel_values": torch.cat([r["pixel_values"] for r in rows]),
+        "image_grid_thw": torch.cat([r["image_grid_thw"] for r in rows]),
+    }
+
+
+def attention_lengths(model) -> tuple[list[int], list]:
+    """Record the query length every decoder layer's attention sees (per call, in order)."""
+    seen: list[int] = []
+    handles = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["hidden_states"].shape[1]), with_kwargs=True
+        )
+        for layer in model.model.language_model.layers
+    ]
+    return seen, handles
+
+
+def image_token_count(model, inputs) -> int:
+    ids = inputs["input_ids"][0]
+    return int(((ids == model.config.image_token_id) | (ids == model.config.video_token_id)).sum())
+
+
+# -- selection rules against their references ---------------------------------------------------
+
+
+def hand_built_inputs(model64, batch=2, length=24, seed=0):
+    """Random hidden states, image tokens at 4..17, padding at the start of row 1."""
+    generator = torch.Generator().manual_seed(seed)
+    text_model = model64.model.language_model
+    width = text_model.config.hidden_size
+    hidden = torch.randn(batch, length, width, generator=generator, dtype=torch.float64)
+    hidden_before = torch.randn(batch, length, width, generator=generator, dtype=torch.float64)
+    positions = torch.arange(length).expand(3, batch, length)
+    cos, sin = text_model.rotary_emb(hidden, positions)
+    visual = torch.zeros(batch, length, dtype=torch.bool)
+    visual[:, 4:18] = True
+    padding = torch.zeros_like(visual)
+    padding[1, :2] = True
+    inputs = PruningInputs(
+        layers=text_model.layers,
+        hidden=hidden,
+        hidden_before=hidden_before,
+        position_embeddings=(cos, sin),
+        candidates=visual & ~padding,
+        text=~visual & ~padding,
+        padding=padding,
+    )
+    return inputs
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.75, 0.95])
+def test_fastv_selection_matches_reference(model64, ratio):
+    inputs = hand_built_inputs(model64)
+    num_keep = [llm_keep_count(int(c.sum()), ratio) for c in inputs.candidates]
+    chosen = FastV(layer=LAYER, ratio=ratio).select(inputs, num_keep)
+    # The reference gets every token's rotary query / key, computed here with transformers' own
+    # rotary function from layer K-1's projections.
+    layer = inputs.layers[LAYER - 1]
+    attention = layer.self_attn
+    normed = layer.input_layernorm(inputs.hidden_before)
+    batch, length, _ = normed.shape
+    query = attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    query, key = apply_rotary_pos_emb(query, key, *inputs.position_embeddings)
+    for row in range(batch):
+        expected = fastv_select_reference(
+            query[row], key[row], attention.scaling, inputs.candidates[row], num_keep[row], inputs.padding[row]
+        )
+        received = fastv_attention_reference(query[row], key[row], attention.scaling, inputs.padding[row])
+        assert len(chosen[row]) == num_keep[row]
+        # Tie-robust: the kept tokens' scores are the top scores.
+        torch.testing.assert_close(received[chosen[row]].sort().values, received[expected].sort().values)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.75, 0.95])
+@pytest.mark.parametrize("pivots", [(1, 0), (4, 4), (2, 3)])
+def test_dart_selection_matches_reference(model64, ratio, pivots):
+    inputs = hand_built_inputs(model64, seed=1)
+    num_keep = [llm_keep_count(int(c.sum()), ratio) for c in inputs.candidates]
+    pruner = DART(layer=LAYER, ratio=ratio, pivot_image_tokens=pivots[0], pivot_text_tokens=pivots[1])
+    chosen = pruner.select(inputs, num_keep)
+    layer = inputs.layers[LAYER]
+    keys = layer.self_attn.k_proj(layer.input_layernorm(inputs.hidden))
+    for row in range(len(num_keep)):
+        expected = dart_select_reference(
+            inputs.hidden[row], keys[row], inputs.candidates[row], inputs.text[row], num_keep[row], *pivots
+        )
+        # float64 data: no near-ties, so the greedy choices agree exactly.
+        assert torch.equal(chosen[row], expected)
+
+
+def test_fastv_scores_are_the_models_attention_weights():
+    """What FastV computes under sdpa equals what eager attention reports (output_attentions)."""
+    eager = build_qwen2_vl_model(attn_implementation="eager")
+    inputs = vision_inputs(eager, [[1, 4, 8]])
+    with torch.no_grad():
+        out = eager(**inputs, output_attentions=True, output_hidden_states=True)
+        text_model = eager.model.language_model
+        positions = eager.model.compute_3d_position_ids(
+            input_ids=inputs["input_ids"],
+            inputs_embeds=out.hidden_states[0],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+        )
+        rotary = text_model.rotary_emb(out.hidden_states[0], positions)
+        layer_input = out.hidden_states[LAYER - 1]
+        query, keys, scaling = decoder_last_query_and_keys(text_model.layers[LAYER - 1], layer_input, rotary)
+        padding = torch.zeros(layer_input.shape[:2], dtype=torch.bool)
+        received = fastv_received_attention(query, keys, scaling, padding)
+    expected = out.attentions[LAYER - 1][:, :, -1, :].mean(dim=1)
+    assert_close(received, expected)
+
+
+# -- the patched model ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pruner", [FastV(layer=LAYER, ratio=0.0), DART(layer=1, ratio=0.0)], ids=["fastv", "dart"])
+def test_ratio_zero_changes_nothing(model, pruner):
+    inputs = vision_inputs(model, [[1, 4, 8]])
+    expected_logits, expected = logits(model, inputs), greedy(model, inputs)
+    apply_ipcv(model, llm_pruner=pruner)
+    assert get_ipcv_patch(model) is None  # config=None with a pruner: no vision-side IPCV
+    assert get_llm_pruning_patch(model) is not None
+    torch.testing.assert_close(logits(model, inputs), expected_logits, atol=0, rtol=0)
+    out = greedy(model, inputs)
+    assert torch.equal(out.sequences, expected.sequences)
+
+
+@pytest.mark.parametrize("pruner", PRUNERS, ids=["fastv", "dart"])
+def test_decoder_layers_from_k_see_the_kept_tokens(model, pruner):
+    inputs = vision_inputs(model, [[1, 6, 8]])
+    length = inputs["input_ids"].shape[1]
+    images = image_token_count(model, inputs)
+    apply_ipcv(model, llm_pruner=pruner)
+    seen, handles = attention_lengths(model)
+    try:
+        out_logits = logits(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kept = length - (images - llm_keep_count(images, pruner.ratio))
+    assert seen == [length] * LAYER + [kept] * (NUM_LAYERS - LAYER)
+    assert out_logits.shape[1] == length  # dropped rows restored: outputs keep their shapes
+    assert get_llm_pruning_patch(model).last_kept.shape == (1, kept)
+
+
+@pytest.mark.parametrize("pruner", PRUNERS, ids=["fastv", "dart"])
+def test_generation_cache_positions_and_logits(model, pruner):
+    """After prefill, layers >= K cache only the kept tokens; the first token's logits are the
+    patched prefill forward's; decoding uses the unpruned positions; and a decoding step equals a
+    full forward over prompt + generated token that prunes the same image tokens."""
+    inputs = vision_inputs(model, [[1, 4, 8]])
+    length = inputs["input_ids"].shape[1]
+    text_model = model.model.language_model
+    positions: list[torch.Tensor] = []
+    handle = text_model.register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(kwargs["position_ids"]), with_kwargs=True
+    )
+    try:
+        greedy(model, inputs, new_tokens=3)
+        unpruned_positions = list(positions)
+        positions.clear()
+        apply_ipcv(model, IPCV, llm_pruner=pruner)
+        out = greedy(model, inputs, new_tokens=3)
+    finally:
+        handle.remove()
+    assert len(positions) == len(unpruned_positions) == 3
+    for got, expected in zip(positions, unpruned_positions, strict=True):
+        assert torch.equal(got, expected)
+
+    patch = get_llm_pruning_patch(model)
+    kept = patch.last_kept.shape[1]
+    cache = out.past_key_values
+    steps = out.sequences.shape[1] - length
+    cached = [cache.layers[i].get_seq_length() for i in range(NUM_LAYERS)]
+    assert cached == [length + steps - 1] * LAYER + [kept + steps - 1] * (NUM_LAYERS - LAYER)
+    assert cache.get_seq_length() == length + steps - 1
+    assert_close(out.logits[0], logits(model, inputs)[:, -1])
+
+    # The second step against a full forward whose pruner keeps the prefill's image tokens.
+    visual = inputs["mm_token_type_ids"][0] != 0
+    pinned = [patch.last_kept[0][visual[patch.last_kept[0]]]]
+    extended = dict(inputs)
+    first = out.sequences[:, length : length + 1]
+    extended["input_ids"] = torch.cat([inputs["input_ids"], first], dim=1)
+    extended["attention_mask"] = torch.ones_like(extended["input_ids"])
+    extended["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 1))
+    apply_ipcv(model, IPCV, llm_pruner=Pinned(layer=pruner.layer, ratio=pruner.ratio, kept=pinned))
+    assert_close(out.logits[1], logits(model, extended)[:, -1])
+
+
+@dataclass(frozen=True)
+class Pinned(LLMPruner):
+    """A pruner that keeps given candidate positions (a custom pruner, for the decoding check)."""
+
+    kept: list | None = None
+
+    def select(self, inputs: PruningInputs, num_keep: list[int]) -> list[torch.Tensor]:
+        assert [len(k) for k in self.kept] == num_keep
+        return self.kept
+
+
+@pytest.mark.parametrize("pruner", PRUNERS, ids=["fastv", "dart"])
+def test_padded_image_batch_equals_rows_alone(model, pruner):
+    """Rows of different image sizes (left padding, sdpa boolean masks) each keep their share and
+    generate what they generate alone."""
+    grids = [[[1, 6, 8]], [[1, 4, 4]]]
+    batch = padded_batch(model, grids)
+    apply_ipcv(model, IPCV, llm_pruner=pruner)
+    out = greedy(model, batch)
+    for row, grid in enumerate(grids):
+        alone = greedy(model, vision_inputs(model, grid, seed=row))
+        new = alone.sequences.shape[1] - vision_inputs(model, grid).get("input_ids").shape[1]
+        assert torch.equal(out.sequences[row, -new:], alone.sequences[0, -new:])
+        assert_close(out.logits[0][row], alone.logits[0][0])
+
+
+@pytest.mark.parametrize("pruner", PRUNERS, ids=["fastv", "dart"])
+def test_generate_runs_for_video_multi_image_and_eager(pruner):
+    eager = build_qwen2_vl_model(attn_implementation="eager")
+    apply_ipcv(eager, IPCV, llm_pruner=pruner)
+    patch = get_llm_pruning_patch(eager)
+    for inputs in (vision_inputs(eager, [[2, 4, 4]], video=True), vision_inputs(eager, [[1, 4, 4], [1, 4, 8]])):
+        out = greedy(eager, inputs, new_tokens=3)
+        images = image_token_count(eager, inputs)
+        assert out.sequences.shape == (1, inputs["input_ids"].shape[1] + 3)
+        assert patch.last_kept.shape[1] == inputs["input_ids"].shape[1] - images + llm_keep_count(images, pruner.ratio)
+
+
+def test_text_only_input_prunes_nothing(model):
+    inputs = {"input_ids": torch.tensor([[3, 4, 5, 6, 7, 8]]), "attention_mask": torch.ones(1, 6, dtype=torch.int64)}
+    expected = logits(model, inputs)
+    apply_ipcv(model, llm_pruner=FastV(layer=LAYER, ratio=0.9))
+    torch.testing.assert_close(logits(model, inputs), expected, atol=0, rtol=0)
+
+
+def test_apply_and_remove_both_sides(model):
+    inputs = vision_inputs(model, [[1, 4, 8]])
+    expected = logits(model, inputs)
+    apply_ipcv(model, IPCV, llm_pruner=DART(layer=LAYER, ratio=0.7))
+    assert get_ipcv_patch(model) is not None and get_llm_pruning_patch(model) is not None
+    assert not torch.allclose(logits(model, inputs), expected)
+    apply_ipcv(model)  # replaces both: default IPCV only
+    assert get_ipcv_patch(model).config == IPCVConfig() and get_llm_pruning_patch(model) is None
+    remove_ipcv(model)
+    assert get_ipcv_patch(model) is None and get_llm_pruning_patch(model) is None
+    assert all("forward" not in vars(layer) for layer in model.model.language_model.layers)
+    torch.testing.assert_close(logits(model, inputs), expected, atol=0, rtol=0)
+
+
+def test_bad_settings(model):
+    with pytest.raises(ValueError, match="layer"):
+        apply_ipcv(model, llm_pruner=FastV(layer=NUM_LAYERS, ratio=0.5))
+    assert get_llm_pruning_patch(model) is None  # validated before touching the model
+    with pytest.raises(ValueError, match="layer"):
+        FastV(layer=0)
+    with pytest.raises(ValueError, match="ratio"):
+        DART(ratio=1.0)
+    with pytest.raises(ValueError, match="ratio"):
+        FastV(ratio=-0.1)
+    with pytest.raises(TypeError, match="ratio"):
+        FastV(ratio="0.5")
+    with pytest.raises(ValueError, match="pivot_image_tokens"):
+        DART(pivot_image_tokens=0)
+    with pytest.raises(TypeError, match="llm_pruner"):
+        apply_ipcv(model, llm_pruner="fastv")
+    with pytest.raises(TypeError, match="llm_pruner"):
+        apply_ipcv(model.model.visual, llm_pruner=FastV())
