@@ -4,6 +4,7 @@ import importlib.util
 
 from . import (
     attention_backends,  # noqa: F401  (flash_attn / torch_varlen; their libraries load at call time)
+    cpp_backend,  # noqa: F401  (backend "cpp" when the compiled extension csrc/ is built)
     torch_backend,  # noqa: F401  (registers the reference and sdpa backends)
 )
 from .api import (

@@ -1,0 +1,329 @@
+// CPU kernels of the IPCV planning step, k-nearest-neighbour search and NGR reconstruction.
+//
+// Parallelism is OpenMP (the runtime torch itself uses), with at most at::get_num_threads() threads.
+// Work is split into independent units (an item, or a tile of one item's query rows) scheduled
+// dynamically, so a batch of many small images costs one parallel region instead of one Python
+// loop iteration and a dozen tensor ops per image. Each unit calls single-threaded BLAS (a GEMM
+// inside an OpenMP region does not spawn nested threads).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mm.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <numeric>
+#include <vector>
+
+#include "../ipcv.h"
+
+namespace ipcv::cpu {
+namespace {
+
+// Query rows per kNN work unit: one GEMM of [kQueryTile, D] x [D, kRefTile] per step keeps BLAS
+// efficient while the distance tile (kQueryTile * kRefTile * 4 bytes = 256 KiB) stays in L2.
+constexpr int64_t kQueryTile = 64;
+constexpr int64_t kRefTile = 1024;
+
+// Runs body(i) for i in [0, count) on OpenMP threads with dynamic scheduling (units differ in size:
+// items have different lengths). The first exception thrown by a unit is rethrown after the loop.
+template <typename Body>
+void parallel_units(int64_t count, const Body& body) {
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t i = 0; i < count; ++i) {
+    try {
+      body(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// Copies `count` rows of `src` ([*, dim], row-major) into `dst` converting to acc_t; row i is
+// src row rows[i] (or first + i when rows is null).
+template <typename scalar_t, typename acc_t>
+void gather_rows(const scalar_t* src, int64_t dim, const int64_t* rows, int64_t first, int64_t count, acc_t* dst) {
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t* row = src + (rows ? rows[first + i] : first + i) * dim;
+    acc_t* out = dst + i * dim;
+    for (int64_t c = 0; c < dim; ++c) out[c] = static_cast<acc_t>(row[c]);
+  }
+}
+
+// All rows of `src` (optionally picked by `rows`) as a contiguous acc_t matrix plus their squared norms.
+template <typename scalar_t, typename acc_t>
+std::pair<at::Tensor, at::Tensor> reference_rows(const at::Tensor& src, const int64_t* rows, int64_t count) {
+  const int64_t dim = src.size(1);
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor matrix = at::empty({count, dim}, src.options().dtype(acc_type));
+  at::Tensor sq_norms = at::empty({count}, src.options().dtype(acc_type));
+  const scalar_t* src_data = src.const_data_ptr<scalar_t>();
+  acc_t* out = matrix.mutable_data_ptr<acc_t>();
+  acc_t* norms = sq_norms.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+    gather_rows(src_data, dim, rows, begin, end - begin, out + begin * dim);
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t sum = 0;
+      for (int64_t c = 0; c < dim; ++c) sum += out[i * dim + c] * out[i * dim + c];
+      norms[i] = sum;
+    }
+  });
+  return {matrix, sq_norms};
+}
+
+// One unit of work: query rows [q_begin, q_end) of segment `segment`.
+struct QueryTile {
+  int64_t segment;
+  int64_t q_begin;
+  int64_t q_end;
+};
+
+std::vector<QueryTile> query_tiles(const Offsets& cu_query, const Offsets& cu_ref) {
+  std::vector<QueryTile> tiles;
+  for (size_t b = 0; b + 1 < cu_query.size(); ++b) {
+    if (cu_ref[b + 1] == cu_ref[b]) continue;  // no reference rows: the output rows stay -1
+    for (int64_t q = cu_query[b]; q < cu_query[b + 1]; q += kQueryTile) {
+      tiles.push_back({static_cast<int64_t>(b), q, std::min(q + kQueryTile, cu_query[b + 1])});
+    }
+  }
+  return tiles;
+}
+
+// Streaming k-nearest search, segment by segment. Writes out[q, :min(k, |ref segment|)].
+//
+// dist(q, r)^2 = |q|^2 + |r|^2 - 2 q.r. |q|^2 is the same for all candidates of a query row, so rows
+// are ranked by key = |r|^2 - 2 q.r, whose q.r part for a [query tile x ref tile] block comes from one
+// GEMM. Each query row keeps a sorted list of its k best keys; a candidate costs one compare unless it
+// beats the current k-th best. Memory: one query tile, one distance tile and the lists per unit, never
+// the whole |query| x |ref| matrix of a segment.
+template <typename scalar_t>
+void knn_segments(const scalar_t* query_src, const int64_t* query_rows, int64_t dim, const at::Tensor& ref_rows,
+                  const at::Tensor& ref_sq_norms, const Offsets& cu_query, const Offsets& cu_ref, int64_t k,
+                  int64_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const std::vector<QueryTile> tiles = query_tiles(cu_query, cu_ref);
+  const acc_t* sq_norms = ref_sq_norms.const_data_ptr<acc_t>();
+  parallel_units(static_cast<int64_t>(tiles.size()), [&](int64_t unit) {
+    const QueryTile& tile = tiles[unit];
+    const int64_t rows = tile.q_end - tile.q_begin;
+    const int64_t ref_first = cu_ref[tile.segment];
+    const int64_t ref_count = cu_ref[tile.segment + 1] - ref_first;
+    const int64_t kk = std::min(k, ref_count);
+
+    at::Tensor queries = at::empty({rows, dim}, ref_rows.options());
+    gather_rows(query_src, dim, query_rows, tile.q_begin, rows, queries.mutable_data_ptr<acc_t>());
+
+    std::vector<acc_t> best_key(rows * kk, std::numeric_limits<acc_t>::infinity());
+    std::vector<int64_t> best_index(rows * kk, -1);
+    for (int64_t r0 = 0; r0 < ref_count; r0 += kRefTile) {
+      const int64_t cols = std::min(kRefTile, ref_count - r0);
+      const at::Tensor dots = at::mm(queries, ref_rows.narrow(0, ref_first + r0, cols).t());  // [rows, cols]
+      const acc_t* dot = dots.const_data_ptr<acc_t>();
+      const acc_t* norms = sq_norms + ref_first + r0;
+      for (int64_t i = 0; i < rows; ++i) {
+        acc_t* keys = best_key.data() + i * kk;
+        int64_t* index = best_index.data() + i * kk;
+        const acc_t* row = dot + i * cols;
+        acc_t worst = keys[kk - 1];
+        for (int64_t j = 0; j < cols; ++j) {
+          const acc_t key = norms[j] - 2 * row[j];
+          if (!(key < worst)) continue;  // also rejects NaN
+          int64_t slot = kk - 1;
+          for (; slot > 0 && keys[slot - 1] > key; --slot) {
+            keys[slot] = keys[slot - 1];
+            index[slot] = index[slot - 1];
+          }
+          keys[slot] = key;
+          index[slot] = ref_first + r0 + j;
+          worst = keys[kk - 1];
+        }
+      }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      std::copy_n(best_index.data() + i * kk, kk, out + (tile.q_begin + i) * k);
+    }
+  });
+}
+
+// Keeps the `count` highest scores of positions [begin, begin + n) and writes the kept and dropped
+// positions in ascending order. NaN ranks as the largest score (as torch.topk does); ties go to the
+// lower position, so the result is deterministic.
+template <typename score_t>
+void select_item(const score_t* scores, int64_t begin, int64_t n, int64_t count, int64_t* keep, int64_t* drop) {
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  const auto key = [&](int64_t i) {
+    const score_t s = scores[begin + i];
+    return std::isnan(s) ? std::numeric_limits<score_t>::infinity() : s;
+  };
+  if (count < n) {
+    std::nth_element(order.begin(), order.begin() + count, order.end(), [&](int64_t a, int64_t b) {
+      const score_t ka = key(a), kb = key(b);
+      return ka > kb || (ka == kb && a < b);
+    });
+  }
+  std::vector<char> kept(n, 0);
+  for (int64_t i = 0; i < count; ++i) kept[order[i]] = 1;
+  for (int64_t p = 0; p < n; ++p) {
+    if (kept[p]) {
+      *keep++ = begin + p;
+    } else {
+      *drop++ = begin + p;
+    }
+  }
+}
+
+at::Tensor offsets_tensor(const Offsets& offsets) {
+  at::Tensor out = at::empty({static_cast<int64_t>(offsets.size())}, at::TensorOptions().dtype(at::kInt));
+  std::copy(offsets.begin(), offsets.end(), out.mutable_data_ptr<int32_t>());
+  return out;
+}
+
+template <typename score_t>
+Selection select_from_scores(const score_t* scores, const Offsets& cu_items, double ratio,
+                             const at::TensorOptions& options) {
+  const SelectionLayout layout = selection_layout(cu_items, ratio);
+  at::Tensor keep = at::empty({layout.cu_keep.back()}, options.dtype(at::kLong));
+  at::Tensor drop = at::empty({layout.cu_drop.back()}, options.dtype(at::kLong));
+  int64_t* keep_data = keep.mutable_data_ptr<int64_t>();
+  int64_t* drop_data = drop.mutable_data_ptr<int64_t>();
+  parallel_units(static_cast<int64_t>(cu_items.size()) - 1, [&](int64_t b) {
+    const int64_t n = cu_items[b + 1] - cu_items[b];
+    select_item(scores, cu_items[b], n, layout.cu_keep[b + 1] - layout.cu_keep[b], keep_data + layout.cu_keep[b],
+                drop_data + layout.cu_drop[b]);
+  });
+  return {keep, drop, offsets_tensor(layout.cu_keep), offsets_tensor(layout.cu_drop)};
+}
+
+// score[j] = || x_after[j] - x_before[j] ||_2, accumulated in acc_t: one pass over both inputs with no
+// [n, D] temporary (the reference materialises the difference in fp32).
+template <typename scalar_t>
+at::Tensor token_scores(const at::Tensor& x_before, const at::Tensor& x_after) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = x_after.size(0), dim = x_after.size(1);
+  at::Tensor scores = at::empty({n}, x_after.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const scalar_t* before = x_before.const_data_ptr<scalar_t>();
+  const scalar_t* after = x_after.const_data_ptr<scalar_t>();
+  acc_t* out = scores.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      acc_t sum = 0;
+      for (int64_t c = 0; c < dim; ++c) {
+        const acc_t diff = static_cast<acc_t>(after[j * dim + c]) - static_cast<acc_t>(before[j * dim + c]);
+        sum += diff * diff;
+      }
+      out[j] = std::sqrt(sum);
+    }
+  });
+  return scores;
+}
+
+}  // namespace
+
+at::Tensor knn(const at::Tensor& query, const at::Tensor& ref, int64_t k, const Offsets& cu_query,
+               const Offsets& cu_ref) {
+  const at::Tensor q = query.contiguous(), r = ref.contiguous();
+  at::Tensor out = at::full({q.size(0), k}, -1, q.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ipcv_knn_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto [ref_rows, ref_sq_norms] = reference_rows<scalar_t, acc_t>(r, nullptr, r.size(0));
+    knn_segments<scalar_t>(q.const_data_ptr<scalar_t>(), nullptr, q.size(1), ref_rows, ref_sq_norms, cu_query,
+                           cu_ref, k, out.mutable_data_ptr<int64_t>());
+  });
+  return out;
+}
+
+at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, const at::Tensor& base_kept,
+                           const at::Tensor& neighbors) {
+  const at::Tensor drop_rows = base_drop.contiguous(), kept_rows = kept.contiguous(),
+                   base_rows = base_kept.contiguous(), index = neighbors.contiguous();
+  at::Tensor out = at::empty_like(drop_rows);
+  const int64_t rows = drop_rows.size(0), dim = drop_rows.size(1), k = index.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, drop_rows.scalar_type(), "ipcv_ngr_reconstruct_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "ipcv_ngr_reconstruct_cpu_index", [&] {
+      const scalar_t* base = drop_rows.const_data_ptr<scalar_t>();
+      const scalar_t* now = kept_rows.const_data_ptr<scalar_t>();
+      const scalar_t* then = base_rows.const_data_ptr<scalar_t>();
+      const index_t* nbr = index.const_data_ptr<index_t>();
+      scalar_t* result = out.mutable_data_ptr<scalar_t>();
+      // recon[d] = base_drop[d] + (1 / #valid) * sum_{valid j} (kept - base_kept)[nbr[d, j]], in acc_t.
+      at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> delta(dim);
+        for (int64_t d = begin; d < end; ++d) {
+          std::fill(delta.begin(), delta.end(), acc_t(0));
+          int64_t valid = 0;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t m = static_cast<int64_t>(nbr[d * k + j]);
+            if (m < 0) continue;
+            ++valid;
+            for (int64_t c = 0; c < dim; ++c) {
+              delta[c] += static_cast<acc_t>(now[m * dim + c]) - static_cast<acc_t>(then[m * dim + c]);
+            }
+          }
+          const acc_t scale = valid ? acc_t(1) / static_cast<acc_t>(valid) : acc_t(0);
+          for (int64_t c = 0; c < dim; ++c) {
+            result[d * dim + c] = static_cast<scalar_t>(static_cast<acc_t>(base[d * dim + c]) + delta[c] * scale);
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, double ratio) {
+  const at::Tensor s = scores.contiguous();
+  Selection result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "ipcv_select_tokens_cpu", [&] {
+    // fp16/bf16 scores are exact in fp32, so ranking the widened copy changes nothing.
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor wide = s.to(c10::CppTypeToScalarType<acc_t>::value);
+    result = select_from_scores(wide.const_data_ptr<acc_t>(), cu_items, ratio, s.options());
+  });
+  return result;
+}
+
+Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& cu_items, const Offsets& cu_seqlens,
+          double ratio, int64_t num_neighbors) {
+  const at::Tensor before = x_before.contiguous(), base = x_after.contiguous();
+  Plan result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "ipcv_plan_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor scores = token_scores<scalar_t>(before, base);
+    auto [keep, drop, cu_keep, cu_drop] =
+        select_from_scores(scores.const_data_ptr<acc_t>(), cu_items, ratio, base.options());
+    const Offsets keep_offsets(cu_keep.const_data_ptr<int32_t>(), cu_keep.const_data_ptr<int32_t>() + cu_keep.numel());
+    const Offsets drop_offsets(cu_drop.const_data_ptr<int32_t>(), cu_drop.const_data_ptr<int32_t>() + cu_drop.numel());
+
+    // Neighbours of every dropped token among its item's kept tokens, on base = x_after.
+    at::Tensor neighbors = at::full({drop.size(0), num_neighbors}, -1, base.options().dtype(at::kLong));
+    const int64_t* keep_data = keep.const_data_ptr<int64_t>();
+    const auto [ref_rows, ref_sq_norms] = reference_rows<scalar_t, acc_t>(base, keep_data, keep.size(0));
+    knn_segments<scalar_t>(base.const_data_ptr<scalar_t>(), drop.const_data_ptr<int64_t>(), base.size(1), ref_rows,
+                           ref_sq_norms, drop_offsets, keep_offsets, num_neighbors,
+                           neighbors.mutable_data_ptr<int64_t>());
+
+    // Kept tokens before each segment boundary: a binary search in the ascending `keep`.
+    Offsets kept_segments(cu_seqlens.size());
+    for (size_t s = 0; s < cu_seqlens.size(); ++s) {
+      kept_segments[s] = std::lower_bound(keep_data, keep_data + keep.size(0), cu_seqlens[s]) - keep_data;
+    }
+    result = {keep, drop, cu_keep, cu_drop, neighbors, offsets_tensor(kept_segments)};
+  });
+  return result;
+}
+
+}  // namespace ipcv::cpu

@@ -1,0 +1,69 @@
+// Shared declarations of the compiled IPCV ops (namespace `ipcv`).
+//
+// Layering: register.cpp holds the TORCH_LIBRARY schemas and the boundary checks' call sites;
+// checks.cpp validates inputs and copies the varlen offsets to the host once per call; the device
+// kernels (cpu/kernels.cpp, cuda/kernels.cu) receive validated tensors plus those host offsets and
+// never re-check them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace ipcv {
+
+// Host copy of validated int32 offsets `cu` ([B + 1], cu[0] == 0, non-decreasing, cu[B] == rows).
+using Offsets = std::vector<int64_t>;
+
+using Selection = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // keep, drop, cu_keep, cu_drop
+using Plan = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The spec's kept count `max(1, int(n * (1 - r)))` in double precision, exactly as Python computes
+// it (IEEE double multiply, truncation toward zero); 0 for an empty item.
+inline int64_t keep_count(int64_t num_tokens, double ratio) {
+  if (num_tokens == 0) return 0;
+  const auto count = static_cast<int64_t>(static_cast<double>(num_tokens) * (1.0 - ratio));
+  return std::min(num_tokens, std::max<int64_t>(1, count));
+}
+
+// Per-item kept/dropped counts and their offsets, computed on the host from the item offsets.
+struct SelectionLayout {
+  Offsets cu_keep;
+  Offsets cu_drop;
+};
+SelectionLayout selection_layout(const Offsets& cu_items, double ratio);
+
+// ---- boundary checks (checks.cpp): TORCH_CHECK with messages naming the op and the argument ----
+void check_float_matrix(const char* op, const char* name, const at::Tensor& t);
+void check_same_float_matrix(const char* op, const char* name, const at::Tensor& t, const char* like_name,
+                             const at::Tensor& like);
+// Validates int32 1-D contiguous offsets on `device` ending at `total`; returns them on the host.
+Offsets host_offsets(const char* op, const char* name, const at::Tensor& cu, int64_t total, const at::Device& device);
+void check_ratio(const char* op, double ratio);
+
+// ---- CPU kernels (cpu/kernels.cpp) ----
+namespace cpu {
+at::Tensor knn(const at::Tensor& query, const at::Tensor& ref, int64_t k, const Offsets& cu_query,
+               const Offsets& cu_ref);
+at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, const at::Tensor& base_kept,
+                           const at::Tensor& neighbors);
+Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, double ratio);
+Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& cu_items, const Offsets& cu_seqlens,
+          double ratio, int64_t num_neighbors);
+}  // namespace cpu
+
+// ---- CUDA kernels (cuda/kernels.cu), compiled only in CUDA builds (IPCV_WITH_CUDA) ----
+namespace cuda {
+at::Tensor knn(const at::Tensor& query, const at::Tensor& ref, int64_t k, const Offsets& cu_query,
+               const Offsets& cu_ref);
+at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, const at::Tensor& base_kept,
+                           const at::Tensor& neighbors);
+Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, double ratio);
+Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& cu_items, const Offsets& cu_seqlens,
+          double ratio, int64_t num_neighbors);
+}  // namespace cuda
+
+}  // namespace ipcv

@@ -1,0 +1,138 @@
+"""``backend="cpp"``: the compiled ops of ``csrc/`` (``torch.ops.ipcv.*``), when the extension is built.
+
+Importing this module loads the extension ``ipcv_kernels._C`` (or, for a CMake development build,
+the library named by ``IPCV_CPP_LIBRARY``), registers fake implementations of ``torch.ops.ipcv.*``
+so they trace under ``torch.compile``, and registers backend ``"cpp"`` of ``knn``,
+``ngr_reconstruct``, ``select_tokens`` and ``plan`` on the CPU, and on CUDA when the build has
+CUDA kernels. Without the extension it stays silent: ``auto`` skips ``"cpp"`` and
+``backend="cpp"`` raises a ``RuntimeError`` saying how to build it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from ..reference import IPCVPlan, TokenSelection
+from .dispatch import Backend, register_backend
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` in the repository root (a C++ compiler and ninja "
+    "needed; IPCV_SKIP_BUILD must not be 1), or point IPCV_CPP_LIBRARY at a CMake build's libipcv_ops.so"
+)
+# ``auto`` order: above the references (0) and sdpa (10). The whole planning step wins everywhere,
+# including over Triton's plan (20) on CUDA: it is one compiled call. The single ops stay below
+# Triton on CUDA, whose fused kernels need no GEMM round trip.
+PLAN_PRIORITY = 25
+OP_PRIORITY = 15
+
+
+def _load_extension() -> str | None:
+    """Load the compiled ops; ``None`` on success, else the reason they are unavailable."""
+    library = os.environ.get("IPCV_CPP_LIBRARY")
+    try:
+        if library:
+            torch.ops.load_library(library)
+        else:
+            importlib.import_module("ipcv_kernels._C")
+    except (ImportError, OSError) as error:
+        return f"the compiled extension is not available ({error}); {BUILD_HINT}"
+    return None
+
+
+UNAVAILABLE_REASON = _load_extension()
+
+
+def _unavailable() -> str | None:
+    return UNAVAILABLE_REASON
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension was built with its CUDA kernels."""
+    return UNAVAILABLE_REASON is None and torch._C._dispatch_has_kernel_for_dispatch_key("ipcv::plan", "CUDA")
+
+
+def knn_cpp(
+    query: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    cu_query: torch.Tensor | None = None,
+    cu_ref: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Streaming tiled kNN (see ``knn_reference`` for the contract): int64 ``[Nq, k]``."""
+    return torch.ops.ipcv.knn(query, ref, k, cu_query, cu_ref)
+
+
+def ngr_reconstruct_cpp(
+    base_drop: torch.Tensor, kept: torch.Tensor, base_kept: torch.Tensor, neighbors: torch.Tensor
+) -> torch.Tensor:
+    """NGR reconstruction (see ``ngr_reconstruct_reference``): ``[Nd, D]`` in ``base_drop``'s dtype."""
+    return torch.ops.ipcv.ngr_reconstruct(base_drop, kept, base_kept, neighbors)
+
+
+def select_tokens_cpp(scores: torch.Tensor, cu_items: torch.Tensor, ratio: float) -> TokenSelection:
+    """Per-item top-k selection (see ``select_tokens_reference``)."""
+    return TokenSelection(*torch.ops.ipcv.select_tokens(scores, cu_items, ratio))
+
+
+def plan_cpp(
+    x_before: torch.Tensor,
+    x_after: torch.Tensor,
+    cu_items: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    ratio: float,
+    num_neighbors: int,
+) -> IPCVPlan:
+    """The whole planning step in one compiled call (see ``plan_reference``)."""
+    return IPCVPlan(*torch.ops.ipcv.plan(x_before, x_after, cu_items, cu_seqlens, ratio, num_neighbors))
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so ``torch.ops.ipcv.*`` trace under ``torch.compile``."""
+
+    @torch.library.register_fake("ipcv::knn")
+    def _(query, ref, k, cu_query=None, cu_ref=None):
+        return query.new_empty((query.shape[0], k), dtype=torch.int64)
+
+    @torch.library.register_fake("ipcv::ngr_reconstruct")
+    def _(base_drop, kept, base_kept, neighbors):
+        return torch.empty_like(base_drop)
+
+    @torch.library.register_fake("ipcv::select_tokens")
+    def _(scores, cu_items, ratio):
+        # How many tokens items keep depends on the offsets' values: an unbacked size.
+        num_keep = torch.library.get_ctx().new_dynamic_size()
+        return (
+            scores.new_empty((num_keep,), dtype=torch.int64),
+            scores.new_empty((scores.shape[0] - num_keep,), dtype=torch.int64),
+            torch.empty_like(cu_items),
+            torch.empty_like(cu_items),
+        )
+
+    @torch.library.register_fake("ipcv::plan")
+    def _(x_before, x_after, cu_items, cu_seqlens, ratio, num_neighbors):
+        num_keep = torch.library.get_ctx().new_dynamic_size()
+        num_drop = x_after.shape[0] - num_keep
+        return (
+            x_after.new_empty((num_keep,), dtype=torch.int64),
+            x_after.new_empty((num_drop,), dtype=torch.int64),
+            torch.empty_like(cu_items),
+            torch.empty_like(cu_items),
+            x_after.new_empty((num_drop, num_neighbors), dtype=torch.int64),
+            torch.empty_like(cu_seqlens),
+        )
+
+
+if UNAVAILABLE_REASON is None:
+    _register_fakes()
+
+_DEVICES = ("cpu", "cuda") if UNAVAILABLE_REASON is not None or has_cuda_kernels() else ("cpu",)
+for _op, _fn, _priority in (
+    ("knn", knn_cpp, OP_PRIORITY),
+    ("ngr_reconstruct", ngr_reconstruct_cpp, OP_PRIORITY),
+    ("select_tokens", select_tokens_cpp, OP_PRIORITY),
+    ("plan", plan_cpp, PLAN_PRIORITY),
+):
+    register_backend(_op, Backend("cpp", _fn, _DEVICES, _priority, _unavailable))
