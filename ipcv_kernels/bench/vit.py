@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -391,19 +393,28 @@ Reproduce: `{s["command"]}`
 
 
 def plot(path: Path, cases: Sequence[dict[str, Any]], title: str) -> Path | None:
-    ordered = sorted((c for c in cases if "speedup_ipcv" in c), key=lambda c: c["tokens"])
-    if not ordered:
+    """Speedup over (a) against tokens: single images as lines, batches and videos as markers."""
+    measured = [c for c in cases if "speedup_ipcv" in c]
+    if not measured:
         return None
-    tokens = [c["tokens"] for c in ordered]
-    series = [
-        harness.Series("(c) ipcv_kernels", tokens, [c["speedup_ipcv"] for c in ordered], "s-"),
-        harness.Series("(c) FLOP bound", tokens, [c["bound_ipcv"] for c in ordered], "--"),
-    ]
-    if all("speedup_paper" in c for c in ordered):
-        series += [
-            harness.Series("(b) paper formulation", tokens, [c["speedup_paper"] for c in ordered], "o-"),
-            harness.Series("(b) FLOP bound", tokens, [c["bound_paper"] for c in ordered], ":"),
-        ]
+    series = []
+    styles = {"image": ("s-", "--", "o-", ":"), "batch": ("D", "d", "P", "p"), "video": ("^", "v", "X", "x")}
+    for kind, (ipcv_style, bound_style, paper_style, paper_bound_style) in styles.items():
+        group = sorted((c for c in measured if c["kind"] == kind), key=lambda c: c["tokens"])
+        if not group:
+            continue
+        tokens = [c["tokens"] for c in group]
+        series.append(
+            harness.Series(f"(c) ipcv_kernels, {kind}", tokens, [c["speedup_ipcv"] for c in group], ipcv_style)
+        )
+        series.append(harness.Series(f"(c) FLOP bound, {kind}", tokens, [c["bound_ipcv"] for c in group], bound_style))
+        if all("speedup_paper" in c for c in group):
+            series.append(
+                harness.Series(f"(b) paper, {kind}", tokens, [c["speedup_paper"] for c in group], paper_style)
+            )
+            series.append(
+                harness.Series(f"(b) FLOP bound, {kind}", tokens, [c["bound_paper"] for c in group], paper_bound_style)
+            )
     return harness.plot_series(
         path, series, xlabel="tokens per call", ylabel="speedup over unpatched", title=title, hline=1.0
     )
@@ -460,8 +471,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark described by parsed ``args``; write and return the JSON payload."""
+def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    """Run the benchmark described by ``args`` (parsed from ``argv``); write and return the payload."""
     harness.configure_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     s = settings_from_args(args)
@@ -516,7 +527,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "memory_method": results[0]["variants"][variants[0]]["memory"]["method"] if results else None,
             "check": args.check,
             "seed": args.seed,
-            "command": "python benchmarks/bench_vit.py " + " ".join(env["argv"][1:]),
+            "command": shlex.join(["python", "benchmarks/bench_vit.py", *argv]),
         },
         "cases": results,
     }
@@ -535,8 +546,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``benchmarks/bench_vit.py``, ``python -m ipcv_kernels bench``)."""
-    args = parser().parse_args(argv)
-    payload = run(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    payload = run(parser().parse_args(argv), argv)
     print(markdown_report(payload, table_rows(payload["cases"], payload["settings"]["variants"])))
     print("wrote " + ", ".join(payload["files"]))
     return 0

@@ -1,0 +1,69 @@
+"""Smoke test of the vision-tower benchmark's code path (tiny tower; no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ipcv_kernels.bench.vit import Case, load_vision_tower, main, parse_case
+from ipcv_kernels.hf_factory import build_qwen2_vl_model
+
+QWEN_GEOMETRY = SimpleNamespace(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def test_parse_case_follows_qwen2_vl_geometry():
+    assert parse_case("448x896", QWEN_GEOMETRY) == Case("448x896", "image", ((1, 32, 64),))
+    # Pixels round to the nearest multiple of 28, as Qwen2-VL's processor resizes.
+    assert parse_case("1024x1024", QWEN_GEOMETRY).grid_thw == ((1, 74, 74),)
+    assert parse_case("448x448*3", QWEN_GEOMETRY).grid_thw == ((1, 32, 32),) * 3
+    video = parse_case("448x448@16", QWEN_GEOMETRY)
+    assert (video.kind, video.grid_thw, video.tokens) == ("video", ((8, 32, 32),), 8192)
+    with pytest.raises(ValueError, match="cases"):
+        parse_case("448x448@3", QWEN_GEOMETRY)
+    with pytest.raises(ValueError, match="cases"):
+        parse_case("448", QWEN_GEOMETRY)
+
+
+def test_smoke_run_writes_every_field(tmp_path):
+    argv = ["--suite", "smoke", "--cases", "56x112", "56x56@4", "--repeats", "1", "--warmup", "1"]
+    argv += ["--device", "cpu", "--threads", "1", "--out", str(tmp_path), "--name", "smoke", "--no-progress"]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "smoke.json").read_text())
+    for key in ("torch", "transformers", "python", "cpu", "device_name", "git_commit", "date_utc"):
+        assert key in payload["environment"]
+    settings = payload["settings"]
+    assert settings["model"] == "qwen2-vl-tiny" and settings["variants"] == ["unpatched", "paper", "ipcv"]
+    assert settings["variant_configs"]["paper"]["as_queries"] == "all"
+    image, video = payload["cases"]
+    assert (image["tokens"], image["kept_tokens"], video["kind"]) == (32, 16, "video")
+    assert image["checks"]["passed"] and "ratio0_vs_unpatched" in image["checks"]
+    assert "ratio0_vs_unpatched" not in video["checks"]  # --check first
+    for case in (image, video):
+        assert case["checks"]["ipcv_vs_paper"] <= case["checks"]["bound"]
+        for stats in case["variants"].values():
+            assert stats["median_ms"] > 0 and len(stats["samples_ms"]) == 1
+            assert set(stats["memory"]) == {"method", "peak_bytes", "peak_extra_bytes"}
+        for key in ("speedup_paper", "speedup_ipcv", "bound_ipcv", "efficiency_ipcv", "ipcv_over_paper"):
+            assert case[key] > 0
+        assert case["bound_ipcv"] > case["bound_paper"] > 1.0
+    # tokens seen by the blocks: full before the prune layer, kept ones after.
+    assert image["ipcv_tokens_per_block"] == [32, 16, 16, 16]
+    for suffix in (".csv", ".md", ".png"):
+        assert (tmp_path / f"smoke{suffix}").stat().st_size > 0
+    assert "(c) FLOP bound" in (tmp_path / "smoke.md").read_text()
+
+
+def test_checkpoint_loading_reads_only_the_vision_tower(tmp_path):
+    model = build_qwen2_vl_model()
+    model.save_pretrained(tmp_path)
+    tower = load_vision_tower(tmp_path, dtype=torch.float32, device=torch.device("cpu"))
+    expected = model.model.visual
+    pixels, grid_thw = torch.randn(64, 24), torch.tensor([[1, 8, 8]])
+    with torch.inference_mode():
+        torch.testing.assert_close(tower(pixels, grid_thw).pooler_output, expected(pixels, grid_thw).pooler_output)
+    assert set(tower.state_dict()) == set(expected.state_dict())
+    with pytest.raises(ValueError, match="model"):
+        load_vision_tower(tmp_path / "missing", dtype=torch.float32, device=torch.device("cpu"))
