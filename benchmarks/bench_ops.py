@@ -1,0 +1,222 @@
+"""Op-level benchmark of the IPCV kernels (issue 3): ``python benchmarks/bench_ops.py --out DIR``.
+
+Per image size ``n`` (tokens of one image, ratio 0.65, width 1280 = 16 heads x 80, 10 neighbours,
+the Qwen2-VL-7B setting) it times, after checking every variant's output:
+
+- ``knn``: the IPCV neighbour search (dropped -> kept tokens) through each ``knn`` backend, vs
+  ``torch.cdist`` + ``topk`` (which materialises the whole drop x keep matrix);
+- attention of one attention-stabilisation block: kept queries over all keys (``ngr_attention``
+  with each backend) vs the paper code's path (attention for every query, then the dropped rows
+  are discarded), each with and without the vision rotary (fused into the Triton kernel, applied
+  with PyTorch before the others).
+
+Backends are those available on the device (on the CPU: ``torch`` and ``sdpa``; the Triton
+interpreter is excluded as meaningless for timing). Results: ``bench_ops.json`` (device, versions,
+every sample), ``.csv``, ``.md`` and two plots, in ``--out`` (default ``benchmarks/results/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ipcv_kernels as ik
+from ipcv_kernels.bench.harness import (
+    REPO_ROOT,
+    Column,
+    ResultFiles,
+    Series,
+    configure_threads,
+    environment,
+    environment_markdown,
+    markdown_table,
+    measure_peak_memory,
+    plot_series,
+    time_interleaved,
+)
+from ipcv_kernels.reference import keep_count
+from ipcv_kernels.reference.knn import squared_distances
+from ipcv_kernels.testing import assert_close_to_reference
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Backends never timed here: the reference is timed through "torch" only where it fits in memory.
+ATTENTION_BACKENDS = ("triton", "flash_attn", "torch_varlen", "sdpa", "torch")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="result folder")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384], help="tokens per image")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--ratio", type=float, default=0.65)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--neighbors", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--reference-max-tokens",
+        type=int,
+        default=4096,
+        help="largest n for the 'torch' reference backends (they hold one segment's score matrix)",
+    )
+    return parser.parse_args(argv)
+
+
+def usable_backends(op: str, device: torch.device, dtype: torch.dtype, n: int, args) -> list[str]:
+    names = ik.available_backends(op, device)
+    if device.type == "cpu":
+        names = [b for b in names if b != "triton"]  # only the interpreter would run it here
+    if dtype == torch.float32:
+        names = [b for b in names if b not in ("flash_attn", "torch_varlen")]  # fp16/bf16 only
+    if n > args.reference_max_tokens:
+        names = [b for b in names if b != "torch"]
+    return names
+
+
+def knn_case(n: int, dtype: torch.dtype, device: torch.device, args) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(n)
+    base = torch.randn(n, args.width, generator=generator).to(device=device, dtype=dtype)
+    num_keep = keep_count(n, args.ratio)
+    kept, dropped = base[:num_keep], base[num_keep:]
+    k = args.neighbors
+
+    def cdist_topk() -> torch.Tensor:
+        dist = torch.cdist(dropped.float(), kept.float())
+        return dist.topk(min(k, num_keep), dim=1, largest=False).indices
+
+    variants: dict[str, Callable[[], torch.Tensor]] = {"cdist_topk": cdist_topk}
+    for backend in usable_backends("knn", device, dtype, n, args):
+        variants[f"knn_{backend}"] = lambda backend=backend: ik.knn(dropped, kept, k, backend=backend)
+
+    # Correctness first: every variant's neighbours at the exact distances of cdist + topk's.
+    exact = squared_distances(dropped.double(), kept.double())
+    expected = exact.gather(1, cdist_topk()).sort(1).values
+    for name, fn in variants.items():
+        got = exact.gather(1, fn()).sort(1).values
+        assert_close_to_reference(got, expected, None)
+        print(f"  check ok: {name}", file=sys.stderr)
+    return measure("knn", variants, n, dtype, device, args)
+
+
+def attention_case(n: int, dtype: torch.dtype, device: torch.device, args) -> list[dict[str, Any]]:
+    heads, head_dim = args.heads, args.width // args.heads
+    generator = torch.Generator().manual_seed(n + 1)
+    q, k, v = (torch.randn(n, heads, head_dim, generator=generator).to(device=device, dtype=dtype) for _ in range(3))
+    angles = torch.rand(n, head_dim // 2, generator=generator).to(device) * 6.28
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    keep = torch.randperm(n, generator=generator)[: keep_count(n, args.ratio)].sort().values.to(device)
+    cu_full = torch.tensor([0, n], dtype=torch.int32, device=device)
+    cu_keep = torch.tensor([0, keep.numel()], dtype=torch.int32, device=device)
+
+    variants: dict[str, Callable[[], torch.Tensor]] = {}
+    for backend in usable_backends("ngr_attention", device, dtype, n, args):
+        variants[f"kept_{backend}"] = lambda b=backend: ik.ngr_attention(q[keep], k, v, cu_keep, cu_full, backend=b)
+        variants[f"full_then_discard_{backend}"] = lambda b=backend: ik.ngr_attention(
+            q, k, v, cu_full, cu_full, backend=b
+        )[keep]
+        variants[f"kept_rotary_{backend}"] = lambda b=backend: ik.ngr_attention(
+            q, k, v, cu_keep, cu_full, rotary=(cos, sin), q_rows=keep, backend=b
+        )
+        variants[f"full_rotary_then_discard_{backend}"] = lambda b=backend: ik.ngr_attention(
+            q, k, v, cu_full, cu_full, rotary=(cos, sin), backend=b
+        )[keep]
+
+    # Correctness first, against sdpa on fp32 copies (memory-efficient at every size).
+    oracle = {
+        rotary: ik.ngr_attention(
+            q.float(),
+            k.float(),
+            v.float(),
+            cu_keep,
+            cu_full,
+            rotary=(cos, sin) if rotary else None,
+            q_rows=keep,
+            backend="sdpa",
+        )
+        for rotary in (False, True)
+    }
+    for name, fn in variants.items():
+        assert_close_to_reference(fn(), oracle["rotary" in name], None)
+        print(f"  check ok: {name}", file=sys.stderr)
+    return measure("attention", variants, n, dtype, device, args)
+
+
+def measure(group: str, variants: dict[str, Callable[[], Any]], n: int, dtype, device, args) -> list[dict[str, Any]]:
+    timings = time_interleaved(variants, device, warmup=args.warmup, repeats=args.repeats)
+    rows = []
+    for name, fn in variants.items():
+        _, memory = measure_peak_memory(fn, device)
+        summary = timings[name].summary()
+        rows.append(
+            {
+                "group": group,
+                "variant": name,
+                "tokens": n,
+                "dtype": str(dtype).removeprefix("torch."),
+                "median_ms": summary["median_ms"],
+                "p10_ms": summary["p10_ms"],
+                "p90_ms": summary["p90_ms"],
+                "peak_extra_mib": None if memory.peak_extra_bytes is None else memory.peak_extra_bytes / 2**20,
+                "memory_method": memory.method,
+                "samples_ms": summary["samples_ms"],
+            }
+        )
+        print(f"{group:9s} n={n:6d} {name:36s} {summary['median_ms']:10.3f} ms", file=sys.stderr)
+    return rows
+
+
+def plot(files: ResultFiles, rows: list[dict[str, Any]], group: str, title: str) -> None:
+    names = list(dict.fromkeys(r["variant"] for r in rows if r["group"] == group))
+    series = []
+    for name in names:
+        picked = sorted((r["tokens"], r["median_ms"]) for r in rows if r["group"] == group and r["variant"] == name)
+        style = "--" if "discard" in name or name == "cdist_topk" else "o-"
+        series.append(Series(name, [p[0] for p in picked], [p[1] for p in picked], style))
+    path = plot_series(files.path(f"_{group}.png"), series, xlabel="tokens per image", ylabel="median ms", title=title)
+    files.written.append(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    env = environment(device)
+    rows: list[dict[str, Any]] = []
+    for n in args.sizes:
+        rows += knn_case(n, dtype, device, args)
+        rows += attention_case(n, dtype, device, args)
+
+    files = ResultFiles(args.out, "bench_ops")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    files.write_json({"environment": env, "settings": settings, "results": rows})
+    files.write_csv([{k: v for k, v in r.items() if k != "samples_ms"} for r in rows])
+    columns = [
+        Column("group", "op"),
+        Column("variant", "variant"),
+        Column("tokens", "n"),
+        Column("dtype", "dtype"),
+        Column("median_ms", "median ms", ".3f"),
+        Column("p10_ms", "p10", ".3f"),
+        Column("p90_ms", "p90", ".3f"),
+        Column("peak_extra_mib", "peak extra MiB", ".1f"),
+    ]
+    files.write_markdown(environment_markdown(env) + "\n\n" + markdown_table(rows, columns))
+    shape = f"ratio {args.ratio}, D={args.width}, {args.heads} heads, {dtype}, {env['device_name']}"
+    plot(files, rows, "knn", f"knn (dropped -> kept, k={args.neighbors})\n{shape}")
+    plot(files, rows, "attention", f"AS-block attention: kept queries vs full-then-discard\n{shape}")
+    for path in files.written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
