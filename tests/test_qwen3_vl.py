@@ -1,0 +1,111 @@
+"""IPCV on a stock Hugging Face Qwen3-VL: the unpatched model at ratio 0 (DeepStack features too),
+the float64 spec oracle otherwise, DeepStack taps restored to full length from the pruned stretch,
+removal, and full-model generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracles_more_towers import build_model, build_tower, ipcv_tower_oracle
+
+import ipcv_kernels as ik
+from ipcv_kernels.hf_factory import sample_pixels, vision_inputs
+from ipcv_kernels.testing import assert_close
+
+FAMILY = "qwen3_vl"
+# The model applies rotary in fp32 whatever its dtype, and IPCV's stabilisation blocks apply it in
+# the input dtype: float64 runs agree to fp32 precision.
+MODEL_PRECISION = torch.float32
+INPUTS = {
+    "one_image": [[1, 8, 12]],
+    "image_batch": [[1, 8, 12], [1, 6, 4], [1, 2, 2]],
+    "video": [[2, 8, 8]],
+}
+# Taps after blocks 1, 3 and 4: before P, inside the stabilisation stretch, and in the pruned one.
+CONFIGS = {
+    "P2_r65_A2_k10": dict(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=10),
+    "P1_r75_A0_k3": dict(prune_layer=1, ratio=0.75, as_layers=0, num_neighbors=3),
+    "P3_r50_A1_k1": dict(prune_layer=3, ratio=0.5, as_layers=1, num_neighbors=1),
+}
+
+
+@pytest.fixture(scope="module")
+def tower64():
+    return build_tower(FAMILY, dtype=torch.float64)
+
+
+def tower_call(tower, grid):
+    pixels, grid_thw = sample_pixels(tower.config, grid, dtype=tower.dtype)
+    return lambda: tower(pixels, grid_thw=grid_thw)
+
+
+def run(tower, grid, config=None):
+    if config is not None:
+        ik.apply_ipcv(tower, config)
+    try:
+        with torch.no_grad():
+            return tower_call(tower, grid)()
+    finally:
+        ik.remove_ipcv(tower)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("grid", INPUTS.values(), ids=INPUTS.keys())
+def test_ratio_zero_equals_unpatched(attn, grid):
+    tower = build_tower(FAMILY, attn=attn)
+    expected = run(tower, grid)
+    got = run(tower, grid, ik.IPCVConfig(prune_layer=2, ratio=0.0, as_layers=1, num_neighbors=4))
+    assert type(got) is type(expected)
+    assert_close(got.pooler_output, expected.pooler_output)
+    assert len(got.deepstack_features) == len(expected.deepstack_features) == 3
+    for tap, expected_tap in zip(got.deepstack_features, expected.deepstack_features, strict=True):
+        assert_close(tap, expected_tap)
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("grid", INPUTS.values(), ids=INPUTS.keys())
+def test_matches_float64_spec_oracle(tower64, config, grid):
+    got = run(tower64, grid, ik.IPCVConfig(**config))
+    with torch.no_grad():
+        expected = ipcv_tower_oracle(tower64, tower_call(tower64, grid), [t * h * w for t, h, w in grid], **config)
+    assert_close(got.last_hidden_state, expected.full[-1], dtype=MODEL_PRECISION)
+    assert_close(got.pooler_output, expected.output.pooler_output, dtype=MODEL_PRECISION)
+    for tap, expected_tap in zip(got.deepstack_features, expected.output.deepstack_features, strict=True):
+        assert tap.shape == expected_tap.shape  # every tap sees the full token count
+        assert_close(tap, expected_tap, dtype=MODEL_PRECISION)
+
+
+def test_remove_restores_the_original_forward_exactly():
+    tower = build_tower(FAMILY)
+    originals = [block.forward for block in tower.blocks]
+    expected = run(tower, INPUTS["image_batch"])
+    ik.apply_ipcv(tower, ik.IPCVConfig(prune_layer=1, ratio=0.8, as_layers=1, num_neighbors=2))
+    ik.apply_ipcv(tower, ik.IPCVConfig(prune_layer=2, ratio=0.5, as_layers=0, num_neighbors=2))
+    ik.remove_ipcv(tower)
+    assert [block.forward for block in tower.blocks] == originals
+    assert not tower._forward_hooks and not tower._forward_pre_hooks
+    assert not any(merger._forward_pre_hooks for merger in tower.deepstack_merger_list)
+    got = run(tower, INPUTS["image_batch"])
+    assert torch.equal(got.pooler_output, expected.pooler_output)
+    for tap, expected_tap in zip(got.deepstack_features, expected.deepstack_features, strict=True):
+        assert torch.equal(tap, expected_tap)
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["images", "video"])
+def test_full_model_generate_and_ratio_zero_logits(video):
+    model = build_model(FAMILY)
+    inputs = vision_inputs(model, [[1, 4, 8], [1, 4, 8]] if video else [[1, 4, 4], [1, 8, 4]], video=video)
+    if video:  # one 2-frame video; Qwen3-VL's prompt places each frame in its own vision span
+        inputs["video_grid_thw"] = torch.tensor([[2, 4, 8]])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.0, as_layers=1, num_neighbors=3))
+        assert_close(model(**inputs).logits, expected)
+        ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=1, num_neighbors=3))
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+    kept = [64, 64, 22, 22, 22, 22] if video else [48, 48, 5 + 11, 16, 16, 16]
+    assert ik.get_ipcv_patch(model).last_tokens_per_block == kept
+    ik.remove_ipcv(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
