@@ -16,8 +16,7 @@ from torch import nn
 from ..config import IPCVConfig
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
-from ..reference.rotary import apply_rotary_vision
-from .engine import BlockCall, FamilyAdapter, gather_rotary
+from .engine import BlockCall, FamilyAdapter
 
 
 def grid_item_lengths(args: tuple, kwargs: dict[str, Any]) -> list[int]:
@@ -53,18 +52,19 @@ def stabilised_prenorm_block(
     kv = F.linear(normed, weight[width:], None if bias is None else bias[width:])
     q = q.view(-1, num_heads, head_dim)
     k, v = kv.view(-1, 2, num_heads, head_dim).unbind(1)
-    if call.position_embeddings is not None:
-        cos, sin = call.position_embeddings
-        q_cos, q_sin = gather_rotary(call.position_embeddings, plan.keep)
-        q = apply_rotary_vision(q, q_cos, q_sin)
-        k = apply_rotary_vision(k, cos, sin)
+    # Rotary: k at every row, q at its kept rows. The Triton backend (``auto`` on CUDA) applies it
+    # inside the attention kernel and reads k / v through their strides, so neither rotated copy
+    # nor a contiguous v is ever written; other backends get the same rotation done by PyTorch.
+    rotary = call.position_embeddings
     attn = ngr_attention(
         q,
         k,
-        v.contiguous(),
+        v,
         kept_cu_seqlens,
         call.cu_seqlens.to(torch.int32),
         backend=config.attention_backend,
+        rotary=rotary,
+        q_positions=None if rotary is None else plan.keep,
     )
     hidden = kept + proj(attn.reshape(-1, width))
     return hidden + block.mlp(block.norm2(hidden))

@@ -44,6 +44,12 @@ def _check_half(backend: str, q: torch.Tensor) -> None:
         raise TypeError(f"backend {backend!r} of ngr_attention needs fp16/bf16 inputs, got {q.dtype}")
 
 
+def _dense(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # The library kernels assume packed [n, H, Dh] rows; views (k / v split from a fused
+    # projection) are copied once here. A no-op for contiguous inputs.
+    return tuple(t.contiguous() for t in tensors)
+
+
 def ngr_attention_flash_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -56,6 +62,7 @@ def ngr_attention_flash_attn(
     from flash_attn import flash_attn_varlen_func
 
     _check_half("flash_attn", q)
+    q, k, v = _dense(q, k, v)
     return flash_attn_varlen_func(
         q,
         k,
@@ -82,6 +89,7 @@ def ngr_attention_torch_varlen(
     from torch.nn.attention.varlen import varlen_attn
 
     _check_half("torch_varlen", q)
+    q, k, v = _dense(q, k, v)
     return varlen_attn(
         q,
         k,
