@@ -1,0 +1,186 @@
+"""The evaluation entry point: request runner, model-argument parsing, and the lmms-eval plugin.
+
+The model is a tiny random Qwen2-VL saved to disk and loaded back by the runner. Its processor is
+assembled here from a real tokenizer and Qwen2-VL's PIL image processor: transformers' own
+``Qwen2VLProcessor`` cannot be built without torchvision, which this machine does not have. The
+lmms-eval tests run when lmms-eval is importable (``pip install --no-deps lmms-eval pytz loguru``
+is enough for them) and skip otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from ipcv_kernels import DART, FastV, IPCVConfig
+from ipcv_kernels.eval import Qwen2VLRunner, build_settings
+from ipcv_kernels.hf_factory import TINY_SPECIAL_TOKENS, build_qwen2_vl_model
+from ipcv_kernels.llm import get_llm_pruning_patch
+from ipcv_kernels.models import get_ipcv_patch
+
+WORDS = ["<unk>", "<pad>", "<eos>", "system", "user", "assistant", "you", "are", "a", "helpful"]
+WORDS += ["what", "is", "this", "?", "describe", "it", ".", "cat", "dog", "yes", "no"]
+SPECIALS = {
+    "<|image_pad|>": TINY_SPECIAL_TOKENS["image_token_id"],
+    "<|video_pad|>": TINY_SPECIAL_TOKENS["video_token_id"],
+    "<|vision_start|>": TINY_SPECIAL_TOKENS["vision_start_token_id"],
+    "<|vision_end|>": TINY_SPECIAL_TOKENS["vision_end_token_id"],
+    "<|im_start|>": 124,
+    "<|im_end|>": 125,
+}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+IPCV = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=2, num_neighbors=3)
+
+
+class TinyQwen2VLProcessor:
+    """What ``Qwen2VLProcessor`` does, for images: chat template, one ``<|image_pad|>`` per merged
+    patch, tokenisation with left padding, ``mm_token_type_ids``."""
+
+    def __init__(self) -> None:
+        vocab = {word: i for i, word in enumerate(WORDS)} | SPECIALS
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        self.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+        )
+        self.tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIALS)})
+        self.image_processor = Qwen2VLImageProcessorPil(
+            patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=1024
+        )
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=CHAT_TEMPLATE, tokenize=tokenize, add_generation_prompt=add_generation_prompt
+        )
+
+    def __call__(self, text, images=None, videos=None, padding=True, return_tensors="pt"):
+        assert videos is None
+        features = {}
+        if images:
+            features = dict(self.image_processor(images=images, return_tensors="pt"))
+            counts = iter((features["image_grid_thw"].prod(-1) // 4).tolist())
+            text = [
+                "".join(
+                    part + ("<|image_pad|>" * next(counts) if i < t.count("<|image_pad|>") else "")
+                    for i, part in enumerate(t.split("<|image_pad|>"))
+                )
+                for t in text
+            ]
+        encoded = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        image_id = SPECIALS["<|image_pad|>"]
+        return {
+            **encoded,
+            **features,
+            "mm_token_type_ids": (encoded["input_ids"] == image_id).long(),
+        }
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def image(height: int, width: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_qwen2_vl")
+    build_qwen2_vl_model().save_pretrained(folder)
+    return str(folder)
+
+
+def test_runner_loads_patches_and_answers(checkpoint):
+    runner = Qwen2VLRunner.from_pretrained(
+        checkpoint,
+        ipcv_config=IPCV,
+        llm_pruner=DART(layer=2, ratio=0.5, pivot_image_tokens=2, pivot_text_tokens=2),
+        device="cpu",
+        dtype="float32",
+        processor=TinyQwen2VLProcessor(),
+        max_new_tokens=3,
+    )
+    assert get_ipcv_patch(runner.model).config == IPCV
+    contexts, visuals = ["what is this ?", "describe it ."], [[image(16, 16, 0)], [image(8, 12, 1)]]
+    answers = runner.generate(contexts, visuals, {"until": ["\n"]})
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    # 16 and 6 image tokens; the longer row drops 8 of its 16, the shorter 3 of 6 plus 5 padding.
+    length = runner.encode([runner.prompt(c, v) for c, v in zip(contexts, visuals, strict=True)], visuals)[
+        "input_ids"
+    ].shape[1]
+    assert get_llm_pruning_patch(runner.model).last_kept.shape == (2, length - 8)
+
+    logprob, greedy = runner.loglikelihood("is this a cat ?", " yes", [image(16, 16, 0)])
+    assert logprob < 0 and isinstance(greedy, bool)
+
+
+def test_runner_baseline_is_unpatched(checkpoint):
+    runner = Qwen2VLRunner.from_pretrained(
+        checkpoint, device="cpu", dtype="float32", processor=TinyQwen2VLProcessor(), max_new_tokens=2
+    )
+    assert get_ipcv_patch(runner.model) is None and get_llm_pruning_patch(runner.model) is None
+    assert len(runner.generate(["what is this ?"], [[image(16, 16, 0)]])) == 1
+
+
+def test_build_settings_parses_model_arguments():
+    config, pruner = build_settings(ipcv_ratio="0.5", ipcv_prune_layer="2", llm_pruner="DART", llm_ratio=0.6)
+    assert config == IPCVConfig(prune_layer=2, ratio=0.5)
+    assert pruner == DART(layer=2, ratio=0.6)
+    assert build_settings(ipcv=False, llm_pruner="fastv", llm_layer=3) == (None, FastV(layer=3))
+    assert build_settings(ipcv="false") == (None, None)
+    with pytest.raises(ValueError, match="llm_pruner"):
+        build_settings(llm_pruner="sparsevlm")
+    with pytest.raises(ValueError, match="ipcv"):
+        build_settings(ipcv="maybe")
+    with pytest.raises(ValueError, match="ratio"):
+        build_settings(llm_pruner="fastv", llm_ratio="1.5")
+    with pytest.raises(ValueError, match="llm_layer"):
+        build_settings(llm_pruner="fastv", llm_layer="two")
+
+
+def test_lmms_eval_loads_the_plugin_and_answers(checkpoint):
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    from ipcv_kernels.eval.lmms_eval_model import IPCVQwen2VL
+
+    model_class = get_model("ipcv_qwen2_vl")  # found through the package's entry point
+    assert model_class is IPCVQwen2VL
+    arguments = (
+        f"pretrained={checkpoint},dtype=float32,max_new_tokens=3,ipcv_prune_layer=2,ipcv_ratio=0.5,"
+        "ipcv_as_layers=2,ipcv_num_neighbors=3,llm_pruner=fastv,llm_layer=2,llm_ratio=0.5"
+    )
+    lm = model_class.create_from_arg_string(
+        arguments, {"batch_size": 1, "device": "cpu", "processor": TinyQwen2VLProcessor()}
+    )
+    assert get_llm_pruning_patch(lm.model).pruner == FastV(layer=2, ratio=0.5)
+    lm.task_dict = {"toy": {"test": {0: {"image": image(16, 16, 0), "answer": " yes"}}}}
+
+    def request(kind, arguments):
+        return Instance(kind, arguments, idx=0, metadata={"task": "toy", "doc_id": 0, "repeats": 1})
+
+    def visuals(doc):
+        return [doc["image"]]
+
+    generated = lm.generate_until(
+        [request("generate_until", ("what is this ?", {"until": ["."]}, visuals, 0, "toy", "test"))]
+    )
+    assert len(generated) == 1 and isinstance(generated[0], str)
+    scored = lm.loglikelihood(
+        [request("loglikelihood", ("is this a cat ?", lambda doc: doc["answer"], visuals, 0, "toy", "test"))]
+    )
+    assert len(scored) == 1 and scored[0][0] < 0
+    assert torch.is_tensor(get_llm_pruning_patch(lm.model).last_kept)
