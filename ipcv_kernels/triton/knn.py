@@ -34,6 +34,7 @@ def knn_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < num_query
+    rows64 = rows.to(tl.int64)  # element offsets may exceed 2^31 for long packed inputs
     segment = tl.load(query_segment_ptr + rows, mask=row_ok, other=0)
     ref_start = tl.load(cu_ref_ptr + segment, mask=row_ok, other=0)
     ref_end = tl.load(cu_ref_ptr + segment + 1, mask=row_ok, other=0)
@@ -52,18 +53,19 @@ def knn_kernel(
     for r0 in range(lo, hi, BLOCK_R):
         cols = r0 + tile_cols
         col_ok = cols < hi
+        cols64 = cols.to(tl.int64)
         dot = tl.zeros([BLOCK_Q, BLOCK_R], tl.float32)
         ref_sq = tl.zeros([BLOCK_R], tl.float32)
         for d0 in range(0, dim, BLOCK_D):
             d = d0 + dims
             d_ok = d < dim
             q = tl.load(
-                query_ptr + rows[:, None] * stride_qn + d[None, :] * stride_qd,
+                query_ptr + rows64[:, None] * stride_qn + d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
             r = tl.load(
-                ref_ptr + cols[:, None] * stride_rn + d[None, :] * stride_rd,
+                ref_ptr + cols64[:, None] * stride_rn + d[None, :] * stride_rd,
                 mask=col_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
@@ -94,8 +96,6 @@ def knn_kernel(
         pick = tl.argmin(best_dist, axis=1)
         picked = slots[None, :] == pick[:, None]
         index = tl.sum(tl.where(picked, best_index, 0), axis=1)
-        tl.store(
-            out_ptr + rows.to(tl.int64) * k + j, index.to(tl.int64), mask=row_ok & (tl.full([BLOCK_Q], j, tl.int32) < k)
-        )
+        tl.store(out_ptr + rows64 * k + j, index.to(tl.int64), mask=row_ok & (tl.full([BLOCK_Q], j, tl.int32) < k))
         best_dist = tl.where(picked, float("inf"), best_dist)
         best_index = tl.where(picked, -1, best_index)
