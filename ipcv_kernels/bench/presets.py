@@ -6,6 +6,11 @@ Qwen2-VL-7B-Instruct (depth 32, width 1280, 16 heads, MLP 5120 = 4 x 1280, outpu
 shapes (so GEMM shapes and per-block costs are the real ones) with depth 8, so that a CPU run stays
 short. ``qwen2-vl-tiny`` is for smoke tests; it keeps the 14-pixel patches so that image sizes mean
 the same token counts as for the real towers.
+
+Presets of other families are listed in ``PRESET_FAMILIES`` with the family whose vision config
+their fields are: ``qwen2.5-vl-7b`` is the vision tower of Qwen2.5-VL-7B-Instruct
+(``Qwen2_5_VLVisionConfig``: depth 32, width 1280, 16 heads, gated SiLU MLP 3420, RMSNorm, output
+3584, attention in 112-pixel windows except in blocks 7, 15, 23 and 31).
 """
 
 from __future__ import annotations
@@ -28,6 +33,21 @@ QWEN2_VL_7B_VISION: dict[str, Any] = dict(
     spatial_merge_size=2,
 )
 
+QWEN2_5_VL_7B_VISION: dict[str, Any] = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=3584,
+    hidden_act="silu",
+    patch_size=14,
+    temporal_patch_size=2,
+    in_channels=3,
+    spatial_merge_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "qwen2-vl-7b": QWEN2_VL_7B_VISION,
     "qwen2-vl-7b-d8": {**QWEN2_VL_7B_VISION, "depth": 8},
@@ -40,7 +60,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "mlp_ratio": 2,
         "hidden_size": 48,
     },
+    "qwen2.5-vl-7b": QWEN2_5_VL_7B_VISION,
 }
+# Presets that are not Qwen2-VL towers, and their family (``ipcv_kernels.models`` module name).
+PRESET_FAMILIES: dict[str, str] = {"qwen2.5-vl-7b": "qwen2_5_vl"}
 
 
 @dataclass(frozen=True)

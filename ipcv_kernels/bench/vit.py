@@ -35,12 +35,12 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..flops import FlopReport, predicted_speedup, qwen2_vl_flops
+from ..flops import FlopReport, grid_seq_lens, predicted_speedup, qwen2_vl_flops, vit_flops
 from ..models import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..ops import available_backends
 from ..testing import tolerance
 from . import harness
-from .presets import MODEL_PRESETS, SUITES
+from .presets import MODEL_PRESETS, PRESET_FAMILIES, SUITES
 
 VARIANTS = ("unpatched", "paper", "ipcv")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,22 +98,30 @@ def parse_case(text: str, vision_config: Any) -> Case:
 # -- towers ---------------------------------------------------------------------------------------
 def vision_config_from_preset(name: str, attn_implementation: str = "sdpa"):
     """A ``Qwen2VLVisionConfig`` for a ``MODEL_PRESETS`` name."""
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 
     if name not in MODEL_PRESETS:
         raise ValueError(f"preset must be one of {list(MODEL_PRESETS)}, got {name!r}")
-    config = Qwen2VLVisionConfig(**MODEL_PRESETS[name])
+    config_class = Qwen2_5_VLVisionConfig if PRESET_FAMILIES.get(name) == "qwen2_5_vl" else Qwen2VLVisionConfig
+    config = config_class(**MODEL_PRESETS[name])
     config._attn_implementation = attn_implementation
     return config
 
 
 def build_tower(vision_config, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
     """The tower with seeded random weights, created directly on ``device`` (no host copy)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
+    tower_class = (
+        Qwen2_5_VisionTransformerPretrainedModel
+        if vision_config.model_type == "qwen2_5_vl_vision"
+        else Qwen2VisionTransformerPretrainedModel
+    )
     torch.manual_seed(seed)
     with torch.device(device):
-        tower = Qwen2VisionTransformerPretrainedModel(vision_config)
+        tower = tower_class(vision_config)
     return tower.to(dtype=dtype).eval()
 
 
@@ -237,8 +245,54 @@ class Bench:
             return tower_output(self.tower(pixels, grid_thw))
 
 
+def _window_lengths(t: int, h: int, w: int, merge: int, window: int) -> list[int]:
+    """Qwen2.5-VL's attention windows of one ``grid_thw`` row: ``window x window`` merge units from
+    the top-left corner of every frame, the last row / column of windows cut by the grid."""
+    rows = [min(window, h // merge - r) for r in range(0, h // merge, window)]
+    cols = [min(window, w // merge - c) for c in range(0, w // merge, window)]
+    return [r * c * merge * merge for _ in range(t) for r in rows for c in cols]
+
+
+def qwen2_5_vl_flops(vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None) -> FlopReport:
+    """``vit_flops`` for a ``Qwen2_5_VLVisionConfig``: blocks in ``fullatt_block_indexes`` attend
+    per image / frame, the others per window; the gated MLP's three matrices count as a two-matrix
+    MLP of 1.5 x ``intermediate_size``. Same conventions as ``qwen2_vl_flops`` otherwise."""
+    c = vision_config
+    merge = c.spatial_merge_size
+    window = c.window_size // merge // c.patch_size
+
+    def report(seq_lens: list[Any]) -> FlopReport:
+        return vit_flops(
+            c.depth,
+            c.hidden_size,
+            int(1.5 * c.intermediate_size),
+            c.num_heads,
+            seq_lens,
+            config,
+            patch_dim=c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size,
+            merger_out=c.out_hidden_size,
+            spatial_merge=merge,
+        )
+
+    full = report(grid_seq_lens(grid_thw))
+    windowed = report([_window_lengths(int(t), int(h), int(w), merge, window) for t, h, w in grid_thw])
+    blocks = tuple(full.blocks[i] if i in c.fullatt_block_indexes else windowed.blocks[i] for i in range(c.depth))
+    ipcv_only = full.planning + full.restoration
+    overhead = ipcv_only + sum(b.overhead for b in blocks)
+    total = sum(b.total for b in blocks) + ipcv_only + full.embed + full.merger
+    return replace(
+        full,
+        total=total,
+        per_block=tuple(b.total for b in blocks),
+        blocks=blocks,
+        core=total - overhead,
+        overhead=overhead,
+    )
+
+
 def flop_bounds(vision_config: Any, case: Case, configs: dict[str, IPCVConfig | None]) -> dict[str, FlopReport]:
-    return {name: qwen2_vl_flops(vision_config, case.grid_thw, config) for name, config in configs.items()}
+    model_flops = qwen2_5_vl_flops if vision_config.model_type == "qwen2_5_vl_vision" else qwen2_vl_flops
+    return {name: model_flops(vision_config, case.grid_thw, config) for name, config in configs.items()}
 
 
 def run_case(
