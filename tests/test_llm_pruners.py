@@ -1,4 +1,4 @@
-"""LLM-side pruning (FastV, DART) on a tiny random Qwen2-VL, alone and composed with IPCV."""
+"""LLM-side pruning (FastV, DART) on tiny random Qwen2-VL / Qwen2.5-VL, alone and composed with IPCV."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from oracles_more_towers import build_model
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from ipcv_kernels import DART, FastV, IPCVConfig, LLMPruner, apply_ipcv, get_ipcv_patch, remove_ipcv
@@ -224,6 +225,15 @@ def test_decoder_layers_from_k_see_the_kept_tokens(model, pruner):
 
 @pytest.mark.parametrize("pruner", PRUNERS, ids=["fastv", "dart"])
 def test_generation_cache_positions_and_logits(model, pruner):
+    check_generation(model, pruner)
+
+
+@pytest.mark.parametrize("pruner", PRUNERS, ids=["fastv", "dart"])
+def test_qwen2_5_vl_generation(pruner):
+    check_generation(build_model("qwen2_5_vl"), pruner)
+
+
+def check_generation(model, pruner):
     """After prefill, layers >= K cache only the kept tokens; the first token's logits are the
     patched prefill forward's; decoding uses the unpruned positions; and a decoding step equals a
     full forward over prompt + generated token that prunes the same image tokens."""
