@@ -1,7 +1,16 @@
 """LLM-side token pruning (FastV, DART) inside the language model of a multimodal LLM.
 
-Use through ``apply_ipcv(model, config, llm_pruner=FastV(...) or DART(...))``; the functions here
-install / remove the LLM side alone.
+Use through ``apply_ipcv``; the functions here are its LLM-side building blocks::
+
+    from ipcv_kernels import DART, FastV, IPCVConfig, apply_ipcv, remove_ipcv
+
+    apply_ipcv(model, IPCVConfig(), llm_pruner=DART(layer=2, ratio=0.778))  # both sides
+    apply_ipcv(model, llm_pruner=FastV(layer=2, ratio=0.5))  # the LLM side alone
+    model.generate(**inputs)  # prefill prunes image / video tokens from decoder layer 2 on
+    remove_ipcv(model)  # undoes both
+
+Supported models: Qwen2-VL and Qwen2.5-VL (full model or ``*Model``). A custom pruner subclasses
+``LLMPruner`` and implements ``select``.
 """
 
 from __future__ import annotations

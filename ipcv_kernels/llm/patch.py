@@ -13,7 +13,8 @@ make layers ``K ..`` work on the kept tokens only:
   only, while layers ``< K`` hold all of them;
 - a forward hook on the text model scatters the kept rows back into a full-length
   ``last_hidden_state`` (dropped rows carry their layer-``K`` input through the final norm), so
-  outputs keep the unpatched shapes.
+  logits keep the unpatched shapes (the per-layer ``hidden_states`` / ``attentions`` that
+  ``output_hidden_states`` / ``output_attentions`` report hold the kept tokens from layer ``K`` on).
 
 Decoding stays exact: positions come from the full sequence (layer 0's cache length and
 Qwen2-VL's ``rope_deltas``, both unpruned), so generated tokens get the positions they would have
