@@ -146,3 +146,26 @@ def test_full_model_generate_and_ratio_zero_logits(video):
     ik.remove_ipcv(model)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_benchmark_flop_model_uses_the_towers_windows(tower64):
+    from ipcv_kernels.bench.vit import qwen2_5_vl_flops, qwen2_5_window_lengths
+    from ipcv_kernels.flops import predicted_speedup
+
+    config = tower64.config
+    window = config.window_size // config.spatial_merge_size // config.patch_size
+    seen = []
+    hook = tower64.blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["cu_seqlens"]), with_kwargs=True
+    )
+    for grid in [*INPUTS["image_batch"], *INPUTS["video"]]:
+        with torch.no_grad():
+            tower_call(tower64, [grid])()
+        assert seen[-1].diff().tolist() == qwen2_5_window_lengths(*grid, config.spatial_merge_size, window)
+    hook.remove()
+    grid = INPUTS["mix"]
+    unpatched = qwen2_5_vl_flops(config, grid, None)
+    same = qwen2_5_vl_flops(config, grid, ik.IPCVConfig(prune_layer=2, ratio=0.0, as_layers=2))
+    assert predicted_speedup(unpatched, same, include_overhead=False) == 1.0
+    kinds = [b.kind for b in qwen2_5_vl_flops(config, grid, ik.IPCVConfig(prune_layer=2, as_layers=2)).blocks]
+    assert kinds == ["full", "full", "stabilised", "stabilised", "pruned", "pruned"]

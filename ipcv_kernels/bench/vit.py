@@ -245,7 +245,7 @@ class Bench:
             return tower_output(self.tower(pixels, grid_thw))
 
 
-def _window_lengths(t: int, h: int, w: int, merge: int, window: int) -> list[int]:
+def qwen2_5_window_lengths(t: int, h: int, w: int, merge: int, window: int) -> list[int]:
     """Qwen2.5-VL's attention windows of one ``grid_thw`` row: ``window x window`` merge units from
     the top-left corner of every frame, the last row / column of windows cut by the grid."""
     rows = [min(window, h // merge - r) for r in range(0, h // merge, window)]
@@ -275,7 +275,7 @@ def qwen2_5_vl_flops(vision_config: Any, grid_thw: Sequence[Sequence[int]], conf
         )
 
     full = report(grid_seq_lens(grid_thw))
-    windowed = report([_window_lengths(int(t), int(h), int(w), merge, window) for t, h, w in grid_thw])
+    windowed = report([qwen2_5_window_lengths(int(t), int(h), int(w), merge, window) for t, h, w in grid_thw])
     blocks = tuple(full.blocks[i] if i in c.fullatt_block_indexes else windowed.blocks[i] for i in range(c.depth))
     ipcv_only = full.planning + full.restoration
     overhead = ipcv_only + sum(b.overhead for b in blocks)
