@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <omp.h>
@@ -20,6 +21,7 @@
 #include <limits>
 #include <mutex>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../ipcv.h"
@@ -67,16 +69,21 @@ template <typename scalar_t, typename acc_t>
 std::pair<at::Tensor, at::Tensor> reference_rows(const at::Tensor& src, const int64_t* rows, int64_t count) {
   const int64_t dim = src.size(1);
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  at::Tensor matrix = at::empty({count, dim}, src.options().dtype(acc_type));
+  // Rows already contiguous in the accumulation type are used in place (no copy of the references).
+  constexpr bool in_place_possible = std::is_same_v<scalar_t, acc_t>;
+  const bool in_place = in_place_possible && rows == nullptr;
+  at::Tensor matrix = in_place ? src : at::empty({count, dim}, src.options().dtype(acc_type));
   at::Tensor sq_norms = at::empty({count}, src.options().dtype(acc_type));
   const scalar_t* src_data = src.const_data_ptr<scalar_t>();
-  acc_t* out = matrix.mutable_data_ptr<acc_t>();
   acc_t* norms = sq_norms.mutable_data_ptr<acc_t>();
   at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
-    gather_rows(src_data, dim, rows, begin, end - begin, out + begin * dim);
+    if (!in_place) gather_rows(src_data, dim, rows, begin, end - begin, matrix.mutable_data_ptr<acc_t>() + begin * dim);
+    const acc_t* out = matrix.const_data_ptr<acc_t>();
     for (int64_t i = begin; i < end; ++i) {
       acc_t sum = 0;
-      for (int64_t c = 0; c < dim; ++c) sum += out[i * dim + c] * out[i * dim + c];
+      const acc_t* row = out + i * dim;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < dim; ++c) sum += row[c] * row[c];
       norms[i] = sum;
     }
   });
@@ -122,8 +129,16 @@ void knn_segments(const scalar_t* query_src, const int64_t* query_rows, int64_t 
     const int64_t ref_count = cu_ref[tile.segment + 1] - ref_first;
     const int64_t kk = std::min(k, ref_count);
 
-    at::Tensor queries = at::empty({rows, dim}, ref_rows.options());
-    gather_rows(query_src, dim, query_rows, tile.q_begin, rows, queries.mutable_data_ptr<acc_t>());
+    at::Tensor queries;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (query_rows == nullptr) {  // contiguous rows of the right type: a view, no copy
+        queries = at::from_blob(const_cast<acc_t*>(query_src) + tile.q_begin * dim, {rows, dim}, ref_rows.options());
+      }
+    }
+    if (!queries.defined()) {
+      queries = at::empty({rows, dim}, ref_rows.options());
+      gather_rows(query_src, dim, query_rows, tile.q_begin, rows, queries.mutable_data_ptr<acc_t>());
+    }
 
     std::vector<acc_t> best_key(rows * kk, std::numeric_limits<acc_t>::infinity());
     std::vector<int64_t> best_index(rows * kk, -1);
@@ -220,6 +235,8 @@ at::Tensor token_scores(const at::Tensor& x_before, const at::Tensor& x_after) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       acc_t sum = 0;
+      // The simd reduction lets the compiler vectorise the sum (strict FP order would forbid it).
+#pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < dim; ++c) {
         const acc_t diff = static_cast<acc_t>(after[j * dim + c]) - static_cast<acc_t>(before[j * dim + c]);
         sum += diff * diff;
