@@ -354,3 +354,40 @@ def test_bad_settings(model):
         apply_ipcv(model, llm_pruner="fastv")
     with pytest.raises(TypeError, match="llm_pruner"):
         apply_ipcv(model.model.visual, llm_pruner=FastV())
+
+
+def padding_mask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention that takes flash-attention-style masks: ``None`` (causal) or a 2-D ``[B, kv]``
+    padding mask, causal aligned bottom-right as flash attention does; computed with sdpa."""
+    query_length, key_length = query.shape[2], key.shape[2]
+    allowed = torch.ones(query_length, key_length, dtype=torch.bool, device=query.device)
+    if getattr(module, "is_causal", True):
+        allowed = allowed.tril(key_length - query_length)
+    allowed = allowed.expand(query.shape[0], 1, -1, -1)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # padding queries: any finite output
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("pruner", PRUNERS, ids=["fastv", "dart"])
+def test_flash_style_padding_masks(model, pruner):
+    """The 2-D padding masks of flash attention are cut down like the 4-D ones (same logits)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import flash_attention_mask
+
+    AttentionInterface.register("ipcv_test_padding_mask", padding_mask_attention)
+    AttentionMaskInterface.register("ipcv_test_padding_mask", flash_attention_mask)
+    flash_style = build_qwen2_vl_model(attn_implementation="ipcv_test_padding_mask")
+    batch = padded_batch(model, [[[1, 6, 8]], [[1, 4, 4]]])
+    expected = greedy(model, batch)  # sdpa, unpatched
+    assert_close(greedy(flash_style, batch).logits[0], expected.logits[0])
+    apply_ipcv(model, llm_pruner=pruner)
+    apply_ipcv(flash_style, llm_pruner=pruner)
+    expected, out = greedy(model, batch), greedy(flash_style, batch)
+    assert torch.equal(get_llm_pruning_patch(flash_style).last_kept, get_llm_pruning_patch(model).last_kept)
+    for step_logits, expected_logits in zip(out.logits, expected.logits, strict=True):
+        assert_close(step_logits, expected_logits)
