@@ -235,9 +235,21 @@ def ngr_restore_triton(
 
 
 # -- ngr_attention ------------------------------------------------------------------------------
-def _attention_tiles(head_dim: int) -> tuple[int, int]:
-    # Wider heads hold a wider fp32 accumulator per query row: fewer key columns per tile.
-    return (64, 64) if head_dim <= 128 else (64, 32)
+def attention_launch_config(head_dim: int, dtype: torch.dtype, rotary: bool) -> dict[str, int]:
+    """Tiles, warps and pipeline depth of ``varlen_attention_kernel``.
+
+    Shared memory per program, from compiling for sm_90 (no GPU needed): bf16, Dh <= 128, 64 x 64
+    tiles, 3 stages: 32 KiB; fused rotary pipelines fp32 cos/sin tiles for every key tile too
+    (~96 KiB at 3 stages, so 2 stages); fp32 operands or Dh = 256 double it again. Every choice
+    below stays under ~110 KiB so that two programs share an SM (H100: 227 KiB per block).
+    """
+    if dtype == torch.float32:
+        block_n, stages = 32, 1
+    elif head_dim > 128:
+        block_n, stages = 32, 1 if rotary else 2
+    else:
+        block_n, stages = 64, 2 if rotary else 3
+    return {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": stages}
 
 
 def ngr_attention_triton(
@@ -289,8 +301,8 @@ def ngr_attention_triton(
         cos = sin = q  # never read
         half = (head_dim + 1) // 2
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    block_m, block_n = _attention_tiles(head_dim)
-    grid = (triton.cdiv(num_q, block_m), num_heads)
+    config = attention_launch_config(head_dim, q.dtype, rotary is not None)
+    grid = (triton.cdiv(num_q, config["BLOCK_M"]), num_heads)
     varlen_attention_kernel[grid](
         q,
         k,
@@ -312,15 +324,13 @@ def ngr_attention_triton(
         out.stride(1),
         cos.stride(0),
         sin.stride(0),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
         BLOCK_HALF=max(16, triton.next_power_of_2(half)),
         BLOCK_DV=max(16, triton.next_power_of_2(head_dim)),
         HAS_Q_INDEX=q_index is not None,
         GATHER_Q=q_rows is not None,
         ROTARY=rotary is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4 if head_dim <= 64 else 8,
+        **config,
     )
     return out
 

@@ -89,11 +89,11 @@ def varlen_attention_kernel(
     q_hi = tl.load(q_base + (half + d_lo[None, :]) * stride_qd, mask=q_mask_hi, other=0.0)
     if ROTARY:
         # Rounded back to the input dtype, as the model's own rotary does before attention.
-        rot_lo, rot_hi = _rotate(
+        q_rot_lo, q_rot_hi = _rotate(
             q_lo, q_hi, cos_ptr, sin_ptr, position, stride_cos, stride_sin, d_lo, half, q_mask_lo, q_mask_hi
         )
-        q_lo = rot_lo.to(q_lo.dtype)
-        q_hi = rot_hi.to(q_hi.dtype)
+        q_lo = q_rot_lo.to(q_lo.dtype)
+        q_hi = q_rot_hi.to(q_hi.dtype)
 
     d_v = tl.arange(0, BLOCK_DV)
     v_ok = d_v < head_dim
@@ -114,11 +114,11 @@ def varlen_attention_kernel(
         k_lo = tl.load(k_base + d_lo[None, :] * stride_kd, mask=k_mask_lo, other=0.0)
         k_hi = tl.load(k_base + (half + d_lo[None, :]) * stride_kd, mask=k_mask_hi, other=0.0)
         if ROTARY:
-            rot_lo, rot_hi = _rotate(
+            k_rot_lo, k_rot_hi = _rotate(
                 k_lo, k_hi, cos_ptr, sin_ptr, cols, stride_cos, stride_sin, d_lo, half, k_mask_lo, k_mask_hi
             )
-            k_lo = rot_lo.to(k_lo.dtype)
-            k_hi = rot_hi.to(k_hi.dtype)
+            k_lo = k_rot_lo.to(k_lo.dtype)
+            k_hi = k_rot_hi.to(k_hi.dtype)
         scores = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PRECISION)
         scores = tl.dot(q_hi, tl.trans(k_hi), scores, input_precision=DOT_PRECISION)
         # Softmax in base 2: exp(s * scale) = exp2(s * scale * log2(e)), with scale_log2 folded in.

@@ -1,0 +1,107 @@
+"""The Triton kernels compile for a real GPU (sm_90, H100) with the launchers' own tile choices
+and fit the shared-memory budget, without needing a GPU. The interpreter never compiles, so this
+is where compile-only errors (loop-carried type changes, dot shape limits, shared memory) show.
+
+Each launcher is called as usual with tiny CPU tensors, but its kernel object is replaced by a
+stand-in that turns the launch's arguments into a signature and runs Triton's ahead-of-time
+compiler down to a cubin (ptxas ships with triton). Triton must be imported in compile mode for
+that, so the checks run in a subprocess without ``TRITON_INTERPRET`` (this file's ``__main__``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two programs per SM (227 KiB each at most on an H100): the launchers aim below half.
+SHARED_BUDGET = 116 * 1024
+POINTER_TYPES = {
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float32: "*fp32",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+}
+
+
+def test_kernels_compile_for_h100():
+    pytest.importorskip("triton")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__))], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+class AheadOfTimeCompiler:
+    """Stands in for ``kernel[grid](*args, **constexprs)``: compiles for sm_90 instead of launching."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.shared: list[int] = []
+
+    def __getitem__(self, grid):
+        return self.compile
+
+    def compile(self, *args, num_warps: int = 4, num_stages: int = 3, **constexprs) -> None:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        def arg_type(value):
+            if isinstance(value, torch.Tensor):
+                return POINTER_TYPES[value.dtype]
+            if isinstance(value, float):
+                return "fp32"
+            return "i32" if -(2**31) <= value < 2**31 else "i64"
+
+        names = [p.name for p in self.kernel.params if not p.is_constexpr]
+        signature = {name: arg_type(value) for name, value in zip(names, args, strict=True)}
+        signature.update(dict.fromkeys(constexprs, "constexpr"))
+        options = {"num_warps": num_warps, "num_stages": num_stages}
+        binary = triton.compile(
+            ASTSource(self.kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options
+        )
+        assert binary.asm["cubin"], "ptxas produced no cubin"
+        self.shared.append(binary.metadata.shared)
+        constants = {k: v for k, v in constexprs.items() if k.isupper()}
+        print(f"{self.kernel.__name__} {constants} {options}: {binary.metadata.shared} B shared")
+        assert binary.metadata.shared <= SHARED_BUDGET, f"{binary.metadata.shared} B of shared memory"
+
+
+def compile_every_launch_configuration() -> None:
+    from conftest import offsets
+
+    from ipcv_kernels.ops import triton_backend as tb
+
+    for name in ("knn_kernel", "varlen_attention_kernel", "ngr_reconstruct_kernel"):
+        setattr(tb, name, AheadOfTimeCompiler(getattr(tb, name)))
+    for dtype in (torch.bfloat16, torch.float32):
+        tb.knn_triton(torch.zeros(5, 1280, dtype=dtype), torch.zeros(7, 1280, dtype=dtype), 10)
+    for dtype, head_dim, rotary in (
+        (torch.bfloat16, 80, True),
+        (torch.bfloat16, 128, False),
+        (torch.bfloat16, 256, True),
+        (torch.float32, 128, True),
+    ):
+        q = torch.zeros(6, 2, head_dim, dtype=dtype)
+        table = (torch.ones(6, head_dim), torch.zeros(6, head_dim)) if rotary else None
+        rows = torch.arange(6) if rotary else None
+        tb.ngr_attention_triton(q, q, q, offsets([6]), offsets([6]), rotary=table, q_rows=rows)
+    rows = torch.zeros(4, 1280, dtype=torch.bfloat16)
+    neighbors = torch.zeros(4, 10, dtype=torch.int64)
+    tb.ngr_reconstruct_triton(rows, rows, rows, neighbors)
+    norm = torch.nn.LayerNorm(1280).to(torch.bfloat16)
+    full = torch.zeros(8, 1280, dtype=torch.bfloat16)
+    tb.ngr_restore_triton(
+        full, rows, rows, rows, torch.arange(4), torch.arange(4, 8), neighbors, normed_out=full.clone(), norm=norm
+    )
+
+
+if __name__ == "__main__":
+    compile_every_launch_configuration()
