@@ -10,6 +10,7 @@ from conftest import offsets
 import ipcv_kernels as ik
 from ipcv_kernels.ops.attention_backends import flash_attn_unavailable, torch_varlen_unavailable
 from ipcv_kernels.reference import ngr_attention_reference
+from ipcv_kernels.reference.rotary import apply_rotary_vision
 from ipcv_kernels.testing import assert_close_to_reference
 
 LIBRARY_BACKENDS = {"flash_attn": flash_attn_unavailable, "torch_varlen": torch_varlen_unavailable}
@@ -66,3 +67,53 @@ def test_gpu_half_only(cuda_device):
         if reason() is None:
             with pytest.raises(TypeError, match="fp16/bf16"):
                 ik.ngr_attention(q, q, q, offsets([4], cuda_device), offsets([4], cuda_device), backend=name)
+
+
+def fused_case(n=12, heads=2, head_dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(n, heads, head_dim, generator=generator) for _ in range(3))
+    cos, sin = (torch.randn(n, head_dim, generator=generator) for _ in range(2))
+    rows = torch.tensor([0, 3, 4, 9, 11])
+    return q, k, v, (cos, sin), rows, offsets([3, 2]), offsets([7, 5])
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_fused_options_on_unfused_backends(backend):
+    # Backends without fusion get the gathered, rotated tensors computed by PyTorch first.
+    q, k, v, (cos, sin), rows, cu_q, cu_k = fused_case()
+    expected = ngr_attention_reference(
+        apply_rotary_vision(q[rows], cos[rows], sin[rows]), apply_rotary_vision(k, cos, sin), v, cu_q, cu_k
+    )
+    by_rows = ik.ngr_attention(q, k, v, cu_q, cu_k, rotary=(cos, sin), q_rows=rows, backend=backend)
+    by_positions = ik.ngr_attention(q[rows], k, v, cu_q, cu_k, rotary=(cos, sin), q_positions=rows, backend=backend)
+    torch.testing.assert_close(by_rows, expected)
+    torch.testing.assert_close(by_positions, expected)
+    gathered = ik.ngr_attention(q, k, v, cu_q, cu_k, q_rows=rows, backend=backend)
+    torch.testing.assert_close(gathered, ngr_attention_reference(q[rows], k, v, cu_q, cu_k))
+
+
+def test_fused_options_are_validated():
+    q, k, v, (cos, sin), rows, cu_q, cu_k = fused_case()
+
+    def call(q=q, cu_q=cu_q, **options):
+        return ik.ngr_attention(q, k, v, cu_q, cu_k, backend="torch", **options)
+
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        call(rotary=(cos, sin), q_rows=rows, q_positions=rows)
+    with pytest.raises(ValueError, match="q_positions needs rotary"):
+        call(q=q[rows], q_positions=rows)
+    with pytest.raises(TypeError, match="rotary must be a \\(cos, sin\\) tuple"):
+        call(rotary=cos, q_rows=rows)
+    with pytest.raises(ValueError, match="rotary cos must have shape"):
+        call(rotary=(cos[:5], sin), q_rows=rows)
+    with pytest.raises(ValueError, match="q_rows must hold row indices in \\[0, 12\\)"):
+        call(q_rows=torch.tensor([0, 3, 4, 9, 12]))
+    with pytest.raises(TypeError, match="q_rows must have dtype"):
+        call(q_rows=rows.float())
+    with pytest.raises(ValueError, match="cu_seqlens_q must end at the number of rows \\(5\\)"):
+        call(q_rows=rows, cu_q=offsets([3, 3]))
+    with pytest.raises(ValueError, match="q_positions must have 12 entries"):
+        call(rotary=(cos, sin), q_positions=rows, cu_q=offsets([6, 6]))
+    with pytest.raises(ValueError, match="even head dim"):
+        odd = torch.randn(12, 2, 7)
+        ik.ngr_attention(odd, odd, odd, offsets([12]), offsets([12]), rotary=(cos[:, :7], sin[:, :7]))
