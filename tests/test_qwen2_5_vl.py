@@ -22,6 +22,7 @@ INPUTS = {
     "video": [[2, 8, 8]],
     "mix": [[1, 8, 8], [2, 4, 8]],
 }
+ORACLE_INPUTS = ("one_image", "image_batch", "video")  # "mix": see the scope test
 CONFIGS = {
     "P1_r50_A0_k1": dict(prune_layer=1, ratio=0.5, as_layers=0, num_neighbors=1),
     "P2_r65_A2_k10": dict(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=10),
@@ -73,7 +74,7 @@ def test_ratio_zero_equals_unpatched(attn, grid):
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-@pytest.mark.parametrize("grid", INPUTS.values(), ids=INPUTS.keys())
+@pytest.mark.parametrize("grid", [INPUTS[k] for k in ORACLE_INPUTS], ids=ORACLE_INPUTS)
 def test_matches_float64_spec_oracle(tower64, config, grid):
     got = run(tower64, grid, ik.IPCVConfig(**config))
     expected = oracle(tower64, grid, config)
