@@ -70,6 +70,7 @@ def _extension_config() -> dict:
             except Exception as error:
                 if os.environ.get("IPCV_REQUIRE_BUILD") == "1":
                     raise
+                self.extensions = []  # nothing to copy or install afterwards
                 print(
                     f"ipcv_kernels: building the compiled ops failed ({error}); installing the pure-Python "
                     "package (backend='cpp' will be unavailable). Set IPCV_REQUIRE_BUILD=1 to make this an error.",

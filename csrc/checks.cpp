@@ -29,15 +29,15 @@ void check_same_float_matrix(const char* op, const char* name, const at::Tensor&
   check_float_matrix(op, name, t);
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of ", like_name, " (",
               like.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), " like ", like_name,
-              ", got ", t.device());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), " like ", like_name, ", got ",
+              t.device());
   TORCH_CHECK(t.size(1) == like.size(1), op, ": ", name, " must have ", like.size(1), " columns like ", like_name,
               ", got ", t.size(1));
 }
 
 Offsets host_offsets(const char* op, const char* name, const at::Tensor& cu, int64_t total, const at::Device& device) {
-  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, op, ": ", name, " must be 1-D offsets with at least 2 entries, got shape ",
-              cu.sizes());
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, op, ": ", name,
+              " must be 1-D offsets with at least 2 entries, got shape ", cu.sizes());
   TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", cu.scalar_type());
   TORCH_CHECK(cu.device() == device, op, ": ", name, " must be on ", device, ", got ", cu.device());
   // One small device-to-host copy per call: output sizes depend on the offsets' values.

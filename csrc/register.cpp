@@ -51,8 +51,8 @@ at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, 
   check_float_matrix(op, "base_drop", base_drop);
   check_same_float_matrix(op, "kept", kept, "base_drop", base_drop);
   check_same_float_matrix(op, "base_kept", base_kept, "base_drop", base_drop);
-  TORCH_CHECK(base_kept.sizes() == kept.sizes(), op, ": base_kept must have the shape of kept ", kept.sizes(),
-              ", got ", base_kept.sizes());
+  TORCH_CHECK(base_kept.sizes() == kept.sizes(), op, ": base_kept must have the shape of kept ", kept.sizes(), ", got ",
+              base_kept.sizes());
   TORCH_CHECK(neighbors.dim() == 2 && neighbors.size(0) == base_drop.size(0), op, ": neighbors must be [",
               base_drop.size(0), ", k], got ", neighbors.sizes());
   TORCH_CHECK(neighbors.scalar_type() == at::kInt || neighbors.scalar_type() == at::kLong, op,

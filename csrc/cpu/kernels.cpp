@@ -256,8 +256,8 @@ at::Tensor knn(const at::Tensor& query, const at::Tensor& ref, int64_t k, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ipcv_knn_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto [ref_rows, ref_sq_norms] = reference_rows<scalar_t, acc_t>(r, nullptr, r.size(0));
-    knn_segments<scalar_t>(q.const_data_ptr<scalar_t>(), nullptr, q.size(1), ref_rows, ref_sq_norms, cu_query,
-                           cu_ref, k, out.mutable_data_ptr<int64_t>());
+    knn_segments<scalar_t>(q.const_data_ptr<scalar_t>(), nullptr, q.size(1), ref_rows, ref_sq_norms, cu_query, cu_ref,
+                           k, out.mutable_data_ptr<int64_t>());
   });
   return out;
 }

@@ -7,8 +7,6 @@
 // boundary checks), needed because output sizes depend on them.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/cumsum.h>
@@ -19,7 +17,9 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/topk.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <limits>
@@ -173,8 +173,8 @@ __global__ void reconstruct_kernel(const scalar_t* base_drop, const scalar_t* ke
 // Streaming k-nearest search. `queries(b, begin, count)` returns the acc-typed query rows
 // [begin, begin + count) of the query array; `ref_rows` holds every reference row in the acc type.
 template <typename acc_t, typename QueryRows>
-void knn_segments(const QueryRows& queries, const at::Tensor& ref_rows, const Offsets& cu_query,
-                  const Offsets& cu_ref, int64_t k, at::Tensor& out) {
+void knn_segments(const QueryRows& queries, const at::Tensor& ref_rows, const Offsets& cu_query, const Offsets& cu_ref,
+                  int64_t k, at::Tensor& out) {
   const at::Tensor ref_sq_norms = ref_rows.mul(ref_rows).sum(1);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   for (size_t b = 0; b + 1 < cu_query.size(); ++b) {
@@ -242,7 +242,8 @@ Selection select_from_scores(const at::Tensor& scores, const Offsets& cu_items, 
         drop.mutable_data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {keep, drop, device_offsets(layout.cu_keep, device, at::kInt), device_offsets(layout.cu_drop, device, at::kInt)};
+  return {keep, drop, device_offsets(layout.cu_keep, device, at::kInt),
+          device_offsets(layout.cu_drop, device, at::kInt)};
 }
 
 }  // namespace
@@ -254,8 +255,8 @@ at::Tensor knn(const at::Tensor& query, const at::Tensor& ref, int64_t k, const 
   const at::Tensor q = query.contiguous().to(acc), r = ref.contiguous().to(acc);
   at::Tensor out = at::full({q.size(0), k}, -1, q.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(acc, "ipcv_knn_cuda", [&] {
-    knn_segments<scalar_t>([&](int64_t begin, int64_t count) { return q.narrow(0, begin, count); }, r, cu_query,
-                           cu_ref, k, out);
+    knn_segments<scalar_t>([&](int64_t begin, int64_t count) { return q.narrow(0, begin, count); }, r, cu_query, cu_ref,
+                           k, out);
   });
   return out;
 }
@@ -273,10 +274,10 @@ at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, drop_rows.scalar_type(), "ipcv_ngr_reconstruct_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     AT_DISPATCH_INDEX_TYPES(index.scalar_type(), "ipcv_ngr_reconstruct_cuda_index", [&] {
-      reconstruct_kernel<scalar_t, index_t, acc_t><<<rows, threads, 0, stream>>>(
-          drop_rows.const_data_ptr<scalar_t>(), kept_rows.const_data_ptr<scalar_t>(),
-          base_rows.const_data_ptr<scalar_t>(), index.const_data_ptr<index_t>(), dim, k,
-          out.mutable_data_ptr<scalar_t>());
+      reconstruct_kernel<scalar_t, index_t, acc_t>
+          <<<rows, threads, 0, stream>>>(drop_rows.const_data_ptr<scalar_t>(), kept_rows.const_data_ptr<scalar_t>(),
+                                         base_rows.const_data_ptr<scalar_t>(), index.const_data_ptr<index_t>(), dim, k,
+                                         out.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
