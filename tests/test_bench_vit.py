@@ -42,7 +42,10 @@ def test_smoke_run_writes_every_field(tmp_path):
     assert image["checks"]["passed"] and "ratio0_vs_unpatched" in image["checks"]
     assert "ratio0_vs_unpatched" not in video["checks"]  # --check first
     for case in (image, video):
-        assert case["checks"]["ipcv_vs_paper"] <= case["checks"]["bound"]
+        assert case["checks"]["passed"]
+        # (b) vs (c), or, after a near-tie broken differently, (c) vs (b)'s formulation on (c)'s plan.
+        agreement = case["checks"].get("ipcv_vs_paper", case["checks"].get("ipcv_vs_paper_same_planning"))
+        assert agreement <= case["checks"]["bound"]
         for stats in case["variants"].values():
             assert stats["median_ms"] > 0 and len(stats["samples_ms"]) == 1
             assert set(stats["memory"]) == {"method", "peak_bytes", "peak_extra_bytes"}
