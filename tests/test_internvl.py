@@ -156,3 +156,14 @@ def test_unsupported_model_lists_the_families():
     with pytest.raises(TypeError, match=r"Qwen2-VL.*Qwen2\.5-VL.*Qwen3-VL.*InternVL") as error:
         ik.apply_ipcv(nn.Linear(2, 2))
     assert "InternVLForConditionalGeneration" in str(error.value)
+
+
+def test_feature_layer_inside_the_pruned_stretch_is_refused():
+    model = build_model(FAMILY)
+    inputs = internvl_inputs(model, [1])
+    ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=2))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="vision_feature_layer -3"):
+            model(**inputs, vision_feature_layer=-3)  # layer 3's output: kept rows only
+        assert model(**inputs, vision_feature_layer=2).logits.shape[1] == inputs["input_ids"].shape[1]
+    ik.remove_ipcv(model)

@@ -32,6 +32,11 @@ from another image. The tower itself only sees a batch of tiles, so:
 - a bare tower call treats all its tiles as one item, unless ``set_tiles_per_image`` was given the
   per-image counts.
 
+**Limits.** The tower's ``hidden_states`` (``output_hidden_states=True``) of layers ``P`` to
+``depth - 2`` hold only the kept rows, packed ``[kept, D]``; a full model whose
+``vision_feature_layer`` reads one of them raises ``ValueError`` (the InternVL-hf checkpoints use
+``-1``, the last output, which is always complete).
+
 Default settings for this family (the paper's InternVL2 setting): ``IPCVConfig.for_model(model)``
 gives prune layer 7, ratio 0.65, 3 stabilisation blocks, 10 neighbours.
 """
@@ -201,7 +206,7 @@ class InternVLAdapter(FamilyAdapter):
         self.tiles_per_image: list[int] | None = None  # set_tiles_per_image, for bare tower calls
         self._prompt_tiles: list[int] | None = None  # from input_ids, during one full-model forward
         self._tile_segments: torch.Tensor | None = None  # int32 [tiles + 1] of the current call
-        self._attention_backend = "auto"
+        self._patch: IPCVPatch | None = None
 
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
         if not hasattr(tower, "encoder") or not hasattr(tower.encoder, "layer"):
@@ -209,7 +214,7 @@ class InternVLAdapter(FamilyAdapter):
         return tower.encoder.layer
 
     def install_hooks(self, patch: IPCVPatch) -> list[torch.utils.hooks.RemovableHandle]:
-        self._attention_backend = patch.config.attention_backend
+        self._patch = patch
         handles = []
         for module in self.model.modules() if self.model is not None else ():
             if getattr(module, "vision_tower", None) is patch.tower:
@@ -218,6 +223,7 @@ class InternVLAdapter(FamilyAdapter):
         return handles
 
     def _read_prompt_tiles(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._check_feature_layer(kwargs.get("vision_feature_layer"), module.config.vision_feature_layer)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
         if input_ids is None or pixel_values is None:
@@ -227,6 +233,19 @@ class InternVLAdapter(FamilyAdapter):
 
     def _forget_prompt_tiles(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._prompt_tiles = None
+
+    def _check_feature_layer(self, requested: int | list[int] | None, default: int | list[int]) -> None:
+        """The model may read ``hidden_states[i]`` of the tower instead of its last output; those
+        of layers ``P .. depth-2`` hold only the kept rows, so refuse them with a clear error."""
+        layers = default if requested is None else requested
+        depth, prune_layer = self._patch.depth, self._patch.config.prune_layer
+        for layer in [layers] if isinstance(layers, int) else layers:
+            index = layer % (depth + 1)  # hidden_states[0] is the embedding, [i] layer i-1's output
+            if layer != -1 and prune_layer < index < depth:
+                raise ValueError(
+                    f"vision_feature_layer {layer} reads a tower hidden state that IPCV prunes; "
+                    f"use -1 or a prune_layer >= {index}"
+                )
 
     # -- one tower call -------------------------------------------------------------------------
     def item_lengths(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[int]:
@@ -272,7 +291,8 @@ class InternVLAdapter(FamilyAdapter):
         call: BlockCall,
     ) -> torch.Tensor:
         cu_seqlens = cu_seqlens.to(torch.int32)
-        return internvit_layer(block, hidden, hidden, None, cu_seqlens, cu_seqlens, self._attention_backend)
+        backend = self._patch.config.attention_backend
+        return internvit_layer(block, hidden, hidden, None, cu_seqlens, cu_seqlens, backend)
 
     def stabilised_block(
         self,

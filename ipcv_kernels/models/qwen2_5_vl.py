@@ -19,6 +19,9 @@ IPCV needs nothing beyond Qwen2-VL's integration:
 
 The block is pre-norm (RMSNorm) with a fused ``qkv`` projection and a gated MLP, which the shared
 stabilisation forward of Qwen2-VL covers through ``block.norm1`` / ``block.norm2`` / ``block.mlp``.
+
+Limit: the tower's ``hidden_states`` (``output_hidden_states=True``) of blocks ``P`` to
+``depth - 2`` hold only the kept rows (what those blocks return); the last output is complete.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ block in ``deepstack_visual_indexes`` the tower feeds that block's output to a
 pruned stretch returns only the kept tokens, so a forward pre-hook on every DeepStack merger
 restores the dropped ones first, exactly as for the final output (NGR from the current kept states,
 ``IPCVPatch.full_sequence``): every tap sees the full token count, in the usual order.
+
+Limit: the tower's ``hidden_states`` (``output_hidden_states=True``) of blocks ``P`` to
+``depth - 2`` hold only the kept rows (what those blocks return); the last output is complete.
 """
 
 from __future__ import annotations
