@@ -110,3 +110,16 @@ def test_gpu_fused_rotary_gather(cuda_device, dtype):
     cu_q = offsets([keep.numel()], cuda_device)
     got = ngr_attention_triton(q_full, k, v, cu_q, cu_k, rotary=(cos, sin), q_rows=keep)
     check(got, apply_rotary_vision(q_full[keep], cos[keep], sin[keep]), apply_rotary_vision(k, cos, sin), v, cu_q, cu_k)
+
+
+def test_fp64_and_wide_heads_fall_back_with_fused_options(triton_device):
+    # No kernel for fp64 or Dh > 256: the reference runs, the fused options still apply.
+    cu = offsets([5, 4], triton_device)
+    for dtype, head_dim in ((torch.float64, 16), (torch.float32, 288)):
+        q, k, v = random_qkv(9, 9, 1, head_dim, dtype, triton_device, seed=7)
+        cos, sin = torch.randn(9, head_dim, device=triton_device), torch.randn(9, head_dim, device=triton_device)
+        rows = torch.tensor([1, 2, 6], device=triton_device)
+        cu_q = offsets([2, 1], triton_device)
+        got = ngr_attention_triton(q, k, v, cu_q, cu, rotary=(cos, sin), q_rows=rows)
+        q_rot = apply_rotary_vision(q[rows], cos[rows], sin[rows])
+        torch.testing.assert_close(got, ngr_attention_reference(q_rot, apply_rotary_vision(k, cos, sin), v, cu_q, cu))

@@ -16,8 +16,8 @@ import torch
 
 from .._validation import check_cu_seqlens, check_float, check_int, check_ratio, check_tensor
 from ..reference import IPCVPlan, TokenSelection, shrink_cu_seqlens_reference, token_scores_reference
-from ..reference.rotary import apply_rotary_vision
 from . import library  # noqa: F401  (registers torch.ops.ipcv_kernels.*)
+from .attention_backends import unfused_attention_inputs
 from .dispatch import backend_names, resolve_backend
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -196,7 +196,7 @@ def ngr_attention(
         return torch.ops.ipcv_kernels.ngr_attention_fused(
             q, k, v, cu_seqlens_q, cu_seqlens_k, cos, sin, q_rows, q_positions, scale, chosen
         )
-    q, k = _unfused_attention_inputs(q, k, rotary, q_rows, q_positions)
+    q, k = unfused_attention_inputs(q, k, rotary, q_rows, q_positions)
     return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, chosen)
 
 
@@ -239,25 +239,6 @@ def _check_fused_attention_options(
             raise ValueError(f"q_positions must have {q.shape[0]} entries (one per q row), got {q_positions.shape[0]}")
     elif q.shape[0] != k.shape[0]:
         raise ValueError("rotary without q_rows / q_positions needs q and k rows aligned (Nq == Nk)")
-
-
-def _unfused_attention_inputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    rotary: tuple[torch.Tensor, torch.Tensor] | None,
-    q_rows: torch.Tensor | None,
-    q_positions: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gathered / rotated q and k that a backend without fusion attends with."""
-    positions = q_rows if q_rows is not None else q_positions
-    if q_rows is not None:
-        q = q[q_rows]
-    if rotary is not None:
-        cos, sin = rotary
-        q_cos, q_sin = (cos, sin) if positions is None else (cos[positions], sin[positions])
-        q = apply_rotary_vision(q, q_cos, q_sin)
-        k = apply_rotary_vision(k, cos, sin)
-    return q, k
 
 
 @torch.no_grad()

@@ -7,6 +7,9 @@
 Both take separate query / key offsets, so they compute exactly the op (kept queries over full
 keys). Neither library is imported until a call: importing flash-attn loads its CUDA extension.
 Both need the longest segment lengths on the host: one small device-to-host copy per call.
+
+``unfused_attention_inputs`` prepares ``ngr_attention``'s fused options (rotary, query gather)
+with PyTorch for every backend that does not fuse them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import importlib.util
 
 import torch
 
+from ..reference.rotary import apply_rotary_vision
 from .dispatch import Backend, register_backend
 
 # Below Triton (20), above sdpa (10): ``auto`` on CUDA prefers the fused Triton kernel.
@@ -100,6 +104,26 @@ def ngr_attention_torch_varlen(
         _longest(cu_seqlens_k),
         scale=softmax_scale,
     )
+
+
+def unfused_attention_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    q_rows: torch.Tensor | None,
+    q_positions: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` gathered at ``q_rows`` and ``q``, ``k`` rotated, by PyTorch: what a backend that does not
+    fuse ``ngr_attention``'s ``rotary`` / ``q_rows`` / ``q_positions`` options attends with."""
+    positions = q_rows if q_rows is not None else q_positions
+    if q_rows is not None:
+        q = q[q_rows]
+    if rotary is not None:
+        cos, sin = rotary
+        q_cos, q_sin = (cos, sin) if positions is None else (cos[positions], sin[positions])
+        q = apply_rotary_vision(q, q_cos, q_sin)
+        k = apply_rotary_vision(k, cos, sin)
+    return q, k
 
 
 register_backend(

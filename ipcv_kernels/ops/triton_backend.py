@@ -12,7 +12,7 @@ the CPU, Triton kernels only run under the interpreter (``TRITON_INTERPRET=1``, 
 there (and ``register_triton_backends()`` afterwards to restore the CUDA-only table).
 
 Dtypes: fp16/bf16/fp32 run the kernels; fp64 (an oracle dtype, no fast path needed) runs the
-reference, as does ``knn`` with ``k > MAX_KERNEL_K``.
+reference, as do ``knn`` with ``k > MAX_KERNEL_K`` and attention with ``Dh > MAX_HEAD_DIM``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from ..reference import (
 from ..triton.attention import varlen_attention_kernel
 from ..triton.knn import knn_kernel
 from ..triton.reconstruct import ngr_reconstruct_kernel
+from .attention_backends import unfused_attention_inputs
 from .dispatch import Backend, register_backend
 
 # The running top-k list lives in registers: beyond 32 slots it spills, so larger k uses the reference.
@@ -283,8 +284,7 @@ def ngr_attention_triton(
         raise ValueError("q_rows and q_positions are mutually exclusive")
     head_dim = q.shape[-1]
     if not _kernel_dtype(q.dtype) or head_dim > MAX_HEAD_DIM:
-        if rotary is not None or q_rows is not None or q_positions is not None:
-            raise ValueError(f"the fused Triton attention needs fp16/bf16/fp32 and Dh <= {MAX_HEAD_DIM}")
+        q, k = unfused_attention_inputs(q, k, rotary, q_rows, q_positions)
         return ngr_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
     q_index = q_rows if q_rows is not None else q_positions
     num_q = q_index.shape[0] if q_rows is not None else q.shape[0]
