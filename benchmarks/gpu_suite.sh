@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The GPU session's whole job, from the repository root on a CUDA machine (H100 / H200):
+#
+#   OUT=/some/dir bash benchmarks/gpu_suite.sh            # every step, in order
+#   OUT=/some/dir bash benchmarks/gpu_suite.sh vit_targets  # chosen steps only
+#
+# Steps: env install tests vit_targets vit_more ops plan (see below). The device tool limits a
+# command to 10 minutes, so run "env install tests" in one call and each benchmark step in its own
+# (every step re-runs "install" cheaply only if the package is not importable).
+#
+# Expected there: torch (CUDA build), triton, transformers preinstalled, no network, no flash-attn.
+# Nothing is downloaded: the install is --no-deps and the benchmarks use seeded random weights.
+# Raw results go under $OUT: logs/<step>.log, results/*.json|csv|md|png, pytest-gpu.xml, and
+# summary.txt (one line per step with its exit status). A failing step does not stop the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-$PWD/out/gpu}"
+mkdir -p "$OUT/logs" "$OUT/results"
+# Triton must compile for the GPU: the CPU interpreter of the test suite would run (slowly) instead.
+unset TRITON_INTERPRET
+
+STEPS=("$@")
+if [ ${#STEPS[@]} -eq 0 ]; then
+  STEPS=(env install tests vit_targets vit_more ops plan)
+fi
+
+run_step() {
+  local name="$1"
+  shift
+  local start=$SECONDS
+  echo "== $name: $*" | tee -a "$OUT/logs/$name.log"
+  "$@" >>"$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/summary.txt"
+  tail -n 40 "$OUT/logs/$name.log"
+  return 0
+}
+
+ensure_installed() {
+  python -c "import ipcv_kernels" 2>/dev/null || step_install
+}
+
+step_env() {
+  nvidia-smi
+  python - <<'EOF'
+import json, platform, torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+for name in ("triton", "transformers"):
+    try:
+        info[name] = __import__(name).__version__
+    except ImportError:
+        info[name] = None
+print(json.dumps(info, indent=2))
+EOF
+}
+
+step_install() {
+  # --no-build-isolation: compile the optional extension against this machine's torch.
+  python -m pip install --no-deps --no-build-isolation -e .
+}
+
+step_tests() {
+  ensure_installed
+  python -m pytest -m gpu -q -rs tests --junitxml="$OUT/pytest-gpu.xml"
+}
+
+# The issue's GPU targets: full Qwen2-VL-7B tower, bf16, ratio 0.65, prune layer 3, 7 stabilisation
+# blocks, at 1k / 4k / 16k tokens per image (448, 896, 1792 pixels square).
+step_vit_targets() {
+  ensure_installed
+  python benchmarks/bench_vit.py --suite gpu --device cuda --cases 448x448 896x896 1792x1792 \
+    --out "$OUT/results" --name vit_gpu_targets --no-progress
+}
+
+# The other inputs: 1024 / 2048 pixel images, a batch of 8 images, a 16-frame video.
+step_vit_more() {
+  ensure_installed
+  python benchmarks/bench_vit.py --suite gpu --device cuda --cases 1024x1024 2048x2048 "448x448*8" "448x448@16" \
+    --out "$OUT/results" --name vit_gpu_more --no-progress --check none
+}
+
+# Every other benchmark script present in benchmarks/ (bench_ops.py, bench_plan.py, ...), with its
+# own defaults on the GPU.
+run_other_benchmark() {
+  ensure_installed
+  python "benchmarks/$1" --device cuda --out "$OUT/results"
+}
+
+for step in "${STEPS[@]}"; do
+  case "$step" in
+    env | install | tests | vit_targets | vit_more) run_step "$step" "step_$step" ;;
+    ops | plan)
+      if [ -f "benchmarks/bench_$step.py" ]; then
+        run_step "$step" run_other_benchmark "bench_$step.py"
+      else
+        echo "$step skipped (benchmarks/bench_$step.py absent)" | tee -a "$OUT/summary.txt"
+      fi
+      ;;
+    *) echo "unknown step: $step (steps: env install tests vit_targets vit_more ops plan)" >&2 ;;
+  esac
+done
+# Benchmark scripts this list does not know yet: run them too, so none is forgotten.
+if [ $# -eq 0 ]; then
+  for script in benchmarks/bench_*.py; do
+    name="$(basename "$script" .py)"
+    case "$name" in bench_vit | bench_ops | bench_plan) continue ;; esac
+    run_step "$name" run_other_benchmark "$name.py"
+  done
+fi
+cat "$OUT/summary.txt"
