@@ -177,6 +177,7 @@ class LLMPruningPatch:
             state.kept = self._select(hidden, kwargs["position_embeddings"])
             self.last_kept = state.kept
             state.hidden_full = hidden
+        state.hidden_before = None  # only the selection reads it
         known = self._cache_columns.get(cache) if cache is not None and state.past_length > 0 else None
         if state.kept is None and known is None:
             return hidden  # nothing pruned now nor earlier: layers >= K see what layer 0 sees
