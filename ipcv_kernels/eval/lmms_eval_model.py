@@ -1,4 +1,4 @@
-"""lmms-eval model ``ipcv_qwen2_vl``: Qwen2-VL with IPCV and an LLM-side pruner.
+"""lmms-eval model ``ipcv_qwen2_vl``: Qwen2-VL (or Qwen2.5-VL) with IPCV and an LLM-side pruner.
 
 lmms-eval finds it through the Python entry-point group ``lmms_eval.models`` declared in
 ``pyproject.toml`` (no fork, no environment variable): installing ``ipcv_kernels`` next to
@@ -9,9 +9,10 @@ real checkpoint (IPCV at the paper's Qwen2-VL-7B setting plus DART)::
         --model_args pretrained=Qwen/Qwen2-VL-7B-Instruct,ipcv_ratio=0.65,llm_pruner=dart,llm_layer=2,llm_ratio=0.778 \\
         --tasks mme --batch_size 1 --device cuda
 
-Model arguments: ``pretrained``, ``device``, ``dtype`` (``auto``, ``bfloat16``, ...),
-``attn_implementation`` (``sdpa``, ``flash_attention_2``, ``eager``), ``system_prompt``,
-``max_new_tokens``, ``min_pixels`` / ``max_pixels``, and the settings of
+One process on one device (no accelerate data parallelism). Model arguments: ``pretrained``,
+``device``, ``dtype`` (``auto``, ``bfloat16``, ...), ``attn_implementation`` (``sdpa``,
+``flash_attention_2``, ``eager``), ``system_prompt``, ``max_new_tokens``, ``min_pixels`` /
+``max_pixels``, ``batch_size``, and the settings of
 ``ipcv_kernels.eval.settings.build_settings``: ``ipcv`` (``false`` turns IPCV off),
 ``ipcv_prune_layer``, ``ipcv_ratio``, ``ipcv_as_layers``, ``ipcv_num_neighbors``, ``ipcv_scope``,
 ``ipcv_backend``, ``ipcv_attention_backend``, ``llm_pruner`` (``none``, ``fastv``, ``dart``),

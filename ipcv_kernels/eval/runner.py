@@ -29,7 +29,8 @@ class Qwen2VLRunner:
     """A Qwen2-VL model and its processor, answering one request or a batch at a time.
 
     Args:
-        model: a ``Qwen2VLForConditionalGeneration`` (patched with ``apply_ipcv`` or not).
+        model: a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``
+            (patched with ``apply_ipcv`` or not).
         processor: its processor (``AutoProcessor.from_pretrained`` of the checkpoint).
         system_prompt: the system message of every prompt (``""`` for none).
         max_new_tokens: generation length when a request does not set ``max_new_tokens``.
@@ -65,17 +66,17 @@ class Qwen2VLRunner:
         max_pixels: int | None = None,
         **runner_kwargs: Any,
     ) -> Qwen2VLRunner:
-        """Load a checkpoint (a Hub id or a local folder), patch it, and wrap it.
+        """Load a Qwen2-VL or Qwen2.5-VL checkpoint (a Hub id or a local folder), patch it, wrap it.
 
         ``ipcv_config`` / ``llm_pruner`` go to ``apply_ipcv``; with both ``None`` the model is
         left unpatched (the baseline). ``processor`` defaults to ``AutoProcessor`` of
         ``pretrained`` with the given pixel bounds.
         """
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
+        model = AutoModelForImageTextToText.from_pretrained(
             pretrained, dtype=dtype, attn_implementation=attn_implementation
         ).to(device)
         if ipcv_config is not None or llm_pruner is not None:
