@@ -46,7 +46,12 @@ def as_list(visuals: object) -> list:
 
 
 class IPCVQwen2VL(lmms):
-    """Qwen2-VL with IPCV in the vision encoder and optionally FastV / DART in the decoder."""
+    """Qwen2-VL with IPCV in the vision encoder and optionally FastV / DART in the decoder.
+
+    Arguments are the module's model arguments; ``max_batch_size`` is accepted because lmms-eval
+    passes it, and unused. ``processor`` (an object, for programmatic use) replaces loading
+    ``AutoProcessor`` from ``pretrained``.
+    """
 
     is_simple = True
 
