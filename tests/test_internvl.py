@@ -5,6 +5,8 @@ family's default settings and the unsupported-model error."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from oracles_more_towers import build_model, build_tower, internvl_inputs, internvl_tiles, ipcv_tower_oracle
@@ -167,3 +169,29 @@ def test_feature_layer_inside_the_pruned_stretch_is_refused():
             model(**inputs, vision_feature_layer=-3)  # layer 3's output: kept rows only
         assert model(**inputs, vision_feature_layer=2).logits.shape[1] == inputs["input_ids"].shape[1]
     ik.remove_ipcv(model)
+
+
+def backend_outputs(tower, layout, device, dtype, backends):
+    pixels = internvl_tiles(sum(layout), dtype=dtype).to(device)
+    outputs = []
+    for backend in backends:
+        config = ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=3, backend=backend)
+        ik.apply_ipcv(tower, replace(config, attention_backend=backend))
+        set_tiles_per_image(tower, layout)
+        with torch.no_grad():
+            outputs.append(tower(pixels).last_hidden_state.float())
+        ik.remove_ipcv(tower)
+    return outputs
+
+
+def test_triton_path_equals_reference_path(triton_backends):
+    tower = build_tower(FAMILY).to(triton_backends)
+    assert_close(*backend_outputs(tower, [2, 1], triton_backends, torch.float32, ("triton", "torch")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_auto_equals_reference_path(cuda_device, dtype):
+    tower = build_tower(FAMILY, dtype=dtype).to(cuda_device)
+    auto, reference = backend_outputs(tower, [3, 1, 2], cuda_device, dtype, ("auto", "torch"))
+    assert_close(auto, reference, dtype=dtype)

@@ -170,3 +170,40 @@ def test_benchmark_flop_model_uses_the_towers_windows(tower64):
     assert predicted_speedup(unpatched, same, include_overhead=False) == 1.0
     kinds = [b.kind for b in qwen2_5_vl_flops(config, grid, ik.IPCVConfig(prune_layer=2, as_layers=2)).blocks]
     assert kinds == ["full", "full", "stabilised", "stabilised", "pruned", "pruned"]
+
+
+def test_triton_path_equals_reference_path(triton_backends):
+    # Windows emptied in the stabilisation blocks' queries and in the pruned blocks (ratio 0.9).
+    tower = build_tower(FAMILY).to(triton_backends)
+    pixels, grid_thw = sample_pixels(tower.config, [[1, 8, 8], [1, 2, 2]])
+    outputs = []
+    for backend in ("triton", "torch"):
+        ik.apply_ipcv(
+            tower,
+            ik.IPCVConfig(
+                prune_layer=2, ratio=0.9, as_layers=2, num_neighbors=3, backend=backend, attention_backend=backend
+            ),
+        )
+        with torch.no_grad():
+            outputs.append(tower(pixels.to(triton_backends), grid_thw=grid_thw.to(triton_backends)).pooler_output)
+        ik.remove_ipcv(tower)
+    assert_close(*outputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_auto_equals_reference_path(cuda_device, dtype):
+    tower = build_tower(FAMILY, dtype=dtype).to(cuda_device)
+    pixels, grid_thw = sample_pixels(tower.config, INPUTS["image_batch"] + INPUTS["video"], dtype=dtype)
+    outputs = []
+    for backend in ("auto", "torch"):
+        ik.apply_ipcv(
+            tower,
+            ik.IPCVConfig(
+                prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=3, backend=backend, attention_backend=backend
+            ),
+        )
+        with torch.no_grad():
+            outputs.append(tower(pixels.to(cuda_device), grid_thw=grid_thw.to(cuda_device)).pooler_output.float())
+        ik.remove_ipcv(tower)
+    assert_close(*outputs, dtype=dtype)

@@ -4,6 +4,8 @@ removal, and full-model generate."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from oracles_more_towers import build_model, build_tower, ipcv_tower_oracle
@@ -109,3 +111,36 @@ def test_full_model_generate_and_ratio_zero_logits(video):
     ik.remove_ipcv(model)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, expected)
+
+
+def backend_outputs(tower, grid, device, dtype, backends):
+    pixels, grid_thw = sample_pixels(tower.config, grid, dtype=dtype)
+    outputs = []
+    for backend in backends:
+        config = ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=1, num_neighbors=3, backend=backend)
+        ik.apply_ipcv(tower, replace(config, attention_backend=backend))
+        with torch.no_grad():
+            out = tower(pixels.to(device), grid_thw=grid_thw.to(device))
+        ik.remove_ipcv(tower)
+        outputs.append([out.pooler_output.float(), *(tap.float() for tap in out.deepstack_features)])
+    return outputs
+
+
+def test_triton_path_equals_reference_path(triton_backends):
+    tower = build_tower(FAMILY).to(triton_backends)
+    triton, reference = backend_outputs(
+        tower, [[1, 8, 12], [2, 4, 4]], triton_backends, torch.float32, ("triton", "torch")
+    )
+    for got, expected in zip(triton, reference, strict=True):
+        assert_close(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_auto_equals_reference_path(cuda_device, dtype):
+    tower = build_tower(FAMILY, dtype=dtype).to(cuda_device)
+    auto, reference = backend_outputs(
+        tower, INPUTS["image_batch"] + INPUTS["video"], cuda_device, dtype, ("auto", "torch")
+    )
+    for got, expected in zip(auto, reference, strict=True):
+        assert_close(got, expected, dtype=dtype)
