@@ -1,10 +1,11 @@
-"""The Triton kernels compile for a real GPU (sm_90, H100) with the launchers' own tile choices
-and fit the shared-memory budget, without needing a GPU. The interpreter never compiles, so this
+"""The Triton kernels compile for a real GPU (sm_90, H100) with the launchers' own tile choices,
+fit the shared-memory budget and spill no registers, without needing a GPU. The interpreter never compiles, so this
 is where compile-only errors (loop-carried type changes, dot shape limits, shared memory) show.
 
 Each launcher is called as usual with tiny CPU tensors, but its kernel object is replaced by a
 stand-in that turns the launch's arguments into a signature and runs Triton's ahead-of-time
-compiler down to a cubin (ptxas ships with triton). Triton must be imported in compile mode for
+compiler down to a cubin (ptxas ships with triton); cuobjdump (shipped too) reads its registers
+and stack frame. Triton must be imported in compile mode for
 that, so the checks run in a subprocess without ``TRITON_INTERPRET`` (this file's ``__main__``).
 """
 
@@ -69,9 +70,27 @@ class AheadOfTimeCompiler:
         )
         assert binary.asm["cubin"], "ptxas produced no cubin"
         self.shared.append(binary.metadata.shared)
+        usage = resource_usage(binary.asm["cubin"])
         constants = {k: v for k, v in constexprs.items() if k.isupper()}
-        print(f"{self.kernel.__name__} {constants} {options}: {binary.metadata.shared} B shared")
+        print(f"{self.kernel.__name__} {constants} {options}: {binary.metadata.shared} B shared, {usage}")
         assert binary.metadata.shared <= SHARED_BUDGET, f"{binary.metadata.shared} B of shared memory"
+        # A stack frame without calls means spilled registers.
+        assert usage["STACK"] == 0, f"register spills: {usage}"
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """``REG``, ``STACK``, ... of a cubin, as ``cuobjdump -res-usage`` reports them."""
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        report = subprocess.run([str(tool), "-res-usage", handle.name], capture_output=True, text=True, check=True)
+    line = next(line for line in report.stdout.splitlines() if "REG:" in line)
+    return {key: int(value) for key, value in (field.split(":") for field in line.split()[:2])}
 
 
 def compile_every_launch_configuration() -> None:
@@ -81,9 +100,10 @@ def compile_every_launch_configuration() -> None:
 
     for name in ("knn_kernel", "varlen_attention_kernel", "ngr_reconstruct_kernel"):
         setattr(tb, name, AheadOfTimeCompiler(getattr(tb, name)))
-    for dtype in (torch.bfloat16, torch.float32):
-        tb.knn_triton(torch.zeros(5, 1280, dtype=dtype), torch.zeros(7, 1280, dtype=dtype), 10)
+    for dtype, k in ((torch.bfloat16, 10), (torch.float32, 10), (torch.float16, tb.MAX_KERNEL_K)):
+        tb.knn_triton(torch.zeros(5, 1280, dtype=dtype), torch.zeros(7, 1280, dtype=dtype), k)
     for dtype, head_dim, rotary in (
+        (torch.float16, 64, False),
         (torch.bfloat16, 80, True),
         (torch.bfloat16, 128, False),
         (torch.bfloat16, 256, True),

@@ -99,8 +99,10 @@ def knn_triton(
         return out
     if cu_query is None:
         cu_query, cu_ref = _single_segment(num_query, ref.shape[0], query.device)
+    # From sm_90 compiles (tests/test_triton_compile.py): 8 warps keep the running top-k lists and
+    # the distance tile in registers without spills; fp32 operands take narrower feature chunks.
     block_q, block_r = 32, 64
-    block_d = max(16, min(64, triton.next_power_of_2(dim)))
+    block_d = max(16, min(32 if query.dtype == torch.float32 else 64, triton.next_power_of_2(dim)))
     grid = (triton.cdiv(num_query, block_q),)
     knn_kernel[grid](
         query,
@@ -120,7 +122,8 @@ def knn_triton(
         BLOCK_D=block_d,
         K_PAD=max(2, triton.next_power_of_2(k)),
         DOT_PRECISION=_dot_precision(query.dtype),
-        num_warps=4,
+        num_warps=8,
+        num_stages=2 if query.dtype == torch.float32 else 3,
     )
     return out
 
@@ -239,18 +242,16 @@ def ngr_restore_triton(
 def attention_launch_config(head_dim: int, dtype: torch.dtype, rotary: bool) -> dict[str, int]:
     """Tiles, warps and pipeline depth of ``varlen_attention_kernel``.
 
-    Shared memory per program, from compiling for sm_90 (no GPU needed): bf16, Dh <= 128, 64 x 64
-    tiles, 3 stages: 32 KiB; fused rotary pipelines fp32 cos/sin tiles for every key tile too
-    (~96 KiB at 3 stages, so 2 stages); fp32 operands or Dh = 256 double it again. Every choice
-    below stays under ~110 KiB so that two programs share an SM (H100: 227 KiB per block).
+    Chosen from compiling for sm_90 without a GPU (``tests/test_triton_compile.py`` keeps them
+    there): no register spills and at most ~110 KiB of shared memory, so two programs share an SM.
+    Fused rotary pipelines the fp32 cos/sin tiles of every key tile too, hence one stage fewer;
+    fp32 operands and Dh = 256 need smaller tiles to fit 255 registers per thread.
     """
     if dtype == torch.float32:
-        block_n, stages = 32, 1
-    elif head_dim > 128:
-        block_n, stages = 32, 1 if rotary else 2
-    else:
-        block_n, stages = 64, 2 if rotary else 3
-    return {"BLOCK_M": 64, "BLOCK_N": block_n, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": stages}
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    if head_dim > 128:
+        return {"BLOCK_M": 32 if rotary else 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2 if rotary else 3}
 
 
 def ngr_attention_triton(
