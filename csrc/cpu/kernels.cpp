@@ -34,20 +34,33 @@ namespace {
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kRefTile = 1024;
 
-// Runs body(i) for i in [0, count) on OpenMP threads with dynamic scheduling (units differ in size:
-// items have different lengths). The first exception thrown by a unit is rethrown after the loop.
-template <typename Body>
-void parallel_units(int64_t count, const Body& body) {
+// Runs body(state, i) for i in [0, count) on OpenMP threads with dynamic scheduling (units differ in
+// size: items have different lengths). Each thread makes its scratch `state` once with make_state(),
+// so units reuse buffers instead of allocating (large blocks are mmap'd and page-faulted afresh on
+// every allocation). The first exception thrown by a unit is rethrown after the loop.
+template <typename MakeState, typename Body>
+void parallel_units(int64_t count, const MakeState& make_state, const Body& body) {
   std::exception_ptr error;
   std::mutex error_mutex;
+  const auto record = [&] {
+    std::lock_guard<std::mutex> lock(error_mutex);
+    if (!error) error = std::current_exception();
+  };
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t i = 0; i < count; ++i) {
+#pragma omp parallel num_threads(threads)
+  {
     try {
-      body(i);
+      auto state = make_state();
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < count; ++i) {
+        try {
+          body(state, i);
+        } catch (...) {
+          record();
+        }
+      }
     } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
+      record();
     }
   }
   if (error) std::rethrow_exception(error);
@@ -122,7 +135,18 @@ void knn_segments(const scalar_t* query_src, const int64_t* query_rows, int64_t 
   using acc_t = at::opmath_type<scalar_t>;
   const std::vector<QueryTile> tiles = query_tiles(cu_query, cu_ref);
   const acc_t* sq_norms = ref_sq_norms.const_data_ptr<acc_t>();
-  parallel_units(static_cast<int64_t>(tiles.size()), [&](int64_t unit) {
+  // Per-thread scratch: a query tile, a distance tile and the top-k lists of one tile's rows.
+  struct Scratch {
+    at::Tensor queries, dots;
+    std::vector<acc_t> best_key;
+    std::vector<int64_t> best_index;
+  };
+  const auto make_scratch = [&] {
+    return Scratch{at::empty({kQueryTile, dim}, ref_rows.options()),
+                   at::empty({kQueryTile * kRefTile}, ref_rows.options()), std::vector<acc_t>(kQueryTile * k),
+                   std::vector<int64_t>(kQueryTile * k)};
+  };
+  parallel_units(static_cast<int64_t>(tiles.size()), make_scratch, [&](Scratch& scratch, int64_t unit) {
     const QueryTile& tile = tiles[unit];
     const int64_t rows = tile.q_end - tile.q_begin;
     const int64_t ref_first = cu_ref[tile.segment];
@@ -136,20 +160,23 @@ void knn_segments(const scalar_t* query_src, const int64_t* query_rows, int64_t 
       }
     }
     if (!queries.defined()) {
-      queries = at::empty({rows, dim}, ref_rows.options());
+      queries = scratch.queries.narrow(0, 0, rows);
       gather_rows(query_src, dim, query_rows, tile.q_begin, rows, queries.mutable_data_ptr<acc_t>());
     }
 
-    std::vector<acc_t> best_key(rows * kk, std::numeric_limits<acc_t>::infinity());
-    std::vector<int64_t> best_index(rows * kk, -1);
+    acc_t* best_key = scratch.best_key.data();
+    int64_t* best_index = scratch.best_index.data();
+    std::fill_n(best_key, rows * kk, std::numeric_limits<acc_t>::infinity());
+    std::fill_n(best_index, rows * kk, int64_t{-1});
     for (int64_t r0 = 0; r0 < ref_count; r0 += kRefTile) {
       const int64_t cols = std::min(kRefTile, ref_count - r0);
-      const at::Tensor dots = at::mm(queries, ref_rows.narrow(0, ref_first + r0, cols).t());  // [rows, cols]
+      at::Tensor dots = scratch.dots.narrow(0, 0, rows * cols).view({rows, cols});
+      at::mm_out(dots, queries, ref_rows.narrow(0, ref_first + r0, cols).t());
       const acc_t* dot = dots.const_data_ptr<acc_t>();
       const acc_t* norms = sq_norms + ref_first + r0;
       for (int64_t i = 0; i < rows; ++i) {
-        acc_t* keys = best_key.data() + i * kk;
-        int64_t* index = best_index.data() + i * kk;
+        acc_t* keys = best_key + i * kk;
+        int64_t* index = best_index + i * kk;
         const acc_t* row = dot + i * cols;
         acc_t worst = keys[kk - 1];
         for (int64_t j = 0; j < cols; ++j) {
@@ -167,7 +194,7 @@ void knn_segments(const scalar_t* query_src, const int64_t* query_rows, int64_t 
       }
     }
     for (int64_t i = 0; i < rows; ++i) {
-      std::copy_n(best_index.data() + i * kk, kk, out + (tile.q_begin + i) * k);
+      std::copy_n(best_index + i * kk, kk, out + (tile.q_begin + i) * k);
     }
   });
 }
@@ -214,7 +241,8 @@ Selection select_from_scores(const score_t* scores, const Offsets& cu_items, dou
   at::Tensor drop = at::empty({layout.cu_drop.back()}, options.dtype(at::kLong));
   int64_t* keep_data = keep.mutable_data_ptr<int64_t>();
   int64_t* drop_data = drop.mutable_data_ptr<int64_t>();
-  parallel_units(static_cast<int64_t>(cu_items.size()) - 1, [&](int64_t b) {
+  const auto no_scratch = [] { return 0; };
+  parallel_units(static_cast<int64_t>(cu_items.size()) - 1, no_scratch, [&](int, int64_t b) {
     const int64_t n = cu_items[b + 1] - cu_items[b];
     select_item(scores, cu_items[b], n, layout.cu_keep[b + 1] - layout.cu_keep[b], keep_data + layout.cu_keep[b],
                 drop_data + layout.cu_drop[b]);
