@@ -5,7 +5,9 @@
   fp16/bf16), when this PyTorch has it.
 
 Both take separate query / key offsets, so they compute exactly the op (kept queries over full
-keys). Neither library is imported until a call: importing flash-attn loads its CUDA extension.
+keys). Their kernels take fp16/bf16 with head dims up to 256; other inputs (fp32, fp64, wider heads)
+run the per-segment ``sdpa`` backend instead, so that ``auto`` never fails where a backend can run.
+Neither library is imported until a call: importing flash-attn loads its CUDA extension.
 Both need the longest segment lengths on the host: one small device-to-host copy per call.
 
 ``unfused_attention_inputs`` prepares ``ngr_attention``'s fused options (rotary, query gather)
@@ -20,11 +22,13 @@ import torch
 
 from ..reference.rotary import apply_rotary_vision
 from .dispatch import Backend, register_backend
+from .torch_backend import ngr_attention_sdpa
 
 # Below Triton (20), above sdpa (10): ``auto`` on CUDA prefers the fused Triton kernel.
 FLASH_ATTN_PRIORITY = 15
 TORCH_VARLEN_PRIORITY = 12
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
 
 
 def flash_attn_unavailable() -> str | None:
@@ -35,7 +39,7 @@ def flash_attn_unavailable() -> str | None:
 
 def torch_varlen_unavailable() -> str | None:
     if importlib.util.find_spec("torch.nn.attention.varlen") is None:
-        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)"
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
     return None
 
 
@@ -43,9 +47,8 @@ def _longest(cu_seqlens: torch.Tensor) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
-def _check_half(backend: str, q: torch.Tensor) -> None:
-    if q.dtype not in HALF_DTYPES:
-        raise TypeError(f"backend {backend!r} of ngr_attention needs fp16/bf16 inputs, got {q.dtype}")
+def _library_kernels_take(q: torch.Tensor) -> bool:
+    return q.dtype in HALF_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
 
 
 def _dense(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -62,10 +65,12 @@ def ngr_attention_flash_attn(
     cu_seqlens_k: torch.Tensor,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """``flash_attn_varlen_func``, non-causal. q ``[Nq, H, Dh]``, k/v ``[Nk, H, Dh]`` fp16/bf16 on CUDA."""
+    """``flash_attn_varlen_func``, non-causal. q ``[Nq, H, Dh]``, k/v ``[Nk, H, Dh]`` on CUDA (fp16/bf16,
+    ``Dh <= 256``; otherwise ``sdpa``)."""
     from flash_attn import flash_attn_varlen_func
 
-    _check_half("flash_attn", q)
+    if not _library_kernels_take(q):
+        return ngr_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
     q, k, v = _dense(q, k, v)
     return flash_attn_varlen_func(
         q,
@@ -89,10 +94,11 @@ def ngr_attention_torch_varlen(
     cu_seqlens_k: torch.Tensor,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """``torch.nn.attention.varlen.varlen_attn``, non-causal. Shapes and dtypes as ``flash_attn``."""
+    """``torch.nn.attention.varlen.varlen_attn``, non-causal. Shapes, dtypes and fallback as ``flash_attn``."""
     from torch.nn.attention.varlen import varlen_attn
 
-    _check_half("torch_varlen", q)
+    if not _library_kernels_take(q):
+        return ngr_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
     q, k, v = _dense(q, k, v)
     return varlen_attn(
         q,
