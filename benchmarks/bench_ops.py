@@ -8,11 +8,13 @@ the Qwen2-VL-7B setting) it times, after checking every variant's output:
 - attention of one attention-stabilisation block: kept queries over all keys (``ngr_attention``
   with each backend) vs the paper code's path (attention for every query, then the dropped rows
   are discarded), each with and without the vision rotary (fused into the Triton kernel, applied
-  with PyTorch before the others).
+  with PyTorch before the others);
+- the AS block's input: kept rows and NGR reconstructions scattered into the full sequence, then
+  its LayerNorm (``ngr_reconstruct`` per backend + PyTorch), vs the fused Triton restore.
 
 Backends are those available on the device (on the CPU: ``torch`` and ``sdpa``; the Triton
 interpreter is excluded as meaningless for timing). Results: ``bench_ops.json`` (device, versions,
-every sample), ``.csv``, ``.md`` and two plots, in ``--out`` (default ``benchmarks/results/``).
+every sample), ``.csv``, ``.md`` and one plot per op, in ``--out`` (default ``benchmarks/results/``).
 """
 
 from __future__ import annotations
@@ -149,6 +151,47 @@ def attention_case(n: int, dtype: torch.dtype, device: torch.device, args) -> li
     return measure("attention", variants, n, dtype, device, args)
 
 
+def restore_case(n: int, dtype: torch.dtype, device: torch.device, args) -> list[dict[str, Any]]:
+    """The full sequence an AS block reads: kept rows + NGR rows, then its LayerNorm ``norm1``."""
+    generator = torch.Generator().manual_seed(n + 2)
+    base = torch.randn(n, args.width, generator=generator).to(device=device, dtype=dtype)
+    keep = torch.randperm(n, generator=generator)[: keep_count(n, args.ratio)].sort().values.to(device)
+    is_drop = torch.ones(n, dtype=torch.bool, device=device)
+    is_drop[keep] = False
+    drop = is_drop.nonzero().squeeze(1)
+    kept = base[keep] + 0.1 * torch.randn(keep.numel(), args.width, generator=generator).to(device=device, dtype=dtype)
+    base_kept, base_drop = base[keep], base[drop]
+    neighbors = ik.knn(base_drop, base_kept, args.neighbors)
+    norm = torch.nn.LayerNorm(args.width, eps=1e-6).to(device=device, dtype=dtype)
+
+    def unfused(backend: str) -> torch.Tensor:
+        full = torch.empty_like(base)
+        full[keep] = kept
+        full[drop] = ik.ngr_reconstruct(base_drop, kept, base_kept, neighbors, backend=backend)
+        return norm(full)
+
+    variants: dict[str, Callable[[], torch.Tensor]] = {
+        f"scatter_then_norm_{backend}": lambda b=backend: unfused(b)
+        for backend in usable_backends("ngr_reconstruct", device, dtype, n, args)
+    }
+    if "triton" in usable_backends("ngr_reconstruct", device, dtype, n, args):
+        from ipcv_kernels.ops.triton_backend import ngr_restore_triton
+
+        def fused() -> torch.Tensor:
+            full, normed = torch.empty_like(base), torch.empty_like(base)
+            ngr_restore_triton(full, kept, base_drop, base_kept, keep, drop, neighbors, normed_out=normed, norm=norm)
+            return normed
+
+        variants["restore_fused_norm_triton"] = fused
+
+    with torch.no_grad():
+        expected = unfused("torch").double()
+        for name, fn in variants.items():
+            assert_close_to_reference(fn(), expected, None)
+            print(f"  check ok: {name}", file=sys.stderr)
+        return measure("restore", variants, n, dtype, device, args)
+
+
 def measure(group: str, variants: dict[str, Callable[[], Any]], n: int, dtype, device, args) -> list[dict[str, Any]]:
     timings = time_interleaved(variants, device, warmup=args.warmup, repeats=args.repeats)
     rows = []
@@ -194,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         rows += knn_case(n, dtype, device, args)
         rows += attention_case(n, dtype, device, args)
+        rows += restore_case(n, dtype, device, args)
 
     files = ResultFiles(args.out, "bench_ops")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -213,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"ratio {args.ratio}, D={args.width}, {args.heads} heads, {dtype}, {env['device_name']}"
     plot(files, rows, "knn", f"knn (dropped -> kept, k={args.neighbors})\n{shape}")
     plot(files, rows, "attention", f"AS-block attention: kept queries vs full-then-discard\n{shape}")
+    plot(files, rows, "restore", f"AS-block input: kept + NGR rows into the full sequence, then norm1\n{shape}")
     for path in files.written:
         print(path)
     return 0
