@@ -4,12 +4,14 @@ interpreter on CPU, or CUDA), against ``backend="torch"``."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import ipcv_kernels as ik
 from ipcv_kernels.hf_factory import build_qwen2_vl_tower, sample_pixels
-from ipcv_kernels.testing import assert_close
+from ipcv_kernels.testing import assert_close, assert_close_to_reference
 
 GRID = [[1, 4, 6], [2, 4, 4], [1, 2, 2]]  # two images and a two-frame video: items and frames differ
 CONFIG = dict(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=4)
@@ -51,9 +53,13 @@ def test_triton_path_equals_reference_path(triton_backends, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_auto_equals_reference_path(cuda_device, dtype):
-    # ``auto`` on CUDA: Triton planning, NGR and fused attention.
+    # ``auto`` on CUDA: Triton planning, NGR and fused attention; judged against the same tower in
+    # fp64 (exact copies of the half-precision weights), relative to PyTorch's own half error.
     tower = build_qwen2_vl_tower(dtype=dtype, device=cuda_device)
+    tower64 = copy.deepcopy(tower).double()
+    reference = ik.IPCVConfig(**CONFIG, backend="torch", attention_backend="torch")
     auto = tower_output(tower, ik.IPCVConfig(**CONFIG), dtype)
-    reference = tower_output(tower, ik.IPCVConfig(**CONFIG, backend="torch", attention_backend="torch"), dtype)
-    assert auto.shape == reference.shape
-    assert_close(auto.float(), reference.float(), dtype=dtype)
+    assert auto.shape == (sum(t * h * w for t, h, w in GRID), tower.config.embed_dim)
+    assert_close_to_reference(
+        auto, tower_output(tower64, reference, torch.float64), tower_output(tower, reference, dtype)
+    )
