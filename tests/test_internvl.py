@@ -5,6 +5,7 @@ family's default settings and the unsupported-model error."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 
 import ipcv_kernels as ik
 from ipcv_kernels.models.internvl import set_tiles_per_image
-from ipcv_kernels.testing import assert_close
+from ipcv_kernels.testing import assert_close, assert_close_to_reference
 
 FAMILY = "internvl"
 TILE = 17  # CLS + 4 x 4 patches
@@ -172,14 +173,14 @@ def test_feature_layer_inside_the_pruned_stretch_is_refused():
 
 
 def backend_outputs(tower, layout, device, dtype, backends):
-    pixels = internvl_tiles(sum(layout), dtype=dtype).to(device)
+    pixels = internvl_tiles(sum(layout)).to(device, dtype)
     outputs = []
     for backend in backends:
         config = ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=3, backend=backend)
         ik.apply_ipcv(tower, replace(config, attention_backend=backend))
         set_tiles_per_image(tower, layout)
         with torch.no_grad():
-            outputs.append(tower(pixels).last_hidden_state.float())
+            outputs.append(tower(pixels).last_hidden_state)
         ik.remove_ipcv(tower)
     return outputs
 
@@ -191,7 +192,11 @@ def test_triton_path_equals_reference_path(triton_backends):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_auto_equals_reference_path(cuda_device, dtype):
+def test_gpu_auto_is_as_close_to_fp64_as_pytorch(cuda_device, dtype):
+    # auto vs the fp64 tower, relative to the reference path's error in the same dtype.
     tower = build_tower(FAMILY, dtype=dtype).to(cuda_device)
-    auto, reference = backend_outputs(tower, [3, 1, 2], cuda_device, dtype, ("auto", "torch"))
-    assert_close(auto, reference, dtype=dtype)
+    layout = [3, 1, 2]
+    (auto,) = backend_outputs(tower, layout, cuda_device, dtype, ("auto",))
+    (same_dtype,) = backend_outputs(tower, layout, cuda_device, dtype, ("torch",))
+    (expected,) = backend_outputs(copy.deepcopy(tower).double(), layout, cuda_device, torch.float64, ("torch",))
+    assert_close_to_reference(auto, expected, same_dtype)
