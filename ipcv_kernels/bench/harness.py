@@ -256,6 +256,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None,
         "argv": sys.argv,
+        # Other processes sharing the host slow a CPU run down: the 1 / 5 / 15 minute load averages
+        # when the metadata was taken (the end of a run) say how busy the host was.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     status = _git("status", "--porcelain", "--untracked-files=no")
     info["git_dirty"] = None if status is None else bool(status)
@@ -300,9 +303,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) ->
 def environment_markdown(env: dict[str, Any]) -> str:
     """Two lines naming the device and the versions, for the top of a result table."""
     dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
+    load = f", host load average {env['load_average'][1]:.1f} (5 min)" if env.get("load_average") else ""
     return (
         f"Device: **{env['device_name']}** ({env['device']}, {env['torch_threads']} torch threads). "
-        f"{env['date_utc']}, commit `{(env.get('git_commit') or 'unknown')[:10]}`{dirty}.\n"
+        f"{env['date_utc']}, commit `{(env.get('git_commit') or 'unknown')[:10]}`{dirty}{load}.\n"
         f"python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
         f"transformers {env['transformers']}, CUDA {env['cuda']}."
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import shlex
 import sys
@@ -514,7 +515,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-implementation", default="sdpa", help="the tower's attention (sdpa, eager, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the result files")
-    p.add_argument("--name", default=None, help="file stem (default vit_<suite or preset>_<device>)")
+    p.add_argument("--name", default=None, help="file stem (default vit_<suite>, or vit_<preset>_<device>)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -544,6 +545,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """Run the benchmark described by ``args`` (parsed from ``argv``); write and return the payload."""
     harness.configure_threads(args.threads)
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     s = settings_from_args(args)
     dtype = DTYPES[s["dtype"]]
@@ -560,7 +562,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     configs = variant_configs(ipcv)
     bench = Bench(tower, vision_config, device, dtype, {v: configs[v] for v in variants})
 
-    stem = args.name or f"vit_{args.suite or Path(s['model']).name}_{device.type}"
+    stem = args.name or (f"vit_{args.suite}" if args.suite else f"vit_{Path(s['model']).name}_{device.type}")
     files = harness.ResultFiles(args.out, stem)
     results = []
     total = len(cases) * len(variants) * s["repeats"]
@@ -582,7 +584,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             )
     remove_ipcv(tower)
 
-    env = harness.environment(device)
+    env = {**harness.environment(device), "load_average_start": load_at_start}
     payload = {
         "benchmark": "vit",
         "environment": env,
