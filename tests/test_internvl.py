@@ -155,6 +155,17 @@ def test_family_default_settings():
     assert ik.IPCVConfig.for_model(build_tower("qwen2_5_vl")) == ik.IPCVConfig()
 
 
+def test_apply_without_config_uses_the_family_defaults():
+    # The tiny tower has 6 layers, fewer than InternVL's default prune layer 7: the refusal shows
+    # which default apply_ipcv chose, where a Qwen tower of the same depth takes its own (P = 3).
+    with pytest.raises(ValueError, match="prune_layer must be in \\[1, 6\\), got 7"):
+        ik.apply_ipcv(build_tower(FAMILY))
+    qwen = build_tower("qwen2_5_vl")
+    ik.apply_ipcv(qwen)
+    assert ik.get_ipcv_patch(qwen).config == ik.IPCVConfig()
+    ik.remove_ipcv(qwen)
+
+
 def test_unsupported_model_lists_the_families():
     with pytest.raises(TypeError, match=r"Qwen2-VL.*Qwen2\.5-VL.*Qwen3-VL.*InternVL") as error:
         ik.apply_ipcv(nn.Linear(2, 2))

@@ -7,6 +7,7 @@ from torch import nn
 from ..config import IPCVConfig
 from ..llm import LLMPruner, prepare_llm_pruning, remove_llm_pruning
 from .engine import PATCH_ATTRIBUTE, IPCVPatch
+from .internvl import set_tiles_per_image
 from .registry import find_tower, supported_classes
 
 
@@ -17,8 +18,10 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
         model: a supported Hugging Face model instance: the full conditional-generation model, the
             base model, or the vision tower itself (see ``supported_classes()``). Only this
             instance is patched; other instances of the class are untouched.
-        config: IPCV settings. ``None`` means ``IPCVConfig()`` (the paper's Qwen2-VL-7B setting)
-            when ``llm_pruner`` is ``None`` too, and no vision-side IPCV when a pruner is given.
+        config: IPCV settings. ``None`` means ``IPCVConfig.for_model(model)`` (the family's
+            recommended setting: the paper's Qwen2-VL-7B one for the Qwen families, prune layer 7 /
+            3 stabilisation blocks for InternVL) when ``llm_pruner`` is ``None`` too, and no
+            vision-side IPCV when a pruner is given.
         llm_pruner: an LLM-side pruner (``FastV``, ``DART``) for the language model, or ``None``.
             Needs a model with a language model (not a bare tower). See ``ipcv_kernels.llm``.
 
@@ -33,7 +36,7 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
             ``llm_pruner.layer`` outside ``[1, num_hidden_layers)`` of the language model.
     """
     if config is None and llm_pruner is None:
-        config = IPCVConfig()
+        config = IPCVConfig.for_model(model)
     if config is not None and not isinstance(config, IPCVConfig):
         raise TypeError(f"config must be an IPCVConfig, got {type(config).__name__}")
     tower, adapter = find_tower(model)
@@ -63,4 +66,4 @@ def get_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
     return getattr(tower, PATCH_ATTRIBUTE, None)
 
 
-__all__ = ["apply_ipcv", "get_ipcv_patch", "remove_ipcv", "supported_classes"]
+__all__ = ["apply_ipcv", "get_ipcv_patch", "remove_ipcv", "set_tiles_per_image", "supported_classes"]
