@@ -29,7 +29,18 @@ def test_parse_case_follows_qwen2_vl_geometry():
 
 def test_smoke_run_writes_every_field(tmp_path):
     argv = ["--suite", "smoke", "--cases", "56x112", "56x56@4", "--repeats", "1", "--warmup", "1"]
-    argv += ["--device", "cpu", "--threads", "1", "--out", str(tmp_path), "--name", "smoke", "--no-progress"]
+    argv += [
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "smoke",
+        "--no-progress",
+        "--breakdown",
+    ]
     assert main(argv) == 0
     payload = json.loads((tmp_path / "smoke.json").read_text())
     for key in ("torch", "transformers", "python", "cpu", "device_name", "git_commit", "date_utc"):
@@ -52,6 +63,9 @@ def test_smoke_run_writes_every_field(tmp_path):
         for key in ("speedup_paper", "speedup_ipcv", "bound_ipcv", "efficiency_ipcv", "ipcv_over_paper"):
             assert case[key] > 0
         assert case["bound_ipcv"] > case["bound_paper"] > 1.0
+    stages = image["variants"]["ipcv"]["breakdown"]["stages"]
+    assert list(stages) == ["embed", "full", "stabilised + planning", "pruned", "pruned + restoration", "merger"]
+    assert len(image["variants"]["paper"]["breakdown"]["block_ms"]) == 4
     # tokens seen by the blocks: full before the prune layer, kept ones after.
     assert image["ipcv_tokens_per_block"] == [32, 16, 16, 16]
     for suffix in (".csv", ".md", ".png"):

@@ -157,6 +157,56 @@ def time_interleaved(
     return {name: Timing(tuple(values)) for name, values in samples.items()}
 
 
+def time_modules(
+    fn: Callable[[], Any], modules: dict[str, torch.nn.Module], device: torch.device
+) -> tuple[Any, dict[str, float]]:
+    """Run ``fn`` once and return ``(its result, milliseconds spent inside each named module)``.
+
+    Forward pre-hooks and hooks around every module: CUDA events on CUDA (read after one final
+    synchronize, so the run is not serialised), ``perf_counter`` elsewhere. A module called several
+    times accumulates. For a breakdown only: the hooks and events add a little overhead per module.
+    """
+    totals = dict.fromkeys(modules, 0.0)
+    pending: list[tuple[str, Any, Any]] = []
+    starts: dict[str, Any] = {}
+    handles = []
+
+    def before(name: str):
+        def hook(module: torch.nn.Module, args: Any, kwargs: Any = None) -> None:
+            if device.type == "cuda":
+                starts[name] = torch.cuda.Event(enable_timing=True)
+                starts[name].record()
+            else:
+                starts[name] = time.perf_counter()
+
+        return hook
+
+    def after(name: str):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if device.type == "cuda":
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                pending.append((name, starts.pop(name), end))
+            else:
+                totals[name] += (time.perf_counter() - starts.pop(name)) * 1e3
+
+        return hook
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(before(name)))
+        handles.append(module.register_forward_hook(after(name)))
+    try:
+        synchronize(device)
+        result = fn()
+        synchronize(device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, start, end in pending:
+        totals[name] += start.elapsed_time(end)
+    return result, totals
+
+
 # -- memory ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PeakMemory:
@@ -457,5 +507,6 @@ __all__ = [
     "synchronize",
     "time_fn",
     "time_interleaved",
+    "time_modules",
     "time_once",
 ]

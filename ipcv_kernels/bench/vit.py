@@ -306,8 +306,12 @@ def run_case(
     check_ratio_zero: bool,
     seed: int,
     bar: harness.Progress,
+    breakdown: bool = False,
 ) -> dict[str, Any]:
-    """Check, measure memory and time the variants on one case; everything JSON-ready."""
+    """Check, measure memory and time the variants on one case; everything JSON-ready.
+
+    ``breakdown``: one more untimed call per variant, timed stage by stage (``block_breakdown``).
+    """
     pixels, grid_thw = bench.inputs(case, seed)
     depth = bench.vision_config.depth
     result: dict[str, Any] = {"case": case.name, "kind": case.kind, "grid_thw": [list(g) for g in case.grid_thw]}
@@ -386,7 +390,44 @@ def run_case(
             result[f"efficiency_{v}"] = result[f"speedup_{v}"] / result[f"bound_{v}"]
     if "paper" in variants and "ipcv" in variants:
         result["ipcv_over_paper"] = timings["paper"].median_ms / timings["ipcv"].median_ms
+    if breakdown:
+        for v in variants:
+            bench.select(v)
+            result["variants"][v]["breakdown"] = block_breakdown(bench, pixels, grid_thw, flops[v], bench.configs[v])
     return result
+
+
+def block_breakdown(
+    bench: Bench, pixels: torch.Tensor, grid_thw: torch.Tensor, report: FlopReport, config: IPCVConfig | None
+) -> dict[str, Any]:
+    """Milliseconds, FLOP-model GFLOP and achieved TFLOP/s per stage of one call of the selected
+    variant: patch embedding, blocks grouped by kind (``full``, ``stabilised`` / ``stabilised_all``,
+    ``pruned``; the planning runs inside block ``P`` and the restoration inside the last block, so
+    those get their own stage), merger. Shows where a gap to the FLOP bound sits."""
+    tower = bench.tower
+    modules = {"embed": tower.patch_embed, **{f"block{i}": b for i, b in enumerate(tower.blocks)}}
+    modules["merger"] = tower.merger
+    _, ms = harness.time_modules(lambda: bench.forward(pixels, grid_thw), modules, bench.device)
+    stages: dict[str, dict[str, float]] = {}
+
+    def add(stage: str, millis: float, flops: float) -> None:
+        entry = stages.setdefault(stage, {"ms": 0.0, "gflop": 0.0})
+        entry["ms"] += millis
+        entry["gflop"] += flops / 1e9
+
+    add("embed", ms["embed"], report.embed)
+    last = len(report.blocks) - 1
+    for block in report.blocks:
+        stage, flops = block.kind, block.total
+        if config is not None and block.index == config.prune_layer:
+            stage, flops = f"{stage} + planning", flops + report.planning
+        if config is not None and block.index == last:
+            stage, flops = f"{stage} + restoration", flops + report.restoration
+        add(stage, ms[f"block{block.index}"], flops)
+    add("merger", ms["merger"], report.merger)
+    for entry in stages.values():
+        entry["tflops_per_s"] = entry["gflop"] / entry["ms"] if entry["ms"] > 0 else None  # GFLOP/ms
+    return {"stages": stages, "block_ms": [ms[f"block{i}"] for i in range(len(report.blocks))]}
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -459,8 +500,45 @@ model's (`ipcv_kernels.flops`); memory is the peak above the pre-call level ({s[
 Spread:
 {spread}
 
+{breakdown_markdown(payload["cases"], s["variants"])}
 Reproduce: `{s["command"]}`
 """
+
+
+def _stage_order(stage: str) -> tuple[int, int]:
+    """Pipeline order of ``block_breakdown`` stages; the planning block first among its kind."""
+    kinds = ("embed", "full", "stabilised", "pruned")
+    rank = next((i for i, kind in enumerate(kinds) if stage.startswith(kind)), len(kinds) + 1)
+    if "restoration" in stage:
+        rank = len(kinds)
+    return rank, 0 if "planning" in stage else 1
+
+
+def breakdown_markdown(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
+    """Per case, a stage x variant table of ms and achieved TFLOP/s (empty without breakdowns)."""
+    parts = []
+    for case in cases:
+        if not all("breakdown" in case["variants"][v] for v in variants):
+            continue
+        stages: list[str] = []
+        for v in variants:
+            stages += [s for s in case["variants"][v]["breakdown"]["stages"] if s not in stages]
+        stages.sort(key=_stage_order)
+        rows = []
+        for stage in stages:
+            row: dict[str, Any] = {"stage": stage}
+            for v in variants:
+                entry = case["variants"][v]["breakdown"]["stages"].get(stage)
+                if entry is not None:
+                    row[v] = (
+                        f"{entry['ms']:.1f} ms, {entry['gflop']:.3g} GFLOP, {entry['tflops_per_s'] or 0:.3g} TFLOP/s"
+                    )
+            rows.append(row)
+        columns = [harness.Column("stage", "stage"), *(harness.Column(v, v) for v in variants)]
+        parts.append(f"`{case['case']}` ({case['tokens']} tokens):\n\n" + harness.markdown_table(rows, columns))
+    if not parts:
+        return ""
+    return "## Where the time goes (one untimed call per variant, stage by stage)\n\n" + "\n\n".join(parts) + "\n"
 
 
 def plot(path: Path, cases: Sequence[dict[str, Any]], title: str) -> Path | None:
@@ -516,6 +594,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the result files")
     p.add_argument("--name", default=None, help="file stem (default vit_<suite>, or vit_<preset>_<device>)")
+    p.add_argument("--breakdown", action="store_true", help="also time every stage (one extra call per variant)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -580,6 +659,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                     check_ratio_zero=check_ratio_zero,
                     seed=args.seed + index,
                     bar=bar,
+                    breakdown=args.breakdown,
                 )
             )
     remove_ipcv(tower)
