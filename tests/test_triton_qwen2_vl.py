@@ -56,9 +56,15 @@ def test_triton_path_equals_reference_path(triton_backends, monkeypatch, dtype):
 
     attention = CountingLauncher(triton_backend.varlen_attention_kernel)
     monkeypatch.setattr(triton_backend, "varlen_attention_kernel", attention)
+    restores = []
+    fused_restore = triton_backend.ngr_restore_triton
+    monkeypatch.setattr(triton_backend, "ngr_restore_triton", lambda *a, **kw: restores.append(fused_restore(*a, **kw)))
     tower = build_qwen2_vl_tower(dtype=dtype, device=triton_backends)
     check_against_fp64_tower(tower, ik.IPCVConfig(**CONFIG, backend="triton", attention_backend="triton"), dtype)
     assert attention.launches == CONFIG["as_layers"]  # one fused launch per stabilisation block
+    # The full sequence is rebuilt in place by the fused restore: once per stabilisation block,
+    # and once more after the last block.
+    assert len(restores) == CONFIG["as_layers"] + 1
 
 
 @pytest.mark.gpu

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..ops import ngr_reconstruct, plan_ipcv, shrink_cu_seqlens
+from ..ops import backend_for, ngr_reconstruct, plan_ipcv, shrink_cu_seqlens
 from ..reference import IPCVPlan
 
 PATCH_ATTRIBUTE = "_ipcv_patch"
@@ -297,9 +297,19 @@ class IPCVPatch:
         return self._restore(hidden)
 
     def _restore(self, kept: torch.Tensor) -> torch.Tensor:
-        """``full[keep] = kept``, ``full[drop] = NGR reconstruction`` (spec steps 4 and 7)."""
+        """``full[keep] = kept``, ``full[drop] = NGR reconstruction`` (spec steps 4 and 7).
+
+        On the Triton backend one fused kernel writes both straight into the full-length buffer,
+        saving the reconstructed rows' round trip through a temporary and the scatter.
+        """
         state = self.state
         full = torch.empty_like(state.base)
+        if backend_for("ngr_reconstruct", self.config.backend, full.device) == "triton":
+            from ..ops.triton_backend import ngr_restore_triton
+
+            plan = state.plan
+            ngr_restore_triton(full, kept, state.base_drop, state.base_kept, plan.keep, plan.drop, plan.neighbors)
+            return full
         full[state.plan.keep] = kept
         full[state.plan.drop] = ngr_reconstruct(
             state.base_drop, kept, state.base_kept, state.plan.neighbors, backend=self.config.backend
