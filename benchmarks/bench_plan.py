@@ -231,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         _, peak = measure_peak_memory(knn_inputs(args, device, dtype)[2][args.knn_memory], device)
         print(json.dumps(peak.summary()))
         return 0
+    load_before = os.getloadavg()
     rows = plan_rows(args, device, dtype)
     if args.knn_tokens > 0:
         rows.append(knn_row(args, argv, device, dtype))
 
     env = environment(device)
+    # Other processes share this machine's cores: the load average says how quiet the run was.
+    env["load_average_1_5_15min"] = {"before": load_before, "after": os.getloadavg()}
     files = ResultFiles(args.out, args.stem or f"plan_{device.type}")
     files.write_json({"benchmark": "bench_plan", "environment": env, "rows": rows})
     flat = [{k: v for k, v in row.items() if not isinstance(v, dict)} for row in rows]
@@ -254,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     files.write_markdown(
         "# Compiled planning step and knn (`benchmarks/bench_plan.py`)\n\n"
         + environment_markdown(env)
-        + "\n\n"
+        + f"\nLoad average (1, 5, 15 min) before / after: {env['load_average_1_5_15min']['before']} / "
+        + f"{env['load_average_1_5_15min']['after']}.\n\n"
         + markdown_table(flat, columns)
     )
     print("\n".join(str(path) for path in files.written))
