@@ -386,6 +386,8 @@ def run_case(
             if v == "unpatched":
                 continue
             result[f"speedup_{v}"] = base / timings[v].median_ms
+            # From the fastest call of each: on a shared host, the least disturbed estimate.
+            result[f"speedup_{v}_min"] = timings["unpatched"].min_ms / timings[v].min_ms
             result[f"bound_{v}"] = predicted_speedup(flops["unpatched"], flops[v])
             result[f"efficiency_{v}"] = result[f"speedup_{v}"] / result[f"bound_{v}"]
     if "paper" in variants and "ipcv" in variants:
@@ -446,7 +448,16 @@ def table_rows(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> list
             row[f"{v}_p10_ms"] = stats["p10_ms"]
             row[f"{v}_p90_ms"] = stats["p90_ms"]
             row[f"{v}_peak_extra_mib"] = _mib(stats["memory"]["peak_extra_bytes"])
-        for key in ("speedup_paper", "bound_paper", "speedup_ipcv", "bound_ipcv", "efficiency_ipcv", "ipcv_over_paper"):
+        for key in (
+            "speedup_paper",
+            "speedup_paper_min",
+            "bound_paper",
+            "speedup_ipcv",
+            "speedup_ipcv_min",
+            "bound_ipcv",
+            "efficiency_ipcv",
+            "ipcv_over_paper",
+        ):
             row[key] = case.get(key)
         row["check_ipcv_vs_paper"] = case["checks"].get(
             "ipcv_vs_paper", case["checks"].get("ipcv_vs_paper_informative")
@@ -468,6 +479,7 @@ MARKDOWN_COLUMNS = (
     harness.Column("speedup_ipcv", "(c) speedup", ".2f"),
     harness.Column("bound_ipcv", "(c) FLOP bound", ".2f"),
     harness.Column("efficiency_ipcv", "(c) / bound", ".0%"),
+    harness.Column("speedup_ipcv_min", "(c) speedup, fastest calls", ".2f"),
     harness.Column("ipcv_over_paper", "(c) vs (b)", ".2f"),
     harness.Column("unpatched_peak_extra_mib", "(a) MiB", ".0f"),
     harness.Column("paper_peak_extra_mib", "(b) MiB", ".0f"),
