@@ -91,7 +91,7 @@ SUITES: dict[str, Suite] = {
         cases=("448x448", "448x896"),
         ipcv=IPCVConfig(prune_layer=2, ratio=0.65, as_layers=2),
         warmup=1,
-        repeats=3,
+        repeats=5,
         description="CPU, fp32, 7B block shapes at depth 8",
     ),
     # The GPU target: the paper's Qwen2-VL-7B setting at 1k / 4k / 16k tokens per image, plus the
