@@ -71,7 +71,7 @@ step_tests() {
 step_vit_targets() {
   ensure_installed
   python benchmarks/bench_vit.py --suite gpu --device cuda --cases 448x448 896x896 1792x1792 \
-    --out "$OUT/results" --name vit_gpu_targets --no-progress
+    --out "$OUT/results" --name vit_gpu_targets --no-progress --breakdown
 }
 
 # The other inputs: 1024 / 2048 pixel images, a batch of 8 images, a 16-frame video.
