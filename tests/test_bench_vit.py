@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ipcv_kernels.bench import harness
 from ipcv_kernels.bench.vit import Case, load_vision_tower, main, parse_case
 from ipcv_kernels.hf_factory import build_qwen2_vl_model
 
@@ -84,3 +85,36 @@ def test_checkpoint_loading_reads_only_the_vision_tower(tmp_path):
     assert set(tower.state_dict()) == set(expected.state_dict())
     with pytest.raises(ValueError, match="model"):
         load_vision_tower(tmp_path / "missing", dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_harness_timing_statistics_and_interleaving():
+    timing = harness.Timing((5.0, 1.0, 3.0, 2.0, 4.0))
+    assert (timing.median_ms, timing.min_ms) == (3.0, 1.0)
+    assert timing.p10_ms == pytest.approx(1.4) and timing.p90_ms == pytest.approx(4.6)  # numpy's linear rule
+    assert timing.iqr_ms == pytest.approx(2.0)
+    calls: list[str] = []
+    timings = harness.time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        torch.device("cpu"),
+        warmup=1,
+        repeats=3,
+    )
+    # Warm-up per variant, then rounds whose starting variant rotates.
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert [len(t.samples_ms) for t in timings.values()] == [3, 3]
+
+
+def test_harness_module_times_and_result_files(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    out, ms = harness.time_modules(lambda: model(torch.randn(4, 8)), {"linear": model[0]}, torch.device("cpu"))
+    assert out.shape == (4, 8) and ms["linear"] > 0
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+    _, memory = harness.measure_peak_memory(lambda: torch.ones(1 << 20), torch.device("cpu"))
+    assert memory.method in ("linux_rss_high_water", "unavailable")
+    files = harness.ResultFiles(tmp_path, "run")
+    files.write_csv([{"a": 1}, {"a": 2, "b": 3.5}])
+    assert (tmp_path / "run.csv").read_text().splitlines() == ["a,b", "1,", "2,3.5"]
+    table = harness.markdown_table(
+        [{"x": 1.23456, "y": None}], [harness.Column("x", "X", ".2f"), harness.Column("y", "Y")]
+    )
+    assert table.splitlines()[-1] == "| 1.23 | - |"
