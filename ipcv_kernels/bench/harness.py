@@ -207,6 +207,30 @@ def time_modules(
     return result, totals
 
 
+def count_host_syncs(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int | None]:
+    """Run ``fn`` once and count the host-device synchronisations it caused (CUDA only).
+
+    Uses ``torch.cuda.set_sync_debug_mode("warn")``: PyTorch warns at every synchronising call
+    (a tensor value read on the host, ``nonzero``, data-sized outputs, blocking copies); each sync
+    drains the launch queue and leaves the GPU idle while the host catches up. ``None`` elsewhere.
+    """
+    if device.type != "cuda":
+        return fn(), None
+    import warnings
+
+    synchronize(device)
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    synchronize(device)
+    return result, sum("synchroniz" in str(w.message) for w in caught)
+
+
 # -- memory ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PeakMemory:
@@ -498,6 +522,7 @@ __all__ = [
     "Series",
     "Timing",
     "configure_threads",
+    "count_host_syncs",
     "environment",
     "environment_markdown",
     "markdown_table",

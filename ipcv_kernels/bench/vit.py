@@ -400,6 +400,11 @@ def run_case(
         for v in variants:
             bench.select(v)
             result["variants"][v]["breakdown"] = block_breakdown(bench, pixels, grid_thw, flops[v], bench.configs[v])
+            # Host-device syncs of one forward (CUDA only): each one idles the GPU while the host
+            # launches the next kernels, which matters most for small inputs.
+            _, result["variants"][v]["host_syncs"] = harness.count_host_syncs(
+                lambda: bench.forward(pixels, grid_thw), bench.device
+            )
     return result
 
 
@@ -452,6 +457,7 @@ def table_rows(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> list
             row[f"{v}_p10_ms"] = stats["p10_ms"]
             row[f"{v}_p90_ms"] = stats["p90_ms"]
             row[f"{v}_peak_extra_mib"] = _mib(stats["memory"]["peak_extra_bytes"])
+            row[f"{v}_host_syncs"] = stats.get("host_syncs")
         for key in (
             "speedup_paper",
             "speedup_paper_min",
@@ -489,6 +495,9 @@ MARKDOWN_COLUMNS = (
     harness.Column("unpatched_peak_extra_mib", "(a) MiB", ".0f"),
     harness.Column("paper_peak_extra_mib", "(b) MiB", ".0f"),
     harness.Column("ipcv_peak_extra_mib", "(c) MiB", ".0f"),
+    harness.Column("unpatched_host_syncs", "(a) syncs"),
+    harness.Column("paper_host_syncs", "(b) syncs"),
+    harness.Column("ipcv_host_syncs", "(c) syncs"),
 )
 
 
@@ -626,7 +635,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the result files")
     p.add_argument("--name", default=None, help="file stem (default vit_<suite>, or vit_<preset>_<device>)")
-    p.add_argument("--breakdown", action="store_true", help="also time every stage (one extra call per variant)")
+    p.add_argument(
+        "--breakdown", action="store_true", help="also time every stage and count host syncs (extra calls per variant)"
+    )
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
