@@ -8,7 +8,7 @@ All ops are inference-only (no autograd).
 
 from .config import IPCVConfig
 from .llm import DART, FastV, LLMPruner
-from .models import apply_ipcv, get_ipcv_patch, remove_ipcv, supported_classes
+from .models import apply_ipcv, get_ipcv_patch, ipcv_applied, remove_ipcv, supported_classes
 from .ops import (
     available_backends,
     knn,
@@ -33,6 +33,7 @@ __all__ = [
     "apply_ipcv",
     "available_backends",
     "get_ipcv_patch",
+    "ipcv_applied",
     "knn",
     "ngr_attention",
     "ngr_reconstruct",

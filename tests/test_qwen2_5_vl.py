@@ -4,6 +4,7 @@ model's output order, batches equal to items alone, removal, and full-model gene
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -48,13 +49,8 @@ def split_items(pixels, grid_thw):
 
 
 def run(tower, grid, config=None):
-    if config is not None:
-        ik.apply_ipcv(tower, config)
-    try:
-        with torch.no_grad():
-            return tower_call(tower, grid)()
-    finally:
-        ik.remove_ipcv(tower)
+    with ik.ipcv_applied(tower, config) if config else contextlib.nullcontext(), torch.no_grad():
+        return tower_call(tower, grid)()
 
 
 def oracle(tower, grid, config, *, scope="image"):

@@ -3,6 +3,8 @@ independent float64 spec oracle otherwise, scopes, removal, output types and gen
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from spec_oracle import ipcv_oracle
@@ -40,13 +42,8 @@ def tower64():
 def run(tower, grid, config=None, pixels=None):
     sampled, grid_thw = sample_pixels(tower.config, grid, dtype=tower.dtype)
     pixels = sampled if pixels is None else pixels
-    if config is not None:
-        ik.apply_ipcv(tower, config)
-    try:
-        with torch.no_grad():
-            return tower(pixels, grid_thw=grid_thw)
-    finally:
-        ik.remove_ipcv(tower)
+    with ik.ipcv_applied(tower, config) if config else contextlib.nullcontext(), torch.no_grad():
+        return tower(pixels, grid_thw=grid_thw)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -178,3 +175,11 @@ def test_base_model_and_video_input():
     assert out.last_hidden_state.shape[1] == inputs["input_ids"].shape[1]
     assert ik.get_ipcv_patch(model).last_tokens_per_block[1:] == [16] * 5
     ik.remove_ipcv(model)
+
+
+def test_ipcv_applied_removes_the_patch_even_on_error():
+    tower = build_qwen2_vl_tower()
+    with pytest.raises(RuntimeError, match="inside"), ik.ipcv_applied(tower, ik.IPCVConfig(prune_layer=1)):
+        assert ik.get_ipcv_patch(tower) is not None
+        raise RuntimeError("inside")
+    assert ik.get_ipcv_patch(tower) is None

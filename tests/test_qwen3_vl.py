@@ -4,6 +4,7 @@ removal, and full-model generate."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import replace
 
@@ -43,13 +44,8 @@ def tower_call(tower, grid):
 
 
 def run(tower, grid, config=None):
-    if config is not None:
-        ik.apply_ipcv(tower, config)
-    try:
-        with torch.no_grad():
-            return tower_call(tower, grid)()
-    finally:
-        ik.remove_ipcv(tower)
+    with ik.ipcv_applied(tower, config) if config else contextlib.nullcontext(), torch.no_grad():
+        return tower_call(tower, grid)()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
 from ..config import IPCVConfig
@@ -60,10 +63,23 @@ def remove_ipcv(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def ipcv_applied(
+    model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner: LLMPruner | None = None
+) -> Iterator[nn.Module]:
+    """``with ipcv_applied(model, config): ...``: ``apply_ipcv`` on entry, ``remove_ipcv`` on exit
+    (also when the body raises). Same arguments as ``apply_ipcv``."""
+    apply_ipcv(model, config, llm_pruner=llm_pruner)
+    try:
+        yield model
+    finally:
+        remove_ipcv(model)
+
+
 def get_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
     """The installed patch (config, ``last_tokens_per_block``) of ``model``'s tower, if any."""
     tower, _ = find_tower(model)
     return getattr(tower, PATCH_ATTRIBUTE, None)
 
 
-__all__ = ["apply_ipcv", "get_ipcv_patch", "remove_ipcv", "set_tiles_per_image", "supported_classes"]
+__all__ = ["apply_ipcv", "get_ipcv_patch", "ipcv_applied", "remove_ipcv", "set_tiles_per_image", "supported_classes"]
