@@ -46,25 +46,11 @@ QWEN3_VISION = dict(
     num_position_embeddings=64,
     deepstack_visual_indexes=[1, 3, 4],
 )
-QWEN3_TEXT = dict(
-    vocab_size=128,
-    hidden_size=48,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=12,
-    max_position_embeddings=1024,
-    rope_parameters={
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "mrope_section": [2, 2, 2],
-        "mrope_interleaved": True,
-    },
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+QWEN3_TEXT = {
+    **TINY_TEXT,
+    "head_dim": 12,
+    "rope_parameters": {**TINY_TEXT["rope_parameters"], "mrope_interleaved": True},
+}
 INTERNVL_VISION = dict(
     hidden_size=64,
     num_hidden_layers=6,
@@ -76,19 +62,11 @@ INTERNVL_VISION = dict(
     norm_type="rms_norm",
     layer_scale_init_value=0.5,
 )
-INTERNVL_TEXT = dict(
-    model_type="qwen2",
-    vocab_size=128,
-    hidden_size=48,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+INTERNVL_TEXT = {
+    **{key: value for key, value in TINY_TEXT.items() if key != "rope_parameters"},  # plain Qwen2 rope
+    "model_type": "qwen2",
+    "num_hidden_layers": 2,
+}
 INTERNVL_IMAGE_TOKEN = 120
 INTERNVL_TOKENS_PER_TILE = 4  # 4 x 4 patches, pixel-shuffled by 0.5
 
