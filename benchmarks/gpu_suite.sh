@@ -41,7 +41,8 @@ run_step() {
 }
 
 ensure_installed() {
-  python -c "import ipcv_kernels" 2>/dev/null || step_install
+  # From / so that the checkout itself is not on sys.path: only an installed package imports.
+  (cd / && python -c "import ipcv_kernels") 2>/dev/null || step_install
 }
 
 step_env() {
