@@ -129,3 +129,33 @@ def test_validation_names_the_argument():
         vit_flops(3, 4, 8, 2, [10], IPCVConfig(prune_layer=3))
     with pytest.raises(TypeError, match="config"):
         vit_flops(3, 4, 8, 2, [10], {"ratio": 0.5})
+
+
+# Kept queries on a video split over its frames as the data decide: images only for "kept".
+COUNTER_CASES = [(case, q) for case in ("112x112", "56x112*2", "56x56@4") for q in (None, "all", "kept")]
+
+
+@pytest.mark.parametrize(("case", "as_queries"), [c for c in COUNTER_CASES if c != ("56x56@4", "kept")])
+def test_model_matches_torch_flop_counter_on_a_real_tower(case, as_queries):
+    """Every matmul PyTorch runs (convolution, linear layers, eager attention) is what the model
+    counts. ``ngr_attention`` is a custom op, opaque to the counter: its kept-query attention is
+    the one term added back."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ipcv_kernels.bench.vit import Bench, build_tower, parse_case, vision_config_from_preset
+    from ipcv_kernels.models import apply_ipcv
+
+    vision = vision_config_from_preset("qwen2-vl-tiny", attn_implementation="eager")
+    tower = build_tower(vision, dtype=torch.float32, device=torch.device("cpu"))
+    config = None
+    if as_queries is not None:
+        config = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=4, as_queries=as_queries)
+        apply_ipcv(tower, config)
+    bench = Bench(tower, vision, torch.device("cpu"), torch.float32, {})
+    parsed = parse_case(case, vision)
+    with FlopCounterMode(display=False) as counter:
+        bench.forward(*bench.inputs(parsed, 0))
+    report = qwen2_vl_flops(vision, parsed.grid_thw, config)
+    opaque = sum(b.attention for b in report.blocks if b.kind == "stabilised")
+    assert counter.get_total_flops() + opaque == report.core
