@@ -33,6 +33,9 @@ distance GEMM), per item with ``n_i`` rows, ``k_i`` kept, ``d_i = n_i - k_i`` dr
 - NGR reconstruction (each stabilisation block, and the final restoration), only when
   ``d_i > 0``: ``k_i D`` (``h - base``) ``+ d_i (k' + 2) D`` (neighbour sum, mean, ``+ base``).
 
+The matmul terms equal what ``torch.utils.flop_counter.FlopCounterMode`` counts on a real Qwen2-VL
+tower, unpatched and patched (``tests/test_flops.py``).
+
 Not counted anywhere (``O(n D)`` element-wise, under 1% of a block at ViT widths and identical in
 both towers): layer norms, activations, softmax, rotary, residual adds, gathers and scatters.
 
