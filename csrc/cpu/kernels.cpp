@@ -35,8 +35,6 @@ namespace {
 // (Measured on the 2-core benchmark box: 64 x 1024 and 128 x 1024 were 3-8% slower.)
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kRefTile = 512;
-// Keys per skip test of the top-k scan.
-constexpr int64_t kScanChunk = 16;
 
 // Runs body(state, i) for i in [0, count) on OpenMP threads with dynamic scheduling (units differ in
 // size: items have different lengths). Each thread makes its scratch `state` once with make_state(),
@@ -124,6 +122,25 @@ std::pair<at::Tensor, at::Tensor> reference_rows(const at::Tensor& src, const in
   return {matrix, sq_norms};
 }
 
+// An upper bound on the kk-th smallest of keys[0..cols): split the keys into groups, take each
+// group's minimum; kk of these minima are kk distinct keys, so the kk-th smallest minimum bounds the
+// kk-th smallest key from above and every key of the top kk is <= it. About 2 kk groups make the
+// bound tight (a few keys above the true kk-th pass it). Returns +inf (no filtering) for short rows.
+// `minima` needs room for 4 * kk + 1 values.
+template <typename acc_t>
+acc_t kth_smallest_bound(const acc_t* keys, int64_t cols, int64_t kk, acc_t* minima) {
+  if (cols < 4 * kk) return std::numeric_limits<acc_t>::infinity();
+  const int64_t group = cols / (2 * kk);  // >= 2, so at most 4 kk full groups
+  int64_t groups = 0;
+  for (int64_t j0 = 0; j0 + group <= cols; j0 += group) {
+    acc_t low = std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = j0; j < j0 + group; ++j) low = keys[j] < low ? keys[j] : low;  // skips NaN
+    minima[groups++] = low;
+  }
+  std::nth_element(minima, minima + kk - 1, minima + groups);
+  return minima[kk - 1];
+}
+
 // One unit of work: query rows [q_begin, q_end) of segment `segment`.
 struct QueryTile {
   int64_t segment;
@@ -159,13 +176,13 @@ void knn_segments(const scalar_t* query_src, const int64_t* query_rows, int64_t 
   // Per-thread scratch: a query tile, a distance tile and the top-k lists of one tile's rows.
   struct Scratch {
     at::Tensor queries, dots;
-    std::vector<acc_t> best_key;
+    std::vector<acc_t> best_key, minima;
     std::vector<int64_t> best_index;
   };
   const auto make_scratch = [&] {
     return Scratch{at::empty({kQueryTile, dim}, ref_rows.options()),
                    at::empty({kQueryTile * kRefTile}, ref_rows.options()), std::vector<acc_t>(kQueryTile * k),
-                   std::vector<int64_t>(kQueryTile * k)};
+                   std::vector<acc_t>(4 * k + 4), std::vector<int64_t>(kQueryTile * k)};
   };
   parallel_units(static_cast<int64_t>(tiles.size()), make_scratch, [&](Scratch& scratch, int64_t unit) {
     const QueryTile& tile = tiles[unit];
@@ -201,25 +218,23 @@ void knn_segments(const scalar_t* query_src, const int64_t* query_rows, int64_t 
         acc_t* row = dot + i * cols;
         for (int64_t j = 0; j < cols; ++j) row[j] = norms[j] - 2 * row[j];  // keys, in place (vectorised)
         acc_t worst = keys[kk - 1];
-        // Chunks whose smallest key cannot enter the list are skipped with one predictable branch: once
-        // the list has filled, that is nearly all of them.
-        for (int64_t j0 = 0; j0 < cols; j0 += kScanChunk) {
-          const int64_t j1 = std::min(j0 + kScanChunk, cols);
-          acc_t chunk_min = std::numeric_limits<acc_t>::infinity();
-          for (int64_t j = j0; j < j1; ++j) chunk_min = row[j] < chunk_min ? row[j] : chunk_min;  // skips NaN
-          if (!(chunk_min < worst)) continue;
-          for (int64_t j = j0; j < j1; ++j) {
-            const acc_t key = row[j];
-            if (!(key < worst)) continue;  // also rejects NaN
-            int64_t slot = kk - 1;
-            for (; slot > 0 && keys[slot - 1] > key; --slot) {
-              keys[slot] = keys[slot - 1];
-              index[slot] = index[slot - 1];
-            }
-            keys[slot] = key;
-            index[slot] = ref_first + r0 + j;
-            worst = keys[kk - 1];
+        // While the list is still empty, almost every key would be inserted; a bound on the block's
+        // kk-th smallest key filters them first.
+        const acc_t bound = worst == std::numeric_limits<acc_t>::infinity()
+                                ? kth_smallest_bound(row, cols, kk, scratch.minima.data())
+                                : std::numeric_limits<acc_t>::infinity();
+        // After the first few keys almost every test fails: a well-predicted branch per key.
+        for (int64_t j = 0; j < cols; ++j) {
+          const acc_t key = row[j];
+          if (!(key < worst && key <= bound)) continue;  // also rejects NaN
+          int64_t slot = kk - 1;
+          for (; slot > 0 && keys[slot - 1] > key; --slot) {
+            keys[slot] = keys[slot - 1];
+            index[slot] = index[slot - 1];
           }
+          keys[slot] = key;
+          index[slot] = ref_first + r0 + j;
+          worst = keys[kk - 1];
         }
       }
     }
