@@ -32,6 +32,8 @@ LAYOUTS = {
     "mixed_items": ([37, 0, 1, 5, 64], [37, 0, 1, 5, 32, 32]),
     "video_frames": ([48, 24], [16, 16, 16, 8, 8, 8]),
     "tiles": ([1700], [1700]),
+    # Enough items for one work unit per item (>= 4 per thread) at 1 to 3 threads.
+    "many_items": ([13, 0, 1, 29, 7, 40, 3, 2, 90, 11, 5, 17], [13, 0, 1, 29, 7, 40, 3, 2, 45, 45, 11, 5, 17]),
 }
 
 
@@ -101,10 +103,17 @@ def test_plan_matches_reference(cpp, layout, dtype):
     items, segments = layout
     x_before, x_after = plan_inputs(items, 40, dtype)
     cu_items, cu_seqlens = offsets(items), offsets(segments)
-    for ratio, k in ((0.65, 10), (0.3, 3), (0.9, 1)):
-        expected = plan_reference(x_before, x_after, cu_items, cu_seqlens, ratio, k)
-        got = ik.IPCVPlan(*cpp.plan(x_before, x_after, cu_items, cu_seqlens, ratio, k))
-        check_plan(got, expected, x_after, k)
+    threads = torch.get_num_threads()
+    try:
+        # The kernel makes one work unit per item or per query tile depending on items per thread.
+        for num_threads in sorted({1, threads}):
+            torch.set_num_threads(num_threads)
+            for ratio, k in ((0.65, 10), (0.3, 3), (0.9, 1)):
+                expected = plan_reference(x_before, x_after, cu_items, cu_seqlens, ratio, k)
+                got = ik.IPCVPlan(*cpp.plan(x_before, x_after, cu_items, cu_seqlens, ratio, k))
+                check_plan(got, expected, x_after, k)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_plan_ratio_zero_keeps_everything(cpp):

@@ -35,6 +35,9 @@ namespace {
 // (Measured on the 2-core benchmark box: 64 x 1024 and 128 x 1024 were 3-8% slower.)
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kRefTile = 512;
+// The planning step makes one work unit per item (instead of per query tile) when a batch has at
+// least this many items per thread: enough for dynamic scheduling to balance uneven items.
+constexpr int64_t kItemsPerThreadForItemUnits = 4;
 
 // Runs body(state, i) for i in [0, count) on OpenMP threads with dynamic scheduling (units differ in
 // size: items have different lengths). Each thread makes its scratch `state` once with make_state(),
@@ -159,13 +162,77 @@ std::vector<QueryTile> query_tiles(const Offsets& cu_query, const Offsets& cu_re
   return tiles;
 }
 
-// Streaming k-nearest search, segment by segment. Writes out[q, :min(k, |ref segment|)].
+// Per-thread scratch of the kNN search: a query tile, a distance block and one tile's top-k lists.
+template <typename acc_t>
+struct KnnScratch {
+  at::Tensor queries, dots;
+  std::vector<acc_t> best_key, minima;
+  std::vector<int64_t> best_index;
+
+  KnnScratch(int64_t dim, int64_t k, const at::TensorOptions& options)
+      : queries(at::empty({kQueryTile, dim}, options)),
+        dots(at::empty({kQueryTile * kRefTile}, options)),
+        best_key(kQueryTile * k),
+        minima(4 * k + 4),
+        best_index(kQueryTile * k) {}
+};
+
+// k nearest of `queries` ([rows, D], rows <= kQueryTile) among `refs` ([ref_count, D]) with squared
+// norms `ref_norms`; writes out[i * k + j] = ref_index_base + (j-th nearest), j < min(k, ref_count).
 //
 // dist(q, r)^2 = |q|^2 + |r|^2 - 2 q.r. |q|^2 is the same for all candidates of a query row, so rows
-// are ranked by key = |r|^2 - 2 q.r, whose q.r part for a [query tile x ref tile] block comes from one
+// are ranked by key = |r|^2 - 2 q.r, whose q.r part for a [query tile x ref block] comes from one
 // GEMM. Each query row keeps a sorted list of its k best keys; a candidate costs one compare unless it
-// beats the current k-th best. Memory: one query tile, one distance tile and the lists per unit, never
-// the whole |query| x |ref| matrix of a segment.
+// beats the current k-th best. Memory: one query tile, one distance block and the lists per thread,
+// never the whole |query| x |ref| matrix of a segment.
+template <typename acc_t>
+void search_tile(const at::Tensor& queries, const at::Tensor& refs, const acc_t* ref_norms, int64_t ref_index_base,
+                 int64_t k, KnnScratch<acc_t>& scratch, int64_t* out) {
+  const int64_t rows = queries.size(0), ref_count = refs.size(0);
+  const int64_t kk = std::min(k, ref_count);
+  if (kk == 0) return;
+  acc_t* best_key = scratch.best_key.data();
+  int64_t* best_index = scratch.best_index.data();
+  std::fill_n(best_key, rows * kk, std::numeric_limits<acc_t>::infinity());
+  std::fill_n(best_index, rows * kk, int64_t{-1});
+  for (int64_t r0 = 0; r0 < ref_count; r0 += kRefTile) {
+    const int64_t cols = std::min(kRefTile, ref_count - r0);
+    at::Tensor dots = scratch.dots.narrow(0, 0, rows * cols).view({rows, cols});
+    at::mm_out(dots, queries, refs.narrow(0, r0, cols).t());
+    acc_t* dot = dots.mutable_data_ptr<acc_t>();
+    const acc_t* norms = ref_norms + r0;
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t* keys = best_key + i * kk;
+      int64_t* index = best_index + i * kk;
+      acc_t* row = dot + i * cols;
+      for (int64_t j = 0; j < cols; ++j) row[j] = norms[j] - 2 * row[j];  // keys, in place (vectorised)
+      acc_t worst = keys[kk - 1];
+      // While the list is still empty, almost every key would be inserted; a bound on the block's
+      // kk-th smallest key filters them first.
+      const acc_t bound = worst == std::numeric_limits<acc_t>::infinity()
+                              ? kth_smallest_bound(row, cols, kk, scratch.minima.data())
+                              : std::numeric_limits<acc_t>::infinity();
+      // After the first few keys almost every test fails: a well-predicted branch per key.
+      for (int64_t j = 0; j < cols; ++j) {
+        const acc_t key = row[j];
+        if (!(key < worst && key <= bound)) continue;  // also rejects NaN
+        int64_t slot = kk - 1;
+        for (; slot > 0 && keys[slot - 1] > key; --slot) {
+          keys[slot] = keys[slot - 1];
+          index[slot] = index[slot - 1];
+        }
+        keys[slot] = key;
+        index[slot] = ref_index_base + r0 + j;
+        worst = keys[kk - 1];
+      }
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) std::copy_n(best_index + i * kk, kk, out + i * k);
+}
+
+// Streaming k-nearest search, segment by segment, one work unit per query tile. Query row q is
+// query_src row query_rows[q] (or q when query_rows is null); `ref_rows` holds every reference row in
+// the accumulation type. Writes out[q, :min(k, |ref segment|)].
 template <typename scalar_t>
 void knn_segments(const scalar_t* query_src, const int64_t* query_rows, int64_t dim, const at::Tensor& ref_rows,
                   const at::Tensor& ref_sq_norms, const Offsets& cu_query, const Offsets& cu_ref, int64_t k,
@@ -173,24 +240,12 @@ void knn_segments(const scalar_t* query_src, const int64_t* query_rows, int64_t 
   using acc_t = at::opmath_type<scalar_t>;
   const std::vector<QueryTile> tiles = query_tiles(cu_query, cu_ref);
   const acc_t* sq_norms = ref_sq_norms.const_data_ptr<acc_t>();
-  // Per-thread scratch: a query tile, a distance tile and the top-k lists of one tile's rows.
-  struct Scratch {
-    at::Tensor queries, dots;
-    std::vector<acc_t> best_key, minima;
-    std::vector<int64_t> best_index;
-  };
-  const auto make_scratch = [&] {
-    return Scratch{at::empty({kQueryTile, dim}, ref_rows.options()),
-                   at::empty({kQueryTile * kRefTile}, ref_rows.options()), std::vector<acc_t>(kQueryTile * k),
-                   std::vector<acc_t>(4 * k + 4), std::vector<int64_t>(kQueryTile * k)};
-  };
-  parallel_units(static_cast<int64_t>(tiles.size()), make_scratch, [&](Scratch& scratch, int64_t unit) {
+  const auto make_scratch = [&] { return KnnScratch<acc_t>(dim, k, ref_rows.options()); };
+  parallel_units(static_cast<int64_t>(tiles.size()), make_scratch, [&](KnnScratch<acc_t>& scratch, int64_t unit) {
     const QueryTile& tile = tiles[unit];
     const int64_t rows = tile.q_end - tile.q_begin;
     const int64_t ref_first = cu_ref[tile.segment];
     const int64_t ref_count = cu_ref[tile.segment + 1] - ref_first;
-    const int64_t kk = std::min(k, ref_count);
-
     at::Tensor queries;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (query_rows == nullptr) {  // contiguous rows of the right type: a view, no copy
@@ -201,58 +256,21 @@ void knn_segments(const scalar_t* query_src, const int64_t* query_rows, int64_t 
       queries = scratch.queries.narrow(0, 0, rows);
       gather_rows(query_src, dim, query_rows, tile.q_begin, rows, queries.mutable_data_ptr<acc_t>());
     }
-
-    acc_t* best_key = scratch.best_key.data();
-    int64_t* best_index = scratch.best_index.data();
-    std::fill_n(best_key, rows * kk, std::numeric_limits<acc_t>::infinity());
-    std::fill_n(best_index, rows * kk, int64_t{-1});
-    for (int64_t r0 = 0; r0 < ref_count; r0 += kRefTile) {
-      const int64_t cols = std::min(kRefTile, ref_count - r0);
-      at::Tensor dots = scratch.dots.narrow(0, 0, rows * cols).view({rows, cols});
-      at::mm_out(dots, queries, ref_rows.narrow(0, ref_first + r0, cols).t());
-      acc_t* dot = dots.mutable_data_ptr<acc_t>();
-      const acc_t* norms = sq_norms + ref_first + r0;
-      for (int64_t i = 0; i < rows; ++i) {
-        acc_t* keys = best_key + i * kk;
-        int64_t* index = best_index + i * kk;
-        acc_t* row = dot + i * cols;
-        for (int64_t j = 0; j < cols; ++j) row[j] = norms[j] - 2 * row[j];  // keys, in place (vectorised)
-        acc_t worst = keys[kk - 1];
-        // While the list is still empty, almost every key would be inserted; a bound on the block's
-        // kk-th smallest key filters them first.
-        const acc_t bound = worst == std::numeric_limits<acc_t>::infinity()
-                                ? kth_smallest_bound(row, cols, kk, scratch.minima.data())
-                                : std::numeric_limits<acc_t>::infinity();
-        // After the first few keys almost every test fails: a well-predicted branch per key.
-        for (int64_t j = 0; j < cols; ++j) {
-          const acc_t key = row[j];
-          if (!(key < worst && key <= bound)) continue;  // also rejects NaN
-          int64_t slot = kk - 1;
-          for (; slot > 0 && keys[slot - 1] > key; --slot) {
-            keys[slot] = keys[slot - 1];
-            index[slot] = index[slot - 1];
-          }
-          keys[slot] = key;
-          index[slot] = ref_first + r0 + j;
-          worst = keys[kk - 1];
-        }
-      }
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-      std::copy_n(best_index + i * kk, kk, out + (tile.q_begin + i) * k);
-    }
+    search_tile(queries, ref_rows.narrow(0, ref_first, ref_count), sq_norms + ref_first, ref_first, k, scratch,
+                out + tile.q_begin * k);
   });
 }
 
-// Keeps the `count` highest scores of positions [begin, begin + n) and writes the kept and dropped
+// Keeps the `count` highest scores of positions [begin, begin + n) (item_scores[i]: position
+// begin + i) and writes the kept and dropped
 // positions in ascending order. NaN ranks as the largest score (as torch.topk does); ties go to the
 // lower position, so the result is deterministic.
 template <typename score_t>
-void select_item(const score_t* scores, int64_t begin, int64_t n, int64_t count, int64_t* keep, int64_t* drop) {
+void select_item(const score_t* item_scores, int64_t begin, int64_t n, int64_t count, int64_t* keep, int64_t* drop) {
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), int64_t{0});
   const auto key = [&](int64_t i) {
-    const score_t s = scores[begin + i];
+    const score_t s = item_scores[i];
     return std::isnan(s) ? std::numeric_limits<score_t>::infinity() : s;
   };
   if (count < n) {
@@ -289,8 +307,8 @@ Selection select_from_scores(const score_t* scores, const Offsets& cu_items, dou
   const auto no_scratch = [] { return 0; };
   parallel_units(static_cast<int64_t>(cu_items.size()) - 1, no_scratch, [&](int, int64_t b) {
     const int64_t n = cu_items[b + 1] - cu_items[b];
-    select_item(scores, cu_items[b], n, layout.cu_keep[b + 1] - layout.cu_keep[b], keep_data + layout.cu_keep[b],
-                drop_data + layout.cu_drop[b]);
+    select_item(scores + cu_items[b], cu_items[b], n, layout.cu_keep[b + 1] - layout.cu_keep[b],
+                keep_data + layout.cu_keep[b], drop_data + layout.cu_drop[b]);
   });
   return {keep, drop, offsets_tensor(layout.cu_keep), offsets_tensor(layout.cu_drop)};
 }
@@ -311,6 +329,56 @@ at::Tensor token_scores(const at::Tensor& x_before, const at::Tensor& x_after) {
     }
   });
   return scores;
+}
+
+// The planning step with one work unit per item: a unit scores, selects and searches its own item
+// while the item's rows are still in cache, and gathers its kept rows into per-thread scratch, so
+// there is no batch-wide gather pass. Used when a batch has enough items to load every thread; a
+// few large items (a video) take the per-tile path instead. Writes keep, drop and neighbors ([Nd, k],
+// prefilled with -1) at the offsets of `layout`.
+template <typename scalar_t>
+void plan_per_item(const at::Tensor& before, const at::Tensor& base, const Offsets& cu_items,
+                   const SelectionLayout& layout, int64_t k, int64_t* keep, int64_t* drop, int64_t* neighbors) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = base.size(1);
+  const at::TensorOptions options = base.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const scalar_t* after_data = base.const_data_ptr<scalar_t>();
+  const scalar_t* before_data = before.const_data_ptr<scalar_t>();
+  struct ItemScratch {
+    KnnScratch<acc_t> knn;
+    at::Tensor refs;
+    std::vector<acc_t> scores, ref_norms;
+  };
+  const auto make_scratch = [&] { return ItemScratch{KnnScratch<acc_t>(dim, k, options), at::Tensor(), {}, {}}; };
+  parallel_units(static_cast<int64_t>(cu_items.size()) - 1, make_scratch, [&](ItemScratch& scratch, int64_t b) {
+    const int64_t begin = cu_items[b], n = cu_items[b + 1] - begin;
+    const int64_t kept = layout.cu_keep[b + 1] - layout.cu_keep[b], dropped = n - kept;
+    int64_t* item_keep = keep + layout.cu_keep[b];
+    int64_t* item_drop = drop + layout.cu_drop[b];
+    scratch.scores.resize(n);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t row = (begin + j) * dim;
+      scratch.scores[j] = std::sqrt(squared_norm<scalar_t, acc_t>(after_data + row, before_data + row, dim));
+    }
+    select_item(scratch.scores.data(), begin, n, kept, item_keep, item_drop);
+    if (kept == 0 || dropped == 0) return;
+
+    if (!scratch.refs.defined() || scratch.refs.size(0) < kept) scratch.refs = at::empty({kept, dim}, options);
+    const at::Tensor refs = scratch.refs.narrow(0, 0, kept);
+    acc_t* ref_data = refs.mutable_data_ptr<acc_t>();
+    gather_rows(after_data, dim, item_keep, 0, kept, ref_data);
+    scratch.ref_norms.resize(kept);
+    for (int64_t i = 0; i < kept; ++i)
+      scratch.ref_norms[i] = squared_norm<acc_t, acc_t>(ref_data + i * dim, nullptr, dim);
+
+    for (int64_t q0 = 0; q0 < dropped; q0 += kQueryTile) {
+      const int64_t rows = std::min(kQueryTile, dropped - q0);
+      const at::Tensor queries = scratch.knn.queries.narrow(0, 0, rows);
+      gather_rows(after_data, dim, item_drop, q0, rows, queries.mutable_data_ptr<acc_t>());
+      search_tile(queries, refs, scratch.ref_norms.data(), layout.cu_keep[b], k, scratch.knn,
+                  neighbors + (layout.cu_drop[b] + q0) * k);
+    }
+  });
 }
 
 }  // namespace
@@ -385,19 +453,34 @@ Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& 
   Plan result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "ipcv_plan_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor scores = token_scores<scalar_t>(before, base);
-    auto [keep, drop, cu_keep, cu_drop] =
-        select_from_scores(scores.const_data_ptr<acc_t>(), cu_items, ratio, base.options());
-    const Offsets keep_offsets(cu_keep.const_data_ptr<int32_t>(), cu_keep.const_data_ptr<int32_t>() + cu_keep.numel());
-    const Offsets drop_offsets(cu_drop.const_data_ptr<int32_t>(), cu_drop.const_data_ptr<int32_t>() + cu_drop.numel());
-
-    // Neighbours of every dropped token among its item's kept tokens, on base = x_after.
-    at::Tensor neighbors = at::full({drop.size(0), num_neighbors}, -1, base.options().dtype(at::kLong));
+    at::Tensor keep, drop, cu_keep, cu_drop, neighbors;
+    const int64_t num_items = static_cast<int64_t>(cu_items.size()) - 1;
+    if (num_items >= kItemsPerThreadForItemUnits * at::get_num_threads()) {
+      const SelectionLayout layout = selection_layout(cu_items, ratio);
+      keep = at::empty({layout.cu_keep.back()}, base.options().dtype(at::kLong));
+      drop = at::empty({layout.cu_drop.back()}, base.options().dtype(at::kLong));
+      neighbors = at::full({drop.size(0), num_neighbors}, -1, base.options().dtype(at::kLong));
+      plan_per_item<scalar_t>(before, base, cu_items, layout, num_neighbors, keep.mutable_data_ptr<int64_t>(),
+                              drop.mutable_data_ptr<int64_t>(), neighbors.mutable_data_ptr<int64_t>());
+      cu_keep = offsets_tensor(layout.cu_keep);
+      cu_drop = offsets_tensor(layout.cu_drop);
+    } else {
+      const at::Tensor scores = token_scores<scalar_t>(before, base);
+      std::tie(keep, drop, cu_keep, cu_drop) =
+          select_from_scores(scores.const_data_ptr<acc_t>(), cu_items, ratio, base.options());
+      const Offsets keep_offsets(cu_keep.const_data_ptr<int32_t>(),
+                                 cu_keep.const_data_ptr<int32_t>() + cu_keep.numel());
+      const Offsets drop_offsets(cu_drop.const_data_ptr<int32_t>(),
+                                 cu_drop.const_data_ptr<int32_t>() + cu_drop.numel());
+      // Neighbours of every dropped token among its item's kept tokens, on base = x_after.
+      neighbors = at::full({drop.size(0), num_neighbors}, -1, base.options().dtype(at::kLong));
+      const auto [ref_rows, ref_sq_norms] =
+          reference_rows<scalar_t, acc_t>(base, keep.const_data_ptr<int64_t>(), keep.size(0));
+      knn_segments<scalar_t>(base.const_data_ptr<scalar_t>(), drop.const_data_ptr<int64_t>(), base.size(1), ref_rows,
+                             ref_sq_norms, drop_offsets, keep_offsets, num_neighbors,
+                             neighbors.mutable_data_ptr<int64_t>());
+    }
     const int64_t* keep_data = keep.const_data_ptr<int64_t>();
-    const auto [ref_rows, ref_sq_norms] = reference_rows<scalar_t, acc_t>(base, keep_data, keep.size(0));
-    knn_segments<scalar_t>(base.const_data_ptr<scalar_t>(), drop.const_data_ptr<int64_t>(), base.size(1), ref_rows,
-                           ref_sq_norms, drop_offsets, keep_offsets, num_neighbors,
-                           neighbors.mutable_data_ptr<int64_t>());
 
     // Kept tokens before each segment boundary: a binary search in the ascending `keep`.
     Offsets kept_segments(cu_seqlens.size());
