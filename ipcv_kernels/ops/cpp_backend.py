@@ -22,11 +22,11 @@ BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in the repository root (a C++ compiler and ninja "
     "needed; IPCV_SKIP_BUILD must not be 1), or point IPCV_CPP_LIBRARY at a CMake build's libipcv_ops.so"
 )
-# ``auto`` order: above the references (0) and sdpa (10). The whole planning step wins everywhere,
-# including over Triton's plan (20) on CUDA: it is one compiled call. The single ops stay below
-# Triton on CUDA, whose fused kernels need no GEMM round trip.
-PLAN_PRIORITY = 25
-OP_PRIORITY = 15
+# ``auto`` order: above the references (0) and sdpa (10), so ``cpp`` is the CPU default, and below
+# Triton (20), so CUDA tensors take the Triton path. The CUDA kernels here have been compiled but
+# not yet run on a GPU: until a GPU session has verified them they are reached only by naming
+# ``backend="cpp"``.
+CPP_PRIORITY = 15
 
 
 def _load_extension() -> str | None:
@@ -129,10 +129,10 @@ if UNAVAILABLE_REASON is None:
     _register_fakes()
 
 _DEVICES = ("cpu", "cuda") if UNAVAILABLE_REASON is not None or has_cuda_kernels() else ("cpu",)
-for _op, _fn, _priority in (
-    ("knn", knn_cpp, OP_PRIORITY),
-    ("ngr_reconstruct", ngr_reconstruct_cpp, OP_PRIORITY),
-    ("select_tokens", select_tokens_cpp, OP_PRIORITY),
-    ("plan", plan_cpp, PLAN_PRIORITY),
+for _op, _fn in (
+    ("knn", knn_cpp),
+    ("ngr_reconstruct", ngr_reconstruct_cpp),
+    ("select_tokens", select_tokens_cpp),
+    ("plan", plan_cpp),
 ):
-    register_backend(_op, Backend("cpp", _fn, _DEVICES, _priority, _unavailable))
+    register_backend(_op, Backend("cpp", _fn, _DEVICES, CPP_PRIORITY, _unavailable))
