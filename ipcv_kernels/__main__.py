@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv)
     if command == "bench":
-        from .bench_vit import main as bench_main
+        from .bench.vit import main as bench_main
 
         return bench_main(argv)
     print(f"unknown command {command!r}; use 'demo' or 'bench'", file=sys.stderr)
