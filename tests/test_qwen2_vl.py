@@ -183,3 +183,30 @@ def test_ipcv_applied_removes_the_patch_even_on_error():
         assert ik.get_ipcv_patch(tower) is not None
         raise RuntimeError("inside")
     assert ik.get_ipcv_patch(tower) is None
+
+
+def test_kept_segments_and_rotary_are_computed_once_per_forward(tower64, monkeypatch):
+    # Every pruned block gets the tower's same segment and rotary tensors: the shrink (a host read
+    # on CUDA) and the rotary gather must run once per forward, not once per block.
+    from ipcv_kernels.models import engine
+
+    calls = {"unique": 0, "gather": 0}
+    unique, gather = torch.unique_consecutive, engine.gather_rotary
+
+    def counting_unique(*args, **kwargs):
+        calls["unique"] += 1
+        return unique(*args, **kwargs)
+
+    def counting_gather(*args, **kwargs):
+        calls["gather"] += 1
+        return gather(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "unique_consecutive", counting_unique)
+    monkeypatch.setattr(engine, "gather_rotary", counting_gather)
+    config = ik.IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=2)  # 4 pruned blocks
+    pixels, grid_thw = sample_pixels(tower64.config, INPUTS["mix"], dtype=torch.float64)
+    with ik.ipcv_applied(tower64, config), torch.no_grad():
+        tower64(pixels, grid_thw=grid_thw)
+        assert calls == {"unique": 1, "gather": 1}
+        tower64(pixels, grid_thw=grid_thw)  # a new forward plans and memoises anew
+    assert calls == {"unique": 2, "gather": 2}

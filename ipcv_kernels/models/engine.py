@@ -29,10 +29,26 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..ops import backend_for, ngr_reconstruct, plan_ipcv, shrink_cu_seqlens
+from ..ops import backend_for, plan_ipcv, shrink_cu_seqlens
 from ..reference import IPCVPlan
 
 PATCH_ATTRIBUTE = "_ipcv_patch"
+
+
+@dataclass(frozen=True)
+class KeptSegments:
+    """One block call's attention segments restricted to the kept tokens.
+
+    cu_seqlens: int32 ``[S + 1]``, every original segment (possibly empty): ``ngr_attention``'s
+        query offsets, aligned with the original key offsets.
+    nonempty: int32, the same offsets without empty segments, for the model's own per-segment
+        attention loops (which fail on zero-length splits; empty segments contribute nothing).
+    max_seqlen: the longest kept segment.
+    """
+
+    cu_seqlens: torch.Tensor
+    nonempty: torch.Tensor
+    max_seqlen: int
 
 
 @dataclass
@@ -49,6 +65,11 @@ class ForwardState:
     block_layout: torch.Size | None = None  # shape of block P's input, for ``FamilyAdapter.unpack``
     # Rows each block computes outputs for (its queries): all tokens before P, kept tokens after.
     tokens_per_block: list[int] = field(default_factory=list)
+    # Per-forward memos keyed by the id of the tower's tensor (kept alive in the value, and
+    # compared by identity): blocks receive the same segment and rotary tensors, so the shrink,
+    # its host read and the rotary gather run once per distinct tensor, not once per block.
+    kept_segments: dict[int, tuple[torch.Tensor, KeptSegments]] = field(default_factory=dict)
+    kept_rotary: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,16 +146,15 @@ class FamilyAdapter:
         cu_seqlens: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         call: BlockCall,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
-        """The model's own block forward with the given segments and rotary tables.
+        """The model's own block forward with the given segments (none empty) and rotary tables.
 
-        Empty segments are removed first: they contribute nothing to attention, and models'
-        per-segment attention loops fail on zero-length splits.
+        ``max_seqlen`` replaces the tower's value where the block takes one (``None`` keeps it).
         """
-        cu_seqlens = torch.unique_consecutive(cu_seqlens)
         kwargs = dict(call.kwargs)
-        if "max_seqlen" in kwargs:
-            kwargs["max_seqlen"] = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        if max_seqlen is not None and "max_seqlen" in kwargs:
+            kwargs["max_seqlen"] = max_seqlen
         if position_embeddings is not None:
             kwargs["position_embeddings"] = position_embeddings
         return forward(hidden, *call.args, cu_seqlens=cu_seqlens, **kwargs)
@@ -245,16 +265,18 @@ class IPCVPatch:
                 hidden = out_full[plan.keep]
             else:
                 hidden = self.adapter.stabilised_block(
-                    block, hidden, full, plan, call, cfg, self._kept_segments(call.cu_seqlens)
+                    block, hidden, full, plan, call, cfg, self._kept_segments(call.cu_seqlens).cu_seqlens
                 )
         else:
+            segments = self._kept_segments(call.cu_seqlens)
             hidden = self.adapter.run_block(
                 block,
                 original,
                 hidden,
-                self._kept_segments(call.cu_seqlens),
-                gather_rotary(call.position_embeddings, plan.keep),
+                segments.nonempty,
+                self._kept_rotary(call.position_embeddings),
                 call,
+                segments.max_seqlen,
             )
         if index == self.depth - 1:
             return self.adapter.unpack(self._restore(hidden), state.block_layout)
@@ -275,15 +297,37 @@ class IPCVPatch:
         state.base_kept, state.base_drop = x_after[plan.keep], x_after[plan.drop]
         return state.base_kept
 
-    def _kept_segments(self, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """``cu_seqlens`` of this block call shrunk to the kept tokens.
+    def _kept_segments(self, cu_seqlens: torch.Tensor) -> KeptSegments:
+        """This block call's segments shrunk to the kept tokens (memoised per forward).
 
         Towers may pass different segments to different blocks (Qwen2.5-VL's windows); the plan
-        holds the shrink of block ``P``'s segments, reused whenever a block gets the same tensor.
+        already holds the shrink of block ``P``'s segments.
         """
+        memo = self.state.kept_segments.get(id(cu_seqlens))
+        if memo is not None and memo[0] is cu_seqlens:
+            return memo[1]
         if cu_seqlens is self.state.planned_cu_seqlens:
-            return self.state.plan.cu_seqlens_kept
-        return shrink_cu_seqlens(cu_seqlens.to(torch.int32), self.state.plan.keep)
+            shrunk = self.state.plan.cu_seqlens_kept
+        else:
+            shrunk = shrink_cu_seqlens(cu_seqlens.to(torch.int32), self.state.plan.keep)
+        nonempty = torch.unique_consecutive(shrunk)
+        longest = int((nonempty[1:] - nonempty[:-1]).max()) if nonempty.numel() > 1 else 0
+        segments = KeptSegments(shrunk, nonempty, longest)
+        self.state.kept_segments[id(cu_seqlens)] = (cu_seqlens, segments)
+        return segments
+
+    def _kept_rotary(
+        self, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary tables' kept rows (memoised per forward)."""
+        if position_embeddings is None:
+            return None
+        cos = position_embeddings[0]
+        memo = self.state.kept_rotary.get(id(cos))
+        if memo is None or memo[0] is not cos:
+            memo = (cos, gather_rotary(position_embeddings, self.state.plan.keep))
+            self.state.kept_rotary[id(cos)] = memo
+        return memo[1]
 
     def full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
         """A block output as the full sequence: restored (spec step 7) where it holds kept rows.
@@ -311,7 +355,9 @@ class IPCVPatch:
             ngr_restore_triton(full, kept, state.base_drop, state.base_kept, plan.keep, plan.drop, plan.neighbors)
             return full
         full[state.plan.keep] = kept
-        full[state.plan.drop] = ngr_reconstruct(
-            state.base_drop, kept, state.base_kept, state.plan.neighbors, backend=self.config.backend
+        # The custom op directly: its inputs come from the plan, so the public op's checks (host
+        # reads of the neighbour range) would only add a synchronisation per block on CUDA.
+        full[state.plan.drop] = torch.ops.ipcv_kernels.ngr_reconstruct(
+            state.base_drop, kept, state.base_kept, state.plan.neighbors, self.config.backend
         )
         return full

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import IPCVConfig
-from ..ops import ngr_attention, plan_ipcv, shrink_cu_seqlens
+from ..ops import plan_ipcv, shrink_cu_seqlens
+from ..ops.api import ngr_attention_unchecked
 from ..reference import IPCVPlan
 from .engine import PATCH_ATTRIBUTE, BlockCall, FamilyAdapter, IPCVPatch
 
@@ -90,7 +91,7 @@ def internvit_layer(
     k = attention.k_norm(attention.k_proj(normed_context))
     v = attention.v_proj(normed_context)
     heads, head_dim = attention.num_heads, attention.head_dim
-    attended = ngr_attention(
+    attended = ngr_attention_unchecked(
         q.reshape(-1, heads, head_dim),
         k.reshape(-1, heads, head_dim),
         v.reshape(-1, heads, head_dim),
@@ -289,6 +290,7 @@ class InternVLAdapter(FamilyAdapter):
         cu_seqlens: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         call: BlockCall,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         cu_seqlens = cu_seqlens.to(torch.int32)
         backend = self._patch.config.attention_backend

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import IPCVConfig
-from ..ops import ngr_attention
+from ..ops.api import ngr_attention_unchecked
 from ..reference import IPCVPlan
 from .engine import BlockCall, FamilyAdapter
 
@@ -56,7 +56,7 @@ def stabilised_prenorm_block(
     # inside the attention kernel and reads k / v through their strides, so neither rotated copy
     # nor a contiguous v is ever written; other backends get the same rotation done by PyTorch.
     rotary = call.position_embeddings
-    attn = ngr_attention(
+    attn = ngr_attention_unchecked(
         q,
         k,
         v,

@@ -188,6 +188,37 @@ def ngr_attention(
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive float, got {softmax_scale!r}")
     scale = None if softmax_scale is None else float(softmax_scale)
+    return ngr_attention_unchecked(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        scale,
+        backend=backend,
+        rotary=rotary,
+        q_rows=q_rows,
+        q_positions=q_positions,
+    )
+
+
+def ngr_attention_unchecked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float | None = None,
+    *,
+    backend: str = "auto",
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    q_rows: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``ngr_attention`` without its input checks, for callers that built the inputs themselves
+    (the model integrations, once per block): the checks read offsets and indices back to the host,
+    a synchronisation per check on CUDA. Arguments as ``ngr_attention``; wrong inputs are not caught."""
+    scale = softmax_scale
     if rotary is None and q_rows is None and q_positions is None:
         return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, backend)
     chosen = resolve_backend("ngr_attention", backend, q.device).name
