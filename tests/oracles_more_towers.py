@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipcv_kernels.hf_factory import TINY_SPECIAL_TOKENS, TINY_TEXT
+from ipcv_kernels.hf_factory import TINY_SPECIAL_TOKENS, TINY_TEXT, sample_pixels
 
 QWEN2_5_VISION = dict(
     depth=6,
@@ -290,3 +290,9 @@ def ipcv_tower_oracle(
         for handle in handles:
             handle.remove()
     return OracleResult([restored.get(i) for i in range(depth)], output)
+
+
+def tower_call(tower: nn.Module, grid: list[list[int]]):
+    """A no-argument call of a Qwen-family ``tower`` on seeded random patches for ``grid`` rows."""
+    pixels, grid_thw = sample_pixels(tower.config, grid, dtype=tower.dtype)
+    return lambda: tower(pixels, grid_thw=grid_thw)

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from oracles_more_towers import build_model, build_tower, ipcv_tower_oracle
+from oracles_more_towers import build_model, build_tower, ipcv_tower_oracle, tower_call
 
 import ipcv_kernels as ik
 from ipcv_kernels.hf_factory import sample_pixels, vision_inputs
@@ -37,11 +37,6 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def tower64():
     return build_tower(FAMILY, dtype=torch.float64)
-
-
-def tower_call(tower, grid):
-    pixels, grid_thw = sample_pixels(tower.config, grid, dtype=tower.dtype)
-    return lambda: tower(pixels, grid_thw=grid_thw)
 
 
 def split_items(pixels, grid_thw):
