@@ -52,6 +52,13 @@ void parallel_units(int64_t count, const MakeState& make_state, const Body& body
     if (!error) error = std::current_exception();
   };
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count)));
+  if (threads == 1) {
+    // One unit of work: run it on the calling thread. A one-thread OpenMP region would make the
+    // unit's GEMM a nested parallel call, which on libgomp costs milliseconds per call.
+    auto state = make_state();
+    for (int64_t i = 0; i < count; ++i) body(state, i);
+    return;
+  }
 #pragma omp parallel num_threads(threads)
   {
     try {
