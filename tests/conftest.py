@@ -41,3 +41,23 @@ def triton_backends(triton_device: torch.device):
     register_triton_backends(("cuda", triton_device.type))
     yield triton_device
     register_triton_backends()
+
+
+def check_generate_and_ratio_zero(model, inputs: dict, tokens_per_block: list[int]) -> None:
+    """A full model with IPCV: ratio 0 leaves the logits unchanged; with ratio 0.65 greedy
+    ``generate`` runs and the tower's blocks see ``tokens_per_block``; ``remove_ipcv`` restores
+    the logits exactly."""
+    import ipcv_kernels as ik
+    from ipcv_kernels.testing import assert_close
+
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.0, as_layers=1, num_neighbors=3))
+        assert_close(model(**inputs).logits, expected)
+        ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=1, num_neighbors=3))
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+    assert ik.get_ipcv_patch(model).last_tokens_per_block == tokens_per_block
+    ik.remove_ipcv(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from conftest import check_generate_and_ratio_zero
 from oracles_more_towers import build_model, build_tower, ipcv_tower_oracle, tower_call
 
 import ipcv_kernels as ik
@@ -128,18 +129,7 @@ def test_remove_restores_the_original_forward_exactly():
 def test_full_model_generate_and_ratio_zero_logits(video):
     model = build_model(FAMILY)
     inputs = vision_inputs(model, [[2, 4, 8]] if video else [[1, 4, 4], [1, 8, 4]], video=video)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.0, as_layers=1, num_neighbors=3))
-        assert_close(model(**inputs).logits, expected)
-        ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=1, num_neighbors=3))
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
-    kept = [64, 64, 22, 22, 22, 22] if video else [48, 48, 5 + 11, 16, 16, 16]
-    assert ik.get_ipcv_patch(model).last_tokens_per_block == kept
-    ik.remove_ipcv(model)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, expected)
+    check_generate_and_ratio_zero(model, inputs, [64, 64, 22, 22, 22, 22] if video else [48, 48, 5 + 11, 16, 16, 16])
 
 
 def test_benchmark_flop_model_uses_the_towers_windows(tower64):

@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from conftest import check_generate_and_ratio_zero
 from spec_oracle import ipcv_oracle
 
 import ipcv_kernels as ik
@@ -153,17 +154,7 @@ def test_only_the_patched_instance_changes():
 def test_full_model_generate_and_ratio_zero_logits(attn):
     model = build_qwen2_vl_model(attn_implementation=attn)
     inputs = vision_inputs(model, [[1, 4, 4], [1, 4, 6]])
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.0, as_layers=1, num_neighbors=3))
-        assert_close(model(**inputs).logits, expected)
-        ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=1, num_neighbors=3))
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
-    assert ik.get_ipcv_patch(model).last_tokens_per_block == [40, 40, 13, 13, 13, 13]
-    ik.remove_ipcv(model)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, expected)
+    check_generate_and_ratio_zero(model, inputs, [40, 40, 13, 13, 13, 13])
 
 
 def test_base_model_and_video_input():

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import check_generate_and_ratio_zero
 from oracles_more_towers import build_model, build_tower, ipcv_tower_oracle, tower_call
 
 import ipcv_kernels as ik
@@ -91,18 +92,7 @@ def test_full_model_generate_and_ratio_zero_logits(video):
     inputs = vision_inputs(model, [[1, 4, 8], [1, 4, 8]] if video else [[1, 4, 4], [1, 8, 4]], video=video)
     if video:  # one 2-frame video; Qwen3-VL's prompt places each frame in its own vision span
         inputs["video_grid_thw"] = torch.tensor([[2, 4, 8]])
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.0, as_layers=1, num_neighbors=3))
-        assert_close(model(**inputs).logits, expected)
-        ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=1, num_neighbors=3))
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
-    kept = [64, 64, 22, 22, 22, 22] if video else [48, 48, 5 + 11, 16, 16, 16]
-    assert ik.get_ipcv_patch(model).last_tokens_per_block == kept
-    ik.remove_ipcv(model)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, expected)
+    check_generate_and_ratio_zero(model, inputs, [64, 64, 22, 22, 22, 22] if video else [48, 48, 5 + 11, 16, 16, 16])
 
 
 def backend_outputs(tower, grid, device, dtype, backends):
