@@ -286,11 +286,11 @@ class IPCVPatch:
         state = self.state
         layout = x_after.shape
         x_before, x_after = self.adapter.pack(state.x_before), self.adapter.pack(x_after)
+        # The item offsets are built on the host: checked there, before the copy, so no device read.
+        described = int(state.cu_items[-1])
+        if described != x_after.shape[0]:
+            raise ValueError(f"the tower's input holds {x_after.shape[0]} tokens but its grid describes {described}")
         cu_items = state.cu_items.to(x_after.device)
-        if int(cu_items[-1]) != x_after.shape[0]:
-            raise ValueError(
-                f"the tower's input holds {x_after.shape[0]} tokens but its grid describes {int(cu_items[-1])}"
-            )
         plan = self.adapter.plan(x_before, x_after, cu_items, call.cu_seqlens.to(torch.int32), self.config)
         state.plan, state.base, state.x_before, state.block_layout = plan, x_after, None, layout
         state.planned_cu_seqlens = call.cu_seqlens

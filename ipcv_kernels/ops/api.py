@@ -218,17 +218,16 @@ def ngr_attention_unchecked(
     """``ngr_attention`` without its input checks, for callers that built the inputs themselves
     (the model integrations, once per block): the checks read offsets and indices back to the host,
     a synchronisation per check on CUDA. Arguments as ``ngr_attention``; wrong inputs are not caught."""
-    scale = softmax_scale
     if rotary is None and q_rows is None and q_positions is None:
-        return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, backend)
+        return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, backend)
     chosen = resolve_backend("ngr_attention", backend, q.device).name
     if chosen in backend_names("ngr_attention_fused"):
         cos, sin = rotary if rotary is not None else (None, None)
         return torch.ops.ipcv_kernels.ngr_attention_fused(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, cos, sin, q_rows, q_positions, scale, chosen
+            q, k, v, cu_seqlens_q, cu_seqlens_k, cos, sin, q_rows, q_positions, softmax_scale, chosen
         )
     q, k = unfused_attention_inputs(q, k, rotary, q_rows, q_positions)
-    return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, chosen)
+    return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, chosen)
 
 
 def _check_rows(name: str, rows: object, limit: int, device: torch.device) -> int:
