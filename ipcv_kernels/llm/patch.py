@@ -128,7 +128,7 @@ class LLMPruningPatch:
             visual = self._visual_mask(input_ids)
         if visual is not None and tuple(visual.shape) != (batch, length):
             visual = None
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         if cache is not None and getattr(cache, "is_compileable", False):
             raise NotImplementedError(
                 "LLM-side pruning needs a dynamic KV cache (its pruned layers hold fewer tokens); "
@@ -171,7 +171,7 @@ class LLMPruningPatch:
     def _prune(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """At layer ``K``: choose the kept tokens and the pruned layers' cache columns."""
         state = self.state
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         batch, length = hidden.shape[:2]
         if state.prunable:
             state.kept = self._select(hidden, kwargs["position_embeddings"])
@@ -273,6 +273,16 @@ class LLMPruningPatch:
             mask = mask.gather(2, rows)
         columns = state.columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
         return mask.gather(3, columns)
+
+
+def cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The KV cache passed to the text model or a decoder layer, under either name.
+
+    transformers 5.24 renamed the ``past_key_values`` argument to ``cache``; both are read so that
+    one patch holds across 5.x.
+    """
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
 
 
 def take_rows(table: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
