@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <tuple>
 
 #include "../ipcv.h"
 
@@ -307,7 +308,10 @@ Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  auto [keep, drop, cu_keep, cu_drop] = select_from_scores(scores, cu_items, ratio);
+  // Plain variables, not a structured binding: the lambdas below capture `drop`, which C++17
+  // (torch < 2.13 builds extensions as C++17) does not allow for structured bindings.
+  at::Tensor keep, drop, cu_keep, cu_drop;
+  std::tie(keep, drop, cu_keep, cu_drop) = select_from_scores(scores, cu_items, ratio);
   const SelectionLayout layout = selection_layout(cu_items, ratio);
 
   // Neighbours of every dropped token among its item's kept tokens, on base = x_after.
