@@ -13,14 +13,14 @@ from conftest import offsets
 pytest.importorskip("triton")
 
 from ipcv_kernels.ops.torch_backend import ngr_attention_sdpa
-from ipcv_kernels.ops.triton_backend import ngr_attention_triton
+from ipcv_kernels.ops.triton_backend import head_dim_chunks, ngr_attention_triton, rotate_rows_triton
 from ipcv_kernels.reference import ngr_attention_reference
 from ipcv_kernels.reference.rotary import apply_rotary_vision
-from ipcv_kernels.testing import assert_close_to_reference
+from ipcv_kernels.testing import assert_close, assert_close_to_reference
 
 # Segments: odd sizes, an empty one, a one-token one, queries whose segment has no keys, keys
-# without queries, and one segment longer than a 64-row tile so tiles straddle segments.
-Q_LENGTHS = [5, 0, 1, 3, 70, 2]
+# without queries, and one segment longer than a 128-row tile so tiles straddle segments.
+Q_LENGTHS = [5, 0, 1, 3, 150, 2]
 K_LENGTHS = [9, 4, 1, 0, 131, 7]
 
 
@@ -40,8 +40,20 @@ def check(got, q, k, v, cu_q, cu_k, scale=None):
     assert_close_to_reference(got, expected, same_dtype)
 
 
+def test_head_dim_chunks():
+    # Two power-of-two column chunks, at least 16 wide (tl.dot's smallest extent), padding little.
+    assert head_dim_chunks(64) == (64, 0)
+    assert head_dim_chunks(80) == (64, 16)
+    assert head_dim_chunks(96) == (64, 32)
+    assert head_dim_chunks(128) == (128, 0)
+    assert head_dim_chunks(200) == (128, 128)
+    assert head_dim_chunks(256) == (128, 128)
+    assert head_dim_chunks(37) == (32, 16)
+    assert head_dim_chunks(8) == (16, 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
 def test_varlen_segments(triton_device, dtype, head_dim):
     cu_q, cu_k = offsets(Q_LENGTHS, triton_device), offsets(K_LENGTHS, triton_device)
     q, k, v = random_qkv(sum(Q_LENGTHS), sum(K_LENGTHS), 2, head_dim, dtype, triton_device)
@@ -68,16 +80,40 @@ def test_non_contiguous_inputs(triton_device):
     check(ngr_attention_triton(q, k, v, cu_q, cu_k), q, k, v, cu_q, cu_k)
 
 
+def test_tiny_head_dim(triton_device):
+    # Dh = 8: one 16-wide chunk, half of it masked.
+    cu_q, cu_k = offsets([3, 4], triton_device), offsets([5, 2], triton_device)
+    q, k, v = random_qkv(7, 7, 2, 8, torch.float16, triton_device, seed=8)
+    check(ngr_attention_triton(q, k, v, cu_q, cu_k), q, k, v, cu_q, cu_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 80, 96])
+def test_rotate_rows_matches_reference(triton_device, dtype, head_dim):
+    # Key rotation (the model's rotary rounded to the input dtype), from strided views of a packed kv.
+    generator = torch.Generator().manual_seed(9)
+    kv = torch.randn(37, 2, 3, head_dim, generator=generator).to(device=triton_device, dtype=dtype)
+    k = kv[:, 0]
+    cos, sin = (torch.randn(37, head_dim, generator=generator).to(triton_device) for _ in range(2))
+    got = rotate_rows_triton(k, cos, sin)
+    expected = apply_rotary_vision(k, cos, sin)
+    assert got.is_contiguous() and got.dtype == dtype
+    # One rounding to the dtype on both sides; fp32 FMA contraction may move it by an ulp.
+    assert_close(got, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("mode", ["q_rows", "q_positions"])
-def test_fused_rotary_and_query_rows(triton_device, dtype, mode):
-    # Kept queries over full keys, as in an attention-stabilisation block.
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_fused_rotary_and_query_rows(triton_device, dtype, mode, head_dim):
+    # Kept queries over full keys, as in an attention-stabilisation block. Dh = 80 rotates a 64-wide
+    # and a 16-wide column chunk whose rotate_half partners lie in the other chunk.
     lengths = [12, 1, 0, 67]
     cu_k = offsets(lengths, triton_device)
     n = sum(lengths)
-    q_full, k, v = random_qkv(n, n, 2, 80, dtype, triton_device, seed=3)
+    q_full, k, v = random_qkv(n, n, 2, head_dim, dtype, triton_device, seed=3)
     generator = torch.Generator().manual_seed(4)
-    cos, sin = (torch.randn(n, 80, generator=generator).to(triton_device) for _ in range(2))
+    cos, sin = (torch.randn(n, head_dim, generator=generator).to(triton_device) for _ in range(2))
     keep = torch.tensor([0, 4, 5, 11, 12, *range(14, 80, 3)], device=triton_device)
     cu_q = torch.searchsorted(keep, cu_k.long()).to(torch.int32)
     if mode == "q_rows":

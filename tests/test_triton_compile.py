@@ -101,16 +101,23 @@ def compile_every_launch_configuration() -> None:
 
     from ipcv_kernels.ops import triton_backend as tb
 
-    for name in ("knn_kernel", "varlen_attention_kernel", "ngr_reconstruct_kernel"):
+    for name in ("knn_kernel", "varlen_attention_kernel", "rotary_kernel", "ngr_reconstruct_kernel"):
         setattr(tb, name, AheadOfTimeCompiler(getattr(tb, name)))
     for dtype, k in ((torch.bfloat16, 10), (torch.float32, 10), (torch.float16, tb.MAX_KERNEL_K)):
         tb.knn_triton(torch.zeros(5, 1280, dtype=dtype), torch.zeros(7, 1280, dtype=dtype), k)
     for dtype, head_dim, rotary in (
         (torch.float16, 64, False),
         (torch.bfloat16, 80, True),
-        (torch.bfloat16, 128, False),
+        (torch.bfloat16, 96, False),
+        (torch.bfloat16, 112, False),
+        (torch.bfloat16, 128, True),
+        (torch.bfloat16, 160, False),
+        (torch.bfloat16, 192, False),
         (torch.bfloat16, 256, True),
-        (torch.float32, 128, True),
+        (torch.float32, 64, False),
+        (torch.float32, 80, True),
+        (torch.float32, 128, False),
+        (torch.float32, 256, False),
     ):
         q = torch.zeros(6, 2, head_dim, dtype=dtype)
         table = (torch.ones(6, head_dim), torch.zeros(6, head_dim)) if rotary else None

@@ -52,9 +52,9 @@ def stabilised_prenorm_block(
     kv = F.linear(normed, weight[width:], None if bias is None else bias[width:])
     q = q.view(-1, num_heads, head_dim)
     k, v = kv.view(-1, 2, num_heads, head_dim).unbind(1)
-    # Rotary: k at every row, q at its kept rows. The Triton backend (``auto`` on CUDA) applies it
-    # inside the attention kernel and reads k / v through their strides, so neither rotated copy
-    # nor a contiguous v is ever written; other backends get the same rotation done by PyTorch.
+    # Rotary: k at every row, q at its kept rows. The Triton backend (``auto`` on CUDA) rotates
+    # them in one pass each and reads v through its strides (no contiguous copy); other backends
+    # get the same rotation done by PyTorch.
     rotary = call.position_embeddings
     attn = ngr_attention_unchecked(
         q,

@@ -1,13 +1,22 @@
-"""Non-causal varlen flash attention with separate query / key segments, optional fused rotary
-embedding and query-row gather.
+"""Non-causal varlen flash attention with separate query / key segments and an optional query-row
+gather; and the rotary kernel that rotates (and gathers) query and key rows before it.
 
 ``out[i] = sum_j softmax_j(scale * q_i . k_j) v_j`` over the key rows ``j`` of query row ``i``'s
 segment, computed with the online softmax (running max ``m``, running sum ``l``) over key tiles, so
 no ``queries x keys`` matrix exists beyond one ``BLOCK_M x BLOCK_N`` tile in registers.
 
-The head dim is handled as two halves ``[0, half)`` and ``[half, Dh)``: that is exactly the
-layout rotary needs (``rotate_half(x) = [-x_hi, x_lo]``), and ``q . k = q_lo . k_lo + q_hi . k_hi``
-keeps the score exact for any head dim (80 is padded to two 64-wide halves rather than one 128).
+Head dim: Triton tiles are powers of two, so a head dim is split into two column chunks,
+``A = [0, BLOCK_A)`` and the remainder ``B = [BLOCK_A, Dh)`` padded to a power of two (``HAS_B``).
+``q . k = q_A . k_A + q_B . k_B`` and the output columns of the two chunks accumulate separately,
+so Qwen2-VL's ``Dh = 80`` runs as ``64 + 16`` columns instead of 128: padding to 128 would cost
+1.6x the tensor-core work in both products.
+
+Rotary (``x * cos + rotate_half(x) * sin``; ``rotate_half(x)[c] = -x[c + Dh/2]`` for ``c < Dh/2``
+and ``x[c - Dh/2]`` otherwise) runs in ``rotary_kernel``, one pass over the kept queries and one
+over the keys, before attention. Inside the key loop it would redo the fp32 rotation and reload
+fp32 ``cos`` / ``sin`` tiles for every query tile (about as much work per key as the ``q . k``
+product), and rotating queries in the attention kernel holds them in registers, which forces
+smaller tiles (sm_90 compiles in ``tests/test_triton_compile.py``).
 """
 
 import triton
@@ -15,16 +24,47 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(x_lo, x_hi, cos_ptr, sin_ptr, pos, stride_cos, stride_sin, d_lo, half, mask_lo, mask_hi):
-    # Vision rotary: x * cos + rotate_half(x) * sin, in fp32, with cos/sin rows taken at ``pos``.
-    pos64 = pos.to(tl.int64)[:, None]
-    cos_lo = tl.load(cos_ptr + pos64 * stride_cos + d_lo[None, :], mask=mask_lo, other=0.0).to(tl.float32)
-    cos_hi = tl.load(cos_ptr + pos64 * stride_cos + half + d_lo[None, :], mask=mask_hi, other=0.0).to(tl.float32)
-    sin_lo = tl.load(sin_ptr + pos64 * stride_sin + d_lo[None, :], mask=mask_lo, other=0.0).to(tl.float32)
-    sin_hi = tl.load(sin_ptr + pos64 * stride_sin + half + d_lo[None, :], mask=mask_hi, other=0.0).to(tl.float32)
-    lo = x_lo.to(tl.float32)
-    hi = x_hi.to(tl.float32)
-    return lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
+def rotary_kernel(
+    x_ptr,
+    out_ptr,
+    cos_ptr,
+    sin_ptr,
+    index_ptr,
+    num_rows,
+    head_dim,
+    half,
+    stride_xn,
+    stride_xh,
+    stride_xd,
+    stride_on,
+    stride_oh,
+    stride_cos,
+    stride_sin,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    # out[i, h] = x[src_i, h] * cos[pos_i] + rotate_half(x[src_i, h]) * sin[pos_i], in fp32, rounded
+    # to x's dtype as the models' own rotary is before attention. pos_i = index[i] (or i); src_i =
+    # pos_i when gathering, else i. One program: BLOCK_R rows of one head.
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    position = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64) if HAS_INDEX else rows.to(tl.int64)
+    source = position if GATHER else rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    partner = tl.where(cols < half, cols + half, cols - half)
+    sign = tl.where(cols < half, -1.0, 1.0)
+    mask = row_ok[:, None] & (cols < head_dim)[None, :]
+    base = x_ptr + source[:, None] * stride_xn + head * stride_xh
+    x = tl.load(base + cols[None, :] * stride_xd, mask=mask, other=0.0)
+    x_partner = tl.load(base + partner[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + position[:, None] * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + position[:, None] * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rotated = x.to(tl.float32) * cos + sign[None, :] * x_partner * sin
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_on + head * stride_oh + cols[None, :]
+    tl.store(out_ptrs, rotated.to(x.dtype), mask=mask)
 
 
 @triton.jit
@@ -35,12 +75,9 @@ def varlen_attention_kernel(
     out_ptr,
     q_segment_ptr,
     cu_k_ptr,
-    q_index_ptr,
-    cos_ptr,
-    sin_ptr,
+    q_rows_ptr,
     num_q,
     head_dim,
-    half,
     scale_log2,
     stride_qn,
     stride_qh,
@@ -53,15 +90,12 @@ def varlen_attention_kernel(
     stride_vd,
     stride_on,
     stride_oh,
-    stride_cos,
-    stride_sin,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    HAS_Q_INDEX: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    HAS_B: tl.constexpr,
     GATHER_Q: tl.constexpr,
-    ROTARY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(1)
@@ -74,53 +108,38 @@ def varlen_attention_kernel(
     lo = tl.min(tl.where(row_ok, k_start, 2147483647), axis=0)
     hi = tl.max(k_end, axis=0)
 
-    # ``position``: the row of the full-length sequence of each query (its rotary row);
-    # ``source``: where its q vector is read (the full-length q when gathering, else row i).
-    position = tl.load(q_index_ptr + rows, mask=row_ok, other=0) if HAS_Q_INDEX else rows
-    source = position.to(tl.int64) if GATHER_Q else rows.to(tl.int64)
-
-    d_lo = tl.arange(0, BLOCK_HALF)
-    lo_ok = d_lo < half
-    hi_ok = d_lo + half < head_dim
-    q_mask_lo = row_ok[:, None] & lo_ok[None, :]
-    q_mask_hi = row_ok[:, None] & hi_ok[None, :]
+    # Query i is row q_rows[i] of a full-length q when gathering, else row i.
+    source = tl.load(q_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64) if GATHER_Q else rows.to(tl.int64)
     q_base = q_ptr + source[:, None] * stride_qn + head * stride_qh
-    q_lo = tl.load(q_base + d_lo[None, :] * stride_qd, mask=q_mask_lo, other=0.0)
-    q_hi = tl.load(q_base + (half + d_lo[None, :]) * stride_qd, mask=q_mask_hi, other=0.0)
-    if ROTARY:
-        # Rounded back to the input dtype, as the model's own rotary does before attention.
-        q_rot_lo, q_rot_hi = _rotate(
-            q_lo, q_hi, cos_ptr, sin_ptr, position, stride_cos, stride_sin, d_lo, half, q_mask_lo, q_mask_hi
-        )
-        q_lo = q_rot_lo.to(q_lo.dtype)
-        q_hi = q_rot_hi.to(q_hi.dtype)
+    cols_a = tl.arange(0, BLOCK_A)
+    a_ok = cols_a < head_dim
+    q_a = tl.load(q_base + cols_a[None, :] * stride_qd, mask=row_ok[:, None] & a_ok[None, :], other=0.0)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
+    if HAS_B:
+        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+        b_ok = cols_b < head_dim
+        q_b = tl.load(q_base + cols_b[None, :] * stride_qd, mask=row_ok[:, None] & b_ok[None, :], other=0.0)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_B], tl.float32)
 
-    d_v = tl.arange(0, BLOCK_DV)
-    v_ok = d_v < head_dim
     # Finite start for the running max: a tile whose keys are all masked (-inf) then gives
     # p = exp2(-inf) = 0 and alpha = 1 instead of NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     tile_cols = tl.arange(0, BLOCK_N)
 
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tile_cols
         col_ok = cols < hi
-        cols64 = cols.to(tl.int64)
-        k_mask_lo = col_ok[:, None] & lo_ok[None, :]
-        k_mask_hi = col_ok[:, None] & hi_ok[None, :]
-        k_base = k_ptr + cols64[:, None] * stride_kn + head * stride_kh
-        k_lo = tl.load(k_base + d_lo[None, :] * stride_kd, mask=k_mask_lo, other=0.0)
-        k_hi = tl.load(k_base + (half + d_lo[None, :]) * stride_kd, mask=k_mask_hi, other=0.0)
-        if ROTARY:
-            k_rot_lo, k_rot_hi = _rotate(
-                k_lo, k_hi, cos_ptr, sin_ptr, cols, stride_cos, stride_sin, d_lo, half, k_mask_lo, k_mask_hi
-            )
-            k_lo = k_rot_lo.to(k_lo.dtype)
-            k_hi = k_rot_hi.to(k_hi.dtype)
-        scores = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PRECISION)
-        scores = tl.dot(q_hi, tl.trans(k_hi), scores, input_precision=DOT_PRECISION)
+        cols64 = cols.to(tl.int64)[:, None]
+        k_base = k_ptr + cols64 * stride_kn + head * stride_kh
+        v_base = v_ptr + cols64 * stride_vn + head * stride_vh
+        mask_a = col_ok[:, None] & a_ok[None, :]
+        k_a = tl.load(k_base + cols_a[None, :] * stride_kd, mask=mask_a, other=0.0)
+        scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+        if HAS_B:
+            mask_b = col_ok[:, None] & b_ok[None, :]
+            k_b = tl.load(k_base + cols_b[None, :] * stride_kd, mask=mask_b, other=0.0)
+            scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision=DOT_PRECISION)
         # Softmax in base 2: exp(s * scale) = exp2(s * scale * log2(e)), with scale_log2 folded in.
         scores = scores * scale_log2
         valid = (cols[None, :] >= k_start[:, None]) & (cols[None, :] < k_end[:, None])
@@ -130,15 +149,18 @@ def varlen_attention_kernel(
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_ptr + cols64[:, None] * stride_vn + head * stride_vh + d_v[None, :] * stride_vd,
-            mask=col_ok[:, None] & v_ok[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        v_a = tl.load(v_base + cols_a[None, :] * stride_vd, mask=mask_a, other=0.0)
+        p = p.to(v_a.dtype)
+        acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
+        if HAS_B:
+            v_b = tl.load(v_base + cols_b[None, :] * stride_vd, mask=mask_b, other=0.0)
+            acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Rows whose segment has no keys have l = 0 and acc = 0: they come out as 0.
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_on + head * stride_oh + d_v[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
+    inv_l = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
+    out_base = out_ptr + rows.to(tl.int64)[:, None] * stride_on + head * stride_oh
+    out_ty = out_ptr.dtype.element_ty
+    tl.store(out_base + cols_a[None, :], (acc_a * inv_l[:, None]).to(out_ty), mask=row_ok[:, None] & a_ok[None, :])
+    if HAS_B:
+        tl.store(out_base + cols_b[None, :], (acc_b * inv_l[:, None]).to(out_ty), mask=row_ok[:, None] & b_ok[None, :])
