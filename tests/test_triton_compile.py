@@ -30,16 +30,27 @@ POINTER_TYPES = {
 }
 
 
-def test_kernels_compile_for_h100():
-    triton = pytest.importorskip("triton")
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
-        pytest.skip(f"this triton install has no NVIDIA toolchain in {tools}")
+# Further Triton installs to compile with (``pip install --target DIR triton==X``), separated by
+# os.pathsep: CI adds the GPU image's Triton, whose register allocation differs from the newest.
+EXTRA_TRITON_PATHS = [path for path in os.environ.get("IPCV_EXTRA_TRITON_PATHS", "").split(os.pathsep) if path]
+
+
+@pytest.mark.parametrize("triton_path", [None, *EXTRA_TRITON_PATHS], ids=["installed", *EXTRA_TRITON_PATHS])
+def test_kernels_compile_for_h100(triton_path):
+    pytest.importorskip("triton")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    if triton_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_path, env.get("PYTHONPATH")]))
+    probe = "import pathlib, triton; print(pathlib.Path(triton.__file__).parent, triton.__version__)"
+    where = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    package, version = where.stdout.split()
+    tools = Path(package) / "backends" / "nvidia" / "bin"
+    if not (tools / "ptxas").exists() or not (tools / "cuobjdump").exists():
+        pytest.skip(f"triton {version} has no NVIDIA toolchain in {tools}")
     result = subprocess.run(
         [sys.executable, str(Path(__file__))], env=env, capture_output=True, text=True, timeout=600, check=False
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0, f"triton {version} ({package}):\n" + result.stdout + result.stderr
 
 
 class AheadOfTimeCompiler:
