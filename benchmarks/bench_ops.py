@@ -7,8 +7,8 @@ the Qwen2-VL-7B setting) it times, after checking every variant's output:
   ``torch.cdist`` + ``topk`` (which materialises the whole drop x keep matrix);
 - attention of one attention-stabilisation block: kept queries over all keys (``ngr_attention``
   with each backend) vs the paper code's path (attention for every query, then the dropped rows
-  are discarded), each with and without the vision rotary (fused into the Triton kernel, applied
-  with PyTorch before the others);
+  are discarded), each with and without the vision rotary (a Triton pass over kept q and k for
+  the Triton backend, PyTorch ops before the others);
 - the AS block's input: kept rows and NGR reconstructions scattered into the full sequence, then
   its LayerNorm (``ngr_reconstruct`` per backend + PyTorch), vs the fused Triton restore.
 
