@@ -90,6 +90,12 @@ class AheadOfTimeCompiler:
         assert binary.metadata.shared <= SHARED_BUDGET, f"{binary.metadata.shared} B of shared memory"
         # A stack frame without calls means spilled registers.
         assert usage["STACK"] == 0, f"register spills: {usage}"
+        # 16-bit tiles of 64+ rows are meant for Hopper's warpgroup MMA; a config change that falls
+        # back to mma.sync would keep working at a fraction of the tensor-core rate.
+        rows = max(constexprs.get("BLOCK_M", 0), constexprs.get("BLOCK_Q", 0))
+        half_precision = any(isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) for a in args)
+        if half_precision and rows >= 64 and num_warps % 4 == 0:
+            assert "wgmma" in binary.asm["ptx"], "no warpgroup MMA in a 16-bit tile of 64+ rows"
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:

@@ -61,13 +61,16 @@ def test_many_ref_tiles_and_feature_chunks(triton_device, k):
     check_against_reference(knn_triton(query, ref, k), query, ref, k)
 
 
-def test_query_tile_straddling_segments(triton_device):
-    # 33 query rows in segment 0 and 4 in segment 1: the first tile of 32 rows ends inside segment 0,
-    # the second mixes both; every row must still see only its own refs.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_query_tile_straddling_segments(triton_device, dtype):
+    # Query tiles are 32 rows (fp32) or 128 rows (16-bit): segment 0 has one row more than a tile,
+    # so the first tile ends inside it and the second mixes both; every row must still see only
+    # its own refs.
+    tile = 32 if dtype == torch.float32 else 128
     torch.manual_seed(1)
-    cu_query, cu_ref = offsets([33, 4], triton_device), offsets([70, 90], triton_device)
-    query = torch.randn(37, 16, device=triton_device)
-    ref = torch.randn(160, 16, device=triton_device)
+    cu_query, cu_ref = offsets([tile + 1, 4], triton_device), offsets([70, 90], triton_device)
+    query = torch.randn(tile + 5, 16, device=triton_device).to(dtype)
+    ref = torch.randn(160, 16, device=triton_device).to(dtype)
     check_against_reference(knn_triton(query, ref, 10, cu_query, cu_ref), query, ref, 10, cu_query, cu_ref)
 
 

@@ -100,11 +100,15 @@ def knn_triton(
         return out
     if cu_query is None:
         cu_query, cu_ref = _single_segment(num_query, ref.shape[0], query.device)
-    # From sm_90 compiles (tests/test_triton_compile.py): 8 warps keep the running top-k lists and
-    # the distance tile in registers without spills; fp32 operands (an FMA dot, not tensor cores)
-    # take narrower feature chunks and no software pipelining, which spilled under Triton 3.6.
-    block_q, block_r = 32, 64
-    block_d = max(16, min(32 if query.dtype == torch.float32 else 64, triton.next_power_of_2(dim)))
+    # From sm_90 compiles (tests/test_triton_compile.py, Triton 3.6 and 3.9): 16-bit inputs take
+    # 128-query tiles, which Hopper runs as warpgroup MMAs (32-query tiles compile to the older,
+    # slower mma.sync) and which cut the re-reads of every reference tile 4x; 8 warps hold the
+    # running top-k lists and the distance tile in registers without spills. fp32 operands (an FMA
+    # dot, not tensor cores) take 32-query tiles and no software pipelining, which spilled under
+    # Triton 3.6.
+    fp32 = query.dtype == torch.float32
+    block_q, block_r = (32 if fp32 else 128), 64
+    block_d = max(16, min(32, triton.next_power_of_2(dim)))
     grid = (triton.cdiv(num_query, block_q),)
     knn_kernel[grid](
         query,
@@ -125,7 +129,7 @@ def knn_triton(
         K_PAD=max(2, triton.next_power_of_2(k)),
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=8,
-        num_stages=1 if query.dtype == torch.float32 else 3,
+        num_stages=1 if fp32 else 3,
     )
     return out
 
