@@ -63,6 +63,16 @@ def test_varlen_segments(triton_device, dtype, head_dim):
     assert got[6:9].eq(0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_query_tiles_inside_one_segment(triton_device, dtype):
+    # Query tiles wholly inside a long segment take the unmasked key loop up to the segment's last
+    # whole key tile, then the masked tail; the last query tile straddles into a short segment.
+    lengths_q, lengths_k = [300, 7], [203, 9]
+    cu_q, cu_k = offsets(lengths_q, triton_device), offsets(lengths_k, triton_device)
+    q, k, v = random_qkv(sum(lengths_q), sum(lengths_k), 2, 80, dtype, triton_device, seed=10)
+    check(ngr_attention_triton(q, k, v, cu_q, cu_k), q, k, v, cu_q, cu_k)
+
+
 def test_odd_head_dim_and_scale(triton_device):
     cu_q, cu_k = offsets([3, 4], triton_device), offsets([5, 2], triton_device)
     q, k, v = random_qkv(7, 7, 3, 37, torch.float32, triton_device, seed=1)

@@ -258,8 +258,8 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int]:
     return block_a, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-def attention_launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tiles, warps and pipeline depth of ``varlen_attention_kernel``, by padded head width.
+def attention_launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, int | bool]:
+    """Tiles, warps, pipeline depth and loop split of ``varlen_attention_kernel``, by padded head width.
 
     Chosen from compiling for sm_90 without a GPU (``tests/test_triton_compile.py`` keeps them
     there, under both CI's Triton and the GPU image's): the largest tiles with no register spills
@@ -271,14 +271,18 @@ def attention_launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]
     block_a, block_b = head_dim_chunks(head_dim)
     width = block_a + block_b
     if dtype == torch.float32:  # a second column chunk needs narrower key tiles
-        return {"BLOCK_M": 32, "BLOCK_N": 16 if block_b else 32, "num_warps": 8, "num_stages": 2}
-    if width <= 96:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    if width <= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
-    if width <= 160:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+        tiles = {"BLOCK_M": 32, "BLOCK_N": 16 if block_b else 32, "num_warps": 8, "num_stages": 2}
+    elif width <= 96:
+        tiles = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    elif width <= 128:
+        tiles = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+    elif width <= 160:
+        tiles = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+    else:
+        tiles = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    # A second key loop for the unmasked interior tiles would spill registers with fp32 operands
+    # and wide heads (which spend relatively less on the score tile's masking anyway).
+    return {**tiles, "UNMASKED_INTERIOR": dtype != torch.float32 and width <= 160}
 
 
 def rotate_rows_triton(

@@ -68,6 +68,50 @@ def rotary_kernel(
 
 
 @triton.jit
+def _attend_key_tile(
+    acc_a, acc_b, m_i, l_i, q_a, q_b, k_ptr, v_ptr, head, stride_kn, stride_kh, stride_kd, stride_vn,
+    stride_vh, stride_vd, cols_a, a_ok, cols_b, b_ok, k_start, k_end, n0, stop, scale_log2,
+    BLOCK_N: tl.constexpr, HAS_B: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # One step of the online softmax, over the keys [n0, n0 + BLOCK_N). MASKED: the tile may hold
+    # keys past `stop` or outside a row's own segment [k_start, k_end). Unmasked tiles are whole
+    # and inside every row's segment: they skip the per-score compares and selects, since the
+    # score tile's elementwise work, not the MMAs, bounds attention at head dims like 64 and 80.
+    cols = n0 + tl.arange(0, BLOCK_N)
+    cols64 = cols.to(tl.int64)[:, None]
+    k_base = k_ptr + cols64 * stride_kn + head * stride_kh
+    v_base = v_ptr + cols64 * stride_vn + head * stride_vh
+    if MASKED:
+        col_ok = cols < stop
+        mask_a = col_ok[:, None] & a_ok[None, :]
+        mask_b = col_ok[:, None] & b_ok[None, :]
+    else:
+        mask_a = a_ok[None, :]
+        mask_b = b_ok[None, :]
+    k_a = tl.load(k_base + cols_a[None, :] * stride_kd, mask=mask_a, other=0.0)
+    scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+    if HAS_B:
+        k_b = tl.load(k_base + cols_b[None, :] * stride_kd, mask=mask_b, other=0.0)
+        scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision=DOT_PRECISION)
+    # Softmax in base 2: exp(s * scale) = exp2(s * scale * log2(e)), with scale_log2 folded in.
+    scores = scores * scale_log2
+    if MASKED:
+        valid = (cols[None, :] >= k_start[:, None]) & (cols[None, :] < k_end[:, None])
+        scores = tl.where(valid, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    p = tl.exp2(scores - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v_a = tl.load(v_base + cols_a[None, :] * stride_vd, mask=mask_a, other=0.0)
+    p = p.to(v_a.dtype)
+    acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
+    if HAS_B:
+        v_b = tl.load(v_base + cols_b[None, :] * stride_vd, mask=mask_b, other=0.0)
+        acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc_a, acc_b, m_new, l_i
+
+
+@triton.jit
 def varlen_attention_kernel(
     q_ptr,
     k_ptr,
@@ -97,6 +141,7 @@ def varlen_attention_kernel(
     HAS_B: tl.constexpr,
     GATHER_Q: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UNMASKED_INTERIOR: tl.constexpr,
 ):
     head = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,9 +149,14 @@ def varlen_attention_kernel(
     segment = tl.load(q_segment_ptr + rows, mask=row_ok, other=0)
     k_start = tl.load(cu_k_ptr + segment, mask=row_ok, other=0)
     k_end = tl.load(cu_k_ptr + segment + 1, mask=row_ok, other=0)
-    # A query tile may straddle segments: walk the union of their key ranges, masked per row.
+    # A query tile may straddle segments: walk the union [lo, hi) of their key ranges, masked per
+    # row. When every row shares one segment (lo is also the largest start), the whole key tiles
+    # from lo up to the smallest end need no mask: only the tail tile is masked.
     lo = tl.min(tl.where(row_ok, k_start, 2147483647), axis=0)
     hi = tl.max(k_end, axis=0)
+    shared_start = tl.max(k_start, axis=0) == lo
+    common_end = tl.min(tl.where(row_ok, k_end, 2147483647), axis=0)
+    unmasked_stop = tl.where(shared_start, lo + (common_end - lo) // BLOCK_N * BLOCK_N, lo)
 
     # Query i is row q_rows[i] of a full-length q when gathering, else row i.
     source = tl.load(q_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64) if GATHER_Q else rows.to(tl.int64)
@@ -114,48 +164,37 @@ def varlen_attention_kernel(
     cols_a = tl.arange(0, BLOCK_A)
     a_ok = cols_a < head_dim
     q_a = tl.load(q_base + cols_a[None, :] * stride_qd, mask=row_ok[:, None] & a_ok[None, :], other=0.0)
-    acc_a = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
+    cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+    b_ok = cols_b < head_dim
     if HAS_B:
-        cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
-        b_ok = cols_b < head_dim
         q_b = tl.load(q_base + cols_b[None, :] * stride_qd, mask=row_ok[:, None] & b_ok[None, :], other=0.0)
-        acc_b = tl.zeros([BLOCK_M, BLOCK_B], tl.float32)
-
+    else:
+        q_b = tl.zeros([BLOCK_M, BLOCK_B], q_a.dtype)  # never read
+    acc_a = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_B], tl.float32)  # stays 0 without a second chunk
     # Finite start for the running max: a tile whose keys are all masked (-inf) then gives
     # p = exp2(-inf) = 0 and alpha = 1 instead of NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    tile_cols = tl.arange(0, BLOCK_N)
 
-    for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + tile_cols
-        col_ok = cols < hi
-        cols64 = cols.to(tl.int64)[:, None]
-        k_base = k_ptr + cols64 * stride_kn + head * stride_kh
-        v_base = v_ptr + cols64 * stride_vn + head * stride_vh
-        mask_a = col_ok[:, None] & a_ok[None, :]
-        k_a = tl.load(k_base + cols_a[None, :] * stride_kd, mask=mask_a, other=0.0)
-        scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
-        if HAS_B:
-            mask_b = col_ok[:, None] & b_ok[None, :]
-            k_b = tl.load(k_base + cols_b[None, :] * stride_kd, mask=mask_b, other=0.0)
-            scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision=DOT_PRECISION)
-        # Softmax in base 2: exp(s * scale) = exp2(s * scale * log2(e)), with scale_log2 folded in.
-        scores = scores * scale_log2
-        valid = (cols[None, :] >= k_start[:, None]) & (cols[None, :] < k_end[:, None])
-        scores = tl.where(valid, scores, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_a = tl.load(v_base + cols_a[None, :] * stride_vd, mask=mask_a, other=0.0)
-        p = p.to(v_a.dtype)
-        acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
-        if HAS_B:
-            v_b = tl.load(v_base + cols_b[None, :] * stride_vd, mask=mask_b, other=0.0)
-            acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    if UNMASKED_INTERIOR:
+        for n0 in range(lo, unmasked_stop, BLOCK_N):
+            acc_a, acc_b, m_i, l_i = _attend_key_tile(
+                acc_a, acc_b, m_i, l_i, q_a, q_b, k_ptr, v_ptr, head, stride_kn, stride_kh, stride_kd,
+                stride_vn, stride_vh, stride_vd, cols_a, a_ok, cols_b, b_ok, k_start, k_end, n0, hi,
+                scale_log2, BLOCK_N, HAS_B, False, DOT_PRECISION,
+            )  # fmt: skip
+    else:
+        unmasked_stop = lo
+    # The tail, or every tile of a query tile that straddles segments (every tile without
+    # UNMASKED_INTERIOR: wide heads, whose two loops would spill registers); not software-pipelined
+    # after the interior loop, so that its buffers do not add to that loop's registers.
+    for n0 in tl.range(unmasked_stop, hi, BLOCK_N, num_stages=1 if UNMASKED_INTERIOR else None):
+        acc_a, acc_b, m_i, l_i = _attend_key_tile(
+            acc_a, acc_b, m_i, l_i, q_a, q_b, k_ptr, v_ptr, head, stride_kn, stride_kh, stride_kd,
+            stride_vn, stride_vh, stride_vd, cols_a, a_ok, cols_b, b_ok, k_start, k_end, n0, hi,
+            scale_log2, BLOCK_N, HAS_B, True, DOT_PRECISION,
+        )  # fmt: skip
 
     # Rows whose segment has no keys have l = 0 and acc = 0: they come out as 0.
     inv_l = 1.0 / tl.where(l_i > 0.0, l_i, 1.0)
