@@ -97,8 +97,13 @@ step_vit_more() {
     --out "$OUT/results" --name vit_gpu_more --no-progress --check none --on-check-failure warn
 }
 
-# Every other benchmark script present in benchmarks/ (bench_ops.py, bench_plan.py, ...), with its
-# own defaults on the GPU.
+# Op level (issue 3's targets): knn, kept-query attention and the restore, at 1k / 4k / 16k tokens.
+step_ops() {
+  ensure_installed
+  python benchmarks/bench_ops.py --device cuda --out "$OUT/results" --on-check-failure warn --keep-going
+}
+
+# Any other benchmark script in benchmarks/ (bench_plan.py, ...), with its own defaults on the GPU.
 run_other_benchmark() {
   ensure_installed
   python "benchmarks/$1" --device cuda --out "$OUT/results"
@@ -106,14 +111,8 @@ run_other_benchmark() {
 
 for step in "${STEPS[@]}"; do
   case "$step" in
-    env | install | tests | vit_targets | vit_more) run_step "$step" "step_$step" ;;
-    ops | plan)
-      if [ -f "benchmarks/bench_$step.py" ]; then
-        run_step "$step" run_other_benchmark "bench_$step.py"
-      else
-        echo "$step skipped (benchmarks/bench_$step.py absent)" | tee -a "$OUT/summary.txt"
-      fi
-      ;;
+    env | install | tests | vit_targets | vit_more | ops) run_step "$step" "step_$step" ;;
+    plan) run_step "$step" run_other_benchmark bench_plan.py ;;
     *) echo "unknown step: $step (steps: env install tests vit_targets vit_more ops plan)" >&2 ;;
   esac
 done

@@ -1,0 +1,80 @@
+"""The op-level benchmark scripts run end to end on tiny shapes (behaviour only, no timing claims).
+
+``bench_ops.py`` runs with every backend of the device, Triton included (the interpreter on the CPU,
+compiled kernels on CUDA), so the variants a GPU session will time have all run once here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_ops_args(device, out: Path) -> list[str]:
+    args = ["--sizes", "96", "--width", "64", "--heads", "2", "--warmup", "0", "--repeats", "1"]
+    args += ["--dtype", "fp16", "--device", device.type, "--out", str(out)]
+    return args + (["--triton-interpreter"] if device.type == "cpu" else [])
+
+
+def test_bench_ops_times_every_variant_after_its_check(triton_backends, tmp_path):
+    bench_ops = load_script("bench_ops")
+    assert bench_ops.main(tiny_ops_args(triton_backends, tmp_path)) == 0
+    report = json.loads((tmp_path / "bench_ops.json").read_text())
+    variants = {row["variant"] for row in report["results"]}
+    expected = {"cdist_topk", "knn_triton", "restore_fused_norm_triton"}
+    expected |= {f"{kind}_triton" for kind in ("kept", "full_then_discard", "kept_rotary", "full_rotary_then_discard")}
+    assert expected <= variants
+    assert report["check_failures"] == [] and report["errors"] == []
+    assert all(row["median_ms"] > 0 for row in report["results"])
+    for suffix in (".csv", ".md", "_knn.png", "_attention.png", "_restore.png"):
+        assert (tmp_path / f"bench_ops{suffix}").is_file()
+
+
+def test_bench_ops_failure_modes(triton_backends, tmp_path, monkeypatch):
+    bench_ops = load_script("bench_ops")
+
+    def failing_check(*args, **kwargs):
+        raise AssertionError("outputs differ")
+
+    def failing_case(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench_ops, "assert_close_to_reference", failing_check)
+    with pytest.raises(AssertionError, match="outputs differ"):
+        bench_ops.main(tiny_ops_args(triton_backends, tmp_path))
+
+    # warn: every variant is still timed, each failure is listed; --keep-going: a case that raises
+    # becomes an error row and the others still run. Either makes the exit status 1.
+    monkeypatch.setattr(bench_ops, "restore_case", failing_case)
+    argv = [*tiny_ops_args(triton_backends, tmp_path), "--on-check-failure", "warn", "--keep-going"]
+    assert bench_ops.main(argv) == 1
+    report = json.loads((tmp_path / "bench_ops.json").read_text())
+    assert {row["group"] for row in report["results"]} == {"knn", "attention"}
+    assert len(report["check_failures"]) == len(report["results"])
+    assert report["errors"] == [{"group": "restore", "tokens": 96, "error": "RuntimeError: out of memory"}]
+    assert "FAILED: knn_triton (n=96): outputs differ" in (tmp_path / "bench_ops.md").read_text()
+
+
+def test_bench_plan_runs_on_tiny_batches(tmp_path):
+    bench_plan = load_script("bench_plan")
+    from ipcv_kernels.ops import cpp_backend
+
+    if cpp_backend.UNAVAILABLE_REASON is not None:
+        pytest.skip(cpp_backend.UNAVAILABLE_REASON)
+    argv = ["--batches", "2x40", "--knn-tokens", "300", "--width", "32", "--warmup", "0", "--repeats", "1"]
+    argv += ["--knn-repeats", "1", "--out", str(tmp_path)]
+    assert bench_plan.main(argv) == 0
+    report = json.loads((tmp_path / "plan_cpu.json").read_text())
+    assert [row["case"] for row in report["rows"]] == ["plan", "knn"]
