@@ -10,7 +10,8 @@ the Qwen2-VL-7B setting) it times, after checking every variant's output:
   are discarded), each with and without the vision rotary (a Triton pass over kept q and k for
   the Triton backend, PyTorch ops before the others);
 - the AS block's input: kept rows and NGR reconstructions scattered into the full sequence, then
-  its LayerNorm (``ngr_reconstruct`` per backend + PyTorch), vs the fused Triton restore.
+  its LayerNorm (``ngr_reconstruct`` per backend + PyTorch), vs ``ngr_restore`` per backend (one
+  fused pass on Triton).
 
 Backends are those available on the device (on the CPU: ``torch`` and ``sdpa``; the Triton
 interpreter is excluded as meaningless for timing). Results: ``bench_ops.json`` (device, versions,
@@ -187,15 +188,16 @@ def restore_case(n: int, dtype: torch.dtype, device: torch.device, args) -> list
         f"scatter_then_norm_{backend}": lambda b=backend: unfused(b)
         for backend in usable_backends("ngr_reconstruct", device, dtype, n, args)
     }
-    if "triton" in usable_backends("ngr_reconstruct", device, dtype, n, args):
-        from ipcv_kernels.ops.triton_backend import ngr_restore_triton
+    for backend in usable_backends("ngr_restore", device, dtype, n, args):
 
-        def fused() -> torch.Tensor:
+        def restore(b: str = backend) -> torch.Tensor:
             full, normed = torch.empty_like(base), torch.empty_like(base)
-            ngr_restore_triton(full, kept, base_drop, base_kept, keep, drop, neighbors, normed_out=normed, norm=norm)
+            ik.ngr_restore(
+                full, kept, base_drop, base_kept, keep, drop, neighbors, norm=norm, normed_out=normed, backend=b
+            )
             return normed
 
-        variants["restore_fused_norm_triton"] = fused
+        variants[f"ngr_restore_{backend}"] = restore
 
     with torch.no_grad():
         expected = unfused("torch").double()

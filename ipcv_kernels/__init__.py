@@ -1,6 +1,6 @@
 """ipcv_kernels: IPCV token compression for the vision encoders of multimodal LLMs.
 
-Public API: the ops (``knn``, ``ngr_reconstruct``, ``ngr_attention``, ``token_scores``,
+Public API: the ops (``knn``, ``ngr_reconstruct``, ``ngr_restore``, ``ngr_attention``, ``token_scores``,
 ``select_tokens``, ``plan_ipcv``), ``IPCVConfig`` and ``apply_ipcv`` / ``remove_ipcv``, and the
 LLM-side pruners ``FastV`` / ``DART`` (``apply_ipcv(model, config, llm_pruner=...)``).
 All ops are inference-only (no autograd).
@@ -14,6 +14,7 @@ from .ops import (
     knn,
     ngr_attention,
     ngr_reconstruct,
+    ngr_restore,
     plan_ipcv,
     select_tokens,
     shrink_cu_seqlens,
@@ -37,6 +38,7 @@ __all__ = [
     "knn",
     "ngr_attention",
     "ngr_reconstruct",
+    "ngr_restore",
     "plan_ipcv",
     "remove_ipcv",
     "select_tokens",

@@ -33,7 +33,7 @@ def test_bench_ops_times_every_variant_after_its_check(triton_backends, tmp_path
     assert bench_ops.main(tiny_ops_args(triton_backends, tmp_path)) == 0
     report = json.loads((tmp_path / "bench_ops.json").read_text())
     variants = {row["variant"] for row in report["results"]}
-    expected = {"cdist_topk", "knn_triton", "restore_fused_norm_triton"}
+    expected = {"cdist_topk", "knn_triton", "ngr_restore_triton", "ngr_restore_torch"}
     expected |= {f"{kind}_triton" for kind in ("kept", "full_then_discard", "kept_rotary", "full_rotary_then_discard")}
     assert expected <= variants
     assert report["check_failures"] == [] and report["errors"] == []

@@ -145,9 +145,8 @@ def compile_every_launch_configuration() -> None:
     tb.ngr_reconstruct_triton(rows, rows, rows, neighbors)
     norm = torch.nn.LayerNorm(1280).to(torch.bfloat16)
     full = torch.zeros(8, 1280, dtype=torch.bfloat16)
-    tb.ngr_restore_triton(
-        full, rows, rows, rows, torch.arange(4), torch.arange(4, 8), neighbors, normed_out=full.clone(), norm=norm
-    )
+    keep, drop = torch.arange(4), torch.arange(4, 8)
+    tb.ngr_restore_triton(full, rows, rows, rows, keep, drop, neighbors, norm.weight, norm.bias, 1e-6, full.clone())
 
 
 if __name__ == "__main__":

@@ -24,8 +24,14 @@ def op_cases(device: torch.device, backend: str):
     q, k, v = randn(7, 2, 16), randn(13, 2, 16), randn(13, 2, 16)
     cos, sin = randn(13, 16), randn(13, 16)
     rows = torch.tensor([0, 2, 4, 5, 8, 9, 12], device=device)
+    keep, drop = torch.tensor([1, 3, 4, 6, 8], device=device), torch.tensor([0, 2, 5, 7], device=device)
+    restore_args = (randn(9, 8), randn(5, 8), randn(4, 8), randn(5, 8), keep, drop, neighbors)
     return {
         "knn": (torch.ops.ipcv_kernels.knn, (randn(7, 8), randn(13, 8), 3, cu_a, cu_b, backend)),
+        "ngr_restore": (
+            torch.ops.ipcv_kernels.ngr_restore,
+            (*restore_args, randn(8), randn(8), 1e-6, randn(9, 8), backend),
+        ),
         "ngr_reconstruct": (
             torch.ops.ipcv_kernels.ngr_reconstruct,
             (randn(4, 8), randn(5, 8), randn(5, 8), neighbors, backend),
@@ -38,13 +44,13 @@ def op_cases(device: torch.device, backend: str):
     }
 
 
-@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "ngr_attention"])
+@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "ngr_restore", "ngr_attention"])
 def test_opcheck_reference_backend(name):
     op, args = op_cases(torch.device("cpu"), "torch")[name]
     torch.library.opcheck(op, args, test_utils=TEST_UTILS)
 
 
-@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "ngr_attention", "ngr_attention_fused"])
+@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "ngr_restore", "ngr_attention", "ngr_attention_fused"])
 def test_opcheck_triton_backend(triton_backends, name):
     op, args = op_cases(triton_backends, "triton")[name]
     torch.library.opcheck(op, args, test_utils=TEST_UTILS)

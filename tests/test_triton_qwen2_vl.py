@@ -1,5 +1,5 @@
 """Qwen2-VL with IPCV on the Triton path equals the reference path: a tiny random tower, planning,
-NGR and the fused attention (rotary + kept queries) all through ``backend="triton"`` (the
+NGR and the kept-query attention (with its rotary pass) all through ``backend="triton"`` (the
 interpreter on CPU, or CUDA), against the reference path: both judged against the fp64 tower."""
 
 from __future__ import annotations
@@ -54,17 +54,19 @@ def check_against_fp64_tower(tower, config: ik.IPCVConfig, dtype: torch.dtype) -
 def test_triton_path_equals_reference_path(triton_backends, monkeypatch, dtype):
     from ipcv_kernels.ops import triton_backend
 
-    attention = CountingLauncher(triton_backend.varlen_attention_kernel)
-    monkeypatch.setattr(triton_backend, "varlen_attention_kernel", attention)
-    restores = []
-    fused_restore = triton_backend.ngr_restore_triton
-    monkeypatch.setattr(triton_backend, "ngr_restore_triton", lambda *a, **kw: restores.append(fused_restore(*a, **kw)))
+    launches = {}
+    for name in ("varlen_attention_kernel", "rotary_kernel", "ngr_reconstruct_kernel"):
+        launches[name] = CountingLauncher(getattr(triton_backend, name))
+        monkeypatch.setattr(triton_backend, name, launches[name])
     tower = build_qwen2_vl_tower(dtype=dtype, device=triton_backends)
     check_against_fp64_tower(tower, ik.IPCVConfig(**CONFIG, backend="triton", attention_backend="triton"), dtype)
-    assert attention.launches == CONFIG["as_layers"]  # one fused launch per stabilisation block
-    # The full sequence is rebuilt in place by the fused restore: once per stabilisation block,
-    # and once more after the last block.
-    assert len(restores) == CONFIG["as_layers"] + 1
+    # Per stabilisation block: one attention launch after one rotary pass over the kept queries
+    # and one over the keys.
+    assert launches["varlen_attention_kernel"].launches == CONFIG["as_layers"]
+    assert launches["rotary_kernel"].launches == 2 * CONFIG["as_layers"]
+    # The full sequence is rebuilt in place by the fused restore (one launch for the kept rows, one
+    # for the reconstructed rows): once per stabilisation block, and once more after the last block.
+    assert launches["ngr_reconstruct_kernel"].launches == 2 * (CONFIG["as_layers"] + 1)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
-"""The Triton NGR kernel: the ``ngr_reconstruct`` op and the in-place full-buffer restore with fused
-LayerNorm, against the fp64 reference (interpreter on CPU, or CUDA)."""
+"""The Triton NGR kernel through the ``ngr_reconstruct`` op, against the fp64 reference (interpreter
+on CPU, or CUDA). Its in-place full-buffer restore with fused LayerNorm (``ngr_restore``) is tested
+with the other backends of that op in ``test_restore.py``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from ipcv_kernels.ops.triton_backend import ngr_reconstruct_triton, ngr_restore_triton
+from ipcv_kernels.ops.triton_backend import ngr_reconstruct_triton
 from ipcv_kernels.reference import ngr_reconstruct_reference
 from ipcv_kernels.testing import assert_close_to_reference
 
@@ -51,44 +52,6 @@ def test_reconstruct_empty_and_non_contiguous(triton_device):
     base_drop_t = base_drop.T.contiguous().T  # feature stride != 1
     got = ngr_reconstruct_triton(base_drop_t, kept_view, base_kept, neighbors)
     check(got, base_drop, kept_view, base_kept, neighbors)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("fuse_norm", [False, True])
-def test_restore_into_full_buffer(triton_device, dtype, fuse_norm):
-    n, dim = 31, 80
-    generator = torch.Generator().manual_seed(2)
-    keep = torch.randperm(n, generator=generator)[:11].sort().values.to(triton_device)
-    is_drop = torch.ones(n, dtype=torch.bool, device=triton_device)
-    is_drop[keep] = False
-    drop = is_drop.nonzero().squeeze(1)
-    base = torch.randn(n, dim, generator=generator).to(triton_device, dtype)
-    kept = torch.randn(11, dim, generator=generator).to(triton_device, dtype)
-    neighbors = torch.randint(-1, 11, (drop.numel(), 3), generator=generator).to(triton_device)
-
-    out = torch.full((n, dim), float("nan"), device=triton_device, dtype=dtype)
-    normed = torch.full_like(out, float("nan")) if fuse_norm else None
-    norm = None
-    if fuse_norm:
-        norm = torch.nn.LayerNorm(dim, eps=1e-6).to(triton_device, dtype)
-        torch.nn.init.normal_(norm.weight, generator=generator)
-        torch.nn.init.normal_(norm.bias, generator=generator)
-    ngr_restore_triton(out, kept, base[drop], base[keep], keep, drop, neighbors, normed_out=normed, norm=norm)
-
-    expected = torch.empty(n, dim, dtype=torch.float64, device=triton_device)
-    expected[keep] = kept.double()
-    expected[drop] = ngr_reconstruct_reference(base[drop].double(), kept.double(), base[keep].double(), neighbors)
-    same_dtype = torch.empty_like(out)
-    same_dtype[keep] = kept
-    same_dtype[drop] = ngr_reconstruct_reference(base[drop], kept, base[keep], neighbors)
-    assert torch.equal(out[keep], kept)
-    assert_close_to_reference(out, expected, same_dtype)
-    if fuse_norm:
-        # The norm reads the stored (rounded) rows, as the unfused ``norm1(full)`` does.
-        with torch.no_grad():
-            weight, bias = norm.weight.double(), norm.bias.double()
-            expected_norm = torch.nn.functional.layer_norm(out.double(), (dim,), weight, bias, norm.eps)
-            assert_close_to_reference(normed, expected_norm, norm(out))
 
 
 @pytest.mark.gpu

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..ops import backend_for, plan_ipcv, shrink_cu_seqlens
+from ..ops import plan_ipcv, shrink_cu_seqlens
 from ..reference import IPCVPlan
 
 PATCH_ATTRIBUTE = "_ipcv_patch"
@@ -343,21 +343,14 @@ class IPCVPatch:
     def _restore(self, kept: torch.Tensor) -> torch.Tensor:
         """``full[keep] = kept``, ``full[drop] = NGR reconstruction`` (spec steps 4 and 7).
 
-        On the Triton backend one fused kernel writes both straight into the full-length buffer,
-        saving the reconstructed rows' round trip through a temporary and the scatter.
+        The custom op directly: its inputs come from the plan, so the public op's checks (host
+        reads of the row and neighbour ranges) would only add a synchronisation per block on CUDA.
+        On the Triton backend one fused kernel writes both row sets straight into ``full``.
         """
-        state = self.state
+        state, plan = self.state, self.state.plan
         full = torch.empty_like(state.base)
-        if backend_for("ngr_reconstruct", self.config.backend, full.device) == "triton":
-            from ..ops.triton_backend import ngr_restore_triton
-
-            plan = state.plan
-            ngr_restore_triton(full, kept, state.base_drop, state.base_kept, plan.keep, plan.drop, plan.neighbors)
-            return full
-        full[state.plan.keep] = kept
-        # The custom op directly: its inputs come from the plan, so the public op's checks (host
-        # reads of the neighbour range) would only add a synchronisation per block on CUDA.
-        full[state.plan.drop] = torch.ops.ipcv_kernels.ngr_reconstruct(
-            state.base_drop, kept, state.base_kept, state.plan.neighbors, self.config.backend
-        )
+        torch.ops.ipcv_kernels.ngr_restore(
+            full, kept, state.base_drop, state.base_kept, plan.keep, plan.drop, plan.neighbors,
+            None, None, 0.0, None, self.config.backend,
+        )  # fmt: skip
         return full

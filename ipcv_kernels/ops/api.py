@@ -125,6 +125,89 @@ def ngr_reconstruct(
 
 
 @torch.no_grad()
+def ngr_restore(
+    out: torch.Tensor,
+    kept: torch.Tensor,
+    base_drop: torch.Tensor,
+    base_kept: torch.Tensor,
+    keep: torch.Tensor,
+    drop: torch.Tensor,
+    neighbors: torch.Tensor,
+    *,
+    norm: torch.nn.LayerNorm | None = None,
+    normed_out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    """The full sequence from kept rows and their NGR reconstructions, written in place (spec steps 4, 7).
+
+    ``out[keep] = kept`` and ``out[drop] = ngr_reconstruct(base_drop, kept, base_kept, neighbors)``;
+    with ``norm`` and ``normed_out``, also ``normed_out = norm(out)``: the restored sequence and the
+    next block's ``norm1`` of it. The Triton backend writes the reconstructed rows straight into
+    ``out`` (no temporary, no scatter) and normalises each row on the way out, in one pass.
+
+    Args:
+        out: ``[n, D]`` float with unit stride on the last dim, written in place.
+        kept: ``[Nk, D]`` the kept tokens' current states; base_drop: ``[Nd, D]`` and base_kept:
+            ``[Nk, D]`` the dropped / kept tokens' states at the prune layer; all in ``out``'s dtype.
+        keep, drop: int32/int64 ``[Nk]`` / ``[Nd]`` rows of ``out``; together they hold every row
+            once (``Nk + Nd = n``), as ``plan_ipcv``'s keep / drop do.
+        neighbors: int32/int64 ``[Nd, k]`` rows of ``kept`` in ``[-1, Nk)`` (``-1`` = none).
+        norm: an ``nn.LayerNorm`` over ``D`` (its weight and bias may be None); normed_out:
+            ``[n, D]`` like ``out``. Both or neither.
+        backend: ``"auto"`` or a registered backend name.
+
+    Returns:
+        None: ``out`` (and ``normed_out``) hold the result.
+    """
+    check_float("out", out, ndim=2)
+    device, (num_rows, dim) = out.device, out.shape
+    if out.stride(-1) != 1:
+        raise ValueError("out must have a unit stride on its last dim")
+    for name, value in (("kept", kept), ("base_drop", base_drop), ("base_kept", base_kept)):
+        check_float(name, value, ndim=2, device=device)
+        _check_same_dtype(name, value, "out", out)
+        _check_width(name, value, "out", out)
+    if base_kept.shape != kept.shape:
+        raise ValueError(f"base_kept must have the shape of kept {tuple(kept.shape)}, got {tuple(base_kept.shape)}")
+    check_tensor("keep", keep, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    check_tensor("drop", drop, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if keep.shape[0] != kept.shape[0]:
+        raise ValueError(f"keep must have {kept.shape[0]} entries (one per kept row), got {keep.shape[0]}")
+    if drop.shape[0] != base_drop.shape[0]:
+        raise ValueError(f"drop must have {base_drop.shape[0]} entries (one per base_drop row), got {drop.shape[0]}")
+    rows = torch.cat([keep.long(), drop.long()])
+    if rows.shape[0] != num_rows or (
+        num_rows and (int(rows.min()) < 0 or int(rows.max()) >= num_rows or bool(rows.bincount().ne(1).any()))
+    ):
+        raise ValueError(f"keep and drop together must hold every row of out (0..{num_rows - 1}) exactly once")
+    check_tensor("neighbors", neighbors, ndim=2, dtypes=INDEX_DTYPES, device=device)
+    if neighbors.shape[0] != base_drop.shape[0]:
+        raise ValueError(
+            f"neighbors must have {base_drop.shape[0]} rows (one per base_drop row), got {neighbors.shape[0]}"
+        )
+    if neighbors.numel() and (int(neighbors.min()) < -1 or int(neighbors.max()) >= kept.shape[0]):
+        raise ValueError(f"neighbors must be in [-1, {kept.shape[0]}) (rows of kept, -1 = none)")
+    if (norm is None) != (normed_out is None):
+        raise ValueError("norm and normed_out must be given together")
+    weight = bias = None
+    eps = 0.0
+    if norm is not None:
+        if not isinstance(norm, torch.nn.LayerNorm) or tuple(norm.normalized_shape) != (dim,):
+            raise TypeError(f"norm must be an nn.LayerNorm over the last dim ({dim}), got {norm!r}")
+        check_float("normed_out", normed_out, ndim=2, device=device)
+        _check_same_dtype("normed_out", normed_out, "out", out)
+        if normed_out.shape != out.shape or normed_out.stride(-1) != 1:
+            raise ValueError(f"normed_out must be {tuple(out.shape)} with a unit stride on its last dim")
+        weight, bias, eps = norm.weight, norm.bias, float(norm.eps)
+        for name, value in (("norm.weight", weight), ("norm.bias", bias)):
+            if value is not None:
+                check_float(name, value, ndim=1, device=device)
+    torch.ops.ipcv_kernels.ngr_restore(
+        out, kept, base_drop, base_kept, keep, drop, neighbors, weight, bias, eps, normed_out, backend
+    )
+
+
+@torch.no_grad()
 def ngr_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -10,12 +10,13 @@ CUDA kernels. Without the extension it stays silent: ``auto`` skips ``"cpp"`` an
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
 import torch
 
-from ..reference import IPCVPlan, TokenSelection
+from ..reference import IPCVPlan, TokenSelection, ngr_restore_reference
 from .dispatch import Backend, register_backend
 
 BUILD_HINT = (
@@ -132,6 +133,8 @@ _DEVICES = ("cpu", "cuda") if UNAVAILABLE_REASON is not None or has_cuda_kernels
 for _op, _fn in (
     ("knn", knn_cpp),
     ("ngr_reconstruct", ngr_reconstruct_cpp),
+    # The restore is the reference's scatter + LayerNorm around the compiled reconstruction.
+    ("ngr_restore", functools.partial(ngr_restore_reference, reconstruct=ngr_reconstruct_cpp)),
     ("select_tokens", select_tokens_cpp),
     ("plan", plan_cpp),
 ):

@@ -46,6 +46,30 @@ def _(base_drop, kept, base_kept, neighbors, backend):
     return torch.empty_like(base_drop)
 
 
+@torch.library.custom_op("ipcv_kernels::ngr_restore", mutates_args=("out", "normed_out"))
+def ngr_restore_op(
+    out: torch.Tensor,
+    kept: torch.Tensor,
+    base_drop: torch.Tensor,
+    base_kept: torch.Tensor,
+    keep: torch.Tensor,
+    drop: torch.Tensor,
+    neighbors: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    norm_eps: float,
+    normed_out: torch.Tensor | None,
+    backend: str,
+) -> None:
+    impl = resolve_backend("ngr_restore", backend, out.device).fn
+    impl(out, kept, base_drop, base_kept, keep, drop, neighbors, norm_weight, norm_bias, norm_eps, normed_out)
+
+
+@ngr_restore_op.register_fake
+def _(out, kept, base_drop, base_kept, keep, drop, neighbors, norm_weight, norm_bias, norm_eps, normed_out, backend):
+    return None
+
+
 @torch.library.custom_op("ipcv_kernels::ngr_attention", mutates_args=())
 def ngr_attention_op(
     q: torch.Tensor,

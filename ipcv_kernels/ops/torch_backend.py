@@ -9,6 +9,7 @@ from ..reference import (
     knn_reference,
     ngr_attention_reference,
     ngr_reconstruct_reference,
+    ngr_restore_reference,
     plan_reference,
     select_tokens_reference,
 )
@@ -50,6 +51,7 @@ def ngr_attention_sdpa(
 for _op, _fn in (
     ("knn", knn_reference),
     ("ngr_reconstruct", ngr_reconstruct_reference),
+    ("ngr_restore", ngr_restore_reference),
     ("ngr_attention", ngr_attention_reference),
     ("select_tokens", select_tokens_reference),
     ("plan", plan_reference),

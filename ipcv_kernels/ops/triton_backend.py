@@ -208,14 +208,17 @@ def ngr_restore_triton(
     keep: torch.Tensor,
     drop: torch.Tensor,
     neighbors: torch.Tensor,
-    *,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
     normed_out: torch.Tensor | None = None,
-    norm: torch.nn.LayerNorm | None = None,
 ) -> None:
-    """Fill a full-length buffer in place: ``out[keep] = kept``, ``out[drop] = NGR reconstruction``.
+    """The ``ngr_restore`` op (see ``ngr_restore_reference``) in one kernel pass per row set.
 
-    With ``norm`` (a ``LayerNorm``) and ``normed_out``, also ``normed_out = norm(out)`` in the same
-    pass, so the next block's K/V projection reads the normalised full sequence directly.
+    ``out[keep] = kept`` and ``out[drop] = NGR reconstruction`` are written straight into the
+    full-length buffer (no temporary for the reconstructed rows, no scatter); with ``normed_out``,
+    ``normed_out = layer_norm(out)`` in the same pass, so the next block's K/V projection reads the
+    normalised full sequence directly.
 
     Args:
         out: ``[n, D]`` fp16/bf16/fp32 with unit last stride, written in place.
@@ -223,19 +226,16 @@ def ngr_restore_triton(
             states; all in ``out``'s dtype.
         keep, drop: int64 ``[Nk]`` / ``[Nd]`` row positions in ``out``.
         neighbors: int32/int64 ``[Nd, k]`` rows of ``kept`` (``-1`` = none).
-        normed_out: ``[n, D]`` like ``out``; norm: ``nn.LayerNorm(D)`` (weights may be None).
+        norm_weight, norm_bias: ``[D]`` or None (1 and 0); normed_out: ``[n, D]`` like ``out``, or None.
     """
-    if (normed_out is None) != (norm is None):
-        raise ValueError("normed_out and norm must be given together")
     if out.stride(-1) != 1 or (normed_out is not None and normed_out.stride(-1) != 1):
         raise ValueError("out and normed_out need a unit stride on their last dim")
     weight = bias = None
-    eps = 0.0
-    if norm is not None:
+    if normed_out is not None:
         dim = out.shape[1]
-        weight = norm.weight if norm.weight is not None else out.new_ones(dim)
-        bias = norm.bias if norm.bias is not None else out.new_zeros(dim)
-        eps = float(norm.eps)
+        weight = norm_weight.contiguous() if norm_weight is not None else out.new_ones(dim)
+        bias = norm_bias.contiguous() if norm_bias is not None else out.new_zeros(dim)
+    eps = float(norm_eps)
     kept, base_drop, base_kept = _row_major(kept), _row_major(base_drop), _row_major(base_kept)
     neighbors = neighbors.contiguous()
     # Kept rows: the same kernel with no neighbours copies ``kept`` (and normalises it).
@@ -485,6 +485,7 @@ def register_triton_backends(device_types: Sequence[str] = ("cuda",)) -> None:
     for op, fn in (
         ("knn", knn_triton),
         ("ngr_reconstruct", ngr_reconstruct_triton),
+        ("ngr_restore", ngr_restore_triton),
         ("ngr_attention", ngr_attention_triton),
         ("ngr_attention_fused", ngr_attention_fused_triton),
         ("select_tokens", select_tokens_device),

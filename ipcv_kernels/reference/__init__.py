@@ -7,7 +7,7 @@ public ops runs them directly.
 from .attention import ngr_attention_reference
 from .knn import knn_reference
 from .plan import IPCVPlan, plan_reference
-from .reconstruct import ngr_reconstruct_reference
+from .reconstruct import ngr_reconstruct_reference, ngr_restore_reference
 from .selection import (
     TokenSelection,
     keep_count,
@@ -23,6 +23,7 @@ __all__ = [
     "knn_reference",
     "ngr_attention_reference",
     "ngr_reconstruct_reference",
+    "ngr_restore_reference",
     "plan_reference",
     "select_tokens_reference",
     "shrink_cu_seqlens_reference",
