@@ -176,7 +176,7 @@ def test_triton_path_equals_reference_path(triton_backends):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_auto_is_as_close_to_fp64_as_pytorch(cuda_device, dtype):
-    # auto (Triton planning, NGR, fused rotary attention) vs the fp64 tower, relative to the error
+    # auto (Triton planning, NGR, rotary and kept-query attention) vs the fp64 tower, relative to the error
     # of the reference path run in the same dtype.
     tower = build_tower(FAMILY, dtype=dtype).to(cuda_device)
     pixels, grid_thw = sample_pixels(tower.config, INPUTS["image_batch"] + INPUTS["video"])

@@ -245,8 +245,10 @@ def ngr_attention(
         q_positions: optional int64 ``[Nq]``: rotary rows of a compact ``q`` (needs ``rotary``;
             exclusive with ``q_rows``).
 
-        Backends registered for ``"ngr_attention_fused"`` (Triton) fuse rotary and the gather into
-        the kernel; the others get the rotated / gathered tensors computed with PyTorch first.
+        Backends registered for ``"ngr_attention_fused"`` (Triton) handle both themselves: the
+        gather inside the attention kernel, or together with the rotary in one pass over the kept
+        queries (and one over the keys). The others get the rotated / gathered tensors computed
+        with PyTorch first.
 
     Returns:
         ``[Nq, H, Dh]`` (``[Nq', H, Dh]`` with ``q_rows``) in ``q``'s dtype. Query rows whose
