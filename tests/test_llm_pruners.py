@@ -1,4 +1,5 @@
-"""LLM-side pruning (FastV, DART) on tiny random Qwen2-VL / Qwen2.5-VL, alone and composed with IPCV."""
+"""LLM-side pruning (FastV, DART) on tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL, alone and composed
+with IPCV."""
 
 from __future__ import annotations
 
@@ -167,25 +168,31 @@ def test_dart_selection_matches_reference(model64, ratio, pivots):
         assert torch.equal(chosen[row], expected)
 
 
-def test_fastv_scores_are_the_models_attention_weights():
-    """What FastV computes under sdpa equals what eager attention reports (output_attentions)."""
-    eager = build_qwen2_vl_model(attn_implementation="eager")
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_fastv_scores_are_the_models_attention_weights(family):
+    """What FastV computes under sdpa equals what eager attention reports (output_attentions);
+    Qwen3-VL's attention normalises q and k per head before the rotary."""
+    if family == "qwen2_vl":
+        eager = build_qwen2_vl_model(attn_implementation="eager")
+    else:
+        eager = build_model(family, attn="eager")
     inputs = vision_inputs(eager, [[1, 4, 8]])
-    with torch.no_grad():
-        out = eager(**inputs, output_attentions=True, output_hidden_states=True)
-        text_model = eager.model.language_model
-        positions = eager.model.compute_3d_position_ids(
-            input_ids=inputs["input_ids"],
-            inputs_embeds=out.hidden_states[0],
-            image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=inputs["attention_mask"],
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-        )
-        rotary = text_model.rotary_emb(out.hidden_states[0], positions)
-        layer_input = out.hidden_states[LAYER - 1]
-        query, keys, scaling = decoder_last_query_and_keys(text_model.layers[LAYER - 1], layer_input, rotary)
-        padding = torch.zeros(layer_input.shape[:2], dtype=torch.bool)
-        received = fastv_received_attention(query, keys, scaling, padding)
+    layer = eager.model.language_model.layers[LAYER - 1]
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        seen["rotary"] = kwargs["position_embeddings"]
+
+    handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = eager(**inputs, output_attentions=True)
+            query, keys, scaling = decoder_last_query_and_keys(layer, seen["hidden"], seen["rotary"])
+            padding = torch.zeros(seen["hidden"].shape[:2], dtype=torch.bool)
+            received = fastv_received_attention(query, keys, scaling, padding)
+    finally:
+        handle.remove()
     expected = out.attentions[LAYER - 1][:, :, -1, :].mean(dim=1)
     assert_close(received, expected)
 
@@ -223,14 +230,63 @@ def test_decoder_layers_from_k_see_the_kept_tokens(model, pruner):
     assert get_llm_pruning_patch(model).last_kept.shape == (1, kept)
 
 
+def family_model(family: str, dtype: torch.dtype = torch.float32):
+    return build_qwen2_vl_model(dtype=dtype) if family == "qwen2_vl" else build_model(family, dtype=dtype)
+
+
+def masked_attention_logits(model, inputs, kept: torch.Tensor, layer: int) -> torch.Tensor:
+    """The oracle of pruning at ``layer``: the unpatched model in which decoder layers ``>= layer``
+    attend only to the ``kept`` tokens (causal mask AND kept key columns; every other token still
+    sees itself, so its row stays finite, but no kept token reads it)."""
+    length = inputs["input_ids"].shape[1]
+    is_kept = torch.zeros(length, dtype=torch.bool)
+    is_kept[kept] = True
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = (causal & (is_kept[None, :] | torch.eye(length, dtype=torch.bool)))[None, None]
+    layers = model.model.language_model.layers[layer:]
+    for decoder_layer in layers:
+
+        def masked(hidden, *args, _forward=decoder_layer.forward, **kwargs):
+            return _forward(hidden, *args, **{**kwargs, "attention_mask": mask})
+
+        decoder_layer.forward = masked
+    try:
+        return logits(model, inputs)
+    finally:
+        for decoder_layer in layers:
+            del decoder_layer.forward
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize(
+    "pruner",
+    [FastV(layer=1, ratio=0.6), DART(layer=2, ratio=0.6, pivot_image_tokens=2, pivot_text_tokens=2)],
+    ids=["fastv_k1", "dart_k2"],
+)
+def test_pruned_prefill_equals_masked_attention(family, pruner):
+    """Dropping tokens from layer K on is masking them out of every later layer's keys: the kept
+    positions' logits equal that oracle's (fp64), so the kept tokens keep their positions, rotary
+    and causal order, and (Qwen3-VL) receive their own DeepStack features at layers >= K."""
+    model = family_model(family, torch.float64)
+    inputs = vision_inputs(model, [[1, 4, 8], [1, 4, 4]])
+    apply_ipcv(model, llm_pruner=pruner)
+    pruned = logits(model, inputs)
+    kept = get_llm_pruning_patch(model).last_kept[0]
+    remove_ipcv(model)
+    assert kept.shape[0] < inputs["input_ids"].shape[1]
+    expected = masked_attention_logits(model, inputs, kept, pruner.layer)
+    assert_close(pruned[0, kept], expected[0, kept])
+
+
 @pytest.mark.parametrize("pruner", PRUNERS, ids=["fastv", "dart"])
 def test_generation_cache_positions_and_logits(model, pruner):
     check_generation(model, pruner)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("pruner", PRUNERS, ids=["fastv", "dart"])
-def test_qwen2_5_vl_generation(pruner):
-    check_generation(build_model("qwen2_5_vl"), pruner)
+def test_generation_of_other_families(family, pruner):
+    check_generation(build_model(family), pruner)
 
 
 def check_generation(model, pruner):

@@ -9,7 +9,7 @@ Use through ``apply_ipcv``; the functions here are its LLM-side building blocks:
     model.generate(**inputs)  # prefill prunes image / video tokens from decoder layer 2 on
     remove_ipcv(model)  # undoes both
 
-Supported models: Qwen2-VL and Qwen2.5-VL (full model or ``*Model``). A custom pruner subclasses
+Supported models: Qwen2-VL, Qwen2.5-VL and Qwen3-VL (full model or ``*Model``). A custom pruner subclasses
 ``LLMPruner`` and implements ``select``.
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from .families import find_language_model
 from .patch import LLM_PATCH_ATTRIBUTE, LLMPruningPatch
 from .pruners import DART, FastV, LLMPruner, PruningInputs
-from .qwen2_vl import find_language_model
 
 
 def prepare_llm_pruning(model: nn.Module, pruner: LLMPruner) -> LLMPruningPatch:

@@ -11,6 +11,8 @@ make layers ``K ..`` work on the kept tokens only:
 - layers ``K ..`` get their hidden states, rotary ``(cos, sin)``, text position ids and attention
   mask restricted to the kept tokens: the KV cache of layers ``>= K`` then holds the kept tokens
   only, while layers ``< K`` hold all of them;
+- Qwen3-VL's DeepStack step (vision features added to the visual tokens after its first
+  decoder layers) adds, from layer ``K`` on, the kept visual tokens' own features;
 - a forward hook on the text model scatters the kept rows back into a full-length
   ``last_hidden_state`` (dropped rows carry their layer-``K`` input through the final norm), so
   logits keep the unpatched shapes (the per-layer ``hidden_states`` / ``attentions`` that
@@ -88,6 +90,8 @@ class LLMPruningPatch:
         for index in range(self.pruner.layer - 1, len(self.layers)):
             layer = self.layers[index]
             layer.forward = self._make_layer_forward(index, layer.forward)
+        if hasattr(self.text_model, "_deepstack_process"):  # Qwen3-VL
+            self.text_model._deepstack_process = self._make_deepstack(self.text_model._deepstack_process)
         setattr(self.text_model, LLM_PATCH_ATTRIBUTE, self)
 
     def remove(self) -> None:
@@ -97,7 +101,30 @@ class LLMPruningPatch:
         for index in range(self.pruner.layer - 1, len(self.layers)):
             # The wrapper is an instance attribute shadowing the class's forward.
             del self.layers[index].forward
+        if "_deepstack_process" in vars(self.text_model):
+            del self.text_model._deepstack_process
         delattr(self.text_model, LLM_PATCH_ATTRIBUTE)
+
+    def _make_deepstack(self, original):
+        """Qwen3-VL's DeepStack step on the kept tokens.
+
+        After each of its first decoder layers the text model adds vision features to the visual
+        tokens: ``hidden[visual_pos_masks] += visual_embeds``, one row per visual token of the full
+        sequence in row-major order. From layer ``K`` on, ``hidden`` holds the kept tokens only:
+        the kept visual tokens get their own rows (dropped ones take no further part).
+        """
+
+        def deepstack(hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
+            state = self.state
+            if state is None or state.kept is None or hidden.shape[1] == visual_pos_masks.shape[-1]:
+                return original(hidden, visual_pos_masks, visual_embeds)
+            mask = visual_pos_masks.to(hidden.device)
+            embed_row = mask.flatten().cumsum(0).view_as(mask) - 1  # each visual token's row
+            kept_visual = mask.gather(1, state.kept)
+            rows = embed_row.gather(1, state.kept)[kept_visual]
+            return original(hidden, kept_visual, visual_embeds[rows.to(visual_embeds.device)])
+
+        return deepstack
 
     def _make_layer_forward(self, index: int, original):
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any):

@@ -91,9 +91,10 @@ def decoder_last_query_and_keys(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Layer ``layer``'s rotary query of the last token and keys of all tokens.
 
-    Computed from the layer's own modules (``input_layernorm``, ``self_attn.{q,k}_proj``), so it
-    does not depend on the attention implementation: with sdpa / flash attention the model never
-    materialises attention weights, and FastV needs only one row of them.
+    Computed from the layer's own modules (``input_layernorm``, ``self_attn.{q,k}_proj`` and, where
+    the attention has them, its per-head ``q_norm`` / ``k_norm``), so it does not depend on the
+    attention implementation: with sdpa / flash attention the model never materialises attention
+    weights, and FastV needs only one row of them.
 
     Args:
         hidden: ``[B, S, D]``, the layer's input.
@@ -107,8 +108,11 @@ def decoder_last_query_and_keys(
     batch, length, _ = hidden.shape
     normed = layer.input_layernorm(hidden)
     cos, sin = position_embeddings
-    query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
-    keys = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim)
+    keys = attention.k_proj(normed).view(batch, length, -1, head_dim)
+    if getattr(attention, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotary
+        query, keys = attention.q_norm(query), attention.k_norm(keys)
+    query, keys = query.transpose(1, 2), keys.transpose(1, 2)
     query = apply_rotary(query, cos[:, -1:], sin[:, -1:])
     keys = apply_rotary(keys, cos, sin)
     scaling = float(getattr(attention, "scaling", head_dim**-0.5))

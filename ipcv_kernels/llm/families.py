@@ -1,9 +1,11 @@
-"""Where Qwen2-VL (and Qwen2.5-VL) keep their language model and which tokens are visual.
+"""Where each supported multimodal model keeps its language model, and which tokens are visual.
 
 ``Qwen2VLForConditionalGeneration.model`` is a ``Qwen2VLModel``; its ``language_model`` is the
 ``Qwen2VLTextModel`` whose ``layers`` the patch wraps. The multimodal model computes the 3-D
 rotary positions (``get_rope_index``, ``rope_deltas``) from the full sequence before the text
-model runs, so pruning never changes a position. Qwen2.5-VL's decoder has the same structure.
+model runs, so pruning never changes a position. Qwen2.5-VL's decoder has the same structure;
+Qwen3-VL's adds DeepStack (vision features added to the visual tokens' hidden states after the
+first decoder layers), which the patch maps onto the kept tokens.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class LanguageModelFamily:
 
 QWEN2_VL = LanguageModelFamily("Qwen2-VL", {"Qwen2VLForConditionalGeneration": "model", "Qwen2VLModel": ""})
 QWEN2_5_VL = LanguageModelFamily("Qwen2.5-VL", {"Qwen2_5_VLForConditionalGeneration": "model", "Qwen2_5_VLModel": ""})
-LANGUAGE_MODEL_FAMILIES: tuple[LanguageModelFamily, ...] = (QWEN2_VL, QWEN2_5_VL)
+QWEN3_VL = LanguageModelFamily("Qwen3-VL", {"Qwen3VLForConditionalGeneration": "model", "Qwen3VLModel": ""})
+LANGUAGE_MODEL_FAMILIES: tuple[LanguageModelFamily, ...] = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
 
 
 def find_language_model(model: nn.Module) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
