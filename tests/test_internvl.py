@@ -139,11 +139,18 @@ def test_full_model_reads_tiles_per_image_from_the_prompt_and_generates():
         set_tiles_per_image(tower, [2, 1])
         assert_close(seen[0], tower(inputs["pixel_values"]).last_hidden_state)
 
+        # generate, whose images recent transformers encode before the prefill forward, splits the
+        # tiles by image too: its first token's logits are the patched forward's.
         ik.apply_ipcv(model, config)
-        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+        patched = model(**inputs).logits[:, -1]
+        out = model.generate(
+            **inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+    assert out.sequences.shape == (1, inputs["input_ids"].shape[1] + 3)
+    assert_close(out.logits[0], patched)
     ik.remove_ipcv(model)
     assert not model.model._forward_hooks and not model.model._forward_pre_hooks
+    assert "generate" not in vars(model)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, expected)
 

@@ -28,7 +28,9 @@ from another image. The tower itself only sees a batch of tiles, so:
   from ``input_ids``: the processor writes ``image_seq_length * tiles`` image-context tokens per
   image, as one run between the image's start and end tokens, so each run of ``image_token_id`` is
   one image (each video frame is one such run, hence one item) and its length over the tokens per
-  tile is its tile count (a forward pre-hook on the model sets them for the tower call inside);
+  tile is its tile count (a forward pre-hook on the model sets them for the tower call inside;
+  ``generate``, which recent transformers let encode the images before the prefill forward, is
+  wrapped to read them from its own arguments);
 - a bare tower call treats all its tiles as one item, unless ``set_tiles_per_image`` was given the
   per-image counts.
 
@@ -198,6 +200,39 @@ def set_tiles_per_image(model: nn.Module, tiles_per_image: Sequence[int] | None)
     patch.adapter.tiles_per_image = tiles_per_image
 
 
+class GenerateTilesPatch:
+    """``generate`` of one model instance, wrapped so that its tower calls know the prompt's tiles.
+
+    Recent transformers encode the images before the prefill forward (``get_image_features`` with
+    the pixels alone), so the forward pre-hook that reads tile counts from ``input_ids`` never sees
+    that tower call: the counts are read from ``generate``'s own arguments instead. ``remove``
+    restores the class's ``generate``.
+    """
+
+    def __init__(self, adapter: InternVLAdapter, model: nn.Module, image_token_id: int) -> None:
+        self.model = model
+        original = model.generate
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            pixel_values = kwargs.get("pixel_values")
+            tiles = None
+            if isinstance(input_ids, torch.Tensor) and isinstance(pixel_values, torch.Tensor):
+                tiles = image_tile_counts(input_ids, image_token_id, pixel_values.shape[0])
+            adapter.generate_tiles = tiles
+            try:
+                return original(*args, **kwargs)
+            finally:
+                adapter.generate_tiles = None
+
+        self.wrapper = generate
+        model.generate = generate
+
+    def remove(self) -> None:
+        if vars(self.model).get("generate") is self.wrapper:
+            del self.model.generate
+
+
 class InternVLAdapter(FamilyAdapter):
     name = "internvl"
     default_settings: ClassVar[dict[str, Any]] = dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10)
@@ -206,6 +241,7 @@ class InternVLAdapter(FamilyAdapter):
         super().__init__(model)
         self.tiles_per_image: list[int] | None = None  # set_tiles_per_image, for bare tower calls
         self._prompt_tiles: list[int] | None = None  # from input_ids, during one full-model forward
+        self.generate_tiles: list[int] | None = None  # from generate's input_ids, during one generate
         self._tile_segments: torch.Tensor | None = None  # int32 [tiles + 1] of the current call
         self._patch: IPCVPatch | None = None
 
@@ -221,6 +257,8 @@ class InternVLAdapter(FamilyAdapter):
             if getattr(module, "vision_tower", None) is patch.tower:
                 handles.append(module.register_forward_pre_hook(self._read_prompt_tiles, with_kwargs=True))
                 handles.append(module.register_forward_hook(self._forget_prompt_tiles, always_call=True))
+        if self.model is not None and hasattr(self.model, "generate") and handles:
+            handles.append(GenerateTilesPatch(self, self.model, self.model.config.image_token_id))
         return handles
 
     def _read_prompt_tiles(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -256,7 +294,7 @@ class InternVLAdapter(FamilyAdapter):
         patch_h, patch_w = tower.embeddings.patch_embeddings.patch_size
         tile_length = 1 + (height // patch_h) * (width // patch_w)
         self._tile_segments = torch.arange(num_tiles + 1, device=pixel_values.device, dtype=torch.int32) * tile_length
-        counts = self._prompt_tiles or self.tiles_per_image or [num_tiles]
+        counts = self._prompt_tiles or self.generate_tiles or self.tiles_per_image or [num_tiles]
         if sum(counts) != num_tiles:
             raise ValueError(f"tiles_per_image {counts} must add up to the call's {num_tiles} tiles")
         return [count * tile_length for count in counts]
