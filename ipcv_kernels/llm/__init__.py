@@ -9,8 +9,8 @@ Use through ``apply_ipcv``; the functions here are its LLM-side building blocks:
     model.generate(**inputs)  # prefill prunes image / video tokens from decoder layer 2 on
     remove_ipcv(model)  # undoes both
 
-Supported models: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL (full model or ``*Model``). A custom pruner subclasses
-``LLMPruner`` and implements ``select``.
+Supported models: Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL (full model or ``*Model``). A
+custom pruner subclasses ``LLMPruner`` and implements ``select``.
 """
 
 from __future__ import annotations
