@@ -83,10 +83,15 @@ step_tests() {
 }
 
 # The GPU targets: full Qwen2-VL-7B tower, bf16, ratio 0.65, prune layer 3, 7 stabilisation
-# blocks, at 1k / 4k / 16k tokens per image (448, 896, 1792 pixels square).
+# blocks, at 1k / 4k / 16k tokens per image (448, 896, 1792 pixels square). Also (c) with PyTorch's
+# varlen (flash) attention in the stabilisation blocks, which tells whether `auto` should prefer it
+# to the Triton kernel (dropped when this torch has no varlen attention).
 step_vit_targets() {
   ensure_installed
+  local variants=(unpatched paper ipcv)
+  if python -c "import torch.nn.attention.varlen" 2>/dev/null; then variants+=(ipcv_torch_varlen); fi
   python benchmarks/bench_vit.py --suite gpu --device cuda --cases 448x448 896x896 1792x1792 \
+    --variants "${variants[@]}" \
     --out "$OUT/results" --name vit_gpu_targets --no-progress --breakdown --on-check-failure warn
 }
 

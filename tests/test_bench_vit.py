@@ -74,6 +74,24 @@ def test_smoke_run_writes_every_field(tmp_path):
     assert "(c) FLOP bound" in (tmp_path / "smoke.md").read_text()
 
 
+def test_attention_backend_variant(tmp_path):
+    # (c) with a named ngr_attention backend beside (c) itself: checked against (c), timed, reported.
+    base = ["--suite", "smoke", "--cases", "56x112", "--repeats", "1", "--warmup", "1", "--device", "cpu"]
+    base += ["--check", "none", "--no-plot", "--no-progress", "--out", str(tmp_path), "--name", "attn"]
+    assert main([*base, "--variants", "unpatched", "ipcv", "ipcv_torch"]) == 0
+    payload = json.loads((tmp_path / "attn.json").read_text())
+    assert payload["settings"]["variants"] == ["unpatched", "ipcv", "ipcv_torch"]
+    assert payload["settings"]["variant_configs"]["ipcv_torch"]["attention_backend"] == "torch"
+    (case,) = payload["cases"]
+    assert case["checks"]["passed"] and case["checks"]["ipcv_torch_vs_ipcv"] <= case["checks"]["bound"]
+    assert case["speedup_ipcv_torch"] > 0 and case["efficiency_ipcv_torch"] > 0
+    assert "ipcv_torch speedup" in (tmp_path / "attn.md").read_text()
+    with pytest.raises(ValueError, match="unknown variant"):
+        main([*base, "--variants", "fast"])
+    with pytest.raises(ValueError, match="not available on cpu"):
+        main([*base, "--variants", "ipcv_torch_varlen"])
+
+
 def test_checkpoint_loading_reads_only_the_vision_tower(tmp_path):
     model = build_qwen2_vl_model()
     model.save_pretrained(tmp_path)

@@ -10,6 +10,9 @@ both call ``main(argv)``. Three variants run on the same tower, interleaved roun
   ``torch.cdist``).
 - ``ipcv`` (c): IPCV with kept queries only and ``backend="auto"`` for every op (the fastest
   backend registered for the device).
+- optional, ``ipcv_<backend>`` (e.g. ``ipcv_torch_varlen``, ``ipcv_flash_attn``, ``ipcv_sdpa``):
+  (c) with that ``ngr_attention`` backend in the stabilisation blocks, so that one run compares
+  attention kernels end to end (``--variants unpatched paper ipcv ipcv_torch_varlen``).
 
 Before timing, every case is checked: (b) and (c) must agree, and (c) at ``ratio=0`` must equal
 (a) (``--check first`` does the ratio-0 forward for the first case only). The bound is the FLOP
@@ -44,6 +47,8 @@ from . import harness
 from .presets import MODEL_PRESETS, PRESET_FAMILIES, SUITES
 
 VARIANTS = ("unpatched", "paper", "ipcv")
+# (c) with a named ngr_attention backend in the stabilisation blocks: "ipcv_<backend>".
+ATTENTION_VARIANT_PREFIX = "ipcv_"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_OUT = harness.REPO_ROOT / "benchmarks" / "results"
 PLANNED_OPS = ("plan", "knn", "ngr_reconstruct", "ngr_attention")
@@ -191,13 +196,25 @@ def tower_output(output: Any) -> torch.Tensor:
 
 
 # -- variants and checks --------------------------------------------------------------------------
-def variant_configs(ipcv: IPCVConfig) -> dict[str, IPCVConfig | None]:
-    """The three benchmarked variants for one IPCV setting (its ``backend`` fields ignored)."""
-    return {
+def variant_configs(ipcv: IPCVConfig, variants: Sequence[str] = VARIANTS) -> dict[str, IPCVConfig | None]:
+    """The benchmarked variants' configs for one IPCV setting (its ``backend`` fields ignored)."""
+    configs: dict[str, IPCVConfig | None] = {
         "unpatched": None,
         "paper": replace(ipcv, as_queries="all", backend="torch", attention_backend="torch"),
         "ipcv": replace(ipcv, as_queries="kept", backend="auto", attention_backend="auto"),
     }
+    for variant in variants:
+        if variant not in configs:
+            attention = attention_variant_backend(variant)
+            configs[variant] = replace(configs["ipcv"], attention_backend=attention)
+    return {v: configs[v] for v in variants}
+
+
+def attention_variant_backend(variant: str) -> str:
+    """``"torch_varlen"`` of ``"ipcv_torch_varlen"``; ``ValueError`` for other names."""
+    if not variant.startswith(ATTENTION_VARIANT_PREFIX) or variant in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: one of {VARIANTS} or ipcv_<ngr_attention backend>")
+    return variant.removeprefix(ATTENTION_VARIANT_PREFIX)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -346,6 +363,10 @@ def run_case(
             apply_ipcv(bench.tower, replace(bench.configs["ipcv"], as_queries="all"))
             same_plan = bench.forward(pixels, grid_thw)
             checks["ipcv_vs_paper_same_planning"] = relative_error(outputs["ipcv"], same_plan)
+    for variant in outputs:
+        if variant.startswith(ATTENTION_VARIANT_PREFIX) and "ipcv" in outputs:
+            # Same planning as (c), another attention kernel: agreement to round-off.
+            checks[f"{variant}_vs_ipcv"] = relative_error(outputs[variant], outputs["ipcv"])
     if check_ratio_zero and "unpatched" in outputs:
         bench.select("ipcv")
         apply_ipcv(bench.tower, replace(bench.configs["ipcv"], ratio=0.0))
@@ -353,7 +374,7 @@ def run_case(
     failed = {
         k: v
         for k, v in checks.items()
-        if k.endswith(("_paper", "_planning", "_unpatched")) and not v <= checks["bound"]
+        if k.endswith(("_paper", "_planning", "_unpatched", "_vs_ipcv")) and not v <= checks["bound"]
     }
     checks["passed"] = not failed
     result["checks"] = checks
@@ -446,6 +467,10 @@ def _mib(value: int | None) -> float | None:
     return None if value is None else value / 2**20
 
 
+def attention_variants(variants: Sequence[str]) -> list[str]:
+    return [v for v in variants if v.startswith(ATTENTION_VARIANT_PREFIX)]
+
+
 def table_rows(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
     """One flat row per case (the CSV and the markdown table)."""
     rows = []
@@ -467,6 +492,7 @@ def table_rows(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> list
             "bound_ipcv",
             "efficiency_ipcv",
             "ipcv_over_paper",
+            *(f"{kind}_{v}" for v in attention_variants(variants) for kind in ("speedup", "efficiency")),
         ):
             row[key] = case.get(key)
         row["check_ipcv_vs_paper"] = case["checks"].get(
@@ -504,7 +530,16 @@ MARKDOWN_COLUMNS = (
 def markdown_report(payload: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     s = payload["settings"]
     ipcv = s["ipcv"]
-    columns = [c for c in MARKDOWN_COLUMNS if any(row.get(c.key) is not None for row in rows)]
+    extra = [
+        harness.Column(key.format(v), label.format(v), spec)
+        for v in attention_variants(s["variants"])
+        for key, label, spec in (
+            ("{}_ms", "{} ms", ".1f"),
+            ("speedup_{}", "{} speedup", ".2f"),
+            ("efficiency_{}", "{} / bound", ".0%"),
+        )
+    ]
+    columns = [c for c in (*MARKDOWN_COLUMNS, *extra) if any(row.get(c.key) is not None for row in rows)]
     spread = "\n".join(
         f"- `{row['case']}`: "
         + ", ".join(f"{v} p10-p90 {row[f'{v}_p10_ms']:.1f}-{row[f'{v}_p90_ms']:.1f} ms" for v in s["variants"])
@@ -620,7 +655,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-layer", type=int)
     p.add_argument("--as-layers", type=int)
     p.add_argument("--neighbors", type=int)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        help=f"of {', '.join(VARIANTS)}, and ipcv_<ngr_attention backend> (e.g. ipcv_torch_varlen)",
+    )
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -681,8 +721,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     ipcv.check_depth(vision_config.depth)
     cases = [parse_case(text, vision_config) for text in s["cases"]]
     variants = [v for v in VARIANTS if v in args.variants]
-    configs = variant_configs(ipcv)
-    bench = Bench(tower, vision_config, device, dtype, {v: configs[v] for v in variants})
+    variants += [v for v in dict.fromkeys(args.variants) if v not in VARIANTS]
+    configs = variant_configs(ipcv, variants)
+    for variant in attention_variants(variants):
+        backend = attention_variant_backend(variant)
+        if backend not in available_backends("ngr_attention", device):
+            raise ValueError(f"variant {variant}: ngr_attention backend {backend!r} is not available on {device}")
+    bench = Bench(tower, vision_config, device, dtype, configs)
 
     stem = args.name or (f"vit_{args.suite}" if args.suite else f"vit_{Path(s['model']).name}_{device.type}")
     files = harness.ResultFiles(args.out, stem)
