@@ -1,0 +1,66 @@
+"""``benchmarks/gpu_suite.sh`` is run on a lent GPU that no test here reaches, often once: its
+benchmark command lines must parse, and their cases must fit the presets, before that moment."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ipcv_kernels.bench import vit
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+
+
+def benchmark_commands(script: str) -> dict[str, list[list[str]]]:
+    """``{script name: [argv, ...]}`` of every ``python benchmarks/<name>.py ...`` line (with its
+    backslash continuations); shell variables become placeholder values."""
+    text = script.replace("\\\n", " ")
+    commands: dict[str, list[list[str]]] = {}
+    for match in re.finditer(r"python benchmarks/(\w+)\.py([^\n]*)", text):
+        arguments = match.group(2).replace('"${variants[@]}"', "unpatched paper ipcv ipcv_torch_varlen")
+        arguments = arguments.replace('"$OUT/results"', "/tmp/out")
+        commands.setdefault(match.group(1), []).append(shlex.split(arguments))
+    return commands
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SUITE.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SUITE)], check=True)
+
+
+def test_bench_vit_command_lines_parse_and_fit_the_preset():
+    commands = benchmark_commands(SUITE.read_text())["bench_vit"]
+    assert len(commands) == 2  # the targets and the other inputs
+    tokens = []
+    for argv in commands:
+        args = vit.parser().parse_args(argv)
+        settings = vit.settings_from_args(args)
+        assert settings["model"] == "qwen2-vl-7b" and settings["dtype"] == "bfloat16"
+        ipcv = settings["ipcv"]
+        assert (ipcv.ratio, ipcv.prune_layer, ipcv.as_layers) == (0.65, 3, 7)  # the issue's GPU setting
+        config = vit.vision_config_from_preset(settings["model"])
+        ipcv.check_depth(config.depth)
+        tokens.append([vit.parse_case(text, config).tokens for text in settings["cases"]])
+        for variant in args.variants:
+            if variant not in vit.VARIANTS:
+                vit.attention_variant_backend(variant)
+    assert tokens[0] == [1024, 4096, 16384]  # the targets: 1k / 4k / 16k tokens per image
+
+
+@pytest.mark.parametrize("name", ["bench_ops", "bench_plan"])
+def test_other_benchmark_command_lines_parse(name):
+    commands = benchmark_commands(SUITE.read_text()).get(name, [])
+    generic = [["--device", "cuda", "--out", "/tmp/out"]]  # run_other_benchmark's arguments
+    for argv in commands or generic:
+        load_script(name).parse_args(argv)
