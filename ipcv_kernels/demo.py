@@ -11,19 +11,24 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .config import IPCVConfig
 from .flops import predicted_speedup, qwen2_vl_flops
 from .hf_factory import build_qwen2_vl_tower, qwen2_vl_vision_config, sample_pixels
 from .models import apply_ipcv, get_ipcv_patch, remove_ipcv
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 DEMO_VISION = dict(depth=12, embed_dim=640, num_heads=10, mlp_ratio=4, hidden_size=1024, patch_size=14)
 DEMO_CONFIG = IPCVConfig(prune_layer=3, ratio=0.65, as_layers=3, num_neighbors=10)
 
 
-def synthetic_image(size: int):
+def synthetic_image(size: int) -> Image.Image:
     """A deterministic RGB test picture (gradients and a disc) for the checkpoint's processor."""
     from PIL import Image
 
@@ -34,7 +39,7 @@ def synthetic_image(size: int):
     return Image.fromarray((rgb * 255).to(torch.uint8).numpy())
 
 
-def load_inputs(args: argparse.Namespace, dtype: torch.dtype):
+def load_inputs(args: argparse.Namespace, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
     """``(tower, pixel_values, grid_thw, description)`` for the chosen model."""
     if args.model:
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration

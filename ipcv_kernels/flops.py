@@ -52,6 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ._validation import check_choice, check_int
 from .config import AS_QUERIES, IPCVConfig
@@ -251,7 +252,11 @@ def vit_flops(
 
 
 def qwen2_vl_flops(
-    vision_config, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None, *, as_queries: str | None = None
+    vision_config: Any,
+    grid_thw: Sequence[Sequence[int]],
+    config: IPCVConfig | None = None,
+    *,
+    as_queries: str | None = None,
 ) -> FlopReport:
     """``vit_flops`` for a ``Qwen2VLVisionConfig`` (read by attribute) and ``grid_thw`` rows,
     including the patch embedding and the PatchMerger."""

@@ -8,10 +8,13 @@ through the model's own modules.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 TINY_VISION = dict(
     depth=6,
@@ -40,7 +43,7 @@ TINY_TEXT = dict(
 TINY_SPECIAL_TOKENS = dict(image_token_id=120, video_token_id=121, vision_start_token_id=122, vision_end_token_id=123)
 
 
-def qwen2_vl_vision_config(attn_implementation: str = "sdpa", **overrides: Any):
+def qwen2_vl_vision_config(attn_implementation: str = "sdpa", **overrides: Any) -> PretrainedConfig:
     """A ``Qwen2VLVisionConfig``: the tiny one by default, any field overridable."""
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 
@@ -50,7 +53,11 @@ def qwen2_vl_vision_config(attn_implementation: str = "sdpa", **overrides: Any):
 
 
 def build_qwen2_vl_tower(
-    config=None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+    config: PretrainedConfig | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
 ) -> nn.Module:
     """A ``Qwen2VisionTransformerPretrainedModel`` in eval mode with seeded random weights."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
@@ -76,7 +83,7 @@ def build_qwen2_vl_model(
 
 
 def sample_pixels(
-    vision_config, grid_thw: list[list[int]], *, dtype: torch.dtype = torch.float32, seed: int = 0
+    vision_config: PretrainedConfig, grid_thw: list[list[int]], *, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random flattened patches for ``grid_thw`` rows, as Qwen2-VL's processor lays them out.
 

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -45,6 +45,9 @@ from ..ops import available_backends
 from ..testing import tolerance
 from . import harness
 from .presets import MODEL_PRESETS, PRESET_FAMILIES, SUITES
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 VARIANTS = ("unpatched", "paper", "ipcv")
 # (c) with a named ngr_attention backend in the stabilisation blocks: "ipcv_<backend>".
@@ -102,7 +105,7 @@ def parse_case(text: str, vision_config: Any) -> Case:
 
 
 # -- towers ---------------------------------------------------------------------------------------
-def vision_config_from_preset(name: str, attn_implementation: str = "sdpa"):
+def vision_config_from_preset(name: str, attn_implementation: str = "sdpa") -> PretrainedConfig:
     """A ``Qwen2VLVisionConfig`` for a ``MODEL_PRESETS`` name."""
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
@@ -115,7 +118,9 @@ def vision_config_from_preset(name: str, attn_implementation: str = "sdpa"):
     return config
 
 
-def build_tower(vision_config, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
+def build_tower(
+    vision_config: PretrainedConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> nn.Module:
     """The tower with seeded random weights, created directly on ``device`` (no host copy)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel

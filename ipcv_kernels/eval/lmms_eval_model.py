@@ -21,10 +21,12 @@ One process on one device (no accelerate data parallelism). Model arguments: ``p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from torch import nn
 
 from .runner import DEFAULT_SYSTEM_PROMPT, Qwen2VLRunner
 from .settings import as_number, build_settings
@@ -88,14 +90,14 @@ class IPCVQwen2VL(lmms):
         self.batch_size_per_gpu = as_number("batch_size", batch_size, int)
 
     @property
-    def model(self):
+    def model(self) -> nn.Module:
         return self.runner.model
 
     @property
     def batch_size(self) -> int:
         return self.batch_size_per_gpu
 
-    def _visuals(self, doc_to_visual, doc_id, task, split) -> list:
+    def _visuals(self, doc_to_visual: Callable[[Any], Any], doc_id: int, task: str, split: str) -> list:
         return as_list(doc_to_visual(self.task_dict[task][split][doc_id]))
 
     def generate_until(self, requests: list[Instance]) -> list[str]:

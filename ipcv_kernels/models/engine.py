@@ -22,6 +22,7 @@ that read intermediate block outputs (they get full sequences through ``IPCVPatc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -141,7 +142,7 @@ class FamilyAdapter:
     def run_block(
         self,
         block: nn.Module,
-        forward,
+        forward: Callable[..., torch.Tensor],
         hidden: torch.Tensor,
         cu_seqlens: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,

@@ -45,7 +45,7 @@ gives prune layer 7, ratio 0.65, 3 stabilisation blocks, 10 neighbours.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -323,7 +323,7 @@ class InternVLAdapter(FamilyAdapter):
     def run_block(
         self,
         block: nn.Module,
-        forward,
+        forward: Callable[..., torch.Tensor],
         hidden: torch.Tensor,
         cu_seqlens: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
