@@ -1,5 +1,6 @@
 """``torch.library.opcheck`` of the IPCV custom ops: schema, fake (meta) implementations, and
-dispatch under tracing, for the reference backend and the Triton backend (interpreter or CUDA)."""
+dispatch under tracing (data-dependent output sizes included), for the reference backend and the Triton
+backend (interpreter or CUDA)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ def op_cases(device: torch.device, backend: str):
     rows = torch.tensor([0, 2, 4, 5, 8, 9, 12], device=device)
     keep, drop = torch.tensor([1, 3, 4, 6, 8], device=device), torch.tensor([0, 2, 5, 7], device=device)
     restore_args = (randn(9, 8), randn(5, 8), randn(4, 8), randn(5, 8), keep, drop, neighbors)
+    cu_items = offsets([5, 0, 4], device)
     return {
+        "select_tokens": (torch.ops.ipcv_kernels.select_tokens, (randn(9), cu_items, 0.5, backend)),
+        "plan": (
+            torch.ops.ipcv_kernels.plan,
+            (randn(9, 8), randn(9, 8), cu_items, offsets([3, 2, 4], device), 0.5, 2, backend),
+        ),
         "knn": (torch.ops.ipcv_kernels.knn, (randn(7, 8), randn(13, 8), 3, cu_a, cu_b, backend)),
         "ngr_restore": (
             torch.ops.ipcv_kernels.ngr_restore,
@@ -44,13 +51,15 @@ def op_cases(device: torch.device, backend: str):
     }
 
 
-@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "ngr_restore", "ngr_attention"])
+@pytest.mark.parametrize("name", ["select_tokens", "plan", "knn", "ngr_reconstruct", "ngr_restore", "ngr_attention"])
 def test_opcheck_reference_backend(name):
     op, args = op_cases(torch.device("cpu"), "torch")[name]
     torch.library.opcheck(op, args, test_utils=TEST_UTILS)
 
 
-@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "ngr_restore", "ngr_attention", "ngr_attention_fused"])
+@pytest.mark.parametrize(
+    "name", ["select_tokens", "plan", "knn", "ngr_reconstruct", "ngr_restore", "ngr_attention", "ngr_attention_fused"]
+)
 def test_opcheck_triton_backend(triton_backends, name):
     op, args = op_cases(triton_backends, "triton")[name]
     torch.library.opcheck(op, args, test_utils=TEST_UTILS)
