@@ -73,6 +73,19 @@ def test_query_tiles_inside_one_segment(triton_device, dtype):
     check(ngr_attention_triton(q, k, v, cu_q, cu_k), q, k, v, cu_q, cu_k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_segment_without_keys_sharing_a_start(triton_device, dtype):
+    # Segment 1 has queries but no keys, so its key range [0, 0) starts where segment 2's [0, 150)
+    # does: a query tile holding both must still mask every key for segment 1's rows (all zero),
+    # not take the unmasked loop over segment 2's whole key tiles.
+    lengths_q, lengths_k = [0, 3, 140], [0, 0, 150]
+    cu_q, cu_k = offsets(lengths_q, triton_device), offsets(lengths_k, triton_device)
+    q, k, v = random_qkv(sum(lengths_q), sum(lengths_k), 2, 80, dtype, triton_device, seed=11)
+    got = ngr_attention_triton(q, k, v, cu_q, cu_k)
+    check(got, q, k, v, cu_q, cu_k)
+    assert got[:3].eq(0).all()
+
+
 def test_odd_head_dim_and_scale(triton_device):
     cu_q, cu_k = offsets([3, 4], triton_device), offsets([5, 2], triton_device)
     q, k, v = random_qkv(7, 7, 3, 37, torch.float32, triton_device, seed=1)
