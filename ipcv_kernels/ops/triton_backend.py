@@ -259,7 +259,7 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int]:
 
 
 def attention_launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, int | bool]:
-    """Tiles, warps, pipeline depth and loop split of ``varlen_attention_kernel``, by padded head width.
+    """Column chunks, tiles, warps, pipeline depth and loop split of ``varlen_attention_kernel``.
 
     Chosen from compiling for sm_90 without a GPU (``tests/test_triton_compile.py`` keeps them
     there, under both CI's Triton and the GPU image's): the largest tiles with no register spills
@@ -282,7 +282,8 @@ def attention_launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, int 
         tiles = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     # A second key loop for the unmasked interior tiles would spill registers with fp32 operands
     # and wide heads (which spend relatively less on the score tile's masking anyway).
-    return {**tiles, "UNMASKED_INTERIOR": dtype != torch.float32 and width <= 160}
+    chunks = {"BLOCK_A": block_a, "BLOCK_B": max(block_b, 16), "HAS_B": block_b > 0}
+    return {**chunks, **tiles, "UNMASKED_INTERIOR": dtype != torch.float32 and width <= 160}
 
 
 def rotate_rows_triton(
@@ -383,7 +384,6 @@ def ngr_attention_triton(
         k = rotate_rows_triton(k, cos, sin)
         q_rows = None
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    block_a, block_b = head_dim_chunks(head_dim)
     config = attention_launch_config(head_dim, q.dtype)
     grid = (triton.cdiv(num_q, config["BLOCK_M"]), num_heads)
     varlen_attention_kernel[grid](
@@ -402,9 +402,6 @@ def ngr_attention_triton(
         *v.stride(),
         out.stride(0),
         out.stride(1),
-        BLOCK_A=block_a,
-        BLOCK_B=max(block_b, 16),
-        HAS_B=block_b > 0,
         GATHER_Q=q_rows is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
         **config,
