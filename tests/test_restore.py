@@ -143,7 +143,9 @@ def test_checks_name_the_argument():
 
     with pytest.raises(ValueError, match="out must have a unit stride"):
         call(out=torch.empty(8, 10).T)
-    with pytest.raises(TypeError, match="kept must have the dtype of out"):
+    with pytest.raises(TypeError, match="base_drop must have the dtype of out"):
+        call(base_drop=case["base_drop"].double())
+    with pytest.raises(TypeError, match="kept must have the dtype of base_drop"):
         call(kept=case["kept"].double())
     with pytest.raises(ValueError, match="keep must have 4 entries"):
         call(keep=case["keep"][:3])

@@ -107,6 +107,12 @@ def ngr_reconstruct(
         fp32 (fp64 for fp64), and a row without any valid neighbour equals ``base_drop``.
     """
     check_float("base_drop", base_drop, ndim=2)
+    _check_reconstruction_inputs(base_drop, kept, base_kept, neighbors)
+    return torch.ops.ipcv_kernels.ngr_reconstruct(base_drop, kept, base_kept, neighbors, backend)
+
+
+def _check_reconstruction_inputs(base_drop: torch.Tensor, kept: object, base_kept: object, neighbors: object) -> None:
+    """Check ``kept``, ``base_kept`` and ``neighbors`` against a checked ``base_drop`` (the NGR contract)."""
     check_float("kept", kept, ndim=2, device=base_drop.device)
     check_float("base_kept", base_kept, ndim=2, device=base_drop.device)
     for name, value in (("kept", kept), ("base_kept", base_kept)):
@@ -121,7 +127,6 @@ def ngr_reconstruct(
         )
     if neighbors.numel() and (int(neighbors.min()) < -1 or int(neighbors.max()) >= kept.shape[0]):
         raise ValueError(f"neighbors must be in [-1, {kept.shape[0]}) (rows of kept, -1 = none)")
-    return torch.ops.ipcv_kernels.ngr_reconstruct(base_drop, kept, base_kept, neighbors, backend)
 
 
 @torch.no_grad()
@@ -163,12 +168,10 @@ def ngr_restore(
     device, (num_rows, dim) = out.device, out.shape
     if out.stride(-1) != 1:
         raise ValueError("out must have a unit stride on its last dim")
-    for name, value in (("kept", kept), ("base_drop", base_drop), ("base_kept", base_kept)):
-        check_float(name, value, ndim=2, device=device)
-        _check_same_dtype(name, value, "out", out)
-        _check_width(name, value, "out", out)
-    if base_kept.shape != kept.shape:
-        raise ValueError(f"base_kept must have the shape of kept {tuple(kept.shape)}, got {tuple(base_kept.shape)}")
+    check_float("base_drop", base_drop, ndim=2, device=device)
+    _check_same_dtype("base_drop", base_drop, "out", out)
+    _check_width("base_drop", base_drop, "out", out)
+    _check_reconstruction_inputs(base_drop, kept, base_kept, neighbors)
     check_tensor("keep", keep, ndim=1, dtypes=INDEX_DTYPES, device=device)
     check_tensor("drop", drop, ndim=1, dtypes=INDEX_DTYPES, device=device)
     if keep.shape[0] != kept.shape[0]:
@@ -180,13 +183,6 @@ def ngr_restore(
         num_rows and (int(rows.min()) < 0 or int(rows.max()) >= num_rows or bool(rows.bincount().ne(1).any()))
     ):
         raise ValueError(f"keep and drop together must hold every row of out (0..{num_rows - 1}) exactly once")
-    check_tensor("neighbors", neighbors, ndim=2, dtypes=INDEX_DTYPES, device=device)
-    if neighbors.shape[0] != base_drop.shape[0]:
-        raise ValueError(
-            f"neighbors must have {base_drop.shape[0]} rows (one per base_drop row), got {neighbors.shape[0]}"
-        )
-    if neighbors.numel() and (int(neighbors.min()) < -1 or int(neighbors.max()) >= kept.shape[0]):
-        raise ValueError(f"neighbors must be in [-1, {kept.shape[0]}) (rows of kept, -1 = none)")
     if (norm is None) != (normed_out is None):
         raise ValueError("norm and normed_out must be given together")
     weight = bias = None
