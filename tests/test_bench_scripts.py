@@ -6,20 +6,11 @@ compiled kernels on CUDA), so the variants a GPU session will time have all run 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark_script
 
 
 def tiny_ops_args(device, out: Path) -> list[str]:
@@ -29,7 +20,7 @@ def tiny_ops_args(device, out: Path) -> list[str]:
 
 
 def test_bench_ops_times_every_variant_after_its_check(triton_backends, tmp_path):
-    bench_ops = load_script("bench_ops")
+    bench_ops = load_benchmark_script("bench_ops")
     assert bench_ops.main(tiny_ops_args(triton_backends, tmp_path)) == 0
     report = json.loads((tmp_path / "bench_ops.json").read_text())
     variants = {row["variant"] for row in report["results"]}
@@ -43,7 +34,7 @@ def test_bench_ops_times_every_variant_after_its_check(triton_backends, tmp_path
 
 
 def test_bench_ops_failure_modes(triton_backends, tmp_path, monkeypatch):
-    bench_ops = load_script("bench_ops")
+    bench_ops = load_benchmark_script("bench_ops")
 
     def failing_check(*args, **kwargs):
         raise AssertionError("outputs differ")
@@ -68,7 +59,7 @@ def test_bench_ops_failure_modes(triton_backends, tmp_path, monkeypatch):
 
 
 def test_bench_plan_runs_on_tiny_batches(tmp_path):
-    bench_plan = load_script("bench_plan")
+    bench_plan = load_benchmark_script("bench_plan")
     from ipcv_kernels.ops import cpp_backend
 
     if cpp_backend.UNAVAILABLE_REASON is not None:

@@ -3,17 +3,16 @@ benchmark command lines must parse, and their cases must fit the presets, before
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
+from conftest import BENCHMARKS, load_benchmark_script
 
 from ipcv_kernels.bench import vit
 
-SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+SUITE = BENCHMARKS / "gpu_suite.sh"
 
 
 def benchmark_commands(script: str) -> dict[str, list[list[str]]]:
@@ -26,13 +25,6 @@ def benchmark_commands(script: str) -> dict[str, list[list[str]]]:
         arguments = arguments.replace('"$OUT/results"', "/tmp/out")
         commands.setdefault(match.group(1), []).append(shlex.split(arguments))
     return commands
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SUITE.parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_script_is_valid_bash():
@@ -63,4 +55,4 @@ def test_other_benchmark_command_lines_parse(name):
     commands = benchmark_commands(SUITE.read_text()).get(name, [])
     generic = [["--device", "cuda", "--out", "/tmp/out"]]  # run_other_benchmark's arguments
     for argv in commands or generic:
-        load_script(name).parse_args(argv)
+        load_benchmark_script(name).parse_args(argv)
