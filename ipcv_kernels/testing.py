@@ -40,6 +40,7 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 
 
 def tolerance(dtype: torch.dtype) -> Tolerance:
+    """The table's fixed tolerance for ``dtype``."""
     return TOLERANCES[dtype]
 
 

@@ -55,6 +55,7 @@ FAMILIES: tuple[Family, ...] = (
 
 
 def supported_classes() -> list[str]:
+    """Class names ``apply_ipcv`` accepts: each family's full models, base models and towers."""
     return [name for family in FAMILIES for name in (*family.wrappers, *family.tower_classes)]
 
 

@@ -34,6 +34,7 @@ _REGISTRY: dict[str, dict[str, Backend]] = {}
 
 
 def register_backend(op: str, backend: Backend) -> None:
+    """Add (or replace, by name) a backend of ``op``; ``auto`` weighs it by ``backend.priority``."""
     _REGISTRY.setdefault(op, {})[backend.name] = backend
 
 
