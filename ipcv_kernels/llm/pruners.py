@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_int, check_ratio
+from ..reference.rotary import rotate_half
 
 
 @dataclass
@@ -70,12 +71,6 @@ class LLMPruner:
     def select(self, inputs: PruningInputs, num_keep: list[int]) -> list[torch.Tensor]:
         """Sorted int64 positions of the kept candidates of each row, ``num_keep[b]`` of them."""
         raise NotImplementedError
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``[-x2, x1]`` for ``x = [x1, x2]`` split in halves along the last dim (any float dtype)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
