@@ -368,10 +368,9 @@ def run_case(
             apply_ipcv(bench.tower, replace(bench.configs["ipcv"], as_queries="all"))
             same_plan = bench.forward(pixels, grid_thw)
             checks["ipcv_vs_paper_same_planning"] = relative_error(outputs["ipcv"], same_plan)
-    for variant in outputs:
-        if variant.startswith(ATTENTION_VARIANT_PREFIX) and "ipcv" in outputs:
-            # Same planning as (c), another attention kernel: agreement to round-off.
-            checks[f"{variant}_vs_ipcv"] = relative_error(outputs[variant], outputs["ipcv"])
+    for variant in attention_variants(list(outputs)) if "ipcv" in outputs else ():
+        # Same planning as (c), another attention kernel: agreement to round-off.
+        checks[f"{variant}_vs_ipcv"] = relative_error(outputs[variant], outputs["ipcv"])
     if check_ratio_zero and "unpatched" in outputs:
         bench.select("ipcv")
         apply_ipcv(bench.tower, replace(bench.configs["ipcv"], ratio=0.0))

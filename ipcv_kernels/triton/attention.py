@@ -154,9 +154,6 @@ def varlen_attention_kernel(
     # from lo up to the smallest end need no mask: only the tail tile is masked.
     lo = tl.min(tl.where(row_ok, k_start, 2147483647), axis=0)
     hi = tl.max(k_end, axis=0)
-    shared_start = tl.max(k_start, axis=0) == lo
-    common_end = tl.min(tl.where(row_ok, k_end, 2147483647), axis=0)
-    unmasked_stop = tl.where(shared_start, lo + (common_end - lo) // BLOCK_N * BLOCK_N, lo)
 
     # Query i is row q_rows[i] of a full-length q when gathering, else row i.
     source = tl.load(q_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64) if GATHER_Q else rows.to(tl.int64)
@@ -177,15 +174,17 @@ def varlen_attention_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
 
+    unmasked_stop = lo
     if UNMASKED_INTERIOR:
+        shared_start = tl.max(k_start, axis=0) == lo
+        common_end = tl.min(tl.where(row_ok, k_end, 2147483647), axis=0)
+        unmasked_stop = tl.where(shared_start, lo + (common_end - lo) // BLOCK_N * BLOCK_N, lo)
         for n0 in range(lo, unmasked_stop, BLOCK_N):
             acc_a, acc_b, m_i, l_i = _attend_key_tile(
                 acc_a, acc_b, m_i, l_i, q_a, q_b, k_ptr, v_ptr, head, stride_kn, stride_kh, stride_kd,
                 stride_vn, stride_vh, stride_vd, cols_a, a_ok, cols_b, b_ok, k_start, k_end, n0, hi,
                 scale_log2, BLOCK_N, HAS_B, False, DOT_PRECISION,
             )  # fmt: skip
-    else:
-        unmasked_stop = lo
     # The tail, or every tile of a query tile that straddles segments (every tile without
     # UNMASKED_INTERIOR: wide heads, whose two loops would spill registers); not software-pipelined
     # after the interior loop, so that its buffers do not add to that loop's registers.
