@@ -18,8 +18,8 @@ from torch import nn
 
 from .config import IPCVConfig
 from .flops import predicted_speedup, qwen2_vl_flops
-from .hf_factory import build_qwen2_vl_tower, qwen2_vl_vision_config, sample_pixels
 from .models import apply_ipcv, get_ipcv_patch, remove_ipcv
+from .testing.models import build_qwen2_vl_tower, qwen2_vl_vision_config, sample_pixels
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..ops import plan_ipcv, shrink_cu_seqlens
+from ..ops import ngr_restore, plan_ipcv, shrink_cu_seqlens
 from ..reference import IPCVPlan
 
 PATCH_ATTRIBUTE = "_ipcv_patch"
@@ -127,7 +127,14 @@ class FamilyAdapter:
     ) -> IPCVPlan:
         """Spec steps 2-3 on packed rows; override to pin tokens that must never be dropped."""
         return plan_ipcv(
-            x_before, x_after, cu_items, cu_seqlens, config.ratio, config.num_neighbors, backend=config.backend
+            x_before,
+            x_after,
+            cu_items,
+            cu_seqlens,
+            config.ratio,
+            config.num_neighbors,
+            backend=config.backend,
+            skip_check=True,
         )
 
     def parse_block_call(self, args: tuple, kwargs: dict[str, Any]) -> BlockCall:
@@ -344,14 +351,21 @@ class IPCVPatch:
     def _restore(self, kept: torch.Tensor) -> torch.Tensor:
         """``full[keep] = kept``, ``full[drop] = NGR reconstruction`` (spec steps 4 and 7).
 
-        The custom op directly: its inputs come from the plan, so the public op's checks (host
-        reads of the row and neighbour ranges) would only add a synchronisation per block on CUDA.
-        On the Triton backend one fused kernel writes both row sets straight into ``full``.
+        ``skip_check``: the inputs come from the plan, so the public op's checks (host reads of the
+        row and neighbour ranges) would only add a synchronisation per block on CUDA. On the
+        Triton backend one fused kernel writes both row sets straight into ``full``.
         """
         state, plan = self.state, self.state.plan
         full = torch.empty_like(state.base)
-        torch.ops.ipcv_kernels.ngr_restore(
-            full, kept, state.base_drop, state.base_kept, plan.keep, plan.drop, plan.neighbors,
-            None, None, 0.0, None, self.config.backend,
-        )  # fmt: skip
+        ngr_restore(
+            full,
+            kept,
+            state.base_drop,
+            state.base_kept,
+            plan.keep,
+            plan.drop,
+            plan.neighbors,
+            backend=self.config.backend,
+            skip_check=True,
+        )
         return full

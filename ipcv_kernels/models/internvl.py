@@ -53,8 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import IPCVConfig
-from ..ops import plan_ipcv, shrink_cu_seqlens
-from ..ops.api import ngr_attention_unchecked
+from ..ops import ngr_attention, plan_ipcv, shrink_cu_seqlens
 from ..reference import IPCVPlan
 from .engine import PATCH_ATTRIBUTE, BlockCall, FamilyAdapter, IPCVPatch
 
@@ -93,7 +92,7 @@ def internvit_layer(
     k = attention.k_norm(attention.k_proj(normed_context))
     v = attention.v_proj(normed_context)
     heads, head_dim = attention.num_heads, attention.head_dim
-    attended = ngr_attention_unchecked(
+    attended = ngr_attention(
         q.reshape(-1, heads, head_dim),
         k.reshape(-1, heads, head_dim),
         v.reshape(-1, heads, head_dim),
@@ -101,6 +100,7 @@ def internvit_layer(
         cu_seqlens_k,
         softmax_scale=attention.scale,
         backend=attention_backend,
+        skip_check=True,
     )
     attended = attention.projection_dropout(attention.projection_layer(attended.reshape(-1, width)))
     hidden = queries + layer.lambda_1 * attended
@@ -141,6 +141,7 @@ def plan_with_pinned_tokens(
         config.ratio,
         config.num_neighbors,
         backend=config.backend,
+        skip_check=True,
     )
     kept_free = free[sub.keep]
     keep = torch.cat([pinned, kept_free]).sort().values

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import IPCVConfig
-from ..ops.api import ngr_attention_unchecked
+from ..ops import ngr_attention
 from ..reference import IPCVPlan
 from .engine import BlockCall, FamilyAdapter
 
@@ -56,7 +56,7 @@ def stabilised_prenorm_block(
     # them in one pass each and reads v through its strides (no contiguous copy); other backends
     # get the same rotation done by PyTorch.
     rotary = call.position_embeddings
-    attn = ngr_attention_unchecked(
+    attn = ngr_attention(
         q,
         k,
         v,
@@ -65,6 +65,7 @@ def stabilised_prenorm_block(
         backend=config.attention_backend,
         rotary=rotary,
         q_positions=None if rotary is None else plan.keep,
+        skip_check=True,
     )
     hidden = kept + proj(attn.reshape(-1, width))
     return hidden + block.mlp(block.norm2(hidden))

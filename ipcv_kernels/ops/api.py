@@ -142,6 +142,7 @@ def ngr_restore(
     norm: torch.nn.LayerNorm | None = None,
     normed_out: torch.Tensor | None = None,
     backend: str = "auto",
+    skip_check: bool = False,
 ) -> None:
     """The full sequence from kept rows and their NGR reconstructions, written in place (spec steps 4, 7).
 
@@ -160,10 +161,31 @@ def ngr_restore(
         norm: an ``nn.LayerNorm`` over ``D`` (its weight and bias may be None); normed_out:
             ``[n, D]`` like ``out``. Both or neither.
         backend: ``"auto"`` or a registered backend name.
+        skip_check: skip the input checks (as ``ngr_attention``'s): for callers that built the
+            inputs from a plan themselves, since the row checks read indices back to the host.
 
     Returns:
         None: ``out`` (and ``normed_out``) hold the result.
     """
+    if not skip_check:
+        _check_restore_inputs(out, kept, base_drop, base_kept, keep, drop, neighbors, norm, normed_out)
+    weight, bias, eps = (None, None, 0.0) if norm is None else (norm.weight, norm.bias, float(norm.eps))
+    torch.ops.ipcv_kernels.ngr_restore(
+        out, kept, base_drop, base_kept, keep, drop, neighbors, weight, bias, eps, normed_out, backend
+    )
+
+
+def _check_restore_inputs(
+    out: object,
+    kept: object,
+    base_drop: object,
+    base_kept: object,
+    keep: object,
+    drop: object,
+    neighbors: object,
+    norm: object,
+    normed_out: object,
+) -> None:
     check_float("out", out, ndim=2)
     device, (num_rows, dim) = out.device, out.shape
     if out.stride(-1) != 1:
@@ -185,8 +207,6 @@ def ngr_restore(
         raise ValueError(f"keep and drop together must hold every row of out (0..{num_rows - 1}) exactly once")
     if (norm is None) != (normed_out is None):
         raise ValueError("norm and normed_out must be given together")
-    weight = bias = None
-    eps = 0.0
     if norm is not None:
         if not isinstance(norm, torch.nn.LayerNorm) or tuple(norm.normalized_shape) != (dim,):
             raise TypeError(f"norm must be an nn.LayerNorm over the last dim ({dim}), got {norm!r}")
@@ -194,13 +214,9 @@ def ngr_restore(
         _check_same_dtype("normed_out", normed_out, "out", out)
         if normed_out.shape != out.shape or normed_out.stride(-1) != 1:
             raise ValueError(f"normed_out must be {tuple(out.shape)} with a unit stride on its last dim")
-        weight, bias, eps = norm.weight, norm.bias, float(norm.eps)
-        for name, value in (("norm.weight", weight), ("norm.bias", bias)):
+        for name, value in (("norm.weight", norm.weight), ("norm.bias", norm.bias)):
             if value is not None:
                 check_float(name, value, ndim=1, device=device)
-    torch.ops.ipcv_kernels.ngr_restore(
-        out, kept, base_drop, base_kept, keep, drop, neighbors, weight, bias, eps, normed_out, backend
-    )
 
 
 @torch.no_grad()
@@ -218,6 +234,7 @@ def ngr_attention(
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     q_rows: torch.Tensor | None = None,
     q_positions: torch.Tensor | None = None,
+    skip_check: bool = False,
 ) -> torch.Tensor:
     """Non-causal varlen attention with separate query and key/value segments.
 
@@ -240,6 +257,9 @@ def ngr_attention(
             (``cu_seqlens_q`` then counts these ``Nq'`` rows); they are also the queries' rotary rows.
         q_positions: optional int64 ``[Nq]``: rotary rows of a compact ``q`` (needs ``rotary``;
             exclusive with ``q_rows``).
+        skip_check: skip the input checks (for callers that built the inputs themselves, such as
+            the model integrations once per block: the checks read offsets and indices back to
+            the host, a synchronisation per check on CUDA). Wrong inputs are then not caught.
 
         Backends registered for ``"ngr_attention_fused"`` (Triton) handle both themselves: the
         gather inside the attention kernel, or together with the rotary in one pass over the kept
@@ -250,6 +270,26 @@ def ngr_attention(
         ``[Nq, H, Dh]`` (``[Nq', H, Dh]`` with ``q_rows``) in ``q``'s dtype. Query rows whose
         segment has no keys get 0.
     """
+    if not skip_check:
+        _check_attention_inputs(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, rotary, q_rows, q_positions
+        )
+    scale = None if softmax_scale is None else float(softmax_scale)
+    if rotary is None and q_rows is None and q_positions is None:
+        return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, backend)
+    chosen = resolve_backend("ngr_attention", backend, q.device).name
+    if chosen in backend_names("ngr_attention_fused"):
+        cos, sin = rotary if rotary is not None else (None, None)
+        return torch.ops.ipcv_kernels.ngr_attention_fused(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, cos, sin, q_rows, q_positions, scale, chosen
+        )
+    q, k = unfused_attention_inputs(q, k, rotary, q_rows, q_positions)
+    return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, chosen)
+
+
+def _check_attention_inputs(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, rotary, q_rows, q_positions
+) -> None:
     check_float("q", q, ndim=3)
     check_float("k", k, ndim=3, device=q.device)
     check_float("v", v, ndim=3, device=q.device)
@@ -268,47 +308,6 @@ def ngr_attention(
             check_int(name, value, low=0)
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive float, got {softmax_scale!r}")
-    scale = None if softmax_scale is None else float(softmax_scale)
-    return ngr_attention_unchecked(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        scale,
-        backend=backend,
-        rotary=rotary,
-        q_rows=q_rows,
-        q_positions=q_positions,
-    )
-
-
-def ngr_attention_unchecked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    softmax_scale: float | None = None,
-    *,
-    backend: str = "auto",
-    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-    q_rows: torch.Tensor | None = None,
-    q_positions: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``ngr_attention`` without its input checks, for callers that built the inputs themselves
-    (the model integrations, once per block): the checks read offsets and indices back to the host,
-    a synchronisation per check on CUDA. Arguments as ``ngr_attention``; wrong inputs are not caught."""
-    if rotary is None and q_rows is None and q_positions is None:
-        return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, backend)
-    chosen = resolve_backend("ngr_attention", backend, q.device).name
-    if chosen in backend_names("ngr_attention_fused"):
-        cos, sin = rotary if rotary is not None else (None, None)
-        return torch.ops.ipcv_kernels.ngr_attention_fused(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, cos, sin, q_rows, q_positions, softmax_scale, chosen
-        )
-    q, k = unfused_attention_inputs(q, k, rotary, q_rows, q_positions)
-    return torch.ops.ipcv_kernels.ngr_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, chosen)
 
 
 def _check_rows(name: str, rows: object, limit: int, device: torch.device) -> int:
@@ -419,6 +418,7 @@ def plan_ipcv(
     num_neighbors: int,
     *,
     backend: str = "auto",
+    skip_check: bool = False,
 ) -> IPCVPlan:
     """The whole planning step: scores, per-item selection, neighbours, kept attention offsets.
 
@@ -430,19 +430,28 @@ def plan_ipcv(
         ratio: fraction dropped, in ``[0, 1)``.
         num_neighbors: ``k >= 1``; each dropped token gets ``min(k, kept in its item)`` neighbours.
 
+        skip_check: skip the input checks (as ``ngr_attention``'s).
+
     Returns:
         ``IPCVPlan(keep, drop, cu_keep, cu_drop, neighbors, cu_seqlens_kept)``.
     """
+    if not skip_check:
+        _check_plan_inputs(x_before, x_after, cu_items, cu_seqlens, ratio, num_neighbors)
+    plan = torch.ops.ipcv_kernels.plan(x_before, x_after, cu_items, cu_seqlens, float(ratio), num_neighbors, backend)
+    return IPCVPlan(*plan)
+
+
+def _check_plan_inputs(
+    x_before: object, x_after: object, cu_items: object, cu_seqlens: object, ratio: object, num_neighbors: object
+) -> None:
     check_float("x_before", x_before, ndim=2)
     check_float("x_after", x_after, ndim=2, device=x_before.device)
     if x_after.shape != x_before.shape:
         raise ValueError(f"x_after must have the shape of x_before {tuple(x_before.shape)}, got {tuple(x_after.shape)}")
     check_cu_seqlens("cu_items", cu_items, total=x_after.shape[0], device=x_after.device)
     check_cu_seqlens("cu_seqlens", cu_seqlens, total=x_after.shape[0], device=x_after.device)
-    ratio = check_ratio("ratio", ratio)
+    check_ratio("ratio", ratio)
     check_int("num_neighbors", num_neighbors, low=1)
-    plan = torch.ops.ipcv_kernels.plan(x_before, x_after, cu_items, cu_seqlens, ratio, num_neighbors, backend)
-    return IPCVPlan(*plan)
 
 
 def backend_for(op: str, backend: str, device: torch.device) -> str:

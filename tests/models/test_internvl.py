@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from oracles_more_towers import build_model, build_tower, internvl_inputs, internvl_tiles, ipcv_tower_oracle
+from oracles.towers import build_model, build_tower, internvl_inputs, internvl_tiles, ipcv_tower_oracle
 from torch import nn
 
 import ipcv_kernels as ik

@@ -8,17 +8,17 @@ import contextlib
 import pytest
 import torch
 from conftest import check_generate_and_ratio_zero
-from spec_oracle import ipcv_oracle
+from oracles.spec import ipcv_oracle
 
 import ipcv_kernels as ik
-from ipcv_kernels.hf_factory import (
+from ipcv_kernels.testing import assert_close
+from ipcv_kernels.testing.models import (
     build_qwen2_vl_model,
     build_qwen2_vl_tower,
     qwen2_vl_vision_config,
     sample_pixels,
     vision_inputs,
 )
-from ipcv_kernels.testing import assert_close
 
 INPUTS = {
     "one_image": [[1, 4, 6]],

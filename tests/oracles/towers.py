@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipcv_kernels.hf_factory import TINY_SPECIAL_TOKENS, TINY_TEXT, sample_pixels
+from ipcv_kernels.testing.models import TINY_SPECIAL_TOKENS, TINY_TEXT, sample_pixels
 
 QWEN2_5_VISION = dict(
     depth=6,

@@ -150,4 +150,5 @@ def compile_every_launch_configuration() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conftest's helpers
     compile_every_launch_configuration()

@@ -7,7 +7,7 @@ import torch
 from conftest import offsets
 
 import ipcv_kernels as ik
-from ipcv_kernels.hf_factory import build_qwen2_vl_tower
+from ipcv_kernels.testing.models import build_qwen2_vl_tower
 
 Q, R = torch.randn(6, 4), torch.randn(5, 4)
 

@@ -13,7 +13,6 @@ import torch
 from conftest import offsets
 
 import ipcv_kernels as ik
-from ipcv_kernels.hf_factory import build_qwen2_vl_tower, sample_pixels
 from ipcv_kernels.ops import backend_for, cpp_backend
 from ipcv_kernels.reference import (
     knn_reference,
@@ -22,6 +21,7 @@ from ipcv_kernels.reference import (
     select_tokens_reference,
 )
 from ipcv_kernels.testing import assert_close, assert_close_to_reference, tolerance
+from ipcv_kernels.testing.models import build_qwen2_vl_tower, sample_pixels
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (item lengths, attention segment lengths): empty items, one-token items, items with fewer kept

@@ -11,11 +11,11 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import check_generate_and_ratio_zero
-from oracles_more_towers import build_model, build_tower, ipcv_tower_oracle, tower_call
+from oracles.towers import build_model, build_tower, ipcv_tower_oracle, tower_call
 
 import ipcv_kernels as ik
-from ipcv_kernels.hf_factory import sample_pixels, vision_inputs
 from ipcv_kernels.testing import assert_close, assert_close_to_reference
+from ipcv_kernels.testing.models import sample_pixels, vision_inputs
 
 FAMILY = "qwen3_vl"
 # The model applies rotary in fp32 whatever its dtype, and IPCV's stabilisation blocks apply it in

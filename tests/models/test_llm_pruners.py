@@ -7,11 +7,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from oracles_more_towers import build_model, internvl_inputs
+from oracles.towers import build_model, internvl_inputs
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from ipcv_kernels import DART, FastV, IPCVConfig, LLMPruner, apply_ipcv, get_ipcv_patch, remove_ipcv
-from ipcv_kernels.hf_factory import build_qwen2_vl_model, vision_inputs
 from ipcv_kernels.llm import PruningInputs, get_llm_pruning_patch
 from ipcv_kernels.llm.pruners import decoder_last_query_and_keys, fastv_received_attention
 from ipcv_kernels.reference.llm_pruning import (
@@ -21,9 +20,10 @@ from ipcv_kernels.reference.llm_pruning import (
     llm_keep_count,
 )
 from ipcv_kernels.testing import assert_close
+from ipcv_kernels.testing.models import build_qwen2_vl_model, vision_inputs
 
 LAYER = 2
-NUM_LAYERS = 4  # hf_factory.TINY_TEXT
+NUM_LAYERS = 4  # ipcv_kernels.testing.models.TINY_TEXT
 PRUNERS = [FastV(layer=LAYER, ratio=0.6), DART(layer=LAYER, ratio=0.6, pivot_image_tokens=2, pivot_text_tokens=2)]
 IPCV = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=2, num_neighbors=3)
 

@@ -19,9 +19,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from ipcv_kernels import DART, FastV, IPCVConfig
 from ipcv_kernels.eval import Qwen2VLRunner, build_settings
-from ipcv_kernels.hf_factory import TINY_SPECIAL_TOKENS, build_qwen2_vl_model
 from ipcv_kernels.llm import get_llm_pruning_patch
 from ipcv_kernels.models import get_ipcv_patch
+from ipcv_kernels.testing.models import TINY_SPECIAL_TOKENS, build_qwen2_vl_model
 
 WORDS = ["<unk>", "<pad>", "<eos>", "system", "user", "assistant", "you", "are", "a", "helpful"]
 WORDS += ["what", "is", "this", "?", "describe", "it", ".", "cat", "dog", "yes", "no"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import ipcv_kernels as ik
-from ipcv_kernels.hf_factory import build_qwen2_vl_tower, sample_pixels
 from ipcv_kernels.testing import assert_close_to_reference
+from ipcv_kernels.testing.models import build_qwen2_vl_tower, sample_pixels
 
 GRID = [[1, 4, 6], [2, 4, 4], [1, 2, 2]]  # two images and a two-frame video: items and frames differ
 CONFIG = dict(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=4)

@@ -8,7 +8,7 @@ import torch
 from conftest import offsets
 
 import ipcv_kernels as ik
-from ipcv_kernels.hf_factory import build_qwen2_vl_tower, sample_pixels
+from ipcv_kernels.testing.models import build_qwen2_vl_tower, sample_pixels
 
 
 def op_inputs():

@@ -10,7 +10,7 @@ import torch
 
 from ipcv_kernels.bench import harness
 from ipcv_kernels.bench.vit import Case, load_vision_tower, main, parse_case
-from ipcv_kernels.hf_factory import build_qwen2_vl_model
+from ipcv_kernels.testing.models import build_qwen2_vl_model
 
 QWEN_GEOMETRY = SimpleNamespace(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
 
