@@ -1,14 +1,24 @@
 """ipcv_kernels: IPCV token compression for the vision encoders of multimodal LLMs.
 
 Public API: the ops (``knn``, ``ngr_reconstruct``, ``ngr_restore``, ``ngr_attention``, ``token_scores``,
-``select_tokens``, ``plan_ipcv``), ``IPCVConfig`` and ``apply_ipcv`` / ``remove_ipcv``, and the
-LLM-side pruners ``FastV`` / ``DART`` (``apply_ipcv(model, config, llm_pruner=...)``).
-All ops are inference-only (no autograd).
+``select_tokens``, ``plan_ipcv``), ``IPCVConfig`` and ``apply_ipcv`` / ``remove_ipcv`` /
+``recommended_config``, and the LLM-side pruners ``FastV`` / ``DART``
+(``apply_ipcv(model, config, llm_pruner=...)``). All ops are inference-only (no autograd).
+The behavioural contract is ``docs/spec.md``.
 """
 
 from .config import IPCVConfig
 from .llm import DART, FastV, LLMPruner
-from .models import apply_ipcv, get_ipcv_patch, ipcv_applied, remove_ipcv, supported_classes
+from .models import (
+    apply_ipcv,
+    get_ipcv_patch,
+    get_llm_pruning_patch,
+    ipcv_applied,
+    recommended_config,
+    remove_ipcv,
+    set_tiles_per_image,
+    supported_classes,
+)
 from .ops import (
     available_backends,
     knn,
@@ -34,14 +44,17 @@ __all__ = [
     "apply_ipcv",
     "available_backends",
     "get_ipcv_patch",
+    "get_llm_pruning_patch",
     "ipcv_applied",
     "knn",
     "ngr_attention",
     "ngr_reconstruct",
     "ngr_restore",
     "plan_ipcv",
+    "recommended_config",
     "remove_ipcv",
     "select_tokens",
+    "set_tiles_per_image",
     "shrink_cu_seqlens",
     "supported_classes",
     "token_scores",

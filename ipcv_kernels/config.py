@@ -1,9 +1,9 @@
-"""IPCV hyper-parameters."""
+"""IPCV hyper-parameters: ``IPCVConfig``, a validated value object (it knows no model; the
+settings recommended per family are in the family table, ``ipcv_kernels.models.families``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ._validation import check_choice, check_int, check_ratio
 
@@ -13,7 +13,8 @@ AS_QUERIES = ("kept", "all")
 
 @dataclass(frozen=True)
 class IPCVConfig:
-    """Settings of one IPCV patch (see ``IPCV_SPEC.md``).
+    """Settings of one IPCV patch (see ``docs/spec.md``; ``recommended_config(model)`` gives a
+    family's recommended ones).
 
     Attributes:
         prune_layer: ``P``, the block before which tokens are dropped; ``1 <= P < depth``
@@ -53,22 +54,6 @@ class IPCVConfig:
         for name in ("backend", "attention_backend"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
-
-    @classmethod
-    def for_model(cls, model: Any, **overrides: Any) -> IPCVConfig:
-        """The recommended settings for ``model``'s family, with ``overrides`` applied.
-
-        InternVL: prune layer 7, ratio 0.65, 3 stabilisation blocks, 10 neighbours (the paper's
-        InternVL2 setting); families without settings of their own get the class defaults (the
-        paper's Qwen2-VL-7B setting). ``model`` is anything ``apply_ipcv`` accepts.
-
-        Raises:
-            TypeError: unsupported model (the message lists the supported families).
-        """
-        from .models.registry import find_tower  # the models import this module
-
-        _, adapter = find_tower(model)
-        return cls(**{**adapter.default_settings, **overrides})
 
     def check_depth(self, depth: int) -> None:
         """Validate ``prune_layer`` against a tower of ``depth`` blocks."""

@@ -4,8 +4,9 @@ The text model's own forward is untouched. It embeds the tokens, computes the ro
 attention masks for the FULL sequence once, and passes them to every decoder layer. The wrappers
 make layers ``K ..`` work on the kept tokens only:
 
-- a forward pre-hook on the multimodal model reads which tokens are image / video tokens
-  (``input_ids``); a pre-hook on the text model starts the per-forward state;
+- a wrapper of the multimodal model's forward reads which tokens are image / video tokens
+  (``input_ids``); a wrapper of the text model's forward binds the per-forward state to that
+  forward (``InstancePatch.bind``: concurrent forwards never share it);
 - layer ``K - 1`` records its input (FastV scores it); layer ``K``, in a prefill that starts from
   an empty cache and holds image / video tokens, asks the pruner for the kept tokens;
 - layers ``K ..`` get their hidden states, rotary ``(cos, sin)``, text position ids and attention
@@ -13,7 +14,7 @@ make layers ``K ..`` work on the kept tokens only:
   only, while layers ``< K`` hold all of them;
 - Qwen3-VL's DeepStack step (vision features added to the visual tokens after its first
   decoder layers) adds, from layer ``K`` on, the kept visual tokens' own features;
-- a forward hook on the text model scatters the kept rows back into a full-length
+- at the end of the text model's forward the kept rows are scattered back into a full-length
   ``last_hidden_state`` (dropped rows carry their layer-``K`` input through the final norm), so
   logits keep the unpatched shapes (the per-layer ``hidden_states`` / ``attentions`` that
   ``output_hidden_states`` / ``output_attentions`` report hold the kept tokens from layer ``K`` on).
@@ -31,6 +32,8 @@ attention's block masks, packed sequences.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.patching import InstancePatch
 from ..reference.llm_pruning import llm_keep_count
 from .pruners import LLMPruner, PruningInputs
 
@@ -59,8 +63,14 @@ class ForwardState:
     sliced: dict | None = None  # memo: the kwargs of layers >= K, per attention-mask object
 
 
-class LLMPruningPatch:
-    """The installed LLM-side pruner of one multimodal model: hooks, wrapped layers, state."""
+class LLMPruningPatch(InstancePatch):
+    """The installed LLM-side pruner of one multimodal model: wrapped forwards and layers.
+
+    ``last_kept``: the kept positions of the most recent pruned prefill to finish (in any
+    thread); a diagnostic, not per-call state.
+    """
+
+    attribute = LLM_PATCH_ATTRIBUTE
 
     def __init__(
         self,
@@ -69,41 +79,31 @@ class LLMPruningPatch:
         pruner: LLMPruner,
         visual_token_ids: tuple[int, ...],
     ) -> None:
+        super().__init__(text_model)
         self.model = model
         self.text_model = text_model
         self.layers: nn.ModuleList = text_model.layers
         pruner.check_depth(len(self.layers))
         self.pruner = pruner
         self.visual_token_ids = visual_token_ids
-        self.state: ForwardState | None = None
         self.last_kept: torch.Tensor | None = None
-        self._pending_visual: torch.Tensor | None = None
+        # The visual-token mask the multimodal model's forward read, for the text-model forward
+        # it runs (a context variable: one per call in progress).
+        self._pending_visual: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+            f"ipcv_llm_visual@{id(self):x}", default=None
+        )
         # The pruned layers' cache columns, per cache object (generation keeps one per call).
         self._cache_columns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # -- installation ---------------------------------------------------------------------------
     def install(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._read_tokens, with_kwargs=True))
-        self._handles.append(self.text_model.register_forward_pre_hook(self._start_forward, with_kwargs=True))
-        self._handles.append(self.text_model.register_forward_hook(self._end_forward))
+        self.wrap(self.model, "forward", self._make_model_forward)
+        self.wrap(self.text_model, "forward", self._make_text_forward)
         for index in range(self.pruner.layer - 1, len(self.layers)):
-            layer = self.layers[index]
-            layer.forward = self._make_layer_forward(index, layer.forward)
+            self.wrap(self.layers[index], "forward", functools.partial(self._make_layer_forward, index))
         if hasattr(self.text_model, "_deepstack_process"):  # Qwen3-VL
-            self.text_model._deepstack_process = self._make_deepstack(self.text_model._deepstack_process)
-        setattr(self.text_model, LLM_PATCH_ATTRIBUTE, self)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for index in range(self.pruner.layer - 1, len(self.layers)):
-            # The wrapper is an instance attribute shadowing the class's forward.
-            del self.layers[index].forward
-        if "_deepstack_process" in vars(self.text_model):
-            del self.text_model._deepstack_process
-        delattr(self.text_model, LLM_PATCH_ATTRIBUTE)
+            self.wrap(self.text_model, "_deepstack_process", self._make_deepstack)
+        super().install()
 
     def _make_deepstack(self, original):
         """Qwen3-VL's DeepStack step on the kept tokens.
@@ -132,25 +132,43 @@ class LLMPruningPatch:
 
         return forward
 
+    def _make_model_forward(self, original):
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            token = self._pending_visual.set(self._read_tokens(args, kwargs))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._pending_visual.reset(token)
+
+        return forward
+
+    def _make_text_forward(self, original):
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with self.bind(self._start_forward(args, kwargs)) as state:
+                output = original(*args, **kwargs)
+            return self._end_forward(state, output)
+
+        return forward
+
     # -- per-forward state ----------------------------------------------------------------------
     def _visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = torch.tensor(self.visual_token_ids, device=input_ids.device)
         return torch.isin(input_ids, ids)
 
-    def _read_tokens(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _read_tokens(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """The visual-token mask of a multimodal-model call (``None`` if it cannot be told)."""
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         if input_ids is not None:
-            self._pending_visual = self._visual_mask(input_ids)
-        elif kwargs.get("mm_token_type_ids") is not None:
-            self._pending_visual = kwargs["mm_token_type_ids"] != 0
-        else:
-            self._pending_visual = None
+            return self._visual_mask(input_ids)
+        if kwargs.get("mm_token_type_ids") is not None:
+            return kwargs["mm_token_type_ids"] != 0
+        return None
 
-    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _start_forward(self, args: tuple, kwargs: dict[str, Any]) -> ForwardState:
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         batch, length = input_ids.shape if input_ids is not None else embeds.shape[:2]
-        visual, self._pending_visual = self._pending_visual, None
+        visual = self._pending_visual.get()
         if input_ids is not None:  # the text model called on its own
             visual = self._visual_mask(input_ids)
         if visual is not None and tuple(visual.shape) != (batch, length):
@@ -167,12 +185,12 @@ class LLMPruningPatch:
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] == length:
             padding = mask == 0
         prunable = length > 1 and past_length == 0 and visual is not None and bool(visual.any())
-        self.state = ForwardState(visual, padding, past_length, prunable)
+        return ForwardState(visual, padding, past_length, prunable)
 
-    def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        state, self.state = self.state, None
-        if state is None or state.kept is None:
+    def _end_forward(self, state: ForwardState, output: Any) -> Any:
+        if state.kept is None:
             return output
+        self.last_kept = state.kept
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
         full = self.text_model.norm(state.hidden_full).to(hidden.dtype)
         full.scatter_(1, state.kept[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
@@ -202,7 +220,6 @@ class LLMPruningPatch:
         batch, length = hidden.shape[:2]
         if state.prunable:
             state.kept = self._select(hidden, kwargs["position_embeddings"])
-            self.last_kept = state.kept
             state.hidden_full = hidden
         state.hidden_before = None  # only the selection reads it
         known = self._cache_columns.get(cache) if cache is not None and state.past_length > 0 else None

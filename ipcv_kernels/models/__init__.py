@@ -1,17 +1,22 @@
-"""Model integrations: ``apply_ipcv`` / ``remove_ipcv`` and the per-family adapters."""
+"""Hugging Face integrations: ``apply_ipcv`` / ``remove_ipcv``, the family table and the adapters.
+
+``families`` is the one table of supported families (vision tower and language model of each);
+each family's adapter (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``internvl``) tells the engine
+(``ipcv_kernels.engine``) where that family's blocks, items, segments and rotary tables live.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 
 from ..config import IPCVConfig
-from ..llm import LLMPruner, prepare_llm_pruning, remove_llm_pruning
-from .engine import PATCH_ATTRIBUTE, IPCVPatch
-from .internvl import set_tiles_per_image
-from .registry import find_tower, supported_classes
+from ..engine import PATCH_ATTRIBUTE, IPCVPatch
+from ..llm import LLM_PATCH_ATTRIBUTE, LLMPruner, LLMPruningPatch
+from .families import find_family, find_language_model, find_tower, recommended_config, supported_classes
+from .internvl import InternVLAdapter
 
 
 def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner: LLMPruner | None = None) -> nn.Module:
@@ -21,7 +26,7 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
         model: a supported Hugging Face model instance: the full conditional-generation model, the
             base model, or the vision tower itself (see ``supported_classes()``). Only this
             instance is patched; other instances of the class are untouched.
-        config: IPCV settings. ``None`` means ``IPCVConfig.for_model(model)`` (the family's
+        config: IPCV settings. ``None`` means ``recommended_config(model)`` (the family's
             recommended setting: the paper's Qwen2-VL-7B one for the Qwen families, prune layer 7 /
             3 stabilisation blocks for InternVL) when ``llm_pruner`` is ``None`` too, and no
             vision-side IPCV when a pruner is given.
@@ -30,7 +35,14 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
 
     The tower keeps its output types and shapes: every dropped token is restored before its
     merger. Applying to an already patched model replaces the previous patches: afterwards the
-    model carries exactly what this call describes.
+    model carries exactly what this call describes. Patches stack with other libraries' wrappers
+    of the same modules (see ``ipcv_kernels.engine.patching``), and a patched model is as
+    re-entrant as the unpatched one: concurrent forwards (threads) never share per-call state.
+
+    While patched, the tower's ``output_hidden_states`` of blocks ``P .. depth-2`` and its
+    ``output_attentions`` hold the kept rows only, and ``output_attentions`` has no entry for the
+    attention-stabilisation blocks (their attention is computed by ``ngr_attention``, which
+    returns no weights); the final output is always complete.
 
     Raises:
         TypeError: unsupported model, ``config`` not an ``IPCVConfig``, ``llm_pruner`` not an
@@ -39,13 +51,13 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
             ``llm_pruner.layer`` outside ``[1, num_hidden_layers)`` of the language model.
     """
     if config is None and llm_pruner is None:
-        config = IPCVConfig.for_model(model)
+        config = recommended_config(model)
     if config is not None and not isinstance(config, IPCVConfig):
         raise TypeError(f"config must be an IPCVConfig, got {type(config).__name__}")
     tower, adapter = find_tower(model)
     # Validate both sides (layer ranges included) before touching the model.
     patch = IPCVPatch(tower, adapter, config) if config is not None else None
-    llm_patch = prepare_llm_pruning(model, llm_pruner) if llm_pruner is not None else None
+    llm_patch = _prepare_llm_pruning(model, llm_pruner) if llm_pruner is not None else None
     remove_ipcv(model)
     if patch is not None:
         patch.install()
@@ -54,12 +66,18 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
     return model
 
 
+def _prepare_llm_pruning(model: nn.Module, pruner: LLMPruner) -> LLMPruningPatch:
+    if not isinstance(pruner, LLMPruner):
+        raise TypeError(f"llm_pruner must be an LLMPruner (FastV, DART), got {type(pruner).__name__}")
+    multimodal, text_model, token_ids = find_language_model(model)
+    return LLMPruningPatch(multimodal, text_model, pruner, token_ids)
+
+
 def remove_ipcv(model: nn.Module) -> nn.Module:
     """Undo ``apply_ipcv`` on ``model``, both sides (a no-op if it is not patched); return it."""
-    tower, _ = find_tower(model)
-    if hasattr(tower, PATCH_ATTRIBUTE):
-        getattr(tower, PATCH_ATTRIBUTE).remove()
-    remove_llm_pruning(model)
+    for patch in (get_ipcv_patch(model), get_llm_pruning_patch(model)):
+        if patch is not None:
+            patch.remove()
     return model
 
 
@@ -77,9 +95,49 @@ def ipcv_applied(
 
 
 def get_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
-    """The installed patch (config, ``last_tokens_per_block``) of ``model``'s tower, if any."""
+    """The installed patch (``config``, ``last_tokens_per_block``) of ``model``'s tower, if any."""
     tower, _ = find_tower(model)
-    return getattr(tower, PATCH_ATTRIBUTE, None)
+    return vars(tower).get(PATCH_ATTRIBUTE)
 
 
-__all__ = ["apply_ipcv", "get_ipcv_patch", "ipcv_applied", "remove_ipcv", "set_tiles_per_image", "supported_classes"]
+def get_llm_pruning_patch(model: nn.Module) -> LLMPruningPatch | None:
+    """The installed LLM-side patch (``pruner``, ``last_kept``) of ``model``, if any."""
+    try:
+        _, text_model, _ = find_language_model(model)
+    except TypeError:
+        return None
+    return vars(text_model).get(LLM_PATCH_ATTRIBUTE)
+
+
+def set_tiles_per_image(model: nn.Module, tiles_per_image: Sequence[int] | None) -> None:
+    """Tell a patched InternVL tower how many consecutive tiles each image of its calls has.
+
+    For direct tower calls: a bare tower otherwise treats all tiles of a call as one item (calls
+    through the full model read the counts from ``input_ids``). The setting stays until changed,
+    cleared with ``None`` or the patch removed; each call checks that the counts add up to its
+    number of tiles.
+
+    Raises:
+        TypeError: ``model`` is not a patched InternVL model or tower, or bad counts.
+    """
+    family, _ = find_family(model)
+    patch = get_ipcv_patch(model)
+    if patch is None or not isinstance(patch.adapter, InternVLAdapter):
+        raise TypeError(f"model must be an InternVL model or tower patched with apply_ipcv, got a {family.name} one")
+    if tiles_per_image is not None:
+        tiles_per_image = list(tiles_per_image)
+        if not all(isinstance(count, int) and not isinstance(count, bool) and count >= 1 for count in tiles_per_image):
+            raise TypeError(f"tiles_per_image must be positive ints, got {tiles_per_image!r}")
+    patch.adapter.tiles_per_image = tiles_per_image
+
+
+__all__ = [
+    "apply_ipcv",
+    "get_ipcv_patch",
+    "get_llm_pruning_patch",
+    "ipcv_applied",
+    "recommended_config",
+    "remove_ipcv",
+    "set_tiles_per_image",
+    "supported_classes",
+]

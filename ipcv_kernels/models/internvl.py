@@ -28,34 +28,34 @@ from another image. The tower itself only sees a batch of tiles, so:
   from ``input_ids``: the processor writes ``image_seq_length * tiles`` image-context tokens per
   image, as one run between the image's start and end tokens, so each run of ``image_token_id`` is
   one image (each video frame is one such run, hence one item) and its length over the tokens per
-  tile is its tile count (a forward pre-hook on the model sets them for the tower call inside;
-  ``generate``, which recent transformers let encode the images before the prefill forward, is
-  wrapped to read them from its own arguments);
-- a bare tower call treats all its tiles as one item, unless ``set_tiles_per_image`` was given the
-  per-image counts.
+  tile is its tile count (a wrapper of the model's forward hands them to the tower call inside,
+  for that call only; ``generate``, which recent transformers let encode the images before the
+  prefill forward, is wrapped to read them from its own arguments);
+- a bare tower call treats all its tiles as one item, unless ``ik.set_tiles_per_image`` was given
+  the per-image counts (a setting of the patch, kept until changed).
 
 **Limits.** The tower's ``hidden_states`` (``output_hidden_states=True``) of layers ``P`` to
 ``depth - 2`` hold only the kept rows, packed ``[kept, D]``; a full model whose
 ``vision_feature_layer`` reads one of them raises ``ValueError`` (the InternVL-hf checkpoints use
 ``-1``, the last output, which is always complete).
 
-Default settings for this family (the paper's InternVL2 setting): ``IPCVConfig.for_model(model)``
-gives prune layer 7, ratio 0.65, 3 stabilisation blocks, 10 neighbours.
+Recommended settings for this family: see the family table, ``ipcv_kernels.models.families``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import IPCVConfig
+from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall
 from ..ops import ngr_attention, plan_ipcv, shrink_cu_seqlens
 from ..reference import IPCVPlan
-from .engine import PATCH_ATTRIBUTE, BlockCall, FamilyAdapter, IPCVPatch
 
 
 def internvit_layer(
@@ -178,72 +178,13 @@ def image_tile_counts(input_ids: torch.Tensor, image_token_id: int, num_tiles: i
     return [length // per_tile for length in lengths]
 
 
-def set_tiles_per_image(model: nn.Module, tiles_per_image: Sequence[int] | None) -> None:
-    """Tell a patched InternVL tower how many consecutive tiles each image of its calls has.
-
-    For direct tower calls (calls through the full model read the counts from ``input_ids``).
-    The setting stays until changed, cleared with ``None`` or the patch removed; each call checks
-    that the counts add up to its number of tiles.
-
-    Raises:
-        TypeError: ``model`` is not a patched InternVL model or tower, or bad counts.
-    """
-    from .registry import find_tower
-
-    tower, _ = find_tower(model)
-    patch = getattr(tower, PATCH_ATTRIBUTE, None)
-    if patch is None or not isinstance(patch.adapter, InternVLAdapter):
-        raise TypeError("model must be an InternVL model or tower patched with apply_ipcv")
-    if tiles_per_image is not None:
-        tiles_per_image = list(tiles_per_image)
-        if not all(isinstance(count, int) and count >= 1 for count in tiles_per_image):
-            raise TypeError(f"tiles_per_image must be positive ints, got {tiles_per_image!r}")
-    patch.adapter.tiles_per_image = tiles_per_image
-
-
-class GenerateTilesPatch:
-    """``generate`` of one model instance, wrapped so that its tower calls know the prompt's tiles.
-
-    Recent transformers encode the images before the prefill forward (``get_image_features`` with
-    the pixels alone), so the forward pre-hook that reads tile counts from ``input_ids`` never sees
-    that tower call: the counts are read from ``generate``'s own arguments instead. ``remove``
-    restores the class's ``generate``.
-    """
-
-    def __init__(self, adapter: InternVLAdapter, model: nn.Module, image_token_id: int) -> None:
-        self.model = model
-        original = model.generate
-
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-            pixel_values = kwargs.get("pixel_values")
-            tiles = None
-            if isinstance(input_ids, torch.Tensor) and isinstance(pixel_values, torch.Tensor):
-                tiles = image_tile_counts(input_ids, image_token_id, pixel_values.shape[0])
-            adapter.generate_tiles = tiles
-            try:
-                return original(*args, **kwargs)
-            finally:
-                adapter.generate_tiles = None
-
-        self.wrapper = generate
-        model.generate = generate
-
-    def remove(self) -> None:
-        if vars(self.model).get("generate") is self.wrapper:
-            del self.model.generate
-
-
 class InternVLAdapter(FamilyAdapter):
     name = "internvl"
-    default_settings: ClassVar[dict[str, Any]] = dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10)
 
     def __init__(self, model: nn.Module | None = None) -> None:
         super().__init__(model)
-        self.tiles_per_image: list[int] | None = None  # set_tiles_per_image, for bare tower calls
-        self._prompt_tiles: list[int] | None = None  # from input_ids, during one full-model forward
-        self.generate_tiles: list[int] | None = None  # from generate's input_ids, during one generate
-        self._tile_segments: torch.Tensor | None = None  # int32 [tiles + 1] of the current call
+        # ``set_tiles_per_image``: a setting of this patch for bare tower calls (not per call).
+        self.tiles_per_image: list[int] | None = None
         self._patch: IPCVPatch | None = None
 
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
@@ -251,28 +192,40 @@ class InternVLAdapter(FamilyAdapter):
             raise TypeError(f"the InternVL vision tower must be an InternVLVisionModel, got {type(tower).__name__}")
         return tower.encoder.layer
 
-    def install_hooks(self, patch: IPCVPatch) -> list[torch.utils.hooks.RemovableHandle]:
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        """Wrap the forward of the model holding the tower (and ``generate``) so that their tower
+        calls know the prompt's tiles per image (``hints["tiles_per_image"]``, this call only)."""
         self._patch = patch
-        handles = []
-        for module in self.model.modules() if self.model is not None else ():
-            if getattr(module, "vision_tower", None) is patch.tower:
-                handles.append(module.register_forward_pre_hook(self._read_prompt_tiles, with_kwargs=True))
-                handles.append(module.register_forward_hook(self._forget_prompt_tiles, always_call=True))
-        if self.model is not None and hasattr(self.model, "generate") and handles:
-            handles.append(GenerateTilesPatch(self, self.model, self.model.config.image_token_id))
-        return handles
+        holders = (
+            [m for m in self.model.modules() if getattr(m, "vision_tower", None) is patch.tower] if self.model else []
+        )
+        for holder in holders:
+            patch.wrap(holder, "forward", functools.partial(self._read_prompt_tiles, patch, holder, True))
+        if holders and hasattr(self.model, "generate"):
+            # Recent transformers encode the images before the prefill forward (``get_image_features``
+            # with the pixels alone), so generate's own arguments give the counts for that call.
+            patch.wrap(self.model, "generate", functools.partial(self._read_prompt_tiles, patch, self.model, False))
 
-    def _read_prompt_tiles(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self._check_feature_layer(kwargs.get("vision_feature_layer"), module.config.vision_feature_layer)
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
-        if input_ids is None or pixel_values is None:
-            self._prompt_tiles = None
-            return
-        self._prompt_tiles = image_tile_counts(input_ids, module.config.image_token_id, pixel_values.shape[0])
+    def _read_prompt_tiles(
+        self, patch: IPCVPatch, holder: nn.Module, is_forward: bool, inner: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        """``inner`` (``holder.forward`` or ``generate``) reading the tile counts from its arguments."""
+        image_token_id = holder.config.image_token_id
 
-    def _forget_prompt_tiles(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._prompt_tiles = None
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if is_forward:
+                self._check_feature_layer(kwargs.get("vision_feature_layer"), holder.config.vision_feature_layer)
+            input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+            tiles = None
+            if isinstance(input_ids, torch.Tensor) and isinstance(pixel_values, torch.Tensor):
+                tiles = image_tile_counts(input_ids, image_token_id, pixel_values.shape[0])
+            if tiles is None:
+                return inner(*args, **kwargs)
+            with patch.hinted(tiles_per_image=tiles):
+                return inner(*args, **kwargs)
+
+        return call
 
     def _check_feature_layer(self, requested: int | list[int] | None, default: int | list[int]) -> None:
         """The model may read ``hidden_states[i]`` of the tower instead of its last output; those
@@ -288,20 +241,20 @@ class InternVLAdapter(FamilyAdapter):
                 )
 
     # -- one tower call -------------------------------------------------------------------------
-    def item_lengths(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[int]:
-        """``tiles * (1 + N)`` per image; also records the call's per-tile attention segments."""
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        """Items ``tiles * (1 + N)`` per image and the call's per-tile attention segments."""
         pixel_values = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
         num_tiles, _, height, width = pixel_values.shape
         patch_h, patch_w = tower.embeddings.patch_embeddings.patch_size
         tile_length = 1 + (height // patch_h) * (width // patch_w)
-        self._tile_segments = torch.arange(num_tiles + 1, device=pixel_values.device, dtype=torch.int32) * tile_length
-        counts = self._prompt_tiles or self.generate_tiles or self.tiles_per_image or [num_tiles]
+        segments = torch.arange(num_tiles + 1, device=pixel_values.device, dtype=torch.int32) * tile_length
+        counts = hints.get("tiles_per_image") or self.tiles_per_image or [num_tiles]
         if sum(counts) != num_tiles:
             raise ValueError(f"tiles_per_image {counts} must add up to the call's {num_tiles} tiles")
-        return [count * tile_length for count in counts]
+        return TowerCall([count * tile_length for count in counts], segments)
 
-    def parse_block_call(self, args: tuple, kwargs: dict[str, Any]) -> BlockCall:
-        return BlockCall(self._tile_segments, None, args, kwargs)
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
+        return BlockCall(state.segments, None, args, kwargs)
 
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.reshape(-1, hidden.shape[-1])
@@ -329,11 +282,11 @@ class InternVLAdapter(FamilyAdapter):
         cu_seqlens: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         call: BlockCall,
+        config: IPCVConfig,
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
         cu_seqlens = cu_seqlens.to(torch.int32)
-        backend = self._patch.config.attention_backend
-        return internvit_layer(block, hidden, hidden, None, cu_seqlens, cu_seqlens, backend)
+        return internvit_layer(block, hidden, hidden, None, cu_seqlens, cu_seqlens, config.attention_backend)
 
     def stabilised_block(
         self,

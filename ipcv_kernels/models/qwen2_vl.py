@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import IPCVConfig
+from ..engine import BlockCall, FamilyAdapter, TowerCall
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
-from .engine import BlockCall, FamilyAdapter
 
 
 def grid_item_lengths(args: tuple, kwargs: dict[str, Any]) -> list[int]:
@@ -74,8 +74,8 @@ def stabilised_prenorm_block(
 class Qwen2VLAdapter(FamilyAdapter):
     name = "qwen2_vl"
 
-    def item_lengths(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[int]:
-        return grid_item_lengths(args, kwargs)
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        return TowerCall(grid_item_lengths(args, kwargs))
 
     def stabilised_block(
         self,

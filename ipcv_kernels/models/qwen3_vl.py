@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from .engine import IPCVPatch
+from ..engine import IPCVPatch
 from .qwen2_vl import Qwen2VLAdapter
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     name = "qwen3_vl"
 
-    def install_hooks(self, patch: IPCVPatch) -> list[torch.utils.hooks.RemovableHandle]:
+    def install_hooks(self, patch: IPCVPatch) -> None:
         def restore_tap_input(
             module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -34,7 +34,5 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             name = next(iter(kwargs))  # the features passed by keyword
             return args, {**kwargs, name: patch.full_sequence(kwargs[name])}
 
-        return [
-            merger.register_forward_pre_hook(restore_tap_input, with_kwargs=True)
-            for merger in patch.tower.deepstack_merger_list
-        ]
+        for merger in patch.tower.deepstack_merger_list:
+            patch.add_hook(merger.register_forward_pre_hook(restore_tap_input, with_kwargs=True))

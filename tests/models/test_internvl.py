@@ -14,7 +14,7 @@ from oracles.towers import build_model, build_tower, internvl_inputs, internvl_t
 from torch import nn
 
 import ipcv_kernels as ik
-from ipcv_kernels.models.internvl import set_tiles_per_image
+from ipcv_kernels import set_tiles_per_image
 from ipcv_kernels.testing import assert_close, assert_close_to_reference
 
 FAMILY = "internvl"
@@ -157,9 +157,9 @@ def test_full_model_reads_tiles_per_image_from_the_prompt_and_generates():
 
 def test_family_default_settings():
     tower = build_tower(FAMILY)
-    assert ik.IPCVConfig.for_model(tower) == ik.IPCVConfig(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10)
-    assert ik.IPCVConfig.for_model(tower, ratio=0.5).ratio == 0.5
-    assert ik.IPCVConfig.for_model(build_tower("qwen2_5_vl")) == ik.IPCVConfig()
+    assert ik.recommended_config(tower) == ik.IPCVConfig(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10)
+    assert ik.recommended_config(tower, ratio=0.5).ratio == 0.5
+    assert ik.recommended_config(build_tower("qwen2_5_vl")) == ik.IPCVConfig()
 
 
 def test_apply_without_config_uses_the_family_defaults():

@@ -10,8 +10,17 @@ import torch
 from oracles.towers import build_model, internvl_inputs
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
-from ipcv_kernels import DART, FastV, IPCVConfig, LLMPruner, apply_ipcv, get_ipcv_patch, remove_ipcv
-from ipcv_kernels.llm import PruningInputs, get_llm_pruning_patch
+from ipcv_kernels import (
+    DART,
+    FastV,
+    IPCVConfig,
+    LLMPruner,
+    apply_ipcv,
+    get_ipcv_patch,
+    get_llm_pruning_patch,
+    remove_ipcv,
+)
+from ipcv_kernels.llm import PruningInputs
 from ipcv_kernels.llm.pruners import decoder_last_query_and_keys, fastv_received_attention
 from ipcv_kernels.reference.llm_pruning import (
     dart_select_reference,

@@ -17,9 +17,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from ipcv_kernels import DART, FastV, IPCVConfig
+from ipcv_kernels import DART, FastV, IPCVConfig, get_llm_pruning_patch
 from ipcv_kernels.eval import Qwen2VLRunner, build_settings
-from ipcv_kernels.llm import get_llm_pruning_patch
 from ipcv_kernels.models import get_ipcv_patch
 from ipcv_kernels.testing.models import TINY_SPECIAL_TOKENS, build_qwen2_vl_model
 

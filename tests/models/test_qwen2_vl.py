@@ -179,7 +179,7 @@ def test_ipcv_applied_removes_the_patch_even_on_error():
 def test_kept_segments_and_rotary_are_computed_once_per_forward(tower64, monkeypatch):
     # Every pruned block gets the tower's same segment and rotary tensors: the shrink (a host read
     # on CUDA) and the rotary gather must run once per forward, not once per block.
-    from ipcv_kernels.models import engine
+    from ipcv_kernels.engine import vision as engine
 
     calls = {"unique": 0, "gather": 0}
     unique, gather = torch.unique_consecutive, engine.gather_rotary

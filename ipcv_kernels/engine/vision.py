@@ -1,9 +1,10 @@
-"""The IPCV state machine over a ViT's blocks, shared by every model family.
+"""The IPCV engine: the state machine over a ViT's blocks, shared by every model family and framework.
 
-``apply_ipcv`` wraps each block's ``forward`` on the model *instance* (never the class) and adds a
-forward pre-hook / hook on the tower. The tower's own forward is untouched: it keeps computing its
-patch embedding, rotary tables and segment offsets, and passes the hidden states from block to
-block, unaware that from block ``P`` on they hold only the kept tokens. Per forward:
+``IPCVPatch`` wraps the tower's ``forward`` and each block's ``forward`` on the model *instance*
+(never the class; see ``ipcv_kernels.engine.patching``). The tower's own forward still runs: it
+keeps computing its patch embedding, rotary tables and segment offsets, and passes the hidden
+states from block to block, unaware that from block ``P`` on they hold only the kept tokens. Per
+forward (spec: ``docs/spec.md``):
 
 - block ``P-1`` records its input (``x_before``);
 - block ``P`` plans: scores ``||x_P - x_{P-1}||``, per-item top-k, neighbours on ``base = x_P``;
@@ -12,19 +13,29 @@ block, unaware that from block ``P`` on they hold only the kept tokens. Per forw
 - blocks ``P+A ..`` run the model's own block on the kept tokens with shrunk segments;
 - the last block restores the full sequence, so the merger / head sees every token.
 
-A family adapter (one module per model family) supplies what differs: how items are read from
-the tower's call, and the block's attention-stabilisation forward. Optional adapter hooks cover
-towers that differ further: ``pack`` / ``unpack`` for towers whose blocks take a padded batch
-``[B, L, D]`` instead of packed rows (the engine works on packed rows from block ``P`` on),
-``plan`` for tokens that must never be dropped (a CLS token), and ``install_hooks`` for modules
-that read intermediate block outputs (they get full sequences through ``IPCVPatch.full_sequence``).
+Everything one forward carries from block to block is a ``ForwardState`` bound to that forward's
+context (``InstancePatch.bind``), so a patched tower is as re-entrant as the unpatched one.
+
+The engine knows no framework. A ``FamilyAdapter`` (Hugging Face ones in ``ipcv_kernels.models``)
+tells it where the blocks are (``blocks``), what the items and default segments of a tower call
+are (``describe_call``), how a block call carries its segments and rotary tables
+(``parse_block_call``), how to run the model's own block on other rows (``run_block``) and the
+attention-stabilisation forward (``stabilised_block``). Optional hooks cover towers that differ
+further: ``pack`` / ``unpack`` for towers whose blocks take a padded batch ``[B, L, D]`` instead of
+packed rows (the engine works on packed rows from block ``P`` on), ``plan`` for tokens that must
+never be dropped (a CLS token), and ``install_hooks`` for modules that read intermediate block
+outputs (they get full sequences through ``IPCVPatch.full_sequence``) or calls around the tower
+that know how its inputs group into items (``IPCVPatch.hinted``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +43,7 @@ from torch import nn
 from ..config import IPCVConfig
 from ..ops import ngr_restore, plan_ipcv, shrink_cu_seqlens
 from ..reference import IPCVPlan
+from .patching import InstancePatch
 
 PATCH_ATTRIBUTE = "_ipcv_patch"
 
@@ -52,11 +64,25 @@ class KeptSegments:
     max_seqlen: int
 
 
+@dataclass(frozen=True)
+class TowerCall:
+    """What a family adapter reads from one tower call before any block runs.
+
+    item_lengths: token count of every item (image / video) of the call, in packing order.
+    segments: int32 ``[S + 1]`` attention segments of the call's packed rows, for towers whose
+        blocks take no segment argument (InternViT: one segment per tile); ``None`` otherwise.
+    """
+
+    item_lengths: list[int]
+    segments: torch.Tensor | None = None
+
+
 @dataclass
 class ForwardState:
-    """What one forward of the tower carries from block to block."""
+    """What one forward of the tower carries from block to block (bound to that forward only)."""
 
-    cu_items: torch.Tensor | None = None
+    cu_items: torch.Tensor
+    segments: torch.Tensor | None = None  # TowerCall.segments
     x_before: torch.Tensor | None = None
     plan: IPCVPlan | None = None
     base: torch.Tensor | None = None
@@ -84,11 +110,14 @@ class BlockCall:
 
 
 class FamilyAdapter:
-    """What differs between model families. Subclasses live in ``ipcv_kernels.models.<family>``."""
+    """What differs between model families (and frameworks); one subclass per family.
+
+    An adapter instance belongs to one patch (``IPCVPatch`` creates it with the module that
+    ``apply_ipcv`` was given) and holds settings only, never per-forward state: that is the
+    ``ForwardState`` the engine passes in.
+    """
 
     name = "base"
-    # This family's recommended ``IPCVConfig`` fields (``IPCVConfig.for_model``); others default.
-    default_settings: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: nn.Module | None = None) -> None:
         # The module ``apply_ipcv`` was given: the tower itself or a model wrapping it.
@@ -97,13 +126,16 @@ class FamilyAdapter:
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
         return tower.blocks
 
-    def item_lengths(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[int]:
-        """Token count of every item (image / video) of one tower call, in packing order."""
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        """Items (and segments, where blocks take none) of one ``tower(*args, **kwargs)`` call.
+
+        ``hints``: what calls around the tower told it about this call (``IPCVPatch.hinted``).
+        """
         raise NotImplementedError
 
-    def install_hooks(self, patch: IPCVPatch) -> list[torch.utils.hooks.RemovableHandle]:
-        """Extra hooks of this family (removed with the patch); none by default."""
-        return []
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        """Extra wrappers / hooks of this family, through ``patch.wrap`` / ``patch.add_hook`` (so
+        that they are removed with the patch); none by default."""
 
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
         """A block's input as packed rows ``[n, D]``: identity for packed (varlen) towers.
@@ -137,7 +169,7 @@ class FamilyAdapter:
             skip_check=True,
         )
 
-    def parse_block_call(self, args: tuple, kwargs: dict[str, Any]) -> BlockCall:
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
         kwargs = dict(kwargs)
         if "cu_seqlens" in kwargs:
             cu_seqlens = kwargs.pop("cu_seqlens")
@@ -154,6 +186,7 @@ class FamilyAdapter:
         cu_seqlens: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
         call: BlockCall,
+        config: IPCVConfig,
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """The model's own block forward with the given segments (none empty) and rotary tables.
@@ -194,10 +227,17 @@ def gather_rotary(
     return cos[rows], sin[rows]
 
 
-class IPCVPatch:
-    """The installed patch of one tower: its config, hooks, wrapped blocks and per-call state."""
+class IPCVPatch(InstancePatch):
+    """The installed IPCV patch of one tower: its config, adapter and wrapped forwards.
+
+    ``last_tokens_per_block``: the rows each block computed outputs for in the most recent
+    forward to finish (in any thread); a diagnostic, not per-call state.
+    """
+
+    attribute = PATCH_ATTRIBUTE
 
     def __init__(self, tower: nn.Module, adapter: FamilyAdapter, config: IPCVConfig) -> None:
+        super().__init__(tower)
         self.tower = tower
         self.adapter = adapter
         self.config = config
@@ -205,53 +245,51 @@ class IPCVPatch:
         self.depth = len(self.blocks)
         config.check_depth(self.depth)
         self.stabilisation_end = config.stabilisation_end(self.depth)
-        self.state = ForwardState()
         self.last_tokens_per_block: list[int] = []
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hints: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(f"ipcv_hints@{id(self):x}")
 
     # -- installation ---------------------------------------------------------------------------
     def install(self) -> None:
-        self._handles.append(self.tower.register_forward_pre_hook(self._start_forward, with_kwargs=True))
-        self._handles.append(self.tower.register_forward_hook(self._end_forward))
+        self.wrap(self.tower, "forward", self._make_tower_forward)
         for index, block in enumerate(self.blocks):
-            block.forward = self._make_block_forward(index, block, block.forward)
-        self._handles.extend(self.adapter.install_hooks(self))
-        setattr(self.tower, PATCH_ATTRIBUTE, self)
+            self.wrap(block, "forward", functools.partial(self._make_block_forward, index, block))
+        self.adapter.install_hooks(self)
+        super().install()
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for block in self.blocks:
-            # The wrapper is an instance attribute shadowing the class's forward: deleting it
-            # restores the original bound method exactly.
-            del block.forward
-        delattr(self.tower, PATCH_ATTRIBUTE)
-
-    def _make_block_forward(self, index: int, block: nn.Module, original):
-        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            return self._block_forward(index, block, original, hidden_states, args, kwargs)
+    def _make_tower_forward(self, inner: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            call = self.adapter.describe_call(self.tower, args, kwargs, self._hints.get({}))
+            lengths = [sum(call.item_lengths)] if self.config.scope == "global" else call.item_lengths
+            offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
+            with self.bind(ForwardState(cu_items=offsets, segments=call.segments)) as state:
+                output = inner(*args, **kwargs)
+            self.last_tokens_per_block = state.tokens_per_block
+            return output
 
         return forward
 
-    # -- per-forward state ----------------------------------------------------------------------
-    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        lengths = self.adapter.item_lengths(self.tower, args, kwargs)
-        if self.config.scope == "global":
-            lengths = [sum(lengths)]
-        offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
-        self.state = ForwardState(cu_items=offsets)
+    def _make_block_forward(self, index: int, block: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return self._block_forward(index, block, inner, hidden_states, args, kwargs)
 
-    def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.last_tokens_per_block = self.state.tokens_per_block
-        self.state = ForwardState()
+        return forward
+
+    @contextlib.contextmanager
+    def hinted(self, **hints: Any) -> Iterator[None]:
+        """Within the block, tower calls of this context see ``hints`` in ``describe_call``
+        (e.g. InternVL's tiles per image, read by a wrapper of the model around the tower)."""
+        token = self._hints.set({**self._hints.get({}), **hints})
+        try:
+            yield
+        finally:
+            self._hints.reset(token)
 
     # -- the per-block logic --------------------------------------------------------------------
     def _block_forward(
         self, index: int, block: nn.Module, original, hidden: torch.Tensor, args: tuple, kwargs: dict
     ) -> torch.Tensor:
         state, cfg = self.state, self.config
-        if state.cu_items is None:  # block called outside a tower forward: behave as unpatched
+        if state is None:  # block called outside a tower forward: behave as unpatched
             return original(hidden, *args, **kwargs)
         if index < cfg.prune_layer:
             state.tokens_per_block.append(self.adapter.pack(hidden).shape[0])
@@ -259,39 +297,39 @@ class IPCVPatch:
                 state.x_before = hidden
             return original(hidden, *args, **kwargs)
 
-        call = self.adapter.parse_block_call(args, kwargs)
+        call = self.adapter.parse_block_call(args, kwargs, state)
         if index == cfg.prune_layer:
-            hidden = self._plan(hidden, call)
+            hidden = self._plan(state, hidden, call)
         plan = state.plan
         state.tokens_per_block.append(hidden.shape[0])
         if index < self.stabilisation_end:
-            full = self._restore(hidden)
+            full = self._restore(state, hidden)
             if cfg.as_queries == "all":
                 out_full = self.adapter.run_block(
-                    block, original, full, call.cu_seqlens, call.position_embeddings, call
+                    block, original, full, call.cu_seqlens, call.position_embeddings, call, cfg
                 )
                 hidden = out_full[plan.keep]
             else:
                 hidden = self.adapter.stabilised_block(
-                    block, hidden, full, plan, call, cfg, self._kept_segments(call.cu_seqlens).cu_seqlens
+                    block, hidden, full, plan, call, cfg, self._kept_segments(state, call.cu_seqlens).cu_seqlens
                 )
         else:
-            segments = self._kept_segments(call.cu_seqlens)
+            segments = self._kept_segments(state, call.cu_seqlens)
             hidden = self.adapter.run_block(
                 block,
                 original,
                 hidden,
                 segments.nonempty,
-                self._kept_rotary(call.position_embeddings),
+                self._kept_rotary(state, call.position_embeddings),
                 call,
+                cfg,
                 segments.max_seqlen,
             )
         if index == self.depth - 1:
-            return self.adapter.unpack(self._restore(hidden), state.block_layout)
+            return self.adapter.unpack(self._restore(state, hidden), state.block_layout)
         return hidden
 
-    def _plan(self, x_after: torch.Tensor, call: BlockCall) -> torch.Tensor:
-        state = self.state
+    def _plan(self, state: ForwardState, x_after: torch.Tensor, call: BlockCall) -> torch.Tensor:
         layout = x_after.shape
         x_before, x_after = self.adapter.pack(state.x_before), self.adapter.pack(x_after)
         # The item offsets are built on the host: checked there, before the copy, so no device read.
@@ -305,36 +343,36 @@ class IPCVPatch:
         state.base_kept, state.base_drop = x_after[plan.keep], x_after[plan.drop]
         return state.base_kept
 
-    def _kept_segments(self, cu_seqlens: torch.Tensor) -> KeptSegments:
+    def _kept_segments(self, state: ForwardState, cu_seqlens: torch.Tensor) -> KeptSegments:
         """This block call's segments shrunk to the kept tokens (memoised per forward).
 
         Towers may pass different segments to different blocks (Qwen2.5-VL's windows); the plan
         already holds the shrink of block ``P``'s segments.
         """
-        memo = self.state.kept_segments.get(id(cu_seqlens))
+        memo = state.kept_segments.get(id(cu_seqlens))
         if memo is not None and memo[0] is cu_seqlens:
             return memo[1]
-        if cu_seqlens is self.state.planned_cu_seqlens:
-            shrunk = self.state.plan.cu_seqlens_kept
+        if cu_seqlens is state.planned_cu_seqlens:
+            shrunk = state.plan.cu_seqlens_kept
         else:
-            shrunk = shrink_cu_seqlens(cu_seqlens.to(torch.int32), self.state.plan.keep)
+            shrunk = shrink_cu_seqlens(cu_seqlens.to(torch.int32), state.plan.keep)
         nonempty = torch.unique_consecutive(shrunk)
         longest = int((nonempty[1:] - nonempty[:-1]).max()) if nonempty.numel() > 1 else 0
         segments = KeptSegments(shrunk, nonempty, longest)
-        self.state.kept_segments[id(cu_seqlens)] = (cu_seqlens, segments)
+        state.kept_segments[id(cu_seqlens)] = (cu_seqlens, segments)
         return segments
 
     def _kept_rotary(
-        self, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+        self, state: ForwardState, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The rotary tables' kept rows (memoised per forward)."""
         if position_embeddings is None:
             return None
         cos = position_embeddings[0]
-        memo = self.state.kept_rotary.get(id(cos))
+        memo = state.kept_rotary.get(id(cos))
         if memo is None or memo[0] is not cos:
-            memo = (cos, gather_rotary(position_embeddings, self.state.plan.keep))
-            self.state.kept_rotary[id(cos)] = memo
+            memo = (cos, gather_rotary(position_embeddings, state.plan.keep))
+            state.kept_rotary[id(cos)] = memo
         return memo[1]
 
     def full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -343,19 +381,20 @@ class IPCVPatch:
         For modules that tap intermediate block outputs during a patched forward; anything else
         (a full-length input, or a call outside a pruned stretch) is returned unchanged.
         """
-        plan = self.state.plan
+        state = self.state
+        plan = state.plan if state is not None else None
         if plan is None or hidden.dim() != 2 or hidden.shape[0] != plan.keep.shape[0]:
             return hidden
-        return self._restore(hidden)
+        return self._restore(state, hidden)
 
-    def _restore(self, kept: torch.Tensor) -> torch.Tensor:
+    def _restore(self, state: ForwardState, kept: torch.Tensor) -> torch.Tensor:
         """``full[keep] = kept``, ``full[drop] = NGR reconstruction`` (spec steps 4 and 7).
 
         ``skip_check``: the inputs come from the plan, so the public op's checks (host reads of the
         row and neighbour ranges) would only add a synchronisation per block on CUDA. On the
         Triton backend one fused kernel writes both row sets straight into ``full``.
         """
-        state, plan = self.state, self.state.plan
+        plan = state.plan
         full = torch.empty_like(state.base)
         ngr_restore(
             full,
