@@ -1,4 +1,4 @@
-"""An independent, deliberately naive float64 implementation of IPCV_SPEC.md on Qwen2-VL.
+"""An independent, deliberately naive float64 implementation of the spec (docs/spec.md) on Qwen2-VL.
 
 It shares no code with ``ipcv_kernels``: it reads the tower's weights, recomputes the rotary
 tables from ``grid_thw``, and runs every step of the spec with explicit per-item, per-token loops

@@ -2,7 +2,7 @@
 
 The oracle shares no code with ``ipcv_kernels``. It runs the unpatched tower once to record what
 the tower hands each block (block 0's input, and every block's segments / rotary tables), then
-applies IPCV_SPEC.md step by step with plain Python loops: per-item scores and top-k, neighbours
+applies the spec (docs/spec.md) step by step with plain Python loops: per-item scores and top-k, neighbours
 by direct distance, NGR by explicit means, attention-stabilisation blocks as the model's own block
 on the full reconstructed sequence (kept rows read back), pruned blocks as the model's own block on
 the kept tokens of each segment (segments shrunk by counting; InternViT: tile by tile). Finally it
