@@ -60,3 +60,18 @@ def test_other_benchmark_command_lines_parse(name):
     generic = [["--device", "cuda", "--out", "/tmp/out"]]  # run_other_benchmark's arguments
     for argv in commands or generic:
         assert load_benchmark_script(name).parse_args(argv).out == Path("/tmp/out")  # under $OUT
+
+
+def test_readme_bench_commands_parse_and_regenerate_into_results():
+    """``benchmarks/README.md``'s ``python -m ipcv_kernels bench`` lines parse; the ones that
+    regenerate committed files name ``--out benchmarks/results``, the others leave the default."""
+    text = (BENCHMARKS / "README.md").read_text().replace("\\\n", " ")
+    lines = re.findall(r"^python -m ipcv_kernels (bench [^#\n]*)", text, re.MULTILINE)
+    assert len(lines) >= 5
+    outs = []
+    for line in lines:
+        argv = shlex.split(line)
+        if "--help" in argv:
+            continue
+        outs.append(build_parser().parse_args(argv).out)
+    assert Path("benchmarks/results") in outs and Path("ipcv_results/vit") in outs
