@@ -15,7 +15,8 @@ the Qwen2-VL-7B setting) it times, after checking every variant's output:
 
 Backends are those available on the device (on the CPU: ``torch`` and ``sdpa``; the Triton
 interpreter is excluded as meaningless for timing). Results: ``bench_ops.json`` (device, versions,
-every sample), ``.csv``, ``.md`` and one plot per op, in ``--out`` (default ``benchmarks/results/``).
+every sample), ``.csv``, ``.md`` and one plot per op, in ``--out`` (default ``./ipcv_results/ops``;
+the committed results are regenerated with ``--out benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import torch
 
 import ipcv_kernels as ik
 from ipcv_kernels.bench.harness import (
-    REPO_ROOT,
     Column,
     ResultFiles,
     Series,
     configure_threads,
+    default_out,
     environment,
     environment_markdown,
     markdown_table,
@@ -53,7 +54,13 @@ ATTENTION_BACKENDS = ("triton", "flash_attn", "torch_varlen", "sdpa", "torch")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="result folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=default_out("ops"),
+        help="result folder, relative to the current directory (--out benchmarks/results rewrites the committed "
+        "results; default: %(default)s)",
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384], help="tokens per image")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -12,7 +12,8 @@ Two parts, each checked for correctness before it is timed:
   peak extra memory of each (on the CPU: the resident-set high-water mark, see the harness).
 
 Results: ``plan_<device>.json`` (device, versions, every sample), ``.csv`` and ``.md`` in ``--out``
-(default ``benchmarks/results/``).
+(default ``./ipcv_results/plan``; the committed results are regenerated with ``--out
+benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import torch
 
 import ipcv_kernels as ik
 from ipcv_kernels.bench.harness import (
-    REPO_ROOT,
     Column,
     ResultFiles,
     configure_threads,
+    default_out,
     environment,
     environment_markdown,
+    load_average,
     markdown_table,
     measure_peak_memory,
     time_interleaved,
@@ -56,7 +58,13 @@ def parse_batch(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results", help="result folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=default_out("plan"),
+        help="result folder, relative to the current directory (--out benchmarks/results rewrites the committed "
+        "results; default: %(default)s)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--batches", type=parse_batch, nargs="+", default=[(8, 1024), (32, 256)], help="BxN")
@@ -231,14 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         _, peak = measure_peak_memory(knn_inputs(args, device, dtype)[2][args.knn_memory], device)
         print(json.dumps(peak.summary()))
         return 0
-    load_before = os.getloadavg()
+    load_before = load_average()
     rows = plan_rows(args, device, dtype)
     if args.knn_tokens > 0:
         rows.append(knn_row(args, argv, device, dtype))
 
     env = environment(device)
     # Other processes share this machine's cores: the load average says how quiet the run was.
-    env["load_average_1_5_15min"] = {"before": load_before, "after": os.getloadavg()}
+    env["load_average_1_5_15min"] = {"before": load_before, "after": load_average()}
     files = ResultFiles(args.out, args.stem or f"plan_{device.type}")
     files.write_json({"benchmark": "bench_plan", "environment": env, "rows": rows})
     flat = [{k: v for k, v in row.items() if not isinstance(v, dict)} for row in rows]

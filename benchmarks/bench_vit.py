@@ -1,12 +1,13 @@
 """End-to-end vision-tower benchmark (issue 5): ``python benchmarks/bench_vit.py --suite cpu``.
 
-The code lives in ``ipcv_kernels.bench.vit`` so that ``python -m ipcv_kernels bench`` runs the
-same thing; this file is only the script entry point. ``--help`` lists the options.
+The same as ``python -m ipcv_kernels bench`` (the code lives in ``ipcv_kernels.bench.vit``); this
+file is only a script entry point. ``--help`` lists the options; results go to
+``./ipcv_results/vit`` unless ``--out`` names a directory.
 """
 
 import sys
 
-from ipcv_kernels.bench.vit import main
+from ipcv_kernels.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -34,12 +34,17 @@ distance GEMM), per item with ``n_i`` rows, ``k_i`` kept, ``d_i = n_i - k_i`` dr
   ``d_i > 0``: ``k_i D`` (``h - base``) ``+ d_i (k' + 2) D`` (neighbour sum, mean, ``+ base``).
 
 The matmul terms equal what ``torch.utils.flop_counter.FlopCounterMode`` counts on a real Qwen2-VL
-tower, unpatched and patched (``tests/test_flops.py``).
+tower, unpatched and patched (``tests/bench/test_flops.py``).
+
+Towers: ``qwen2_vl_flops`` (Qwen2-VL: every block attends per image / frame) and
+``qwen2_5_vl_flops`` (Qwen2.5-VL: windowed attention except in ``fullatt_block_indexes``) read a
+vision config; ``vision_tower_flops`` picks between them by the config's ``model_type``.
 
 Not counted anywhere (``O(n D)`` element-wise, under 1% of a block at ViT widths and identical in
 both towers): layer norms, activations, softmax, rotary, residual adds, gathers and scatters.
 
-Exactness: the kept count per item is the spec's ``max(1, int(n_i (1 - r)))``, so totals are exact
+Exactness: the kept count per item is the spec's ``max(1, int(n_i (1 - r)))``
+(``ipcv_kernels.reference.selection.keep_count``), so totals are exact
 for items with one attention segment (images). For items with several segments (video frames) the
 split of kept rows among the segments depends on the data; the model spreads them in proportion to
 segment length. That minimises ``sum_s q_s^2``, so for videos the IPCV estimate is a lower bound and
@@ -51,11 +56,15 @@ overhead (``predicted_speedup(..., include_overhead=False) == 1.0`` exactly).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ._validation import check_choice, check_int
 from .config import AS_QUERIES, IPCVConfig
+
+# The spec's one keep rule, max(1, int(n * (1 - r))). It returns 0 for an empty item where the
+# rule alone would give 1; the FLOP model never asks about one (``_items`` rejects empty segments).
+from .reference.selection import keep_count
 
 BLOCK_KINDS = ("full", "stabilised", "stabilised_all", "pruned")
 
@@ -117,11 +126,6 @@ def _items(seq_lens: Sequence[int | Sequence[int]]) -> list[list[int]]:
             check_int("seq_lens", length, low=1)
         items.append(segments)
     return items
-
-
-def kept_count(n: int, ratio: float) -> int:
-    """The spec's kept rows of an ``n``-row item: ``max(1, int(n * (1 - ratio)))`` (Python floats)."""
-    return max(1, int(n * (1 - ratio)))
 
 
 def _block_linear(query_rows: float, key_rows: float, width: int, mlp_hidden: int) -> float:
@@ -225,13 +229,13 @@ def vit_flops(
     ngr = 0.0
     for item in competing:
         n = sum(item)
-        kept = kept_count(n, config.ratio)
+        kept = keep_count(n, config.ratio)
         dropped = n - kept
         kept_segments += [kept * length / n for length in item] if len(item) > 1 else [float(kept)]
         if dropped:
             planning += 2.0 * dropped * kept * width + 2.0 * width * (dropped + kept)
             ngr += kept * width + dropped * (min(config.num_neighbors, kept) + 2) * width
-    kept_tokens = sum(kept_count(sum(item), config.ratio) for item in competing)
+    kept_tokens = sum(keep_count(sum(item), config.ratio) for item in competing)
 
     stabilisation_end = config.stabilisation_end(depth)
     blocks = []
@@ -273,6 +277,63 @@ def qwen2_vl_flops(
         merger_out=c.hidden_size,
         spatial_merge=c.spatial_merge_size,
     )
+
+
+def qwen2_5_window_lengths(t: int, h: int, w: int, merge: int, window: int) -> list[int]:
+    """Qwen2.5-VL's attention windows of one ``grid_thw`` row: ``window x window`` merge units from
+    the top-left corner of every frame, the last row / column of windows cut by the grid."""
+    rows = [min(window, h // merge - r) for r in range(0, h // merge, window)]
+    cols = [min(window, w // merge - c) for c in range(0, w // merge, window)]
+    return [r * c * merge * merge for _ in range(t) for r in rows for c in cols]
+
+
+def qwen2_5_vl_flops(
+    vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None
+) -> FlopReport:
+    """``vit_flops`` for a ``Qwen2_5_VLVisionConfig``: blocks in ``fullatt_block_indexes`` attend
+    per image / frame, the others per window; the gated MLP's three matrices count as a two-matrix
+    MLP of 1.5 x ``intermediate_size``. Same conventions as ``qwen2_vl_flops`` otherwise."""
+    c = vision_config
+    merge = c.spatial_merge_size
+    window = c.window_size // merge // c.patch_size
+
+    def report(seq_lens: list[Any]) -> FlopReport:
+        return vit_flops(
+            c.depth,
+            c.hidden_size,
+            int(1.5 * c.intermediate_size),
+            c.num_heads,
+            seq_lens,
+            config,
+            patch_dim=c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size,
+            merger_out=c.out_hidden_size,
+            spatial_merge=merge,
+        )
+
+    full = report(grid_seq_lens(grid_thw))
+    windowed = report([qwen2_5_window_lengths(int(t), int(h), int(w), merge, window) for t, h, w in grid_thw])
+    blocks = tuple(full.blocks[i] if i in c.fullatt_block_indexes else windowed.blocks[i] for i in range(c.depth))
+    ipcv_only = full.planning + full.restoration
+    overhead = ipcv_only + sum(b.overhead for b in blocks)
+    total = sum(b.total for b in blocks) + ipcv_only + full.embed + full.merger
+    return replace(
+        full,
+        total=total,
+        per_block=tuple(b.total for b in blocks),
+        blocks=blocks,
+        core=total - overhead,
+        overhead=overhead,
+    )
+
+
+def vision_tower_flops(
+    vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None
+) -> FlopReport:
+    """``qwen2_5_vl_flops`` for a Qwen2.5-VL vision config (``model_type`` ``qwen2_5_vl_vision``),
+    ``qwen2_vl_flops`` otherwise."""
+    if getattr(vision_config, "model_type", None) == "qwen2_5_vl_vision":
+        return qwen2_5_vl_flops(vision_config, grid_thw, config)
+    return qwen2_vl_flops(vision_config, grid_thw, config)
 
 
 def predicted_speedup(unpatched: FlopReport, patched: FlopReport, *, include_overhead: bool = True) -> float:

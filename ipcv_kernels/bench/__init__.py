@@ -1,5 +1,13 @@
-"""Benchmark support shipped with the package: the shared harness, model presets and the
-end-to-end vision-tower benchmark (``python -m ipcv_kernels bench`` / ``benchmarks/bench_vit.py``).
+"""Benchmark support shipped with the package (``python -m ipcv_kernels bench``, the demo and
+``benchmarks/bench_*.py``):
+
+- ``harness``: timing, spread and noise verdicts, peak memory, run metadata, result files, plots,
+  progress bars; the default output directory ``./ipcv_results/<benchmark>``;
+- ``presets``: named tower shapes and benchmark suites;
+- ``towers``: a preset's tower with seeded random weights, or a local checkpoint's vision tower;
+- ``variants``: the compared variants (unpatched, the paper's formulation, IPCV) by name;
+- ``vit``: the end-to-end vision-tower benchmark (cases, checks, the run, the ``bench`` flags);
+- ``report``: its CSV rows, markdown and plot.
 
 Optional dependencies (``pip install ipcv_kernels[bench]``): matplotlib for plots, tqdm for
 progress bars; both are imported only when used.

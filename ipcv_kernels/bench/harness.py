@@ -1,13 +1,26 @@
-"""The one benchmark harness: timing, peak memory, run metadata, result files and plots.
+"""The one benchmark harness: timing, spread and noise, peak memory, run metadata, result files,
+plots and progress bars.
 
-Every benchmark script (``benchmarks/bench_*.py``) uses it, so all result files carry the same
-fields. ``benchmarks/harness.py`` re-exports this module for scripts run from that folder.
+Every benchmark (``python -m ipcv_kernels bench``, the demo, ``benchmarks/bench_*.py``) uses it,
+so all result files carry the same fields.
 
 Timing: ``warmup`` untimed calls, then ``repeats`` timed calls; reported as the median and the
 spread (p10 / p90 and the interquartile range) of the samples. On CUDA each sample is a pair of
 CUDA events around the call followed by ``torch.cuda.synchronize()`` (device time, no host
 jitter); on CPU it is ``time.perf_counter`` around the call. ``time_interleaved`` rotates the
-order of several variants every round so that drift (thermal, other processes) hits all alike.
+order of several variants every round so that drift (thermal, other processes) hits all alike,
+and sample ``r`` of every variant comes from the same round ``r``: ``round_speedups`` pairs them,
+so the spread of a speedup is measured, not guessed from the spreads of the two times.
+
+Noise: ``noise_warnings`` says when a speedup is too noisy to trust: its per-round p10-p90 wider
+than ``NOISY_SPEEDUP_SPREAD`` of its median, or the host's 1-minute load average above the cores
+this process may use (other processes then compete for them).
+
+Result files go to ``--out``; the default is ``default_out(benchmark)``, ``./ipcv_results/<benchmark>``
+under the current directory, so that an installed package never writes into a source checkout.
+The committed results in ``benchmarks/results/`` are written only when named (``--out
+benchmarks/results``). ``environment`` records the source revision when the package is imported
+from a git checkout, and ``None`` otherwise.
 
 Peak memory of one call (``measure_peak_memory``):
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``: bytes held by
@@ -26,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -41,22 +55,37 @@ from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# Result files go under this directory of the current working directory unless --out names one.
+RESULTS_DIR = Path("ipcv_results")
+# Dtype names accepted on the command lines of the demo and the vision-tower benchmark.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A speedup whose per-round p10-p90 spans more than this fraction of its median (more than about
+# +-10% around it) is too noisy to quote.
+NOISY_SPEEDUP_SPREAD = 0.2
+
+
+def default_out(benchmark: str) -> Path:
+    """``./ipcv_results/<benchmark>``: relative, so it resolves against the current directory."""
+    return RESULTS_DIR / benchmark
 
 
 # -- timing ---------------------------------------------------------------------------------------
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (``0 <= q <= 1``) of ``values``, interpolated linearly between order
+    statistics (numpy's default rule)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low, high = math.floor(pos), math.ceil(pos)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
 @dataclass(frozen=True)
 class Timing:
     """Samples of one timed callable, in milliseconds."""
 
     samples_ms: tuple[float, ...]
-
-    def _percentile(self, q: float) -> float:
-        # Linear interpolation between order statistics (numpy's default).
-        ordered = sorted(self.samples_ms)
-        pos = (len(ordered) - 1) * q
-        low, high = math.floor(pos), math.ceil(pos)
-        return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
     @property
     def median_ms(self) -> float:
@@ -64,15 +93,15 @@ class Timing:
 
     @property
     def p10_ms(self) -> float:
-        return self._percentile(0.10)
+        return percentile(self.samples_ms, 0.10)
 
     @property
     def p90_ms(self) -> float:
-        return self._percentile(0.90)
+        return percentile(self.samples_ms, 0.90)
 
     @property
     def iqr_ms(self) -> float:
-        return self._percentile(0.75) - self._percentile(0.25)
+        return percentile(self.samples_ms, 0.75) - percentile(self.samples_ms, 0.25)
 
     @property
     def min_ms(self) -> float:
@@ -91,7 +120,56 @@ class Timing:
         }
 
 
+@dataclass(frozen=True)
+class Spread:
+    """Median and p10 / p90 of a few samples (per-round times or per-round speedups)."""
+
+    p10: float
+    median: float
+    p90: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(percentile(values, 0.10), statistics.median(values), percentile(values, 0.90))
+
+    @property
+    def relative_width(self) -> float:
+        """``(p90 - p10) / median``: how far apart the typical rounds are, relative to the median."""
+        return (self.p90 - self.p10) / self.median
+
+
+def round_speedups(base: Timing, other: Timing) -> tuple[float, ...]:
+    """``base / other`` round by round: both must come from one ``time_interleaved`` call, whose
+    sample ``r`` of every variant was taken in round ``r`` (under the same host load)."""
+    if len(base.samples_ms) != len(other.samples_ms):
+        raise ValueError(f"round_speedups: {len(base.samples_ms)} and {len(other.samples_ms)} rounds")
+    return tuple(b / o for b, o in zip(base.samples_ms, other.samples_ms, strict=True))
+
+
+def noise_warnings(speedups: dict[str, Spread], load_average: Sequence[float] | None) -> list[str]:
+    """Why measured speedups are too noisy to trust (empty when nothing says so).
+
+    Args:
+        speedups: name -> the spread of its per-round speedups (``Spread.of(round_speedups(...))``).
+        load_average: ``load_average()`` taken during or right after the timing.
+    """
+    warnings = [
+        f"{name}: the per-round speedup's p10-p90 ({spread.p10:.2f}-{spread.p90:.2f}x) spans "
+        f"{spread.relative_width:.0%} of its median, more than {NOISY_SPEEDUP_SPREAD:.0%}"
+        for name, spread in speedups.items()
+        if spread.relative_width > NOISY_SPEEDUP_SPREAD
+    ]
+    cores = usable_cores()
+    if load_average is not None and load_average[0] > cores:
+        warnings.append(
+            f"the host's 1-minute load average ({load_average[0]:.1f}) exceeds the {cores} core(s) "
+            "this process may use: other processes compete for them"
+        )
+    return warnings
+
+
 def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op off CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -303,16 +381,52 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git(*args: str) -> str | None:
+def load_average() -> list[float] | None:
+    """The host's 1 / 5 / 15 minute load averages (``None`` where the OS has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _run_git(cwd: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
 
 
+@functools.cache
+def source_checkout() -> Path | None:
+    """The git work tree the package is imported from, or ``None`` (an installed package).
+
+    The package directory must be the work tree's own ``ipcv_kernels/``: a package installed into
+    a virtual environment that happens to sit inside some other repository (or inside this one)
+    does not report that repository's commit.
+    """
+    package = Path(__file__).resolve().parents[1]
+    top = _run_git(package, "rev-parse", "--show-toplevel")
+    if top is None or (Path(top) / package.name).resolve() != package:
+        return None
+    return Path(top)
+
+
+def _git(*args: str) -> str | None:
+    checkout = source_checkout()
+    return None if checkout is None else _run_git(checkout, *args)
+
+
 def environment(device: torch.device) -> dict[str, Any]:
-    """Device, library versions, host and source revision of a run."""
+    """Device, library versions, host and source revision of a run.
+
+    ``git_commit`` / ``git_dirty`` are ``None`` when the package is not imported from a git
+    checkout (see ``source_checkout``).
+    """
     info: dict[str, Any] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -330,9 +444,10 @@ def environment(device: torch.device) -> dict[str, Any]:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None,
         "argv": sys.argv,
+        "usable_cores": usable_cores(),
         # Other processes sharing the host slow a CPU run down: the 1 / 5 / 15 minute load averages
         # when the metadata was taken (the end of a run) say how busy the host was.
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
     }
     status = _git("status", "--porcelain", "--untracked-files=no")
     info["git_dirty"] = None if status is None else bool(status)
@@ -514,24 +629,34 @@ def progress_iter(items: Iterable[Any], total: int, description: str, *, enabled
 
 
 __all__ = [
-    "REPO_ROOT",
+    "DTYPES",
+    "NOISY_SPEEDUP_SPREAD",
+    "RESULTS_DIR",
     "Column",
     "PeakMemory",
     "Progress",
     "ResultFiles",
     "Series",
+    "Spread",
     "Timing",
     "configure_threads",
     "count_host_syncs",
+    "default_out",
     "environment",
     "environment_markdown",
+    "load_average",
     "markdown_table",
     "measure_peak_memory",
+    "noise_warnings",
+    "percentile",
     "plot_series",
     "progress_iter",
+    "round_speedups",
+    "source_checkout",
     "synchronize",
     "time_fn",
     "time_interleaved",
     "time_modules",
     "time_once",
+    "usable_cores",
 ]

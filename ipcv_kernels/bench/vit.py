@@ -1,59 +1,50 @@
 """End-to-end benchmark of a Qwen2-VL vision tower: unpatched vs the paper's formulation vs IPCV.
 
-Entry points: ``python benchmarks/bench_vit.py ...`` and ``python -m ipcv_kernels bench ...``
-both call ``main(argv)``. Three variants run on the same tower, interleaved round by round:
-
-- ``unpatched`` (a): the model as built.
-- ``paper`` (b): the paper code's formulation: IPCV with ``as_queries="all"`` (the model's own
-  block on the full reconstructed sequence in the stabilisation blocks, dropped rows discarded
-  afterwards) and the ``"torch"`` planning backend (a dense distance matrix per tile, like
-  ``torch.cdist``).
-- ``ipcv`` (c): IPCV with kept queries only and ``backend="auto"`` for every op (the fastest
-  backend registered for the device).
-- optional, ``ipcv_<backend>`` (e.g. ``ipcv_torch_varlen``, ``ipcv_flash_attn``, ``ipcv_sdpa``):
-  (c) with that ``ngr_attention`` backend in the stabilisation blocks, so that one run compares
-  attention kernels end to end (``--variants unpatched paper ipcv ipcv_torch_varlen``).
+Entry points: ``python -m ipcv_kernels bench ...`` (``add_arguments`` and ``run`` are its
+subcommand) and ``python benchmarks/bench_vit.py ...``, which runs that subcommand. The variants
+(``ipcv_kernels.bench.variants``: (a) unpatched, (b) the paper's formulation, (c) IPCV, and
+optionally (c) with another attention backend) run on the same tower, interleaved round by round.
 
 Before timing, every case is checked: (b) and (c) must agree, and (c) at ``ratio=0`` must equal
 (a) (``--check first`` does the ratio-0 forward for the first case only). The bound is the FLOP
-model's speedup (``ipcv_kernels.flops``); ``efficiency`` = measured speedup / bound.
+model's speedup (``ipcv_kernels.flops``); ``efficiency`` = measured speedup / bound. Every speedup
+comes with the p10-p90 of its per-round values and a verdict on noise (``harness.noise_warnings``).
 
 Weights are seeded random (speed does not depend on their values) unless ``--model PATH`` loads a
-real checkpoint's vision tower from a local directory.
+real checkpoint's vision tower from a local directory (``ipcv_kernels.bench.towers``). Results go
+to ``--out`` (default ``./ipcv_results/vit``); the report is ``ipcv_kernels.bench.report``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
-import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..flops import FlopReport, grid_seq_lens, predicted_speedup, qwen2_vl_flops, vit_flops
+from ..flops import FlopReport, predicted_speedup, vision_tower_flops
+
+# Explicit re-exports: tests/models/test_qwen2_5_vl.py (owned elsewhere) imports these two from
+# here, but they live in ipcv_kernels.flops. Drop them once that test imports them from there.
+from ..flops import qwen2_5_vl_flops as qwen2_5_vl_flops
+from ..flops import qwen2_5_window_lengths as qwen2_5_window_lengths
 from ..models import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..ops import available_backends
 from ..testing import tolerance
 from . import harness
-from .presets import MODEL_PRESETS, PRESET_FAMILIES, SUITES
+from .presets import MODEL_PRESETS, SUITES
+from .report import markdown_report, plot, table_rows
+from .towers import build_tower, load_vision_tower, tower_output, vision_config_from_preset
+from .variants import VARIANTS, attention_variant_backend, attention_variants, variant_configs
 
-if TYPE_CHECKING:
-    from transformers import PretrainedConfig
-
-VARIANTS = ("unpatched", "paper", "ipcv")
-# (c) with a named ngr_attention backend in the stabilisation blocks: "ipcv_<backend>".
-ATTENTION_VARIANT_PREFIX = "ipcv_"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_OUT = harness.REPO_ROOT / "benchmarks" / "results"
 PLANNED_OPS = ("plan", "knn", "ngr_reconstruct", "ngr_attention")
 
 
@@ -68,6 +59,7 @@ class Case:
 
     @property
     def tokens(self) -> int:
+        """Patch tokens entering the tower."""
         return sum(t * h * w for t, h, w in self.grid_thw)
 
 
@@ -104,124 +96,7 @@ def parse_case(text: str, vision_config: Any) -> Case:
     return Case(text, "batch" if count > 1 else "image", ((1, h, w),) * count)
 
 
-# -- towers ---------------------------------------------------------------------------------------
-def vision_config_from_preset(name: str, attn_implementation: str = "sdpa") -> PretrainedConfig:
-    """A ``Qwen2VLVisionConfig`` for a ``MODEL_PRESETS`` name."""
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-
-    if name not in MODEL_PRESETS:
-        raise ValueError(f"preset must be one of {list(MODEL_PRESETS)}, got {name!r}")
-    config_class = Qwen2_5_VLVisionConfig if PRESET_FAMILIES.get(name) == "qwen2_5_vl" else Qwen2VLVisionConfig
-    config = config_class(**MODEL_PRESETS[name])
-    config._attn_implementation = attn_implementation
-    return config
-
-
-def build_tower(
-    vision_config: PretrainedConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0
-) -> nn.Module:
-    """The tower with seeded random weights, created directly on ``device`` (no host copy)."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
-    tower_class = (
-        Qwen2_5_VisionTransformerPretrainedModel
-        if vision_config.model_type == "qwen2_5_vl_vision"
-        else Qwen2VisionTransformerPretrainedModel
-    )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        tower = tower_class(vision_config)
-    return tower.to(dtype=dtype).eval()
-
-
-VISION_PREFIXES = ("model.visual.", "visual.")
-
-
-def load_vision_tower(
-    path: str | Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"
-) -> nn.Module:
-    """The vision tower of a local Qwen2-VL checkpoint directory, without loading the LLM.
-
-    ``path`` holds either a full Qwen2-VL model (``config.json`` with a ``vision_config`` and
-    safetensors shards, as ``save_pretrained`` or the Hub write them) or a saved tower alone
-    (``model_type`` ``qwen2_vl_vision``). For a full model only the tensors named
-    ``visual.*`` / ``model.visual.*`` are read (shard by shard, through the safetensors index when
-    there is one), so a 7B checkpoint costs the ~1.3 GB of its tower, not 16 GB.
-    """
-    import json
-
-    from safetensors import safe_open
-    from transformers import AutoConfig
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
-    root = Path(path)
-    if not (root / "config.json").is_file():
-        raise ValueError(f"model: {str(root)!r} is not a directory with a config.json")
-    config = AutoConfig.from_pretrained(root)
-    if getattr(config, "model_type", None) == "qwen2_vl_vision":
-        tower = Qwen2VisionTransformerPretrainedModel.from_pretrained(
-            root, dtype=dtype, attn_implementation=attn_implementation
-        )
-        return tower.to(device).eval()
-    vision_config = getattr(config, "vision_config", None)
-    if vision_config is None:
-        raise ValueError(f"model: {str(root)!r} has no vision_config (not a Qwen2-VL checkpoint)")
-    vision_config._attn_implementation = attn_implementation
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        shards = sorted(p.name for p in root.glob("*.safetensors"))
-    if not shards:
-        raise ValueError(f"model: no safetensors files in {str(root)!r}")
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        with safe_open(str(root / shard), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                prefix = next((p for p in VISION_PREFIXES if key.startswith(p)), None)
-                if prefix is not None:
-                    state[key[len(prefix) :]] = handle.get_tensor(key)
-    if not state:
-        raise ValueError(f"model: no vision-tower tensors ({' or '.join(VISION_PREFIXES)}*) in {str(root)!r}")
-    with torch.device("meta"):
-        tower = Qwen2VisionTransformerPretrainedModel(vision_config)
-    tower.load_state_dict(state, strict=True, assign=True)
-    # Non-persistent buffers (the rotary inverse frequencies) are not in checkpoints: recompute.
-    tower.rotary_pos_emb = type(tower.rotary_pos_emb)(vision_config)
-    return tower.to(device=device, dtype=dtype).eval()
-
-
-def tower_output(output: Any) -> torch.Tensor:
-    """The merger's output: ``pooler_output`` (transformers >= 5) or the returned tensor (older)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    return output.pooler_output
-
-
-# -- variants and checks --------------------------------------------------------------------------
-def variant_configs(ipcv: IPCVConfig, variants: Sequence[str] = VARIANTS) -> dict[str, IPCVConfig | None]:
-    """The benchmarked variants' configs for one IPCV setting (its ``backend`` fields ignored)."""
-    configs: dict[str, IPCVConfig | None] = {
-        "unpatched": None,
-        "paper": replace(ipcv, as_queries="all", backend="torch", attention_backend="torch"),
-        "ipcv": replace(ipcv, as_queries="kept", backend="auto", attention_backend="auto"),
-    }
-    for variant in variants:
-        if variant not in configs:
-            attention = attention_variant_backend(variant)
-            configs[variant] = replace(configs["ipcv"], attention_backend=attention)
-    return {v: configs[v] for v in variants}
-
-
-def attention_variant_backend(variant: str) -> str:
-    """``"torch_varlen"`` of ``"ipcv_torch_varlen"``; ``ValueError`` for other names."""
-    if not variant.startswith(ATTENTION_VARIANT_PREFIX) or variant in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}: one of {VARIANTS} or ipcv_<ngr_attention backend>")
-    return variant.removeprefix(ATTENTION_VARIANT_PREFIX)
-
-
+# -- checks ---------------------------------------------------------------------------------------
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``||actual - expected|| / ||expected||`` (Frobenius, fp64)."""
     expected64 = expected.double()
@@ -250,6 +125,7 @@ class Bench:
     configs: dict[str, IPCVConfig | None]
 
     def select(self, variant: str) -> None:
+        """Patch the tower as ``variant`` runs it (or unpatch it, for ``unpatched``)."""
         config = self.configs[variant]
         if config is None:
             remove_ipcv(self.tower)
@@ -257,6 +133,7 @@ class Bench:
             apply_ipcv(self.tower, config)
 
     def inputs(self, case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seeded random ``(pixel_values, grid_thw)`` of ``case``, on the bench's device and dtype."""
         c = self.vision_config
         patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
         generator = torch.Generator().manual_seed(seed)
@@ -264,58 +141,9 @@ class Bench:
         return pixels.to(self.device, self.dtype), torch.tensor(case.grid_thw, dtype=torch.int64, device=self.device)
 
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """One inference call of the tower as selected; the merger's output."""
         with torch.inference_mode():
             return tower_output(self.tower(pixels, grid_thw))
-
-
-def qwen2_5_window_lengths(t: int, h: int, w: int, merge: int, window: int) -> list[int]:
-    """Qwen2.5-VL's attention windows of one ``grid_thw`` row: ``window x window`` merge units from
-    the top-left corner of every frame, the last row / column of windows cut by the grid."""
-    rows = [min(window, h // merge - r) for r in range(0, h // merge, window)]
-    cols = [min(window, w // merge - c) for c in range(0, w // merge, window)]
-    return [r * c * merge * merge for _ in range(t) for r in rows for c in cols]
-
-
-def qwen2_5_vl_flops(vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None) -> FlopReport:
-    """``vit_flops`` for a ``Qwen2_5_VLVisionConfig``: blocks in ``fullatt_block_indexes`` attend
-    per image / frame, the others per window; the gated MLP's three matrices count as a two-matrix
-    MLP of 1.5 x ``intermediate_size``. Same conventions as ``qwen2_vl_flops`` otherwise."""
-    c = vision_config
-    merge = c.spatial_merge_size
-    window = c.window_size // merge // c.patch_size
-
-    def report(seq_lens: list[Any]) -> FlopReport:
-        return vit_flops(
-            c.depth,
-            c.hidden_size,
-            int(1.5 * c.intermediate_size),
-            c.num_heads,
-            seq_lens,
-            config,
-            patch_dim=c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size,
-            merger_out=c.out_hidden_size,
-            spatial_merge=merge,
-        )
-
-    full = report(grid_seq_lens(grid_thw))
-    windowed = report([qwen2_5_window_lengths(int(t), int(h), int(w), merge, window) for t, h, w in grid_thw])
-    blocks = tuple(full.blocks[i] if i in c.fullatt_block_indexes else windowed.blocks[i] for i in range(c.depth))
-    ipcv_only = full.planning + full.restoration
-    overhead = ipcv_only + sum(b.overhead for b in blocks)
-    total = sum(b.total for b in blocks) + ipcv_only + full.embed + full.merger
-    return replace(
-        full,
-        total=total,
-        per_block=tuple(b.total for b in blocks),
-        blocks=blocks,
-        core=total - overhead,
-        overhead=overhead,
-    )
-
-
-def flop_bounds(vision_config: Any, case: Case, configs: dict[str, IPCVConfig | None]) -> dict[str, FlopReport]:
-    model_flops = qwen2_5_vl_flops if vision_config.model_type == "qwen2_5_vl_vision" else qwen2_vl_flops
-    return {name: model_flops(vision_config, case.grid_thw, config) for name, config in configs.items()}
 
 
 def run_case(
@@ -397,7 +225,7 @@ def run_case(
         before_each=bench.select,
         progress=bar.update,
     )
-    flops = flop_bounds(bench.vision_config, case, {v: bench.configs[v] for v in variants})
+    flops = {v: vision_tower_flops(bench.vision_config, case.grid_thw, bench.configs[v]) for v in variants}
     result["kept_tokens"] = flops["ipcv"].kept_tokens if "ipcv" in flops else None
     result["ipcv_tokens_per_block"] = kept_per_block
     result["variants"] = {
@@ -409,6 +237,7 @@ def run_case(
         }
         for v in variants
     }
+    speedup_spreads: dict[str, harness.Spread] = {}
     if "unpatched" in variants:
         base = timings["unpatched"].median_ms
         for v in variants:
@@ -419,6 +248,12 @@ def run_case(
             result[f"speedup_{v}_min"] = timings["unpatched"].min_ms / timings[v].min_ms
             result[f"bound_{v}"] = predicted_speedup(flops["unpatched"], flops[v])
             result[f"efficiency_{v}"] = result[f"speedup_{v}"] / result[f"bound_{v}"]
+            rounds = harness.Spread.of(harness.round_speedups(timings["unpatched"], timings[v]))
+            result[f"speedup_{v}_p10"], result[f"speedup_{v}_p90"] = rounds.p10, rounds.p90
+            speedup_spreads[v] = rounds
+    # Taken right after this case's rounds: how busy the host was while they ran.
+    result["load_average"] = harness.load_average()
+    result["noise_warnings"] = harness.noise_warnings(speedup_spreads, result["load_average"])
     if "paper" in variants and "ipcv" in variants:
         result["ipcv_over_paper"] = timings["paper"].median_ms / timings["ipcv"].median_ms
     if breakdown:
@@ -466,225 +301,71 @@ def block_breakdown(
     return {"stages": stages, "block_ms": [ms[f"block{i}"] for i in range(len(report.blocks))]}
 
 
-# -- reporting ------------------------------------------------------------------------------------
-def _mib(value: int | None) -> float | None:
-    return None if value is None else value / 2**20
-
-
-def attention_variants(variants: Sequence[str]) -> list[str]:
-    return [v for v in variants if v.startswith(ATTENTION_VARIANT_PREFIX)]
-
-
-def table_rows(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
-    """One flat row per case (the CSV and the markdown table)."""
-    rows = []
-    for case in cases:
-        row: dict[str, Any] = {k: case.get(k) for k in ("case", "kind", "tokens", "kept_tokens")}
-        for v in variants:
-            stats = case["variants"][v]
-            row[f"{v}_ms"] = stats["median_ms"]
-            row[f"{v}_p10_ms"] = stats["p10_ms"]
-            row[f"{v}_p90_ms"] = stats["p90_ms"]
-            row[f"{v}_peak_extra_mib"] = _mib(stats["memory"]["peak_extra_bytes"])
-            row[f"{v}_host_syncs"] = stats.get("host_syncs")
-        for key in (
-            "speedup_paper",
-            "speedup_paper_min",
-            "bound_paper",
-            "speedup_ipcv",
-            "speedup_ipcv_min",
-            "bound_ipcv",
-            "efficiency_ipcv",
-            "ipcv_over_paper",
-            *(f"{kind}_{v}" for v in attention_variants(variants) for kind in ("speedup", "efficiency")),
-        ):
-            row[key] = case.get(key)
-        row["check_ipcv_vs_paper"] = case["checks"].get(
-            "ipcv_vs_paper", case["checks"].get("ipcv_vs_paper_informative")
-        )
-        row["check_ipcv_vs_paper_same_planning"] = case["checks"].get("ipcv_vs_paper_same_planning")
-        row["check_ratio0"] = case["checks"].get("ratio0_vs_unpatched")
-        row["checks_passed"] = case["checks"]["passed"]
-        rows.append(row)
-    return rows
-
-
-MARKDOWN_COLUMNS = (
-    harness.Column("case", "case"),
-    harness.Column("tokens", "tokens"),
-    harness.Column("kept_tokens", "kept"),
-    harness.Column("unpatched_ms", "(a) ms", ".1f"),
-    harness.Column("paper_ms", "(b) ms", ".1f"),
-    harness.Column("ipcv_ms", "(c) ms", ".1f"),
-    harness.Column("speedup_paper", "(b) speedup", ".2f"),
-    harness.Column("speedup_ipcv", "(c) speedup", ".2f"),
-    harness.Column("bound_ipcv", "(c) FLOP bound", ".2f"),
-    harness.Column("efficiency_ipcv", "(c) / bound", ".0%"),
-    harness.Column("speedup_ipcv_min", "(c) speedup, fastest calls", ".2f"),
-    harness.Column("ipcv_over_paper", "(c) vs (b)", ".2f"),
-    harness.Column("unpatched_peak_extra_mib", "(a) MiB", ".0f"),
-    harness.Column("paper_peak_extra_mib", "(b) MiB", ".0f"),
-    harness.Column("ipcv_peak_extra_mib", "(c) MiB", ".0f"),
-    harness.Column("unpatched_host_syncs", "(a) syncs"),
-    harness.Column("paper_host_syncs", "(b) syncs"),
-    harness.Column("ipcv_host_syncs", "(c) syncs"),
-)
-
-
-def markdown_report(payload: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    s = payload["settings"]
-    ipcv = s["ipcv"]
-    extra = [
-        harness.Column(key.format(v), label.format(v), spec)
-        for v in attention_variants(s["variants"])
-        for key, label, spec in (
-            ("{}_ms", "{} ms", ".1f"),
-            ("speedup_{}", "{} speedup", ".2f"),
-            ("efficiency_{}", "{} / bound", ".0%"),
-        )
-    ]
-    columns = [c for c in (*MARKDOWN_COLUMNS, *extra) if any(row.get(c.key) is not None for row in rows)]
-    spread = "\n".join(
-        f"- `{row['case']}`: "
-        + ", ".join(f"{v} p10-p90 {row[f'{v}_p10_ms']:.1f}-{row[f'{v}_p90_ms']:.1f} ms" for v in s["variants"])
-        for row in rows
-    )
-    checks = "\n".join(
-        f"- `{case['case']}`: {'passed' if case['checks']['passed'] else '**FAILED**'} ("
-        + ", ".join(f"{k} {v:.2e}" for k, v in case["checks"].items() if k != "passed")
-        + ")"
-        for case in payload["cases"]
-    )
-    return f"""# Vision-tower benchmark: {s["model"]}, {s["dtype"]}
-
-{harness.environment_markdown(payload["environment"])}
-
-IPCV: ratio {ipcv["ratio"]}, prune layer {ipcv["prune_layer"]}, {ipcv["as_layers"]} stabilisation blocks, \
-{ipcv["num_neighbors"]} neighbours, scope {ipcv["scope"]}. (a) unpatched, (b) the paper's formulation \
-(full-length attention in the stabilisation blocks, `torch` planning), (c) `ipcv_kernels` \
-(backends: {", ".join(f"{op} `{name}`" for op, name in s["ipcv_backends"].items())}). Times are medians of \
-{s["repeats"]} interleaved rounds after {s["warmup"]} warm-up call(s); speedups are over (a); the bound is the FLOP \
-model's (`ipcv_kernels.flops`); memory is the peak above the pre-call level ({s["memory_method"]}).
-
-{harness.markdown_table(rows, columns)}
-
-Spread:
-{spread}
-
-Checks before timing (relative errors; `bound` is the pass threshold):
-{checks}
-
-{breakdown_markdown(payload["cases"], s["variants"])}
-Reproduce: `{s["command"]}`
-"""
-
-
-def _stage_order(stage: str) -> tuple[int, int]:
-    """Pipeline order of ``block_breakdown`` stages; the planning block first among its kind."""
-    kinds = ("embed", "full", "stabilised", "pruned")
-    rank = next((i for i, kind in enumerate(kinds) if stage.startswith(kind)), len(kinds) + 1)
-    if "restoration" in stage:
-        rank = len(kinds)
-    return rank, 0 if "planning" in stage else 1
-
-
-def breakdown_markdown(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
-    """Per case, a stage x variant table of ms and achieved TFLOP/s (empty without breakdowns)."""
-    parts = []
-    for case in cases:
-        if not all("breakdown" in case["variants"][v] for v in variants):
-            continue
-        stages: list[str] = []
-        for v in variants:
-            stages += [s for s in case["variants"][v]["breakdown"]["stages"] if s not in stages]
-        stages.sort(key=_stage_order)
-        rows = []
-        for stage in stages:
-            row: dict[str, Any] = {"stage": stage}
-            for v in variants:
-                entry = case["variants"][v]["breakdown"]["stages"].get(stage)
-                if entry is not None:
-                    row[v] = (
-                        f"{entry['ms']:.1f} ms, {entry['gflop']:.3g} GFLOP, {entry['tflops_per_s'] or 0:.3g} TFLOP/s"
-                    )
-            rows.append(row)
-        columns = [harness.Column("stage", "stage"), *(harness.Column(v, v) for v in variants)]
-        parts.append(f"`{case['case']}` ({case['tokens']} tokens):\n\n" + harness.markdown_table(rows, columns))
-    if not parts:
-        return ""
-    return "## Where the time goes (one untimed call per variant, stage by stage)\n\n" + "\n\n".join(parts) + "\n"
-
-
-def plot(path: Path, cases: Sequence[dict[str, Any]], title: str) -> Path | None:
-    """Speedup over (a) against tokens: single images as lines, batches and videos as markers."""
-    measured = [c for c in cases if "speedup_ipcv" in c]
-    if not measured:
-        return None
-    series = []
-    styles = {"image": ("s-", "--", "o-", ":"), "batch": ("D", "d", "P", "p"), "video": ("^", "v", "X", "x")}
-    for kind, (ipcv_style, bound_style, paper_style, paper_bound_style) in styles.items():
-        group = sorted((c for c in measured if c["kind"] == kind), key=lambda c: c["tokens"])
-        if not group:
-            continue
-        tokens = [c["tokens"] for c in group]
-        series.append(
-            harness.Series(f"(c) ipcv_kernels, {kind}", tokens, [c["speedup_ipcv"] for c in group], ipcv_style)
-        )
-        series.append(harness.Series(f"(c) FLOP bound, {kind}", tokens, [c["bound_ipcv"] for c in group], bound_style))
-        if all("speedup_paper" in c for c in group):
-            series.append(
-                harness.Series(f"(b) paper, {kind}", tokens, [c["speedup_paper"] for c in group], paper_style)
-            )
-            series.append(
-                harness.Series(f"(b) FLOP bound, {kind}", tokens, [c["bound_paper"] for c in group], paper_bound_style)
-            )
-    return harness.plot_series(
-        path, series, xlabel="tokens per call", ylabel="speedup over unpatched", title=title, hline=1.0
-    )
-
-
 # -- command line ---------------------------------------------------------------------------------
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bench_vit", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's flags. Unset IPCV and timing flags take the ``--suite``'s values."""
+    parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default=None,
+        help="defaults for the model, dtype, cases, IPCV setting, warm-up and repeats "
+        "(ipcv_kernels.bench.presets; default: gpu with --device cuda*, else cpu)",
     )
-    p.add_argument("--suite", choices=sorted(SUITES), default=None, help="defaults for everything below")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=sorted(MODEL_PRESETS), help="seeded random tower of this shape")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--preset", choices=sorted(MODEL_PRESETS), help="seeded random tower of this shape (default: the suite's)"
+    )
     source.add_argument("--model", type=Path, help="local Qwen2-VL checkpoint directory: load its vision tower")
-    p.add_argument("--dtype", choices=sorted(DTYPES))
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--cases", nargs="+", help="HxW (image), HxW*B (batch), HxW@F (video), in pixels")
-    p.add_argument("--ratio", type=float)
-    p.add_argument("--prune-layer", type=int)
-    p.add_argument("--as-layers", type=int)
-    p.add_argument("--neighbors", type=int)
-    p.add_argument(
+    parser.add_argument("--dtype", choices=sorted(harness.DTYPES), help="weights and inputs (default: the suite's)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        help="inputs in pixels: HxW (an image), HxW*B (a batch of B images), HxW@F (a video of F frames) "
+        "(default: the suite's)",
+    )
+    parser.add_argument("--ratio", type=float, help="IPCV ratio: fraction of tokens dropped (default: the suite's)")
+    parser.add_argument("--prune-layer", type=int, help="IPCV prune layer P (default: the suite's)")
+    parser.add_argument("--as-layers", type=int, help="IPCV attention-stabilisation blocks (default: the suite's)")
+    parser.add_argument("--neighbors", type=int, help="IPCV kept neighbours per dropped token (default: the suite's)")
+    parser.add_argument(
         "--variants",
         nargs="+",
         default=list(VARIANTS),
         help=f"of {', '.join(VARIANTS)}, and ipcv_<ngr_attention backend> (e.g. ipcv_torch_varlen)",
     )
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--check", choices=("first", "all", "none"), default="first", help="ratio-0 equivalence check")
-    p.add_argument(
+    parser.add_argument("--warmup", type=int, help="untimed calls per variant and case (default: the suite's)")
+    parser.add_argument("--repeats", type=int, help="timed interleaved rounds per case (default: the suite's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument(
+        "--check",
+        choices=("first", "all", "none"),
+        default="first",
+        help="cases that get the ratio-0 equivalence check (first: the first case only)",
+    )
+    parser.add_argument(
         "--on-check-failure",
         choices=("stop", "warn"),
         default="stop",
         help="warn: record the failed check and time the case anyway",
     )
-    p.add_argument("--attn-implementation", default="sdpa", help="the tower's attention (sdpa, eager, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory of the result files")
-    p.add_argument("--name", default=None, help="file stem (default vit_<suite>, or vit_<preset>_<device>)")
-    p.add_argument(
+    parser.add_argument("--attn-implementation", default="sdpa", help="the tower's attention (sdpa, eager, ...)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=harness.default_out("vit"),
+        help="directory of the result files, relative to the current directory "
+        "(--out benchmarks/results rewrites the committed results)",
+    )
+    parser.add_argument(
+        "--name", default=None, help="file stem (default: vit_<suite>, or vit_<model>_<device> without --suite)"
+    )
+    parser.add_argument(
         "--breakdown", action="store_true", help="also time every stage and count host syncs (extra calls per variant)"
     )
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG plot")
+    parser.add_argument("--no-progress", action="store_true", help="show no progress bar")
 
 
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -708,13 +389,16 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
-    """Run the benchmark described by ``args`` (parsed from ``argv``); write and return the payload."""
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark described by ``args``; write the result files and return the payload.
+
+    ``args.command_line`` (set by ``ipcv_kernels.__main__``) is recorded as the reproduce command.
+    """
     harness.configure_threads(args.threads)
-    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load_at_start = harness.load_average()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     s = settings_from_args(args)
-    dtype = DTYPES[s["dtype"]]
+    dtype = harness.DTYPES[s["dtype"]]
     if s["from_checkpoint"]:
         tower = load_vision_tower(args.model, dtype=dtype, device=device, attn_implementation=args.attn_implementation)
     else:
@@ -772,7 +456,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             "memory_method": results[0]["variants"][variants[0]]["memory"]["method"] if results else None,
             "check": args.check,
             "seed": args.seed,
-            "command": shlex.join(["python", "benchmarks/bench_vit.py", *argv]),
+            "command": args.command_line,
         },
         "cases": results,
     }
@@ -793,10 +477,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     return payload
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``benchmarks/bench_vit.py``, ``python -m ipcv_kernels bench``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    payload = run(parser().parse_args(argv), argv)
+def run(args: argparse.Namespace) -> int:
+    """The ``bench`` subcommand: run, print the markdown report and the files written."""
+    payload = benchmark(args)
     print(markdown_report(payload, table_rows(payload["cases"], payload["settings"]["variants"])))
     print("wrote " + ", ".join(payload["files"]))
     return 0

@@ -6,10 +6,15 @@ numbers itself; other callers may pass strings. ``build_settings`` accepts both.
 
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import Any
+
 from ..config import IPCVConfig
 from ..llm import DART, FastV, LLMPruner
 
 PRUNERS = ("none", "fastv", "dart")
+# IPCVConfig's field defaults (the paper's Qwen2-VL-7B setting): the ``ipcv_*`` defaults below.
+IPCV_DEFAULTS: dict[str, Any] = {field.name: field.default for field in fields(IPCVConfig)}
 
 
 def as_bool(name: str, value: object) -> bool:
@@ -41,13 +46,13 @@ def as_number(name: str, value: object, kind: type) -> int | float:
 def build_settings(
     *,
     ipcv: object = True,
-    ipcv_prune_layer: object = 3,
-    ipcv_ratio: object = 0.65,
-    ipcv_as_layers: object = 7,
-    ipcv_num_neighbors: object = 10,
-    ipcv_scope: str = "image",
-    ipcv_backend: str = "auto",
-    ipcv_attention_backend: str = "auto",
+    ipcv_prune_layer: object = IPCV_DEFAULTS["prune_layer"],
+    ipcv_ratio: object = IPCV_DEFAULTS["ratio"],
+    ipcv_as_layers: object = IPCV_DEFAULTS["as_layers"],
+    ipcv_num_neighbors: object = IPCV_DEFAULTS["num_neighbors"],
+    ipcv_scope: str = IPCV_DEFAULTS["scope"],
+    ipcv_backend: str = IPCV_DEFAULTS["backend"],
+    ipcv_attention_backend: str = IPCV_DEFAULTS["attention_backend"],
     llm_pruner: str = "none",
     llm_layer: object = 2,
     llm_ratio: object | None = None,
@@ -57,8 +62,8 @@ def build_settings(
     """The ``(IPCVConfig or None, pruner or None)`` pair that ``apply_ipcv`` takes.
 
     Args:
-        ipcv: vision-side IPCV on (default) or off; ``ipcv_*`` are its ``IPCVConfig`` fields
-            (defaults: the paper's Qwen2-VL-7B setting).
+        ipcv: vision-side IPCV on (default) or off; ``ipcv_*`` are its ``IPCVConfig`` fields,
+            with ``IPCVConfig``'s defaults (the paper's Qwen2-VL-7B setting).
         llm_pruner: ``"none"``, ``"fastv"`` or ``"dart"``.
         llm_layer, llm_ratio: the pruner's ``layer`` and ``ratio`` (``llm_ratio`` defaults to the
             pruner's own default: FastV 0.5, DART 0.778).

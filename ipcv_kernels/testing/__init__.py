@@ -1,5 +1,9 @@
 """Test and benchmark support: the one per-dtype tolerance table, and how it is derived.
 
+The submodule ``ipcv_kernels.testing.models`` (not imported here; its factories need
+transformers) is the other half: tiny Hugging Face Qwen2-VL towers and models with seeded random
+weights, and inputs for them, used by the tests, the demo and the benchmarks.
+
 Fast paths are compared with the fp64 reference. A kernel in dtype ``d`` cannot be more exact
 than PyTorch's own implementation in ``d``, so the bound is a small multiple of that:
 

@@ -58,14 +58,21 @@ def test_bench_ops_failure_modes(triton_backends, tmp_path, monkeypatch):
     assert "FAILED: knn_triton (n=96): outputs differ" in (tmp_path / "bench_ops.md").read_text()
 
 
-def test_bench_plan_runs_on_tiny_batches(tmp_path):
+def test_bench_plan_runs_on_tiny_batches(tmp_path, monkeypatch):
     bench_plan = load_benchmark_script("bench_plan")
     from ipcv_kernels.ops import cpp_backend
 
     if cpp_backend.UNAVAILABLE_REASON is not None:
         pytest.skip(cpp_backend.UNAVAILABLE_REASON)
+    # No --out: the results go under the current directory, never into benchmarks/results.
+    monkeypatch.chdir(tmp_path)
     argv = ["--batches", "2x40", "--knn-tokens", "300", "--width", "32", "--warmup", "0", "--repeats", "1"]
-    argv += ["--knn-repeats", "1", "--out", str(tmp_path)]
+    argv += ["--knn-repeats", "1"]
     assert bench_plan.main(argv) == 0
-    report = json.loads((tmp_path / "plan_cpu.json").read_text())
+    report = json.loads((tmp_path / "ipcv_results" / "plan" / "plan_cpu.json").read_text())
     assert [row["case"] for row in report["rows"]] == ["plan", "knn"]
+
+
+@pytest.mark.parametrize(("name", "folder"), [("bench_ops", "ops"), ("bench_plan", "plan")])
+def test_default_output_is_relative_to_the_current_directory(name, folder):
+    assert load_benchmark_script(name).parse_args([]).out == Path("ipcv_results") / folder

@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from ipcv_kernels.__main__ import main
 from ipcv_kernels.bench import harness
-from ipcv_kernels.bench.vit import Case, load_vision_tower, main, parse_case
+from ipcv_kernels.bench.towers import load_vision_tower
+from ipcv_kernels.bench.vit import Case, parse_case
 from ipcv_kernels.testing.models import build_qwen2_vl_model
 
 QWEN_GEOMETRY = SimpleNamespace(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
@@ -29,7 +31,7 @@ def test_parse_case_follows_qwen2_vl_geometry():
 
 
 def test_smoke_run_writes_every_field(tmp_path):
-    argv = ["--suite", "smoke", "--cases", "56x112", "56x56@4", "--repeats", "1", "--warmup", "1"]
+    argv = ["bench", "--suite", "smoke", "--cases", "56x112", "56x56@4", "--repeats", "1", "--warmup", "1"]
     argv += [
         "--device",
         "cpu",
@@ -64,6 +66,9 @@ def test_smoke_run_writes_every_field(tmp_path):
         for key in ("speedup_paper", "speedup_ipcv", "bound_ipcv", "efficiency_ipcv", "ipcv_over_paper"):
             assert case[key] > 0
         assert case["bound_ipcv"] > case["bound_paper"] > 1.0
+        # One round: the per-round speedup's p10 and p90 are that round's speedup.
+        assert case["speedup_ipcv_p10"] == case["speedup_ipcv_p90"] > 0
+        assert len(case["load_average"]) == 3 and isinstance(case["noise_warnings"], list)
     stages = image["variants"]["ipcv"]["breakdown"]["stages"]
     assert list(stages) == ["embed", "full", "stabilised + planning", "pruned", "pruned + restoration", "merger"]
     assert len(image["variants"]["paper"]["breakdown"]["block_ms"]) == 4
@@ -71,12 +76,16 @@ def test_smoke_run_writes_every_field(tmp_path):
     assert image["ipcv_tokens_per_block"] == [32, 16, 16, 16]
     for suffix in (".csv", ".md", ".png"):
         assert (tmp_path / f"smoke{suffix}").stat().st_size > 0
-    assert "(c) FLOP bound" in (tmp_path / "smoke.md").read_text()
+    markdown = (tmp_path / "smoke.md").read_text()
+    assert "(c) FLOP bound" in markdown
+    assert "speedup p10-p90 paper " in markdown and "load average" in markdown
+    header = (tmp_path / "smoke.csv").read_text().splitlines()[0].split(",")
+    assert {"speedup_paper_p10", "speedup_ipcv_p90", "too_noisy"} <= set(header)
 
 
 def test_attention_backend_variant(tmp_path):
     # (c) with a named ngr_attention backend beside (c) itself: checked against (c), timed, reported.
-    base = ["--suite", "smoke", "--cases", "56x112", "--repeats", "1", "--warmup", "1", "--device", "cpu"]
+    base = ["bench", "--suite", "smoke", "--cases", "56x112", "--repeats", "1", "--warmup", "1", "--device", "cpu"]
     base += ["--check", "none", "--no-plot", "--no-progress", "--out", str(tmp_path), "--name", "attn"]
     assert main([*base, "--variants", "unpatched", "ipcv", "ipcv_torch"]) == 0
     payload = json.loads((tmp_path / "attn.json").read_text())
@@ -136,3 +145,32 @@ def test_harness_module_times_and_result_files(tmp_path):
         [{"x": 1.23456, "y": None}], [harness.Column("x", "X", ".2f"), harness.Column("y", "Y")]
     )
     assert table.splitlines()[-1] == "| 1.23 | - |"
+
+
+def test_harness_speedup_spread_and_noise_verdict(monkeypatch):
+    base, fast = harness.Timing((10.0, 12.0, 30.0)), harness.Timing((5.0, 6.0, 10.0))
+    assert harness.round_speedups(base, fast) == (2.0, 2.0, 3.0)
+    spread = harness.Spread.of(harness.round_speedups(base, fast))
+    assert (spread.p10, spread.median, spread.p90) == (pytest.approx(2.0), 2.0, pytest.approx(2.8))
+    with pytest.raises(ValueError, match="rounds"):
+        harness.round_speedups(base, harness.Timing((1.0,)))
+    monkeypatch.setattr(harness, "usable_cores", lambda: 2)
+    steady = harness.Spread(1.9, 2.0, 2.1)
+    assert harness.noise_warnings({"ipcv": steady}, [1.5, 1.0, 1.0]) == []
+    (wide,) = harness.noise_warnings({"ipcv": spread}, [1.5, 1.0, 1.0])
+    assert wide.startswith("ipcv: ") and "40%" in wide
+    (busy,) = harness.noise_warnings({"ipcv": steady}, [3.5, 1.0, 1.0])
+    assert "load average (3.5) exceeds the 2 core(s)" in busy
+
+
+def test_environment_outside_a_checkout_has_no_commit(monkeypatch, tmp_path):
+    # An installed package: git finds no work tree whose ipcv_kernels/ is the imported package.
+    monkeypatch.setattr(harness, "_run_git", lambda cwd, *args: str(tmp_path) if "--show-toplevel" in args else "x")
+    harness.source_checkout.cache_clear()
+    try:
+        assert harness.source_checkout() is None
+        env = harness.environment(torch.device("cpu"))
+        assert env["git_commit"] is None and env["git_dirty"] is None
+        assert "commit `unknown`" in harness.environment_markdown(env)
+    finally:
+        harness.source_checkout.cache_clear()

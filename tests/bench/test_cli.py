@@ -1,21 +1,39 @@
-"""``python -m ipcv_kernels``: the demo runs end to end; ``bench`` reaches the benchmark."""
+"""``python -m ipcv_kernels``: one parser with a subcommand per ``SUBCOMMANDS`` entry; the demo
+runs end to end and reports its spread; ``bench`` reaches the benchmark and writes under the
+current directory by default."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from ipcv_kernels.__main__ import main
+from ipcv_kernels.__main__ import SUBCOMMANDS, main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_runs_and_ratio_zero_matches(capsys):
-    assert main(["demo", "--image-size", "112", "--repeats", "1"]) == 0
+    assert main(["demo", "--image-size", "112", "--repeats", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"tokens per block.*\n  64 64 64 22 22", out)
     assert "predicted speedup" in out
     diff = float(re.search(r"IPCV\(ratio=0\)\| of the merged output: (\S+)", out).group(1))
     assert diff < 1e-5
+
+
+def test_demo_reports_spread_load_and_a_noise_verdict(capsys):
+    assert main(["demo", "--image-size", "56", "--repeats", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    # p10-p90 of both variants' per-round times and of the per-round speedups.
+    assert len(re.findall(r"wall time, \w+: +[\d.]+ ms +\(p10-p90 [\d.]+-[\d.]+ ms\)", out)) == 2
+    assert re.search(r"measured speedup [\d.]+x \(ratio of the medians; per round: median [\d.]+x, p10-p90 ", out)
+    assert re.search(r"host load average [\d.]+ / [\d.]+ / [\d.]+ \(1 / 5 / 15 min\), \d+ usable core", out)
+    assert ("TOO NOISY TO TRUST" in out) != ("spread within limits" in out)
 
 
 def test_bench_command_reaches_the_benchmark(capsys):
@@ -27,3 +45,71 @@ def test_bench_command_reaches_the_benchmark(capsys):
 
 def test_unknown_command_is_refused(capsys):
     assert main(["frobnicate"]) == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+def test_top_level_help_names_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert re.search(rf"^\s+{name}\s+\S", out, re.MULTILINE), name  # listed with its help line
+
+
+@pytest.mark.parametrize("name", list(SUBCOMMANDS))
+def test_every_subcommand_has_help_on_every_flag(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([name, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m ipcv_kernels {name}")
+    # Every flag's entry carries help text after its name (on its line or the next ones).
+    entries = re.split(r"\n  (?=-)", out.split("options:", 1)[1])[1:]
+    assert entries and all("  " in entry.strip() for entry in entries)
+    if name == "bench":
+        assert "(default: ipcv_results/vit)" in " ".join(out.split())
+        assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_bare_invocation_prints_the_top_level_help(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "usage: python -m ipcv_kernels" in captured.err
+    for name in SUBCOMMANDS:
+        assert name in captured.err
+
+
+def test_module_and_script_entry_points(tmp_path):
+    # The real processes: python -m ipcv_kernels (bare: help, status 2) and benchmarks/bench_vit.py.
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    bare = subprocess.run([sys.executable, "-m", "ipcv_kernels"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bare.returncode == 2 and "bench" in bare.stderr and "demo" in bare.stderr
+    script = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_vit.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert script.returncode == 0 and "--suite" in script.stdout
+
+
+def test_bench_without_out_writes_under_the_current_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    committed = REPO / "benchmarks" / "results"
+    before = {path: path.stat().st_mtime_ns for path in committed.iterdir()}
+    argv = ["bench", "--suite", "smoke", "--cases", "56x56", "--repeats", "1", "--warmup", "0"]
+    argv += ["--device", "cpu", "--check", "none", "--no-plot", "--no-progress"]
+    assert main(argv) == 0
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [
+        "ipcv_results/vit/vit_smoke.csv",
+        "ipcv_results/vit/vit_smoke.json",
+        "ipcv_results/vit/vit_smoke.md",
+    ]
+    assert {path: path.stat().st_mtime_ns for path in committed.iterdir()} == before
+    payload = json.loads((tmp_path / "ipcv_results" / "vit" / "vit_smoke.json").read_text())
+    assert payload["settings"]["command"] == "python -m ipcv_kernels " + " ".join(argv)
+    assert "wrote ipcv_results/vit/vit_smoke.json" in capsys.readouterr().out

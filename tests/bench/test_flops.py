@@ -7,7 +7,15 @@ from types import SimpleNamespace
 import pytest
 
 from ipcv_kernels.config import IPCVConfig
-from ipcv_kernels.flops import grid_seq_lens, predicted_speedup, qwen2_vl_flops, vit_flops
+from ipcv_kernels.flops import (
+    grid_seq_lens,
+    predicted_speedup,
+    qwen2_5_vl_flops,
+    qwen2_vl_flops,
+    vision_tower_flops,
+    vit_flops,
+)
+from ipcv_kernels.reference.selection import keep_count
 
 # depth 3, width D = 4, MLP M = 8, 2 heads. A full block on n rows, one segment:
 # linear 2n(4D^2 + 2DM) = 2n * 128, attention 4D n^2 = 16 n^2.
@@ -143,7 +151,8 @@ def test_model_matches_torch_flop_counter_on_a_real_tower(case, as_queries):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ipcv_kernels.bench.vit import Bench, build_tower, parse_case, vision_config_from_preset
+    from ipcv_kernels.bench.towers import build_tower, vision_config_from_preset
+    from ipcv_kernels.bench.vit import Bench, parse_case
     from ipcv_kernels.models import apply_ipcv
 
     vision = vision_config_from_preset("qwen2-vl-tiny", attn_implementation="eager")
@@ -159,3 +168,21 @@ def test_model_matches_torch_flop_counter_on_a_real_tower(case, as_queries):
     report = qwen2_vl_flops(vision, parsed.grid_thw, config)
     opaque = sum(b.attention for b in report.blocks if b.kind == "stabilised")
     assert counter.get_total_flops() + opaque == report.core
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.65, 0.778, 0.9, 0.99, 0.999])
+def test_keep_count_is_the_rule_the_flop_model_stated(ratio):
+    # The model's own former rule, max(1, int(n * (1 - r))), for every item size up to 20,000.
+    assert all(keep_count(n, ratio) == max(1, int(n * (1 - ratio))) for n in range(1, 20_001))
+
+
+def test_vision_tower_flops_picks_the_family_model():
+    from ipcv_kernels.bench.towers import vision_config_from_preset
+
+    config = IPCVConfig(prune_layer=3, as_layers=7)
+    grid = [[1, 32, 32]]
+    qwen2 = vision_config_from_preset("qwen2-vl-7b")
+    qwen2_5 = vision_config_from_preset("qwen2.5-vl-7b")
+    assert vision_tower_flops(qwen2, grid, config) == qwen2_vl_flops(qwen2, grid, config)
+    assert vision_tower_flops(qwen2_5, grid, config) == qwen2_5_vl_flops(qwen2_5, grid, config)
+    assert vision_tower_flops(qwen2_5, grid) == qwen2_5_vl_flops(qwen2_5, grid, None)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import BENCHMARKS, load_benchmark_script
 
-from ipcv_kernels.bench import vit
+from ipcv_kernels.__main__ import build_parser
+from ipcv_kernels.bench import towers, vit
+from ipcv_kernels.bench.variants import VARIANTS, attention_variant_backend
 
 SUITE = BENCHMARKS / "gpu_suite.sh"
 
@@ -36,17 +39,18 @@ def test_bench_vit_command_lines_parse_and_fit_the_preset():
     assert len(commands) == 2  # the targets and the other inputs
     tokens = []
     for argv in commands:
-        args = vit.parser().parse_args(argv)
+        args = build_parser().parse_args(["bench", *argv])
+        assert args.out == Path("/tmp/out")  # the raw results go under $OUT
         settings = vit.settings_from_args(args)
         assert settings["model"] == "qwen2-vl-7b" and settings["dtype"] == "bfloat16"
         ipcv = settings["ipcv"]
         assert (ipcv.ratio, ipcv.prune_layer, ipcv.as_layers) == (0.65, 3, 7)  # the issue's GPU setting
-        config = vit.vision_config_from_preset(settings["model"])
+        config = towers.vision_config_from_preset(settings["model"])
         ipcv.check_depth(config.depth)
         tokens.append([vit.parse_case(text, config).tokens for text in settings["cases"]])
         for variant in args.variants:
-            if variant not in vit.VARIANTS:
-                vit.attention_variant_backend(variant)
+            if variant not in VARIANTS:
+                attention_variant_backend(variant)
     assert tokens[0] == [1024, 4096, 16384]  # the targets: 1k / 4k / 16k tokens per image
 
 
@@ -55,4 +59,19 @@ def test_other_benchmark_command_lines_parse(name):
     commands = benchmark_commands(SUITE.read_text()).get(name, [])
     generic = [["--device", "cuda", "--out", "/tmp/out"]]  # run_other_benchmark's arguments
     for argv in commands or generic:
-        load_benchmark_script(name).parse_args(argv)
+        assert load_benchmark_script(name).parse_args(argv).out == Path("/tmp/out")  # under $OUT
+
+
+def test_readme_bench_commands_parse_and_regenerate_into_results():
+    """``benchmarks/README.md``'s ``python -m ipcv_kernels bench`` lines parse; the ones that
+    regenerate committed files name ``--out benchmarks/results``, the others leave the default."""
+    text = (BENCHMARKS / "README.md").read_text().replace("\\\n", " ")
+    lines = re.findall(r"^python -m ipcv_kernels (bench [^#\n]*)", text, re.MULTILINE)
+    assert len(lines) >= 5
+    outs = []
+    for line in lines:
+        argv = shlex.split(line)
+        if "--help" in argv:
+            continue
+        outs.append(build_parser().parse_args(argv).out)
+    assert Path("benchmarks/results") in outs and Path("ipcv_results/vit") in outs
