@@ -31,11 +31,6 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..flops import FlopReport, predicted_speedup, vision_tower_flops
-
-# Explicit re-exports: tests/models/test_qwen2_5_vl.py (owned elsewhere) imports these two from
-# here, but they live in ipcv_kernels.flops. Drop them once that test imports them from there.
-from ..flops import qwen2_5_vl_flops as qwen2_5_vl_flops
-from ..flops import qwen2_5_window_lengths as qwen2_5_window_lengths
 from ..models import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..ops import available_backends
 from ..testing import tolerance

@@ -133,8 +133,7 @@ def test_full_model_generate_and_ratio_zero_logits(video):
 
 
 def test_benchmark_flop_model_uses_the_towers_windows(tower64):
-    from ipcv_kernels.bench.vit import qwen2_5_vl_flops, qwen2_5_window_lengths
-    from ipcv_kernels.flops import predicted_speedup
+    from ipcv_kernels.flops import predicted_speedup, qwen2_5_vl_flops, qwen2_5_window_lengths
 
     config = tower64.config
     window = config.window_size // config.spatial_merge_size // config.patch_size
