@@ -71,10 +71,15 @@ class TowerCall:
     item_lengths: token count of every item (image / video) of the call, in packing order.
     segments: int32 ``[S + 1]`` attention segments of the call's packed rows, for towers whose
         blocks take no segment argument (InternViT: one segment per tile); ``None`` otherwise.
+    read_blocks: the blocks whose outputs the caller reads (a model reading
+        ``hidden_states[-2]``, or several layers), ``None``: only the last block's. Each returns
+        the restored full sequence (spec step 7 at that block), and blocks past the last of them
+        are skipped (they return their input: nothing reads what they would compute).
     """
 
     item_lengths: list[int]
     segments: torch.Tensor | None = None
+    read_blocks: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -82,7 +87,10 @@ class ForwardState:
     """What one forward of the tower carries from block to block (bound to that forward only)."""
 
     cu_items: torch.Tensor
+    read_blocks: frozenset[int]  # TowerCall.read_blocks, resolved (the last block by default)
     segments: torch.Tensor | None = None  # TowerCall.segments
+    # The previous block returned the restored full sequence (a read block): take its kept rows.
+    restored: bool = False
     x_before: torch.Tensor | None = None
     plan: IPCVPlan | None = None
     base: torch.Tensor | None = None
@@ -261,7 +269,8 @@ class IPCVPatch(InstancePatch):
             call = self.adapter.describe_call(self.tower, args, kwargs, self._hints.get({}))
             lengths = [sum(call.item_lengths)] if self.config.scope == "global" else call.item_lengths
             offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
-            with self.bind(ForwardState(cu_items=offsets, segments=call.segments)) as state:
+            read_blocks = frozenset(call.read_blocks if call.read_blocks is not None else (self.depth - 1,))
+            with self.bind(ForwardState(offsets, read_blocks, call.segments)) as state:
                 output = inner(*args, **kwargs)
             self.last_tokens_per_block = state.tokens_per_block
             return output
@@ -291,6 +300,8 @@ class IPCVPatch(InstancePatch):
         state, cfg = self.state, self.config
         if state is None:  # block called outside a tower forward: behave as unpatched
             return original(hidden, *args, **kwargs)
+        if index > max(state.read_blocks):
+            return hidden  # nothing reads this block's output
         if index < cfg.prune_layer:
             state.tokens_per_block.append(self.adapter.pack(hidden).shape[0])
             if index == cfg.prune_layer - 1:
@@ -300,6 +311,8 @@ class IPCVPatch(InstancePatch):
         call = self.adapter.parse_block_call(args, kwargs, state)
         if index == cfg.prune_layer:
             hidden = self._plan(state, hidden, call)
+        elif state.restored:
+            hidden, state.restored = self.adapter.pack(hidden)[state.plan.keep], False
         plan = state.plan
         state.tokens_per_block.append(hidden.shape[0])
         if index < self.stabilisation_end:
@@ -325,7 +338,8 @@ class IPCVPatch(InstancePatch):
                 cfg,
                 segments.max_seqlen,
             )
-        if index == self.depth - 1:
+        if index in state.read_blocks:
+            state.restored = True
             return self.adapter.unpack(self._restore(state, hidden), state.block_layout)
         return hidden
 
