@@ -1,4 +1,4 @@
-"""Command line: ``python -m ipcv_kernels {demo,bench} [options]`` (``demo`` when none is given)."""
+"""Command line: ``python -m ipcv_kernels {demo,bench,fidelity} [options]`` (``demo`` when none is given)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.vit import main as bench_main
 
         return bench_main(argv)
-    print(f"unknown command {command!r}; use 'demo' or 'bench'", file=sys.stderr)
+    if command == "fidelity":
+        from .fidelity import main as fidelity_main
+
+        return fidelity_main(argv)
+    print(f"unknown command {command!r}; use 'demo', 'bench' or 'fidelity'", file=sys.stderr)
     return 2
 
 
