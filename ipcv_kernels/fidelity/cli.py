@@ -88,9 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         help="stabilisation blocks A for the ipcv method (default: the family's A and A/2; clamped to depth - P)",
     )
-    parser.add_argument(
-        "--neighbors", type=_at_least(1), nargs="+", help="neighbours k (default: the family's k)"
-    )
+    parser.add_argument("--neighbors", type=_at_least(1), nargs="+", help="neighbours k (default: the family's k)")
     parser.add_argument("--methods", choices=METHODS, nargs="+", default=list(METHODS), help="methods to compare")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the tower")
     parser.add_argument("--device", default="cpu", help="torch device of the tower, e.g. cpu or cuda")
