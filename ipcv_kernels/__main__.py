@@ -19,12 +19,12 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import NoReturn
 
-from . import demo
+from . import demo, fidelity
 from .bench import vit
 
 PROG = "python -m ipcv_kernels"
 # name -> the module implementing it (see the module docstring).
-SUBCOMMANDS: dict[str, ModuleType] = {"demo": demo, "bench": vit}
+SUBCOMMANDS: dict[str, ModuleType] = {"demo": demo, "bench": vit, "fidelity": fidelity}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

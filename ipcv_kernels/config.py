@@ -33,6 +33,10 @@ class IPCVConfig:
         as_queries: ``"kept"`` computes queries for kept tokens only (``ngr_attention``, the fast
             path); ``"all"`` runs the model's own block on the full reconstructed sequence and
             discards the dropped rows (the paper code's formulation, for parity and benchmarks).
+        reconstruct: ``True`` (IPCV) restores dropped tokens by NGR. ``False`` is the naive
+            baseline for comparisons (``python -m ipcv_kernels fidelity``): every dropped token
+            keeps its block-``P`` state wherever the full sequence is rebuilt (stabilisation blocks
+            and the final restoration), as NGR with no valid neighbour gives.
     """
 
     prune_layer: int = 3
@@ -43,6 +47,7 @@ class IPCVConfig:
     backend: str = "auto"
     attention_backend: str = "auto"
     as_queries: str = "kept"
+    reconstruct: bool = True
 
     def __post_init__(self) -> None:
         check_int("prune_layer", self.prune_layer, low=1)
@@ -51,6 +56,8 @@ class IPCVConfig:
         check_int("num_neighbors", self.num_neighbors, low=1)
         check_choice("scope", self.scope, SCOPES)
         check_choice("as_queries", self.as_queries, AS_QUERIES)
+        if not isinstance(self.reconstruct, bool):
+            raise TypeError(f"reconstruct must be a bool, got {type(self.reconstruct).__name__}")
         for name in ("backend", "attention_backend"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")

@@ -154,6 +154,7 @@ def vit_flops(
     patch_dim: int | None = None,
     merger_out: int | None = None,
     spatial_merge: int = 2,
+    pinned_per_segment: int = 0,
 ) -> FlopReport:
     """FLOPs of one forward of a ``depth``-block pre-norm ViT, unpatched or with IPCV.
 
@@ -168,6 +169,9 @@ def vit_flops(
         patch_dim: ``C * T * p * p`` of the patch embedding; ``None`` leaves it out.
         merger_out: PatchMerger output width; ``None`` leaves the merger out.
         spatial_merge: PatchMerger's spatial merge size ``s``.
+        pinned_per_segment: rows of every segment that IPCV never drops (a tile's CLS token): they
+            do not count in an item's ``n`` (the keep count is over the other rows), are always
+            kept, and are never neighbours.
 
     Returns:
         A ``FlopReport``; the module docstring gives every formula.
@@ -182,13 +186,15 @@ def vit_flops(
         raise TypeError(f"config must be an IPCVConfig or None, got {type(config).__name__}")
     if as_queries is not None:
         check_choice("as_queries", as_queries, AS_QUERIES)
+    check_int("pinned_per_segment", pinned_per_segment, low=0)
     items = _items(seq_lens)
     segments = [length for item in items for length in item]
     tokens = sum(segments)
     full_linear = _block_linear(tokens, tokens, width, mlp_hidden)
     full_attention = 4.0 * width * sum(length * length for length in segments)
 
-    embed = 2.0 * tokens * patch_dim * width if patch_dim is not None else 0.0
+    embedded = tokens - pinned_per_segment * len(segments)  # pinned rows (CLS) are not patches
+    embed = 2.0 * embedded * patch_dim * width if patch_dim is not None else 0.0
     merged_width = spatial_merge * spatial_merge * width
     merger = (
         2.0 * (tokens / spatial_merge**2) * merged_width * (merged_width + merger_out)
@@ -227,15 +233,22 @@ def vit_flops(
     kept_segments: list[float] = []
     planning = 3.0 * tokens * width
     ngr = 0.0
+    kept_tokens = 0
     for item in competing:
-        n = sum(item)
-        kept = keep_count(n, config.ratio)
-        dropped = n - kept
-        kept_segments += [kept * length / n for length in item] if len(item) > 1 else [float(kept)]
+        pinned = pinned_per_segment * len(item)
+        free = sum(item) - pinned
+        if free < 0:
+            raise ValueError(f"pinned_per_segment must not exceed a segment's length, got {pinned_per_segment}")
+        kept_free = keep_count(free, config.ratio)
+        dropped = free - kept_free
+        kept_tokens += kept_free + pinned
+        # Kept rows spread over the item's segments in proportion (exact for one segment).
+        kept_segments += [
+            pinned_per_segment + (kept_free * (length - pinned_per_segment) / free if free else 0.0) for length in item
+        ]
         if dropped:
-            planning += 2.0 * dropped * kept * width + 2.0 * width * (dropped + kept)
-            ngr += kept * width + dropped * (min(config.num_neighbors, kept) + 2) * width
-    kept_tokens = sum(keep_count(sum(item), config.ratio) for item in competing)
+            planning += 2.0 * dropped * kept_free * width + 2.0 * width * (dropped + kept_free)
+            ngr += kept_free * width + dropped * (min(config.num_neighbors, kept_free) + 2) * width
 
     stabilisation_end = config.stabilisation_end(depth)
     blocks = []
@@ -326,13 +339,67 @@ def qwen2_5_vl_flops(
     )
 
 
+def qwen3_vl_flops(
+    vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None
+) -> FlopReport:
+    """``vit_flops`` for a ``Qwen3VLVisionConfig``: Qwen2-VL's conventions, with the merger counted
+    once more per DeepStack merger (each sees the restored full sequence, like the final one).
+    Position-embedding interpolation (elementwise) is not counted."""
+    c = vision_config
+    flops = vit_flops(
+        c.depth,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        grid_seq_lens(grid_thw),
+        config,
+        patch_dim=c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size,
+        merger_out=c.out_hidden_size,
+        spatial_merge=c.spatial_merge_size,
+    )
+    deepstack = len(c.deepstack_visual_indexes) * flops.merger
+    return replace(flops, total=flops.total + deepstack, merger=flops.merger + deepstack, core=flops.core + deepstack)
+
+
+def internvl_flops(
+    vision_config: Any,
+    tiles_per_image: Sequence[int],
+    image_size: tuple[int, int],
+    config: IPCVConfig | None = None,
+) -> FlopReport:
+    """``vit_flops`` for an ``InternVLVisionConfig`` (InternViT): every tile is one attention
+    segment of ``1 + N`` rows (its CLS token, pinned, and ``N`` patches), the tiles of an image one
+    item; with the patch embedding (the projector lies outside the tower).
+
+    Args:
+        tiles_per_image: tiles of every image, in order.
+        image_size: ``(height, width)`` of a tile in pixels.
+    """
+    c = vision_config
+    patch_h, patch_w = c.patch_size if isinstance(c.patch_size, (list, tuple)) else (c.patch_size,) * 2
+    patches = (image_size[0] // patch_h) * (image_size[1] // patch_w)
+    return vit_flops(
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        [[1 + patches] * tiles if tiles > 1 else 1 + patches for tiles in tiles_per_image],
+        config,
+        patch_dim=c.num_channels * patch_h * patch_w,
+        pinned_per_segment=1,
+    )
+
+
 def vision_tower_flops(
     vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None
 ) -> FlopReport:
-    """``qwen2_5_vl_flops`` for a Qwen2.5-VL vision config (``model_type`` ``qwen2_5_vl_vision``),
-    ``qwen2_vl_flops`` otherwise."""
-    if getattr(vision_config, "model_type", None) == "qwen2_5_vl_vision":
+    """The Qwen families' FLOP model, by the vision config's ``model_type``: ``qwen2_5_vl_flops``
+    (``qwen2_5_vl_vision``), ``qwen3_vl_flops`` (``qwen3_vl_vision``), ``qwen2_vl_flops`` otherwise."""
+    model_type = getattr(vision_config, "model_type", None)
+    if model_type == "qwen2_5_vl_vision":
         return qwen2_5_vl_flops(vision_config, grid_thw, config)
+    if model_type == "qwen3_vl_vision":
+        return qwen3_vl_flops(vision_config, grid_thw, config)
     return qwen2_vl_flops(vision_config, grid_thw, config)
 
 

@@ -239,7 +239,9 @@ class IPCVPatch(InstancePatch):
     """The installed IPCV patch of one tower: its config, adapter and wrapped forwards.
 
     ``last_tokens_per_block``: the rows each block computed outputs for in the most recent
-    forward to finish (in any thread); a diagnostic, not per-call state.
+    forward to finish (in any thread); ``last_keep``: int64 ``[Nk]`` the kept rows of that
+    forward's packed sequence (block ``P``'s input rows; ``None`` if it did not reach block
+    ``P``). Diagnostics, not per-call state.
     """
 
     attribute = PATCH_ATTRIBUTE
@@ -254,6 +256,7 @@ class IPCVPatch(InstancePatch):
         config.check_depth(self.depth)
         self.stabilisation_end = config.stabilisation_end(self.depth)
         self.last_tokens_per_block: list[int] = []
+        self.last_keep: torch.Tensor | None = None
         self._hints: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(f"ipcv_hints@{id(self):x}")
 
     # -- installation ---------------------------------------------------------------------------
@@ -273,6 +276,7 @@ class IPCVPatch(InstancePatch):
             with self.bind(ForwardState(offsets, read_blocks, call.segments)) as state:
                 output = inner(*args, **kwargs)
             self.last_tokens_per_block = state.tokens_per_block
+            self.last_keep = None if state.plan is None else state.plan.keep
             return output
 
         return forward
@@ -352,6 +356,8 @@ class IPCVPatch(InstancePatch):
             raise ValueError(f"the tower's input holds {x_after.shape[0]} tokens but its grid describes {described}")
         cu_items = state.cu_items.to(x_after.device)
         plan = self.adapter.plan(x_before, x_after, cu_items, call.cu_seqlens.to(torch.int32), self.config)
+        if not self.config.reconstruct:  # the naive baseline: NGR without neighbours keeps the base state
+            plan = plan._replace(neighbors=torch.full_like(plan.neighbors, -1))
         state.plan, state.base, state.x_before, state.block_layout = plan, x_after, None, layout
         state.planned_cu_seqlens = call.cu_seqlens
         state.base_kept, state.base_drop = x_after[plan.keep], x_after[plan.drop]

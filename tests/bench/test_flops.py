@@ -186,3 +186,16 @@ def test_vision_tower_flops_picks_the_family_model():
     assert vision_tower_flops(qwen2, grid, config) == qwen2_vl_flops(qwen2, grid, config)
     assert vision_tower_flops(qwen2_5, grid, config) == qwen2_5_vl_flops(qwen2_5, grid, config)
     assert vision_tower_flops(qwen2_5, grid) == qwen2_5_vl_flops(qwen2_5, grid, None)
+
+
+def test_pinned_rows_are_kept_and_not_counted():
+    # InternViT: every tile's CLS token is pinned; an image of 3 tiles of 1 + 16 rows keeps its 3 CLS
+    # tokens and keep_count(48, r) patches, and only patches are embedded.
+    from ipcv_kernels.flops import vit_flops
+    from ipcv_kernels.reference import keep_count
+
+    config = IPCVConfig(prune_layer=1, ratio=0.65, as_layers=1, num_neighbors=4)
+    pinned = vit_flops(4, 64, 128, 4, [[17, 17, 17]], config, patch_dim=48, pinned_per_segment=1)
+    assert pinned.kept_tokens == 3 + keep_count(48, 0.65)
+    assert pinned.embed == 2.0 * 48 * 48 * 64
+    assert vit_flops(4, 64, 128, 4, [[17, 17, 17]], None, patch_dim=48).embed == 2.0 * 51 * 48 * 64

@@ -1,4 +1,5 @@
-"""Tiny Qwen2.5-VL / Qwen3-VL / InternVL models and a naive float64 IPCV oracle for their towers.
+"""A naive float64 IPCV oracle for the Qwen2.5-VL / Qwen3-VL / InternVL towers (their tiny builders
+live in ``ipcv_kernels.testing.models`` and are re-exported here).
 
 The oracle shares no code with ``ipcv_kernels``. It runs the unpatched tower once to record what
 the tower hands each block (block 0's input, and every block's segments / rotary tables), then
@@ -20,138 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ipcv_kernels.testing.models import TINY_SPECIAL_TOKENS, TINY_TEXT, sample_pixels
+# The builders are re-exported: the model tests import them from here, beside the oracle.
+from ipcv_kernels.testing.models import build_model, build_tower, internvl_inputs, internvl_tiles, sample_pixels
 
-QWEN2_5_VISION = dict(
-    depth=6,
-    hidden_size=64,
-    intermediate_size=96,
-    num_heads=4,
-    out_hidden_size=48,
-    patch_size=2,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    window_size=8,  # 2 x 2 merge units = 4 x 4 patches per window
-    fullatt_block_indexes=[2, 5],
-)
-QWEN3_VISION = dict(
-    depth=6,
-    hidden_size=64,
-    intermediate_size=96,
-    num_heads=4,
-    out_hidden_size=48,
-    patch_size=2,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    num_position_embeddings=64,
-    deepstack_visual_indexes=[1, 3, 4],
-)
-QWEN3_TEXT = {
-    **TINY_TEXT,
-    "head_dim": 12,
-    "rope_parameters": {**TINY_TEXT["rope_parameters"], "mrope_interleaved": True},
-}
-INTERNVL_VISION = dict(
-    hidden_size=64,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    intermediate_size=96,
-    image_size=16,
-    patch_size=4,  # 16 patches + CLS per tile
-    use_qk_norm=True,
-    norm_type="rms_norm",
-    layer_scale_init_value=0.5,
-)
-INTERNVL_TEXT = {
-    **{key: value for key, value in TINY_TEXT.items() if key != "rope_parameters"},  # plain Qwen2 rope
-    "model_type": "qwen2",
-    "num_hidden_layers": 2,
-}
-INTERNVL_IMAGE_TOKEN = 120
-INTERNVL_TOKENS_PER_TILE = 4  # 4 x 4 patches, pixel-shuffled by 0.5
-
-
-def _finish(model: nn.Module, attn: str, dtype: torch.dtype) -> nn.Module:
-    for config in (model.config, *(getattr(model.config, n, None) for n in ("vision_config", "text_config"))):
-        if config is not None:
-            config._attn_implementation = attn
-    return model.to(dtype=dtype).eval()
-
-
-def _jitter(model: nn.Module, seed: int) -> None:
-    """Perturb every parameter (zero-initialised ones too: CLS token, position embeddings)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator).to(parameter.dtype))
-
-
-def build_tower(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """A tiny vision tower with seeded random weights: ``family`` in qwen2_5_vl, qwen3_vl, internvl."""
-    torch.manual_seed(seed)
-    if family == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-        tower = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**QWEN2_5_VISION))
-    elif family == "qwen3_vl":
-        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-
-        tower = Qwen3VLVisionModel(Qwen3VLVisionConfig(**QWEN3_VISION))
-    else:
-        from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
-        from transformers.models.internvl.modeling_internvl import InternVLVisionModel
-
-        tower = InternVLVisionModel(InternVLVisionConfig(**INTERNVL_VISION))
-    _jitter(tower, seed)
-    return _finish(tower, attn, dtype)
-
-
-def build_model(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """A tiny full conditional-generation model of ``family`` with seeded random weights."""
-    torch.manual_seed(seed)
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-        config = Qwen2_5_VLConfig(
-            text_config=dict(TINY_TEXT), vision_config=dict(QWEN2_5_VISION), **TINY_SPECIAL_TOKENS
-        )
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    elif family == "qwen3_vl":
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-        config = Qwen3VLConfig(text_config=dict(QWEN3_TEXT), vision_config=dict(QWEN3_VISION), **TINY_SPECIAL_TOKENS)
-        model = Qwen3VLForConditionalGeneration(config)
-    else:
-        from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-        config = InternVLConfig(
-            vision_config=dict(INTERNVL_VISION),
-            text_config=dict(INTERNVL_TEXT),
-            image_token_id=INTERNVL_IMAGE_TOKEN,
-            image_seq_length=INTERNVL_TOKENS_PER_TILE,
-        )
-        model = InternVLForConditionalGeneration(config)
-    _jitter(model, seed)
-    return _finish(model, attn, dtype)
-
-
-def internvl_inputs(model: nn.Module, tiles_per_image: list[int], *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One prompt: text, then per image ``<start> <image>*(4 * tiles) <end>``, then text; and the tiles."""
-    ids: list[int] = [3, 4, 5]
-    for tiles in tiles_per_image:
-        ids += [121, *[INTERNVL_IMAGE_TOKEN] * (INTERNVL_TOKENS_PER_TILE * tiles), 122]
-    ids += [10, 11]
-    input_ids = torch.tensor([ids])
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(sum(tiles_per_image), 3, 16, 16, generator=generator).to(model.dtype)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
-
-
-def internvl_tiles(count: int, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(count, 3, 16, 16, generator=generator).to(dtype)
+__all__ = ["build_model", "build_tower", "internvl_inputs", "internvl_tiles", "ipcv_tower_oracle", "tower_call"]
 
 
 # -- the oracle ---------------------------------------------------------------------------------
@@ -208,6 +81,8 @@ def ipcv_tower_oracle(
         items: token count of every item, in packing order (one entry for global scope).
         pinned: token positions never dropped and never neighbours (InternViT's CLS tokens); they
             do not count in an item's keep count.
+        num_neighbors: ``0`` reconstructs nothing: every dropped token keeps its block-``P``
+            state (the naive baseline, ``IPCVConfig(reconstruct=False)``).
     """
     blocks = _blocks(tower)
     depth = len(blocks)
@@ -268,7 +143,8 @@ def ipcv_tower_oracle(
         for j in keep:
             full[j] = h[row[j]]
         for d, nbrs in neighbours.items():
-            full[d] = base[d] + sum(h[row[m]] - base[m] for m in nbrs) / len(nbrs)
+            if nbrs:  # none (num_neighbors=0): the token keeps its block-P state
+                full[d] = base[d] + sum(h[row[m]] - base[m] for m in nbrs) / len(nbrs)
         return full
 
     h, restored = base[keep], {}

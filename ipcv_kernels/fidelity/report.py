@@ -1,0 +1,125 @@
+"""Result files of a fidelity run: ``<stem>.json``, ``.csv``, ``.md`` and ``.png`` (harness formats)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from ..bench import harness
+from .evaluate import METHODS, FidelityResult, FidelityRow
+
+COLUMNS = (
+    harness.Column("method", "method"),
+    harness.Column("prune_layer", "P"),
+    harness.Column("ratio", "r", ".2f"),
+    harness.Column("as_layers", "A"),
+    harness.Column("num_neighbors", "k"),
+    harness.Column("kept_tokens", "kept"),
+    harness.Column("cosine_all_mean", "cos all", ".4f"),
+    harness.Column("cosine_all_worst", "worst", ".4f"),
+    harness.Column("cosine_kept_mean", "cos kept", ".4f"),
+    harness.Column("cosine_dropped_mean", "cos dropped", ".4f"),
+    harness.Column("cosine_dropped_worst", "worst", ".4f"),
+    harness.Column("rel_l2_mean", "rel L2", ".4f"),
+    harness.Column("rel_l2_worst", "worst", ".4f"),
+    harness.Column("flop_ratio", "FLOP ratio", ".3f"),
+    harness.Column("wall_ms", "wall ms", ".1f"),
+    harness.Column("pareto_mark", "front"),
+)
+STYLES = {"ipcv": ("tab:blue", "o"), "ngr_only": ("tab:orange", "s"), "no_reconstruction": ("tab:red", "^")}
+
+
+def markdown(result: FidelityResult) -> str:
+    """A heading, the environment, what was compared, and the table (Pareto rows starred)."""
+    s = result.settings
+    kinds = [sample["kind"] for sample in result.samples]
+    rows = [{**asdict(row), "pareto_mark": "*" if row.pareto else ""} for row in result.rows]
+    return "\n\n".join(
+        [
+            f"# IPCV fidelity: {s['subject']} ({s['family']}, depth {s['depth']}, {s['dtype']})",
+            harness.environment_markdown(result.environment) if result.environment else "",
+            f"{kinds.count('image')} image(s), {kinds.count('video')} video(s), "
+            f"{sum(sample['tokens'] for sample in result.samples)} tokens; compared output: "
+            f"{s['compared_output']}. Cosines: per token, averaged over the rows of each sample, then "
+            "the mean and the worst sample; rel L2: ||pruned - unpruned|| / ||unpruned||. FLOP ratio: "
+            "FLOPs with IPCV / without (`ipcv_kernels.flops`). Unpatched wall time "
+            f"{result.baseline_wall_ms:.1f} ms. `*`: on the Pareto front (lowest FLOP ratio for its "
+            "mean cosine over all rows).",
+            harness.markdown_table(rows, COLUMNS),
+        ]
+    )
+
+
+def pareto_chain(rows: Sequence[FidelityRow]) -> list[FidelityRow]:
+    """The rows not dominated within ``rows``, by increasing ``flop_ratio`` (one method's curve)."""
+    front, best = [], -float("inf")
+    for row in sorted(rows, key=lambda r: (r.flop_ratio, -r.cosine_all_mean)):
+        if row.cosine_all_mean > best:
+            front.append(row)
+            best = row.cosine_all_mean
+    return front
+
+
+def plot(result: FidelityResult, path: Path) -> Path:
+    """Mean cosine (all tokens) against FLOP ratio: every setting as a faint point, each method's
+    best-fidelity-for-its-cost settings as a curve, the run's Pareto front circled in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method in METHODS:
+        rows = [row for row in result.rows if row.method == method]
+        if not rows:
+            continue
+        color, marker = STYLES[method]
+        axes.scatter(
+            [r.flop_ratio for r in rows],
+            [r.cosine_all_mean for r in rows],
+            color=color,
+            marker=marker,
+            alpha=0.25,
+            s=18,
+        )
+        chain = pareto_chain(rows)
+        axes.plot(
+            [r.flop_ratio for r in chain],
+            [r.cosine_all_mean for r in chain],
+            "-",
+            color=color,
+            marker=marker,
+            label=method,
+        )
+    front = [row for row in result.rows if row.pareto]
+    axes.scatter(
+        [r.flop_ratio for r in front],
+        [r.cosine_all_mean for r in front],
+        s=110,
+        facecolors="none",
+        edgecolors="black",
+        linewidths=1.2,
+        label="Pareto front (all methods)",
+    )
+    s = result.settings
+    axes.set_xlabel("FLOP ratio (with IPCV / without)")
+    axes.set_ylabel("cosine similarity to the unpruned output\n(mean over tokens and samples)")
+    axes.set_title(f"{s['subject']} ({s['family']}): fidelity of last_hidden_state vs compute", fontsize=10)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def write_results(result: FidelityResult, directory: Path, stem: str = "fidelity") -> list[Path]:
+    """Write ``<stem>.json`` (environment, settings, samples, rows), ``.csv``, ``.md``, ``.png``."""
+    files = harness.ResultFiles(directory, stem)
+    files.write_json(result.payload())
+    files.write_csv([asdict(row) for row in result.rows])
+    files.write_markdown(markdown(result))
+    files.written.append(plot(result, files.path(".png")))
+    return files.written

@@ -1,0 +1,309 @@
+"""What a fidelity run measures: a vision tower of a supported family and the samples fed to it.
+
+A ``Subject`` is a tower (a built-in tiny random one, ``PRESETS``, or the tower of a local
+checkpoint found through the family table) and its ``Sample``s: one tower call per image or
+video, so that per-image statistics (mean, worst) come straight from per-call outputs.
+
+Images (``--images DIR`` or the built-in synthetic ones) are scaled so that their longer side is
+``image_size`` pixels and go through an image processor: the checkpoint's own for ``--model``, or,
+for presets, the processor class of the family configured with the tiny tower's patch sizes
+(Qwen: ``Qwen2VLImageProcessorPil``; InternVL: ``GotOcr2ImageProcessorPil``, tiles of the tower's
+``image_size``). Videos (the Qwen families only: InternVL takes video frames as images) are laid
+out here as the Qwen processors lay them out, with the processor's patch sizes and normalisation:
+no video-decoding library is needed. A video is a sub-directory of ``--images DIR`` holding its
+frames (name order), or the built-in synthetic one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..config import IPCVConfig
+from ..flops import internvl_flops, vision_tower_flops
+from ..models.families import Family, find_family
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+class FidelityError(ValueError):
+    """Bad input to a fidelity run; the message names the command-line flag at fault."""
+
+
+# -- presets ----------------------------------------------------------------------------------------
+def _qwen2_vl_tower(dtype: torch.dtype, seed: int) -> nn.Module:
+    from ..testing.models import build_qwen2_vl_tower
+
+    return build_qwen2_vl_tower(dtype=dtype, seed=seed)
+
+
+def _tower_of(family: str) -> Callable[[torch.dtype, int], nn.Module]:
+    def build(dtype: torch.dtype, seed: int) -> nn.Module:
+        from ..testing.models import build_tower
+
+        return build_tower(family, dtype=dtype, seed=seed)
+
+    return build
+
+
+# Built-in towers: tiny, seeded random weights (``ipcv_kernels.testing.models``), depth 6 each.
+PRESETS: dict[str, Callable[[torch.dtype, int], nn.Module]] = {
+    "qwen2-vl-tiny": _qwen2_vl_tower,
+    "qwen2.5-vl-tiny": _tower_of("qwen2_5_vl"),
+    "qwen3-vl-tiny": _tower_of("qwen3_vl"),
+    "internvl-tiny": _tower_of("internvl"),
+}
+DEFAULT_PRESET = "qwen2-vl-tiny"
+# Longer image side in pixels when ``image_size`` is not given: 16 x 16 patches of the presets'
+# 2-pixel patches (256 tokens, two InternVL tiles across); a usual resolution for checkpoints.
+PRESET_IMAGE_SIZE = 32
+CHECKPOINT_IMAGE_SIZE = 448
+
+
+# -- samples ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sample:
+    """One tower call.
+
+    name: the image file, directory (video) or synthetic picture it came from.
+    kind: ``"image"`` or ``"video"``.
+    pixels: what the tower's forward takes first: Qwen ``[n, C * T * p * p]`` flattened patches,
+        InternVL ``[tiles, C, H, W]``.
+    grid_thw: Qwen families: int64 ``[1, 3]`` ``(t, h, w)`` in patches; ``None`` for InternVL.
+    """
+
+    name: str
+    kind: str
+    pixels: torch.Tensor
+    grid_thw: torch.Tensor | None
+
+    def __call__(self, tower: nn.Module) -> Any:
+        if self.grid_thw is None:
+            return tower(pixel_values=self.pixels)
+        return tower(self.pixels, grid_thw=self.grid_thw)
+
+
+@dataclass
+class Subject:
+    """A tower under test, its family and its samples."""
+
+    name: str
+    family: Family
+    tower: nn.Module
+    samples: list[Sample]
+
+    @property
+    def depth(self) -> int:
+        return len(self.family.adapter(self.tower).blocks(self.tower))
+
+    def flops(self, sample: Sample, config: IPCVConfig | None) -> float:
+        """FLOPs of the tower on ``sample``, unpatched (``None``) or with ``config`` (see ``tower_flops``)."""
+        return tower_flops(self.family, self.tower.config, sample, config)
+
+
+def synthetic_image(index: int, size: int, seed: int = 0) -> Image.Image:
+    """A deterministic RGB test picture: a smooth background, discs and stripes (varied by ``index``).
+
+    Natural images mix flat regions (where neighbours reconstruct dropped tokens well) with edges
+    and texture; random noise would have neither.
+    """
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed * 1009 + index)
+    axis = torch.linspace(0, 1, size)
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    a, b, c = torch.rand(3, generator=generator).tolist()
+    rgb = torch.stack([a * xx + (1 - a) * yy, 0.5 + 0.5 * torch.sin(6.28 * (b * xx + c)), (1 - xx) * c], -1)
+    for _ in range(3):
+        cx, cy, radius, shade = torch.rand(4, generator=generator).tolist()
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < (0.05 + 0.2 * radius) ** 2
+        rgb[disc] = torch.tensor([shade, 1 - shade, 0.5])
+    stripes = (torch.sin(40 * (xx + yy * b)) > 0.6) & (yy > 0.7)
+    rgb[stripes] = 1.0
+    return Image.fromarray((rgb.clamp(0, 1) * 255).to(torch.uint8).numpy())
+
+
+def synthetic_video(frames: int, size: int, seed: int = 0) -> list[Image.Image]:
+    """``frames`` pictures of ``synthetic_image(0)`` panning right by 1/16 of the width per frame."""
+    wide = synthetic_image(0, 2 * size, seed).resize((2 * size, size))
+    step = max(1, size // 16)
+    return [wide.crop((i * step, 0, i * step + size, size)) for i in range(frames)]
+
+
+def scaled(image: Image.Image, size: int) -> Image.Image:
+    """``image`` in RGB with its longer side ``size`` pixels (aspect kept, the shorter at least 1)."""
+    from PIL import Image as PILImage
+
+    image = image.convert("RGB")
+    width, height = image.size
+    factor = size / max(width, height)
+    return image.resize((max(1, round(width * factor)), max(1, round(height * factor))), PILImage.BICUBIC)
+
+
+def _image_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_images(directory: Path) -> tuple[list[tuple[str, Image.Image]], list[tuple[str, list[Image.Image]]]]:
+    """``(images, videos)`` of ``directory``: its image files, and each sub-directory's frames."""
+    from PIL import Image
+
+    if not directory.is_dir():
+        raise FidelityError(f"--images: {directory} is not a directory")
+    images = [(p.name, Image.open(p)) for p in _image_files(directory)]
+    videos = [
+        (d.name, [Image.open(p) for p in _image_files(d)])
+        for d in sorted(directory.iterdir())
+        if d.is_dir() and _image_files(d)
+    ]
+    if not images and not videos:
+        raise FidelityError(f"--images: no image files ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+    return images, videos
+
+
+def qwen_video_patches(frames: Sequence[Image.Image], image_processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A video's frames as Qwen's processors lay them out: ``(pixels [n, C*T*p*p], grid_thw [1, 3])``.
+
+    Frames are resized to the first frame's size rounded to ``patch * merge`` pixels, normalised
+    with the processor's mean / std, the last frame repeated up to a multiple of
+    ``temporal_patch_size``; patches ordered merge window by merge window, as for images.
+    """
+    import numpy as np
+    from PIL import Image as PILImage
+
+    p, m, tps = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    unit = p * m
+    width, height = frames[0].size
+    width, height = max(unit, round(width / unit) * unit), max(unit, round(height / unit) * unit)
+    arrays = [np.asarray(f.convert("RGB").resize((width, height), PILImage.BICUBIC)) for f in frames]
+    video = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).double() / 255  # [F, C, H, W]
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float64)[:, None, None]
+    std = torch.tensor(image_processor.image_std, dtype=torch.float64)[:, None, None]
+    video = (video - mean) / std
+    if video.shape[0] % tps:
+        video = torch.cat([video, video[-1:].expand(tps - video.shape[0] % tps, -1, -1, -1)])
+    t, channels, gh, gw = video.shape[0] // tps, video.shape[1], height // p, width // p
+    patches = video.reshape(t, tps, channels, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return patches.reshape(t * gh * gw, channels * tps * p * p).float(), torch.tensor([[t, gh, gw]])
+
+
+def _preset_image_processor(family: Family, vision_config: Any) -> Any:
+    """The family's processor class configured for a preset tower's patch sizes."""
+    if family.name == "InternVL":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        side = vision_config.image_size
+        side = side[0] if isinstance(side, (list, tuple)) else side
+        return GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True, max_patches=4)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    unit = vision_config.patch_size * vision_config.spatial_merge_size
+    return Qwen2VLImageProcessorPil(
+        patch_size=vision_config.patch_size,
+        merge_size=vision_config.spatial_merge_size,
+        temporal_patch_size=vision_config.temporal_patch_size,
+        # At least one merge unit; no upper limit here: images arrive scaled to ``image_size``.
+        size={"shortest_edge": unit * unit, "longest_edge": 1 << 40},
+    )
+
+
+def make_samples(
+    family: Family,
+    image_processor: Any,
+    images: Sequence[tuple[str, Image.Image]],
+    videos: Sequence[tuple[str, Sequence[Image.Image]]],
+    image_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[Sample]:
+    """One ``Sample`` per image and (Qwen families) per video, through ``image_processor``."""
+    samples = []
+    internvl = family.name == "InternVL"
+    for name, image in images:
+        if internvl:
+            # One image per call: its tiles are one item (the bare tower's default).
+            out = image_processor(images=[scaled(image, image_size)], crop_to_patches=True, return_tensors="pt")
+            grid = None
+        else:
+            out = image_processor(images=[scaled(image, image_size)], return_tensors="pt")
+            grid = out["image_grid_thw"].to(device)
+        samples.append(Sample(name, "image", out["pixel_values"].to(device, dtype), grid))
+    if not internvl:
+        for name, frames in videos:
+            pixels, grid = qwen_video_patches([scaled(f, image_size) for f in frames], image_processor)
+            samples.append(Sample(name, "video", pixels.to(device, dtype), grid.to(device)))
+    return samples
+
+
+def load_subject(
+    *,
+    preset: str | None = None,
+    model: str | Path | None = None,
+    images: str | Path | None = None,
+    num_images: int = 2,
+    video_frames: int = 4,
+    image_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Subject:
+    """The tower (``preset`` name, or ``model``: a local checkpoint directory) and its samples.
+
+    Args:
+        images: a directory of images (and sub-directories of video frames); ``None`` for
+            ``num_images`` synthetic images and, for Qwen families, a synthetic video of
+            ``video_frames`` frames (``0``: none).
+        image_size: longer image side in pixels; ``None``: 32 for presets, 448 for checkpoints.
+        seed: the presets' weights and the synthetic images.
+    """
+    device = torch.device(device)
+    if (preset is None) == (model is None):
+        raise FidelityError("give exactly one of --preset and --model")
+    if model is not None:
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+        path = Path(model)
+        if not path.is_dir():
+            raise FidelityError(f"--model: {path} is not a local checkpoint directory")
+        loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        try:
+            family, tower = find_family(loaded)
+        except TypeError as error:
+            raise FidelityError(f"--model: {error}") from None
+        image_processor = AutoImageProcessor.from_pretrained(path)
+        name, size = str(path), image_size or CHECKPOINT_IMAGE_SIZE
+    else:
+        if preset not in PRESETS:
+            raise FidelityError(f"--preset: one of {', '.join(PRESETS)}, got {preset!r}")
+        tower = PRESETS[preset](dtype, seed)
+        family, tower = find_family(tower)
+        image_processor = _preset_image_processor(family, tower.config)
+        name, size = preset, image_size or PRESET_IMAGE_SIZE
+    tower = tower.to(device).eval()
+    if images is not None:
+        pictures, videos = read_images(Path(images))
+    else:
+        pictures = [(f"synthetic_{i}", synthetic_image(i, size, seed)) for i in range(num_images)]
+        videos = [("synthetic_video", synthetic_video(video_frames, size, seed))] if video_frames else []
+    samples = make_samples(family, image_processor, pictures, videos, size, dtype, device)
+    if not samples:
+        raise FidelityError("--images / --num-images: no images to run (InternVL takes no videos)")
+    return Subject(name, family, tower, samples)
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------
+def tower_flops(family: Family, vision_config: Any, sample: Sample, config: IPCVConfig | None) -> float:
+    """FLOPs of one tower call, from the one FLOP model (``ipcv_kernels.flops``): ``internvl_flops``
+    (one item of ``tiles`` segments, CLS tokens pinned) or the Qwen families' ``vision_tower_flops``."""
+    if family.name == "InternVL":
+        tiles, _, height, width = sample.pixels.shape
+        return internvl_flops(vision_config, [tiles], (height, width), config).total
+    return vision_tower_flops(vision_config, sample.grid_thw.tolist(), config).total
