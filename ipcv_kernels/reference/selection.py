@@ -11,7 +11,7 @@ class TokenSelection(NamedTuple):
     """Result of selection, for ``n`` tokens in ``B`` items.
 
     keep: int64 ``[Nk]`` kept token positions, ascending (so per item, in position order).
-    drop: int64 ``[n - Nk]`` dropped token positions, ascending.
+    drop: int64 ``[Nd]`` dropped token positions, ascending (``Nd = n - Nk``).
     cu_keep: int32 ``[B + 1]`` offsets of each item's kept tokens inside ``keep``.
     cu_drop: int32 ``[B + 1]`` offsets of each item's dropped tokens inside ``drop``.
     """
