@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from ..reference import IPCVPlan, TokenSelection, ngr_restore_reference
+from ..reference import IPCVPlan, TokenSelection, keep_counts, ngr_restore_reference
 from ._custom_op import compiled_extension_loaded
 from .dispatch import Backend, register_backend
 
@@ -76,8 +76,8 @@ def ngr_reconstruct_cpp(
 
 
 def select_tokens_cpp(scores: torch.Tensor, cu_items: torch.Tensor, ratio: float) -> TokenSelection:
-    """Per-item top-k selection (see ``select_tokens_reference``)."""
-    return TokenSelection(*torch.ops.ipcv.select_tokens(scores, cu_items, ratio))
+    """Per-item top-k selection (see ``select_tokens_reference``); the keep counts come from Python."""
+    return TokenSelection(*torch.ops.ipcv.select_tokens(scores, cu_items, keep_counts(cu_items, ratio)))
 
 
 def plan_cpp(
@@ -88,8 +88,9 @@ def plan_cpp(
     ratio: float,
     num_neighbors: int,
 ) -> IPCVPlan:
-    """The whole planning step in one compiled call (see ``plan_reference``)."""
-    return IPCVPlan(*torch.ops.ipcv.plan(x_before, x_after, cu_items, cu_seqlens, ratio, num_neighbors))
+    """The whole planning step in one compiled call (see ``plan_reference``); the keep counts come from Python."""
+    counts = keep_counts(cu_items, ratio)
+    return IPCVPlan(*torch.ops.ipcv.plan(x_before, x_after, cu_items, cu_seqlens, counts, num_neighbors))
 
 
 if UNAVAILABLE_REASON is None:

@@ -65,9 +65,11 @@ def _plan_fake(
     x_after: torch.Tensor,
     cu_items: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    ratio: float,
+    kept_per_item: float | torch.Tensor,
     num_neighbors: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # kept_per_item: the ratio (ipcv_kernels::plan) or the int64 [B] keep counts (ipcv::plan);
+    # the number kept depends on values either way: an unbacked size.
     num_keep = torch.library.get_ctx().new_dynamic_size()
     num_drop = x_after.shape[0] - num_keep
     return (

@@ -93,9 +93,11 @@ def shrink_cu_seqlens(cu_seqlens: torch.Tensor, keep: torch.Tensor, *, skip_chec
 
 
 def _select_tokens_fake(
-    scores: torch.Tensor, cu_items: torch.Tensor, ratio: float
+    scores: torch.Tensor, cu_items: torch.Tensor, kept_per_item: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # How many tokens an item keeps depends on the offsets' values: an unbacked size.
+    # kept_per_item: the ratio (ipcv_kernels::select_tokens) or the int64 [B] keep counts
+    # (ipcv::select_tokens). Either way how many tokens an item keeps depends on values: an
+    # unbacked size.
     num_keep = torch.library.get_ctx().new_dynamic_size()
     keep = scores.new_empty((num_keep,), dtype=torch.int64)
     drop = scores.new_empty((scores.shape[0] - num_keep,), dtype=torch.int64)

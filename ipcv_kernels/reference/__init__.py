@@ -11,6 +11,7 @@ from .reconstruct import ngr_reconstruct_reference, ngr_restore_reference
 from .selection import (
     TokenSelection,
     keep_count,
+    keep_counts,
     select_tokens_reference,
     shrink_cu_seqlens_reference,
     token_scores_reference,
@@ -20,6 +21,7 @@ __all__ = [
     "IPCVPlan",
     "TokenSelection",
     "keep_count",
+    "keep_counts",
     "knn_reference",
     "ngr_attention_reference",
     "ngr_reconstruct_reference",
