@@ -7,6 +7,9 @@ the library named by ``IPCV_CPP_LIBRARY``), has the op modules register their fa
 ``ngr_reconstruct``, ``select_tokens`` and ``plan`` on the CPU, and on CUDA when the build has
 CUDA kernels. Without the extension it stays silent: ``auto`` skips ``"cpp"`` and
 ``backend="cpp"`` raises a ``RuntimeError`` saying how to build it.
+
+``select_tokens`` and ``plan`` pass the compiled ops the per-item keep counts
+(``reference.keep_counts``: one host read of ``cu_items``), so the count rule lives only in Python.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ``"triton"`` backend of ``select_tokens``: per-item top-k on the device with vectorised
-PyTorch ops (no per-item loop and no kernel of its own: sorting is what PyTorch's CUDA kernels
-already do well), so that planning on CUDA never leaves the device but for the item offsets."""
+PyTorch ops (no per-item loop and no kernel of its own), so that planning on CUDA never leaves the
+device but for one read of the item offsets."""
 
 from __future__ import annotations
 
