@@ -7,17 +7,6 @@
 
 namespace ipcv {
 
-SelectionLayout selection_layout(const Offsets& cu_items, double ratio) {
-  SelectionLayout layout{Offsets{0}, Offsets{0}};
-  for (size_t b = 0; b + 1 < cu_items.size(); ++b) {
-    const int64_t n = cu_items[b + 1] - cu_items[b];
-    const int64_t kept = keep_count(n, ratio);
-    layout.cu_keep.push_back(layout.cu_keep.back() + kept);
-    layout.cu_drop.push_back(layout.cu_drop.back() + (n - kept));
-  }
-  return layout;
-}
-
 void check_float_matrix(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [rows, D], got shape ", t.sizes());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be fp16/bf16/fp32/fp64, got ",
@@ -54,8 +43,25 @@ Offsets host_offsets(const char* op, const char* name, const at::Tensor& cu, int
   return offsets;
 }
 
-void check_ratio(const char* op, double ratio) {
-  TORCH_CHECK(ratio >= 0.0 && ratio < 1.0, op, ": ratio must be in [0, 1), got ", ratio);
+SelectionLayout selection_layout(const char* op, const Offsets& cu_items, const at::Tensor& keep_counts) {
+  const int64_t num_items = static_cast<int64_t>(cu_items.size()) - 1;
+  TORCH_CHECK(keep_counts.dim() == 1 && keep_counts.size(0) == num_items, op,
+              ": keep_counts must be 1-D with one count per item (", num_items, "), got shape ", keep_counts.sizes());
+  TORCH_CHECK(keep_counts.scalar_type() == at::kLong, op, ": keep_counts must be int64, got ",
+              keep_counts.scalar_type());
+  // The Python op layer passes a CPU tensor: then this is no copy.
+  const at::Tensor host = keep_counts.to(at::kCPU).contiguous();
+  const int64_t* counts = host.const_data_ptr<int64_t>();
+  SelectionLayout layout{Offsets{0}, Offsets{0}};
+  for (int64_t b = 0; b < num_items; ++b) {
+    const int64_t n = cu_items[b + 1] - cu_items[b];
+    // Only the bounds that keep the kernels' writes in range: the count rule itself is Python's.
+    TORCH_CHECK(counts[b] >= 0 && counts[b] <= n, op, ": keep_counts must be in [0, item length], but item ", b,
+                " has ", n, " tokens and count ", counts[b]);
+    layout.cu_keep.push_back(layout.cu_keep.back() + counts[b]);
+    layout.cu_drop.push_back(layout.cu_drop.back() + (n - counts[b]));
+  }
+  return layout;
 }
 
 }  // namespace ipcv

@@ -21,20 +21,13 @@ using Offsets = std::vector<int64_t>;
 using Selection = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // keep, drop, cu_keep, cu_drop
 using Plan = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The spec's kept count `max(1, int(n * (1 - r)))` in double precision, exactly as Python computes
-// it (IEEE double multiply, truncation toward zero); 0 for an empty item.
-inline int64_t keep_count(int64_t num_tokens, double ratio) {
-  if (num_tokens == 0) return 0;
-  const auto count = static_cast<int64_t>(static_cast<double>(num_tokens) * (1.0 - ratio));
-  return std::min(num_tokens, std::max<int64_t>(1, count));
-}
-
-// Per-item kept/dropped counts and their offsets, computed on the host from the item offsets.
+// Per-item offsets of the kept and dropped tokens inside `keep` / `drop`, on the host. How many
+// tokens an item keeps is not decided here: the caller passes the counts (`keep_counts`, computed
+// by the Python op layer with `ipcv_kernels.reference.keep_count`, the rule's only definition).
 struct SelectionLayout {
   Offsets cu_keep;
   Offsets cu_drop;
 };
-SelectionLayout selection_layout(const Offsets& cu_items, double ratio);
 
 // ---- boundary checks (checks.cpp): TORCH_CHECK with messages naming the op and the argument ----
 void check_float_matrix(const char* op, const char* name, const at::Tensor& t);
@@ -42,7 +35,9 @@ void check_same_float_matrix(const char* op, const char* name, const at::Tensor&
                              const at::Tensor& like);
 // Validates int32 1-D contiguous offsets on `device` ending at `total`; returns them on the host.
 Offsets host_offsets(const char* op, const char* name, const at::Tensor& cu, int64_t total, const at::Device& device);
-void check_ratio(const char* op, double ratio);
+// Validates int64 1-D `keep_counts` ([B], any device; copied to the host once) against the item
+// offsets (0 <= count <= item length) and returns the layout they give.
+SelectionLayout selection_layout(const char* op, const Offsets& cu_items, const at::Tensor& keep_counts);
 
 // ---- CPU kernels (cpu/kernels.cpp) ----
 namespace cpu {
@@ -50,9 +45,9 @@ at::Tensor knn(const at::Tensor& query, const at::Tensor& ref, int64_t k, const 
                const Offsets& cu_ref);
 at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, const at::Tensor& base_kept,
                            const at::Tensor& neighbors);
-Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, double ratio);
+Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, const SelectionLayout& layout);
 Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& cu_items, const Offsets& cu_seqlens,
-          double ratio, int64_t num_neighbors);
+          const SelectionLayout& layout, int64_t num_neighbors);
 }  // namespace cpu
 
 // ---- CUDA kernels (cuda/kernels.cu), compiled only in CUDA builds (IPCV_WITH_CUDA) ----
@@ -61,9 +56,9 @@ at::Tensor knn(const at::Tensor& query, const at::Tensor& ref, int64_t k, const 
                const Offsets& cu_ref);
 at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, const at::Tensor& base_kept,
                            const at::Tensor& neighbors);
-Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, double ratio);
+Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, const SelectionLayout& layout);
 Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& cu_items, const Offsets& cu_seqlens,
-          double ratio, int64_t num_neighbors);
+          const SelectionLayout& layout, int64_t num_neighbors);
 }  // namespace cuda
 
 }  // namespace ipcv

@@ -69,28 +69,26 @@ at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, 
 }
 
 template <typename Kernels>
-Selection select_tokens(const at::Tensor& scores, const at::Tensor& cu_items, double ratio) {
+Selection select_tokens(const at::Tensor& scores, const at::Tensor& cu_items, const at::Tensor& keep_counts) {
   constexpr const char* op = "ipcv::select_tokens";
   TORCH_CHECK(scores.dim() == 1 && at::isFloatingType(scores.scalar_type()), op,
               ": scores must be a 1-D floating tensor, got ", scores.scalar_type(), " of shape ", scores.sizes());
-  check_ratio(op, ratio);
   const Offsets items = host_offsets(op, "cu_items", cu_items, scores.size(0), scores.device());
-  return Kernels::select_tokens(scores, items, ratio);
+  return Kernels::select_tokens(scores, items, selection_layout(op, items, keep_counts));
 }
 
 template <typename Kernels>
 Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const at::Tensor& cu_items,
-          const at::Tensor& cu_seqlens, double ratio, int64_t num_neighbors) {
+          const at::Tensor& cu_seqlens, const at::Tensor& keep_counts, int64_t num_neighbors) {
   constexpr const char* op = "ipcv::plan";
   check_float_matrix(op, "x_after", x_after);
   check_same_float_matrix(op, "x_before", x_before, "x_after", x_after);
   TORCH_CHECK(x_before.size(0) == x_after.size(0), op, ": x_before must have the shape of x_after ", x_after.sizes(),
               ", got ", x_before.sizes());
-  check_ratio(op, ratio);
   TORCH_CHECK(num_neighbors >= 1, op, ": num_neighbors must be >= 1, got ", num_neighbors);
   const Offsets items = host_offsets(op, "cu_items", cu_items, x_after.size(0), x_after.device());
   const Offsets segments = host_offsets(op, "cu_seqlens", cu_seqlens, x_after.size(0), x_after.device());
-  return Kernels::plan(x_before, x_after, items, segments, ratio, num_neighbors);
+  return Kernels::plan(x_before, x_after, items, segments, selection_layout(op, items, keep_counts), num_neighbors);
 }
 
 }  // namespace
@@ -98,10 +96,11 @@ Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const at::Tenso
 TORCH_LIBRARY(ipcv, m) {
   m.def("knn(Tensor query, Tensor ref, int k, Tensor? cu_query=None, Tensor? cu_ref=None) -> Tensor");
   m.def("ngr_reconstruct(Tensor base_drop, Tensor kept, Tensor base_kept, Tensor neighbors) -> Tensor");
-  m.def("select_tokens(Tensor scores, Tensor cu_items, float ratio) -> (Tensor, Tensor, Tensor, Tensor)");
+  // keep_counts: int64 [B], the tokens each item keeps (Python's keep_count rule, applied once there).
+  m.def("select_tokens(Tensor scores, Tensor cu_items, Tensor keep_counts) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "plan(Tensor x_before, Tensor x_after, Tensor cu_items, Tensor cu_seqlens, float ratio, int num_neighbors) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "plan(Tensor x_before, Tensor x_after, Tensor cu_items, Tensor cu_seqlens, Tensor keep_counts, int "
+      "num_neighbors) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ipcv, CPU, m) {

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_tensor(
@@ -57,6 +58,35 @@ def check_cu_seqlens(name: str, value: object, *, total: int, device: torch.devi
     if cu.numel() > 2 and bool((cu[1:] < cu[:-1]).any()):
         raise ValueError(f"{name} must be non-decreasing (monotone offsets)")
     return cu
+
+
+def check_same_dtype(name: str, value: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    """Check that ``value`` has the dtype of ``like`` (both already checked tensors)."""
+    if value.dtype != like.dtype:
+        raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {value.dtype}")
+
+
+def check_width(name: str, value: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    """Check that ``value`` has the trailing shape (all but the row dim) of ``like``."""
+    if value.shape[1:] != like.shape[1:]:
+        raise ValueError(
+            f"{name} must have trailing shape {tuple(like.shape[1:])} like {like_name}, got {tuple(value.shape)}"
+        )
+
+
+def check_paired_offsets(
+    name_a: str, cu_a: object, rows_a: int, name_b: str, cu_b: object, rows_b: int, device: torch.device
+) -> None:
+    """Check two varlen offsets that pair segment ``b`` of one tensor with segment ``b`` of another:
+    given together (or both ``None``), each valid for its row count, and of equal length."""
+    if (cu_a is None) != (cu_b is None):
+        raise ValueError(f"{name_a} and {name_b} must be given together (or both None)")
+    if cu_a is None:
+        return
+    check_cu_seqlens(name_a, cu_a, total=rows_a, device=device)
+    check_cu_seqlens(name_b, cu_b, total=rows_b, device=device)
+    if cu_a.numel() != cu_b.numel():
+        raise ValueError(f"{name_a} and {name_b} must have the same length, got {cu_a.numel()} and {cu_b.numel()}")
 
 
 def check_ratio(name: str, value: object) -> float:

@@ -49,7 +49,7 @@ def triton_device() -> torch.device:
 def triton_backends(triton_device: torch.device):
     """``backend="triton"`` of the public ops usable on ``triton_device`` (CPU in the interpreter)
     for the test's duration; the CUDA-only registration is restored afterwards."""
-    from ipcv_kernels.ops.triton_backend import register_triton_backends
+    from ipcv_kernels.triton import register_triton_backends
 
     register_triton_backends(("cuda", triton_device.type))
     yield triton_device

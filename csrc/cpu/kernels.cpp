@@ -304,9 +304,8 @@ at::Tensor offsets_tensor(const Offsets& offsets) {
 }
 
 template <typename score_t>
-Selection select_from_scores(const score_t* scores, const Offsets& cu_items, double ratio,
+Selection select_from_scores(const score_t* scores, const Offsets& cu_items, const SelectionLayout& layout,
                              const at::TensorOptions& options) {
-  const SelectionLayout layout = selection_layout(cu_items, ratio);
   at::Tensor keep = at::empty({layout.cu_keep.back()}, options.dtype(at::kLong));
   at::Tensor drop = at::empty({layout.cu_drop.back()}, options.dtype(at::kLong));
   int64_t* keep_data = keep.mutable_data_ptr<int64_t>();
@@ -442,20 +441,20 @@ at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, 
   return out;
 }
 
-Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, double ratio) {
+Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, const SelectionLayout& layout) {
   const at::Tensor s = scores.contiguous();
   Selection result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "ipcv_select_tokens_cpu", [&] {
     // fp16/bf16 scores are exact in fp32, so ranking the widened copy changes nothing.
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor wide = s.to(c10::CppTypeToScalarType<acc_t>::value);
-    result = select_from_scores(wide.const_data_ptr<acc_t>(), cu_items, ratio, s.options());
+    result = select_from_scores(wide.const_data_ptr<acc_t>(), cu_items, layout, s.options());
   });
   return result;
 }
 
 Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& cu_items, const Offsets& cu_seqlens,
-          double ratio, int64_t num_neighbors) {
+          const SelectionLayout& layout, int64_t num_neighbors) {
   const at::Tensor before = x_before.contiguous(), base = x_after.contiguous();
   Plan result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "ipcv_plan_cpu", [&] {
@@ -463,7 +462,6 @@ Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& 
     at::Tensor keep, drop, cu_keep, cu_drop, neighbors;
     const int64_t num_items = static_cast<int64_t>(cu_items.size()) - 1;
     if (num_items >= kItemsPerThreadForItemUnits * at::get_num_threads()) {
-      const SelectionLayout layout = selection_layout(cu_items, ratio);
       keep = at::empty({layout.cu_keep.back()}, base.options().dtype(at::kLong));
       drop = at::empty({layout.cu_drop.back()}, base.options().dtype(at::kLong));
       neighbors = at::full({drop.size(0), num_neighbors}, -1, base.options().dtype(at::kLong));
@@ -474,7 +472,7 @@ Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& 
     } else {
       const at::Tensor scores = token_scores<scalar_t>(before, base);
       std::tie(keep, drop, cu_keep, cu_drop) =
-          select_from_scores(scores.const_data_ptr<acc_t>(), cu_items, ratio, base.options());
+          select_from_scores(scores.const_data_ptr<acc_t>(), cu_items, layout, base.options());
       const Offsets keep_offsets(cu_keep.const_data_ptr<int32_t>(),
                                  cu_keep.const_data_ptr<int32_t>() + cu_keep.numel());
       const Offsets drop_offsets(cu_drop.const_data_ptr<int32_t>(),

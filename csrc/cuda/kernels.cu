@@ -217,8 +217,7 @@ void knn_segments(const QueryRows& queries, const at::Tensor& ref_rows, const Of
 at::ScalarType acc_type_of(at::ScalarType type) { return type == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Selection from acc-typed scores (fp32/fp64) on the device.
-Selection select_from_scores(const at::Tensor& scores, const Offsets& cu_items, double ratio) {
-  const SelectionLayout layout = selection_layout(cu_items, ratio);
+Selection select_from_scores(const at::Tensor& scores, const Offsets& cu_items, const SelectionLayout& layout) {
   const int64_t n = scores.size(0);
   Offsets counts(cu_items.size() - 1);
   for (size_t b = 0; b + 1 < cu_items.size(); ++b) counts[b] = layout.cu_keep[b + 1] - layout.cu_keep[b];
@@ -285,14 +284,14 @@ at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, 
   return out;
 }
 
-Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, double ratio) {
+Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, const SelectionLayout& layout) {
   const c10::cuda::CUDAGuard guard(scores.device());
   // fp16/bf16 scores are exact in fp32, so ranking the widened copy changes nothing.
-  return select_from_scores(scores.contiguous().to(acc_type_of(scores.scalar_type())), cu_items, ratio);
+  return select_from_scores(scores.contiguous().to(acc_type_of(scores.scalar_type())), cu_items, layout);
 }
 
 Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& cu_items, const Offsets& cu_seqlens,
-          double ratio, int64_t num_neighbors) {
+          const SelectionLayout& layout, int64_t num_neighbors) {
   const c10::cuda::CUDAGuard guard(x_after.device());
   const at::Tensor before = x_before.contiguous(), base = x_after.contiguous();
   const int64_t n = base.size(0), dim = base.size(1);
@@ -311,8 +310,7 @@ Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& 
   // Plain variables, not a structured binding: the lambdas below capture `drop`, which C++17
   // (torch < 2.13 builds extensions as C++17) does not allow for structured bindings.
   at::Tensor keep, drop, cu_keep, cu_drop;
-  std::tie(keep, drop, cu_keep, cu_drop) = select_from_scores(scores, cu_items, ratio);
-  const SelectionLayout layout = selection_layout(cu_items, ratio);
+  std::tie(keep, drop, cu_keep, cu_drop) = select_from_scores(scores, cu_items, layout);
 
   // Neighbours of every dropped token among its item's kept tokens, on base = x_after.
   at::Tensor neighbors = at::full({drop.size(0), num_neighbors}, -1, base.options().dtype(at::kLong));

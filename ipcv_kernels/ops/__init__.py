@@ -1,28 +1,58 @@
-"""Public op layer. Importing it registers every backend available in this install."""
+"""Public op layer. Importing it defines every op and registers every backend available in this install.
+
+All ops are inference-only and autograd-free: they run under ``torch.no_grad()``, register no
+backward, and their outputs never carry a grad history. Every public op validates its inputs
+(shape, dtype, device, offsets) and raises ``TypeError``/``ValueError`` naming the argument, unless
+called with ``skip_check=True``, then calls its ``torch.ops.ipcv_kernels.*`` custom op, which runs
+the backend chosen by ``backend``: ``"auto"`` (the highest-priority backend available for the
+inputs' device, see ``available_backends``), ``"torch"`` (the pure-PyTorch reference of
+``ipcv_kernels.reference``), or an op-specific fast path (``"sdpa"``, ``"flash_attn"``,
+``"torch_varlen"`` for attention; ``"triton"``, ``"cpp"`` where installed / built).
+
+Layout (one op, one module):
+
+- ``knn.py``, ``ngr_reconstruct.py``, ``ngr_restore.py``, ``ngr_attention.py``, ``selection.py``
+  (``token_scores``, ``select_tokens``, ``shrink_cu_seqlens``), ``plan.py`` (``plan_ipcv``): each
+  holds the public function, its input checks, its custom op and fake (``_custom_op.ipcv_op``)
+  and its reference backend ``"torch"``. A new op is a new module here (imported below), its
+  reference in ``ipcv_kernels/reference/``, and a test in ``tests/ops/``.
+- ``dispatch.py``: the registry (``Backend``, ``register_backend``, ``resolve_backend``, ``auto``'s
+  priorities, capabilities in ``Backend.fuses``). ``_custom_op.py``: defines a custom op and its
+  fake, for ``ipcv_kernels::<op>`` and the compiled ``ipcv::<op>``. Checks shared by several ops
+  live in ``ipcv_kernels/_validation.py``.
+- Backends register themselves per op with ``register_backend``: ``attention_backends.py``
+  (``"sdpa"``, ``"flash_attn"``, ``"torch_varlen"``), ``cpp_backend.py`` (``"cpp"``: the compiled
+  ``csrc/`` extension, optional) and the ``ipcv_kernels.triton`` package (``"triton"``: one module
+  per op with its kernels, launcher and registration; needs the triton package). A new backend is
+  a new module that registers its functions and is imported below; a new Triton kernel goes into
+  ``ipcv_kernels/triton/<op>.py``.
+
+Shape names, the same in every op's docstring: ``n`` all tokens of the packed batch, ``Nk`` the
+kept and ``Nd`` the dropped ones (``n = Nk + Nd``), ``Nq`` / ``Nkv`` query and key/value rows of
+attention (``Nq`` also the query rows of ``knn``, ``Nr`` its reference rows), ``B`` items or
+segments, ``S`` attention segments, ``D`` the feature width, ``H`` heads of ``Dh`` columns, ``k``
+neighbours.
+
+Nothing here queries a device at import: backends answer ``is_available`` when asked.
+"""
 
 import importlib.util
 
 from . import (
-    attention_backends,  # noqa: F401  (flash_attn / torch_varlen; their libraries load at call time)
+    attention_backends,  # noqa: F401  (sdpa / flash_attn / torch_varlen; the libraries load at call time)
     cpp_backend,  # noqa: F401  (backend "cpp" when the compiled extension csrc/ is built)
-    torch_backend,  # noqa: F401  (registers the reference and sdpa backends)
 )
-from .api import (
-    backend_for,
-    knn,
-    ngr_attention,
-    ngr_reconstruct,
-    ngr_restore,
-    plan_ipcv,
-    select_tokens,
-    shrink_cu_seqlens,
-    token_scores,
-)
-from .dispatch import available_backends, backend_names
+from .dispatch import available_backends, backend_for, backend_names
+from .knn import knn
+from .ngr_attention import ngr_attention
+from .ngr_reconstruct import ngr_reconstruct
+from .ngr_restore import ngr_restore
+from .plan import plan_ipcv
+from .selection import select_tokens, shrink_cu_seqlens, token_scores
 
 # The Triton backends need the triton package (optional: ``pip install ipcv_kernels[triton]``).
 if importlib.util.find_spec("triton") is not None:
-    from . import triton_backend  # noqa: F401
+    from .. import triton  # noqa: F401
 
 __all__ = [
     "available_backends",

@@ -1,17 +1,18 @@
-"""``ngr_attention`` backends from attention libraries, CUDA only.
+"""``ngr_attention`` backends from attention libraries.
 
+- ``"sdpa"``: one ``torch.nn.functional.scaled_dot_product_attention`` call per segment, CPU and CUDA.
 - ``"flash_attn"``: flash-attn 2's ``flash_attn_varlen_func`` (fp16/bf16), when the package is installed.
 - ``"torch_varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's own flash kernel,
   fp16/bf16), when this PyTorch has it.
 
-Both take separate query / key offsets, so they compute exactly the op (kept queries over full
+The last two run on CUDA only. Both take separate query / key offsets, so they compute exactly the op (kept queries over full
 keys). Their kernels take fp16/bf16 with head dims up to 256; other inputs (fp32, fp64, wider heads)
 run the per-segment ``sdpa`` backend instead, so that ``auto`` never fails where a backend can run.
 Neither library is imported until a call: importing flash-attn loads its CUDA extension.
 Both need the longest segment lengths on the host: one small device-to-host copy per call.
 
-``unfused_attention_inputs`` prepares ``ngr_attention``'s fused options (rotary, query gather)
-with PyTorch for every backend that does not fuse them.
+None of them fuses ``ngr_attention``'s rotary or query gather: the op layer does those with
+PyTorch before calling them.
 """
 
 from __future__ import annotations
@@ -19,16 +20,48 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 
-from ..reference.rotary import apply_rotary_vision
-from .dispatch import Backend, register_backend
-from .torch_backend import ngr_attention_sdpa
+from .dispatch import ALL_DEVICES, Backend, register_backend
 
-# Below Triton (20), above sdpa (10): ``auto`` on CUDA prefers the fused Triton kernel.
+# Above the reference (0): ``auto`` on the CPU takes sdpa.
+SDPA_PRIORITY = 10
+# Below Triton (20), above sdpa: ``auto`` on CUDA prefers the fused Triton kernel.
 FLASH_ATTN_PRIORITY = 15
 TORCH_VARLEN_PRIORITY = 12
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+
+
+def ngr_attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """One ``scaled_dot_product_attention`` call per segment. q ``[Nq, H, Dh]``, k/v ``[Nkv, H, Dh]``
+    float, cu_seqlens_q/k int32 ``[B + 1]``; returns contiguous ``[Nq, H, Dh]`` in q's dtype.
+
+    PyTorch picks a fused (flash / memory-efficient) kernel per segment, so memory stays linear
+    in tokens on both CPU and CUDA; the Python loop over segments is the cost.
+    """
+    # Contiguous whatever q's strides: the layout the op's fake describes.
+    out = q.new_zeros(q.shape)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0 or k1 == k0:
+            continue
+        seg = F.scaled_dot_product_attention(
+            q[q0:q1].transpose(0, 1)[None],
+            k[k0:k1].transpose(0, 1)[None],
+            v[k0:k1].transpose(0, 1)[None],
+            scale=softmax_scale,
+        )
+        out[q0:q1] = seg[0].transpose(0, 1)
+    return out
 
 
 def flash_attn_unavailable() -> str | None:
@@ -65,8 +98,8 @@ def ngr_attention_flash_attn(
     cu_seqlens_k: torch.Tensor,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """``flash_attn_varlen_func``, non-causal. q ``[Nq, H, Dh]``, k/v ``[Nk, H, Dh]`` on CUDA (fp16/bf16,
-    ``Dh <= 256``; otherwise ``sdpa``)."""
+    """``flash_attn_varlen_func``, non-causal. q ``[Nq, H, Dh]``, k/v ``[Nkv, H, Dh]`` on CUDA (fp16/bf16,
+    ``Dh <= 256``; otherwise ``sdpa``), cu_seqlens_q/k int32 ``[B + 1]``; returns ``[Nq, H, Dh]``."""
     from flash_attn import flash_attn_varlen_func
 
     if not _library_kernels_take(q):
@@ -112,26 +145,7 @@ def ngr_attention_torch_varlen(
     )
 
 
-def unfused_attention_inputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    rotary: tuple[torch.Tensor, torch.Tensor] | None,
-    q_rows: torch.Tensor | None,
-    q_positions: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q`` gathered at ``q_rows`` and ``q``, ``k`` rotated, by PyTorch: what a backend that does not
-    fuse ``ngr_attention``'s ``rotary`` / ``q_rows`` / ``q_positions`` options attends with."""
-    positions = q_rows if q_rows is not None else q_positions
-    if q_rows is not None:
-        q = q[q_rows]
-    if rotary is not None:
-        cos, sin = rotary
-        q_cos, q_sin = (cos, sin) if positions is None else (cos[positions], sin[positions])
-        q = apply_rotary_vision(q, q_cos, q_sin)
-        k = apply_rotary_vision(k, cos, sin)
-    return q, k
-
-
+register_backend("ngr_attention", Backend("sdpa", ngr_attention_sdpa, ALL_DEVICES, SDPA_PRIORITY))
 register_backend(
     "ngr_attention",
     Backend("flash_attn", ngr_attention_flash_attn, ("cuda",), FLASH_ATTN_PRIORITY, flash_attn_unavailable),

@@ -1,11 +1,15 @@
 """``backend="cpp"``: the compiled ops of ``csrc/`` (``torch.ops.ipcv.*``), when the extension is built.
 
 Importing this module loads the extension ``ipcv_kernels._C`` (or, for a CMake development build,
-the library named by ``IPCV_CPP_LIBRARY``), registers fake implementations of ``torch.ops.ipcv.*``
-so they trace under ``torch.compile``, and registers backend ``"cpp"`` of ``knn``,
+the library named by ``IPCV_CPP_LIBRARY``), has the op modules register their fakes for
+``torch.ops.ipcv.*`` (``_custom_op.compiled_extension_loaded``) so they trace under
+``torch.compile``, and registers backend ``"cpp"`` of ``knn``,
 ``ngr_reconstruct``, ``select_tokens`` and ``plan`` on the CPU, and on CUDA when the build has
 CUDA kernels. Without the extension it stays silent: ``auto`` skips ``"cpp"`` and
 ``backend="cpp"`` raises a ``RuntimeError`` saying how to build it.
+
+``select_tokens`` and ``plan`` pass the compiled ops the per-item keep counts
+(``reference.keep_counts``: one host read of ``cu_items``), so the count rule lives only in Python.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import os
 
 import torch
 
-from ..reference import IPCVPlan, TokenSelection, ngr_restore_reference
+from ..reference import IPCVPlan, TokenSelection, keep_counts, ngr_restore_reference
+from ._custom_op import compiled_extension_loaded
 from .dispatch import Backend, register_backend
 
 BUILD_HINT = (
@@ -74,8 +79,8 @@ def ngr_reconstruct_cpp(
 
 
 def select_tokens_cpp(scores: torch.Tensor, cu_items: torch.Tensor, ratio: float) -> TokenSelection:
-    """Per-item top-k selection (see ``select_tokens_reference``)."""
-    return TokenSelection(*torch.ops.ipcv.select_tokens(scores, cu_items, ratio))
+    """Per-item top-k selection (see ``select_tokens_reference``); the keep counts come from Python."""
+    return TokenSelection(*torch.ops.ipcv.select_tokens(scores, cu_items, keep_counts(cu_items, ratio)))
 
 
 def plan_cpp(
@@ -86,48 +91,13 @@ def plan_cpp(
     ratio: float,
     num_neighbors: int,
 ) -> IPCVPlan:
-    """The whole planning step in one compiled call (see ``plan_reference``)."""
-    return IPCVPlan(*torch.ops.ipcv.plan(x_before, x_after, cu_items, cu_seqlens, ratio, num_neighbors))
-
-
-def _register_fakes() -> None:
-    """Shape-only implementations, so ``torch.ops.ipcv.*`` trace under ``torch.compile``."""
-
-    @torch.library.register_fake("ipcv::knn")
-    def _(query, ref, k, cu_query=None, cu_ref=None):
-        return query.new_empty((query.shape[0], k), dtype=torch.int64)
-
-    @torch.library.register_fake("ipcv::ngr_reconstruct")
-    def _(base_drop, kept, base_kept, neighbors):
-        return torch.empty_like(base_drop)
-
-    @torch.library.register_fake("ipcv::select_tokens")
-    def _(scores, cu_items, ratio):
-        # How many tokens items keep depends on the offsets' values: an unbacked size.
-        num_keep = torch.library.get_ctx().new_dynamic_size()
-        return (
-            scores.new_empty((num_keep,), dtype=torch.int64),
-            scores.new_empty((scores.shape[0] - num_keep,), dtype=torch.int64),
-            torch.empty_like(cu_items),
-            torch.empty_like(cu_items),
-        )
-
-    @torch.library.register_fake("ipcv::plan")
-    def _(x_before, x_after, cu_items, cu_seqlens, ratio, num_neighbors):
-        num_keep = torch.library.get_ctx().new_dynamic_size()
-        num_drop = x_after.shape[0] - num_keep
-        return (
-            x_after.new_empty((num_keep,), dtype=torch.int64),
-            x_after.new_empty((num_drop,), dtype=torch.int64),
-            torch.empty_like(cu_items),
-            torch.empty_like(cu_items),
-            x_after.new_empty((num_drop, num_neighbors), dtype=torch.int64),
-            torch.empty_like(cu_seqlens),
-        )
+    """The whole planning step in one compiled call (see ``plan_reference``); the keep counts come from Python."""
+    counts = keep_counts(cu_items, ratio)
+    return IPCVPlan(*torch.ops.ipcv.plan(x_before, x_after, cu_items, cu_seqlens, counts, num_neighbors))
 
 
 if UNAVAILABLE_REASON is None:
-    _register_fakes()
+    compiled_extension_loaded()
 
 _DEVICES = ("cpu", "cuda") if UNAVAILABLE_REASON is not None or has_cuda_kernels() else ("cpu",)
 for _op, _fn in (

@@ -1,7 +1,9 @@
 """Backend registry: which implementations of an op exist, where they run, and which ``auto`` picks.
 
-A backend module registers its implementations at import time; the public op layer resolves a
-``backend=`` string against this table, so adding a backend never touches the public API.
+A backend module registers its implementation of each op it provides at import time (one
+``register_backend(op, Backend(...))`` per op); the op modules resolve a ``backend=`` string against
+this table, so adding a backend never touches the public API. What a backend can do beyond the
+op's plain contract (e.g. ``ngr_attention``'s fused rotary) it declares in ``Backend.fuses``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+ALL_DEVICES = ("cpu", "cuda")
+# The references (backend "torch", registered by each op module) run everywhere and are the last
+# resort of ``auto``; every faster backend registers a higher priority.
+REFERENCE_PRIORITY = 0
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,9 @@ class Backend:
     device_types: device types it runs on (``"cpu"``, ``"cuda"``).
     priority: ``auto`` takes the available backend with the highest priority for the device.
     is_available: returns ``None`` when usable, else the reason it is not (missing package, ...).
+    fuses: optional steps of the op that ``fn`` performs itself, named by the op (``ngr_attention``:
+        ``"rotary"``, ``"q_gather"``); ``fn`` then takes them as keyword arguments. The op layer does
+        the steps a backend does not declare with PyTorch before calling it.
     """
 
     name: str
@@ -28,6 +38,7 @@ class Backend:
     device_types: tuple[str, ...]
     priority: int
     is_available: Callable[[], str | None] = field(default=lambda: None)
+    fuses: frozenset[str] = frozenset()
 
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
@@ -66,3 +77,8 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> Backend:
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} of {op} is not available: {reason}")
     return chosen
+
+
+def backend_for(op: str, backend: str, device: torch.device) -> str:
+    """The backend name ``backend`` resolves to for ``op`` on ``device`` (``auto`` made concrete)."""
+    return resolve_backend(op, backend, device).name

@@ -4,13 +4,14 @@ Tests and benchmarks import these as the oracle for every fast path; ``backend="
 public ops runs them directly.
 """
 
-from .attention import ngr_attention_reference
+from .attention import ngr_attention_reference, unfused_attention_inputs
 from .knn import knn_reference
 from .plan import IPCVPlan, plan_reference
 from .reconstruct import ngr_reconstruct_reference, ngr_restore_reference
 from .selection import (
     TokenSelection,
     keep_count,
+    keep_counts,
     select_tokens_reference,
     shrink_cu_seqlens_reference,
     token_scores_reference,
@@ -20,6 +21,7 @@ __all__ = [
     "IPCVPlan",
     "TokenSelection",
     "keep_count",
+    "keep_counts",
     "knn_reference",
     "ngr_attention_reference",
     "ngr_reconstruct_reference",
@@ -28,4 +30,5 @@ __all__ = [
     "select_tokens_reference",
     "shrink_cu_seqlens_reference",
     "token_scores_reference",
+    "unfused_attention_inputs",
 ]

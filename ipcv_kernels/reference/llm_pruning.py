@@ -10,16 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from .selection import keep_count
 
-def llm_keep_count(num_candidates: int, ratio: float) -> int:
-    """Candidate tokens kept out of ``num_candidates`` when a fraction ``ratio`` is pruned.
-
-    ``max(1, int(n * (1 - ratio)))`` with Python float math (as the vision-side selection), and
-    ``0`` when there is no candidate: an input without image tokens prunes nothing.
-    """
-    if num_candidates == 0:
-        return 0
-    return max(1, int(num_candidates * (1.0 - ratio)))
+# Candidate tokens kept out of ``n`` when a fraction ``ratio`` is pruned: the vision-side rule, also
+# 0 for an input without image tokens (which prunes nothing). The LLM pruners import it by this name.
+llm_keep_count = keep_count
 
 
 def fastv_attention_reference(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -11,7 +12,7 @@ class TokenSelection(NamedTuple):
     """Result of selection, for ``n`` tokens in ``B`` items.
 
     keep: int64 ``[Nk]`` kept token positions, ascending (so per item, in position order).
-    drop: int64 ``[n - Nk]`` dropped token positions, ascending.
+    drop: int64 ``[Nd]`` dropped token positions, ascending (``Nd = n - Nk``).
     cu_keep: int32 ``[B + 1]`` offsets of each item's kept tokens inside ``keep``.
     cu_drop: int32 ``[B + 1]`` offsets of each item's dropped tokens inside ``drop``.
     """
@@ -25,6 +26,13 @@ class TokenSelection(NamedTuple):
 def keep_count(num_tokens: int, ratio: float) -> int:
     """The spec's count ``max(1, int(n * (1 - r)))`` in Python float math; 0 for an empty item."""
     return min(num_tokens, max(1, int(num_tokens * (1 - ratio))))
+
+
+def keep_counts(cu_items: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``keep_count`` of every item: int32 ``[B + 1]`` item offsets in (one host read), int64 ``[B]``
+    on the CPU out. The compiled ops (``csrc/``) take these counts, so the rule exists only here."""
+    lengths = [end - start for start, end in itertools.pairwise(cu_items.tolist())]
+    return torch.tensor([keep_count(n, ratio) for n in lengths], dtype=torch.int64)
 
 
 def token_scores_reference(x_before: torch.Tensor, x_after: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,33 @@
-"""``@triton.jit`` kernels of the IPCV ops (kernels only: launchers live in ``ipcv_kernels.ops.triton_backend``).
+"""The Triton backend of the IPCV ops: one module per op, holding its ``@triton.jit`` kernels, their
+launcher and the registration of its ``"triton"`` backend.
 
-Its modules import ``triton``; the op layer imports them only when triton is installed.
+- ``knn.py``: fused distance + running top-k (``knn``).
+- ``ngr_reconstruct.py``: NGR reconstruction, also written into a full-length buffer with a fused
+  LayerNorm (``ngr_reconstruct``, ``ngr_restore``).
+- ``ngr_attention.py``: varlen flash attention and the rotary pass (``ngr_attention``; declares
+  ``fuses={"rotary", "q_gather"}``).
+- ``selection.py``, ``plan.py``: device-side selection from vectorised PyTorch, and the planning
+  step built on it and ``knn`` (``select_tokens``, ``plan``; no kernels of their own).
+- ``_backend.py``: what the launchers share, and ``register_triton_backends``.
+
+The launchers choose tiles and grids, handle contiguity, and map segments to rows on the device,
+so that no launcher reads a device value on the host except ``select_tokens``, whose output sizes
+depend on the item offsets (one small copy of ``cu_items``).
+
+Registration: the ``"triton"`` backends run on ``"cuda"`` devices, where ``auto`` picks them. On
+the CPU, Triton kernels only run under the interpreter (``TRITON_INTERPRET=1``, set before
+``triton`` is imported): tests call the launchers directly, or call
+``register_triton_backends(("cuda", "cpu"))`` to route ``backend="triton"`` of the public ops
+there (and ``register_triton_backends()`` afterwards to restore the CUDA-only table).
+
+Dtypes: fp16/bf16/fp32 run the kernels; fp64 (an oracle dtype, no fast path needed) runs the
+reference, as do ``knn`` with ``k > MAX_KERNEL_K`` and attention with ``Dh > MAX_HEAD_DIM``.
+
+Every module here imports ``triton``; ``ipcv_kernels.ops`` imports this package only when triton
+is installed (``pip install ipcv_kernels[triton]``).
 """
+
+from . import knn, ngr_attention, ngr_reconstruct, plan, selection  # noqa: F401  (each registers its backend)
+from ._backend import register_triton_backends
+
+__all__ = ["register_triton_backends"]

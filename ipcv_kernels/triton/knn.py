@@ -3,10 +3,19 @@
 One program owns ``BLOCK_Q`` query rows and walks the reference rows of their segments in tiles of
 ``BLOCK_R``. Each tile's distances live only in registers and are merged into a per-row list of
 the ``k`` best so far, so no ``queries x refs`` distance matrix ever exists in memory.
+
+``knn_triton`` launches it and is the ``"triton"`` backend of ``knn``.
 """
 
+import torch
 import triton
 import triton.language as tl
+
+from ..reference import knn_reference
+from ._backend import dot_precision, kernel_dtype, register_triton, segment_of_rows
+
+# The running top-k list lives in registers: beyond 32 slots it spills, so larger k uses the reference.
+MAX_KERNEL_K = 32
 
 
 @triton.jit
@@ -99,3 +108,69 @@ def knn_kernel(
         tl.store(out_ptr + rows64 * k + j, index.to(tl.int64), mask=row_ok & (tl.full([BLOCK_Q], j, tl.int32) < k))
         best_dist = tl.where(picked, float("inf"), best_dist)
         best_index = tl.where(picked, -1, best_index)
+
+
+def single_segment(num_query: int, num_ref: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ``[2]`` offsets ``(cu_query, cu_ref)`` of one segment holding every row."""
+    return (
+        torch.tensor([0, num_query], dtype=torch.int32, device=device),
+        torch.tensor([0, num_ref], dtype=torch.int32, device=device),
+    )
+
+
+def knn_triton(
+    query: torch.Tensor,
+    ref: torch.Tensor,
+    k: int,
+    cu_query: torch.Tensor | None = None,
+    cu_ref: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused distance + top-k; the ``knn`` op contract (int64 ``[Nq, k]``, nearest first, ``-1`` pad).
+
+    Args:
+        query: ``[Nq, D]`` fp16/bf16/fp32 (any strides); ref: ``[Nr, D]`` same dtype.
+        k: neighbours per query; cu_query, cu_ref: optional int32 ``[B + 1]`` offsets.
+    """
+    if not kernel_dtype(query.dtype) or k > MAX_KERNEL_K:
+        return knn_reference(query, ref, k, cu_query, cu_ref)
+    num_query, dim = query.shape
+    out = torch.full((num_query, k), -1, dtype=torch.int64, device=query.device)
+    if num_query == 0 or ref.shape[0] == 0 or dim == 0:
+        return out
+    if cu_query is None:
+        cu_query, cu_ref = single_segment(num_query, ref.shape[0], query.device)
+    # From sm_90 compiles (tests/ops/test_triton_compile.py, Triton 3.6 and 3.9): 16-bit inputs take
+    # 128-query tiles, which Hopper runs as warpgroup MMAs (32-query tiles compile to the older,
+    # slower mma.sync) and which cut the re-reads of every reference tile 4x; 8 warps hold the
+    # running top-k lists and the distance tile in registers without spills. fp32 operands (an FMA
+    # dot, not tensor cores) take 32-query tiles and no software pipelining, which spilled under
+    # Triton 3.6.
+    fp32 = query.dtype == torch.float32
+    block_q, block_r = (32 if fp32 else 128), 64
+    block_d = max(16, min(32, triton.next_power_of_2(dim)))
+    grid = (triton.cdiv(num_query, block_q),)
+    knn_kernel[grid](
+        query,
+        ref,
+        segment_of_rows(cu_query, num_query),
+        cu_ref,
+        out,
+        num_query,
+        dim,
+        k,
+        query.stride(0),
+        query.stride(1),
+        ref.stride(0),
+        ref.stride(1),
+        BLOCK_Q=block_q,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        K_PAD=max(2, triton.next_power_of_2(k)),
+        DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=8,
+        num_stages=1 if fp32 else 3,
+    )
+    return out
+
+
+register_triton("knn", knn_triton)

@@ -52,12 +52,16 @@ def check_against_fp64_tower(tower, config: ik.IPCVConfig, dtype: torch.dtype) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_path_equals_reference_path(triton_backends, monkeypatch, dtype):
-    from ipcv_kernels.ops import triton_backend
+    from ipcv_kernels.triton import ngr_attention, ngr_reconstruct
 
     launches = {}
-    for name in ("varlen_attention_kernel", "rotary_kernel", "ngr_reconstruct_kernel"):
-        launches[name] = CountingLauncher(getattr(triton_backend, name))
-        monkeypatch.setattr(triton_backend, name, launches[name])
+    for module, name in (
+        (ngr_attention, "varlen_attention_kernel"),
+        (ngr_attention, "rotary_kernel"),
+        (ngr_reconstruct, "ngr_reconstruct_kernel"),
+    ):
+        launches[name] = CountingLauncher(getattr(module, name))
+        monkeypatch.setattr(module, name, launches[name])
     tower = build_qwen2_vl_tower(dtype=dtype, device=triton_backends)
     check_against_fp64_tower(tower, ik.IPCVConfig(**CONFIG, backend="triton", attention_backend="triton"), dtype)
     # Per stabilisation block: one attention launch after one rotary pass over the kept queries

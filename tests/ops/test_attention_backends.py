@@ -9,7 +9,7 @@ from conftest import offsets
 
 import ipcv_kernels as ik
 from ipcv_kernels.ops.attention_backends import flash_attn_unavailable, torch_varlen_unavailable
-from ipcv_kernels.reference import ngr_attention_reference
+from ipcv_kernels.reference import ngr_attention_reference, unfused_attention_inputs
 from ipcv_kernels.reference.rotary import apply_rotary_vision
 from ipcv_kernels.testing import assert_close_to_reference
 
@@ -91,6 +91,31 @@ def test_fused_options_on_unfused_backends(backend):
     torch.testing.assert_close(by_positions, expected)
     gathered = ik.ngr_attention(q, k, v, cu_q, cu_k, q_rows=rows, backend=backend)
     torch.testing.assert_close(gathered, ngr_attention_reference(q[rows], k, v, cu_q, cu_k))
+
+
+@pytest.mark.parametrize(
+    ("fuses", "fused"), [(frozenset({"rotary", "q_gather"}), True), (frozenset({"q_gather"}), False)]
+)
+def test_backend_gets_the_steps_it_declares(monkeypatch, fuses, fused):
+    # A backend declaring every requested step gets them as keywords; one declaring only some gets
+    # all of them done by PyTorch first (the gathered rows are also the rotary rows).
+    from ipcv_kernels.ops import dispatch
+
+    calls = []
+
+    def spy(q, k, v, cu_q, cu_k, softmax_scale, **steps):
+        calls.append(steps)
+        if steps:
+            q, k = unfused_attention_inputs(q, k, steps["rotary"], steps["q_rows"], steps["q_positions"])
+        return ngr_attention_reference(q, k, v, cu_q, cu_k, softmax_scale)
+
+    monkeypatch.setitem(
+        dispatch._REGISTRY["ngr_attention"], "spy", dispatch.Backend("spy", spy, ("cpu",), 0, fuses=fuses)
+    )
+    q, k, v, rotary, rows, cu_q, cu_k = fused_case()
+    got = ik.ngr_attention(q, k, v, cu_q, cu_k, rotary=rotary, q_rows=rows, backend="spy")
+    torch.testing.assert_close(got, ik.ngr_attention(q, k, v, cu_q, cu_k, rotary=rotary, q_rows=rows, backend="torch"))
+    assert (calls[0]["q_rows"] is rows) if fused else calls == [{}]
 
 
 def test_fused_options_are_validated():

@@ -40,7 +40,7 @@ def every_op(q, k, v, cu_q, cu_k, base_drop, base_kept, kept, keep, drop, cu_ite
     ops = torch.ops.ipcv_kernels
     neighbors = ops.knn(base_drop, base_kept, 2, None, None, "auto")
     recon = ops.ngr_reconstruct(base_drop, kept, base_kept, neighbors, "auto")
-    attention = ops.ngr_attention(q, k, v, cu_q, cu_k, None, "auto")
+    attention = ops.ngr_attention(q, k, v, cu_q, cu_k, None, None, None, None, None, "auto")
     full = torch.empty_like(x_after)
     ops.ngr_restore(full, kept, base_drop, base_kept, keep, drop, neighbors, None, None, 0.0, None, "auto")
     plan = ops.plan(x_before, x_after, cu_items, cu_items, 0.5, 2, "auto")

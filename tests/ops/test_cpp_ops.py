@@ -15,6 +15,7 @@ from conftest import offsets
 import ipcv_kernels as ik
 from ipcv_kernels.ops import backend_for, cpp_backend
 from ipcv_kernels.reference import (
+    keep_counts,
     knn_reference,
     ngr_reconstruct_reference,
     plan_reference,
@@ -110,7 +111,8 @@ def test_plan_matches_reference(cpp, layout, dtype):
             torch.set_num_threads(num_threads)
             for ratio, k in ((0.65, 10), (0.3, 3), (0.9, 1)):
                 expected = plan_reference(x_before, x_after, cu_items, cu_seqlens, ratio, k)
-                got = ik.IPCVPlan(*cpp.plan(x_before, x_after, cu_items, cu_seqlens, ratio, k))
+                counts = keep_counts(cu_items, ratio)
+                got = ik.IPCVPlan(*cpp.plan(x_before, x_after, cu_items, cu_seqlens, counts, k))
                 check_plan(got, expected, x_after, k)
     finally:
         torch.set_num_threads(threads)
@@ -118,7 +120,8 @@ def test_plan_matches_reference(cpp, layout, dtype):
 
 def test_plan_ratio_zero_keeps_everything(cpp):
     x_before, x_after = plan_inputs([9, 4], 8, torch.float32)
-    plan = ik.IPCVPlan(*cpp.plan(x_before, x_after, offsets([9, 4]), offsets([5, 4, 4]), 0.0, 3))
+    counts = keep_counts(offsets([9, 4]), 0.0)
+    plan = ik.IPCVPlan(*cpp.plan(x_before, x_after, offsets([9, 4]), offsets([5, 4, 4]), counts, 3))
     assert torch.equal(plan.keep, torch.arange(13))
     assert plan.drop.numel() == 0 and plan.neighbors.shape == (0, 3)
     assert plan.cu_seqlens_kept.tolist() == [0, 5, 9, 13]
@@ -164,7 +167,7 @@ def test_select_tokens_matches_reference(cpp, dtype):
     cu_items = offsets(items)
     for ratio in (0.0, 0.5, 0.65, 0.99):
         expected = select_tokens_reference(scores, cu_items, ratio)
-        got = cpp.select_tokens(scores, cu_items, ratio)
+        got = cpp.select_tokens(scores, cu_items, keep_counts(cu_items, ratio))
         for name, a, b in zip(expected._fields, got, expected, strict=True):
             assert torch.equal(a, b), name
 
@@ -192,6 +195,7 @@ def test_ngr_reconstruct_empty_inputs(cpp):
 
 def test_boundary_checks_name_the_argument(cpp):
     x, cu = torch.randn(6, 4), offsets([6])
+    counts = keep_counts(cu, 0.5)
     cases = [
         (lambda: cpp.knn(x.long(), x, 2), "query must be fp16/bf16/fp32/fp64"),
         (lambda: cpp.knn(x, torch.randn(6, 5), 2), "ref must have 4 columns"),
@@ -202,9 +206,11 @@ def test_boundary_checks_name_the_argument(cpp):
         (lambda: cpp.knn(x, x, 2, offsets([5]), cu), "must end at the number of rows"),
         (lambda: cpp.ngr_reconstruct(x, x, x, torch.full((6, 2), 6)), r"neighbors must be in \[-1, 6\)"),
         (lambda: cpp.ngr_reconstruct(x, x, x[:3], torch.zeros(6, 2).long()), "base_kept must have the shape"),
-        (lambda: cpp.select_tokens(x[:, 0], cu, 1.0), r"ratio must be in \[0, 1\)"),
-        (lambda: cpp.plan(x, x.double(), cu, cu, 0.5, 2), "x_before must have the dtype"),
-        (lambda: cpp.plan(x, x, cu, cu, 0.5, 0), "num_neighbors must be >= 1"),
+        (lambda: cpp.select_tokens(x[:, 0], cu, torch.tensor([7])), r"keep_counts must be in \[0, item length\]"),
+        (lambda: cpp.select_tokens(x[:, 0], cu, torch.tensor([3, 3])), "one count per item"),
+        (lambda: cpp.select_tokens(x[:, 0], cu, torch.tensor([3], dtype=torch.int32)), "keep_counts must be int64"),
+        (lambda: cpp.plan(x, x.double(), cu, cu, counts, 2), "x_before must have the dtype"),
+        (lambda: cpp.plan(x, x, cu, cu, counts, 0), "num_neighbors must be >= 1"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
@@ -235,8 +241,11 @@ def opcheck_cases(device: torch.device):
     return {
         "knn": (torch.ops.ipcv.knn, (randn(7, 8), randn(13, 8), 3, cu_a, cu_b)),
         "ngr_reconstruct": (torch.ops.ipcv.ngr_reconstruct, (randn(4, 8), randn(5, 8), randn(5, 8), neighbors)),
-        "select_tokens": (torch.ops.ipcv.select_tokens, (randn(13), cu_b, 0.5)),
-        "plan": (torch.ops.ipcv.plan, (x_before, x_after, cu_b, offsets([3, 2, 2, 6], device), 0.5, 2)),
+        "select_tokens": (torch.ops.ipcv.select_tokens, (randn(13), cu_b, keep_counts(cu_b, 0.5))),
+        "plan": (
+            torch.ops.ipcv.plan,
+            (x_before, x_after, cu_b, offsets([3, 2, 2, 6], device), keep_counts(cu_b, 0.5), 2),
+        ),
     }
 
 
@@ -270,7 +279,12 @@ def test_cuda_ops_match_reference(cuda_cpp, dtype):
     cu_items, cu_seqlens = offsets(items), offsets(segments)
     expected = plan_reference(x_before, x_after, cu_items, cu_seqlens, 0.65, 10)
     got = torch.ops.ipcv.plan(
-        x_before.to(device), x_after.to(device), cu_items.to(device), cu_seqlens.to(device), 0.65, 10
+        x_before.to(device),
+        x_after.to(device),
+        cu_items.to(device),
+        cu_seqlens.to(device),
+        keep_counts(cu_items, 0.65),
+        10,
     )
     check_plan(ik.IPCVPlan(*(t.cpu() for t in got)), expected, x_after, 10)
 
@@ -283,7 +297,8 @@ def test_cuda_ops_match_reference(cuda_cpp, dtype):
         assert_same_neighbours(got.cpu(), expected, query, ref, acc_dtype_of(dtype))
 
     scores = (1.0 + 0.01 * torch.randperm(400, generator=generator).double()).to(dtype)
-    selection = torch.ops.ipcv.select_tokens(scores.to(device), offsets([100, 0, 300], device), 0.65)
+    counts = keep_counts(offsets([100, 0, 300]), 0.65)
+    selection = torch.ops.ipcv.select_tokens(scores.to(device), offsets([100, 0, 300], device), counts)
     for a, b in zip(selection, select_tokens_reference(scores, offsets([100, 0, 300]), 0.65), strict=True):
         assert torch.equal(a.cpu(), b)
 

@@ -12,11 +12,11 @@ from conftest import offsets
 
 pytest.importorskip("triton")
 
-from ipcv_kernels.ops.torch_backend import ngr_attention_sdpa
-from ipcv_kernels.ops.triton_backend import head_dim_chunks, ngr_attention_triton, rotate_rows_triton
+from ipcv_kernels.ops.attention_backends import ngr_attention_sdpa
 from ipcv_kernels.reference import ngr_attention_reference
 from ipcv_kernels.reference.rotary import apply_rotary_vision
 from ipcv_kernels.testing import assert_close, assert_close_to_reference
+from ipcv_kernels.triton.ngr_attention import head_dim_chunks, ngr_attention_triton, rotate_rows_triton
 
 # Segments: odd sizes, an empty one, a one-token one, queries whose segment has no keys, keys
 # without queries, and one segment longer than a 128-row tile so tiles straddle segments.

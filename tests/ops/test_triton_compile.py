@@ -116,12 +116,18 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 def compile_every_launch_configuration() -> None:
     from conftest import offsets
 
-    from ipcv_kernels.ops import triton_backend as tb
+    from ipcv_kernels.triton import knn, ngr_attention, ngr_reconstruct
 
-    for name in ("knn_kernel", "varlen_attention_kernel", "rotary_kernel", "ngr_reconstruct_kernel"):
-        setattr(tb, name, AheadOfTimeCompiler(getattr(tb, name)))
-    for dtype, k in ((torch.bfloat16, 10), (torch.float32, 10), (torch.float16, tb.MAX_KERNEL_K)):
-        tb.knn_triton(torch.zeros(5, 1280, dtype=dtype), torch.zeros(7, 1280, dtype=dtype), k)
+    # Each launcher looks its kernel up in its own module at launch time.
+    for module, name in (
+        (knn, "knn_kernel"),
+        (ngr_attention, "varlen_attention_kernel"),
+        (ngr_attention, "rotary_kernel"),
+        (ngr_reconstruct, "ngr_reconstruct_kernel"),
+    ):
+        setattr(module, name, AheadOfTimeCompiler(getattr(module, name)))
+    for dtype, k in ((torch.bfloat16, 10), (torch.float32, 10), (torch.float16, knn.MAX_KERNEL_K)):
+        knn.knn_triton(torch.zeros(5, 1280, dtype=dtype), torch.zeros(7, 1280, dtype=dtype), k)
     for dtype, head_dim, rotary in (
         (torch.float16, 64, False),
         (torch.bfloat16, 80, True),
@@ -139,14 +145,16 @@ def compile_every_launch_configuration() -> None:
         q = torch.zeros(6, 2, head_dim, dtype=dtype)
         table = (torch.ones(6, head_dim), torch.zeros(6, head_dim)) if rotary else None
         rows = torch.arange(6) if rotary else None
-        tb.ngr_attention_triton(q, q, q, offsets([6]), offsets([6]), rotary=table, q_rows=rows)
+        ngr_attention.ngr_attention_triton(q, q, q, offsets([6]), offsets([6]), rotary=table, q_rows=rows)
     rows = torch.zeros(4, 1280, dtype=torch.bfloat16)
     neighbors = torch.zeros(4, 10, dtype=torch.int64)
-    tb.ngr_reconstruct_triton(rows, rows, rows, neighbors)
+    ngr_reconstruct.ngr_reconstruct_triton(rows, rows, rows, neighbors)
     norm = torch.nn.LayerNorm(1280).to(torch.bfloat16)
     full = torch.zeros(8, 1280, dtype=torch.bfloat16)
     keep, drop = torch.arange(4), torch.arange(4, 8)
-    tb.ngr_restore_triton(full, rows, rows, rows, keep, drop, neighbors, norm.weight, norm.bias, 1e-6, full.clone())
+    ngr_reconstruct.ngr_restore_triton(
+        full, rows, rows, rows, keep, drop, neighbors, norm.weight, norm.bias, 1e-6, full.clone()
+    )
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from conftest import offsets
 
 pytest.importorskip("triton")
 
-from ipcv_kernels.ops.triton_backend import MAX_KERNEL_K, knn_triton
 from ipcv_kernels.reference import knn_reference
 from ipcv_kernels.testing import assert_close
+from ipcv_kernels.triton.knn import MAX_KERNEL_K, knn_triton
 
 
 def neighbour_distances(query: torch.Tensor, ref: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``torch.library.opcheck`` of the IPCV custom ops: schema, fake (meta) implementations, and
 dispatch under tracing (data-dependent output sizes included), for the reference backend and the Triton
-backend (interpreter or CUDA)."""
+backend (interpreter or CUDA); ``ngr_attention`` with and without its optional rotary / query gather."""
 
 from __future__ import annotations
 
@@ -43,23 +43,42 @@ def op_cases(device: torch.device, backend: str):
             torch.ops.ipcv_kernels.ngr_reconstruct,
             (randn(4, 8), randn(5, 8), randn(5, 8), neighbors, backend),
         ),
-        "ngr_attention": (torch.ops.ipcv_kernels.ngr_attention, (q, k, v, cu_a, cu_b, None, backend)),
-        "ngr_attention_fused": (
-            torch.ops.ipcv_kernels.ngr_attention_fused,
-            (k, k, v, cu_a, cu_b, cos, sin, rows, None, 0.25, backend),
+        "ngr_attention": (
+            torch.ops.ipcv_kernels.ngr_attention,
+            (q, k, v, cu_a, cu_b, None, None, None, None, None, backend),
+        ),
+        # The one op with its optional steps: rotary with a query gather (fused by Triton, done
+        # with PyTorch for the reference), and rotary at the positions of a compact q.
+        "ngr_attention_rotary_gather": (
+            torch.ops.ipcv_kernels.ngr_attention,
+            (k, k, v, cu_a, cu_b, 0.25, cos, sin, rows, None, backend),
+        ),
+        "ngr_attention_rotary_positions": (
+            torch.ops.ipcv_kernels.ngr_attention,
+            (q, k, v, cu_a, cu_b, None, cos, sin, None, rows, backend),
         ),
     }
 
 
-@pytest.mark.parametrize("name", ["select_tokens", "plan", "knn", "ngr_reconstruct", "ngr_restore", "ngr_attention"])
+OPS = [
+    "select_tokens",
+    "plan",
+    "knn",
+    "ngr_reconstruct",
+    "ngr_restore",
+    "ngr_attention",
+    "ngr_attention_rotary_gather",
+    "ngr_attention_rotary_positions",
+]
+
+
+@pytest.mark.parametrize("name", OPS)
 def test_opcheck_reference_backend(name):
     op, args = op_cases(torch.device("cpu"), "torch")[name]
     torch.library.opcheck(op, args, test_utils=TEST_UTILS)
 
 
-@pytest.mark.parametrize(
-    "name", ["select_tokens", "plan", "knn", "ngr_reconstruct", "ngr_restore", "ngr_attention", "ngr_attention_fused"]
-)
+@pytest.mark.parametrize("name", OPS)
 def test_opcheck_triton_backend(triton_backends, name):
     op, args = op_cases(triton_backends, "triton")[name]
     torch.library.opcheck(op, args, test_utils=TEST_UTILS)

@@ -9,9 +9,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from ipcv_kernels.ops.triton_backend import ngr_reconstruct_triton
 from ipcv_kernels.reference import ngr_reconstruct_reference
 from ipcv_kernels.testing import assert_close_to_reference
+from ipcv_kernels.triton.ngr_reconstruct import ngr_reconstruct_triton
 
 
 def random_case(num_drop, num_kept, dim, k, dtype, device, seed=0):

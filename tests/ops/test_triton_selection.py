@@ -13,10 +13,11 @@ from conftest import offsets
 pytest.importorskip("triton")
 
 import ipcv_kernels as ik
-from ipcv_kernels.ops.triton_backend import plan_triton, select_tokens_device
 from ipcv_kernels.reference import plan_reference, select_tokens_reference
 from ipcv_kernels.reference.knn import squared_distances
 from ipcv_kernels.testing import assert_close
+from ipcv_kernels.triton.plan import plan_triton
+from ipcv_kernels.triton.selection import select_tokens_device
 
 ITEM_LENGTHS = [9, 0, 1, 30, 2]
 

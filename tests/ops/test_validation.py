@@ -168,3 +168,32 @@ def test_mixed_devices_are_rejected(call, name):
     # The meta device stands in for "another device" on a CPU-only machine.
     with pytest.raises(ValueError, match=f"{name} must be on"):
         call()
+
+
+def test_skip_check_changes_nothing_on_valid_inputs():
+    # Every public op takes skip_check (the fast entry of the model integrations).
+    scores, cu = torch.tensor([0.3, 0.9, 0.1, 0.5, 0.7]), offsets([2, 3])
+    x_before, x_after = torch.randn(5, 4), torch.randn(5, 4)
+    keep, drop = torch.tensor([0, 2, 3]), torch.tensor([1, 4])
+
+    def restored(skip_check):
+        out = torch.empty(5, 4)
+        ik.ngr_restore(out, K[:3], BD[:2], BK[:3], keep, drop, NB[:2], skip_check=skip_check)
+        return out
+
+    calls = [
+        lambda skip_check: ik.knn(Q, R, 2, skip_check=skip_check),
+        lambda skip_check: ik.ngr_reconstruct(BD, K, BK, NB, skip_check=skip_check),
+        restored,
+        lambda skip_check: ik.ngr_attention(QA, KA, KA, CQ, CK, skip_check=skip_check),
+        lambda skip_check: ik.token_scores(x_before, x_after, skip_check=skip_check),
+        lambda skip_check: ik.select_tokens(scores, cu, 0.5, skip_check=skip_check),
+        lambda skip_check: ik.shrink_cu_seqlens(cu, keep, skip_check=skip_check),
+        lambda skip_check: ik.plan_ipcv(x_before, x_after, cu, cu, 0.5, 1, skip_check=skip_check),
+    ]
+    for call in calls:
+        checked, unchecked = call(False), call(True)
+        if isinstance(checked, torch.Tensor):
+            checked, unchecked = (checked,), (unchecked,)
+        for a, b in zip(checked, unchecked, strict=True):
+            assert torch.equal(a, b)

@@ -16,11 +16,24 @@ and ``x[c - Dh/2]`` otherwise) runs in ``rotary_kernel``, one pass over the kept
 over the keys, before attention. Inside the key loop it would redo the fp32 rotation and reload
 fp32 ``cos`` / ``sin`` tiles for every query tile (about as much work per key as the ``q . k``
 product), and rotating queries in the attention kernel holds them in registers, which forces
-smaller tiles (sm_90 compiles in ``tests/test_triton_compile.py``).
+smaller tiles (sm_90 compiles in ``tests/ops/test_triton_compile.py``).
+
+``ngr_attention_triton`` launches both and is the ``"triton"`` backend of ``ngr_attention``,
+declaring ``fuses={"rotary", "q_gather"}``.
 """
 
+import math
+
+import torch
 import triton
 import triton.language as tl
+
+from ..ops.ngr_attention import Q_GATHER, ROTARY
+from ..reference import ngr_attention_reference, unfused_attention_inputs
+from ._backend import dot_precision, kernel_dtype, register_triton, row_major, segment_of_rows
+
+MAX_HEAD_DIM = 256
+MAX_CHUNK = 128  # see head_dim_chunks
 
 
 @triton.jit
@@ -202,3 +215,170 @@ def varlen_attention_kernel(
     tl.store(out_base + cols_a[None, :], (acc_a * inv_l[:, None]).to(out_ty), mask=row_ok[:, None] & a_ok[None, :])
     if HAS_B:
         tl.store(out_base + cols_b[None, :], (acc_b * inv_l[:, None]).to(out_ty), mask=row_ok[:, None] & b_ok[None, :])
+
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_A, BLOCK_B)``: the power-of-two column chunks of a head dim (``BLOCK_B = 0``: one chunk).
+
+    ``BLOCK_A`` is the largest power of two ``<= Dh``, at most 128, and ``BLOCK_B`` the remainder
+    rounded up to one (both at least 16, ``tl.dot``'s smallest extent): 80 -> (64, 16),
+    96 -> (64, 32), 128 -> (128, 0), 256 -> (128, 128). Chunks wider than 128 columns spill
+    registers at any tile size that fits.
+    """
+    block_a = min(MAX_CHUNK, max(16, 1 << (max(head_dim, 1).bit_length() - 1)))
+    rest = head_dim - block_a
+    return block_a, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
+def attention_launch_config(head_dim: int, dtype: torch.dtype) -> dict[str, int | bool]:
+    """Column chunks, tiles, warps, pipeline depth and loop split of ``varlen_attention_kernel``.
+
+    Chosen from compiling for sm_90 without a GPU (``tests/ops/test_triton_compile.py`` keeps them
+    there, under both CI's Triton and the GPU image's): the largest tiles with no register spills
+    and at most ~110 KiB of shared memory, so two programs share an SM. 16-bit inputs take
+    128 x 64 tiles with 8 warps up to 96 columns (Triton's Hopper attention tutorial shape; Qwen2-VL's
+    80), narrower key tiles as the head widens. fp32 operands (full-precision FMA products, no
+    tensor cores) need small tiles; fp32 attention is a correctness path, not a fast one.
+    """
+    block_a, block_b = head_dim_chunks(head_dim)
+    width = block_a + block_b
+    if dtype == torch.float32:  # a second column chunk needs narrower key tiles
+        tiles = {"BLOCK_M": 32, "BLOCK_N": 16 if block_b else 32, "num_warps": 8, "num_stages": 2}
+    elif width <= 96:
+        tiles = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    elif width <= 128:
+        tiles = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+    elif width <= 160:
+        tiles = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+    else:
+        tiles = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    # A second key loop for the unmasked interior tiles would spill registers with fp32 operands
+    # and wide heads (which spend relatively less on the score tile's masking anyway).
+    chunks = {"BLOCK_A": block_a, "BLOCK_B": max(block_b, 16), "HAS_B": block_b > 0}
+    return {**chunks, **tiles, "UNMASKED_INTERIOR": dtype != torch.float32 and width <= 160}
+
+
+def rotate_rows_triton(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotary rows: ``out[i] = x[s_i] * cos[p_i] + rotate_half(x[s_i]) * sin[p_i]`` per head.
+
+    ``p_i = s_i = rows[i]`` with ``rows`` (a gather), ``p_i = positions[i]``, ``s_i = i`` with
+    ``positions``, else ``p_i = s_i = i``. Computed in fp32, rounded to ``x``'s dtype (as the models'
+    own rotary), written to a new contiguous ``[M, H, Dh]`` tensor.
+
+    Args:
+        x: ``[Nx, H, Dh]`` fp16/bf16/fp32, any strides, ``Dh`` even (queries or keys).
+        cos, sin: ``[P, Dh]`` any float dtype, unit stride on the last dim.
+        rows, positions: optional int ``[M]`` (mutually exclusive).
+    """
+    index = rows if rows is not None else positions
+    num_rows = index.shape[0] if index is not None else x.shape[0]
+    num_heads, head_dim = x.shape[1], x.shape[2]
+    out = torch.empty((num_rows, num_heads, head_dim), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_r = max(1, 2048 // block_d)
+    rotary_kernel[(triton.cdiv(num_rows, block_r), num_heads)](
+        x,
+        out,
+        cos,
+        sin,
+        index if index is not None else cos,
+        num_rows,
+        head_dim,
+        head_dim // 2,
+        *x.stride(),
+        out.stride(0),
+        out.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        HAS_INDEX=index is not None,
+        GATHER=rows is not None,
+        num_warps=4,
+    )
+    return out
+
+
+def ngr_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float | None = None,
+    *,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    q_rows: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Varlen flash attention (the ``ngr_attention`` contract) with optional rotary / q gather.
+
+    Args:
+        q: ``[Nq, H, Dh]``, or with ``q_rows`` a full-length ``[n, H, Dh]`` to gather from; any strides.
+        k, v: ``[Nkv, H, Dh]`` same dtype (fp16/bf16/fp32), any strides; ``Dh <= 256``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` (``cu_seqlens_q`` counts the attending queries).
+        softmax_scale: defaults to ``Dh ** -0.5``.
+        rotary: ``(cos, sin)``, each ``[Nkv, Dh]``: row ``j`` rotates key row ``j``; queries use the
+            rows ``q_rows`` / ``q_positions`` (or row ``i`` when neither is given). ``Dh`` even.
+            ``rotate_rows_triton`` writes the rotated queries (kept rows only) and keys first.
+        q_rows: int64 ``[Nq]``: the queries are ``q[q_rows]``; gathered inside the kernel (or by the
+            rotary pass), so no copy of the full-length q is made.
+        q_positions: int64 ``[Nq]``: rotary rows of a compact ``q`` (mutually exclusive with q_rows).
+
+    Returns:
+        ``[Nq, H, Dh]`` contiguous, in ``q``'s dtype; rows of a segment with no keys are 0.
+    """
+    if q_rows is not None and q_positions is not None:
+        raise ValueError("q_rows and q_positions are mutually exclusive")
+    head_dim = q.shape[-1]
+    if not kernel_dtype(q.dtype) or head_dim > MAX_HEAD_DIM:
+        q, k = unfused_attention_inputs(q, k, rotary, q_rows, q_positions)
+        return ngr_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
+    num_q = q_rows.shape[0] if q_rows is not None else q.shape[0]
+    num_heads = q.shape[1]
+    out = torch.empty((num_q, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if num_q == 0 or num_heads == 0:
+        return out
+    if rotary is not None:
+        if head_dim % 2:
+            raise ValueError(f"rotary needs an even head dim, got {head_dim}")
+        cos, sin = (row_major(t) for t in rotary)
+        q = rotate_rows_triton(q, cos, sin, rows=q_rows, positions=q_positions)
+        k = rotate_rows_triton(k, cos, sin)
+        q_rows = None
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    config = attention_launch_config(head_dim, q.dtype)
+    grid = (triton.cdiv(num_q, config["BLOCK_M"]), num_heads)
+    varlen_attention_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        segment_of_rows(cu_seqlens_q, num_q),
+        cu_seqlens_k,
+        q_rows if q_rows is not None else cu_seqlens_q,
+        num_q,
+        head_dim,
+        scale * math.log2(math.e),
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        out.stride(0),
+        out.stride(1),
+        GATHER_Q=q_rows is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
+        **config,
+    )
+    return out
+
+
+register_triton("ngr_attention", ngr_attention_triton, fuses=frozenset({ROTARY, Q_GATHER}))
