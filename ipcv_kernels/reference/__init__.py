@@ -1,4 +1,4 @@
-"""Readable pure-PyTorch references, one per op, written from ``IPCV_SPEC.md``.
+"""Readable pure-PyTorch references, one per op, written from the spec (``docs/spec.md``).
 
 Tests and benchmarks import these as the oracle for every fast path; ``backend="torch"`` of the
 public ops runs them directly.
