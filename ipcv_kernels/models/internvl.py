@@ -5,13 +5,14 @@ InternViT differs from the Qwen towers in three ways, each handled here.
 **Batched tiles, plain attention.** An image is cut into tiles; the tower embeds every tile as
 ``[CLS, patch_1 .. patch_N]`` and its layers take the batch ``[tiles, 1 + N, D]`` with dense
 attention inside each tile and no segment arguments. The engine works on packed rows, so this
-adapter packs the batch (``pack``: ``[tiles * (1 + N), D]``, one attention segment per tile) and,
-from the prune layer on, the layers receive and return packed kept rows: after pruning the tiles
-hold different token counts. Both the attention-stabilisation layers (queries: kept rows, keys /
-values: kept + reconstructed rows of the same tile) and the pruned layers (kept rows of the tile
-only) run one functional InternViT layer, ``internvit_layer``, whose attention is the varlen
-``ngr_attention`` over per-tile segments: no padding, no per-tile Python loop, memory linear in the
-tokens. The last layer restores the full sequence and ``unpack`` gives the tower its
+adapter (a ``BatchedTowerAdapter``, ``ipcv_kernels.engine.batched``) packs the batch into
+``[tiles * (1 + N), D]`` rows, one attention segment per tile, and from the prune layer on the
+layers receive and return packed kept rows: after pruning the tiles hold different token counts.
+Both the attention-stabilisation layers (queries: kept rows, keys / values: kept + reconstructed
+rows of the same tile) and the pruned layers (kept rows of the tile only) run the functional
+pre-norm layer ``prenorm_layer`` on this layer's parts (``layer_parts``: ``q_norm`` / ``k_norm``,
+layer scales), whose attention is the varlen ``ngr_attention`` over per-tile segments: no
+padding, no per-tile Python loop, memory linear in the tokens. The last layer restores the full sequence and ``unpack`` gives the tower its
 ``[tiles, 1 + N, D]`` back, so the final norm, the CLS split, the pixel shuffle and the projector
 of ``InternVLModel`` run as usual. (Layers ``>= P`` therefore ignore the model's
 ``attn_implementation``: ``IPCVConfig.attention_backend`` picks the kernel.)
@@ -52,110 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IPCVConfig
-from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall
-from ..ops import ngr_attention, plan_ipcv, shrink_cu_seqlens
-from ..reference import IPCVPlan
-
-
-def internvit_layer(
-    layer: nn.Module,
-    queries: torch.Tensor,
-    context: torch.Tensor,
-    query_rows: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    attention_backend: str,
-) -> torch.Tensor:
-    """One ``InternVLVisionLayer`` on packed rows, outputs for the query rows only.
-
-    ``y = x + lambda_1 * proj(attn(norm1(x)))``, ``out = y + lambda_2 * mlp(norm2(y))``, with
-    ``q_norm`` / ``k_norm`` applied to the full-width projections as the model does.
-
-    Args:
-        layer: the model's ``InternVLVisionLayer`` (its weights and norms are used, not its forward).
-        queries: ``[Nq, D]`` float, the residual-stream rows that get an output.
-        context: ``[Nk, D]`` float (same dtype), the rows serving as keys / values.
-        query_rows: int64 ``[Nq]`` rows of ``context`` equal to ``queries`` (their normalised
-            states are reused), or ``None`` when ``context`` is ``queries``.
-        cu_seqlens_q, cu_seqlens_k: int32 ``[S + 1]`` per-tile segments of ``queries`` / ``context``.
-        attention_backend: backend of ``ngr_attention``.
-
-    Returns:
-        ``[Nq, D]`` in ``queries``' dtype.
-    """
-    attention = layer.attention
-    width = context.shape[1]
-    normed_context = layer.layernorm_before(context)
-    normed_queries = normed_context if query_rows is None else normed_context[query_rows]
-    q = attention.q_norm(attention.q_proj(normed_queries))
-    k = attention.k_norm(attention.k_proj(normed_context))
-    v = attention.v_proj(normed_context)
-    heads, head_dim = attention.num_heads, attention.head_dim
-    attended = ngr_attention(
-        q.reshape(-1, heads, head_dim),
-        k.reshape(-1, heads, head_dim),
-        v.reshape(-1, heads, head_dim),
-        cu_seqlens_q,
-        cu_seqlens_k,
-        softmax_scale=attention.scale,
-        backend=attention_backend,
-        skip_check=True,
-    )
-    attended = attention.projection_dropout(attention.projection_layer(attended.reshape(-1, width)))
-    hidden = queries + layer.lambda_1 * attended
-    update = layer.dropout(layer.mlp(layer.layernorm_after(hidden)))
-    if layer.lambda_2 is not None:
-        update = layer.lambda_2 * update
-    return hidden + update
-
-
-def plan_with_pinned_tokens(
-    x_before: torch.Tensor,
-    x_after: torch.Tensor,
-    cu_items: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    pinned: torch.Tensor,
-    config: IPCVConfig,
-) -> IPCVPlan:
-    """The spec's plan over the unpinned rows, with the ``pinned`` rows always kept.
-
-    Selection counts and neighbour search see the unpinned rows only; pinned rows are added to
-    ``keep`` (never neighbours, since neighbour indices are remapped from the unpinned plan).
-
-    Args:
-        x_before, x_after: ``[n, D]`` float, input of block ``P-1`` and of block ``P``.
-        cu_items: int32 ``[B + 1]`` item offsets over the ``n`` rows.
-        cu_seqlens: int32 ``[S + 1]`` attention segments over the ``n`` rows.
-        pinned: int64 ``[Np]`` ascending rows that are never dropped.
-        config: ratio, neighbours and planning backend.
-    """
-    is_free = torch.ones(x_after.shape[0], dtype=torch.bool, device=x_after.device)
-    is_free[pinned] = False
-    free = is_free.nonzero().squeeze(1)
-    sub = plan_ipcv(
-        x_before[free],
-        x_after[free],
-        torch.searchsorted(free, cu_items.to(free.dtype)).to(torch.int32),
-        torch.searchsorted(free, cu_seqlens.to(free.dtype)).to(torch.int32),
-        config.ratio,
-        config.num_neighbors,
-        backend=config.backend,
-        skip_check=True,
-    )
-    kept_free = free[sub.keep]
-    keep = torch.cat([pinned, kept_free]).sort().values
-    row_in_keep = torch.searchsorted(keep, kept_free)
-    valid = sub.neighbors >= 0
-    neighbors = torch.where(valid, row_in_keep[sub.neighbors.clamp_min(0)], sub.neighbors)
-    return IPCVPlan(
-        keep=keep,
-        drop=free[sub.drop],
-        cu_keep=torch.searchsorted(keep, cu_items.to(keep.dtype)).to(torch.int32),
-        cu_drop=sub.cu_drop,
-        neighbors=neighbors,
-        cu_seqlens_kept=shrink_cu_seqlens(cu_seqlens.to(torch.int32), keep),
-    )
+from ..engine import IPCVPatch, TowerCall
+from ..engine.batched import BatchedTowerAdapter, PrenormLayer, sequence_segments
 
 
 def image_tile_counts(input_ids: torch.Tensor, image_token_id: int, num_tiles: int) -> list[int] | None:
@@ -178,7 +77,7 @@ def image_tile_counts(input_ids: torch.Tensor, image_token_id: int, num_tiles: i
     return [length // per_tile for length in lengths]
 
 
-class InternVLAdapter(FamilyAdapter):
+class InternVLAdapter(BatchedTowerAdapter):
     name = "internvl"
 
     def __init__(self, model: nn.Module | None = None) -> None:
@@ -247,55 +146,27 @@ class InternVLAdapter(FamilyAdapter):
         num_tiles, _, height, width = pixel_values.shape
         patch_h, patch_w = tower.embeddings.patch_embeddings.patch_size
         tile_length = 1 + (height // patch_h) * (width // patch_w)
-        segments = torch.arange(num_tiles + 1, device=pixel_values.device, dtype=torch.int32) * tile_length
+        segments = sequence_segments(num_tiles, tile_length, pixel_values.device)
         counts = hints.get("tiles_per_image") or self.tiles_per_image or [num_tiles]
         if sum(counts) != num_tiles:
             raise ValueError(f"tiles_per_image {counts} must add up to the call's {num_tiles} tiles")
         return TowerCall([count * tile_length for count in counts], segments)
 
-    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
-        return BlockCall(state.segments, None, args, kwargs)
-
-    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.reshape(-1, hidden.shape[-1])
-
-    def unpack(self, packed: torch.Tensor, layout: torch.Size) -> torch.Tensor:
-        return packed.view(layout)
-
-    def plan(
-        self,
-        x_before: torch.Tensor,
-        x_after: torch.Tensor,
-        cu_items: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        config: IPCVConfig,
-    ) -> IPCVPlan:
-        cls_rows = cu_seqlens[:-1].to(torch.int64)  # every tile starts with its CLS token
-        return plan_with_pinned_tokens(x_before, x_after, cu_items, cu_seqlens, cls_rows, config)
-
-    # -- the layers from the prune layer on -------------------------------------------------------
-    def run_block(
-        self,
-        block: nn.Module,
-        forward: Callable[..., torch.Tensor],
-        hidden: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-        call: BlockCall,
-        config: IPCVConfig,
-        max_seqlen: int | None = None,
-    ) -> torch.Tensor:
-        cu_seqlens = cu_seqlens.to(torch.int32)
-        return internvit_layer(block, hidden, hidden, None, cu_seqlens, cu_seqlens, config.attention_backend)
-
-    def stabilised_block(
-        self,
-        block: nn.Module,
-        kept: torch.Tensor,
-        full: torch.Tensor,
-        plan: IPCVPlan,
-        call: BlockCall,
-        config: IPCVConfig,
-        kept_cu_seqlens: torch.Tensor,
-    ) -> torch.Tensor:
-        return internvit_layer(block, kept, full, plan.keep, kept_cu_seqlens, call.cu_seqlens, config.attention_backend)
+    def layer_parts(self, block: nn.Module) -> PrenormLayer:
+        """``InternVLVisionLayer``: ``q_norm`` / ``k_norm`` on the full-width projections, layer
+        scales ``lambda_1`` / ``lambda_2`` (the latter may be ``None``)."""
+        attention = block.attention
+        return PrenormLayer(
+            norm1=block.layernorm_before,
+            q=lambda x: attention.q_norm(attention.q_proj(x)),
+            k=lambda x: attention.k_norm(attention.k_proj(x)),
+            v=attention.v_proj,
+            out=lambda x: attention.projection_dropout(attention.projection_layer(x)),
+            norm2=block.layernorm_after,
+            mlp=lambda x: block.dropout(block.mlp(x)),
+            num_heads=attention.num_heads,
+            head_dim=attention.head_dim,
+            scale=attention.scale,
+            attn_gain=block.lambda_1,
+            mlp_gain=block.lambda_2,
+        )

@@ -1,0 +1,213 @@
+"""Towers whose blocks take a padded batch ``[B, L, D]`` of equal-length sequences: InternViT,
+CLIP, SigLIP.
+
+Such a tower's blocks attend within each sequence (a tile, a crop, an image) and take no segment
+argument. ``BatchedTowerAdapter`` packs the batch into rows ``[B * L, D]`` with one attention
+segment per sequence; from the prune layer on the blocks receive and return packed kept rows
+(the sequences then hold different token counts) and run one functional pre-norm layer,
+``prenorm_layer``, whose attention is the varlen ``ngr_attention``: no padding, no per-sequence
+Python loop, memory linear in the tokens. The restored output is unpacked to ``[B, L, D]``, so
+the tower's own head (final norm, CLS split, pooling, projector) runs as usual. Blocks ``>= P``
+therefore ignore the model's ``attn_implementation``: ``IPCVConfig.attention_backend`` picks the
+kernel.
+
+A sequence that starts with a CLS token has it pinned (``has_cls``): always kept, not counted in
+its item's keep count, never a neighbour (``plan_with_pinned_tokens``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import IPCVConfig
+from ..ops import ngr_attention, plan_ipcv, shrink_cu_seqlens
+from ..reference import IPCVPlan
+from .vision import BlockCall, FamilyAdapter, ForwardState
+
+
+@dataclass(frozen=True)
+class PrenormLayer:
+    """The parts of one pre-norm ViT layer, whatever the model calls them.
+
+    ``y = x + attn_gain * out(attention(q(norm1(x)), k(norm1(x)), v(norm1(x))))``,
+    ``x' = y + mlp_gain * mlp(norm2(y))``; ``q``, ``k``, ``v`` map ``[N, D]`` to ``[N, H * Dh]``
+    (projections and any per-token norms), ``out`` maps ``[N, H * Dh]`` to ``[N, D]``; a gain of
+    ``None`` is 1 (InternViT's layer scales are tensors ``[D]``).
+    """
+
+    norm1: Callable[[torch.Tensor], torch.Tensor]
+    q: Callable[[torch.Tensor], torch.Tensor]
+    k: Callable[[torch.Tensor], torch.Tensor]
+    v: Callable[[torch.Tensor], torch.Tensor]
+    out: Callable[[torch.Tensor], torch.Tensor]
+    norm2: Callable[[torch.Tensor], torch.Tensor]
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    num_heads: int
+    head_dim: int
+    scale: float
+    attn_gain: torch.Tensor | float | None = None
+    mlp_gain: torch.Tensor | float | None = None
+
+
+def prenorm_layer(
+    layer: PrenormLayer,
+    queries: torch.Tensor,
+    context: torch.Tensor,
+    query_rows: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    attention_backend: str,
+) -> torch.Tensor:
+    """One pre-norm layer on packed rows, outputs for the query rows only.
+
+    Args:
+        layer: the model layer's parts (its weights and norms are used, not its forward).
+        queries: ``[Nq, D]`` float, the residual-stream rows that get an output.
+        context: ``[Nkv, D]`` float (same dtype), the rows serving as keys / values.
+        query_rows: int64 ``[Nq]`` rows of ``context`` equal to ``queries`` (their normalised
+            states are reused), or ``None`` when ``context`` is ``queries``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[S + 1]`` per-sequence segments of ``queries`` /
+            ``context``.
+        attention_backend: backend of ``ngr_attention``.
+
+    Returns:
+        ``[Nq, D]`` in ``queries``' dtype.
+    """
+    normed_context = layer.norm1(context)
+    normed_queries = normed_context if query_rows is None else normed_context[query_rows]
+    shape = (-1, layer.num_heads, layer.head_dim)
+    attended = ngr_attention(
+        layer.q(normed_queries).reshape(shape),
+        layer.k(normed_context).reshape(shape),
+        layer.v(normed_context).reshape(shape),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        softmax_scale=layer.scale,
+        backend=attention_backend,
+        skip_check=True,
+    )
+    update = layer.out(attended.reshape(queries.shape[0], -1))
+    hidden = queries + (update if layer.attn_gain is None else layer.attn_gain * update)
+    update = layer.mlp(layer.norm2(hidden))
+    return hidden + (update if layer.mlp_gain is None else layer.mlp_gain * update)
+
+
+def plan_with_pinned_tokens(
+    x_before: torch.Tensor,
+    x_after: torch.Tensor,
+    cu_items: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    pinned: torch.Tensor,
+    config: IPCVConfig,
+) -> IPCVPlan:
+    """The spec's plan over the unpinned rows, with the ``pinned`` rows always kept.
+
+    Selection counts and neighbour search see the unpinned rows only; pinned rows are added to
+    ``keep`` (never neighbours, since neighbour indices are remapped from the unpinned plan).
+
+    Args:
+        x_before, x_after: ``[n, D]`` float, input of block ``P-1`` and of block ``P``.
+        cu_items: int32 ``[B + 1]`` item offsets over the ``n`` rows.
+        cu_seqlens: int32 ``[S + 1]`` attention segments over the ``n`` rows.
+        pinned: int64 ``[Np]`` ascending rows that are never dropped.
+        config: ratio, neighbours and planning backend.
+    """
+    is_free = torch.ones(x_after.shape[0], dtype=torch.bool, device=x_after.device)
+    is_free[pinned] = False
+    free = is_free.nonzero().squeeze(1)
+    sub = plan_ipcv(
+        x_before[free],
+        x_after[free],
+        torch.searchsorted(free, cu_items.to(free.dtype)).to(torch.int32),
+        torch.searchsorted(free, cu_seqlens.to(free.dtype)).to(torch.int32),
+        config.ratio,
+        config.num_neighbors,
+        backend=config.backend,
+        skip_check=True,
+    )
+    kept_free = free[sub.keep]
+    keep = torch.cat([pinned, kept_free]).sort().values
+    row_in_keep = torch.searchsorted(keep, kept_free)
+    valid = sub.neighbors >= 0
+    neighbors = torch.where(valid, row_in_keep[sub.neighbors.clamp_min(0)], sub.neighbors)
+    return IPCVPlan(
+        keep=keep,
+        drop=free[sub.drop],
+        cu_keep=torch.searchsorted(keep, cu_items.to(keep.dtype)).to(torch.int32),
+        cu_drop=sub.cu_drop,
+        neighbors=neighbors,
+        cu_seqlens_kept=shrink_cu_seqlens(cu_seqlens.to(torch.int32), keep),
+    )
+
+
+def sequence_segments(num_sequences: int, length: int, device: torch.device) -> torch.Tensor:
+    """int32 ``[num_sequences + 1]``: one attention segment of ``length`` rows per sequence."""
+    return torch.arange(num_sequences + 1, device=device, dtype=torch.int32) * length
+
+
+class BatchedTowerAdapter(FamilyAdapter):
+    """A ``FamilyAdapter`` for towers whose blocks take ``[B, L, D]`` (see the module docstring).
+
+    Subclasses give ``blocks``, ``describe_call`` (items, and ``sequence_segments`` as the
+    call's segments) and ``layer_parts``; ``has_cls`` pins every sequence's first row.
+    """
+
+    has_cls = True
+
+    def layer_parts(self, block: nn.Module) -> PrenormLayer:
+        """The parts of one of this family's layers."""
+        raise NotImplementedError
+
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
+        return BlockCall(state.segments, None, args, kwargs)
+
+    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def unpack(self, packed: torch.Tensor, layout: torch.Size) -> torch.Tensor:
+        return packed.view(layout)
+
+    def plan(
+        self,
+        x_before: torch.Tensor,
+        x_after: torch.Tensor,
+        cu_items: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        config: IPCVConfig,
+    ) -> IPCVPlan:
+        if not self.has_cls:
+            return super().plan(x_before, x_after, cu_items, cu_seqlens, config)
+        cls_rows = cu_seqlens[:-1].to(torch.int64)  # every sequence starts with its CLS token
+        return plan_with_pinned_tokens(x_before, x_after, cu_items, cu_seqlens, cls_rows, config)
+
+    def run_block(
+        self,
+        block: nn.Module,
+        forward: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        call: BlockCall,
+        config: IPCVConfig,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+        return prenorm_layer(self.layer_parts(block), hidden, hidden, None, cu_seqlens, cu_seqlens, config.attention_backend)
+
+    def stabilised_block(
+        self,
+        block: nn.Module,
+        kept: torch.Tensor,
+        full: torch.Tensor,
+        plan: IPCVPlan,
+        call: BlockCall,
+        config: IPCVConfig,
+        kept_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        parts = self.layer_parts(block)
+        return prenorm_layer(parts, kept, full, plan.keep, kept_cu_seqlens, call.cu_seqlens, config.attention_backend)
