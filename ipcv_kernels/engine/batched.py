@@ -197,7 +197,9 @@ class BatchedTowerAdapter(FamilyAdapter):
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
         cu_seqlens = cu_seqlens.to(torch.int32)
-        return prenorm_layer(self.layer_parts(block), hidden, hidden, None, cu_seqlens, cu_seqlens, config.attention_backend)
+        return prenorm_layer(
+            self.layer_parts(block), hidden, hidden, None, cu_seqlens, cu_seqlens, config.attention_backend
+        )
 
     def stabilised_block(
         self,

@@ -17,12 +17,16 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..engine import FamilyAdapter
+from .clip_vit import ClipViTAdapter
 from .internvl import InternVLAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
 FRAMEWORK_MODULE = "transformers."
+# The paper reports no setting for the CLIP / SigLIP families: they get IPCVConfig's defaults (the
+# paper's Qwen2-VL-7B setting), to be checked per checkpoint with `python -m ipcv_kernels fidelity`.
+UNTUNED = "IPCVConfig's defaults, untuned for this family (the paper gives none): check with `ipcv_kernels fidelity`"
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,41 @@ FAMILIES: tuple[Family, ...] = (
         recommended=dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10),
         recommended_source="the paper's InternVL2 setting (P=7, r=0.65, A=3, k=10)",
     ),
+    Family(
+        "LLaVA 1.5",
+        ClipViTAdapter,
+        (),
+        {"LlavaForConditionalGeneration": "model.vision_tower", "LlavaModel": "vision_tower"},
+        {},
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "LLaVA-NeXT",
+        ClipViTAdapter,
+        (),
+        {"LlavaNextForConditionalGeneration": "model.vision_tower", "LlavaNextModel": "vision_tower"},
+        {},
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "Gemma 3",
+        ClipViTAdapter,
+        (),
+        {"Gemma3ForConditionalGeneration": "model.vision_tower", "Gemma3Model": "vision_tower"},
+        {},
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "PaliGemma",
+        ClipViTAdapter,
+        (),
+        {"PaliGemmaForConditionalGeneration": "model.vision_tower", "PaliGemmaModel": "vision_tower"},
+        {},
+        recommended_source=UNTUNED,
+    ),
+    # Bare towers last: a full model above names its own tower.
+    Family("CLIP", ClipViTAdapter, ("CLIPVisionModel",), {}, {}, recommended_source=UNTUNED),
+    Family("SigLIP", ClipViTAdapter, ("SiglipVisionModel",), {}, {}, recommended_source=UNTUNED),
 )
 
 

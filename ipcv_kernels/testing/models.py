@@ -196,8 +196,33 @@ def _jitter(model: nn.Module, seed: int) -> None:
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator).to(parameter.dtype))
 
 
+# CLIP / SigLIP towers: 32 x 32 images of 8 x 8 patches (16 patches; CLIP adds a CLS token).
+CLIP_VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=32,
+)
+SIGLIP_VISION = {**CLIP_VISION, "model_type": "siglip_vision_model"}
+# Llama / Gemma decoders for LLaVA, Gemma 3 and PaliGemma (vocabulary above their image tokens).
+CLIP_FAMILY_TEXT = dict(
+    vocab_size=300,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+CLIP_FAMILY_IMAGE_TOKEN = 260
+CLIP_PATCHES = 16  # patches per 32 x 32 image or crop
+
 # Families of ``build_tower`` / ``build_model`` (Qwen2-VL has its own builders above).
-BUILT_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl")
+BUILT_TOWERS = ("qwen2_5_vl", "qwen3_vl", "internvl", "clip", "siglip")
+BUILT_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl", "llava", "llava_next", "gemma3", "paligemma")
 
 
 def build_tower(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -218,8 +243,16 @@ def build_tower(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.f
         from transformers.models.internvl.modeling_internvl import InternVLVisionModel
 
         tower = InternVLVisionModel(InternVLVisionConfig(**INTERNVL_VISION))
+    elif family == "clip":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        tower = CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION))
+    elif family == "siglip":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        tower = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_VISION))
     else:
-        raise ValueError(f"family must be one of {BUILT_FAMILIES}, got {family!r}")
+        raise ValueError(f"family must be one of {BUILT_TOWERS}, got {family!r}")
     _jitter(tower, seed)
     return _finish(tower, attn, dtype)
 
@@ -249,6 +282,52 @@ def build_model(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.f
             image_seq_length=INTERNVL_TOKENS_PER_TILE,
         )
         model = InternVLForConditionalGeneration(config)
+    elif family == "llava":
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        config = LlavaConfig(
+            vision_config=dict(CLIP_VISION),
+            text_config={**CLIP_FAMILY_TEXT, "model_type": "llama"},
+            image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
+            image_seq_length=CLIP_PATCHES,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        model = LlavaForConditionalGeneration(config)
+    elif family == "llava_next":
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+        config = LlavaNextConfig(
+            vision_config=dict(CLIP_VISION),
+            text_config={**CLIP_FAMILY_TEXT, "model_type": "llama"},
+            image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
+            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+            vision_feature_layer=-2,
+        )
+        model = LlavaNextForConditionalGeneration(config)
+    elif family == "gemma3":
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+        text = {**CLIP_FAMILY_TEXT, "model_type": "gemma3_text", "head_dim": 12, "sliding_window": 8}
+        config = Gemma3Config(
+            vision_config=dict(SIGLIP_VISION),
+            text_config=text,
+            mm_tokens_per_image=4,
+            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
+            boi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
+            eoi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 2,
+        )
+        model = Gemma3ForConditionalGeneration(config)
+    elif family == "paligemma":
+        from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+        config = PaliGemmaConfig(
+            vision_config={**SIGLIP_VISION, "projection_dim": CLIP_FAMILY_TEXT["hidden_size"]},
+            text_config={**CLIP_FAMILY_TEXT, "model_type": "gemma", "head_dim": 12},
+            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
+            projection_dim=CLIP_FAMILY_TEXT["hidden_size"],
+        )
+        model = PaliGemmaForConditionalGeneration(config)
     else:
         raise ValueError(f"family must be one of {BUILT_FAMILIES}, got {family!r}")
     _jitter(model, seed)
@@ -271,3 +350,30 @@ def internvl_tiles(count: int, *, dtype: torch.dtype = torch.float32, seed: int 
     """``count`` random InternVL tiles ``[count, 3, 16, 16]`` for the tiny tower."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(count, 3, 16, 16, generator=generator).to(dtype)
+
+
+def clip_pixels(count: int, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """``count`` random 32 x 32 images (or crops) ``[count, 3, 32, 32]`` for the tiny CLIP / SigLIP towers."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 3, 32, 32, generator=generator).to(dtype)
+
+
+def clip_family_inputs(model: nn.Module, num_images: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One prompt for a tiny LLaVA / Gemma 3 / PaliGemma model: text and ``num_images`` images,
+    each as the image-token run its model expects (LLaVA: 16 features, CLS dropped; Gemma 3:
+    ``<boi>`` 4 pooled tokens ``<eoi>``; PaliGemma: 16 tokens, images first)."""
+    config = model.config
+    image = config.image_token_id
+    if config.model_type == "gemma3":
+        run = [image + 1, *[image] * config.mm_tokens_per_image, image + 2]
+    else:
+        run = [image] * CLIP_PATCHES
+    if config.model_type == "paligemma":
+        ids = [*run * num_images, 2, 5, 6, 7]
+    else:
+        ids = [3, 4, 5]
+        for _ in range(num_images):
+            ids += [*run, 6]
+    input_ids = torch.tensor([ids])
+    pixels = clip_pixels(num_images, dtype=model.dtype, seed=seed)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}

@@ -35,7 +35,9 @@ class OracleResult:
 
 
 def _blocks(tower: nn.Module) -> nn.ModuleList:
-    return tower.encoder.layer if hasattr(tower, "encoder") else tower.blocks
+    if not hasattr(tower, "encoder"):
+        return tower.blocks  # the Qwen towers
+    return tower.encoder.layer if hasattr(tower.encoder, "layer") else tower.encoder.layers  # InternViT / CLIP
 
 
 def _record_block_calls(tower: nn.Module, call) -> list[tuple[tuple, dict]]:
@@ -87,23 +89,24 @@ def ipcv_tower_oracle(
     blocks = _blocks(tower)
     depth = len(blocks)
     calls = _record_block_calls(tower, call)
-    batched = hasattr(tower, "encoder")  # InternViT: blocks take [tiles, 1 + N, D]
+    batched = hasattr(tower, "encoder")  # InternViT, CLIP, SigLIP: blocks take [sequences, L, D]
     layout = calls[0][0][0].shape
     width = layout[-1]
 
     def run_full(i: int, x: torch.Tensor) -> torch.Tensor:
         args, kwargs = calls[i]
         if batched:
-            return blocks[i](x.view(layout)).reshape(-1, width)
+            return blocks[i](x.view(layout), *args[1:], **kwargs).reshape(-1, width)
         return blocks[i](x, *args[1:], **kwargs)
 
     def run_kept(i: int, keep: list[int], h: torch.Tensor) -> torch.Tensor:
         if batched:
             tile = layout[1]
             out = torch.empty_like(h)
+            args, kwargs = calls[i]
             for t in range(layout[0]):
                 rows = [r for r, j in enumerate(keep) if t * tile <= j < (t + 1) * tile]
-                out[rows] = blocks[i](h[rows][None])[0]
+                out[rows] = blocks[i](h[rows][None], *args[1:], **kwargs)[0]
             return out
         _, kwargs = calls[i]
         kwargs = dict(kwargs)
@@ -159,7 +162,9 @@ def ipcv_tower_oracle(
 
         return hook
 
-    handles = [blocks[i].register_forward_hook(replace_output(i)) for i in restored]
+    # prepend: the replaced output is what every other hook (transformers records hidden_states with
+    # one) sees.
+    handles = [blocks[i].register_forward_hook(replace_output(i), prepend=True) for i in restored]
     try:
         output = call()
     finally:

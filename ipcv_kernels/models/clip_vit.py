@@ -1,0 +1,124 @@
+"""CLIP and SigLIP vision towers (``CLIPVisionModel``, ``SiglipVisionModel``), bare or inside
+LLaVA 1.5, LLaVA-NeXT, Gemma 3 and PaliGemma.
+
+The towers are pre-norm encoders over a padded batch ``[B, L, D]`` (one image or crop per batch
+element, dense attention inside it, no segment argument): a ``BatchedTowerAdapter``
+(``ipcv_kernels.engine.batched``) runs them on packed kept rows from the prune layer on. CLIP
+sequences start with a CLS token, which is pinned (always kept, not counted, never a neighbour);
+SigLIP has none.
+
+**Items.** A bare tower call makes each batch element one item. Inside a full model, the call that
+encodes the images, ``get_image_features``, is wrapped to tell the tower (for that call only):
+
+- how its crops group into images: LLaVA-NeXT's anyres crops of one image form one item, counted
+  from ``image_sizes`` as the model counts them (``image_size_to_num_patches``); neighbours may
+  come from any crop of the image, attention stays within each crop;
+- which layers the model reads: ``vision_feature_layer`` (LLaVA's default -2, or a list of
+  layers, concatenated by the model) selects ``hidden_states[i]``, the output of block ``i - 1``.
+  Each read block returns the restored full sequence ``[B, L, D]`` (spec step 7 at that block),
+  the next block continues on the kept rows, and blocks past the last read one are skipped, since
+  nothing reads them (so inside such a call the tower's ``last_hidden_state`` is the last read
+  block's output). Gemma 3 and PaliGemma read the last output.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ..engine import IPCVPatch, TowerCall
+from ..engine.batched import BatchedTowerAdapter, PrenormLayer, sequence_segments
+
+
+def read_blocks(layers: int | list[int] | tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """The blocks whose outputs ``hidden_states[layer]`` are, for each of ``layers``.
+
+    ``hidden_states`` holds the embeddings then every block's output (``depth + 1`` entries), so
+    entry ``i`` (negative ones counted from the end) is block ``i - 1``'s output; entry 0 reads no
+    block (``-1`` here: every block may be skipped).
+    """
+    chosen = [layers] if isinstance(layers, int) else list(layers)
+    for layer in chosen:
+        if not -(depth + 1) <= layer <= depth:
+            raise ValueError(f"vision_feature_layer {layer} is outside the tower's {depth + 1} hidden states")
+    return tuple(layer % (depth + 1) - 1 for layer in chosen)
+
+
+class ClipViTAdapter(BatchedTowerAdapter):
+    """CLIP / SigLIP encoder layers (``layer_norm1``, ``self_attn.{q,k,v,out}_proj``,
+    ``layer_norm2``, ``mlp``); see the module docstring."""
+
+    name = "clip_vit"
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        if not hasattr(tower, "encoder") or not hasattr(tower.encoder, "layers"):
+            raise TypeError(
+                f"the vision tower must be a CLIPVisionModel or SiglipVisionModel, got {type(tower).__name__}"
+            )
+        # CLIP's embeddings prepend a CLS token (a learned class embedding); SigLIP's do not.
+        self.has_cls = hasattr(tower.embeddings, "class_embedding")
+        self._patch_size = tower.config.patch_size
+        return tower.encoder.layers
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        """Wrap ``get_image_features`` of the model holding the tower (see the module docstring)."""
+        for holder in self.model.modules() if self.model is not None else ():
+            if getattr(holder, "vision_tower", None) is patch.tower and hasattr(holder, "get_image_features"):
+                patch.wrap(holder, "get_image_features", functools.partial(self._read_image_call, patch, holder))
+
+    def _read_image_call(self, patch: IPCVPatch, holder: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(inner)
+
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            call = signature.bind_partial(*args, **kwargs).arguments
+            hints: dict[str, Any] = {}
+            layers = call.get("vision_feature_layer")
+            if layers is None:
+                layers = getattr(holder.config, "vision_feature_layer", -1)
+            hints["read_blocks"] = read_blocks(layers, patch.depth)
+            image_sizes = call.get("image_sizes")
+            pinpoints = getattr(holder.config, "image_grid_pinpoints", None)
+            if image_sizes is not None and pinpoints is not None:  # LLaVA-NeXT's anyres crops
+                from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+                crop = holder.config.vision_config.image_size
+                hints["sequences_per_image"] = [
+                    int(image_size_to_num_patches(image_size=size, grid_pinpoints=pinpoints, patch_size=crop))
+                    for size in image_sizes
+                ]
+            with patch.hinted(**hints):
+                return inner(*args, **kwargs)
+
+        return get_image_features
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        """Items (images: their crops' rows), one segment per crop, and the blocks the caller reads."""
+        pixel_values = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be [B, C, H, W], got shape {tuple(pixel_values.shape)}")
+        num_crops, _, height, width = pixel_values.shape
+        length = (height // self._patch_size) * (width // self._patch_size) + int(self.has_cls)
+        counts = hints.get("sequences_per_image") or [1] * num_crops
+        if sum(counts) != num_crops:
+            raise ValueError(f"crops per image {counts} must add up to the call's {num_crops} crops")
+        segments = sequence_segments(num_crops, length, pixel_values.device)
+        return TowerCall([count * length for count in counts], segments, hints.get("read_blocks"))
+
+    def layer_parts(self, block: nn.Module) -> PrenormLayer:
+        attention = block.self_attn
+        return PrenormLayer(
+            norm1=block.layer_norm1,
+            q=attention.q_proj,
+            k=attention.k_proj,
+            v=attention.v_proj,
+            out=attention.out_proj,
+            norm2=block.layer_norm2,
+            mlp=block.mlp,
+            num_heads=attention.num_heads,
+            head_dim=attention.head_dim,
+            scale=attention.scale,
+        )
