@@ -119,7 +119,7 @@ class VLLMQwen2VLAdapter(FamilyAdapter):
         the kept rows ``[Nk, D]`` of the block's output."""
         attention = block.attn
         qkv, _ = attention.qkv(block.norm1(full).unsqueeze(1))  # every row: see the module docstring
-        q, k, v = (x.squeeze(1) for x in attention.split_qkv(qkv))  # [n, heads of this rank, Dh]
+        q, k, v = self.split_qkv(attention, qkv)
         attended = ngr_attention(
             q[plan.keep],
             k,
@@ -133,6 +133,11 @@ class VLLMQwen2VLAdapter(FamilyAdapter):
         )
         projected, _ = attention.proj(attended.reshape(kept.shape[0], 1, -1))
         return self.residual_mlp(block, kept.unsqueeze(1), projected).squeeze(1)
+
+    def split_qkv(self, attention: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``qkv`` ``[n, 1, 3 * width of this rank]`` as q, k, v ``[n, heads of this rank, Dh]``
+        (vLLM's own split: all-gather and per-rank split of the ``[q; k; v]`` layout)."""
+        return tuple(x.squeeze(1) for x in attention.split_qkv(qkv))
 
     def residual_mlp(self, block: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The rest of the block after its attention: ``y = x + attended; y + mlp(norm2(y))``."""
@@ -148,6 +153,11 @@ class VLLMQwen2_5_VLAdapter(VLLMQwen2VLAdapter):
     and ``reverse_indices`` give the usual output."""
 
     name = "vllm_qwen2_5_vl"
+
+    def split_qkv(self, attention: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # The rank's output is already per head ``(three, head, head_dim)``: no gather.
+        heads, head_dim = attention.num_attention_heads_per_partition, attention.hidden_size_per_attention_head
+        return qkv.view(qkv.shape[0], 3, heads, head_dim).unbind(1)
 
     def residual_mlp(self, block: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         normed, residual = block.norm2(x, residual=attended)

@@ -34,6 +34,18 @@ SPECIAL_TOKENS = {
     "<|vision_start|>": TINY_SPECIAL_TOKENS["vision_start_token_id"],
     "<|vision_end|>": TINY_SPECIAL_TOKENS["vision_end_token_id"],
 }
+# The engine settings of the vLLM tests and benchmark (the issue's list: fp32, eager, no prefix
+# caching, no processor cache, so every image is processed and encoded anew).
+ENGINE: dict[str, Any] = dict(
+    dtype="float32",
+    enforce_eager=True,
+    enable_prefix_caching=False,
+    mm_processor_cache_gb=0,
+    max_model_len=512,
+    max_num_seqs=4,
+    seed=0,
+    limit_mm_per_prompt={"image": 4, "video": 1},
+)
 # The image processor's resize bounds (pixels): small images stay small (factor 4 = patch 2 x merge 2).
 MIN_PIXELS, MAX_PIXELS = 4 * 4, 64 * 64
 
@@ -55,22 +67,43 @@ def build_tokenizer() -> Any:
     return tokenizer
 
 
-def build_qwen2_vl_checkpoint(path: str | Path, *, seed: int = 0, **vision_overrides: Any) -> Path:
-    """Save a tiny Qwen2-VL (fp32 seeded random weights, tokenizer, PIL processor) under ``path``.
+# Qwen2.5-VL: windows of 2 x 2 merge units, full attention in blocks 2 and 5.
+QWEN2_5_VISION = dict(
+    depth=6,
+    hidden_size=64,
+    intermediate_size=96,
+    num_heads=4,
+    out_hidden_size=VLLM_TEXT["hidden_size"],
+    patch_size=2,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=8,
+    fullatt_block_indexes=[2, 5],
+)
 
-    Returns the directory, loadable by ``vllm.LLM(model=path)`` and by transformers'
-    ``Qwen2VLForConditionalGeneration.from_pretrained(path)``.
+
+def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 0) -> Path:
+    """Save a tiny ``family`` model (``"qwen2_vl"`` or ``"qwen2_5_vl"``: fp32 seeded random
+    weights, tokenizer, image processor settings) under ``path``; return the directory.
+
+    Loadable by ``vllm.LLM(model=path)`` and by transformers' ``from_pretrained(path)``.
     """
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if family == "qwen2_vl":
+        prefix, vision = "Qwen2VL", {**TINY_VISION, "hidden_size": VLLM_TEXT["hidden_size"]}
+    elif family == "qwen2_5_vl":
+        prefix, vision = "Qwen2_5_VL", QWEN2_5_VISION
+    else:
+        raise ValueError(f"family must be 'qwen2_vl' or 'qwen2_5_vl', got {family!r}")
     path = Path(path)
-    vision = {**TINY_VISION, **vision_overrides, "hidden_size": VLLM_TEXT["hidden_size"]}
-    config = Qwen2VLConfig(text_config=dict(VLLM_TEXT), vision_config=vision, **TINY_SPECIAL_TOKENS)
-    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=dict(VLLM_TEXT), vision_config=dict(vision), **TINY_SPECIAL_TOKENS
+    )
+    config.architectures = [f"{prefix}ForConditionalGeneration"]
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
-    model.save_pretrained(path)
+    getattr(transformers, f"{prefix}ForConditionalGeneration")(config).to(torch.float32).eval().save_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=vision["patch_size"],
         temporal_patch_size=vision["temporal_patch_size"],

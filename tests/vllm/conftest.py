@@ -17,6 +17,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 @pytest.fixture(scope="session")
 def qwen2_vl_path(tmp_path_factory):
-    from ipcv_kernels.vllm.testing import build_qwen2_vl_checkpoint
+    from ipcv_kernels.vllm.testing import build_checkpoint
 
-    return str(build_qwen2_vl_checkpoint(tmp_path_factory.mktemp("qwen2_vl")))
+    return str(build_checkpoint(tmp_path_factory.mktemp("qwen2_vl"), "qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_path(tmp_path_factory):
+    from ipcv_kernels.vllm.testing import build_checkpoint
+
+    return str(build_checkpoint(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl"))

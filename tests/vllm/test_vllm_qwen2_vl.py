@@ -21,19 +21,7 @@ import ipcv_kernels as ik
 import ipcv_kernels.vllm as ikv
 from ipcv_kernels.testing import assert_close
 from ipcv_kernels.testing.models import sample_pixels
-
-# The engine settings every test uses (the list: fp32, eager, no prefix caching, no
-# processor cache so every image is processed and encoded anew).
-ENGINE = dict(
-    dtype="float32",
-    enforce_eager=True,
-    enable_prefix_caching=False,
-    mm_processor_cache_gb=0,
-    max_model_len=512,
-    max_num_seqs=4,
-    seed=0,
-    limit_mm_per_prompt={"image": 4, "video": 1},
-)
+from ipcv_kernels.vllm.testing import ENGINE
 
 SETTINGS = {"prune_layer": 2, "ratio": 0.5, "as_layers": 2, "num_neighbors": 3}
 CONFIG = ik.IPCVConfig(**SETTINGS)
