@@ -95,7 +95,15 @@ def ipcv_applied(
 
 
 def get_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
-    """The installed patch (``config``, ``last_tokens_per_block``) of ``model``'s tower, if any."""
+    """The installed patch (``config``, ``last_tokens_per_block``) of ``model``'s tower, if any.
+
+    vLLM models (what ``LLM.apply_model`` hands its function) are looked up in the vLLM family
+    table, ``ipcv_kernels.vllm``: ``None`` when unpatched or unsupported, never an exception.
+    """
+    from ..vllm.families import is_vllm_model, vllm_ipcv_patch  # imports no vLLM
+
+    if is_vllm_model(model):
+        return vllm_ipcv_patch(model)
     tower, _ = find_tower(model)
     return vars(tower).get(PATCH_ATTRIBUTE)
 

@@ -1,0 +1,164 @@
+"""Family adapters for vLLM's own vision encoders (``vllm.model_executor.models.*``), on the
+framework-independent engine (``ipcv_kernels.engine``).
+
+vLLM's Qwen towers differ from transformers' in what their blocks receive, not in what they
+compute:
+
+- blocks take ``x`` as ``[S, 1, D]`` (``pack`` / ``unpack`` turn it into the engine's packed rows
+  ``[S, D]``; from block ``P`` on the blocks receive and return kept rows, and the restored
+  ``[S, 1, D]`` goes to the merger);
+- rotary tables arrive as ``rotary_pos_emb_cos`` / ``rotary_pos_emb_sin``, half-width
+  ``[S, Dh / 2]`` (neox style: ``x1 * cos - x2 * sin``, ``x2 * cos + x1 * sin`` on the two halves),
+  equal to the full-width ``rotate_half`` tables ``cat([cos, cos], -1)`` that ``ngr_attention``
+  takes;
+- ``max_seqlen`` is a tensor (``None`` on backends that do not read it);
+- linear layers are vLLM's (``ColumnParallelLinear`` / ``RowParallelLinear``), called as
+  ``out, bias = layer(x)``. On the CPU vLLM repacks their weights for its GEMM kernels (the
+  module's ``weight`` may be empty), so the attention-stabilisation blocks never slice weight
+  rows: they run ``qkv`` on every row and keep the query rows afterwards. Cost: the ``W_q`` third
+  of the ``qkv`` projection is also computed for the dropped rows, ``Nd * D * D`` multiply-adds
+  per stabilisation block (keys and values need every row anyway).
+
+Tensor parallelism: the hidden states are replicated on every rank, so every rank plans the same
+``keep`` / ``drop`` / neighbours; ``qkv`` + ``split_qkv`` give the rank's heads (vLLM's own
+all-gather and split), ``ngr_attention`` runs on those heads and ``proj`` (row-parallel)
+all-reduces, exactly as in vLLM's own block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import IPCVConfig
+from ..engine import BlockCall, FamilyAdapter, ForwardState, TowerCall
+from ..ops import ngr_attention
+from ..reference import IPCVPlan
+
+
+def full_width_rotary(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's half-width neox tables ``[N, Dh / 2]`` as ``rotate_half`` tables ``[N, Dh]``."""
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+
+
+class VLLMQwen2VLAdapter(FamilyAdapter):
+    """vLLM's ``Qwen2VisionTransformer`` (``Qwen2VLForConditionalGeneration.visual``).
+
+    Block: ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))``; items are the ``grid_thw`` rows.
+    """
+
+    name = "vllm_qwen2_vl"
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else (args[1] if len(args) > 1 else None)
+        if grid_thw is None:
+            # Only the encoder CUDA-graph path calls the tower without a grid (refused at start).
+            raise ValueError("IPCV needs the tower's grid_thw (a CUDA-graphed encoder call has none)")
+        rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
+        return TowerCall([int(t) * int(h) * int(w) for t, h, w in rows])
+
+    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def unpack(self, packed: torch.Tensor, layout: torch.Size) -> torch.Tensor:
+        return packed.view(layout)
+
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
+        kwargs = dict(kwargs)
+        names = ("cu_seqlens", "rotary_pos_emb_cos", "rotary_pos_emb_sin")
+        values = [kwargs.pop(name) if name in kwargs else None for name in names]
+        positional = list(args)
+        for i, value in enumerate(values):  # the tower passes them by keyword; accept positions too
+            if value is None and positional:
+                values[i] = positional.pop(0)
+        cu_seqlens, cos, sin = values
+        if kwargs.get("sequence_lengths") is not None:
+            raise ValueError("IPCV does not support vLLM's FlashInfer cuDNN ViT backend (sequence_lengths)")
+        return BlockCall(cu_seqlens, (cos, sin), tuple(positional), kwargs)
+
+    def run_block(
+        self,
+        block: nn.Module,
+        forward: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        call: BlockCall,
+        config: IPCVConfig,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """vLLM's block on packed rows ``[N, D]`` (given to it as ``[N, 1, D]``); returns ``[N, D]``."""
+        kwargs = dict(call.kwargs)
+        if max_seqlen is not None and kwargs.get("max_seqlen") is not None:
+            kwargs["max_seqlen"] = torch.tensor(max_seqlen, dtype=torch.int32, device=kwargs["max_seqlen"].device)
+        cos, sin = position_embeddings
+        out = forward(
+            hidden.unsqueeze(1),
+            *call.args,
+            cu_seqlens=cu_seqlens.to(torch.int32),
+            rotary_pos_emb_cos=cos,
+            rotary_pos_emb_sin=sin,
+            **kwargs,
+        )
+        return out.squeeze(1)
+
+    def stabilised_block(
+        self,
+        block: nn.Module,
+        kept: torch.Tensor,
+        full: torch.Tensor,
+        plan: IPCVPlan,
+        call: BlockCall,
+        config: IPCVConfig,
+        kept_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queries of the kept rows, keys / values of every row of ``full`` ``[n, D]``; returns
+        the kept rows ``[Nk, D]`` of the block's output."""
+        attention = block.attn
+        qkv, _ = attention.qkv(block.norm1(full).unsqueeze(1))  # every row: see the module docstring
+        q, k, v = self.split_qkv(attention, qkv)
+        attended = ngr_attention(
+            q[plan.keep],
+            k,
+            v,
+            kept_cu_seqlens,
+            call.cu_seqlens.to(torch.int32),
+            backend=config.attention_backend,
+            rotary=full_width_rotary(*call.position_embeddings),
+            q_positions=plan.keep,
+            skip_check=True,
+        )
+        projected, _ = attention.proj(attended.reshape(kept.shape[0], 1, -1))
+        return self.residual_mlp(block, kept.unsqueeze(1), projected).squeeze(1)
+
+    def split_qkv(self, attention: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``qkv`` ``[n, 1, 3 * width of this rank]`` as q, k, v ``[n, heads of this rank, Dh]``
+        (vLLM's own split: all-gather and per-rank split of the ``[q; k; v]`` layout)."""
+        return tuple(x.squeeze(1) for x in attention.split_qkv(qkv))
+
+    def residual_mlp(self, block: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the block after its attention: ``y = x + attended; y + mlp(norm2(y))``."""
+        hidden = x + attended
+        return hidden + block.mlp(block.norm2(hidden))
+
+
+class VLLMQwen2_5_VLAdapter(VLLMQwen2VLAdapter):
+    """vLLM's ``Qwen2_5_VisionTransformer``: windows and full-attention blocks both arrive as the
+    block's ``cu_seqlens`` over the ``window_index`` order (the engine shrinks each), and
+    ``norm2`` fuses the residual add (``normed, residual = norm2(x, residual=attended)``).
+    Restoration writes the full sequence in the tower's (window) order, so the tower's merger
+    and ``reverse_indices`` give the usual output."""
+
+    name = "vllm_qwen2_5_vl"
+
+    def split_qkv(self, attention: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # The rank's output is already per head ``(three, head, head_dim)``: no gather.
+        heads, head_dim = attention.num_attention_heads_per_partition, attention.hidden_size_per_attention_head
+        return qkv.view(qkv.shape[0], 3, heads, head_dim).unbind(1)
+
+    def residual_mlp(self, block: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        normed, residual = block.norm2(x, residual=attended)
+        return residual + block.mlp(normed)

@@ -1,0 +1,111 @@
+"""The vLLM plugin: ``register`` (the ``vllm.general_plugins`` entry point) and the functions that
+patch a vLLM model instance.
+
+``register`` runs in every vLLM process before any model is built. It replaces, in vLLM's model
+registry, each supported architecture's class by the same class extended with a constructor
+(``ipcv_kernels.vllm.models``) that reads ``hf_config.ipcv`` — what
+``LLM(..., hf_overrides={"ipcv": {...}})`` / ``--hf-overrides '{"ipcv": {...}}'`` sets — and,
+when present, installs IPCV on the new instance's vision tower before its weights load. Without
+an ``ipcv`` key the class behaves exactly as vLLM's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ..config import IPCVConfig
+from ..engine import IPCVPatch
+from .families import VLLM_FAMILIES, find_vllm_family, vllm_ipcv_patch
+
+CONFIG_KEY = "ipcv"
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: register the IPCV-capable model classes.
+
+    Idempotent (vLLM may call it more than once per process); imports no vLLM model module.
+    """
+    from vllm import ModelRegistry
+
+    for family in VLLM_FAMILIES:
+        for architecture in family.architectures:
+            ModelRegistry.register_model(architecture, f"ipcv_kernels.vllm.models:{architecture}")
+
+
+def recommended_vllm_config(model: nn.Module, **overrides: Any) -> IPCVConfig:
+    """The family's recommended ``IPCVConfig`` with ``overrides`` (``IPCVConfig`` fields) applied.
+
+    Raises:
+        TypeError: unsupported model, or an override that is not an ``IPCVConfig`` field.
+        ValueError: an override out of range (the message names the field).
+    """
+    family, _ = find_vllm_family(model)
+    return IPCVConfig(**{**family.recommended, **overrides})
+
+
+def check_engine_settings(vllm_config: Any) -> None:
+    """Refuse the vLLM settings IPCV cannot work with (``ValueError``, never silently ignored).
+
+    A compiled (``compile_mm_encoder``) or CUDA-graphed (``cudagraph_mm_encoder``) encoder fixes
+    the token count of every block at capture time; IPCV changes it per input from block ``P`` on.
+    """
+    compilation = vllm_config.compilation_config
+    for name in ("compile_mm_encoder", "cudagraph_mm_encoder"):
+        if getattr(compilation, name, False):
+            raise ValueError(
+                f"IPCV cannot run in a compiled or CUDA-graphed vision encoder: disable "
+                f"compilation_config.{name} or remove the 'ipcv' key from hf_overrides"
+            )
+
+
+def apply_from_config(model: nn.Module, vllm_config: Any) -> IPCVPatch | None:
+    """Install IPCV on ``model`` (a vLLM model just built) if ``hf_config.ipcv`` asks for it.
+
+    ``hf_config.ipcv``: a mapping of ``IPCVConfig`` fields; missing ones take the family's
+    recommended setting. Returns the installed patch, or ``None`` without an ``ipcv`` key.
+
+    Raises:
+        TypeError: ``ipcv`` not a mapping, an unknown field or a field of the wrong type.
+        ValueError: a field out of range (``prune_layer`` is checked against the tower's depth),
+            or engine settings that IPCV cannot work with (``check_engine_settings``).
+    """
+    settings = getattr(vllm_config.model_config.hf_config, CONFIG_KEY, None)
+    if settings is None:
+        return None
+    if not isinstance(settings, Mapping):
+        raise TypeError(
+            f"hf_overrides['{CONFIG_KEY}'] must be a dict of IPCVConfig fields, got {type(settings).__name__}"
+        )
+    check_engine_settings(vllm_config)
+    return apply_ipcv(model, recommended_vllm_config(model, **settings))
+
+
+def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> IPCVPatch:
+    """Patch a vLLM model instance's vision tower with IPCV (replacing a previous patch).
+
+    Also usable on a running engine: ``llm.apply_model(lambda m: apply_ipcv(m, config))``.
+    ``config=None`` takes the family's recommended setting. Returns the installed patch.
+
+    Raises:
+        TypeError: unsupported model or ``config`` not an ``IPCVConfig``.
+        ValueError: ``config.prune_layer`` outside ``[1, depth)`` of the tower.
+    """
+    family, tower = find_vllm_family(model)
+    config = recommended_vllm_config(model) if config is None else config
+    if not isinstance(config, IPCVConfig):
+        raise TypeError(f"config must be an IPCVConfig, got {type(config).__name__}")
+    patch = IPCVPatch(tower, family.adapter(model), config)  # validates before touching the model
+    remove_ipcv(model)
+    patch.install()
+    return patch
+
+
+def remove_ipcv(model: nn.Module) -> nn.Module:
+    """Undo ``apply_ipcv`` on a vLLM model (a no-op when unpatched); return it."""
+    patch = vllm_ipcv_patch(model)
+    if patch is not None:
+        patch.remove()
+    return model

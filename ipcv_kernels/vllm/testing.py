@@ -1,0 +1,149 @@
+"""Tiny checkpoints that both vLLM and transformers load: saved seeded random weights, a local
+word-level tokenizer and the image processor's settings (no downloads).
+
+``vllm.LLM(load_format="dummy")`` gives every request the same output, so the vLLM tests and the
+benchmark save real (seeded random) weights instead: vLLM and transformers then load the same
+weights, and their vision embeddings can be compared. The vocabulary is ``w3 .. w119`` plus the
+Qwen2-VL special tokens at the ids of ``ipcv_kernels.testing.models.TINY_SPECIAL_TOKENS``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..testing.models import TINY_SPECIAL_TOKENS, TINY_TEXT, TINY_VISION
+
+# vLLM's CPU attention backend takes head sizes of 32 and more: 2 heads of 32 (TINY_TEXT's 12 is
+# too small); mrope sections add up to half the head size.
+VLLM_TEXT = {
+    **TINY_TEXT,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+}
+SPECIAL_TOKENS = {
+    "<|image_pad|>": TINY_SPECIAL_TOKENS["image_token_id"],
+    "<|video_pad|>": TINY_SPECIAL_TOKENS["video_token_id"],
+    "<|vision_start|>": TINY_SPECIAL_TOKENS["vision_start_token_id"],
+    "<|vision_end|>": TINY_SPECIAL_TOKENS["vision_end_token_id"],
+}
+# The engine settings of the vLLM tests and benchmark (the issue's list: fp32, eager, no prefix
+# caching, no processor cache, so every image is processed and encoded anew).
+ENGINE: dict[str, Any] = dict(
+    dtype="float32",
+    enforce_eager=True,
+    enable_prefix_caching=False,
+    mm_processor_cache_gb=0,
+    max_model_len=512,
+    max_num_seqs=4,
+    seed=0,
+    limit_mm_per_prompt={"image": 4, "video": 1},
+)
+# The image processor's resize bounds (pixels): small images stay small (factor 4 = patch 2 x merge 2).
+MIN_PIXELS, MAX_PIXELS = 4 * 4, 64 * 64
+
+
+def build_tokenizer() -> Any:
+    """A ``PreTrainedTokenizerFast``: whitespace-split words ``w3 .. w119``, the special tokens of
+    ``SPECIAL_TOKENS`` (split out of the text without spaces), ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 120)}, **SPECIAL_TOKENS}
+    vocab.update({f"<unused{i}>": i for i in range(124, TINY_TEXT["vocab_size"])})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    return tokenizer
+
+
+# Qwen2.5-VL: windows of 2 x 2 merge units, full attention in blocks 2 and 5.
+QWEN2_5_VISION = dict(
+    depth=6,
+    hidden_size=64,
+    intermediate_size=96,
+    num_heads=4,
+    out_hidden_size=VLLM_TEXT["hidden_size"],
+    patch_size=2,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=8,
+    fullatt_block_indexes=[2, 5],
+)
+
+
+def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 0) -> Path:
+    """Save a tiny ``family`` model (``"qwen2_vl"`` or ``"qwen2_5_vl"``: fp32 seeded random
+    weights, tokenizer, image processor settings) under ``path``; return the directory.
+
+    Loadable by ``vllm.LLM(model=path)`` and by transformers' ``from_pretrained(path)``.
+    """
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if family == "qwen2_vl":
+        prefix, vision = "Qwen2VL", {**TINY_VISION, "hidden_size": VLLM_TEXT["hidden_size"]}
+    elif family == "qwen2_5_vl":
+        prefix, vision = "Qwen2_5_VL", QWEN2_5_VISION
+    else:
+        raise ValueError(f"family must be 'qwen2_vl' or 'qwen2_5_vl', got {family!r}")
+    path = Path(path)
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=dict(VLLM_TEXT), vision_config=dict(vision), **TINY_SPECIAL_TOKENS
+    )
+    config.architectures = [f"{prefix}ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    getattr(transformers, f"{prefix}ForConditionalGeneration")(config).to(torch.float32).eval().save_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=vision["patch_size"],
+        temporal_patch_size=vision["temporal_patch_size"],
+        merge_size=vision["spatial_merge_size"],
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+    )
+    image_processor.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+_TORCHVISION_SCHEMAS: list[Any] = []  # the library fragment must stay alive
+
+
+def define_torchvision_op_schemas() -> None:
+    """Let PyPI's CPU-incompatible torchvision import next to CPU torch (call before importing it).
+
+    PyPI's torchvision 0.28.0 matches torch 2.13 but is a CUDA build: its compiled ops
+    (``torchvision/_C.so``) cannot load next to the CPU wheel, which torchvision tolerates, except
+    that ``torchvision._meta_registrations`` registers fake kernels for ``torchvision::nms`` and
+    ``torchvision::qnms`` unconditionally (``operator torchvision::nms does not exist``). Defining
+    those two schemas (no kernels) lets it import; its transforms are pure PyTorch, which is all
+    transformers' Qwen2-VL image and video processors use. Calling ``nms`` then raises. A no-op
+    once defined, without torchvision, or when torchvision's ops load (a matching build).
+
+    vLLM imports torchvision in subprocesses too (its model inspection), so the vLLM test
+    environment runs this at every interpreter start: ``.ci/run`` writes a ``.pth`` file doing so.
+    """
+    if _TORCHVISION_SCHEMAS:
+        return
+    spec = importlib.util.find_spec("torchvision")  # finds the package without importing it
+    if spec is None or spec.origin is None:
+        return
+    try:  # what torchvision's import does first; succeeds for a matching build
+        torch.ops.load_library(str(Path(spec.origin).parent / "_C.so"))
+        return
+    except (OSError, ImportError):
+        pass
+    library = torch.library.Library("torchvision", "FRAGMENT")
+    for name in ("nms", "qnms"):
+        library.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _TORCHVISION_SCHEMAS.append(library)

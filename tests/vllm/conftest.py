@@ -1,0 +1,29 @@
+"""vLLM test setup. The tests run only where vLLM imports (its own environment, see .ci/run);
+elsewhere each module skips itself, so the main suite is unaffected.
+
+vLLM runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with a small CPU KV cache; the
+model is a tiny Qwen2-VL saved with seeded random weights, which transformers loads too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_path(tmp_path_factory):
+    from ipcv_kernels.vllm.testing import build_checkpoint
+
+    return str(build_checkpoint(tmp_path_factory.mktemp("qwen2_vl"), "qwen2_vl"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_path(tmp_path_factory):
+    from ipcv_kernels.vllm.testing import build_checkpoint
+
+    return str(build_checkpoint(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl"))
