@@ -18,6 +18,7 @@ PyTorch before calling them.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,59 +91,47 @@ def _dense(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.contiguous() for t in tensors)
 
 
-def ngr_attention_flash_attn(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    softmax_scale: float | None = None,
-) -> torch.Tensor:
-    """``flash_attn_varlen_func``, non-causal. q ``[Nq, H, Dh]``, k/v ``[Nkv, H, Dh]`` on CUDA (fp16/bf16,
-    ``Dh <= 256``; otherwise ``sdpa``), cu_seqlens_q/k int32 ``[B + 1]``; returns ``[Nq, H, Dh]``."""
+def varlen_library_backend(kernel: Callable[..., torch.Tensor], description: str) -> Callable[..., torch.Tensor]:
+    """An ``ngr_attention`` backend from a library's varlen kernel
+    ``kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)``.
+
+    The backend takes q ``[Nq, H, Dh]``, k/v ``[Nkv, H, Dh]`` on CUDA and cu_seqlens_q/k int32
+    ``[B + 1]``, and returns ``[Nq, H, Dh]``; inputs the library kernels do not take (not
+    fp16/bf16, or ``Dh > 256``) run ``sdpa`` instead.
+    """
+
+    def attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        softmax_scale: float | None = None,
+    ) -> torch.Tensor:
+        if not _library_kernels_take(q):
+            return ngr_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
+        q, k, v = _dense(q, k, v)
+        longest_q, longest_k = _longest(cu_seqlens_q), _longest(cu_seqlens_k)
+        return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, longest_q, longest_k, softmax_scale=softmax_scale)
+
+    attention.__doc__ = f"{description}, non-causal; shapes, dtypes and fallback as ``varlen_library_backend``."
+    return attention
+
+
+def _flash_attn_varlen(*args: object, softmax_scale: float | None = None) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
-    if not _library_kernels_take(q):
-        return ngr_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
-    q, k, v = _dense(q, k, v)
-    return flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        _longest(cu_seqlens_q),
-        _longest(cu_seqlens_k),
-        dropout_p=0.0,
-        softmax_scale=softmax_scale,
-        causal=False,
-    )
+    return flash_attn_varlen_func(*args, dropout_p=0.0, softmax_scale=softmax_scale, causal=False)
 
 
-def ngr_attention_torch_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    softmax_scale: float | None = None,
-) -> torch.Tensor:
-    """``torch.nn.attention.varlen.varlen_attn``, non-causal. Shapes, dtypes and fallback as ``flash_attn``."""
+def _torch_varlen(*args: object, softmax_scale: float | None = None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    if not _library_kernels_take(q):
-        return ngr_attention_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
-    q, k, v = _dense(q, k, v)
-    return varlen_attn(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        _longest(cu_seqlens_q),
-        _longest(cu_seqlens_k),
-        scale=softmax_scale,
-    )
+    return varlen_attn(*args, scale=softmax_scale)
+
+
+ngr_attention_flash_attn = varlen_library_backend(_flash_attn_varlen, "flash-attn 2's ``flash_attn_varlen_func``")
+ngr_attention_torch_varlen = varlen_library_backend(_torch_varlen, "``torch.nn.attention.varlen.varlen_attn``")
 
 
 register_backend("ngr_attention", Backend("sdpa", ngr_attention_sdpa, ALL_DEVICES, SDPA_PRIORITY))

@@ -56,9 +56,7 @@ def _check_knn_inputs(query: object, ref: object, k: object, cu_query: object, c
     check_paired_offsets("cu_query", cu_query, query.shape[0], "cu_ref", cu_ref, ref.shape[0], query.device)
 
 
-def _knn_fake(
-    query: torch.Tensor, ref: torch.Tensor, k: int, cu_query: torch.Tensor | None, cu_ref: torch.Tensor | None
-) -> torch.Tensor:
+def _knn_fake(query: torch.Tensor, ref: torch.Tensor, k: int, *offsets: torch.Tensor | None) -> torch.Tensor:
     return query.new_empty((query.shape[0], k), dtype=torch.int64)
 
 

@@ -167,18 +167,9 @@ def _check_fused_attention_options(
         raise ValueError("rotary without q_rows / q_positions needs q and k rows aligned (Nq == Nkv)")
 
 
-def _ngr_attention_fake(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    softmax_scale: float | None,
-    cos: torch.Tensor | None,
-    sin: torch.Tensor | None,
-    q_rows: torch.Tensor | None,
-    q_positions: torch.Tensor | None,
-) -> torch.Tensor:
+def _ngr_attention_fake(q: torch.Tensor, *args: object) -> torch.Tensor:
+    # The op's arguments (the schema below); only q and q_rows (the 9th) decide the output's shape.
+    q_rows = args[7]
     num_queries = q.shape[0] if q_rows is None else q_rows.shape[0]
     return q.new_empty((num_queries, *q.shape[1:]))
 

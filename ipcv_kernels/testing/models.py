@@ -132,7 +132,7 @@ def vision_inputs(
 
 
 # -- Qwen2.5-VL, Qwen3-VL, InternVL ------------------------------------------------------------
-QWEN2_5_VISION = dict(
+_QWEN_VISION = dict(
     depth=6,
     hidden_size=64,
     intermediate_size=96,
@@ -141,21 +141,13 @@ QWEN2_5_VISION = dict(
     patch_size=2,
     spatial_merge_size=2,
     temporal_patch_size=2,
-    window_size=8,  # 2 x 2 merge units = 4 x 4 patches per window
-    fullatt_block_indexes=[2, 5],
 )
-QWEN3_VISION = dict(
-    depth=6,
-    hidden_size=64,
-    intermediate_size=96,
-    num_heads=4,
-    out_hidden_size=48,
-    patch_size=2,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    num_position_embeddings=64,
-    deepstack_visual_indexes=[1, 3, 4],
-)
+QWEN2_5_VISION = {
+    **_QWEN_VISION,
+    "window_size": 8,  # 2 x 2 merge units = 4 x 4 patches per window
+    "fullatt_block_indexes": [2, 5],
+}
+QWEN3_VISION = {**_QWEN_VISION, "num_position_embeddings": 64, "deepstack_visual_indexes": [1, 3, 4]}
 QWEN3_TEXT = {
     **TINY_TEXT,
     "head_dim": 12,
