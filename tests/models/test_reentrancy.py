@@ -18,7 +18,14 @@ import torch
 from oracles.towers import build_model, build_tower, internvl_inputs, internvl_tiles, tower_call
 
 import ipcv_kernels as ik
-from ipcv_kernels.testing.models import build_qwen2_vl_model, build_qwen2_vl_tower, sample_pixels, vision_inputs
+from ipcv_kernels.testing.models import (
+    build_qwen2_vl_model,
+    build_qwen2_vl_tower,
+    clip_family_inputs,
+    clip_pixels,
+    sample_pixels,
+    vision_inputs,
+)
 
 CONFIG = ik.IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=3)
 ROUNDS = 6
@@ -89,6 +96,22 @@ def test_concurrent_calls_of_one_patched_internvl_tower(tiles):
     tower, calls = internvl_calls(tiles)
     ik.apply_ipcv(tower, CONFIG)
     hammer(calls)
+
+
+@pytest.mark.parametrize("images", [(2, 2), (1, 3)], ids=["same_size", "other_size"])
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_concurrent_calls_of_one_patched_clip_tower(family, images):
+    tower = build_tower(family)
+    batches = [clip_pixels(count, seed=seed) for seed, count in enumerate(images)]
+    ik.apply_ipcv(tower, CONFIG)
+    hammer([lambda b=b: tower(b) for b in batches])
+
+
+def test_concurrent_llava_calls_read_their_own_feature_layers():
+    model = build_model("llava")
+    ik.apply_ipcv(model, CONFIG)
+    prompts = [clip_family_inputs(model, 1, seed=0), clip_family_inputs(model, 2, seed=1)]
+    hammer([lambda inputs=inputs: model(**inputs).logits for inputs in prompts])
 
 
 def test_concurrent_full_model_calls_keep_their_own_items_and_llm_pruning():
