@@ -7,6 +7,8 @@ Public API: the ops (``knn``, ``ngr_reconstruct``, ``ngr_restore``, ``ngr_attent
 The behavioural contract is ``docs/spec.md``.
 """
 
+import importlib.util
+
 from .config import IPCVConfig
 from .llm import DART, FastV, LLMPruner
 from .models import (
@@ -31,6 +33,10 @@ from .ops import (
     token_scores,
 )
 from .reference import IPCVPlan, TokenSelection
+
+# The Triton backends (optional: ``pip install ipcv_kernels[triton]``) register themselves on import.
+if importlib.util.find_spec("triton") is not None:
+    from . import triton  # noqa: F401
 
 __version__ = "0.1.0"
 

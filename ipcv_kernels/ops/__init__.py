@@ -1,4 +1,6 @@
-"""Public op layer. Importing it defines every op and registers every backend available in this install.
+"""Public op layer. Importing it defines every op and registers its PyTorch and compiled backends;
+the Triton backends (``ipcv_kernels.triton``, a layer above, importing the registry) are registered
+by importing ``ipcv_kernels``, which every import of a subpackage does first.
 
 All ops are inference-only and autograd-free: they run under ``torch.no_grad()``, register no
 backward, and their outputs never carry a grad history. Every public op validates its inputs
@@ -23,8 +25,9 @@ Layout (one op, one module):
 - Backends register themselves per op with ``register_backend``: ``attention_backends.py``
   (``"sdpa"``, ``"flash_attn"``, ``"torch_varlen"``), ``cpp_backend.py`` (``"cpp"``: the compiled
   ``csrc/`` extension, optional) and the ``ipcv_kernels.triton`` package (``"triton"``: one module
-  per op with its kernels, launcher and registration; needs the triton package). A new backend is
-  a new module that registers its functions and is imported below; a new Triton kernel goes into
+  per op with its kernels, launcher and registration; needs the triton package; imported by
+  ``ipcv_kernels/__init__.py``). A new backend is a new module that registers its functions and
+  is imported below (or, above the op layer, by the package); a new Triton kernel goes into
   ``ipcv_kernels/triton/<op>.py``.
 
 Shape names, the same in every op's docstring: ``n`` all tokens of the packed batch, ``Nk`` the
@@ -35,8 +38,6 @@ neighbours.
 
 Nothing here queries a device at import: backends answer ``is_available`` when asked.
 """
-
-import importlib.util
 
 from . import (
     attention_backends,  # noqa: F401  (sdpa / flash_attn / torch_varlen; the libraries load at call time)
@@ -49,10 +50,6 @@ from .ngr_reconstruct import ngr_reconstruct
 from .ngr_restore import ngr_restore
 from .plan import plan_ipcv
 from .selection import select_tokens, shrink_cu_seqlens, token_scores
-
-# The Triton backends need the triton package (optional: ``pip install ipcv_kernels[triton]``).
-if importlib.util.find_spec("triton") is not None:
-    from .. import triton  # noqa: F401
 
 __all__ = [
     "available_backends",
