@@ -390,6 +390,34 @@ def internvl_flops(
     )
 
 
+def clip_vit_flops(
+    vision_config: Any,
+    crops_per_image: Sequence[int],
+    config: IPCVConfig | None = None,
+) -> FlopReport:
+    """``vit_flops`` for a ``CLIPVisionConfig`` / ``SiglipVisionConfig`` tower: every crop is one
+    attention segment of ``(image_size / patch_size)^2`` patches (plus CLIP's CLS token, pinned),
+    the crops of an image one item; with the patch embedding. Heads (pooling, post-norm) are
+    elementwise or one token and not counted.
+
+    Args:
+        crops_per_image: crops of every image, in order (``[1] * B`` for a bare tower's batch).
+    """
+    c = vision_config
+    cls = int(getattr(c, "model_type", "") == "clip_vision_model")
+    length = (c.image_size // c.patch_size) ** 2 + cls
+    return vit_flops(
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        [[length] * crops if crops > 1 else length for crops in crops_per_image],
+        config,
+        patch_dim=c.num_channels * c.patch_size * c.patch_size,
+        pinned_per_segment=cls,
+    )
+
+
 def vision_tower_flops(
     vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None
 ) -> FlopReport:

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--video-frames",
         type=_at_least(0),
         default=4,
-        help="frames of the synthetic video without --images (0: none; InternVL takes no videos)",
+        help="frames of the synthetic video without --images (0: none; only the Qwen families take videos)",
     )
     parser.add_argument(
         "--image-size",

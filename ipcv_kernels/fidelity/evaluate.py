@@ -1,7 +1,7 @@
 """The measurement: every method and setting of a grid against the unpatched tower, per sample.
 
 Compared output: the tower's per-token features before the merger, ``last_hidden_state``
-(``[n, D]``; InternVL ``[tiles, 1 + N, D]`` after its final norm, read as ``[n, D]``). It is the
+(``[n, D]``; InternVL, CLIP, SigLIP ``[tiles or crops, L, D]``, read as ``[n, D]``). It is the
 last tensor with one row per patch token, so every row is either a kept or a dropped token (the
 merger mixes 2 x 2 tokens into one), and the merger / projector is the same function of it with
 and without IPCV. Rows are in the tower's block order (Qwen2.5-VL: window order), the order of the

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..flops import internvl_flops, vision_tower_flops
+from ..flops import clip_vit_flops, internvl_flops, vision_tower_flops
 from ..models.families import Family, find_family
 
 if TYPE_CHECKING:
@@ -60,7 +60,12 @@ PRESETS: dict[str, Callable[[torch.dtype, int], nn.Module]] = {
     "qwen2.5-vl-tiny": _tower_of("qwen2_5_vl"),
     "qwen3-vl-tiny": _tower_of("qwen3_vl"),
     "internvl-tiny": _tower_of("internvl"),
+    "clip-tiny": _tower_of("clip"),
+    "siglip-tiny": _tower_of("siglip"),
 }
+# Families whose towers take flattened patches and ``grid_thw`` (and videos); the others (InternVL,
+# CLIP, SigLIP) take a batch of images or crops ``[B, C, H, W]``.
+QWEN_FAMILIES = ("Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL")
 DEFAULT_PRESET = "qwen2-vl-tiny"
 # Longer image side in pixels when ``image_size`` is not given: 16 x 16 patches of the presets'
 # 2-pixel patches (256 tokens, two InternVL tiles across); a usual resolution for checkpoints.
@@ -76,8 +81,8 @@ class Sample:
     name: the image file, directory (video) or synthetic picture it came from.
     kind: ``"image"`` or ``"video"``.
     pixels: what the tower's forward takes first: Qwen ``[n, C * T * p * p]`` flattened patches,
-        InternVL ``[tiles, C, H, W]``.
-    grid_thw: Qwen families: int64 ``[1, 3]`` ``(t, h, w)`` in patches; ``None`` for InternVL.
+        InternVL / CLIP / SigLIP ``[tiles or crops, C, H, W]``.
+    grid_thw: Qwen families: int64 ``[1, 3]`` ``(t, h, w)`` in patches; ``None`` for the others.
     """
 
     name: str
@@ -197,12 +202,20 @@ def qwen_video_patches(frames: Sequence[Image.Image], image_processor: Any) -> t
 
 def _preset_image_processor(family: Family, vision_config: Any) -> Any:
     """The family's processor class configured for a preset tower's patch sizes."""
+    side = getattr(vision_config, "image_size", None)  # the towers with fixed-size tiles / crops
+    side = side[0] if isinstance(side, (list, tuple)) else side
     if family.name == "InternVL":
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-        side = vision_config.image_size
-        side = side[0] if isinstance(side, (list, tuple)) else side
         return GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True, max_patches=4)
+    if family.name == "CLIP":
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    if family.name == "SigLIP":
+        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+        return SiglipImageProcessorPil(size={"height": side, "width": side})
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     unit = vision_config.patch_size * vision_config.spatial_merge_size
@@ -224,19 +237,25 @@ def make_samples(
     dtype: torch.dtype,
     device: torch.device,
 ) -> list[Sample]:
-    """One ``Sample`` per image and (Qwen families) per video, through ``image_processor``."""
+    """One ``Sample`` per image and (Qwen families) per video, through ``image_processor``.
+
+    A CLIP / SigLIP checkpoint's processor may cut an image into several crops (LLaVA-NeXT's
+    anyres): a bare tower call makes each crop its own item, where the full model makes the
+    image's crops one item.
+    """
     samples = []
-    internvl = family.name == "InternVL"
+    qwen = family.name in QWEN_FAMILIES
     for name, image in images:
-        if internvl:
+        if family.name == "InternVL":
             # One image per call: its tiles are one item (the bare tower's default).
             out = image_processor(images=[scaled(image, image_size)], crop_to_patches=True, return_tensors="pt")
-            grid = None
         else:
             out = image_processor(images=[scaled(image, image_size)], return_tensors="pt")
-            grid = out["image_grid_thw"].to(device)
-        samples.append(Sample(name, "image", out["pixel_values"].to(device, dtype), grid))
-    if not internvl:
+        pixels = out["pixel_values"]
+        pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # [images, crops, C, H, W]
+        grid = out["image_grid_thw"].to(device) if qwen else None
+        samples.append(Sample(name, "image", pixels.to(device, dtype), grid))
+    if qwen:
         for name, frames in videos:
             pixels, grid = qwen_video_patches([scaled(f, image_size) for f in frames], image_processor)
             samples.append(Sample(name, "video", pixels.to(device, dtype), grid.to(device)))
@@ -295,15 +314,18 @@ def load_subject(
         videos = [("synthetic_video", synthetic_video(video_frames, size, seed))] if video_frames else []
     samples = make_samples(family, image_processor, pictures, videos, size, dtype, device)
     if not samples:
-        raise FidelityError("--images / --num-images: no images to run (InternVL takes no videos)")
+        raise FidelityError("--images / --num-images: no images to run (only the Qwen families take videos)")
     return Subject(name, family, tower, samples)
 
 
 # -- FLOPs ------------------------------------------------------------------------------------------
 def tower_flops(family: Family, vision_config: Any, sample: Sample, config: IPCVConfig | None) -> float:
     """FLOPs of one tower call, from the one FLOP model (``ipcv_kernels.flops``): ``internvl_flops``
-    (one item of ``tiles`` segments, CLS tokens pinned) or the Qwen families' ``vision_tower_flops``."""
+    (one item of ``tiles`` segments, CLS tokens pinned), ``clip_vit_flops`` or the Qwen families'
+    ``vision_tower_flops``."""
     if family.name == "InternVL":
         tiles, _, height, width = sample.pixels.shape
         return internvl_flops(vision_config, [tiles], (height, width), config).total
+    if family.name not in QWEN_FAMILIES:  # CLIP / SigLIP: every crop its own item (a bare tower call)
+        return clip_vit_flops(vision_config, [1] * sample.pixels.shape[0], config).total
     return vision_tower_flops(vision_config, sample.grid_thw.tolist(), config).total

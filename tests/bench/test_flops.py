@@ -199,3 +199,19 @@ def test_pinned_rows_are_kept_and_not_counted():
     assert pinned.kept_tokens == 3 + keep_count(48, 0.65)
     assert pinned.embed == 2.0 * 48 * 48 * 64
     assert vit_flops(4, 64, 128, 4, [[17, 17, 17]], None, patch_dim=48).embed == 2.0 * 51 * 48 * 64
+
+
+def test_clip_vit_flops_pin_clip_cls_tokens_only():
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    from ipcv_kernels.flops import clip_vit_flops
+    from ipcv_kernels.reference import keep_count
+
+    config = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=4)
+    shapes = dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    clip = clip_vit_flops(CLIPVisionConfig(**shapes), [3, 1], config)  # 17 rows a crop: CLS + 16 patches
+    assert (clip.tokens, clip.kept_tokens) == (4 * 17, 4 + keep_count(48, 0.5) + keep_count(16, 0.5))
+    siglip = clip_vit_flops(SiglipVisionConfig(**shapes), [1, 1], config)
+    assert (siglip.tokens, siglip.kept_tokens) == (32, 2 * keep_count(16, 0.5))
