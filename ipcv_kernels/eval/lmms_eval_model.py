@@ -1,18 +1,26 @@
-"""lmms-eval model ``ipcv_qwen2_vl``: Qwen2-VL (or Qwen2.5-VL) with IPCV and an LLM-side pruner.
+"""lmms-eval model ``ipcv``: any supported family with IPCV and an LLM-side pruner.
+
+One model for every family: the checkpoint's class is looked up in the family table
+(``ipcv_kernels.models.families``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, LLaVA 1.5,
+LLaVA-NeXT, Gemma 3, PaliGemma), and an unsupported checkpoint raises ``TypeError``. The older
+name ``ipcv_qwen2_vl`` is the same model.
 
 lmms-eval finds it through the Python entry-point group ``lmms_eval.models`` declared in
 ``pyproject.toml`` (no fork, no environment variable): installing ``ipcv_kernels`` next to
 lmms-eval is enough. Only lmms-eval imports this module (it imports ``lmms_eval``). Example on a
 real checkpoint (IPCV at the paper's Qwen2-VL-7B setting plus DART)::
 
-    lmms-eval --model ipcv_qwen2_vl \\
+    lmms-eval --model ipcv \\
         --model_args pretrained=Qwen/Qwen2-VL-7B-Instruct,ipcv_ratio=0.65,llm_pruner=dart,llm_layer=2,llm_ratio=0.778 \\
+        --tasks mme --batch_size 1 --device cuda
+    lmms-eval --model ipcv \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,system_prompt=,llm_pruner=fastv,llm_layer=2,llm_ratio=0.5 \\
         --tasks mme --batch_size 1 --device cuda
 
 One process on one device (no accelerate data parallelism). Model arguments: ``pretrained``,
 ``device``, ``dtype`` (``auto``, ``bfloat16``, ...), ``attn_implementation`` (``sdpa``,
-``flash_attention_2``, ``eager``), ``system_prompt``, ``max_new_tokens``, ``min_pixels`` /
-``max_pixels``, ``batch_size``, and the settings of
+``flash_attention_2``, ``eager``), ``system_prompt`` (empty: none), ``max_new_tokens``,
+``min_pixels`` / ``max_pixels`` (Qwen processors), ``batch_size``, and the settings of
 ``ipcv_kernels.eval.settings.build_settings``: ``ipcv`` (``false`` turns IPCV off),
 ``ipcv_prune_layer``, ``ipcv_ratio``, ``ipcv_as_layers``, ``ipcv_num_neighbors``, ``ipcv_scope``,
 ``ipcv_backend``, ``ipcv_attention_backend``, ``llm_pruner`` (``none``, ``fastv``, ``dart``),
@@ -28,17 +36,18 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from torch import nn
 
-from .runner import DEFAULT_SYSTEM_PROMPT, Qwen2VLRunner
+from .runner import DEFAULT_SYSTEM_PROMPT, MultimodalRunner
 from .settings import as_number, build_settings
 
-MODEL_NAME = "ipcv_qwen2_vl"
+MODEL_NAME = "ipcv"
+MODEL_NAMES = (MODEL_NAME, "ipcv_qwen2_vl")  # the second: its name when it served Qwen2-VL alone
 
 
 def model_manifests() -> list:
-    """The entry point's payload: lmms-eval's manifest of this model."""
+    """The entry point's payload: lmms-eval's manifests of this model, one per name."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.IPCVQwen2VL")]
+    return [ModelManifest(model_id=name, simple_class_path=f"{__name__}.IPCVModel") for name in MODEL_NAMES]
 
 
 def as_list(visuals: object) -> list:
@@ -47,8 +56,9 @@ def as_list(visuals: object) -> list:
     return list(visuals) if isinstance(visuals, (list, tuple)) else [visuals]
 
 
-class IPCVQwen2VL(lmms):
-    """Qwen2-VL with IPCV in the vision encoder and optionally FastV / DART in the decoder.
+class IPCVModel(lmms):
+    """A model of any supported family with IPCV in the vision encoder and optionally FastV / DART
+    in the decoder.
 
     Arguments are the module's model arguments; ``max_batch_size`` is accepted because lmms-eval
     passes it, and unused. ``processor`` (an object, for programmatic use) replaces loading
@@ -74,7 +84,7 @@ class IPCVQwen2VL(lmms):
     ) -> None:
         super().__init__()
         ipcv_config, llm_pruner = build_settings(**settings)
-        self.runner = Qwen2VLRunner.from_pretrained(
+        self.runner = MultimodalRunner.from_pretrained(
             str(pretrained),
             ipcv_config=ipcv_config,
             llm_pruner=llm_pruner,

@@ -1,8 +1,11 @@
-"""Answer evaluation requests with a (patched) Qwen2-VL: prompts, greedy generation, log-likelihood.
+"""Answer evaluation requests with a (patched) multimodal model of any supported family: prompts,
+greedy generation, log-likelihood.
 
 Independent of any evaluation framework: ``ipcv_kernels.eval.lmms_eval_model`` adapts it to
 lmms-eval. The processor is used through the methods every Hugging Face multimodal processor
-has (``apply_chat_template``, ``__call__``, ``batch_decode``, ``tokenizer``).
+has (``apply_chat_template``, ``chat_template``, ``__call__``, ``batch_decode``, ``tokenizer``); a
+processor whose ``chat_template`` is ``None`` (PaliGemma's) gets the bare context, and inserts the
+image tokens itself.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 from ..config import IPCVConfig
 from ..llm import LLMPruner
 from ..models import apply_ipcv
+from ..models.families import find_family
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -25,12 +29,13 @@ def is_image(visual: object) -> bool:
     return isinstance(visual, Image.Image)
 
 
-class Qwen2VLRunner:
-    """A Qwen2-VL model and its processor, answering one request or a batch at a time.
+class MultimodalRunner:
+    """A multimodal model and its processor, answering one request or a batch at a time.
 
     Args:
-        model: a ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``
-            (patched with ``apply_ipcv`` or not).
+        model: a full model of a family in ``ipcv_kernels.models.families`` (Qwen2-VL, Qwen2.5-VL,
+            Qwen3-VL, InternVL, LLaVA 1.5, LLaVA-NeXT, Gemma 3, PaliGemma), patched with
+            ``apply_ipcv`` or not.
         processor: its processor (``AutoProcessor.from_pretrained`` of the checkpoint).
         system_prompt: the system message of every prompt (``""`` for none).
         max_new_tokens: generation length when a request does not set ``max_new_tokens``.
@@ -44,6 +49,7 @@ class Qwen2VLRunner:
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         max_new_tokens: int = 128,
     ) -> None:
+        find_family(model)  # TypeError naming the supported classes for any other model
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -65,12 +71,12 @@ class Qwen2VLRunner:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         **runner_kwargs: Any,
-    ) -> Qwen2VLRunner:
-        """Load a Qwen2-VL or Qwen2.5-VL checkpoint (a Hub id or a local folder), patch it, wrap it.
+    ) -> MultimodalRunner:
+        """Load a checkpoint of a supported family (a Hub id or a local folder), patch it, wrap it.
 
         ``ipcv_config`` / ``llm_pruner`` go to ``apply_ipcv``; with both ``None`` the model is
         left unpatched (the baseline). ``processor`` defaults to ``AutoProcessor`` of
-        ``pretrained`` with the given pixel bounds.
+        ``pretrained`` with the given pixel bounds (Qwen's processors read them).
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -95,18 +101,24 @@ class Qwen2VLRunner:
         """
         content = [{"type": "image"} if is_image(v) else {"type": "video"} for v in visuals]
         content.append({"type": "text", "text": context})
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [*messages, {"role": "user", "content": content}]
+        # Content as a list of parts: the form every family's chat template reads.
+        system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
+        return [*(system if self.system_prompt else []), {"role": "user", "content": content}]
 
     def encode(self, texts: list[str], visuals: list[list]) -> dict[str, torch.Tensor]:
+        """The processor's tensors on the model's device, floating ones in the model's dtype."""
         images = [v for row in visuals for v in row if is_image(v)]
         videos = [v for row in visuals for v in row if not is_image(v)]
-        encoded = self.processor(
-            text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt"
-        )
-        return {key: value.to(self.model.device) for key, value in encoded.items()}
+        media = {key: value for key, value in (("images", images), ("videos", videos)) if value}
+        encoded = self.processor(text=texts, **media, padding=True, return_tensors="pt")
+        return {
+            key: value.to(device=self.model.device, dtype=self.model.dtype if value.is_floating_point() else None)
+            for key, value in encoded.items()
+        }
 
     def prompt(self, context: str, visuals: list) -> str:
+        if getattr(self.processor, "chat_template", None) is None:  # PaliGemma: the bare prompt
+            return context
         return self.processor.apply_chat_template(
             self.messages(context, visuals), tokenize=False, add_generation_prompt=True
         )
@@ -143,6 +155,10 @@ class Qwen2VLRunner:
         prompt = self.prompt(context, visuals)
         prompt_length = self.encode([prompt], [visuals])["input_ids"].shape[1]
         inputs = self.encode([prompt + continuation], [visuals])
+        if self.model.config.model_type == "paligemma" and "token_type_ids" in inputs:
+            # Its prefix (token type 0) is attended bidirectionally: the continuation is the
+            # causal suffix, or each of its tokens would see the ones it is scored on.
+            inputs["token_type_ids"][:, prompt_length:] = 1
         targets = inputs["input_ids"][:, prompt_length:]
         logits = self.model(**inputs).logits[:, prompt_length - 1 : -1].float()
         logprobs = logits.log_softmax(dim=-1).gather(-1, targets[..., None])

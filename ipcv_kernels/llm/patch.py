@@ -5,12 +5,15 @@ attention masks for the FULL sequence once, and passes them to every decoder lay
 make layers ``K ..`` work on the kept tokens only:
 
 - a wrapper of the multimodal model's forward reads which tokens are image / video tokens
-  (``input_ids``); a wrapper of the text model's forward binds the per-forward state to that
+  (``input_ids``) and which are padding (its 2-D ``attention_mask``: Gemma 3 and PaliGemma hand
+  their text model prebuilt 4-D masks, or one per layer type); a wrapper of the text model's forward binds the per-forward state to that
   forward (``InstancePatch.bind``: concurrent forwards never share it);
 - layer ``K - 1`` records its input (FastV scores it); layer ``K``, in a prefill that starts from
   an empty cache and holds image / video tokens, asks the pruner for the kept tokens;
-- layers ``K ..`` get their hidden states, rotary ``(cos, sin)``, text position ids and attention
-  mask restricted to the kept tokens: the KV cache of layers ``>= K`` then holds the kept tokens
+- layers ``K ..`` get their hidden states, rotary ``(cos, sin)`` (one table per layer type where
+  the model has several, as Gemma 3's local and global rotary), text position ids and attention
+  mask (whatever the model built for that layer: causal, sliding-window, Gemma 3's bidirectional
+  image blocks, PaliGemma's prefix-LM) restricted to the kept tokens: the KV cache of layers ``>= K`` then holds the kept tokens
   only, while layers ``< K`` hold all of them;
 - Qwen3-VL's DeepStack step (vision features added to the visual tokens after its first
   decoder layers) adds, from layer ``K`` on, the kept visual tokens' own features;
@@ -21,13 +24,18 @@ make layers ``K ..`` work on the kept tokens only:
 
 Decoding stays exact: positions come from the full sequence (layer 0's cache length and
 Qwen2-VL's ``rope_deltas``, both unpruned), so generated tokens get the positions they would have
-had without pruning; and every later forward's attention mask (built by the text model for the
-full length) is cut down, for layers ``>= K``, to the columns their cache holds, which the patch
-tracks per cache object.
+had without pruning. In every later forward, layers ``>= K`` get masks built from the positions
+their cache holds (tracked per cache object; a sliding-window cache layer holds the last
+``window - 1`` of them): causal, within the layer's window, padding masked out. The model's own
+masks for those forwards cannot be cut down, since transformers sizes a layer type's mask from the
+cache of its FIRST layer, which may be a pruned one. Tokens of such a later forward attend
+causally among themselves (a chunk with Gemma 3 image blocks after a pruned prefill is not
+supported).
 
-Supported: ``DynamicCache`` (generate's default) or no cache; eager, sdpa and flash attention
-masks (4-D or 2-D tensors, or ``None``). Not supported: static (compileable) caches, flex
-attention's block masks, packed sequences.
+Supported: ``DynamicCache`` (generate's default, with its sliding-window layers) or no cache;
+eager, sdpa and flash attention masks (4-D or 2-D tensors, or ``None``). Not supported: static
+(compileable) caches, flex attention's block masks, packed sequences, flash attention on
+sliding-window layers (its window counts cached entries, which pruning shifts).
 """
 
 from __future__ import annotations
@@ -53,7 +61,9 @@ class ForwardState:
     """What one forward of the text model carries from layer to layer."""
 
     visual: torch.Tensor | None
-    padding: torch.Tensor | None
+    padding: torch.Tensor | None  # [B, L] this forward's padding tokens
+    key_padding: torch.Tensor | None  # [B, past + L] padding over the whole sequence, if known
+    length: int  # L, this forward's tokens
     past_length: int
     prunable: bool
     hidden_before: torch.Tensor | None = None
@@ -84,13 +94,21 @@ class LLMPruningPatch(InstancePatch):
         self.text_model = text_model
         self.layers: nn.ModuleList = text_model.layers
         pruner.check_depth(len(self.layers))
+        sliding = [i for i, layer in enumerate(self.layers) if getattr(layer.self_attn, "sliding_window", None)]
+        if sliding and sliding[0] >= pruner.layer:
+            # transformers sizes the sliding-window mask of every later forward from the cache of the
+            # first sliding layer, which would then hold the kept tokens only.
+            raise NotImplementedError(
+                f"LLM-side pruning needs the first sliding-window layer ({sliding[0]}) before the prune layer "
+                f"(layer={pruner.layer})"
+            )
         self.pruner = pruner
         self.visual_token_ids = visual_token_ids
         self.last_kept: torch.Tensor | None = None
-        # The visual-token mask the multimodal model's forward read, for the text-model forward
-        # it runs (a context variable: one per call in progress).
-        self._pending_visual: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
-            f"ipcv_llm_visual@{id(self):x}", default=None
+        # The visual-token and 2-D attention masks the multimodal model's forward read, for the
+        # text-model forward it runs (a context variable: one per call in progress).
+        self._pending: contextvars.ContextVar[tuple[torch.Tensor | None, torch.Tensor | None]] = contextvars.ContextVar(
+            f"ipcv_llm_call@{id(self):x}", default=(None, None)
         )
         # The pruned layers' cache columns, per cache object (generation keeps one per call).
         self._cache_columns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -134,11 +152,11 @@ class LLMPruningPatch(InstancePatch):
 
     def _make_model_forward(self, original):
         def forward(*args: Any, **kwargs: Any) -> Any:
-            token = self._pending_visual.set(self._read_tokens(args, kwargs))
+            token = self._pending.set((self._read_tokens(args, kwargs), padding_mask_2d(kwargs)))
             try:
                 return original(*args, **kwargs)
             finally:
-                self._pending_visual.reset(token)
+                self._pending.reset(token)
 
         return forward
 
@@ -168,9 +186,11 @@ class LLMPruningPatch(InstancePatch):
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         batch, length = input_ids.shape if input_ids is not None else embeds.shape[:2]
-        visual = self._pending_visual.get()
+        visual, attention_mask = self._pending.get()
         if input_ids is not None:  # the text model called on its own
             visual = self._visual_mask(input_ids)
+        if padding_mask_2d(kwargs) is not None:
+            attention_mask = padding_mask_2d(kwargs)
         if visual is not None and tuple(visual.shape) != (batch, length):
             visual = None
         cache = cache_argument(kwargs)
@@ -180,12 +200,12 @@ class LLMPruningPatch(InstancePatch):
                 f"got {type(cache).__name__}"
             )
         past_length = cache.get_seq_length() if cache is not None else 0
-        mask = kwargs.get("attention_mask")
-        padding = None
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] == length:
-            padding = mask == 0
+        key_padding = padding = None
+        if attention_mask is not None and attention_mask.shape == (batch, past_length + length):
+            key_padding = attention_mask == 0
+            padding = key_padding[:, past_length:]
         prunable = length > 1 and past_length == 0 and visual is not None and bool(visual.any())
-        return ForwardState(visual, padding, past_length, prunable)
+        return ForwardState(visual, padding, key_padding, length, past_length, prunable)
 
     def _end_forward(self, state: ForwardState, output: Any) -> Any:
         if state.kept is None:
@@ -210,7 +230,7 @@ class LLMPruningPatch(InstancePatch):
         if index == self.pruner.layer:
             hidden = self._prune(hidden, kwargs)
         if state.columns is not None:
-            kwargs = self._sliced_kwargs(kwargs)
+            kwargs = self._sliced_kwargs(index, kwargs)
         return original(hidden, *args, **kwargs)
 
     def _prune(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -277,32 +297,45 @@ class LLMPruningPatch(InstancePatch):
             keep[row, chosen[row]] = True
         return keep.nonzero()[:, 1].view(batch, length - dropped)
 
-    def _sliced_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Layer kwargs restricted to the kept queries and the pruned layers' cache columns."""
+    def _sliced_kwargs(self, index: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Layer ``index``'s kwargs restricted to the kept queries and the columns its cache holds."""
         state = self.state
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
-        key = id(mask)
+        attention = self.layers[index].self_attn
+        mask_window = getattr(attention, "sliding_window", None)
+        if mask_window is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            raise NotImplementedError(
+                "LLM-side pruning does not support flash attention on sliding-window layers: its window "
+                "counts cached entries, not positions"
+            )
+        cache_window = sliding_cache_window(cache_argument(kwargs), index)
+        key = (id(mask), mask_window, cache_window)  # layers of one type share their mask
         if key not in state.sliced:
-            state.sliced[key] = self._slice_mask(mask)
+            if state.past_length == 0:
+                state.sliced[key] = self._slice_mask(mask)
+            else:
+                state.sliced[key] = self._decoding_mask(mask, mask_window, cache_window)
         kwargs["attention_mask"] = state.sliced[key]
         if state.kept is not None:
-            if "rotary" not in state.sliced:
-                cos, sin = kwargs["position_embeddings"]
-                ids = kwargs.get("position_ids")
-                state.sliced["rotary"] = (take_rows(cos, state.kept), take_rows(sin, state.kept))
-                state.sliced["position_ids"] = (
-                    None if ids is None else ids.expand(len(state.kept), -1).gather(1, state.kept)
-                )
-            kwargs["position_embeddings"] = state.sliced["rotary"]
-            if "position_ids" in kwargs:
+            cos, sin = kwargs["position_embeddings"]
+            rotary = ("rotary", id(cos))  # one table per layer type (Gemma 3: local and global)
+            if rotary not in state.sliced:
+                state.sliced[rotary] = (take_rows(cos, state.kept), take_rows(sin, state.kept))
+            kwargs["position_embeddings"] = state.sliced[rotary]
+            ids = kwargs.get("position_ids")
+            if ids is not None:
+                if "position_ids" not in state.sliced:
+                    state.sliced["position_ids"] = ids.expand(len(state.kept), -1).gather(1, state.kept)
                 kwargs["position_ids"] = state.sliced["position_ids"]
         return kwargs
 
     def _slice_mask(self, mask: Any) -> Any:
+        """A prefill's mask (the model's own, any pattern) cut to the kept rows and columns."""
         state = self.state
         if mask is None:
-            # sdpa's causal shortcut (no padding): still causal over the kept tokens in order.
+            # sdpa's causal shortcut (no padding, window not binding): still causal over the kept
+            # tokens in order.
             return None
         if not isinstance(mask, torch.Tensor):
             raise NotImplementedError(
@@ -312,11 +345,67 @@ class LLMPruningPatch(InstancePatch):
         if mask.dim() == 2:  # flash attention: [B, kv] padding mask
             return mask.expand(batch, -1).gather(1, state.columns)
         mask = mask.expand(batch, *mask.shape[1:])
-        if state.kept is not None:
-            rows = state.kept[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
-            mask = mask.gather(2, rows)
+        rows = state.kept[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1])
+        mask = mask.gather(2, rows)
         columns = state.columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
         return mask.gather(3, columns)
+
+    def _decoding_mask(self, mask: Any, mask_window: int | None, cache_window: int | None) -> Any:
+        """The mask of a pruned layer in a forward after the pruned prefill, from positions.
+
+        Args:
+            mask: the model's mask for the layer (its format is kept: ``None``, a 2-D flash
+                padding mask, a 4-D boolean or additive float mask).
+            mask_window: the layer's attention window (a key ``j`` is seen from ``i`` when
+                ``i - window < j <= i``), or ``None``.
+            cache_window: the window of the layer's sliding cache (it holds the last
+                ``window - 1`` earlier entries), or ``None``.
+
+        Returns:
+            ``None``, ``[B, C]`` or ``[B, 1, L, C]`` for the ``C`` columns the layer's cache holds.
+        """
+        state = self.state
+        if mask is None:
+            # sdpa's shortcut: no padding, and every cached key lies within any window.
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise NotImplementedError(
+                f"LLM-side pruning supports tensor attention masks (eager, sdpa, flash), got {type(mask).__name__}"
+            )
+        columns = state.columns
+        if cache_window is not None:
+            held = columns.shape[1] - state.length  # what the layer cached before this forward
+            columns = columns[:, max(held - (cache_window - 1), 0) :]
+        queries = torch.arange(state.past_length, state.past_length + state.length, device=columns.device)
+        keys = columns[:, None, :]
+        allowed = keys <= queries[None, :, None]
+        if mask_window is not None:
+            allowed &= keys > queries[None, :, None] - mask_window
+        if state.key_padding is not None:
+            allowed &= ~state.key_padding.gather(1, columns)[:, None, :]
+        if mask.dim() == 2:  # flash attention: causal by itself, a padding mask over the columns
+            return allowed[:, -1].to(mask.dtype)
+        allowed = allowed[:, None]
+        if mask.dtype == torch.bool:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+            ~allowed, torch.finfo(mask.dtype).min
+        )
+
+
+def padding_mask_2d(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The 2-D ``[B, past + L]`` attention (padding) mask of a model call, or ``None``."""
+    mask = kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def sliding_cache_window(cache: Any, index: int) -> int | None:
+    """The window of cache layer ``index`` if it is a sliding-window layer (which keeps only the
+    last ``window - 1`` entries between forwards), else ``None``."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or index >= len(layers) or not getattr(layers[index], "is_sliding", False):
+        return None
+    return getattr(layers[index], "sliding_window", None)
 
 
 def cache_argument(kwargs: dict[str, Any]) -> Any:

@@ -89,7 +89,7 @@ FAMILIES: tuple[Family, ...] = (
         ClipViTAdapter,
         (),
         {"LlavaForConditionalGeneration": "model.vision_tower", "LlavaModel": "vision_tower"},
-        {},
+        {"LlavaForConditionalGeneration": "model", "LlavaModel": ""},
         recommended_source=UNTUNED,
     ),
     Family(
@@ -97,7 +97,7 @@ FAMILIES: tuple[Family, ...] = (
         ClipViTAdapter,
         (),
         {"LlavaNextForConditionalGeneration": "model.vision_tower", "LlavaNextModel": "vision_tower"},
-        {},
+        {"LlavaNextForConditionalGeneration": "model", "LlavaNextModel": ""},
         recommended_source=UNTUNED,
     ),
     Family(
@@ -105,7 +105,7 @@ FAMILIES: tuple[Family, ...] = (
         ClipViTAdapter,
         (),
         {"Gemma3ForConditionalGeneration": "model.vision_tower", "Gemma3Model": "vision_tower"},
-        {},
+        {"Gemma3ForConditionalGeneration": "model", "Gemma3Model": ""},
         recommended_source=UNTUNED,
     ),
     Family(
@@ -113,7 +113,7 @@ FAMILIES: tuple[Family, ...] = (
         ClipViTAdapter,
         (),
         {"PaliGemmaForConditionalGeneration": "model.vision_tower", "PaliGemmaModel": "vision_tower"},
-        {},
+        {"PaliGemmaForConditionalGeneration": "model", "PaliGemmaModel": ""},
         recommended_source=UNTUNED,
     ),
     # Bare towers last: a full model above names its own tower.

@@ -249,8 +249,20 @@ def build_tower(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.f
     return _finish(tower, attn, dtype)
 
 
-def build_model(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """A tiny full conditional-generation model of ``family`` with seeded random weights."""
+def build_model(
+    family: str,
+    *,
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    text_overrides: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A tiny full conditional-generation model of ``family`` with seeded random weights.
+
+    ``text_overrides``: fields of the LLaVA / LLaVA-NeXT / Gemma 3 / PaliGemma text config to
+    change (e.g. Gemma 3's ``num_hidden_layers`` and ``layer_types``).
+    """
+    text_overrides = text_overrides or {}
     torch.manual_seed(seed)
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -279,7 +291,7 @@ def build_model(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.f
 
         config = LlavaConfig(
             vision_config=dict(CLIP_VISION),
-            text_config={**CLIP_FAMILY_TEXT, "model_type": "llama"},
+            text_config={**CLIP_FAMILY_TEXT, "model_type": "llama", **text_overrides},
             image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
             image_seq_length=CLIP_PATCHES,
             vision_feature_layer=-2,
@@ -291,7 +303,7 @@ def build_model(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.f
 
         config = LlavaNextConfig(
             vision_config=dict(CLIP_VISION),
-            text_config={**CLIP_FAMILY_TEXT, "model_type": "llama"},
+            text_config={**CLIP_FAMILY_TEXT, "model_type": "llama", **text_overrides},
             image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
             image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
             vision_feature_layer=-2,
@@ -300,7 +312,7 @@ def build_model(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.f
     elif family == "gemma3":
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-        text = {**CLIP_FAMILY_TEXT, "model_type": "gemma3_text", "head_dim": 12, "sliding_window": 8}
+        text = {**CLIP_FAMILY_TEXT, "model_type": "gemma3_text", "head_dim": 12, "sliding_window": 8, **text_overrides}
         config = Gemma3Config(
             vision_config=dict(SIGLIP_VISION),
             text_config=text,
@@ -315,7 +327,7 @@ def build_model(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.f
 
         config = PaliGemmaConfig(
             vision_config={**SIGLIP_VISION, "projection_dim": CLIP_FAMILY_TEXT["hidden_size"]},
-            text_config={**CLIP_FAMILY_TEXT, "model_type": "gemma", "head_dim": 12},
+            text_config={**CLIP_FAMILY_TEXT, "model_type": "gemma", "head_dim": 12, **text_overrides},
             image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
             projection_dim=CLIP_FAMILY_TEXT["hidden_size"],
         )

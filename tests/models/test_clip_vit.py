@@ -185,5 +185,5 @@ def test_family_table_and_recommended_config():
     for family in ("llava", "llava_next", "gemma3", "paligemma"):
         assert ik.recommended_config(build_model(family)) == ik.IPCVConfig()
     assert "CLIPVisionModel" in ik.supported_classes() and "LlavaForConditionalGeneration" in ik.supported_classes()
-    with pytest.raises(TypeError, match="language model"):
-        ik.apply_ipcv(build_model("llava"), llm_pruner=ik.FastV(layer=1, ratio=0.5))
+    with pytest.raises(TypeError, match="language model"):  # a bare tower has none
+        ik.apply_ipcv(build_tower("clip"), llm_pruner=ik.FastV(layer=1, ratio=0.5))

@@ -29,7 +29,7 @@ from ipcv_kernels.reference.llm_pruning import (
     llm_keep_count,
 )
 from ipcv_kernels.testing import assert_close
-from ipcv_kernels.testing.models import build_qwen2_vl_model, vision_inputs
+from ipcv_kernels.testing.models import build_qwen2_vl_model, clip_family_inputs, clip_pixels, vision_inputs
 
 LAYER = 2
 NUM_LAYERS = 4  # ipcv_kernels.testing.models.TINY_TEXT
@@ -103,7 +103,8 @@ def attention_lengths(model) -> tuple[list[int], list]:
 
 def image_token_count(model, inputs) -> int:
     ids = inputs["input_ids"][0]
-    return int(((ids == model.config.image_token_id) | (ids == model.config.video_token_id)).sum())
+    video = getattr(model.config, "video_token_id", None)  # the CLIP / SigLIP families have none
+    return int(((ids == model.config.image_token_id) | (ids == video)).sum())
 
 
 # -- selection rules against their references ---------------------------------------------------
@@ -245,18 +246,21 @@ def family_model(family: str, dtype: torch.dtype = torch.float32):
 
 def masked_attention_logits(model, inputs, kept: torch.Tensor, layer: int) -> torch.Tensor:
     """The oracle of pruning at ``layer``: the unpatched model in which decoder layers ``>= layer``
-    attend only to the ``kept`` tokens (causal mask AND kept key columns; every other token still
-    sees itself, so its row stays finite, but no kept token reads it)."""
+    attend only to the ``kept`` tokens (the mask the model builds for the layer, causal where it
+    passes none, AND kept key columns; every other token still sees itself, so its row stays
+    finite, but no kept token reads it). One prompt, sdpa (boolean masks: True = attend)."""
     length = inputs["input_ids"].shape[1]
     is_kept = torch.zeros(length, dtype=torch.bool)
     is_kept[kept] = True
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    mask = (causal & (is_kept[None, :] | torch.eye(length, dtype=torch.bool)))[None, None]
+    allowed = is_kept[None, :] | torch.eye(length, dtype=torch.bool)
     layers = model.model.language_model.layers[layer:]
     for decoder_layer in layers:
 
         def masked(hidden, *args, _forward=decoder_layer.forward, **kwargs):
-            return _forward(hidden, *args, **{**kwargs, "attention_mask": mask})
+            own = kwargs.get("attention_mask")
+            own = causal if own is None else own
+            return _forward(hidden, *args, **{**kwargs, "attention_mask": own & allowed})
 
         decoder_layer.forward = masked
     try:
@@ -298,10 +302,11 @@ def test_generation_of_other_families(family, pruner):
     check_generation(build_model(family), pruner)
 
 
-def check_generation(model, pruner, inputs=None, ipcv=IPCV):
+def check_generation(model, pruner, inputs=None, ipcv=IPCV, next_token_type=0):
     """After prefill, layers >= K cache only the kept tokens; the first token's logits are the
     patched prefill forward's; decoding uses the unpruned positions; and a decoding step equals a
-    full forward over prompt + generated token that prunes the same image tokens."""
+    full forward over prompt + generated token that prunes the same image tokens (the token's
+    ``token_type_ids`` entry ``next_token_type`` where the inputs have them)."""
     inputs = inputs if inputs is not None else vision_inputs(model, [[1, 4, 8]])
     length = inputs["input_ids"].shape[1]
     text_model = model.model.language_model
@@ -340,6 +345,8 @@ def check_generation(model, pruner, inputs=None, ipcv=IPCV):
     extended["attention_mask"] = torch.ones_like(extended["input_ids"])
     if "mm_token_type_ids" in inputs:
         extended["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, 1))
+    if "token_type_ids" in inputs:
+        extended["token_type_ids"] = torch.nn.functional.pad(inputs["token_type_ids"], (0, 1), value=next_token_type)
     apply_ipcv(model, ipcv, llm_pruner=Pinned(layer=pruner.layer, ratio=pruner.ratio, kept=pinned))
     assert_close(out.logits[1], logits(model, extended)[:, -1])
 
@@ -467,3 +474,118 @@ def test_flash_style_padding_masks(model, pruner):
     assert torch.equal(get_llm_pruning_patch(flash_style).last_kept, get_llm_pruning_patch(model).last_kept)
     for step_logits, expected_logits in zip(out.logits, expected.logits, strict=True):
         assert_close(step_logits, expected_logits)
+
+
+# -- the CLIP / SigLIP families: LLaVA 1.5, LLaVA-NeXT (Llama), Gemma 3, PaliGemma (Gemma) ---------
+
+CLIP_FAMILIES = ["llava", "llava_next", "gemma3", "paligemma"]
+# Gemma 3 with both layer types: sliding (window 8, shorter than the prompts), full, sliding.
+GEMMA3_TEXT = dict(num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+CLIP_IPCV = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=3)
+
+
+def clip_family_model(family: str, dtype: torch.dtype = torch.float32):
+    return build_model(family, dtype=dtype, text_overrides=GEMMA3_TEXT if family == "gemma3" else None)
+
+
+def clip_family_prompt(model, family: str, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One prompt with images for ``family``: LLaVA / Gemma 3 two images, LLaVA-NeXT two 32 x 64
+    images (base crop + 2 tiles each, the token count the model itself computes), PaliGemma one.
+    Gemma 3 gets ``token_type_ids`` (bidirectional attention within each image) and PaliGemma an
+    all-prefix one (bidirectional over image + prompt), as their processors pass them."""
+    if family == "llava_next":
+        pixels = clip_pixels(10, dtype=model.dtype, seed=seed).view(2, 5, 3, 32, 32)
+        sizes = torch.tensor([[32, 64], [64, 32]])
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+        ids = [3, 4, 5]
+        for image_features in features:
+            ids += [model.config.image_token_id] * len(image_features) + [6]
+        input_ids = torch.tensor([ids])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": pixels,
+            "image_sizes": sizes,
+        }
+    inputs = clip_family_inputs(model, 1 if family == "paligemma" else 2, seed=seed)
+    if family == "gemma3":
+        inputs["token_type_ids"] = (inputs["input_ids"] == model.config.image_token_id).long()
+    elif family == "paligemma":
+        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    return inputs
+
+
+def next_token_type(family: str) -> int:
+    """The ``token_type_ids`` entry of a generated token: PaliGemma's suffix (causal) is 1."""
+    return 1 if family == "paligemma" else 0
+
+
+@pytest.mark.parametrize("family", CLIP_FAMILIES)
+@pytest.mark.parametrize(
+    "pruner",
+    [FastV(layer=1, ratio=0.6), DART(layer=1, ratio=0.6, pivot_image_tokens=2, pivot_text_tokens=2)],
+    ids=["fastv", "dart"],
+)
+def test_clip_families_pruned_prefill_equals_masked_attention(family, pruner):
+    """The masked-attention oracle on Llama / Gemma / Gemma 3 decoders (fp64): the kept tokens keep
+    their positions, each layer type its own rotary table and mask (Gemma 3's sliding window and
+    image blocks, PaliGemma's prefix)."""
+    model = clip_family_model(family, torch.float64)
+    inputs = clip_family_prompt(model, family)
+    apply_ipcv(model, llm_pruner=pruner)
+    pruned = logits(model, inputs)
+    kept = get_llm_pruning_patch(model).last_kept[0]
+    remove_ipcv(model)
+    images = image_token_count(model, inputs)
+    assert kept.shape[0] == inputs["input_ids"].shape[1] - images + llm_keep_count(images, pruner.ratio)
+    expected = masked_attention_logits(model, inputs, kept, pruner.layer)
+    assert_close(pruned[0, kept], expected[0, kept])
+
+
+@pytest.mark.parametrize("family", CLIP_FAMILIES)
+@pytest.mark.parametrize(
+    "pruner",
+    [FastV(layer=1, ratio=0.6), DART(layer=1, ratio=0.6, pivot_image_tokens=2, pivot_text_tokens=2)],
+    ids=["fastv", "dart"],
+)
+def test_clip_families_generation(family, pruner):
+    """With IPCV in the tower: the cache of layers >= K holds the kept tokens (Gemma 3's sliding
+    layers count them all), the first token's logits are the patched forward's, and a decoding
+    step past the sliding window equals a pruned prefill over prompt + token."""
+    model = clip_family_model(family)
+    check_generation(model, pruner, clip_family_prompt(model, family), CLIP_IPCV, next_token_type(family))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_clip_families_padded_batch_equals_rows_alone(family):
+    """Prebuilt 4-D masks (the padding is read from the multimodal model's call): rows of a
+    left-padded batch generate what they generate alone."""
+    model = clip_family_model(family)
+    rows = [clip_family_prompt(model, family, seed=0), clip_family_prompt(model, family, seed=1)]
+    # The second row two text tokens shorter (the first two), so that it gets two padding tokens.
+    text = (rows[1]["input_ids"][0] != model.config.image_token_id).nonzero().flatten()[:2]
+    keep = torch.ones(rows[1]["input_ids"].shape[1], dtype=torch.bool)
+    keep[text] = False
+    rows[1] = {key: value if key == "pixel_values" else value[:, keep] for key, value in rows[1].items()}
+    length = rows[0]["input_ids"].shape[1]
+
+    def pad(key):
+        return torch.cat([torch.nn.functional.pad(r[key], (length - r[key].shape[1], 0)) for r in rows])
+
+    batch = {key: pad(key) for key in ("input_ids", "attention_mask", "token_type_ids")}
+    batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
+    apply_ipcv(model, llm_pruner=DART(layer=1, ratio=0.5, pivot_image_tokens=2, pivot_text_tokens=2))
+    out = greedy(model, batch)
+    for row, inputs in enumerate(rows):
+        alone = greedy(model, inputs)
+        assert torch.equal(out.sequences[row, length:], alone.sequences[0, inputs["input_ids"].shape[1] :])
+        for step, expected in zip(out.logits, alone.logits, strict=True):
+            assert_close(step[row], expected[0])
+
+
+def test_gemma3_needs_a_sliding_layer_before_the_prune_layer():
+    model = build_model("gemma3", text_overrides=dict(layer_types=["full_attention", "sliding_attention"]))
+    with pytest.raises(NotImplementedError, match="sliding-window layer"):
+        apply_ipcv(model, llm_pruner=FastV(layer=1, ratio=0.5))
+    assert get_llm_pruning_patch(model) is None

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ipcv_kernels import DART, FastV, IPCVConfig, get_llm_pruning_patch
-from ipcv_kernels.eval import Qwen2VLRunner, build_settings
+from ipcv_kernels.eval import MultimodalRunner, build_settings
 from ipcv_kernels.models import get_ipcv_patch
 from ipcv_kernels.testing.models import TINY_SPECIAL_TOKENS, build_qwen2_vl_model
 
@@ -46,6 +46,8 @@ IPCV = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=2, num_neighbors=3)
 class TinyQwen2VLProcessor:
     """What ``Qwen2VLProcessor`` does, for images: chat template, one ``<|image_pad|>`` per merged
     patch, tokenisation with left padding, ``mm_token_type_ids``."""
+
+    chat_template = CHAT_TEMPLATE
 
     def __init__(self) -> None:
         vocab = {word: i for i, word in enumerate(WORDS)} | SPECIALS
@@ -102,7 +104,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_runner_loads_patches_and_answers(checkpoint):
-    runner = Qwen2VLRunner.from_pretrained(
+    runner = MultimodalRunner.from_pretrained(
         checkpoint,
         ipcv_config=IPCV,
         llm_pruner=DART(layer=2, ratio=0.5, pivot_image_tokens=2, pivot_text_tokens=2),
@@ -126,7 +128,7 @@ def test_runner_loads_patches_and_answers(checkpoint):
 
 
 def test_runner_baseline_is_unpatched(checkpoint):
-    runner = Qwen2VLRunner.from_pretrained(
+    runner = MultimodalRunner.from_pretrained(
         checkpoint, device="cpu", dtype="float32", processor=TinyQwen2VLProcessor(), max_new_tokens=2
     )
     assert get_ipcv_patch(runner.model) is None and get_llm_pruning_patch(runner.model) is None
@@ -154,10 +156,10 @@ def test_lmms_eval_loads_the_plugin_and_answers(checkpoint):
     from lmms_eval.api.instance import Instance
     from lmms_eval.models import get_model
 
-    from ipcv_kernels.eval.lmms_eval_model import IPCVQwen2VL
+    from ipcv_kernels.eval.lmms_eval_model import IPCVModel
 
     model_class = get_model("ipcv_qwen2_vl")  # found through the package's entry point
-    assert model_class is IPCVQwen2VL
+    assert model_class is IPCVModel
     arguments = (
         f"pretrained={checkpoint},dtype=float32,max_new_tokens=3,ipcv_prune_layer=2,ipcv_ratio=0.5,"
         "ipcv_as_layers=2,ipcv_num_neighbors=3,llm_pruner=fastv,llm_layer=2,llm_ratio=0.5"
@@ -183,3 +185,93 @@ def test_lmms_eval_loads_the_plugin_and_answers(checkpoint):
     )
     assert len(scored) == 1 and scored[0][0] < 0
     assert torch.is_tensor(get_llm_pruning_patch(lm.model).last_kept)
+
+
+# -- one plugin model for every family ------------------------------------------------------------
+
+CLIP_WORDS = ["<unk>", "<pad>", "<eos>", "<bos>", "user", "system", "assistant", "what", "is", "this", "?", "a", "cat"]
+CLIP_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}IMAGE{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}assistant{% endif %}"
+)
+
+
+def clip_family_processor(family: str):
+    """A real transformers processor of ``family`` for the tiny models: a word-level tokenizer
+    (image token id 260, as in ``ipcv_kernels.testing.models``) and the family's PIL image
+    processor at 32 x 32."""
+    from transformers import Gemma3Processor, LlavaNextProcessor, LlavaProcessor, PaliGemmaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    image_token = {"gemma3": "<image_soft>"}.get(family, "<image>")
+    specials = {image_token: 260, "<boi>": 261, "<eoi>": 262}
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(CLIP_WORDS)} | specials, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"image_token": image_token, "boi_token": "<boi>", "eoi_token": "<eoi>"} if family == "gemma3" else {}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        extra_special_tokens=extra,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    size = {"height": 32, "width": 32}
+    template = CLIP_TEMPLATE.replace("IMAGE", {"gemma3": "<boi>"}.get(family, "<image>"))
+    clip = dict(patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if family == "llava":
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=size)
+        return LlavaProcessor(image_processor=processor, tokenizer=tokenizer, chat_template=template, **clip)
+    if family == "llava_next":
+        processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size=size, image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]]
+        )
+        return LlavaNextProcessor(image_processor=processor, tokenizer=tokenizer, chat_template=template, **clip)
+    if family == "gemma3":
+        processor = Gemma3ImageProcessorPil(size=size)
+        return Gemma3Processor(
+            image_processor=processor, tokenizer=tokenizer, chat_template=template, image_seq_length=4
+        )
+    processor = SiglipImageProcessorPil(size=size)
+    processor.image_seq_length = 16
+    return PaliGemmaProcessor(image_processor=processor, tokenizer=tokenizer)  # no chat template
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "gemma3", "paligemma"])
+def test_lmms_eval_plugin_answers_for_every_family(family, tmp_path):
+    """The one plugin model loads a tiny checkpoint of each family (found through the family
+    table), with IPCV in its tower and FastV in its decoder, and answers one request."""
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+
+    from ipcv_kernels.eval.lmms_eval_model import IPCVModel
+    from ipcv_kernels.testing.models import build_model
+
+    build_model(family).save_pretrained(tmp_path)
+    model_class = get_model("ipcv")
+    assert model_class is IPCVModel and get_model("ipcv_qwen2_vl") is IPCVModel
+    arguments = (
+        f"pretrained={tmp_path},dtype=float32,max_new_tokens=3,system_prompt=,ipcv_prune_layer=2,ipcv_ratio=0.5,"
+        "ipcv_as_layers=1,ipcv_num_neighbors=3,llm_pruner=fastv,llm_layer=1,llm_ratio=0.5"
+    )
+    lm = model_class.create_from_arg_string(
+        arguments, {"batch_size": 1, "device": "cpu", "processor": clip_family_processor(family)}
+    )
+    assert get_ipcv_patch(lm.model).config == IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=3)
+    lm.task_dict = {"toy": {"test": {0: {"image": image(40, 56, 0)}}}}
+    request = Instance(
+        "generate_until",
+        ("what is this ?", {"until": ["."]}, lambda doc: [doc["image"]], 0, "toy", "test"),
+        idx=0,
+        metadata={"task": "toy", "doc_id": 0, "repeats": 1},
+    )
+    answers = lm.generate_until([request])
+    assert len(answers) == 1 and isinstance(answers[0], str)
+    kept = get_llm_pruning_patch(lm.model).last_kept  # the prefill was pruned
+    assert kept is not None and kept.shape[0] == 1
