@@ -262,6 +262,24 @@ def make_samples(
     return samples
 
 
+def checkpoint_image_processor(path: Path) -> Any:
+    """The checkpoint's image processor, the PIL implementation of the class its
+    ``preprocessor_config.json`` names (no torchvision needed: transformers 5.17's
+    ``AutoImageProcessor`` requires it)."""
+    import json
+
+    import transformers
+
+    config_file = path / "preprocessor_config.json"
+    if not config_file.is_file():
+        raise FidelityError(f"--model: {path} has no preprocessor_config.json (its image processor)")
+    name = json.loads(config_file.read_text()).get("image_processor_type", "").removesuffix("Fast")
+    processor_class = getattr(transformers, f"{name}Pil", None) or getattr(transformers, name, None)
+    if processor_class is None:
+        raise FidelityError(f"--model: transformers has no image processor {name!r} ({config_file})")
+    return processor_class.from_pretrained(path)
+
+
 def load_subject(
     *,
     preset: str | None = None,
@@ -287,7 +305,7 @@ def load_subject(
     if (preset is None) == (model is None):
         raise FidelityError("give exactly one of --preset and --model")
     if model is not None:
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText
+        from transformers import AutoModelForImageTextToText
 
         path = Path(model)
         if not path.is_dir():
@@ -297,7 +315,7 @@ def load_subject(
             family, tower = find_family(loaded)
         except TypeError as error:
             raise FidelityError(f"--model: {error}") from None
-        image_processor = AutoImageProcessor.from_pretrained(path)
+        image_processor = checkpoint_image_processor(path)
         name, size = str(path), image_size or CHECKPOINT_IMAGE_SIZE
     else:
         if preset not in PRESETS:
