@@ -105,9 +105,11 @@ class ClipViTAdapter(BatchedTowerAdapter):
             if getattr(holder, "vision_tower", None) is patch.tower:
                 for name in ("get_image_features", "get_video_features"):
                     if hasattr(holder, name):
-                        patch.wrap(holder, name, functools.partial(self._read_image_call, patch, holder))
+                        patch.wrap(holder, name, functools.partial(self._read_image_call, patch, holder, name))
 
-    def _read_image_call(self, patch: IPCVPatch, holder: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
+    def _read_image_call(
+        self, patch: IPCVPatch, holder: nn.Module, name: str, inner: Callable[..., Any]
+    ) -> Callable[..., Any]:
         signature = inspect.signature(inner)
 
         def get_image_features(*args: Any, **kwargs: Any) -> Any:
@@ -117,11 +119,13 @@ class ClipViTAdapter(BatchedTowerAdapter):
             if layers is None:
                 layers = getattr(holder.config, "vision_feature_layer", -1)
             hints["read_blocks"] = read_blocks(layers, patch.depth)
-            image_sizes, videos = call.get("image_sizes"), call.get("pixel_values_videos")
-            if image_sizes is not None and getattr(holder.config, "image_grid_pinpoints", None) is not None:
-                hints["sequences_per_image"] = anyres_crops(holder, image_sizes, call.get("batch_num_images"))
-            elif videos is not None:  # [videos, frames, C, H, W], encoded frame by frame
+            image_sizes = call.get("image_sizes")
+            if name == "get_video_features":
+                # [videos, frames, C, H, W], encoded frame by frame (transformers 5.17 names it pixel_values)
+                videos = call.get("pixel_values_videos", call.get("pixel_values"))
                 hints["sequences_per_image"] = [videos.shape[1]] * videos.shape[0]
+            elif image_sizes is not None and getattr(holder.config, "image_grid_pinpoints", None) is not None:
+                hints["sequences_per_image"] = anyres_crops(holder, image_sizes, call.get("batch_num_images"))
             with patch.hinted(**hints):
                 return inner(*args, **kwargs)
 

@@ -83,7 +83,7 @@ def test_frames_of_a_video_form_one_item():
     videos = clip_pixels(6, dtype=torch.float64).view(2, 3, 3, 32, 32)  # 2 videos of 3 frames
 
     def features():
-        return model.model.get_video_features(pixel_values_videos=videos).pooler_output
+        return model.model.get_video_features(videos).pooler_output  # named pixel_values in transformers 5.17
 
     with torch.no_grad():
         unpatched = features()
