@@ -13,6 +13,14 @@ kernel.
 
 A sequence that starts with a CLS token has it pinned (``has_cls``): always kept, not counted in
 its item's keep count, never a neighbour (``plan_with_pinned_tokens``).
+
+**Padding rows** (``TowerCall.padding``: Idefics3's padded patches) are pinned the same way and
+never serve as keys: every block, the model's own one and the stabilisation blocks alike, runs
+its queries (padding rows included, since the model computes their outputs) over the key rows
+that are not padding, ``ngr_attention`` with each sequence's key segment shrunk to those rows.
+The key mask thus costs one gather of rows per block, never an ``n x n`` mask. A sequence whose
+kept rows are all padding has no keys in a pruned block: its rows' attention output is 0 (as
+``ngr_attention`` defines an empty key segment).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ def prenorm_layer(
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     attention_backend: str,
+    key_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One pre-norm layer on packed rows, outputs for the query rows only.
 
@@ -72,19 +81,22 @@ def prenorm_layer(
         query_rows: int64 ``[Nq]`` rows of ``context`` equal to ``queries`` (their normalised
             states are reused), or ``None`` when ``context`` is ``queries``.
         cu_seqlens_q, cu_seqlens_k: int32 ``[S + 1]`` per-sequence segments of ``queries`` /
-            ``context``.
+            the key rows.
         attention_backend: backend of ``ngr_attention``.
+        key_rows: int64 ``[Nk']`` ascending rows of ``context`` serving as keys / values (the
+            rows that are not padding), ``None``: all of them.
 
     Returns:
         ``[Nq, D]`` in ``queries``' dtype.
     """
     normed_context = layer.norm1(context)
     normed_queries = normed_context if query_rows is None else normed_context[query_rows]
+    normed_keys = normed_context if key_rows is None else normed_context[key_rows]
     shape = (-1, layer.num_heads, layer.head_dim)
     attended = ngr_attention(
         layer.q(normed_queries).reshape(shape),
-        layer.k(normed_context).reshape(shape),
-        layer.v(normed_context).reshape(shape),
+        layer.k(normed_keys).reshape(shape),
+        layer.v(normed_keys).reshape(shape),
         cu_seqlens_q,
         cu_seqlens_k,
         softmax_scale=layer.scale,
@@ -150,11 +162,20 @@ def sequence_segments(num_sequences: int, length: int, device: torch.device) -> 
     return torch.arange(num_sequences + 1, device=device, dtype=torch.int32) * length
 
 
+@dataclass
+class BatchedBlockCall(BlockCall):
+    """A block call of a batched tower, with the forward's state: its padding rows, and the plan
+    that says which of them a block's rows are, are read when the block runs."""
+
+    state: ForwardState | None = None
+
+
 class BatchedTowerAdapter(FamilyAdapter):
     """A ``FamilyAdapter`` for towers whose blocks take ``[B, L, D]`` (see the module docstring).
 
-    Subclasses give ``blocks``, ``describe_call`` (items, and ``sequence_segments`` as the
-    call's segments) and ``layer_parts``; ``has_cls`` pins every sequence's first row.
+    Subclasses give ``blocks``, ``describe_call`` (items, ``sequence_segments`` as the call's
+    segments, and its padding rows if any) and ``layer_parts``; ``has_cls`` pins every sequence's
+    first row.
     """
 
     has_cls = True
@@ -164,7 +185,7 @@ class BatchedTowerAdapter(FamilyAdapter):
         raise NotImplementedError
 
     def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
-        return BlockCall(state.segments, None, args, kwargs)
+        return BatchedBlockCall(state.segments, None, args, kwargs, state=state)
 
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.reshape(-1, hidden.shape[-1])
@@ -179,11 +200,37 @@ class BatchedTowerAdapter(FamilyAdapter):
         cu_items: torch.Tensor,
         cu_seqlens: torch.Tensor,
         config: IPCVConfig,
+        padding: torch.Tensor | None = None,
     ) -> IPCVPlan:
-        if not self.has_cls:
+        pinned = []
+        if self.has_cls:
+            pinned.append(cu_seqlens[:-1].to(torch.int64))  # every sequence starts with its CLS token
+        if padding is not None:
+            pinned.append(padding.nonzero().squeeze(1))
+        if not pinned:
             return super().plan(x_before, x_after, cu_items, cu_seqlens, config)
-        cls_rows = cu_seqlens[:-1].to(torch.int64)  # every sequence starts with its CLS token
-        return plan_with_pinned_tokens(x_before, x_after, cu_items, cu_seqlens, cls_rows, config)
+        rows = torch.cat(pinned).unique()  # sorted
+        return plan_with_pinned_tokens(x_before, x_after, cu_items, cu_seqlens, rows, config)
+
+    def key_rows(
+        self, call: BlockCall, num_rows: int, cu_seqlens: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(key_rows, cu_seqlens_k)`` of a block's ``num_rows`` rows (all ``n``, or the kept
+        ``Nk``) in segments ``cu_seqlens``: the rows that are not padding and their segments;
+        ``(None, cu_seqlens)`` without padding. Memoised per forward (one host read per distinct
+        segment tensor, not one per block)."""
+        state = call.state if isinstance(call, BatchedBlockCall) else None
+        if state is None or state.padding is None:
+            return None, cu_seqlens
+        memo = state.key_rows.get(id(cu_seqlens))
+        if memo is None or memo[0] is not cu_seqlens:
+            padding = state.padding
+            if num_rows != padding.shape[0]:  # kept rows (a full-length input holds every row)
+                padding = padding[state.plan.keep]
+            rows = (~padding).nonzero().squeeze(1)
+            memo = (cu_seqlens, (rows, shrink_cu_seqlens(cu_seqlens, rows)))
+            state.key_rows[id(cu_seqlens)] = memo
+        return memo[1]
 
     def run_block(
         self,
@@ -197,8 +244,9 @@ class BatchedTowerAdapter(FamilyAdapter):
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
         cu_seqlens = cu_seqlens.to(torch.int32)
+        rows, cu_keys = self.key_rows(call, hidden.shape[0], cu_seqlens)
         return prenorm_layer(
-            self.layer_parts(block), hidden, hidden, None, cu_seqlens, cu_seqlens, config.attention_backend
+            self.layer_parts(block), hidden, hidden, None, cu_seqlens, cu_keys, config.attention_backend, rows
         )
 
     def stabilised_block(
@@ -212,4 +260,5 @@ class BatchedTowerAdapter(FamilyAdapter):
         kept_cu_seqlens: torch.Tensor,
     ) -> torch.Tensor:
         parts = self.layer_parts(block)
-        return prenorm_layer(parts, kept, full, plan.keep, kept_cu_seqlens, call.cu_seqlens, config.attention_backend)
+        rows, cu_keys = self.key_rows(call, full.shape[0], call.cu_seqlens)
+        return prenorm_layer(parts, kept, full, plan.keep, kept_cu_seqlens, cu_keys, config.attention_backend, rows)

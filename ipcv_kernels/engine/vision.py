@@ -23,7 +23,7 @@ are (``describe_call``), how a block call carries its segments and rotary tables
 attention-stabilisation forward (``stabilised_block``). Optional hooks cover towers that differ
 further: ``pack`` / ``unpack`` for towers whose blocks take a padded batch ``[B, L, D]`` instead of
 packed rows (the engine works on packed rows from block ``P`` on), ``plan`` for tokens that must
-never be dropped (a CLS token), and ``install_hooks`` for modules that read intermediate block
+never be dropped (a CLS token, padding), and ``install_hooks`` for modules that read intermediate block
 outputs (they get full sequences through ``IPCVPatch.full_sequence``) or calls around the tower
 that know how its inputs group into items (``IPCVPatch.hinted``).
 """
@@ -75,11 +75,16 @@ class TowerCall:
         ``hidden_states[-2]``, or several layers), ``None``: only the last block's. Each returns
         the restored full sequence (spec step 7 at that block), and blocks past the last of them
         are skipped (they return their input: nothing reads what they would compute).
+    padding: bool ``[n]`` over the call's packed rows, ``True`` for padding rows (patches that
+        Idefics3's ``patch_attention_mask`` marks as padding), ``None``: no padding. Only adapters
+        on ``engine.batched`` take it: padding rows are pinned (``FamilyAdapter.plan``) and never
+        serve as keys in any block.
     """
 
     item_lengths: list[int]
     segments: torch.Tensor | None = None
     read_blocks: tuple[int, ...] | None = None
+    padding: torch.Tensor | None = None
 
 
 @dataclass
@@ -89,6 +94,7 @@ class ForwardState:
     cu_items: torch.Tensor
     read_blocks: frozenset[int]  # TowerCall.read_blocks, resolved (the last block by default)
     segments: torch.Tensor | None = None  # TowerCall.segments
+    padding: torch.Tensor | None = None  # TowerCall.padding
     # The previous block returned the restored full sequence (a read block): take its kept rows.
     restored: bool = False
     x_before: torch.Tensor | None = None
@@ -105,6 +111,8 @@ class ForwardState:
     # its host read and the rotary gather run once per distinct tensor, not once per block.
     kept_segments: dict[int, tuple[torch.Tensor, KeptSegments]] = field(default_factory=dict)
     kept_rotary: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    # The same for the key rows that remain once padding rows are left out (engine.batched).
+    key_rows: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,8 +172,14 @@ class FamilyAdapter:
         cu_items: torch.Tensor,
         cu_seqlens: torch.Tensor,
         config: IPCVConfig,
+        padding: torch.Tensor | None = None,
     ) -> IPCVPlan:
-        """Spec steps 2-3 on packed rows; override to pin tokens that must never be dropped."""
+        """Spec steps 2-3 on packed rows; override to pin tokens that must never be dropped.
+
+        ``padding``: ``TowerCall.padding`` (bool ``[n]``), rows to pin; this base takes none.
+        """
+        if padding is not None:
+            raise ValueError(f"the {self.name} adapter has no padding rows to pin")
         return plan_ipcv(
             x_before,
             x_after,
@@ -273,7 +287,7 @@ class IPCVPatch(InstancePatch):
             lengths = [sum(call.item_lengths)] if self.config.scope == "global" else call.item_lengths
             offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
             read_blocks = frozenset(call.read_blocks if call.read_blocks is not None else (self.depth - 1,))
-            with self.bind(ForwardState(offsets, read_blocks, call.segments)) as state:
+            with self.bind(ForwardState(offsets, read_blocks, call.segments, padding=call.padding)) as state:
                 output = inner(*args, **kwargs)
             self.last_tokens_per_block = state.tokens_per_block
             self.last_keep = None if state.plan is None else state.plan.keep
@@ -355,7 +369,9 @@ class IPCVPatch(InstancePatch):
         if described != x_after.shape[0]:
             raise ValueError(f"the tower's input holds {x_after.shape[0]} tokens but its grid describes {described}")
         cu_items = state.cu_items.to(x_after.device)
-        plan = self.adapter.plan(x_before, x_after, cu_items, call.cu_seqlens.to(torch.int32), self.config)
+        plan = self.adapter.plan(
+            x_before, x_after, cu_items, call.cu_seqlens.to(torch.int32), self.config, state.padding
+        )
         if not self.config.reconstruct:  # the naive baseline: NGR without neighbours keeps the base state
             plan = plan._replace(neighbors=torch.full_like(plan.neighbors, -1))
         state.plan, state.base, state.x_before, state.block_layout = plan, x_after, None, layout

@@ -1,8 +1,9 @@
 """Hugging Face integrations: ``apply_ipcv`` / ``remove_ipcv``, the family table and the adapters.
 
 ``families`` is the one table of supported families (vision tower and language model of each);
-each family's adapter (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``internvl``) tells the engine
-(``ipcv_kernels.engine``) where that family's blocks, items, segments and rotary tables live.
+each family's adapter (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``internvl``, ``clip_vit``,
+``idefics3``) tells the engine (``ipcv_kernels.engine``) where that family's blocks, items,
+segments and rotary tables live.
 """
 
 from __future__ import annotations

@@ -18,14 +18,16 @@ from torch import nn
 from ..config import IPCVConfig
 from ..engine import FamilyAdapter
 from .clip_vit import ClipViTAdapter
+from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
 FRAMEWORK_MODULE = "transformers."
-# The paper reports no setting for the CLIP / SigLIP families: they get IPCVConfig's defaults (the
-# paper's Qwen2-VL-7B setting), to be checked per checkpoint with `python -m ipcv_kernels fidelity`.
+# The paper reports no setting for the CLIP / SigLIP families (LLaVA, Gemma 3, PaliGemma, Idefics3,
+# SmolVLM): they get IPCVConfig's defaults (the paper's Qwen2-VL-7B setting), to be checked per
+# checkpoint with `python -m ipcv_kernels fidelity`.
 UNTUNED = "IPCVConfig's defaults, untuned for this family (the paper gives none): check with `ipcv_kernels fidelity`"
 
 
@@ -101,6 +103,14 @@ FAMILIES: tuple[Family, ...] = (
         recommended_source=UNTUNED,
     ),
     Family(
+        "LLaVA-OneVision",
+        ClipViTAdapter,
+        (),
+        {"LlavaOnevisionForConditionalGeneration": "model.vision_tower", "LlavaOnevisionModel": "vision_tower"},
+        {},
+        recommended_source=UNTUNED,
+    ),
+    Family(
         "Gemma 3",
         ClipViTAdapter,
         (),
@@ -114,6 +124,22 @@ FAMILIES: tuple[Family, ...] = (
         (),
         {"PaliGemmaForConditionalGeneration": "model.vision_tower", "PaliGemmaModel": "vision_tower"},
         {"PaliGemmaForConditionalGeneration": "model", "PaliGemmaModel": ""},
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "Idefics3",
+        Idefics3Adapter,
+        ("Idefics3VisionTransformer",),
+        {"Idefics3ForConditionalGeneration": "model.vision_model", "Idefics3Model": "vision_model"},
+        {},
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "SmolVLM",
+        Idefics3Adapter,
+        ("SmolVLMVisionTransformer",),
+        {"SmolVLMForConditionalGeneration": "model.vision_model", "SmolVLMModel": "vision_model"},
+        {},
         recommended_source=UNTUNED,
     ),
     # Bare towers last: a full model above names its own tower.

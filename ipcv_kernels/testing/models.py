@@ -212,13 +212,30 @@ CLIP_FAMILY_TEXT = dict(
 CLIP_FAMILY_IMAGE_TOKEN = 260
 CLIP_PATCHES = 16  # patches per 32 x 32 image or crop
 
+# Idefics3 / SmolVLM: 32 x 32 sub-images of 4 x 4 patches, pixel-shuffled by 2 into 4 tokens each.
+IDEFICS3_VISION = {**CLIP_VISION, "model_type": "idefics3_vision"}
+IDEFICS3_TOKENS_PER_SUB_IMAGE = 4
+# LLaVA-OneVision: SigLIP over 32 x 32 crops, a Qwen2 decoder, anyres grids up to 2 x 2 crops.
+ONEVISION_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
 # Families of ``build_tower`` / ``build_model`` (Qwen2-VL has its own builders above).
-BUILT_TOWERS = ("qwen2_5_vl", "qwen3_vl", "internvl", "clip", "siglip")
-BUILT_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl", "llava", "llava_next", "gemma3", "paligemma")
+BUILT_TOWERS = ("qwen2_5_vl", "qwen3_vl", "internvl", "clip", "siglip", "idefics3", "smolvlm")
+BUILT_FAMILIES = (
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "internvl",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "gemma3",
+    "paligemma",
+    "idefics3",
+    "smolvlm",
+)
 
 
 def build_tower(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """A tiny vision tower with seeded random weights: ``family`` in qwen2_5_vl, qwen3_vl, internvl."""
+    """A tiny vision tower with seeded random weights: ``family`` one of ``BUILT_TOWERS``."""
     torch.manual_seed(seed)
     if family == "qwen2_5_vl":
         from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
@@ -243,6 +260,16 @@ def build_tower(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.f
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
         tower = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_VISION))
+    elif family == "idefics3":
+        from transformers import Idefics3VisionConfig
+        from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
+
+        tower = Idefics3VisionTransformer(Idefics3VisionConfig(**IDEFICS3_VISION))
+    elif family == "smolvlm":
+        from transformers import SmolVLMVisionConfig
+        from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer
+
+        tower = SmolVLMVisionTransformer(SmolVLMVisionConfig(**{**IDEFICS3_VISION, "model_type": "smolvlm_vision"}))
     else:
         raise ValueError(f"family must be one of {BUILT_TOWERS}, got {family!r}")
     _jitter(tower, seed)
@@ -257,7 +284,8 @@ def build_model(
     seed: int = 0,
     text_overrides: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """A tiny full conditional-generation model of ``family`` with seeded random weights.
+    """A tiny full conditional-generation model of ``family`` (one of ``BUILT_FAMILIES``) with
+    seeded random weights.
 
     ``text_overrides``: fields of the LLaVA / LLaVA-NeXT / Gemma 3 / PaliGemma text config to
     change (e.g. Gemma 3's ``num_hidden_layers`` and ``layer_types``).
@@ -309,6 +337,36 @@ def build_model(
             vision_feature_layer=-2,
         )
         model = LlavaNextForConditionalGeneration(config)
+    elif family == "llava_onevision":
+        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+        config = LlavaOnevisionConfig(
+            vision_config=dict(SIGLIP_VISION),
+            text_config={**INTERNVL_TEXT, "vocab_size": CLIP_FAMILY_TEXT["vocab_size"]},
+            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
+            video_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
+            image_grid_pinpoints=ONEVISION_PINPOINTS,
+        )
+        model = LlavaOnevisionForConditionalGeneration(config)
+    elif family in ("idefics3", "smolvlm"):
+        from transformers import (
+            Idefics3Config,
+            Idefics3ForConditionalGeneration,
+            SmolVLMConfig,
+            SmolVLMForConditionalGeneration,
+        )
+
+        config_class, model_class = {
+            "idefics3": (Idefics3Config, Idefics3ForConditionalGeneration),
+            "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration),
+        }[family]
+        config = config_class(
+            vision_config={**IDEFICS3_VISION, "model_type": f"{family}_vision"},
+            text_config={**CLIP_FAMILY_TEXT, "model_type": "llama"},
+            image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
+            scale_factor=2,
+        )
+        model = model_class(config)
     elif family == "gemma3":
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
@@ -381,3 +439,79 @@ def clip_family_inputs(model: nn.Module, num_images: int, *, seed: int = 0) -> d
     input_ids = torch.tensor([ids])
     pixels = clip_pixels(num_images, dtype=model.dtype, seed=seed)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+
+
+def idefics3_pixels(
+    sub_images: list[int], *, padded_columns: int = 0, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Idefics3 / SmolVLM processor-like inputs: ``pixel_values`` ``[B, N, 3, 32, 32]`` with prompt
+    ``b`` holding ``sub_images[b]`` random sub-images and all-zero padding images after them
+    (``N = max(sub_images)``), and ``pixel_attention_mask`` int64 ``[B, N, 32, 32]``.
+
+    ``padded_columns``: the last sub-image of every prompt is narrower by that many pixels (a
+    multiple of the patch size 8 gives whole padding patches): zeros there, masked out.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.zeros(len(sub_images), max(sub_images), 3, 32, 32)
+    mask = torch.zeros(len(sub_images), max(sub_images), 32, 32, dtype=torch.int64)
+    for b, count in enumerate(sub_images):
+        pixels[b, :count] = torch.randn(count, 3, 32, 32, generator=generator)
+        mask[b, :count] = 1
+        if padded_columns and count:
+            pixels[b, count - 1, :, :, 32 - padded_columns :] = 0
+            mask[b, count - 1, :, 32 - padded_columns :] = 0
+    return pixels.to(dtype), mask
+
+
+def idefics3_inputs(
+    model: nn.Module, sub_images: list[int], *, padded_columns: int = 0, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Prompts for a tiny Idefics3 / SmolVLM model: prompt ``b`` is text, then per real sub-image
+    ``<fake> <image>*4``, then ``<fake>`` and text (left-padded to one length), and the pixels of
+    ``idefics3_pixels``."""
+    image = model.config.image_token_id
+    rows = []
+    for count in sub_images:
+        ids = [3, 4, 5]
+        for _ in range(count):
+            ids += [image + 1, *[image] * IDEFICS3_TOKENS_PER_SUB_IMAGE]
+        rows.append([*ids, image + 1, 6, 7])
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    pixels, pixel_mask = idefics3_pixels(sub_images, padded_columns=padded_columns, dtype=model.dtype, seed=seed)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixels,
+        "pixel_attention_mask": pixel_mask,
+    }
+
+
+def onevision_inputs(
+    model: nn.Module, image_sizes: list[list[int]], *, batch_num_images: list[int] | None = None, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """One prompt for a tiny LLaVA-OneVision model: text, then every image's token run, then text.
+
+    Images of ``image_sizes`` (height, width) arrive as the processor lays them out: ``pixel_values``
+    ``[num_images, 5, 3, 32, 32]`` (a base crop and up to 4 grid crops, random), ``image_sizes``,
+    and ``batch_num_images`` where given. The token runs are as long as the model's
+    ``get_image_features`` makes them (unpadding and newlines), read from one unpatched call.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(len(image_sizes), 5, 3, 32, 32, generator=generator).to(model.dtype)
+    sizes = torch.tensor(image_sizes)
+    extra = {} if batch_num_images is None else {"batch_num_images": torch.tensor(batch_num_images)}
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes, **extra).pooler_output
+    ids = [3, 4, 5]
+    for feature in features:
+        ids += [*[model.config.image_token_id] * feature.shape[0], 6]
+    input_ids = torch.tensor([[*ids, 7, 8]])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels,
+        "image_sizes": sizes,
+        **extra,
+    }

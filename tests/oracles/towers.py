@@ -76,6 +76,7 @@ def ipcv_tower_oracle(
     as_layers: int,
     num_neighbors: int,
     pinned: set[int] = frozenset(),
+    key_padding: set[int] = frozenset(),
 ) -> OracleResult:
     """The spec's IPCV forward of ``tower`` (unpatched, float64) for ``call()``, a tower call.
 
@@ -85,6 +86,9 @@ def ipcv_tower_oracle(
             do not count in an item's keep count.
         num_neighbors: ``0`` reconstructs nothing: every dropped token keeps its block-``P``
             state (the naive baseline, ``IPCVConfig(reconstruct=False)``).
+        key_padding: positions that never serve as keys (Idefics3's padding patches, also
+            ``pinned``): the model's own mask covers the full-sequence blocks; the pruned blocks
+            get an additive mask over each sequence's kept rows (batched towers only).
     """
     blocks = _blocks(tower)
     depth = len(blocks)
@@ -106,7 +110,14 @@ def ipcv_tower_oracle(
             args, kwargs = calls[i]
             for t in range(layout[0]):
                 rows = [r for r, j in enumerate(keep) if t * tile <= j < (t + 1) * tile]
-                out[rows] = blocks[i](h[rows][None], *args[1:], **kwargs)[0]
+                rest = args[1:]
+                if key_padding and rows:
+                    masked = torch.tensor([keep[r] in key_padding for r in rows])
+                    assert not masked.all(), "a sequence kept only padding: the oracle leaves that undefined"
+                    mask = torch.zeros(1, 1, len(rows), len(rows), dtype=h.dtype)
+                    mask[..., masked] = torch.finfo(h.dtype).min
+                    rest = (mask, *args[2:])
+                out[rows] = blocks[i](h[rows][None], *rest, **kwargs)[0]
             return out
         _, kwargs = calls[i]
         kwargs = dict(kwargs)
