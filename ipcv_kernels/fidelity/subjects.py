@@ -62,6 +62,7 @@ PRESETS: dict[str, Callable[[torch.dtype, int], nn.Module]] = {
     "internvl-tiny": _tower_of("internvl"),
     "clip-tiny": _tower_of("clip"),
     "siglip-tiny": _tower_of("siglip"),
+    "idefics3-tiny": _tower_of("idefics3"),
 }
 # Families whose towers take flattened patches and ``grid_thw`` (and videos); the others (InternVL,
 # CLIP, SigLIP) take a batch of images or crops ``[B, C, H, W]``.
@@ -212,7 +213,7 @@ def _preset_image_processor(family: Family, vision_config: Any) -> Any:
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    if family.name == "SigLIP":
+    if family.name in ("SigLIP", "Idefics3"):  # Idefics3's tower is SigLIP's; one sub-image per image here
         from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
         return SiglipImageProcessorPil(size={"height": side, "width": side})
