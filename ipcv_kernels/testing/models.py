@@ -7,7 +7,9 @@ through the model's own modules.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -218,60 +220,147 @@ IDEFICS3_TOKENS_PER_SUB_IMAGE = 4
 # LLaVA-OneVision: SigLIP over 32 x 32 crops, a Qwen2 decoder, anyres grids up to 2 x 2 crops.
 ONEVISION_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
+# Tiny towers: (transformers module holding both classes, config class, tower class, config fields).
+TINY_TOWERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "qwen2_5_vl": (
+        "qwen2_5_vl.modeling_qwen2_5_vl",
+        "Qwen2_5_VLVisionConfig",
+        "Qwen2_5_VisionTransformerPretrainedModel",
+        QWEN2_5_VISION,
+    ),
+    "qwen3_vl": ("qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionConfig", "Qwen3VLVisionModel", QWEN3_VISION),
+    "internvl": ("internvl.modeling_internvl", "InternVLVisionConfig", "InternVLVisionModel", INTERNVL_VISION),
+    "clip": ("clip.modeling_clip", "CLIPVisionConfig", "CLIPVisionModel", CLIP_VISION),
+    "siglip": ("siglip.modeling_siglip", "SiglipVisionConfig", "SiglipVisionModel", SIGLIP_VISION),
+    "idefics3": ("idefics3.modeling_idefics3", "Idefics3VisionConfig", "Idefics3VisionTransformer", IDEFICS3_VISION),
+    "smolvlm": (
+        "smolvlm.modeling_smolvlm",
+        "SmolVLMVisionConfig",
+        "SmolVLMVisionTransformer",
+        {**IDEFICS3_VISION, "model_type": "smolvlm_vision"},
+    ),
+}
+
+
+def _text(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    return {**base, **overrides}
+
+
+# Tiny full models: family -> (config class, model class, the config's fields given the text-config
+# overrides), both classes from the top-level ``transformers`` namespace.
+TINY_MODELS: dict[str, tuple[str, str, Callable[[dict[str, Any]], dict[str, Any]]]] = {
+    "qwen2_5_vl": (
+        "Qwen2_5_VLConfig",
+        "Qwen2_5_VLForConditionalGeneration",
+        lambda text: dict(
+            text_config=_text(TINY_TEXT, text), vision_config=dict(QWEN2_5_VISION), **TINY_SPECIAL_TOKENS
+        ),
+    ),
+    "qwen3_vl": (
+        "Qwen3VLConfig",
+        "Qwen3VLForConditionalGeneration",
+        lambda text: dict(text_config=_text(QWEN3_TEXT, text), vision_config=dict(QWEN3_VISION), **TINY_SPECIAL_TOKENS),
+    ),
+    "internvl": (
+        "InternVLConfig",
+        "InternVLForConditionalGeneration",
+        lambda text: dict(
+            vision_config=dict(INTERNVL_VISION),
+            text_config=_text(INTERNVL_TEXT, text),
+            image_token_id=INTERNVL_IMAGE_TOKEN,
+            image_seq_length=INTERNVL_TOKENS_PER_TILE,
+        ),
+    ),
+    "llava": (
+        "LlavaConfig",
+        "LlavaForConditionalGeneration",
+        lambda text: dict(
+            vision_config=dict(CLIP_VISION),
+            text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "llama"}, text),
+            image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
+            image_seq_length=CLIP_PATCHES,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        ),
+    ),
+    "llava_next": (
+        "LlavaNextConfig",
+        "LlavaNextForConditionalGeneration",
+        lambda text: dict(
+            vision_config=dict(CLIP_VISION),
+            text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "llama"}, text),
+            image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
+            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+            vision_feature_layer=-2,
+        ),
+    ),
+    "llava_onevision": (
+        "LlavaOnevisionConfig",
+        "LlavaOnevisionForConditionalGeneration",
+        lambda text: dict(
+            vision_config=dict(SIGLIP_VISION),
+            text_config=_text({**INTERNVL_TEXT, "vocab_size": CLIP_FAMILY_TEXT["vocab_size"]}, text),
+            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
+            video_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
+            image_grid_pinpoints=ONEVISION_PINPOINTS,
+        ),
+    ),
+    **{
+        family: (
+            config_class,
+            model_class,
+            lambda text, family=family: dict(
+                vision_config={**IDEFICS3_VISION, "model_type": f"{family}_vision"},
+                text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "llama"}, text),
+                image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
+                scale_factor=2,
+            ),
+        )
+        for family, config_class, model_class in (
+            ("idefics3", "Idefics3Config", "Idefics3ForConditionalGeneration"),
+            ("smolvlm", "SmolVLMConfig", "SmolVLMForConditionalGeneration"),
+        )
+    },
+    "gemma3": (
+        "Gemma3Config",
+        "Gemma3ForConditionalGeneration",
+        lambda text: dict(
+            vision_config=dict(SIGLIP_VISION),
+            text_config=_text(
+                {**CLIP_FAMILY_TEXT, "model_type": "gemma3_text", "head_dim": 12, "sliding_window": 8}, text
+            ),
+            mm_tokens_per_image=4,
+            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
+            boi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
+            eoi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 2,
+        ),
+    ),
+    "paligemma": (
+        "PaliGemmaConfig",
+        "PaliGemmaForConditionalGeneration",
+        lambda text: dict(
+            vision_config={**SIGLIP_VISION, "projection_dim": CLIP_FAMILY_TEXT["hidden_size"]},
+            text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "gemma", "head_dim": 12}, text),
+            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
+            projection_dim=CLIP_FAMILY_TEXT["hidden_size"],
+        ),
+    ),
+}
+
+
 # Families of ``build_tower`` / ``build_model`` (Qwen2-VL has its own builders above).
-BUILT_TOWERS = ("qwen2_5_vl", "qwen3_vl", "internvl", "clip", "siglip", "idefics3", "smolvlm")
-BUILT_FAMILIES = (
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "internvl",
-    "llava",
-    "llava_next",
-    "llava_onevision",
-    "gemma3",
-    "paligemma",
-    "idefics3",
-    "smolvlm",
-)
+BUILT_TOWERS = tuple(TINY_TOWERS)
+BUILT_FAMILIES = tuple(TINY_MODELS)
 
 
 def build_tower(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     """A tiny vision tower with seeded random weights: ``family`` one of ``BUILT_TOWERS``."""
-    torch.manual_seed(seed)
-    if family == "qwen2_5_vl":
-        from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-        tower = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLVisionConfig(**QWEN2_5_VISION))
-    elif family == "qwen3_vl":
-        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-
-        tower = Qwen3VLVisionModel(Qwen3VLVisionConfig(**QWEN3_VISION))
-    elif family == "internvl":
-        from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
-        from transformers.models.internvl.modeling_internvl import InternVLVisionModel
-
-        tower = InternVLVisionModel(InternVLVisionConfig(**INTERNVL_VISION))
-    elif family == "clip":
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        tower = CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION))
-    elif family == "siglip":
-        from transformers import SiglipVisionConfig, SiglipVisionModel
-
-        tower = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_VISION))
-    elif family == "idefics3":
-        from transformers import Idefics3VisionConfig
-        from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
-
-        tower = Idefics3VisionTransformer(Idefics3VisionConfig(**IDEFICS3_VISION))
-    elif family == "smolvlm":
-        from transformers import SmolVLMVisionConfig
-        from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer
-
-        tower = SmolVLMVisionTransformer(SmolVLMVisionConfig(**{**IDEFICS3_VISION, "model_type": "smolvlm_vision"}))
-    else:
+    if family not in TINY_TOWERS:
         raise ValueError(f"family must be one of {BUILT_TOWERS}, got {family!r}")
+    module_name, config_class, tower_class, fields = TINY_TOWERS[family]
+    module = importlib.import_module(f"transformers.models.{module_name}")
+    torch.manual_seed(seed)
+    tower = getattr(module, tower_class)(getattr(module, config_class)(**fields))
     _jitter(tower, seed)
     return _finish(tower, attn, dtype)
 
@@ -287,111 +376,17 @@ def build_model(
     """A tiny full conditional-generation model of ``family`` (one of ``BUILT_FAMILIES``) with
     seeded random weights.
 
-    ``text_overrides``: fields of the LLaVA / LLaVA-NeXT / Gemma 3 / PaliGemma text config to
-    change (e.g. Gemma 3's ``num_hidden_layers`` and ``layer_types``).
+    ``text_overrides``: fields of the text config to change (e.g. Gemma 3's
+    ``num_hidden_layers`` and ``layer_types``).
     """
-    text_overrides = text_overrides or {}
-    torch.manual_seed(seed)
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-        config = Qwen2_5_VLConfig(
-            text_config=dict(TINY_TEXT), vision_config=dict(QWEN2_5_VISION), **TINY_SPECIAL_TOKENS
-        )
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    elif family == "qwen3_vl":
-        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-        config = Qwen3VLConfig(text_config=dict(QWEN3_TEXT), vision_config=dict(QWEN3_VISION), **TINY_SPECIAL_TOKENS)
-        model = Qwen3VLForConditionalGeneration(config)
-    elif family == "internvl":
-        from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-        config = InternVLConfig(
-            vision_config=dict(INTERNVL_VISION),
-            text_config=dict(INTERNVL_TEXT),
-            image_token_id=INTERNVL_IMAGE_TOKEN,
-            image_seq_length=INTERNVL_TOKENS_PER_TILE,
-        )
-        model = InternVLForConditionalGeneration(config)
-    elif family == "llava":
-        from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-        config = LlavaConfig(
-            vision_config=dict(CLIP_VISION),
-            text_config={**CLIP_FAMILY_TEXT, "model_type": "llama", **text_overrides},
-            image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
-            image_seq_length=CLIP_PATCHES,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
-        model = LlavaForConditionalGeneration(config)
-    elif family == "llava_next":
-        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-        config = LlavaNextConfig(
-            vision_config=dict(CLIP_VISION),
-            text_config={**CLIP_FAMILY_TEXT, "model_type": "llama", **text_overrides},
-            image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
-            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
-            vision_feature_layer=-2,
-        )
-        model = LlavaNextForConditionalGeneration(config)
-    elif family == "llava_onevision":
-        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-
-        config = LlavaOnevisionConfig(
-            vision_config=dict(SIGLIP_VISION),
-            text_config={**INTERNVL_TEXT, "vocab_size": CLIP_FAMILY_TEXT["vocab_size"]},
-            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
-            video_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
-            image_grid_pinpoints=ONEVISION_PINPOINTS,
-        )
-        model = LlavaOnevisionForConditionalGeneration(config)
-    elif family in ("idefics3", "smolvlm"):
-        from transformers import (
-            Idefics3Config,
-            Idefics3ForConditionalGeneration,
-            SmolVLMConfig,
-            SmolVLMForConditionalGeneration,
-        )
-
-        config_class, model_class = {
-            "idefics3": (Idefics3Config, Idefics3ForConditionalGeneration),
-            "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration),
-        }[family]
-        config = config_class(
-            vision_config={**IDEFICS3_VISION, "model_type": f"{family}_vision"},
-            text_config={**CLIP_FAMILY_TEXT, "model_type": "llama"},
-            image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
-            scale_factor=2,
-        )
-        model = model_class(config)
-    elif family == "gemma3":
-        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-        text = {**CLIP_FAMILY_TEXT, "model_type": "gemma3_text", "head_dim": 12, "sliding_window": 8, **text_overrides}
-        config = Gemma3Config(
-            vision_config=dict(SIGLIP_VISION),
-            text_config=text,
-            mm_tokens_per_image=4,
-            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
-            boi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
-            eoi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 2,
-        )
-        model = Gemma3ForConditionalGeneration(config)
-    elif family == "paligemma":
-        from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
-
-        config = PaliGemmaConfig(
-            vision_config={**SIGLIP_VISION, "projection_dim": CLIP_FAMILY_TEXT["hidden_size"]},
-            text_config={**CLIP_FAMILY_TEXT, "model_type": "gemma", "head_dim": 12, **text_overrides},
-            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
-            projection_dim=CLIP_FAMILY_TEXT["hidden_size"],
-        )
-        model = PaliGemmaForConditionalGeneration(config)
-    else:
+    if family not in TINY_MODELS:
         raise ValueError(f"family must be one of {BUILT_FAMILIES}, got {family!r}")
+    import transformers
+
+    config_class, model_class, fields = TINY_MODELS[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**fields(text_overrides or {}))
+    model = getattr(transformers, model_class)(config)
     _jitter(model, seed)
     return _finish(model, attn, dtype)
 
