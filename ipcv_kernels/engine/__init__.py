@@ -6,7 +6,16 @@ rotary tables live; the Hugging Face ones are in ``ipcv_kernels.models``.
 """
 
 from .patching import InstancePatch
-from .vision import PATCH_ATTRIBUTE, BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall, gather_rotary
+from .vision import (
+    PATCH_ATTRIBUTE,
+    BlockCall,
+    FamilyAdapter,
+    ForwardState,
+    IPCVPatch,
+    TowerCall,
+    gather_rotary,
+    read_blocks,
+)
 
 __all__ = [
     "PATCH_ATTRIBUTE",
@@ -17,4 +26,5 @@ __all__ = [
     "InstancePatch",
     "TowerCall",
     "gather_rotary",
+    "read_blocks",
 ]

@@ -240,6 +240,20 @@ class FamilyAdapter:
         raise NotImplementedError
 
 
+def read_blocks(layers: int | list[int] | tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """The blocks whose outputs ``hidden_states[layer]`` are, for each of ``layers``.
+
+    ``hidden_states`` holds the embeddings then every block's output (``depth + 1`` entries), so
+    entry ``i`` (negative ones counted from the end) is block ``i - 1``'s output; entry 0 reads no
+    block (``-1`` here: every block may be skipped).
+    """
+    chosen = [layers] if isinstance(layers, int) else list(layers)
+    for layer in chosen:
+        if not -(depth + 1) <= layer <= depth:
+            raise ValueError(f"vision_feature_layer {layer} is outside the tower's {depth + 1} hidden states")
+    return tuple(layer % (depth + 1) - 1 for layer in chosen)
+
+
 def gather_rotary(
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor] | None:

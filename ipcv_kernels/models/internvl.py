@@ -35,10 +35,11 @@ from another image. The tower itself only sees a batch of tiles, so:
 - a bare tower call treats all its tiles as one item, unless ``ik.set_tiles_per_image`` was given
   the per-image counts (a setting of the patch, kept until changed).
 
-**Limits.** The tower's ``hidden_states`` (``output_hidden_states=True``) of layers ``P`` to
-``depth - 2`` hold only the kept rows, packed ``[kept, D]``; a full model whose
-``vision_feature_layer`` reads one of them raises ``ValueError`` (the InternVL-hf checkpoints use
-``-1``, the last output, which is always complete).
+**Read layers.** A full model reads ``hidden_states[vision_feature_layer]`` of the tower (the
+InternVL-hf checkpoints: ``-1``, the last output). ``get_image_features`` is wrapped to tell the
+tower call which layer that is: its output is the restored full sequence and the layers after it
+are skipped (``TowerCall.read_blocks``). A direct tower call's ``hidden_states`` of layers ``P``
+to ``depth - 2`` hold only the kept rows, packed ``[kept, D]``.
 
 Recommended settings for this family: see the family table, ``ipcv_kernels.models.families``.
 """
@@ -46,6 +47,7 @@ Recommended settings for this family: see the family table, ``ipcv_kernels.model
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import IPCVPatch, TowerCall
+from ..engine import IPCVPatch, TowerCall, read_blocks
 from ..engine.batched import BatchedTowerAdapter, PrenormLayer, sequence_segments
 
 
@@ -84,7 +86,6 @@ class InternVLAdapter(BatchedTowerAdapter):
         super().__init__(model)
         # ``set_tiles_per_image``: a setting of this patch for bare tower calls (not per call).
         self.tiles_per_image: list[int] | None = None
-        self._patch: IPCVPatch | None = None
 
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
         if not hasattr(tower, "encoder") or not hasattr(tower.encoder, "layer"):
@@ -94,26 +95,22 @@ class InternVLAdapter(BatchedTowerAdapter):
     def install_hooks(self, patch: IPCVPatch) -> None:
         """Wrap the forward of the model holding the tower (and ``generate``) so that their tower
         calls know the prompt's tiles per image (``hints["tiles_per_image"]``, this call only)."""
-        self._patch = patch
         holders = (
             [m for m in self.model.modules() if getattr(m, "vision_tower", None) is patch.tower] if self.model else []
         )
         for holder in holders:
-            patch.wrap(holder, "forward", functools.partial(self._read_prompt_tiles, patch, holder, True))
+            patch.wrap(holder, "forward", functools.partial(self._read_prompt_tiles, patch, holder))
+            patch.wrap(holder, "get_image_features", functools.partial(self._read_feature_layer, patch, holder))
         if holders and hasattr(self.model, "generate"):
             # Recent transformers encode the images before the prefill forward (``get_image_features``
             # with the pixels alone), so generate's own arguments give the counts for that call.
-            patch.wrap(self.model, "generate", functools.partial(self._read_prompt_tiles, patch, self.model, False))
+            patch.wrap(self.model, "generate", functools.partial(self._read_prompt_tiles, patch, self.model))
 
-    def _read_prompt_tiles(
-        self, patch: IPCVPatch, holder: nn.Module, is_forward: bool, inner: Callable[..., Any]
-    ) -> Callable[..., Any]:
+    def _read_prompt_tiles(self, patch: IPCVPatch, holder: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
         """``inner`` (``holder.forward`` or ``generate``) reading the tile counts from its arguments."""
         image_token_id = holder.config.image_token_id
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if is_forward:
-                self._check_feature_layer(kwargs.get("vision_feature_layer"), holder.config.vision_feature_layer)
             input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
             tiles = None
@@ -126,18 +123,18 @@ class InternVLAdapter(BatchedTowerAdapter):
 
         return call
 
-    def _check_feature_layer(self, requested: int | list[int] | None, default: int | list[int]) -> None:
-        """The model may read ``hidden_states[i]`` of the tower instead of its last output; those
-        of layers ``P .. depth-2`` hold only the kept rows, so refuse them with a clear error."""
-        layers = default if requested is None else requested
-        depth, prune_layer = self._patch.depth, self._patch.config.prune_layer
-        for layer in [layers] if isinstance(layers, int) else layers:
-            index = layer % (depth + 1)  # hidden_states[0] is the embedding, [i] layer i-1's output
-            if layer != -1 and prune_layer < index < depth:
-                raise ValueError(
-                    f"vision_feature_layer {layer} reads a tower hidden state that IPCV prunes; "
-                    f"use -1 or a prune_layer >= {index}"
-                )
+    def _read_feature_layer(self, patch: IPCVPatch, holder: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``get_image_features`` telling its tower call which layers it reads: ``hidden_states``
+        of ``vision_feature_layer`` (the argument, else the config) hold the restored sequence."""
+        signature = inspect.signature(inner)
+
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            layers = signature.bind_partial(*args, **kwargs).arguments.get("vision_feature_layer")
+            layers = holder.config.vision_feature_layer if layers is None else layers
+            with patch.hinted(read_blocks=read_blocks(layers, patch.depth)):
+                return inner(*args, **kwargs)
+
+        return get_image_features
 
     # -- one tower call -------------------------------------------------------------------------
     def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
@@ -150,7 +147,7 @@ class InternVLAdapter(BatchedTowerAdapter):
         counts = hints.get("tiles_per_image") or self.tiles_per_image or [num_tiles]
         if sum(counts) != num_tiles:
             raise ValueError(f"tiles_per_image {counts} must add up to the call's {num_tiles} tiles")
-        return TowerCall([count * tile_length for count in counts], segments)
+        return TowerCall([count * tile_length for count in counts], segments, hints.get("read_blocks"))
 
     def layer_parts(self, block: nn.Module) -> PrenormLayer:
         """``InternVLVisionLayer``: ``q_norm`` / ``k_norm`` on the full-width projections, layer

@@ -179,15 +179,22 @@ def test_unsupported_model_lists_the_families():
     assert "InternVLForConditionalGeneration" in str(error.value)
 
 
-def test_feature_layer_inside_the_pruned_stretch_is_refused():
-    model = build_model(FAMILY)
-    inputs = internvl_inputs(model, [1])
-    ik.apply_ipcv(model, ik.IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=2))
+@pytest.mark.parametrize("layer", [-3, 2])
+def test_feature_layer_inside_the_pruned_stretch_reads_the_restored_sequence(layer):
+    # -3 is layer 3's output, inside the pruned stretch from P = 2: it is restored, not kept rows;
+    # 2 is layer 1's output, before P. The layers after the read one are skipped.
+    model = build_model(FAMILY, dtype=torch.float64)
+    kwargs = {"vision_feature_layer": layer}
+    inputs = internvl_inputs(model, [2, 1])
+    config = dict(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=2)
+    items, cls_tokens = [2 * TILE, TILE], {0, TILE, 2 * TILE}
     with torch.no_grad():
-        with pytest.raises(ValueError, match="vision_feature_layer -3"):
-            model(**inputs, vision_feature_layer=-3)  # layer 3's output: kept rows only
-        assert model(**inputs, vision_feature_layer=2).logits.shape[1] == inputs["input_ids"].shape[1]
-    ik.remove_ipcv(model)
+        expected = ipcv_tower_oracle(
+            model.model.vision_tower, lambda: model(**inputs, **kwargs), items, pinned=cls_tokens, **config
+        ).output.logits
+        with ik.ipcv_applied(model, ik.IPCVConfig(**config)):
+            got = model(**inputs, **kwargs).logits
+    assert_close(got, expected)
 
 
 def backend_outputs(tower, layout, device, dtype, backends):
