@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ._validation import check_choice, check_int, check_ratio
 
-SCOPES = ("image", "global")
+SCOPES = ("image", "global", "authors")
 AS_QUERIES = ("kept", "all")
 
 
@@ -26,8 +26,11 @@ class IPCVConfig:
             clamped to "until the end".
         num_neighbors: ``k >= 1`` kept neighbours per dropped token for reconstruction.
         scope: ``"image"`` (each image / video competes and finds neighbours alone: a batch equals
-            its items run one by one) or ``"global"`` (the whole packed input is one item, as in
-            the paper's code).
+            its items run one by one), ``"global"`` (the whole packed input is one item, as in
+            the paper's code) or ``"authors"`` (each family as the paper authors' code ran it,
+            for reproducing its numbers: ``"global"``, except that InternVL selects per tile,
+            each tile's CLS kept and not counted, and its neighbours are any kept row of the
+            call, CLS tokens included; see ``docs/spec.md`` §4).
         backend: backend of the planning ops (selection, ``knn``) and ``ngr_reconstruct``.
         attention_backend: backend of ``ngr_attention`` in the stabilisation blocks.
         as_queries: ``"kept"`` computes queries for kept tokens only (``ngr_attention``, the fast

@@ -228,8 +228,8 @@ def vit_flops(
 
     config.check_depth(depth)
     mode = as_queries if as_queries is not None else config.as_queries
-    # Items as IPCV sees them: scope "global" makes the whole packed input one item.
-    competing = [segments] if config.scope == "global" else items
+    # Items as IPCV sees them: scopes "global" and "authors" make the whole packed input one item.
+    competing = items if config.scope == "image" else [segments]
     kept_segments: list[float] = []
     planning = 3.0 * tokens * width
     ngr = 0.0
@@ -378,6 +378,10 @@ def internvl_flops(
     c = vision_config
     patch_h, patch_w = c.patch_size if isinstance(c.patch_size, (list, tuple)) else (c.patch_size,) * 2
     patches = (image_size[0] // patch_h) * (image_size[1] // patch_w)
+    if config is not None and config.scope == "authors":
+        # The authors' InternVL selects per tile: every tile an item of its own. (Their neighbour
+        # search spans the call, which this counts per tile: a slight undercount of planning.)
+        tiles_per_image, config = [1] * sum(tiles_per_image), replace(config, scope="image")
     return vit_flops(
         c.num_hidden_layers,
         c.hidden_size,

@@ -298,7 +298,8 @@ class IPCVPatch(InstancePatch):
     def _make_tower_forward(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             call = self.adapter.describe_call(self.tower, args, kwargs, self._hints.get({}))
-            lengths = [sum(call.item_lengths)] if self.config.scope == "global" else call.item_lengths
+            # "global" and "authors": the whole call is one item (adapters refine "authors").
+            lengths = call.item_lengths if self.config.scope == "image" else [sum(call.item_lengths)]
             offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
             read_blocks = frozenset(call.read_blocks if call.read_blocks is not None else (self.depth - 1,))
             with self.bind(ForwardState(offsets, read_blocks, call.segments, padding=call.padding)) as state:

@@ -225,3 +225,28 @@ def test_gpu_auto_is_as_close_to_fp64_as_pytorch(cuda_device, dtype):
     (same_dtype,) = backend_outputs(tower, layout, cuda_device, dtype, ("torch",))
     (expected,) = backend_outputs(copy.deepcopy(tower).double(), layout, cuda_device, torch.float64, ("torch",))
     assert_close_to_reference(auto, expected, same_dtype)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values())[:3], ids=list(CONFIGS)[:3])
+def test_authors_scope_matches_the_authors_rule(tower64, config):
+    # scope="authors": selection per tile (CLS kept, not counted), neighbours from every kept row
+    # of the call, CLS tokens included, as the paper authors' InternVL code does.
+    pixels = internvl_tiles(5, dtype=tower64.dtype)
+    with torch.no_grad():
+        expected = ipcv_tower_oracle(
+            tower64,
+            lambda: tower64(pixels),
+            [TILE] * 5,
+            pinned=set(range(0, 5 * TILE, TILE)),
+            neighbors_from_call=True,
+            **config,
+        )
+        got = run(tower64, 5, ik.IPCVConfig(**config, scope="authors"), tiles_per_image=[2, 3])
+    assert_close(got.last_hidden_state, expected.output.last_hidden_state)
+
+
+def test_authors_scope_differs_from_the_package_default(tower64):
+    config = dict(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=3)
+    ours = run(tower64, 3, ik.IPCVConfig(**config), tiles_per_image=[3])
+    authors = run(tower64, 3, ik.IPCVConfig(**config, scope="authors"), tiles_per_image=[3])
+    assert not torch.allclose(ours.last_hidden_state, authors.last_hidden_state)

@@ -77,6 +77,7 @@ def ipcv_tower_oracle(
     num_neighbors: int,
     pinned: set[int] = frozenset(),
     key_padding: set[int] = frozenset(),
+    neighbors_from_call: bool = False,
 ) -> OracleResult:
     """The spec's IPCV forward of ``tower`` (unpatched, float64) for ``call()``, a tower call.
 
@@ -86,6 +87,9 @@ def ipcv_tower_oracle(
             do not count in an item's keep count.
         num_neighbors: ``0`` reconstructs nothing: every dropped token keeps its block-``P``
             state (the naive baseline, ``IPCVConfig(reconstruct=False)``).
+        neighbors_from_call: neighbours are any kept row of the call, pinned ones included, not
+            only the chosen rows of the dropped token's item (InternVL as its authors ran it:
+            ``items`` are then the tiles).
         key_padding: positions that never serve as keys (Idefics3's padding patches, also
             ``pinned``): the model's own mask covers the full-sequence blocks; the pruned blocks
             get an additive mask over each sequence's kept rows (batched towers only).
@@ -138,18 +142,22 @@ def ipcv_tower_oracle(
     for length in items:
         item_rows.append(list(range(start, start + length)))
         start += length
-    keep, neighbours = [], {}
+    keep, chosen_of, dropped_of = [], [], []
     for rows in item_rows:
         free = [j for j in rows if j not in pinned]
         score = {j: float((base[j] - x_prev[j]).norm()) for j in free}
         count = max(1, int(len(free) * (1 - ratio)))
         chosen = sorted(free, key=lambda j: -score[j])[:count]
         keep += chosen + [j for j in rows if j in pinned]
-        for d in free:
-            if d not in chosen:
-                by_distance = sorted(chosen, key=lambda m, d=d: float((base[d] - base[m]).norm()))
-                neighbours[d] = by_distance[:num_neighbors]
+        chosen_of.append(chosen)
+        dropped_of.append([d for d in free if d not in chosen])
     keep.sort()
+    neighbours = {}
+    for chosen, dropped in zip(chosen_of, dropped_of, strict=True):
+        pool = keep if neighbors_from_call else chosen
+        for d in dropped:
+            by_distance = sorted(pool, key=lambda m, d=d: float((base[d] - base[m]).norm()))
+            neighbours[d] = by_distance[:num_neighbors]
     row = {j: r for r, j in enumerate(keep)}
 
     def restore(h: torch.Tensor) -> torch.Tensor:
