@@ -10,7 +10,11 @@ the same token counts as for the real towers.
 Presets of other families are listed in ``PRESET_FAMILIES`` with the family whose vision config
 their fields are: ``qwen2.5-vl-7b`` is the vision tower of Qwen2.5-VL-7B-Instruct
 (``Qwen2_5_VLVisionConfig``: depth 32, width 1280, 16 heads, gated SiLU MLP 3420, RMSNorm, output
-3584, attention in 112-pixel windows except in blocks 7, 15, 23 and 31).
+3584, attention in 112-pixel windows except in blocks 7, 15, 23 and 31); ``qwen3-vl-8b`` is
+Qwen3-VL-8B-Instruct's; ``clip-vit-l-336-d8`` LLaVA-1.5-7B's CLIP ViT-L/14-336,
+``siglip-so400m-d8`` Gemma 3's SigLIP-So400m/14 at 896 pixels (``-384-d8``: at 384),
+``internvit-300m-d8`` InternVL2.5-8B's InternViT-300M-448px (``internvit-300m``: its full depth 24),
+all with their real block shapes at depth 8 (the ``-d8`` names) so that a CPU run stays short.
 """
 
 from __future__ import annotations
