@@ -1,9 +1,14 @@
-"""Demo: one input through a Qwen2-VL vision tower with and without IPCV: wall time with its spread,
+"""Demo: one input through a vision tower with and without IPCV: wall time with its spread,
 FLOPs, and the ratio-0 equivalence check.
 
-Default: a built-in 12-block tower (width 640, 10 heads of 64) with seeded random weights and a
-448x448 image (1,024 patches). ``--model PATH`` loads a real local Qwen2-VL checkpoint instead and
-feeds it a synthetic image through the checkpoint's own image processor.
+Default: a built-in 12-block Qwen2-VL tower (width 640, 10 heads of 64) with seeded random weights
+and a 448x448 image (1,024 patches). ``--preset NAME`` takes a benchmark preset of any family
+instead (``ipcv_kernels.bench.presets``: e.g. ``clip-vit-l-336-d8``, ``siglip-so400m-384-d8``,
+``internvit-300m-d8``, ``qwen2.5-vl-7b``; random weights, one image at the tower's native
+resolution for CLIP / SigLIP / InternViT, ``--image-size`` for the Qwen towers), called and
+FLOP-counted as the benchmark does (``ipcv_kernels.bench.calls``), with the family's recommended
+IPCV setting unless flags say otherwise. ``--model PATH`` loads a real local Qwen2-VL checkpoint
+and feeds it a synthetic image through the checkpoint's own image processor (Qwen2-VL only).
 
 Timing is the benchmarks' (``ipcv_kernels.bench.harness.time_interleaved``): one warm-up call per
 variant, then ``--repeats`` rounds alternating the two. The report gives the medians, the p10-p90
@@ -19,12 +24,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from .bench import harness
-from .bench.towers import tower_output
+from .bench.calls import Case, TowerCalls, tower_calls
+from .bench.presets import MODEL_PRESETS
+from .bench.towers import build_tower, vision_config_from_preset
 from .config import IPCVConfig
-from .flops import predicted_speedup, qwen2_vl_flops
+from .flops import predicted_speedup
 from .models import apply_ipcv, get_ipcv_patch, remove_ipcv
 from .testing.models import build_qwen2_vl_tower, qwen2_vl_vision_config, sample_pixels
 
@@ -46,35 +52,52 @@ def synthetic_image(size: int) -> Image.Image:
     return Image.fromarray((rgb * 255).to(torch.uint8).numpy())
 
 
-def load_inputs(args: argparse.Namespace, dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
-    """``(tower, pixel_values, grid_thw, description)`` for the chosen model."""
+def load_inputs(args: argparse.Namespace, dtype: torch.dtype) -> tuple[TowerCalls, tuple[Case, tuple], str]:
+    """``(the tower's calls, its inputs, description)`` for the chosen model."""
     if args.model:
         from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
         model = Qwen2VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
         processor = AutoProcessor.from_pretrained(args.model)
         images = processor.image_processor(images=[synthetic_image(args.image_size)], return_tensors="pt")
-        tower = model.model.visual.eval()
-        return tower, images["pixel_values"].to(dtype), images["image_grid_thw"], f"checkpoint {args.model}"
+        calls = tower_calls(model.model.visual.eval())
+        grid = images["image_grid_thw"]
+        case = Case("checkpoint image", "image", tuple(tuple(int(v) for v in row) for row in grid.tolist()))
+        return calls, (case, (images["pixel_values"].to(dtype), grid)), f"checkpoint {args.model}"
+    if args.preset:
+        tower = build_tower(
+            vision_config_from_preset(args.preset), dtype=dtype, device=torch.device("cpu"), seed=args.seed
+        )
+        calls = tower_calls(tower)
+        native = calls.default_cases()
+        case = calls.parse_case(native[0] if native else f"{args.image_size}x{args.image_size}")
+        description = f"preset {args.preset} ({calls.family.name}, depth {calls.depth}, random weights)"
+        return calls, calls.inputs(case, args.seed, torch.device("cpu"), dtype), description
     config = qwen2_vl_vision_config("sdpa", **DEMO_VISION)
     tower = build_qwen2_vl_tower(config, dtype=dtype, seed=args.seed)
     side = args.image_size // config.patch_size // config.spatial_merge_size * config.spatial_merge_size
     pixels, grid = sample_pixels(config, [[1, side, side]], dtype=dtype, seed=args.seed)
-    return tower, pixels, grid, "built-in tower (depth 12, width 640, random weights)"
+    case = Case(f"{args.image_size}x{args.image_size}", "image", ((1, side, side),))
+    return tower_calls(tower), (case, (pixels, grid)), "built-in tower (depth 12, width 640, random weights)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's flags."""
-    parser.add_argument("--model", help="local Qwen2-VL checkpoint directory (default: the built-in random tower)")
-    parser.add_argument("--image-size", type=int, default=448, help="image side in pixels")
-    parser.add_argument("--prune-layer", type=int, default=DEMO_CONFIG.prune_layer, help="IPCV prune layer P")
-    parser.add_argument("--ratio", type=float, default=DEMO_CONFIG.ratio, help="IPCV ratio: fraction of tokens dropped")
-    parser.add_argument(
-        "--as-layers", type=int, default=DEMO_CONFIG.as_layers, help="IPCV attention-stabilisation blocks"
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="local Qwen2-VL checkpoint directory (default: the built-in random tower)")
+    source.add_argument(
+        "--preset",
+        choices=sorted(MODEL_PRESETS),
+        help="a benchmark preset of any family, random weights (default: the built-in random tower)",
     )
     parser.add_argument(
-        "--neighbors", type=int, default=DEMO_CONFIG.num_neighbors, help="IPCV kept neighbours per dropped token"
+        "--image-size", type=int, default=448, help="image side in pixels (Qwen towers; the others take their own)"
     )
+    default = f"default: {DEMO_CONFIG} field, or the preset family's recommended one"
+    parser.add_argument("--prune-layer", type=int, help=f"IPCV prune layer P ({default})")
+    parser.add_argument("--ratio", type=float, help=f"IPCV ratio: fraction of tokens dropped ({default})")
+    parser.add_argument("--as-layers", type=int, help=f"IPCV attention-stabilisation blocks ({default})")
+    parser.add_argument("--neighbors", type=int, help=f"IPCV kept neighbours per dropped token ({default})")
     parser.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds (after one warm-up call each)")
     parser.add_argument("--dtype", choices=sorted(harness.DTYPES), default="float32", help="weights and inputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in tower's weights and the input")
@@ -88,19 +111,29 @@ def spread_text(spread: harness.Spread, unit: str, digits: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """The ``demo`` subcommand: time the tower with and without IPCV, then check ratio 0."""
-    config = IPCVConfig(
-        prune_layer=args.prune_layer, ratio=args.ratio, as_layers=args.as_layers, num_neighbors=args.neighbors
-    )
     dtype = harness.DTYPES[args.dtype]
 
     print("loading model ...", flush=True)
-    tower, pixels, grid, description = load_inputs(args, dtype)
-    print(f"{description}; input grid_thw {grid.tolist()} = {int(grid.prod(-1).sum())} patch tokens")
+    calls, inputs, description = load_inputs(args, dtype)
+    tower, case = calls.tower, inputs[0]
+    base = IPCVConfig(**calls.family.recommended) if args.preset else DEMO_CONFIG
+    config = IPCVConfig(
+        prune_layer=args.prune_layer if args.prune_layer is not None else base.prune_layer,
+        ratio=args.ratio if args.ratio is not None else base.ratio,
+        as_layers=args.as_layers if args.as_layers is not None else base.as_layers,
+        num_neighbors=args.neighbors if args.neighbors is not None else base.num_neighbors,
+    )
+    config.check_depth(calls.depth)
+    if case.grid_thw:
+        print(f"{description}; input grid_thw {[list(g) for g in case.grid_thw]} = {case.tokens} patch tokens")
+    else:
+        print(
+            f"{description}; input {case.tiles_per_image[0]} tile(s) of {case.tile_tokens} tokens = {case.tokens} tokens"
+        )
     print(f"IPCV: {config}")
 
     def forward() -> torch.Tensor:
-        with torch.inference_mode():
-            return tower_output(tower(pixels, grid_thw=grid))
+        return calls.forward(inputs)
 
     def select(variant: str) -> None:
         # Outside the timed region: patching is set-up, not the forward being compared.
@@ -112,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     with harness.Progress(2 * args.repeats, "demo timing", enabled=not args.no_progress) as bar:
         timings = harness.time_interleaved(
             {"unpatched": forward, "ipcv": forward},
-            pixels.device,
+            inputs[1][0].device,
             warmup=1,
             repeats=args.repeats,
             before_each=select,
@@ -130,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
     remove_ipcv(tower)
     base_out = forward()
 
-    flops_base = qwen2_vl_flops(tower.config, grid.tolist())
-    flops_ipcv = qwen2_vl_flops(tower.config, grid.tolist(), config)
+    flops_base = calls.flops(case, None)
+    flops_ipcv = calls.flops(case, config)
     max_diff = (zero_out.float() - base_out.float()).abs().max().item()
     base_spread, ipcv_spread = harness.Spread.of(base.samples_ms), harness.Spread.of(ipcv.samples_ms)
     print("\ntokens per block (rows whose outputs each block computes):")
@@ -157,5 +190,7 @@ def run(args: argparse.Namespace) -> int:
         f"FLOPs: {flops_base.total / 1e9:.1f} G -> {flops_ipcv.total / 1e9:.1f} G "
         f"(predicted speedup {predicted_speedup(flops_base, flops_ipcv):.2f}x)"
     )
-    print(f"max |unpatched - IPCV(ratio=0)| of the merged output: {max_diff:.3e} (should be ~0)")
+    print(
+        f"max |unpatched - IPCV(ratio=0)| of the {'merged output' if case.grid_thw else 'last hidden state'}: {max_diff:.3e} (should be ~0)"
+    )
     return 0

@@ -4,7 +4,9 @@
 - ``harness``: timing, spread and noise verdicts, peak memory, run metadata, result files, plots,
   progress bars; the default output directory ``./ipcv_results/<benchmark>``;
 - ``presets``: named tower shapes and benchmark suites;
-- ``towers``: a preset's tower with seeded random weights, or a local checkpoint's vision tower;
+- ``towers``: a preset's tower with seeded random weights, or a local checkpoint's vision tower
+  (any family of the family table);
+- ``calls``: how a tower of each family is called, its cases and its FLOP model;
 - ``variants``: the compared variants (unpatched, the paper's formulation, IPCV) by name;
 - ``vit``: the end-to-end vision-tower benchmark (cases, checks, the run, the ``bench`` flags);
 - ``report``: its CSV rows, markdown and plot.

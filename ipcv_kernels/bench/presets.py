@@ -10,7 +10,11 @@ the same token counts as for the real towers.
 Presets of other families are listed in ``PRESET_FAMILIES`` with the family whose vision config
 their fields are: ``qwen2.5-vl-7b`` is the vision tower of Qwen2.5-VL-7B-Instruct
 (``Qwen2_5_VLVisionConfig``: depth 32, width 1280, 16 heads, gated SiLU MLP 3420, RMSNorm, output
-3584, attention in 112-pixel windows except in blocks 7, 15, 23 and 31).
+3584, attention in 112-pixel windows except in blocks 7, 15, 23 and 31); ``qwen3-vl-8b`` is
+Qwen3-VL-8B-Instruct's; ``clip-vit-l-336-d8`` LLaVA-1.5-7B's CLIP ViT-L/14-336,
+``siglip-so400m-d8`` Gemma 3's SigLIP-So400m/14 at 896 pixels (``-384-d8``: at 384),
+``internvit-300m-d8`` InternVL2.5-8B's InternViT-300M-448px (``internvit-300m``: its full depth 24),
+all with their real block shapes at depth 8 (the ``-d8`` names) so that a CPU run stays short.
 """
 
 from __future__ import annotations
@@ -48,6 +52,63 @@ QWEN2_5_VL_7B_VISION: dict[str, Any] = dict(
     fullatt_block_indexes=[7, 15, 23, 31],
 )
 
+# Qwen3-VL-8B-Instruct's vision tower (``Qwen3VLVisionConfig``): 16-pixel patches, DeepStack
+# mergers after blocks 8, 16 and 24.
+QWEN3_VL_8B_VISION: dict[str, Any] = dict(
+    depth=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_heads=16,
+    out_hidden_size=4096,
+    hidden_act="gelu_pytorch_tanh",
+    patch_size=16,
+    temporal_patch_size=2,
+    in_channels=3,
+    spatial_merge_size=2,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=[8, 16, 24],
+)
+
+# LLaVA-1.5-7B's tower, CLIP ViT-L/14-336 (``CLIPVisionConfig``): 24 blocks, 577 tokens (CLS + 24 x 24).
+CLIP_VIT_L_336: dict[str, Any] = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+
+# Gemma 3's tower, SigLIP-So400m/14 at 896 pixels (``SiglipVisionConfig``): 27 blocks, 4,096
+# tokens, no CLS, no pooling head (``vision_use_head=False``, as Gemma 3 configures it).
+SIGLIP_SO400M_896: dict[str, Any] = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=896,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+    vision_use_head=False,
+)
+
+# InternVL2.5-8B's tower, InternViT-300M-448px (``InternVLVisionConfig``): 24 blocks, 448-pixel
+# tiles of 1,025 tokens (CLS + 32 x 32), LayerNorm, no QK-norm, layer scale.
+INTERNVIT_300M: dict[str, Any] = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=448,
+    patch_size=14,
+    use_qk_norm=False,
+    norm_type="layer_norm",
+    layer_scale_init_value=0.1,
+    hidden_act="gelu",
+)
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "qwen2-vl-7b": QWEN2_VL_7B_VISION,
     "qwen2-vl-7b-d8": {**QWEN2_VL_7B_VISION, "depth": 8},
@@ -61,9 +122,26 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "hidden_size": 48,
     },
     "qwen2.5-vl-7b": QWEN2_5_VL_7B_VISION,
+    "qwen3-vl-8b": QWEN3_VL_8B_VISION,
+    "qwen3-vl-8b-d8": {**QWEN3_VL_8B_VISION, "depth": 8, "deepstack_visual_indexes": [2, 4, 6]},
+    "clip-vit-l-336-d8": {**CLIP_VIT_L_336, "num_hidden_layers": 8},
+    "siglip-so400m-d8": {**SIGLIP_SO400M_896, "num_hidden_layers": 8},
+    "siglip-so400m-384-d8": {**SIGLIP_SO400M_896, "image_size": 384, "num_hidden_layers": 8},
+    "internvit-300m-d8": {**INTERNVIT_300M, "num_hidden_layers": 8},
+    "internvit-300m": INTERNVIT_300M,
 }
-# Presets that are not Qwen2-VL towers, and their family (``ipcv_kernels.models`` module name).
-PRESET_FAMILIES: dict[str, str] = {"qwen2.5-vl-7b": "qwen2_5_vl"}
+# Presets that are not Qwen2-VL towers, and their tower kind: a key of
+# ``ipcv_kernels.testing.models.TINY_TOWERS`` (the transformers module, config and tower classes).
+PRESET_FAMILIES: dict[str, str] = {
+    "qwen2.5-vl-7b": "qwen2_5_vl",
+    "qwen3-vl-8b": "qwen3_vl",
+    "qwen3-vl-8b-d8": "qwen3_vl",
+    "clip-vit-l-336-d8": "clip",
+    "siglip-so400m-d8": "siglip",
+    "siglip-so400m-384-d8": "siglip",
+    "internvit-300m-d8": "internvl",
+    "internvit-300m": "internvl",
+}
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,26 @@ if TYPE_CHECKING:
 VISION_PREFIXES = ("model.visual.", "visual.")
 
 
+def _tower_classes(kind: str) -> tuple[type, type]:
+    """``(config class, tower class)`` of a ``PRESET_FAMILIES`` tower kind (``TINY_TOWERS``'s table)."""
+    import importlib
+
+    from ..testing.models import TINY_TOWERS
+
+    module_name, config_class, tower_class, _ = TINY_TOWERS[kind]
+    module = importlib.import_module(f"transformers.models.{module_name}")
+    return getattr(module, config_class), getattr(module, tower_class)
+
+
 def vision_config_from_preset(name: str, attn_implementation: str = "sdpa") -> PretrainedConfig:
-    """A ``Qwen2VLVisionConfig`` (or ``Qwen2_5_VLVisionConfig``) for a ``MODEL_PRESETS`` name."""
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    """The vision config of a ``MODEL_PRESETS`` name: ``Qwen2VLVisionConfig``, or the config class
+    of its ``PRESET_FAMILIES`` tower kind (Qwen2.5-VL, Qwen3-VL, CLIP, SigLIP, InternViT)."""
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 
     if name not in MODEL_PRESETS:
         raise ValueError(f"preset must be one of {list(MODEL_PRESETS)}, got {name!r}")
-    config_class = Qwen2_5_VLVisionConfig if PRESET_FAMILIES.get(name) == "qwen2_5_vl" else Qwen2VLVisionConfig
+    kind = PRESET_FAMILIES.get(name)
+    config_class = _tower_classes(kind)[0] if kind is not None else Qwen2VLVisionConfig
     config = config_class(**MODEL_PRESETS[name])
     config._attn_implementation = attn_implementation
     return config
@@ -37,26 +49,22 @@ def build_tower(
     vision_config: PretrainedConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0
 ) -> nn.Module:
     """The tower with seeded random weights, created directly on ``device`` (no host copy)."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-    tower_class = (
-        Qwen2_5_VisionTransformerPretrainedModel
-        if vision_config.model_type == "qwen2_5_vl_vision"
-        else Qwen2VisionTransformerPretrainedModel
-    )
+    kind = next((k for k in PRESET_FAMILIES.values() if _tower_classes(k)[0] is type(vision_config)), None)
+    tower_class = _tower_classes(kind)[1] if kind is not None else Qwen2VisionTransformerPretrainedModel
     torch.manual_seed(seed)
     with torch.device(device):
         tower = tower_class(vision_config)
     return tower.to(dtype=dtype).eval()
 
 
-def read_vision_state_dict(root: Path) -> dict[str, torch.Tensor]:
+def read_vision_state_dict(root: Path, prefixes: tuple[str, ...] = VISION_PREFIXES) -> dict[str, torch.Tensor]:
     """The vision tower's tensors of the checkpoint in ``root``, named as the tower names them.
 
-    Only tensors named ``visual.*`` / ``model.visual.*`` are read, shard by shard (the shards the
-    safetensors index lists, else every ``*.safetensors`` file), so a 7B checkpoint costs the
-    ~1.3 GB of its tower, not 16 GB.
+    Only tensors named ``<prefix>*`` for one of ``prefixes`` (default ``visual.*`` /
+    ``model.visual.*``, Qwen's) are read, shard by shard (the shards the safetensors index lists,
+    else every ``*.safetensors`` file), so a 7B checkpoint costs the ~1.3 GB of its tower, not 16 GB.
 
     Raises:
         ValueError: no safetensors files, or none of them holds a vision-tower tensor.
@@ -74,49 +82,61 @@ def read_vision_state_dict(root: Path) -> dict[str, torch.Tensor]:
     for shard in shards:
         with safe_open(str(root / shard), framework="pt", device="cpu") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                prefix = next((p for p in VISION_PREFIXES if key.startswith(p)), None)
+                prefix = next((p for p in prefixes if key.startswith(p)), None)
                 if prefix is not None:
                     state[key[len(prefix) :]] = handle.get_tensor(key)
     if not state:
-        raise ValueError(f"model: no vision-tower tensors ({' or '.join(VISION_PREFIXES)}*) in {str(root)!r}")
+        raise ValueError(f"model: no vision-tower tensors ({' or '.join(prefixes)}*) in {str(root)!r}")
     return state
 
 
 def load_vision_tower(
     path: str | Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"
 ) -> nn.Module:
-    """The vision tower of a local Qwen2-VL checkpoint directory, without loading the LLM.
+    """The vision tower of a local checkpoint directory of any supported family, without the LLM.
 
-    ``path`` holds either a full Qwen2-VL model (``config.json`` with a ``vision_config`` and
-    safetensors shards, as ``save_pretrained`` or the Hub write them; see ``read_vision_state_dict``)
-    or a saved tower alone (``model_type`` ``qwen2_vl_vision``).
+    ``path`` holds either a full multimodal model (``config.json`` with a ``vision_config`` and
+    safetensors shards, as ``save_pretrained`` or the Hub write them) or a saved tower alone
+    (``Qwen2VisionTransformerPretrainedModel``, ``CLIPVisionModel``, ``SiglipVisionModel``, ...).
+    For a full model, its base model is built on the meta device from the config, the family table
+    (``ipcv_kernels.models.families.find_family``) names its vision tower, and only that tower's
+    tensors are read (``read_vision_state_dict``, under ``model.<tower path>.`` or ``<tower path>.``).
 
     Raises:
-        ValueError: ``path`` is not a checkpoint directory, or holds no Qwen2-VL vision tower.
+        ValueError: ``path`` is not a checkpoint directory, or holds no tower of a supported family.
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    from ..models.families import find_family
 
     root = Path(path)
     if not (root / "config.json").is_file():
         raise ValueError(f"model: {str(root)!r} is not a directory with a config.json")
     config = AutoConfig.from_pretrained(root)
-    if getattr(config, "model_type", None) == "qwen2_vl_vision":
-        tower = Qwen2VisionTransformerPretrainedModel.from_pretrained(
-            root, dtype=dtype, attn_implementation=attn_implementation
-        )
+    if getattr(config, "vision_config", None) is None:  # a saved bare tower
+        tower_class = Qwen2VisionTransformerPretrainedModel if config.model_type == "qwen2_vl_vision" else AutoModel
+        tower = tower_class.from_pretrained(root, dtype=dtype, attn_implementation=attn_implementation)
+        try:
+            find_family(tower)
+        except TypeError as error:
+            raise ValueError(f"model: {str(root)!r}: {error}") from None
         return tower.to(device).eval()
-    vision_config = getattr(config, "vision_config", None)
-    if vision_config is None:
-        raise ValueError(f"model: {str(root)!r} has no vision_config (not a Qwen2-VL checkpoint)")
-    vision_config._attn_implementation = attn_implementation
-    state = read_vision_state_dict(root)
     with torch.device("meta"):
-        tower = Qwen2VisionTransformerPretrainedModel(vision_config)
-    tower.load_state_dict(state, strict=True, assign=True)
-    # Non-persistent buffers (the rotary inverse frequencies) are not in checkpoints: recompute.
-    tower.rotary_pos_emb = type(tower.rotary_pos_emb)(vision_config)
-    return tower.to(device=device, dtype=dtype).eval()
+        model = AutoModel.from_config(config, attn_implementation=attn_implementation)
+    try:
+        _, skeleton = find_family(model)
+    except TypeError as error:
+        raise ValueError(f"model: {str(root)!r}: {error}") from None
+    name = next(n for n, m in model.named_modules() if m is skeleton)
+    state = read_vision_state_dict(root, (f"model.{name}.", f"{name}."))
+    # Built for real (not on meta) so that non-persistent buffers (rotary frequencies, position
+    # ids) get their values; every parameter is then overwritten by the checkpoint's.
+    torch.manual_seed(0)
+    with torch.device(device):
+        tower = type(skeleton)(skeleton.config)
+    tower.load_state_dict(state, strict=True)
+    return tower.to(dtype=dtype).eval()
 
 
 def tower_output(output: Any) -> torch.Tensor:

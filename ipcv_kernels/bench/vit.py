@@ -1,4 +1,5 @@
-"""End-to-end benchmark of a Qwen2-VL vision tower: unpatched vs the paper's formulation vs IPCV.
+"""End-to-end benchmark of a vision tower of any supported family (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, InternViT, CLIP, SigLIP, Idefics3 / SmolVLM): unpatched vs the paper's formulation vs IPCV.
 
 Entry points: ``python -m ipcv_kernels bench ...`` (``add_arguments`` and ``run`` are its
 subcommand) and ``python benchmarks/bench_vit.py ...``, which runs that subcommand. The variants
@@ -11,7 +12,10 @@ model's speedup (``ipcv_kernels.flops``); ``efficiency`` = measured speedup / bo
 comes with the p10-p90 of its per-round values and a verdict on noise (``harness.noise_warnings``).
 
 Weights are seeded random (speed does not depend on their values) unless ``--model PATH`` loads a
-real checkpoint's vision tower from a local directory (``ipcv_kernels.bench.towers``). Results go
+real checkpoint's vision tower from a local directory (``ipcv_kernels.bench.towers``). How a
+tower is called, how cases become its inputs and which FLOP model bounds it is its family's
+convention (``ipcv_kernels.bench.calls``). ``--recommended`` takes the family's recommended IPCV
+setting (``ipcv_kernels.models.families``) instead of the suite's. Results go
 to ``--out`` (default ``./ipcv_results/vit``); the report is ``ipcv_kernels.bench.report``.
 """
 
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -30,65 +33,24 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..flops import FlopReport, predicted_speedup, vision_tower_flops
+from ..flops import FlopReport, predicted_speedup
 from ..models import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..ops import available_backends
 from ..testing import tolerance
 from . import harness
+from .calls import Case, GridCalls, TowerCalls, parse_grid_case, tower_calls
 from .presets import MODEL_PRESETS, SUITES
 from .report import markdown_report, plot, table_rows
-from .towers import build_tower, load_vision_tower, tower_output, vision_config_from_preset
+from .towers import build_tower, load_vision_tower, vision_config_from_preset
 from .variants import VARIANTS, attention_variant_backend, attention_variants, variant_configs
 
 PLANNED_OPS = ("plan", "knn", "ngr_reconstruct", "ngr_attention")
 
 
 # -- cases ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Case:
-    """One input: ``grid_thw`` rows (``t, h, w`` in patches) for the tower."""
-
-    name: str
-    kind: str  # "image", "batch" or "video"
-    grid_thw: tuple[tuple[int, int, int], ...]
-
-    @property
-    def tokens(self) -> int:
-        """Patch tokens entering the tower."""
-        return sum(t * h * w for t, h, w in self.grid_thw)
-
-
-_CASE = re.compile(r"^(\d+)x(\d+)(?:\*(\d+)|@(\d+))?$")
-
-
-def _patches(pixels: int, patch: int, merge: int) -> int:
-    # Like Qwen2-VL's processor (``smart_resize``): round to the nearest multiple of patch * merge.
-    unit = patch * merge
-    return max(1, round(pixels / unit)) * merge
-
-
 def parse_case(text: str, vision_config: Any) -> Case:
-    """``"HxW"`` one image, ``"HxW*B"`` ``B`` images, ``"HxW@F"`` a video of ``F`` frames.
-
-    Sizes are in pixels, rounded to the nearest multiple of ``patch_size * spatial_merge_size``
-    (28 for Qwen2-VL); ``F`` must be a multiple of ``temporal_patch_size``.
-    """
-    match = _CASE.match(text.strip()) if isinstance(text, str) else None
-    if match is None:
-        raise ValueError(f"cases: expected 'HxW', 'HxW*B' or 'HxW@F', got {text!r}")
-    height, width, batch, frames = match.groups()
-    c = vision_config
-    h = _patches(int(height), c.patch_size, c.spatial_merge_size)
-    w = _patches(int(width), c.patch_size, c.spatial_merge_size)
-    if frames is not None:
-        frames = int(frames)
-        if frames < 1 or frames % c.temporal_patch_size:
-            raise ValueError(f"cases: frames must be a positive multiple of {c.temporal_patch_size}, got {text!r}")
-        return Case(text, "video", ((frames // c.temporal_patch_size, h, w),))
-    count = int(batch) if batch is not None else 1
-    if count < 1:
-        raise ValueError(f"cases: batch size must be >= 1, got {text!r}")
-    return Case(text, "batch" if count > 1 else "image", ((1, h, w),) * count)
+    """A case of a Qwen tower (``calls.parse_grid_case``); ``TowerCalls.parse_case`` for any tower."""
+    return parse_grid_case(text, vision_config)
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -111,13 +73,17 @@ def agreement_bound(dtype: torch.dtype, depth: int) -> float:
 # -- the run --------------------------------------------------------------------------------------
 @dataclass
 class Bench:
-    """A tower under test and how to run one variant of it."""
+    """A tower under test, its call convention and how to run one variant of it."""
 
     tower: nn.Module
-    vision_config: Any
+    calls: TowerCalls
     device: torch.device
     dtype: torch.dtype
     configs: dict[str, IPCVConfig | None]
+
+    @property
+    def vision_config(self) -> Any:
+        return self.calls.config
 
     def select(self, variant: str) -> None:
         """Patch the tower as ``variant`` runs it (or unpatch it, for ``unpatched``)."""
@@ -127,18 +93,13 @@ class Bench:
         else:
             apply_ipcv(self.tower, config)
 
-    def inputs(self, case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Seeded random ``(pixel_values, grid_thw)`` of ``case``, on the bench's device and dtype."""
-        c = self.vision_config
-        patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
-        generator = torch.Generator().manual_seed(seed)
-        pixels = torch.randn(case.tokens, patch_dim, generator=generator)
-        return pixels.to(self.device, self.dtype), torch.tensor(case.grid_thw, dtype=torch.int64, device=self.device)
+    def inputs(self, case: Case, seed: int) -> tuple[Case, tuple]:
+        """Seeded random inputs of ``case`` (``TowerCalls.inputs``), on the bench's device and dtype."""
+        return self.calls.inputs(case, seed, self.device, self.dtype)
 
-    def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """One inference call of the tower as selected; the merger's output."""
-        with torch.inference_mode():
-            return tower_output(self.tower(pixels, grid_thw))
+    def forward(self, inputs: tuple[Case, tuple]) -> torch.Tensor:
+        """One inference call of the tower as selected; the output compared (``TowerCalls.forward``)."""
+        return self.calls.forward(inputs)
 
 
 def run_case(
@@ -158,9 +119,13 @@ def run_case(
 
     ``breakdown``: one more untimed call per variant, timed stage by stage (``block_breakdown``).
     """
-    pixels, grid_thw = bench.inputs(case, seed)
-    depth = bench.vision_config.depth
-    result: dict[str, Any] = {"case": case.name, "kind": case.kind, "grid_thw": [list(g) for g in case.grid_thw]}
+    inputs = bench.inputs(case, seed)
+    depth = bench.calls.depth
+    result: dict[str, Any] = {"case": case.name, "kind": case.kind}
+    if case.grid_thw:
+        result["grid_thw"] = [list(g) for g in case.grid_thw]
+    else:
+        result["tiles_per_image"], result["tile_tokens"] = list(case.tiles_per_image), case.tile_tokens
     result["tokens"] = case.tokens
 
     # Warm-up calls: the first one's output feeds the checks, the last one's peak memory is kept
@@ -171,7 +136,7 @@ def run_case(
     for variant in variants:
         for call in range(max(1, warmup)):
             bench.select(variant)
-            output, peak = harness.measure_peak_memory(lambda: bench.forward(pixels, grid_thw), bench.device)
+            output, peak = harness.measure_peak_memory(lambda: bench.forward(inputs), bench.device)
             if call == 0:
                 outputs[variant] = output
             memory[variant] = peak
@@ -189,7 +154,7 @@ def run_case(
             # planned by (c)'s own backends, and (b) vs (c) is kept as information only.
             checks["ipcv_vs_paper_informative"] = checks.pop("ipcv_vs_paper")
             apply_ipcv(bench.tower, replace(bench.configs["ipcv"], as_queries="all"))
-            same_plan = bench.forward(pixels, grid_thw)
+            same_plan = bench.forward(inputs)
             checks["ipcv_vs_paper_same_planning"] = relative_error(outputs["ipcv"], same_plan)
     for variant in attention_variants(list(outputs)) if "ipcv" in outputs else ():
         # Same planning as (c), another attention kernel: agreement to round-off.
@@ -197,7 +162,7 @@ def run_case(
     if check_ratio_zero and "unpatched" in outputs:
         bench.select("ipcv")
         apply_ipcv(bench.tower, replace(bench.configs["ipcv"], ratio=0.0))
-        checks["ratio0_vs_unpatched"] = relative_error(bench.forward(pixels, grid_thw), outputs["unpatched"])
+        checks["ratio0_vs_unpatched"] = relative_error(bench.forward(inputs), outputs["unpatched"])
     failed = {
         k: v
         for k, v in checks.items()
@@ -213,14 +178,14 @@ def run_case(
     del outputs
 
     timings = harness.time_interleaved(
-        {v: (lambda: bench.forward(pixels, grid_thw)) for v in variants},
+        {v: (lambda: bench.forward(inputs)) for v in variants},
         bench.device,
         warmup=0,
         repeats=repeats,
         before_each=bench.select,
         progress=bar.update,
     )
-    flops = {v: vision_tower_flops(bench.vision_config, case.grid_thw, bench.configs[v]) for v in variants}
+    flops = {v: bench.calls.flops(case, bench.configs[v]) for v in variants}
     result["kept_tokens"] = flops["ipcv"].kept_tokens if "ipcv" in flops else None
     result["ipcv_tokens_per_block"] = kept_per_block
     result["variants"] = {
@@ -254,26 +219,26 @@ def run_case(
     if breakdown:
         for v in variants:
             bench.select(v)
-            result["variants"][v]["breakdown"] = block_breakdown(bench, pixels, grid_thw, flops[v], bench.configs[v])
+            result["variants"][v]["breakdown"] = block_breakdown(bench, inputs, flops[v], bench.configs[v])
             # Host-device syncs of one forward (CUDA only): each one idles the GPU while the host
             # launches the next kernels, which matters most for small inputs.
             _, result["variants"][v]["host_syncs"] = harness.count_host_syncs(
-                lambda: bench.forward(pixels, grid_thw), bench.device
+                lambda: bench.forward(inputs), bench.device
             )
     return result
 
 
 def block_breakdown(
-    bench: Bench, pixels: torch.Tensor, grid_thw: torch.Tensor, report: FlopReport, config: IPCVConfig | None
+    bench: Bench, inputs: tuple[Case, tuple], report: FlopReport, config: IPCVConfig | None
 ) -> dict[str, Any]:
     """Milliseconds, FLOP-model GFLOP and achieved TFLOP/s per stage of one call of the selected
     variant: patch embedding, blocks grouped by kind (``full``, ``stabilised`` / ``stabilised_all``,
     ``pruned``; the planning runs inside block ``P`` and the restoration inside the last block, so
-    those get their own stage), merger. Shows where a gap to the FLOP bound sits."""
+    those get their own stage), merger. Shows where a gap to the FLOP bound sits. Qwen towers only."""
     tower = bench.tower
     modules = {"embed": tower.patch_embed, **{f"block{i}": b for i, b in enumerate(tower.blocks)}}
     modules["merger"] = tower.merger
-    _, ms = harness.time_modules(lambda: bench.forward(pixels, grid_thw), modules, bench.device)
+    _, ms = harness.time_modules(lambda: bench.forward(inputs), modules, bench.device)
     stages: dict[str, dict[str, float]] = {}
 
     def add(stage: str, millis: float, flops: float) -> None:
@@ -310,14 +275,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--preset", choices=sorted(MODEL_PRESETS), help="seeded random tower of this shape (default: the suite's)"
     )
-    source.add_argument("--model", type=Path, help="local Qwen2-VL checkpoint directory: load its vision tower")
+    source.add_argument(
+        "--model",
+        type=Path,
+        help="local checkpoint directory of any supported family (a full model or a bare tower): load its vision tower",
+    )
     parser.add_argument("--dtype", choices=sorted(harness.DTYPES), help="weights and inputs (default: the suite's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
         "--cases",
         nargs="+",
-        help="inputs in pixels: HxW (an image), HxW*B (a batch of B images), HxW@F (a video of F frames) "
-        "(default: the suite's)",
+        help="inputs in pixels: HxW (an image), HxW*B (a batch of B images), HxW@F (a video of F frames, Qwen "
+        "towers only); towers of a fixed image size S (CLIP, SigLIP, InternViT) split an image into tiles of S "
+        "(default: the suite's for Qwen towers, one image of S otherwise)",
+    )
+    parser.add_argument(
+        "--recommended",
+        action="store_true",
+        help="start from the tower's family's recommended IPCV setting (ipcv_kernels.models.families; "
+        "IPCVConfig's defaults where the table gives none) instead of the suite's",
     )
     parser.add_argument("--ratio", type=float, help="IPCV ratio: fraction of tokens dropped (default: the suite's)")
     parser.add_argument("--prune-layer", type=int, help="IPCV prune layer P (default: the suite's)")
@@ -363,14 +339,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="show no progress bar")
 
 
-def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Merge ``--suite`` defaults with explicit flags (flags win)."""
+def settings_from_args(args: argparse.Namespace, base_ipcv: IPCVConfig | None = None) -> dict[str, Any]:
+    """Merge ``--suite`` defaults (or ``base_ipcv``'s IPCV fields, where given) with explicit flags
+    (flags win)."""
     suite = SUITES[args.suite or ("gpu" if (args.device or "").startswith("cuda") else "cpu")]
+    base = base_ipcv or suite.ipcv
     ipcv = IPCVConfig(
-        prune_layer=args.prune_layer if args.prune_layer is not None else suite.ipcv.prune_layer,
-        ratio=args.ratio if args.ratio is not None else suite.ipcv.ratio,
-        as_layers=args.as_layers if args.as_layers is not None else suite.ipcv.as_layers,
-        num_neighbors=args.neighbors if args.neighbors is not None else suite.ipcv.num_neighbors,
+        prune_layer=args.prune_layer if args.prune_layer is not None else base.prune_layer,
+        ratio=args.ratio if args.ratio is not None else base.ratio,
+        as_layers=args.as_layers if args.as_layers is not None else base.as_layers,
+        num_neighbors=args.neighbors if args.neighbors is not None else base.num_neighbors,
     )
     return {
         "suite": args.suite,
@@ -399,10 +377,18 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     else:
         vision_config = vision_config_from_preset(s["model"], args.attn_implementation)
         tower = build_tower(vision_config, dtype=dtype, device=device, seed=args.seed)
+    calls = tower_calls(tower)
     vision_config = tower.config
+    if getattr(args, "recommended", False):
+        s["ipcv"] = settings_from_args(args, IPCVConfig(**calls.family.recommended))["ipcv"]
+    s["family"] = calls.family.name
+    if not args.cases and calls.default_cases() is not None:
+        s["cases"] = list(calls.default_cases())
+    if args.breakdown and not isinstance(calls, GridCalls):
+        raise ValueError(f"--breakdown times the stages of Qwen towers only, not of a {calls.family.name} tower")
     ipcv: IPCVConfig = s["ipcv"]
-    ipcv.check_depth(vision_config.depth)
-    cases = [parse_case(text, vision_config) for text in s["cases"]]
+    ipcv.check_depth(calls.depth)
+    cases = [calls.parse_case(text) for text in s["cases"]]
     variants = [v for v in VARIANTS if v in args.variants]
     variants += [v for v in dict.fromkeys(args.variants) if v not in VARIANTS]
     configs = variant_configs(ipcv, variants)
@@ -410,7 +396,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         backend = attention_variant_backend(variant)
         if backend not in available_backends("ngr_attention", device):
             raise ValueError(f"variant {variant}: ngr_attention backend {backend!r} is not available on {device}")
-    bench = Bench(tower, vision_config, device, dtype, configs)
+    bench = Bench(tower, calls, device, dtype, configs)
 
     stem = args.name or (f"vit_{args.suite}" if args.suite else f"vit_{Path(s['model']).name}_{device.type}")
     files = harness.ResultFiles(args.out, stem)

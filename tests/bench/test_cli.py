@@ -113,3 +113,17 @@ def test_bench_without_out_writes_under_the_current_directory(tmp_path, monkeypa
     payload = json.loads((tmp_path / "ipcv_results" / "vit" / "vit_smoke.json").read_text())
     assert payload["settings"]["command"] == "python -m ipcv_kernels " + " ".join(argv)
     assert "wrote ipcv_results/vit/vit_smoke.json" in capsys.readouterr().out
+
+
+def test_demo_runs_a_preset_of_another_family(capsys, monkeypatch):
+    # The CLIP ViT-L/14-336 preset at depth 2 (a real width, fast enough): one 336-pixel image,
+    # the family's recommended setting with P=1, and ratio 0 equal to the unpatched tower.
+    from ipcv_kernels.bench import presets
+
+    monkeypatch.setitem(presets.MODEL_PRESETS, "clip-vit-l-336-d8", {**presets.CLIP_VIT_L_336, "num_hidden_layers": 2})
+    assert main(["demo", "--preset", "clip-vit-l-336-d8", "--prune-layer", "1", "--repeats", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(CLIP, depth 2" in out and "= 577 tokens" in out
+    assert re.search(r"tokens per block.*\n  577 202\n", out)
+    diff = float(re.search(r"IPCV\(ratio=0\)\| of the last hidden state: (\S+)", out).group(1))
+    assert diff < 1e-4

@@ -151,6 +151,7 @@ def test_model_matches_torch_flop_counter_on_a_real_tower(case, as_queries):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ipcv_kernels.bench.calls import tower_calls
     from ipcv_kernels.bench.towers import build_tower, vision_config_from_preset
     from ipcv_kernels.bench.vit import Bench, parse_case
     from ipcv_kernels.models import apply_ipcv
@@ -161,10 +162,10 @@ def test_model_matches_torch_flop_counter_on_a_real_tower(case, as_queries):
     if as_queries is not None:
         config = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=4, as_queries=as_queries)
         apply_ipcv(tower, config)
-    bench = Bench(tower, vision, torch.device("cpu"), torch.float32, {})
+    bench = Bench(tower, tower_calls(tower), torch.device("cpu"), torch.float32, {})
     parsed = parse_case(case, vision)
     with FlopCounterMode(display=False) as counter:
-        bench.forward(*bench.inputs(parsed, 0))
+        bench.forward(bench.inputs(parsed, 0))
     report = qwen2_vl_flops(vision, parsed.grid_thw, config)
     opaque = sum(b.attention for b in report.blocks if b.kind == "stabilised")
     assert counter.get_total_flops() + opaque == report.core

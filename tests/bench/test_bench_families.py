@@ -1,0 +1,137 @@
+"""The vision-tower benchmark on every family: tiny towers through the bench's checks, the FLOP
+bounds of ``ipcv_kernels.flops``, checkpoints found through the family table, the real-shape presets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ipcv_kernels.__main__ import main
+from ipcv_kernels.bench import harness
+from ipcv_kernels.bench.calls import GridCalls, TileCalls, tower_calls
+from ipcv_kernels.bench.presets import MODEL_PRESETS, PRESET_FAMILIES
+from ipcv_kernels.bench.towers import build_tower, load_vision_tower, vision_config_from_preset
+from ipcv_kernels.bench.variants import VARIANTS, variant_configs
+from ipcv_kernels.bench.vit import Bench, run_case
+from ipcv_kernels.config import IPCVConfig
+from ipcv_kernels.flops import clip_vit_flops, internvl_flops, predicted_speedup, vision_tower_flops
+from ipcv_kernels.models import find_family, get_ipcv_patch
+from ipcv_kernels.testing import models
+
+CONFIG = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=2, num_neighbors=4)
+# Per tower kind: cases in pixels (Qwen: 2-pixel patches; the others: one tile or crop of the
+# tower's image size per 16 / 32 pixels) and the FLOP function of flops.py that must bound it.
+CASES = {
+    "qwen2_5_vl": ("8x8", "8x16*2", "8x8@4"),
+    "qwen3_vl": ("8x8", "8x16*2", "8x8@4"),
+    "internvl": ("16x16", "32x32*2"),
+}
+TILE_CASES = ("32x32", "64x64*2")
+
+
+def expected_flops(kind, calls, case, config):
+    config_ = calls.config
+    if kind.startswith("qwen"):
+        return vision_tower_flops(config_, case.grid_thw, config)
+    if kind == "internvl":
+        return internvl_flops(config_, case.tiles_per_image, tuple(config_.image_size), config)
+    return clip_vit_flops(config_, case.tiles_per_image, config)
+
+
+@pytest.mark.parametrize("kind", models.BUILT_TOWERS)
+def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(kind):
+    tower = models.build_tower(kind)
+    calls = tower_calls(tower)
+    assert isinstance(calls, GridCalls if kind.startswith("qwen") else TileCalls)
+    bench = Bench(tower, calls, torch.device("cpu"), torch.float32, variant_configs(CONFIG, VARIANTS))
+    with harness.Progress(0, "test", enabled=False) as bar:
+        for index, text in enumerate(CASES.get(kind, TILE_CASES)):
+            case = calls.parse_case(text)
+            result = run_case(bench, case, VARIANTS, warmup=1, repeats=1, check_ratio_zero=True, seed=index, bar=bar)
+            checks = result["checks"]
+            assert checks["passed"] and checks["ratio0_vs_unpatched"] <= checks["bound"], (text, checks)
+            unpatched = expected_flops(kind, calls, case, None)
+            ipcv = expected_flops(kind, calls, case, bench.configs["ipcv"])
+            assert result["bound_ipcv"] == predicted_speedup(unpatched, ipcv)
+            assert result["variants"]["ipcv"]["gflops"] == ipcv.total / 1e9
+            # The tower kept what the FLOP model counts (pinned CLS tokens included in the rows).
+            assert result["ipcv_tokens_per_block"][-1] == result["kept_tokens"] == ipcv.kept_tokens
+            assert result["tokens"] == unpatched.tokens == case.tokens
+
+
+def test_tile_towers_group_the_tiles_of_an_image_into_one_item():
+    tower = models.build_tower("internvl")  # 16-pixel tiles of 16 patches + CLS
+    calls = tower_calls(tower)
+    case = calls.parse_case("32x48*2")
+    assert (case.kind, case.tiles_per_image, case.tile_tokens, case.tokens) == ("batch", (6, 6), 17, 204)
+    from ipcv_kernels.models import apply_ipcv
+
+    apply_ipcv(tower, CONFIG)
+    calls.forward(calls.inputs(case, 0, torch.device("cpu"), torch.float32))
+    # 6 tiles x 16 patches per image, half kept, plus the 6 pinned CLS tokens of each image.
+    assert get_ipcv_patch(tower).last_tokens_per_block[-1] == 2 * (48 + 6)
+    with pytest.raises(ValueError, match="videos"):
+        calls.parse_case("32x32@4")
+    clip = tower_calls(models.build_tower("clip"))
+    assert clip.parse_case("32x32").tokens == 17 and clip.default_cases() == ("32x32",)
+
+
+@pytest.mark.parametrize("family", models.BUILT_FAMILIES)
+def test_model_flag_loads_the_tower_of_every_family_through_the_family_table(family, tmp_path):
+    model = models.build_model(family)
+    model.save_pretrained(tmp_path)
+    tower = load_vision_tower(tmp_path, dtype=torch.float32, device=torch.device("cpu"))
+    _, expected = find_family(model)
+    assert type(tower) is type(expected)
+    reference = expected.state_dict()
+    loaded = tower.state_dict()
+    assert set(loaded) == set(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
+    tower_calls(tower)  # a tower the benchmark can call
+
+
+def test_bare_tower_checkpoint_and_recommended_setting_through_the_cli(tmp_path):
+    models.build_tower("internvl").save_pretrained(tmp_path / "tower")
+    argv = ["bench", "--model", str(tmp_path / "tower"), "--recommended", "--prune-layer", "2", "--device", "cpu"]
+    argv += ["--repeats", "1", "--warmup", "1", "--out", str(tmp_path), "--name", "t", "--no-plot", "--no-progress"]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "t.json").read_text())
+    settings = payload["settings"]
+    assert settings["family"] == "InternVL" and settings["cases"] == ["16x16"]  # native resolution
+    recommended = find_family(models.build_tower("internvl"))[0].recommended
+    assert settings["ipcv"]["as_layers"] == recommended["as_layers"] and settings["ipcv"]["prune_layer"] == 2
+    (case,) = payload["cases"]
+    assert case["checks"]["passed"] and case["tiles_per_image"] == [1] and case["tokens"] == 17
+    with pytest.raises(ValueError, match="Qwen towers only"):
+        main([*argv, "--breakdown"])
+
+
+# Real shapes: (tokens of one image at native resolution, tokens per image the tower sees).
+PRESET_TOKENS = {
+    "clip-vit-l-336-d8": 577,
+    "siglip-so400m-d8": 4096,
+    "siglip-so400m-384-d8": 729,
+    "internvit-300m-d8": 1025,
+    "internvit-300m": 1025,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_FAMILIES))
+def test_family_presets_build_with_their_real_shapes(name):
+    config = vision_config_from_preset(name)
+    tower = build_tower(config, dtype=torch.float32, device=torch.device("meta"))
+    calls = tower_calls(tower)
+    assert calls.family.name == find_family(tower)[0].name
+    width = getattr(config, "hidden_size", None)
+    assert width in (1024, 1152, 1280)
+    if name in PRESET_TOKENS:
+        (case,) = [calls.parse_case(text) for text in calls.default_cases()]
+        assert case.tokens == PRESET_TOKENS[name]
+        assert calls.depth == MODEL_PRESETS[name]["num_hidden_layers"]
+        report = calls.flops(case, IPCVConfig(**calls.family.recommended))
+        assert report.kept_tokens < case.tokens
+    else:
+        assert calls.parse_case("448x448").tokens > 0
