@@ -17,6 +17,7 @@ from ..config import IPCVConfig
 from ..engine import PATCH_ATTRIBUTE, IPCVPatch
 from ..llm import LLM_PATCH_ATTRIBUTE, LLMPruner, LLMPruningPatch
 from .families import find_family, find_language_model, find_tower, recommended_config, supported_classes
+from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
 
 
@@ -119,20 +120,30 @@ def get_llm_pruning_patch(model: nn.Module) -> LLMPruningPatch | None:
 
 
 def set_tiles_per_image(model: nn.Module, tiles_per_image: Sequence[int] | None) -> None:
-    """Tell a patched InternVL tower how many consecutive tiles each image of its calls has.
+    """Tell a patched InternVL or Idefics3 / SmolVLM model or tower how many consecutive tiles
+    (sub-images) each image of its calls has; the tiles of one image form one IPCV item.
 
-    For direct tower calls: a bare tower otherwise treats all tiles of a call as one item (calls
-    through the full model read the counts from ``input_ids``). The setting stays until changed,
-    cleared with ``None`` or the patch removed; each call checks that the counts add up to its
-    number of tiles.
+    - InternVL: for direct tower calls. A bare tower otherwise treats all tiles of a call as one
+      item (calls through the full model read the counts from ``input_ids``).
+    - Idefics3 / SmolVLM: the counts cover the call's real sub-images in order, overriding the
+      defaults (each prompt's sub-images in a full model, each sub-image in a bare tower call).
+      Needed when a prompt holds several images, since the call gives no boundaries between
+      them; inside a full model the counts must split each prompt's real sub-images exactly.
+
+    The setting stays until changed, cleared with ``None`` or the patch removed; each call checks
+    that the counts add up to its number of tiles (``ValueError`` otherwise).
 
     Raises:
-        TypeError: ``model`` is not a patched InternVL model or tower, or bad counts.
+        TypeError: ``model`` is not a patched InternVL / Idefics3 / SmolVLM model or tower, or bad
+            counts.
     """
     family, _ = find_family(model)
     patch = get_ipcv_patch(model)
-    if patch is None or not isinstance(patch.adapter, InternVLAdapter):
-        raise TypeError(f"model must be an InternVL model or tower patched with apply_ipcv, got a {family.name} one")
+    if patch is None or not isinstance(patch.adapter, (InternVLAdapter, Idefics3Adapter)):
+        raise TypeError(
+            f"model must be an InternVL, Idefics3 or SmolVLM model or tower patched with apply_ipcv, "
+            f"got a {family.name} one"
+        )
     if tiles_per_image is not None:
         tiles_per_image = list(tiles_per_image)
         if not all(isinstance(count, int) and not isinstance(count, bool) and count >= 1 for count in tiles_per_image):

@@ -16,14 +16,18 @@ layer on) with two differences:
   it drops the sub-images that are all zeros (padding images) and encodes the rest, so the real
   sub-images of each prompt ``b`` (counted as the model counts them) form one item. The processor
   flattens the sub-images of all images of a prompt into that one row ``b`` and the call has no
-  argument that tells where one image ends, so with several images in one prompt their
-  sub-images together form one item (only the image-token runs of ``input_ids`` could split
-  them); with one image per prompt the item is exactly that image.
+  argument that tells where one image ends (nor does the model's config name the tokens of the
+  prompt that do), so with several images in one prompt their sub-images together form one item
+  by default; with one image per prompt the item is exactly that image. Whoever built the prompt
+  knows the split: ``ik.set_tiles_per_image(model, counts)`` gives the sub-images of each image
+  (in call order), which then override both defaults; inside a full model the counts must split
+  each prompt's real sub-images exactly (an image never spans two prompts).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +51,11 @@ class Idefics3Adapter(ClipViTAdapter):
     """Idefics3 / SmolVLM encoder layers (SigLIP's names) with padding patches; see the module docstring."""
 
     name = "idefics3"
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        super().__init__(model)
+        # ``set_tiles_per_image``: a setting of this patch (sub-images per image), not per call.
+        self.tiles_per_image: list[int] | None = None
 
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
         if not hasattr(tower, "encoder") or not hasattr(tower.encoder, "layers"):
@@ -89,11 +98,22 @@ class Idefics3Adapter(ClipViTAdapter):
             padding = ~mask.to(torch.bool).reshape(-1)
             if not bool(padding.any()):  # nothing to mask: the plain path
                 padding = None
-        counts = hints.get("sequences_per_image") or [1] * num_sequences
-        if sum(counts) == 0 and num_sequences == 1:  # SmolVLM encodes the first sub-image when all are padding
-            counts = [1, *counts[1:]]
+        per_prompt = hints.get("sequences_per_image")
+        if per_prompt is not None and sum(per_prompt) == 0 and num_sequences == 1:
+            per_prompt = [1, *per_prompt[1:]]  # SmolVLM encodes the first sub-image when all are padding
+        counts = self.tiles_per_image or per_prompt or [1] * num_sequences
         if sum(counts) != num_sequences:
-            raise ValueError(f"sub-images per image {counts} must add up to the call's {num_sequences} sub-images")
+            raise ValueError(
+                f"sub-images per image {counts} must add up to the call's {num_sequences} sub-images"
+                + (" (counts from ik.set_tiles_per_image)" if self.tiles_per_image else "")
+            )
+        if self.tiles_per_image and per_prompt:
+            ends = set(itertools.accumulate(self.tiles_per_image))
+            if not set(itertools.accumulate(count for count in per_prompt if count)) <= ends:
+                raise ValueError(
+                    f"tiles_per_image {self.tiles_per_image} (ik.set_tiles_per_image) must split each prompt's "
+                    f"real sub-images {per_prompt} into whole images"
+                )
         length = grid[1] * grid[2]
         segments = sequence_segments(num_sequences, length, pixel_values.device)
         return TowerCall([count * length for count in counts], segments, padding=padding)

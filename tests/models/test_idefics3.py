@@ -61,11 +61,16 @@ def test_bare_tower_matches_float64_spec_oracle(family, config):
 
     with torch.no_grad():
         expected = ipcv_tower_oracle(tower, call, [PATCHES] * 3, pinned=padding, key_padding=padding, **config)
+        # With the counts set, the first two sub-images form one item (one image).
+        grouped = ipcv_tower_oracle(tower, call, [2 * PATCHES, PATCHES], pinned=padding, key_padding=padding, **config)
         with ik.ipcv_applied(tower, ik.IPCVConfig(**config)):
             got = call().last_hidden_state
             keep = ik.get_ipcv_patch(tower).last_keep
+            ik.set_tiles_per_image(tower, [2, 1])
+            got_grouped = call().last_hidden_state
     assert padding <= set(keep.tolist())
     assert_close(got, expected.output.last_hidden_state)
+    assert_close(got_grouped, grouped.output.last_hidden_state)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -143,6 +148,54 @@ def test_full_model_matches_float64_spec_oracle(family, config):
         with ik.ipcv_applied(model, ik.IPCVConfig(**config)):
             got = model(**inputs).logits
     assert_close(got, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_set_tiles_per_image_splits_a_prompt_into_its_images(family):
+    # One prompt of 3 real sub-images holding two images (2 + 1 sub-images): with the counts set,
+    # each image is its own item, as the float64 oracle with items [2 * PATCHES, PATCHES] says.
+    config = CONFIGS["P2_r65_A2_k10"]
+    model = build_model(family, dtype=torch.float64)
+    inputs = idefics3_inputs(model, [3], padded_columns=8)
+    real = inputs["pixel_attention_mask"].view(-1, 32, 32)
+    padding = padding_rows(real.unfold(1, 8, 8).unfold(2, 8, 8).sum((-1, -2)) > 0)
+    with torch.no_grad():
+        expected = ipcv_tower_oracle(
+            model.model.vision_model,
+            lambda: model(**inputs),
+            [2 * PATCHES, PATCHES],
+            pinned=padding,
+            key_padding=padding,
+            **config,
+        ).output.logits
+        with ik.ipcv_applied(model, ik.IPCVConfig(**config)):
+            one_item = model(**inputs).logits
+            ik.set_tiles_per_image(model, [2, 1])
+            got = model(**inputs).logits
+            ik.set_tiles_per_image(model, None)
+            assert torch.equal(model(**inputs).logits, one_item)  # back to the prompt as one item
+    assert_close(got, expected)
+    assert not torch.allclose(one_item, expected)
+
+
+def test_set_tiles_per_image_checks_the_call():
+    model = build_model("idefics3")
+    inputs = idefics3_inputs(model, [2, 1], padded_columns=8)
+    with torch.no_grad(), ik.ipcv_applied(model, ik.IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1)):
+        ik.set_tiles_per_image(model, [1, 2])  # adds up to 3, but an image would span both prompts
+        with pytest.raises(ValueError, match="split each prompt"):
+            model(**inputs)
+        ik.set_tiles_per_image(model, [2, 2])
+        with pytest.raises(ValueError, match="add up to the call's 3 sub-images"):
+            model(**inputs)
+        ik.set_tiles_per_image(model, [2, 1])
+        model(**inputs)
+        with pytest.raises(TypeError, match="positive ints"):
+            ik.set_tiles_per_image(model, [2, 0])
+    with pytest.raises(TypeError, match="patched with apply_ipcv"):
+        ik.set_tiles_per_image(model, [2, 1])  # removed with the patch
+    with pytest.raises(TypeError, match="InternVL, Idefics3 or SmolVLM"):
+        ik.set_tiles_per_image(build_tower("clip"), [1])
 
 
 def test_real_sub_images_of_a_prompt_form_one_item():
