@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..engine import BlockCall, FamilyAdapter, ForwardState, TowerCall
+from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 
@@ -162,3 +162,22 @@ class VLLMQwen2_5_VLAdapter(VLLMQwen2VLAdapter):
     def residual_mlp(self, block: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         normed, residual = block.norm2(x, residual=attended)
         return residual + block.mlp(normed)
+
+
+class VLLMQwen3VLAdapter(VLLMQwen2VLAdapter):
+    """vLLM's ``Qwen3_VisionTransformer``: Qwen2-VL's block (plain ``norm2``) around Qwen2.5-VL's
+    attention (per-head ``qkv`` layout), items the ``grid_thw`` rows, and the DeepStack taps.
+
+    After each block of ``deepstack_visual_indexes`` the tower feeds that block's output to a
+    ``deepstack_merger_list`` merger (features for early LLM layers, concatenated to the merger's
+    output along the feature axis). In the pruned stretch a block returns the kept rows
+    ``[Nk, D]``; a forward pre-hook on every DeepStack merger restores the full ``[n, D]``
+    first (``IPCVPatch.restore_inputs``), so every tap, like the final merger, sees every token
+    in the usual order.
+    """
+
+    name = "vllm_qwen3_vl"
+    split_qkv = VLLMQwen2_5_VLAdapter.split_qkv
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        patch.restore_inputs(patch.tower.deepstack_merger_list)

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..engine import PATCH_ATTRIBUTE, FamilyAdapter, IPCVPatch
-from .adapters import VLLMQwen2_5_VLAdapter, VLLMQwen2VLAdapter
+from .adapters import VLLMQwen2_5_VLAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
 
 FRAMEWORK_MODULE = "vllm."
 
@@ -50,6 +50,12 @@ VLLM_FAMILIES: tuple[VLLMFamily, ...] = (
         VLLMQwen2_5_VLAdapter,
         {"Qwen2_5_VLForConditionalGeneration": "vllm.model_executor.models.qwen2_5_vl"},
         {"Qwen2_5_VLForConditionalGeneration": "visual"},
+    ),
+    VLLMFamily(
+        "Qwen3-VL",
+        VLLMQwen3VLAdapter,
+        {"Qwen3VLForConditionalGeneration": "vllm.model_executor.models.qwen3_vl"},
+        {"Qwen3VLForConditionalGeneration": "visual"},
     ),
 )
 

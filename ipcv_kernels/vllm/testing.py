@@ -82,36 +82,65 @@ QWEN2_5_VISION = dict(
 )
 
 
+# Qwen3-VL: a Qwen3 decoder (head size 32, interleaved mrope) and a tower with position embeddings
+# on an 8 x 8 grid and DeepStack taps after blocks 1, 3 and 4 (inside and after the pruned stretch
+# of the tests' prune layer 2).
+QWEN3_TEXT = {
+    **VLLM_TEXT,
+    "head_dim": 32,
+    "rope_parameters": {**VLLM_TEXT["rope_parameters"], "mrope_interleaved": True},
+}
+QWEN3_VISION = dict(
+    depth=6,
+    hidden_size=64,
+    intermediate_size=96,
+    num_heads=4,
+    out_hidden_size=VLLM_TEXT["hidden_size"],
+    patch_size=2,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=64,
+    deepstack_visual_indexes=[1, 3, 4],
+)
+# family -> (transformers class prefix, text config, vision config)
+CHECKPOINTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "qwen2_vl": ("Qwen2VL", VLLM_TEXT, {**TINY_VISION, "hidden_size": VLLM_TEXT["hidden_size"]}),
+    "qwen2_5_vl": ("Qwen2_5_VL", VLLM_TEXT, QWEN2_5_VISION),
+    "qwen3_vl": ("Qwen3VL", QWEN3_TEXT, QWEN3_VISION),
+}
+
+
 def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 0) -> Path:
-    """Save a tiny ``family`` model (``"qwen2_vl"`` or ``"qwen2_5_vl"``: fp32 seeded random
-    weights, tokenizer, image processor settings) under ``path``; return the directory.
+    """Save a tiny ``family`` model (a key of ``CHECKPOINTS``: fp32 seeded random weights,
+    tokenizer, image (and Qwen3-VL video) processor settings) under ``path``; return the directory.
 
     Loadable by ``vllm.LLM(model=path)`` and by transformers' ``from_pretrained(path)``.
     """
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if family == "qwen2_vl":
-        prefix, vision = "Qwen2VL", {**TINY_VISION, "hidden_size": VLLM_TEXT["hidden_size"]}
-    elif family == "qwen2_5_vl":
-        prefix, vision = "Qwen2_5_VL", QWEN2_5_VISION
-    else:
-        raise ValueError(f"family must be 'qwen2_vl' or 'qwen2_5_vl', got {family!r}")
+    if family not in CHECKPOINTS:
+        raise ValueError(f"family must be one of {tuple(CHECKPOINTS)}, got {family!r}")
+    prefix, text, vision = CHECKPOINTS[family]
     path = Path(path)
     config = getattr(transformers, f"{prefix}Config")(
-        text_config=dict(VLLM_TEXT), vision_config=dict(vision), **TINY_SPECIAL_TOKENS
+        text_config=dict(text), vision_config=dict(vision), **TINY_SPECIAL_TOKENS
     )
     config.architectures = [f"{prefix}ForConditionalGeneration"]
     torch.manual_seed(seed)
     getattr(transformers, f"{prefix}ForConditionalGeneration")(config).to(torch.float32).eval().save_pretrained(path)
-    image_processor = Qwen2VLImageProcessorPil(
+    sizes = dict(
         patch_size=vision["patch_size"],
         temporal_patch_size=vision["temporal_patch_size"],
         merge_size=vision["spatial_merge_size"],
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
     )
-    image_processor.save_pretrained(path)
+    Qwen2VLImageProcessorPil(**sizes, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(path)
+    if family == "qwen3_vl":  # its processor also loads a video processor (Qwen2-VL's takes defaults)
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        Qwen3VLVideoProcessor(**sizes, size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}).save_pretrained(
+            path
+        )
     build_tokenizer().save_pretrained(path)
     return path
 
