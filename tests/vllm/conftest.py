@@ -34,3 +34,10 @@ def qwen3_vl_path(tmp_path_factory):
     from ipcv_kernels.vllm.testing import build_checkpoint
 
     return str(build_checkpoint(tmp_path_factory.mktemp("qwen3_vl"), "qwen3_vl"))
+
+
+@pytest.fixture(scope="session")
+def internvl_path(tmp_path_factory):
+    from ipcv_kernels.vllm.testing import build_checkpoint
+
+    return str(build_checkpoint(tmp_path_factory.mktemp("internvl"), "internvl"))

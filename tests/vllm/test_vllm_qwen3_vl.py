@@ -141,5 +141,6 @@ def test_generate_batched_equals_each_request_alone(llm):
     assert batched_calls < len(images)  # several requests' images shared an encoder call
     assert len(calls) == batched_calls + len(images)
     assert [out.outputs[0].token_ids for out in batched] == [out.outputs[0].token_ids for out in alone]
+    assert len({tuple(out.outputs[0].token_ids) for out in alone}) > 1  # the images steer the tokens
     (tokens,) = llm.apply_model(lambda m: ik.get_ipcv_patch(m).last_tokens_per_block)
     assert tokens[-1] < tokens[0]
