@@ -19,6 +19,10 @@ compute:
   of the ``qkv`` projection is also computed for the dropped rows, ``Nd * D * D`` multiply-adds
   per stabilisation block (keys and values need every row anyway).
 
+vLLM's InternViT (``VLLMInternVLAdapter``) takes batched tiles ``[tiles, 1 + N, D]`` as in
+transformers, so its adapter is a ``BatchedTowerAdapter`` (``ipcv_kernels.engine.batched``); what
+is vLLM's there is where the tiles per image come from (see the class).
+
 Tensor parallelism: the hidden states are replicated on every rank, so every rank plans the same
 ``keep`` / ``drop`` / neighbours; ``qkv`` + ``split_qkv`` give the rank's heads (vLLM's own
 all-gather and split), ``ngr_attention`` runs on those heads and ``proj`` (row-parallel)
@@ -197,7 +201,9 @@ class VLLMInternVLAdapter(BatchedTowerAdapter):
     sequence, so the final norm, the CLS split, ``pixel_shuffle`` and the projector
     (``extract_feature``) run as usual, and every placeholder count is unchanged. vLLM's
     ``q_proj`` / ``k_proj`` / ``v_proj`` / ``projection_layer`` are plain ``nn.Linear`` and its
-    MLP goes through its own ``fc1`` / ``fc2`` layers: no weight is read directly.
+    MLP goes through its own ``fc1`` / ``fc2`` layers: no weight is read directly. Under tensor
+    parallelism the attention projections are replicated (every rank computes every head) and
+    ``fc2`` (row-parallel) all-reduces, as in vLLM's own layer (not run with more than one rank).
 
     **Items: what vLLM's call allows.** vLLM encodes all tiles of every image of a batch in one
     ``vision_tower(pixel_values=...)`` call (``extract_feature``); the tiles per image are known
