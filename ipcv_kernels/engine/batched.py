@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..ops import ngr_attention, plan_ipcv, shrink_cu_seqlens
+from ..ops import knn, ngr_attention, plan_ipcv, select_tokens, shrink_cu_seqlens, token_scores
 from ..reference import IPCVPlan
 from .vision import BlockCall, FamilyAdapter, ForwardState
 
@@ -154,6 +154,46 @@ def plan_with_pinned_tokens(
         cu_drop=sub.cu_drop,
         neighbors=neighbors,
         cu_seqlens_kept=shrink_cu_seqlens(cu_seqlens.to(torch.int32), keep),
+    )
+
+
+def authors_plan(
+    x_before: torch.Tensor,
+    x_after: torch.Tensor,
+    cu_items: torch.Tensor,
+    cu_tiles: torch.Tensor,
+    config: IPCVConfig,
+) -> IPCVPlan:
+    """The plan of the paper authors' InternVL code (``scope="authors"``), for the InternVL
+    adapters of every framework.
+
+    Selection per tile: tile ``t`` keeps ``keep_count(N, r)`` of its ``N`` patch rows by score,
+    and its CLS row (pinned, not counted). Neighbours: the ``k`` nearest of *all* kept rows of the
+    call, CLS rows included (``cu_items`` is the whole call under this scope).
+
+    Args:
+        x_before, x_after: ``[n, D]`` float, input of block ``P-1`` and of block ``P``.
+        cu_items: int32 ``[B + 1]`` item offsets (one item: the call).
+        cu_tiles: int32 ``[tiles + 1]`` per-tile offsets; each tile starts with its CLS row.
+        config: ratio, neighbours and planning backend.
+    """
+    cls_rows = cu_tiles[:-1].to(torch.int64)
+    is_free = torch.ones(x_after.shape[0], dtype=torch.bool, device=x_after.device)
+    is_free[cls_rows] = False
+    free = is_free.nonzero().squeeze(1)
+    scores = token_scores(x_before[free], x_after[free], skip_check=True)
+    cu_free_tiles = torch.searchsorted(free, cu_tiles.to(free.dtype)).to(torch.int32)
+    selection = select_tokens(scores, cu_free_tiles, config.ratio, backend=config.backend, skip_check=True)
+    keep = torch.cat([cls_rows, free[selection.keep]]).sort().values
+    drop = free[selection.drop]
+    neighbors = knn(x_after[drop], x_after[keep], config.num_neighbors, backend=config.backend, skip_check=True)
+    return IPCVPlan(
+        keep=keep,
+        drop=drop,
+        cu_keep=torch.searchsorted(keep, cu_items.to(keep.dtype)).to(torch.int32),
+        cu_drop=torch.searchsorted(drop, cu_items.to(drop.dtype)).to(torch.int32),
+        neighbors=neighbors,
+        cu_seqlens_kept=shrink_cu_seqlens(cu_tiles.to(torch.int32), keep),
     )
 
 

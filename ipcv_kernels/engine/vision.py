@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -437,6 +437,23 @@ class IPCVPatch(InstancePatch):
         if plan is None or hidden.dim() != 2 or hidden.shape[0] != plan.keep.shape[0]:
             return hidden
         return self._restore(state, hidden)
+
+    def restore_inputs(self, modules: Iterable[nn.Module]) -> None:
+        """Give each of ``modules`` its first input (positional, else the first keyword) as
+        ``full_sequence``: forward pre-hooks, removed with the patch, for modules that tap
+        intermediate block outputs (Qwen3-VL's DeepStack mergers), so that every tap sees the full
+        token count in the usual order."""
+
+        def restore_first_input(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            if args:
+                return (self.full_sequence(args[0]), *args[1:]), kwargs
+            name = next(iter(kwargs))
+            return args, {**kwargs, name: self.full_sequence(kwargs[name])}
+
+        for module in modules:
+            self.add_hook(module.register_forward_pre_hook(restore_first_input, with_kwargs=True))
 
     def _restore(self, state: ForwardState, kept: torch.Tensor) -> torch.Tensor:
         """``full[keep] = kept``, ``full[drop] = NGR reconstruction`` (spec steps 4 and 7).

@@ -6,17 +6,13 @@ block in ``deepstack_visual_indexes`` the tower feeds that block's output to a
 ``deepstack_merger_list`` merger, whose features go to early LLM layers. Under IPCV a block in the
 pruned stretch returns only the kept tokens, so a forward pre-hook on every DeepStack merger
 restores the dropped ones first, exactly as for the final output (NGR from the current kept states,
-``IPCVPatch.full_sequence``): every tap sees the full token count, in the usual order.
+``IPCVPatch.restore_inputs``): every tap sees the full token count, in the usual order.
 
 Limit: the tower's ``hidden_states`` (``output_hidden_states=True``) of blocks ``P`` to
 ``depth - 2`` hold only the kept rows (what those blocks return); the last output is complete.
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-import torch
 
 from ..engine import IPCVPatch
 from .qwen2_vl import Qwen2VLAdapter
@@ -26,13 +22,4 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     name = "qwen3_vl"
 
     def install_hooks(self, patch: IPCVPatch) -> None:
-        def restore_tap_input(
-            module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            if args:
-                return (patch.full_sequence(args[0]), *args[1:]), kwargs
-            name = next(iter(kwargs))  # the features passed by keyword
-            return args, {**kwargs, name: patch.full_sequence(kwargs[name])}
-
-        for merger in patch.tower.deepstack_merger_list:
-            patch.add_hook(merger.register_forward_pre_hook(restore_tap_input, with_kwargs=True))
+        patch.restore_inputs(patch.tower.deepstack_merger_list)

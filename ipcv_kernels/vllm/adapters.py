@@ -19,6 +19,10 @@ compute:
   of the ``qkv`` projection is also computed for the dropped rows, ``Nd * D * D`` multiply-adds
   per stabilisation block (keys and values need every row anyway).
 
+vLLM's InternViT (``VLLMInternVLAdapter``) takes batched tiles ``[tiles, 1 + N, D]`` as in
+transformers, so its adapter is a ``BatchedTowerAdapter`` (``ipcv_kernels.engine.batched``); what
+is vLLM's there is where the tiles per image come from (see the class).
+
 Tensor parallelism: the hidden states are replicated on every rank, so every rank plans the same
 ``keep`` / ``drop`` / neighbours; ``qkv`` + ``split_qkv`` give the rank's heads (vLLM's own
 all-gather and split), ``ngr_attention`` runs on those heads and ``proj`` (row-parallel)
@@ -27,6 +31,7 @@ all-reduces, exactly as in vLLM's own block.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +39,8 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..engine import BlockCall, FamilyAdapter, ForwardState, TowerCall
+from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall
+from ..engine.batched import BatchedTowerAdapter, PrenormLayer, authors_plan, sequence_segments
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 
@@ -162,3 +168,125 @@ class VLLMQwen2_5_VLAdapter(VLLMQwen2VLAdapter):
     def residual_mlp(self, block: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         normed, residual = block.norm2(x, residual=attended)
         return residual + block.mlp(normed)
+
+
+class VLLMQwen3VLAdapter(VLLMQwen2VLAdapter):
+    """vLLM's ``Qwen3_VisionTransformer``: Qwen2-VL's block (plain ``norm2``) around Qwen2.5-VL's
+    attention (per-head ``qkv`` layout), items the ``grid_thw`` rows, and the DeepStack taps.
+
+    After each block of ``deepstack_visual_indexes`` the tower feeds that block's output to a
+    ``deepstack_merger_list`` merger (features for early LLM layers, concatenated to the merger's
+    output along the feature axis). In the pruned stretch a block returns the kept rows
+    ``[Nk, D]``; a forward pre-hook on every DeepStack merger restores the full ``[n, D]``
+    first (``IPCVPatch.restore_inputs``), so every tap, like the final merger, sees every token
+    in the usual order.
+    """
+
+    name = "vllm_qwen3_vl"
+    split_qkv = VLLMQwen2_5_VLAdapter.split_qkv
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        patch.restore_inputs(patch.tower.deepstack_merger_list)
+
+
+class VLLMInternVLAdapter(BatchedTowerAdapter):
+    """vLLM's ``InternS1VisionModel`` (``interns1_vit``), the tower of
+    ``InternS1ForConditionalGeneration``, which vLLM's registry also maps transformers' native
+    InternVL format (``InternVLForConditionalGeneration``) to: InternViT as in transformers.
+
+    **Batched tiles, CLS pinned.** As the Hugging Face InternVL adapter: the layers take
+    ``[tiles, 1 + N, D]`` with dense attention inside each tile; from the prune layer on they
+    receive and return packed kept rows and run the functional pre-norm layer on this layer's
+    parts (``layer_parts``); every tile's CLS row is pinned. The last layer restores the full
+    sequence, so the final norm, the CLS split, ``pixel_shuffle`` and the projector
+    (``extract_feature``) run as usual, and every placeholder count is unchanged. vLLM's
+    ``q_proj`` / ``k_proj`` / ``v_proj`` / ``projection_layer`` are plain ``nn.Linear`` and its
+    MLP goes through its own ``fc1`` / ``fc2`` layers: no weight is read directly. Under tensor
+    parallelism the attention projections are replicated (every rank computes every head) and
+    ``fc2`` (row-parallel) all-reduces, as in vLLM's own layer (not run with more than one rank).
+
+    **Items: what vLLM's call allows.** vLLM encodes all tiles of every image of a batch in one
+    ``vision_tower(pixel_values=...)`` call (``extract_feature``); the tiles per image are known
+    one level up, ``_process_vision_input(image_input)``'s ``num_patches`` (the processor's
+    ``image_num_patches``: tiles per image, thumbnail included). A wrapper of that method hands
+    them to the tower call inside (``hints["tiles_per_image"]``, this call only), so each image's
+    tiles form one item, as the Hugging Face adapter reads them from ``input_ids``. For a video,
+    ``num_patches`` counts frames (one tile each) and each frame is one item, as in transformers,
+    where every frame is its own run of image tokens. A bare tower call treats its tiles as one
+    item.
+
+    **Read layer.** ``InternS1ForConditionalGeneration`` reads the tower's last output (it builds
+    every layer and has no ``vision_feature_layer``): the default read block.
+    """
+
+    name = "vllm_internvl"
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        return tower.encoder.layer
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        if self.model is not None and hasattr(self.model, "_process_vision_input"):
+            patch.wrap(self.model, "_process_vision_input", functools.partial(self._read_tiles, patch))
+
+    def _read_tiles(self, patch: IPCVPatch, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``_process_vision_input`` telling its tower call the tiles of each item."""
+
+        def process_vision_input(vision_input: Any) -> Any:
+            if vision_input["type"] not in ("pixel_values", "pixel_values_videos"):
+                return inner(vision_input)  # precomputed embeddings: no tower call
+            counts = [int(count) for count in vision_input["num_patches"]]
+            if vision_input["type"] == "pixel_values_videos":
+                counts = [1] * sum(counts)
+            with patch.hinted(tiles_per_image=counts):
+                return inner(vision_input)
+
+        return process_vision_input
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        """Items ``tiles * (1 + N)`` per image and the call's per-tile attention segments."""
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        if pixel_values is None:
+            raise ValueError("IPCV needs the tower's pixel_values (a call with pixel_embeds has no tiles)")
+        num_tiles, _, height, width = pixel_values.shape
+        patch_h, patch_w = tower.embeddings.patch_embeddings.patch_size
+        tile_length = 1 + (height // patch_h) * (width // patch_w)
+        counts = hints.get("tiles_per_image") or [num_tiles]
+        if sum(counts) != num_tiles:
+            raise ValueError(f"tiles_per_image {counts} must add up to the call's {num_tiles} tiles")
+        segments = sequence_segments(num_tiles, tile_length, pixel_values.device)
+        return TowerCall([count * tile_length for count in counts], segments)
+
+    def plan(
+        self,
+        x_before: torch.Tensor,
+        x_after: torch.Tensor,
+        cu_items: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        config: IPCVConfig,
+        padding: torch.Tensor | None = None,
+    ) -> IPCVPlan:
+        if config.scope != "authors":
+            return super().plan(x_before, x_after, cu_items, cu_seqlens, config, padding)
+        return authors_plan(x_before, x_after, cu_items, cu_seqlens, config)
+
+    def layer_parts(self, block: nn.Module) -> PrenormLayer:
+        """``InternS1VisionLayer``: ``q_norm`` / ``k_norm`` (vLLM's ``RMSNorm``) only with
+        ``use_qk_norm``, layer scales ``lambda_1`` / ``lambda_2``."""
+        attention = block.attention
+        q, k = attention.q_proj, attention.k_proj
+        if attention.qk_normalization:
+            q, k = (lambda x: attention.q_norm(attention.q_proj(x))), (lambda x: attention.k_norm(attention.k_proj(x)))
+        return PrenormLayer(
+            norm1=block.layernorm_before,
+            q=q,
+            k=k,
+            v=attention.v_proj,
+            out=attention.projection_layer,
+            norm2=block.layernorm_after,
+            mlp=block.mlp,
+            num_heads=attention.num_heads,
+            head_dim=attention.head_dim,
+            scale=attention.scale,
+            attn_gain=block.lambda_1,
+            mlp_gain=block.lambda_2,
+        )

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..engine import PATCH_ATTRIBUTE, FamilyAdapter, IPCVPatch
-from .adapters import VLLMQwen2_5_VLAdapter, VLLMQwen2VLAdapter
+from .adapters import VLLMInternVLAdapter, VLLMQwen2_5_VLAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
 
 FRAMEWORK_MODULE = "vllm."
 
@@ -26,7 +26,8 @@ class VLLMFamily:
     name: shown in messages and docs.
     adapter: its ``FamilyAdapter`` subclass.
     architectures: vLLM model-registry names (``config.json``'s ``architectures``) whose class
-        the plugin extends, each with the vLLM module defining that class.
+        the plugin extends, each with the vLLM module defining that class (``module:Class``
+        where vLLM's class has another name than the architecture).
     towers: model classes, each with the attribute path from it to the vision tower.
     recommended: ``IPCVConfig`` fields recommended for the family (others take the defaults).
     """
@@ -50,6 +51,20 @@ VLLM_FAMILIES: tuple[VLLMFamily, ...] = (
         VLLMQwen2_5_VLAdapter,
         {"Qwen2_5_VLForConditionalGeneration": "vllm.model_executor.models.qwen2_5_vl"},
         {"Qwen2_5_VLForConditionalGeneration": "visual"},
+    ),
+    VLLMFamily(
+        "Qwen3-VL",
+        VLLMQwen3VLAdapter,
+        {"Qwen3VLForConditionalGeneration": "vllm.model_executor.models.qwen3_vl"},
+        {"Qwen3VLForConditionalGeneration": "visual"},
+    ),
+    VLLMFamily(
+        "InternVL",
+        VLLMInternVLAdapter,
+        # transformers' native InternVL format: vLLM builds its InternS1 class for it.
+        {"InternVLForConditionalGeneration": "vllm.model_executor.models.interns1:InternS1ForConditionalGeneration"},
+        {"InternS1ForConditionalGeneration": "vision_tower"},
+        recommended=dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10),
     ),
 )
 

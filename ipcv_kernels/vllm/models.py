@@ -34,5 +34,6 @@ def _with_ipcv(base: type[nn.Module]) -> type[nn.Module]:
 def __getattr__(name: str) -> type[nn.Module]:
     for family in VLLM_FAMILIES:
         if name in family.architectures:
-            return _with_ipcv(getattr(importlib.import_module(family.architectures[name]), name))
+            module, _, vllm_class = family.architectures[name].partition(":")
+            return _with_ipcv(getattr(importlib.import_module(module), vllm_class or name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

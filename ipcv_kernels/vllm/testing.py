@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from ..testing.models import TINY_SPECIAL_TOKENS, TINY_TEXT, TINY_VISION
+from ..testing.models import (
+    INTERNVL_IMAGE_TOKEN,
+    INTERNVL_TOKENS_PER_TILE,
+    TINY_SPECIAL_TOKENS,
+    TINY_TEXT,
+    TINY_VISION,
+    build_model,
+)
 
 # vLLM's CPU attention backend takes head sizes of 32 and more: 2 heads of 32 (TINY_TEXT's 12 is
 # too small); mrope sections add up to half the head size.
@@ -50,20 +57,47 @@ ENGINE: dict[str, Any] = dict(
 MIN_PIXELS, MAX_PIXELS = 4 * 4, 64 * 64
 
 
-def build_tokenizer() -> Any:
-    """A ``PreTrainedTokenizerFast``: whitespace-split words ``w3 .. w119``, the special tokens of
-    ``SPECIAL_TOKENS`` (split out of the text without spaces), ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2."""
+# InternVL (transformers' native format): its processor reads the image tokens from the
+# tokenizer's named special tokens (``tokenizer.start_image_token`` ...), at the ids 120 .. 123.
+INTERNVL_SPECIAL_TOKENS = {
+    "<IMG_CONTEXT>": INTERNVL_IMAGE_TOKEN,
+    "<img>": INTERNVL_IMAGE_TOKEN + 1,
+    "</img>": INTERNVL_IMAGE_TOKEN + 2,
+    "<video>": INTERNVL_IMAGE_TOKEN + 3,
+}
+INTERNVL_NAMED_TOKENS = {
+    "context_image_token": "<IMG_CONTEXT>",
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "video_token": "<video>",
+}
+
+
+def build_tokenizer(special_tokens: dict[str, int] | None = None, named_tokens: dict[str, str] | None = None) -> Any:
+    """A ``PreTrainedTokenizerFast``: whitespace-split words ``w3 .. w119``, the special tokens
+    ``special_tokens`` (token -> id in 120 .. 123, default ``SPECIAL_TOKENS``; split out of the text
+    without spaces), ``<pad>`` 0 (also the unknown token), ``<s>`` 1, ``</s>`` 2.
+
+    ``named_tokens``: attribute name -> special token, exposed as ``tokenizer.<name>`` and
+    ``tokenizer.<name>_id`` (what InternVL's processor reads).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 120)}, **SPECIAL_TOKENS}
+    special_tokens = SPECIAL_TOKENS if special_tokens is None else special_tokens
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 120)}, **special_tokens}
     vocab.update({f"<unused{i}>": i for i in range(124, TINY_TEXT["vocab_size"])})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>"
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<pad>",
+        extra_special_tokens=named_tokens or {},
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     return tokenizer
 
 
@@ -82,37 +116,109 @@ QWEN2_5_VISION = dict(
 )
 
 
+# Qwen3-VL: a Qwen3 decoder (head size 32, interleaved mrope) and a tower with position embeddings
+# on an 8 x 8 grid and DeepStack taps after blocks 1, 3 and 4 (inside and after the pruned stretch
+# of the tests' prune layer 2).
+QWEN3_TEXT = {
+    **VLLM_TEXT,
+    "head_dim": 32,
+    "rope_parameters": {**VLLM_TEXT["rope_parameters"], "mrope_interleaved": True},
+}
+QWEN3_VISION = dict(
+    depth=6,
+    hidden_size=64,
+    intermediate_size=96,
+    num_heads=4,
+    out_hidden_size=VLLM_TEXT["hidden_size"],
+    patch_size=2,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=64,
+    deepstack_visual_indexes=[1, 3, 4],
+)
+# family -> (transformers class prefix, text config, vision config)
+CHECKPOINTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "qwen2_vl": ("Qwen2VL", VLLM_TEXT, {**TINY_VISION, "hidden_size": VLLM_TEXT["hidden_size"]}),
+    "qwen2_5_vl": ("Qwen2_5_VL", VLLM_TEXT, QWEN2_5_VISION),
+    "qwen3_vl": ("Qwen3VL", QWEN3_TEXT, QWEN3_VISION),
+}
+
+
+# InternVL's tiles: 16 x 16 pixels (the tiny tower's image size), at most 4 per image plus the
+# thumbnail; vLLM's CPU attention needs a decoder head size of 32.
+INTERNVL_TILE = 16
+INTERNVL_MAX_TILES = 4
+INTERNVL_TEXT_OVERRIDES = {
+    key: VLLM_TEXT[key]
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+}
+FAMILIES = (*CHECKPOINTS, "internvl")
+
+
 def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 0) -> Path:
-    """Save a tiny ``family`` model (``"qwen2_vl"`` or ``"qwen2_5_vl"``: fp32 seeded random
-    weights, tokenizer, image processor settings) under ``path``; return the directory.
+    """Save a tiny ``family`` model (one of ``FAMILIES``: fp32 seeded random weights, tokenizer,
+    image (and Qwen3-VL / InternVL video) processor settings) under ``path``; return the directory.
 
     Loadable by ``vllm.LLM(model=path)`` and by transformers' ``from_pretrained(path)``.
+    InternVL is transformers' native format (``InternVLForConditionalGeneration``; vLLM builds
+    its ``InternS1ForConditionalGeneration`` for it), the tiny model of
+    ``ipcv_kernels.testing.models.build_model`` with a decoder vLLM's CPU attention takes.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    path = Path(path)
+    if family == "internvl":
+        return _build_internvl(path, seed)
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if family == "qwen2_vl":
-        prefix, vision = "Qwen2VL", {**TINY_VISION, "hidden_size": VLLM_TEXT["hidden_size"]}
-    elif family == "qwen2_5_vl":
-        prefix, vision = "Qwen2_5_VL", QWEN2_5_VISION
-    else:
-        raise ValueError(f"family must be 'qwen2_vl' or 'qwen2_5_vl', got {family!r}")
-    path = Path(path)
+    prefix, text, vision = CHECKPOINTS[family]
     config = getattr(transformers, f"{prefix}Config")(
-        text_config=dict(VLLM_TEXT), vision_config=dict(vision), **TINY_SPECIAL_TOKENS
+        text_config=dict(text), vision_config=dict(vision), **TINY_SPECIAL_TOKENS
     )
     config.architectures = [f"{prefix}ForConditionalGeneration"]
     torch.manual_seed(seed)
     getattr(transformers, f"{prefix}ForConditionalGeneration")(config).to(torch.float32).eval().save_pretrained(path)
-    image_processor = Qwen2VLImageProcessorPil(
+    sizes = dict(
         patch_size=vision["patch_size"],
         temporal_patch_size=vision["temporal_patch_size"],
         merge_size=vision["spatial_merge_size"],
-        min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
     )
-    image_processor.save_pretrained(path)
+    Qwen2VLImageProcessorPil(**sizes, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(path)
+    if family == "qwen3_vl":  # its processor also loads a video processor (Qwen2-VL's takes defaults)
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        Qwen3VLVideoProcessor(**sizes, size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}).save_pretrained(
+            path
+        )
     build_tokenizer().save_pretrained(path)
+    return path
+
+
+def _build_internvl(path: Path, seed: int) -> Path:
+    from transformers import InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    model = build_model("internvl", seed=seed, text_overrides=INTERNVL_TEXT_OVERRIDES)
+    model.config.architectures = ["InternVLForConditionalGeneration"]
+    # transformers ties InternVL's output embeddings by default, vLLM's decoder reads the text
+    # config (untied): save an output layer of its own. Tied, the tiny decoder repeats the prompt's
+    # last token whatever the image, and ``generate`` tests would check nothing.
+    model.config.tie_word_embeddings = False
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.randn(model.lm_head.weight.shape, generator=generator) * model.config.text_config.initializer_range
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(path)
+    size = {"height": INTERNVL_TILE, "width": INTERNVL_TILE}
+    InternVLProcessor(
+        image_processor=GotOcr2ImageProcessorPil(
+            size=size, crop_to_patches=True, min_patches=1, max_patches=INTERNVL_MAX_TILES
+        ),
+        tokenizer=build_tokenizer(INTERNVL_SPECIAL_TOKENS, INTERNVL_NAMED_TOKENS),
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=INTERNVL_TOKENS_PER_TILE,
+    ).save_pretrained(path)
     return path
 
 

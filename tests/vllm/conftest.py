@@ -27,3 +27,17 @@ def qwen2_5_vl_path(tmp_path_factory):
     from ipcv_kernels.vllm.testing import build_checkpoint
 
     return str(build_checkpoint(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_path(tmp_path_factory):
+    from ipcv_kernels.vllm.testing import build_checkpoint
+
+    return str(build_checkpoint(tmp_path_factory.mktemp("qwen3_vl"), "qwen3_vl"))
+
+
+@pytest.fixture(scope="session")
+def internvl_path(tmp_path_factory):
+    from ipcv_kernels.vllm.testing import build_checkpoint
+
+    return str(build_checkpoint(tmp_path_factory.mktemp("internvl"), "internvl"))
