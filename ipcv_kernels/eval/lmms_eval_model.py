@@ -2,8 +2,8 @@
 
 One model for every family: the checkpoint's class is looked up in the family table
 (``ipcv_kernels.models.families``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, LLaVA 1.5,
-LLaVA-NeXT, Gemma 3, PaliGemma), and an unsupported checkpoint raises ``TypeError``. The older
-name ``ipcv_qwen2_vl`` is the same model.
+LLaVA-NeXT, LLaVA-OneVision, Gemma 3, PaliGemma, Idefics3, SmolVLM), and an unsupported
+checkpoint raises ``TypeError``. The older name ``ipcv_qwen2_vl`` is the same model.
 
 lmms-eval finds it through the Python entry-point group ``lmms_eval.models`` declared in
 ``pyproject.toml`` (no fork, no environment variable): installing ``ipcv_kernels`` next to

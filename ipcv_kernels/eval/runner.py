@@ -34,8 +34,8 @@ class MultimodalRunner:
 
     Args:
         model: a full model of a family in ``ipcv_kernels.models.families`` (Qwen2-VL, Qwen2.5-VL,
-            Qwen3-VL, InternVL, LLaVA 1.5, LLaVA-NeXT, Gemma 3, PaliGemma), patched with
-            ``apply_ipcv`` or not.
+            Qwen3-VL, InternVL, LLaVA 1.5, LLaVA-NeXT, LLaVA-OneVision, Gemma 3, PaliGemma,
+            Idefics3, SmolVLM), patched with ``apply_ipcv`` or not.
         processor: its processor (``AutoProcessor.from_pretrained`` of the checkpoint).
         system_prompt: the system message of every prompt (``""`` for none).
         max_new_tokens: generation length when a request does not set ``max_new_tokens``.
@@ -107,9 +107,11 @@ class MultimodalRunner:
 
     def encode(self, texts: list[str], visuals: list[list]) -> dict[str, torch.Tensor]:
         """The processor's tensors on the model's device, floating ones in the model's dtype."""
-        images = [v for row in visuals for v in row if is_image(v)]
+        # Images nested per prompt: given a batch's images as one flat list, Gemma 3's and SmolVLM's
+        # processors take them all for the first prompt.
+        images = [[v for v in row if is_image(v)] for row in visuals]
         videos = [v for row in visuals for v in row if not is_image(v)]
-        media = {key: value for key, value in (("images", images), ("videos", videos)) if value}
+        media = {key: value for key, value in (("images", images), ("videos", videos)) if any(value)}
         encoded = self.processor(text=texts, **media, padding=True, return_tensors="pt")
         return {
             key: value.to(device=self.model.device, dtype=self.model.dtype if value.is_floating_point() else None)

@@ -40,8 +40,9 @@ class Family:
     tower_classes: the vision tower classes.
     towers: classes wrapping the tower, each with the attribute path from it to the tower.
     language_models: classes holding a language model, each with the attribute path from it to
-        the multimodal model whose forward receives ``input_ids`` (``""``: the class itself); that
-        model's ``language_model`` is the decoder an LLM-side pruner patches.
+        the multimodal model whose forward receives ``input_ids`` (``""``: the class itself).
+    decoder: the attribute of that multimodal model holding the decoder an LLM-side pruner
+        patches (``layers``, ``norm``; Idefics3 and SmolVLM name it ``text_model``).
     recommended: ``IPCVConfig`` fields recommended for the family (others take the defaults).
     recommended_source: where those numbers come from.
     """
@@ -51,6 +52,7 @@ class Family:
     tower_classes: tuple[str, ...]
     towers: dict[str, str]
     language_models: dict[str, str]
+    decoder: str = "language_model"
     recommended: dict[str, Any] = field(default_factory=dict)
     recommended_source: str = "IPCVConfig's defaults: the paper's Qwen2-VL-7B setting (P=3, r=0.65, A=7, k=10)"
 
@@ -107,7 +109,7 @@ FAMILIES: tuple[Family, ...] = (
         ClipViTAdapter,
         (),
         {"LlavaOnevisionForConditionalGeneration": "model.vision_tower", "LlavaOnevisionModel": "vision_tower"},
-        {},
+        {"LlavaOnevisionForConditionalGeneration": "model", "LlavaOnevisionModel": ""},
         recommended_source=UNTUNED,
     ),
     Family(
@@ -131,7 +133,8 @@ FAMILIES: tuple[Family, ...] = (
         Idefics3Adapter,
         ("Idefics3VisionTransformer",),
         {"Idefics3ForConditionalGeneration": "model.vision_model", "Idefics3Model": "vision_model"},
-        {},
+        {"Idefics3ForConditionalGeneration": "model", "Idefics3Model": ""},
+        decoder="text_model",
         recommended_source=UNTUNED,
     ),
     Family(
@@ -139,7 +142,8 @@ FAMILIES: tuple[Family, ...] = (
         Idefics3Adapter,
         ("SmolVLMVisionTransformer",),
         {"SmolVLMForConditionalGeneration": "model.vision_model", "SmolVLMModel": "vision_model"},
-        {},
+        {"SmolVLMForConditionalGeneration": "model", "SmolVLMModel": ""},
+        decoder="text_model",
         recommended_source=UNTUNED,
     ),
     # Bare towers last: a full model above names its own tower.
@@ -198,11 +202,11 @@ def find_language_model(model: nn.Module) -> tuple[nn.Module, nn.Module, tuple[i
             if holder in names:
                 multimodal = _follow(model, path)
                 config = multimodal.config
-                # InternVL has image tokens only (video frames arrive as images).
+                # InternVL, Idefics3 and SmolVLM have image tokens only (InternVL gets video frames as images).
                 token_ids = tuple(
                     getattr(config, name) for name in ("image_token_id", "video_token_id") if hasattr(config, name)
                 )
-                return multimodal, multimodal.language_model, token_ids
+                return multimodal, getattr(multimodal, family.decoder), token_ids
     supported = [name for family in FAMILIES for name in family.language_models]
     raise TypeError(f"llm_pruner needs a model with a language model, one of {supported}; got {type(model).__name__}")
 

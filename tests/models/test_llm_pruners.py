@@ -1,5 +1,6 @@
-"""LLM-side pruning (FastV, DART) on tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL, alone and composed
-with IPCV."""
+"""LLM-side pruning (FastV, DART) on the language models of tiny random models of every family with
+one (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, LLaVA 1.5, LLaVA-NeXT, LLaVA-OneVision, Gemma 3,
+PaliGemma, Idefics3, SmolVLM), alone and composed with IPCV."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ipcv_kernels import (
 )
 from ipcv_kernels.llm import PruningInputs
 from ipcv_kernels.llm.pruners import decoder_last_query_and_keys, fastv_received_attention
+from ipcv_kernels.models import find_language_model
 from ipcv_kernels.reference.llm_pruning import (
     dart_select_reference,
     fastv_attention_reference,
@@ -29,7 +31,14 @@ from ipcv_kernels.reference.llm_pruning import (
     llm_keep_count,
 )
 from ipcv_kernels.testing import assert_close
-from ipcv_kernels.testing.models import build_qwen2_vl_model, clip_family_inputs, clip_pixels, vision_inputs
+from ipcv_kernels.testing.models import (
+    build_qwen2_vl_model,
+    clip_family_inputs,
+    clip_pixels,
+    idefics3_inputs,
+    onevision_inputs,
+    vision_inputs,
+)
 
 LAYER = 2
 NUM_LAYERS = 4  # ipcv_kernels.testing.models.TINY_TEXT
@@ -244,6 +253,12 @@ def family_model(family: str, dtype: torch.dtype = torch.float32):
     return build_qwen2_vl_model(dtype=dtype) if family == "qwen2_vl" else build_model(family, dtype=dtype)
 
 
+def decoder(model):
+    """The decoder the LLM-side patch wraps, found through the family table (Idefics3 and SmolVLM
+    name it ``text_model``)."""
+    return find_language_model(model)[1]
+
+
 def masked_attention_logits(model, inputs, kept: torch.Tensor, layer: int) -> torch.Tensor:
     """The oracle of pruning at ``layer``: the unpatched model in which decoder layers ``>= layer``
     attend only to the ``kept`` tokens (the mask the model builds for the layer, causal where it
@@ -254,7 +269,7 @@ def masked_attention_logits(model, inputs, kept: torch.Tensor, layer: int) -> to
     is_kept[kept] = True
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     allowed = is_kept[None, :] | torch.eye(length, dtype=torch.bool)
-    layers = model.model.language_model.layers[layer:]
+    layers = decoder(model).layers[layer:]
     for decoder_layer in layers:
 
         def masked(hidden, *args, _forward=decoder_layer.forward, **kwargs):
@@ -309,7 +324,7 @@ def check_generation(model, pruner, inputs=None, ipcv=IPCV, next_token_type=0):
     ``token_type_ids`` entry ``next_token_type`` where the inputs have them)."""
     inputs = inputs if inputs is not None else vision_inputs(model, [[1, 4, 8]])
     length = inputs["input_ids"].shape[1]
-    text_model = model.model.language_model
+    text_model = decoder(model)
     num_layers = len(text_model.layers)
     positions: list[torch.Tensor] = []
     handle = text_model.register_forward_pre_hook(
@@ -589,3 +604,117 @@ def test_gemma3_needs_a_sliding_layer_before_the_prune_layer():
     with pytest.raises(NotImplementedError, match="sliding-window layer"):
         apply_ipcv(model, llm_pruner=FastV(layer=1, ratio=0.5))
     assert get_llm_pruning_patch(model) is None
+
+
+# -- LLaVA-OneVision (Qwen2), Idefics3 and SmolVLM (Llama, their decoder is `text_model`) ---------
+
+CROP_FAMILIES = ["llava_onevision", "idefics3", "smolvlm"]
+
+
+def crop_family_prompt(model, family: str, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One prompt for ``family``: LLaVA-OneVision a 32 x 64 image (base crop + 2 crops) and a
+    64 x 64 one (base crop + 4), token runs as long as the model makes them; Idefics3 / SmolVLM
+    three sub-images of 4 tokens each, every one after a ``<fake>`` token (a text token here)."""
+    if family == "llava_onevision":
+        return onevision_inputs(model, [[32, 64], [64, 64]], seed=seed)
+    return idefics3_inputs(model, [3], seed=seed)
+
+
+def crop_family_batch(model, family: str) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """``(left-padded batch of two prompts, each prompt alone)`` with different image-token counts.
+
+    LLaVA-OneVision: a 32 x 64 image, then a 64 x 64 one (the second row longer); Idefics3 /
+    SmolVLM: 3 and 2 sub-images, the second row padded (its all-zero third sub-image, which the
+    model leaves out, stays in its pixels alone too).
+    """
+    if family == "llava_onevision":
+        rows = [onevision_inputs(model, [[32, 64]], seed=0), onevision_inputs(model, [[64, 64]], seed=1)]
+        length = max(row["input_ids"].shape[1] for row in rows)
+
+        def pad(key):
+            return torch.cat([torch.nn.functional.pad(r[key], (length - r[key].shape[1], 0)) for r in rows])
+
+        batch = {"input_ids": pad("input_ids"), "attention_mask": pad("attention_mask")}
+        batch |= {key: torch.cat([r[key] for r in rows]) for key in ("pixel_values", "image_sizes")}
+        return batch, rows
+    batch = idefics3_inputs(model, [3, 2])
+    rows = []
+    for row in range(2):
+        real = batch["attention_mask"][row].bool()
+        rows.append({key: value[row : row + 1, ...] for key, value in batch.items()})
+        rows[-1] |= {key: batch[key][row : row + 1, real] for key in ("input_ids", "attention_mask")}
+    return batch, rows
+
+
+@pytest.mark.parametrize("family", CROP_FAMILIES)
+@pytest.mark.parametrize(
+    "pruner",
+    [FastV(layer=1, ratio=0.6), DART(layer=1, ratio=0.6, pivot_image_tokens=2, pivot_text_tokens=2)],
+    ids=["fastv", "dart"],
+)
+def test_crop_families_pruned_prefill_equals_masked_attention(family, pruner):
+    """The masked-attention oracle on LLaVA-OneVision's Qwen2 and Idefics3's / SmolVLM's Llama
+    decoders (fp64): the image tokens are found from the config's ``image_token_id`` (and
+    OneVision's ``video_token_id``), all crops' tokens are candidates, and the kept tokens keep
+    their positions and causal order."""
+    model = build_model(family, dtype=torch.float64)
+    inputs = crop_family_prompt(model, family)
+    apply_ipcv(model, llm_pruner=pruner)
+    pruned = logits(model, inputs)
+    kept = get_llm_pruning_patch(model).last_kept[0]
+    remove_ipcv(model)
+    images = image_token_count(model, inputs)
+    assert kept.shape[0] == inputs["input_ids"].shape[1] - images + llm_keep_count(images, pruner.ratio)
+    expected = masked_attention_logits(model, inputs, kept, pruner.layer)
+    assert_close(pruned[0, kept], expected[0, kept])
+
+
+@pytest.mark.parametrize("family", CROP_FAMILIES)
+@pytest.mark.parametrize(
+    "pruner",
+    [FastV(layer=1, ratio=0.6), DART(layer=1, ratio=0.6, pivot_image_tokens=2, pivot_text_tokens=2)],
+    ids=["fastv", "dart"],
+)
+def test_crop_families_generation(family, pruner):
+    """With IPCV in the tower: the cache of layers >= K holds the kept tokens, the first token's
+    logits are the patched forward's, and a decoding step equals a pruned prefill over prompt +
+    token (Idefics3 / SmolVLM feed their decoder ``inputs_embeds``: the image tokens are read
+    from the multimodal model's ``input_ids``)."""
+    model = build_model(family)
+    check_generation(model, pruner, crop_family_prompt(model, family), CLIP_IPCV)
+
+
+@pytest.mark.parametrize("family", CROP_FAMILIES)
+def test_crop_families_padded_batch_equals_rows_alone(family):
+    """Rows with different image-token counts, left-padded, with IPCV and DART: each row
+    generates what it generates alone."""
+    model = build_model(family)
+    batch, rows = crop_family_batch(model, family)
+    length = batch["input_ids"].shape[1]
+    apply_ipcv(model, CLIP_IPCV, llm_pruner=DART(layer=1, ratio=0.5, pivot_image_tokens=2, pivot_text_tokens=2))
+    out = greedy(model, batch)
+    assert get_llm_pruning_patch(model).last_kept.shape[0] == 2
+    for row, inputs in enumerate(rows):
+        alone = greedy(model, inputs)
+        assert torch.equal(out.sequences[row, length:], alone.sequences[0, inputs["input_ids"].shape[1] :])
+        for step, expected in zip(out.logits, alone.logits, strict=True):
+            assert_close(step[row], expected[0])
+
+
+@pytest.mark.parametrize("family", CROP_FAMILIES)
+def test_crop_families_ratio_zero_and_remove_restore_exactly(family):
+    """Ratio 0 keeps the unpatched logits bit for bit; a pruning patch changes them, and
+    ``remove_ipcv`` restores them exactly and leaves no wrapper on the multimodal model, its
+    decoder or the decoder's layers."""
+    model = build_model(family)
+    inputs = crop_family_prompt(model, family)
+    expected = logits(model, inputs)
+    apply_ipcv(model, llm_pruner=FastV(layer=1, ratio=0.0))
+    torch.testing.assert_close(logits(model, inputs), expected, atol=0, rtol=0)
+    apply_ipcv(model, CLIP_IPCV, llm_pruner=DART(layer=1, ratio=0.7, pivot_image_tokens=2, pivot_text_tokens=2))
+    assert not torch.allclose(logits(model, inputs), expected)
+    remove_ipcv(model)
+    assert get_ipcv_patch(model) is None and get_llm_pruning_patch(model) is None
+    multimodal, text_model, _ = find_language_model(model)
+    assert all("forward" not in vars(module) for module in (multimodal, text_model, *text_model.layers))
+    torch.testing.assert_close(logits(model, inputs), expected, atol=0, rtol=0)

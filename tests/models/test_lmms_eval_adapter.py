@@ -3,11 +3,16 @@
 The model is a tiny random Qwen2-VL saved to disk and loaded back by the runner. Its processor is
 assembled here from a real tokenizer and Qwen2-VL's PIL image processor: transformers' own
 ``Qwen2VLProcessor`` cannot be built without torchvision, which this machine does not have. The
+other families get their real processors, with word-level tokenizers and PIL image processors
+(LLaVA-OneVision's and SmolVLM's with their video processors unchecked, see
+``unchecked_video_processor``). The
 lmms-eval tests run when lmms-eval is importable (``pip install --no-deps lmms-eval pytz loguru``
 is enough for them) and skip otherwise.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from ipcv_kernels import DART, FastV, IPCVConfig, get_llm_pruning_patch
+from ipcv_kernels import DART, FastV, IPCVConfig, apply_ipcv, get_llm_pruning_patch
 from ipcv_kernels.eval import MultimodalRunner, build_settings
 from ipcv_kernels.models import get_ipcv_patch
 from ipcv_kernels.testing.models import TINY_SPECIAL_TOKENS, build_qwen2_vl_model
@@ -242,8 +247,122 @@ def clip_family_processor(family: str):
     return PaliGemmaProcessor(image_processor=processor, tokenizer=tokenizer)  # no chat template
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "gemma3", "paligemma"])
-def test_lmms_eval_plugin_answers_for_every_family(family, tmp_path):
+def unchecked_video_processor(processor_class: type) -> type:
+    """``processor_class`` that keeps its video processor without checking its class: transformers
+    checks it against a class that needs torchvision, which is not installed here (the video
+    processor itself builds without it, and these tests send images only)."""
+
+    class UncheckedVideoProcessor(processor_class):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [name for name in processor_class.get_attributes() if name != "video_processor"]
+
+        def __init__(self, *, video_processor: Any, **kwargs: Any) -> None:
+            super().__init__(video_processor=video_processor, **kwargs)
+            self.video_processor = video_processor  # SmolVLM's chat template reads its frame settings
+
+    return UncheckedVideoProcessor
+
+
+def allow_smolvlm_processor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SmolVLMProcessor`` refuses to build without num2words (not installed here), which it
+    calls for video prompts only, to spell out frame counts: give it ``str`` for the test."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    if processing_smolvlm.num2words is None:
+        monkeypatch.setattr(processing_smolvlm, "num2words", str)
+
+
+def crop_family_processor(family: str):
+    """A real transformers processor of LLaVA-OneVision, Idefics3 or SmolVLM for the tiny models
+    (``ipcv_kernels.testing.models``): a word-level tokenizer with the family's special tokens
+    (``<image>`` id 260, then OneVision's ``<video>`` or Idefics3's ``<fake_token_around_image>``,
+    ``<global-img>``, ``<end_of_utterance>`` and the 36 ``<row_i_col_j>`` tags, all below the
+    vocabulary size 300) and the family's PIL image processor: OneVision 32 x 32 crops on its
+    anyres grids, Idefics3 / SmolVLM 32 x 32 sub-images of images resized to at most 64 px."""
+    from transformers import Idefics3Processor, LlavaOnevisionProcessor, SmolVLMProcessor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    from ipcv_kernels.testing.models import CLIP_FAMILY_IMAGE_TOKEN, IDEFICS3_TOKENS_PER_SUB_IMAGE, ONEVISION_PINPOINTS
+
+    image_id = CLIP_FAMILY_IMAGE_TOKEN
+    if family == "llava_onevision":
+        specials = {"<image>": image_id, "<video>": image_id + 1}
+    else:
+        specials = {"<image>": image_id, "<fake_token_around_image>": image_id + 1, "<global-img>": image_id + 2}
+        specials["<end_of_utterance>"] = image_id + 3
+        specials |= {f"<row_{i + 1}_col_{j + 1}>": image_id + 4 + 6 * i + j for i in range(6) for j in range(6)}
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(CLIP_WORDS)} | specials, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    template = CLIP_TEMPLATE.replace("IMAGE", "<image>")
+    if family == "llava_onevision":
+        processor = LlavaOnevisionImageProcessorPil(
+            size={"height": 32, "width": 32}, image_grid_pinpoints=ONEVISION_PINPOINTS
+        )
+        return unchecked_video_processor(LlavaOnevisionProcessor)(
+            image_processor=processor,
+            tokenizer=tokenizer,
+            video_processor=LlavaOnevisionVideoProcessor(),
+            num_image_tokens=16,  # per 32 x 32 crop: SigLIP's 4 x 4 patches, no CLS
+            vision_feature_select_strategy="full",
+            chat_template=template,
+        )
+    sizes = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    if family == "idefics3":
+        return Idefics3Processor(
+            image_processor=Idefics3ImageProcessorPil(**sizes),
+            tokenizer=tokenizer,
+            image_seq_len=IDEFICS3_TOKENS_PER_SUB_IMAGE,
+            chat_template=template,
+        )
+    return unchecked_video_processor(SmolVLMProcessor)(
+        image_processor=SmolVLMImageProcessorPil(**sizes),
+        tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(),
+        image_seq_len=IDEFICS3_TOKENS_PER_SUB_IMAGE,
+        chat_template=template,
+    )
+
+
+CLIP_FAMILIES = ["llava", "llava_next", "gemma3", "paligemma"]
+FAMILIES = [*CLIP_FAMILIES, "llava_onevision", "idefics3", "smolvlm"]
+
+
+def family_processor(family: str, monkeypatch: pytest.MonkeyPatch):
+    """The processor of a tiny model of ``family`` (one of ``FAMILIES``)."""
+    if family in CLIP_FAMILIES:
+        return clip_family_processor(family)
+    if family == "smolvlm":
+        allow_smolvlm_processor(monkeypatch)
+    return crop_family_processor(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runner_batches_prompts_of_every_family(family, monkeypatch):
+    """Two prompts with an image each, of different sizes, answered in one batch: the images
+    reach the processor nested per prompt (a flat list gives Gemma 3's and SmolVLM's processors
+    every image for the first prompt) and the pruned prefill keeps rows for both."""
+    from ipcv_kernels.testing.models import build_model
+
+    model = apply_ipcv(build_model(family), llm_pruner=FastV(layer=1, ratio=0.5))
+    runner = MultimodalRunner(model, family_processor(family, monkeypatch), system_prompt="", max_new_tokens=2)
+    answers = runner.generate(["what is this ?", "is this a cat ?"], [[image(40, 56, 0)], [image(24, 64, 1)]])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert get_llm_pruning_patch(model).last_kept.shape[0] == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lmms_eval_plugin_answers_for_every_family(family, tmp_path, monkeypatch):
     """The one plugin model loads a tiny checkpoint of each family (found through the family
     table), with IPCV in its tower and FastV in its decoder, and answers one request."""
     pytest.importorskip("lmms_eval")
@@ -254,15 +373,14 @@ def test_lmms_eval_plugin_answers_for_every_family(family, tmp_path):
     from ipcv_kernels.testing.models import build_model
 
     build_model(family).save_pretrained(tmp_path)
+    processor = family_processor(family, monkeypatch)
     model_class = get_model("ipcv")
     assert model_class is IPCVModel and get_model("ipcv_qwen2_vl") is IPCVModel
     arguments = (
         f"pretrained={tmp_path},dtype=float32,max_new_tokens=3,system_prompt=,ipcv_prune_layer=2,ipcv_ratio=0.5,"
         "ipcv_as_layers=1,ipcv_num_neighbors=3,llm_pruner=fastv,llm_layer=1,llm_ratio=0.5"
     )
-    lm = model_class.create_from_arg_string(
-        arguments, {"batch_size": 1, "device": "cpu", "processor": clip_family_processor(family)}
-    )
+    lm = model_class.create_from_arg_string(arguments, {"batch_size": 1, "device": "cpu", "processor": processor})
     assert get_ipcv_patch(lm.model).config == IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=3)
     lm.task_dict = {"toy": {"test": {0: {"image": image(40, 56, 0)}}}}
     request = Instance(
