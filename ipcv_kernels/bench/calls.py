@@ -221,9 +221,10 @@ class TileCalls(TowerCalls):
         )
         if last == self.depth - 1:
             return text + ": every block runs"
-        skipped = f"block {last + 1}" if last + 1 == self.depth - 1 else f"blocks {last + 1}-{self.depth - 1}"
+        one = last + 1 == self.depth - 1
+        skipped = f"block {last + 1} runs" if one else f"blocks {last + 1}-{self.depth - 1} run"
         return (
-            f"{text}: {skipped} run(s) neither in the unpatched tower nor with IPCV, "
+            f"{text}: {skipped} neither in the unpatched tower nor with IPCV, "
             f"and the FLOP model counts blocks 0-{last} only"
         )
 

@@ -153,7 +153,7 @@ def test_model_uses_of_the_presets():
         build_tower(vision_config_from_preset("llava-1.5-7b"), dtype=torch.float32, device=torch.device("meta")),
         PRESET_USES["llava-1.5-7b"],
     )
-    assert llava.read == (22,) and "block 23 run(s) neither" in llava.reading()
+    assert llava.read == (22,) and "block 23 runs neither" in llava.reading()
     (case,) = [llava.parse_case(text) for text in llava.default_cases()]
     assert len(llava.flops(case, IPCVConfig()).blocks) == 23
     idefics3 = tower_calls(

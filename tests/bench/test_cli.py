@@ -146,7 +146,7 @@ DEMO_CHECKPOINTS = [
     ("qwen2_vl", "Qwen2-VL", "input grid_thw [[1, 8, 8]] = 64 patch tokens"),
     ("qwen2_5_vl", "Qwen2.5-VL", "input grid_thw [[1, 8, 8]] = 64 patch tokens"),
     ("internvl", "InternVL", "input 1 tile(s) of 17 tokens"),
-    ("llava", "LLaVA 1.5", "reads hidden_states[-2] (the output of block(s) 4 of 0-5): block 5 run(s) neither"),
+    ("llava", "LLaVA 1.5", "reads hidden_states[-2] (the output of block(s) 4 of 0-5): block 5 runs neither"),
     ("gemma3", "Gemma 3", "input 1 tile(s) of 16 tokens"),
     ("llava_next", "LLaVA-NeXT", "(the output of block(s) 4 of 0-5)"),
     ("idefics3", "Idefics3", "input 1 tile(s) of 16 tokens"),
