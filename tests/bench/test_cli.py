@@ -169,3 +169,16 @@ def test_demo_runs_a_checkpoint_of_any_family(saved, family, says, tmp_path, cap
 def test_demo_refuses_a_directory_without_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"config\.json"):
         main(["demo", "--model", str(tmp_path), "--no-progress"])
+
+
+def test_demo_preset_of_llava_reads_its_feature_layer(capsys, monkeypatch):
+    # LLaVA-1.5's tower at depth 3 (real width): layer -2 is block 1, block 2 runs in neither variant.
+    from ipcv_kernels.bench import presets
+
+    monkeypatch.setitem(presets.MODEL_PRESETS, "llava-1.5-7b", {**presets.CLIP_VIT_L_336, "num_hidden_layers": 3})
+    assert main(["demo", "--preset", "llava-1.5-7b", "--prune-layer", "1", "--repeats", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(LLaVA 1.5, depth 3, random weights" in out and "block 2 runs neither" in out
+    assert re.search(r"tokens per block.*\n  577 202\n", out)
+    diff = float(re.search(r"IPCV\(ratio=0\)\| of the features read: (\S+)", out).group(1))
+    assert diff < 1e-4
