@@ -43,20 +43,24 @@ distance GEMM), per item with ``n_i`` rows, ``k_i`` kept, ``d_i = n_i - k_i`` dr
 The matmul terms equal what ``torch.utils.flop_counter.FlopCounterMode`` counts on a real Qwen2-VL
 tower, unpatched and patched (``tests/bench/test_flops.py``).
 
-Towers: ``idefics3_flops`` (sub-images with padding patches), ``clip_vit_flops`` and
-``internvl_flops`` (CLS pinned, read layers), ``qwen2_vl_flops`` (Qwen2-VL: every block attends per image / frame) and
+Towers: ``qwen2_vl_flops`` (Qwen2-VL: every block attends per image / frame) and
 ``qwen2_5_vl_flops`` (Qwen2.5-VL: windowed attention except in ``fullatt_block_indexes``) read a
 vision config; ``vision_tower_flops`` picks between them by the config's ``model_type``.
+``internvl_flops`` and ``clip_vit_flops`` (CLS pinned, read layers) and ``idefics3_flops``
+(sub-images with padding patches) count the towers of fixed-size tiles / crops / sub-images. The
+matmul terms of the latter two equal ``FlopCounterMode``'s count too, padding and read layers
+included (``ngr_attention``, a custom op the counter cannot see, added back).
 
 Not counted anywhere (``O(n D)`` element-wise, under 1% of a block at ViT widths and identical in
 both towers): layer norms, activations, softmax, rotary, residual adds, gathers and scatters.
 
 Exactness: the kept count per item is the spec's ``max(1, int(n_i (1 - r)))``
-(``ipcv_kernels.reference.selection.keep_count``), so totals are exact
-for items with one attention segment (images). For items with several segments (video frames) the
-split of kept rows among the segments depends on the data; the model spreads them in proportion to
-segment length. That minimises ``sum_s q_s^2``, so for videos the IPCV estimate is a lower bound and
-the predicted speedup an upper bound. With ``ratio = 0`` every row is kept: the matmul work equals
+(``ipcv_kernels.reference.selection.keep_count``), so totals are exact for items with one
+attention segment (images). For items with several segments (video frames, tiles, anyres crops,
+sub-images) the split of kept rows among the segments depends on the data; the model spreads them
+in proportion to the segments' unpinned rows. That minimises ``sum_s q_s^2``, so for such items
+the IPCV estimate of attention is a lower bound and the predicted speedup an upper bound (linear
+terms stay exact). With ``ratio = 0`` every row is kept: the matmul work equals
 the unpatched tower's exactly (both ``as_queries``), and only the score computation remains as
 overhead (``predicted_speedup(..., include_overhead=False) == 1.0`` exactly).
 """
