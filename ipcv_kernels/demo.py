@@ -3,12 +3,17 @@ FLOPs, and the ratio-0 equivalence check.
 
 Default: a built-in 12-block Qwen2-VL tower (width 640, 10 heads of 64) with seeded random weights
 and a 448x448 image (1,024 patches). ``--preset NAME`` takes a benchmark preset of any family
-instead (``ipcv_kernels.bench.presets``: e.g. ``clip-vit-l-336-d8``, ``siglip-so400m-384-d8``,
-``internvit-300m-d8``, ``qwen2.5-vl-7b``; random weights, one image at the tower's native
-resolution for CLIP / SigLIP / InternViT, ``--image-size`` for the Qwen towers), called and
-FLOP-counted as the benchmark does (``ipcv_kernels.bench.calls``), with the family's recommended
-IPCV setting unless flags say otherwise. ``--model PATH`` loads a real local Qwen2-VL checkpoint
-and feeds it a synthetic image through the checkpoint's own image processor (Qwen2-VL only).
+instead (``ipcv_kernels.bench.presets``: e.g. ``clip-vit-l-336-d8``, ``llava-1.5-7b``,
+``siglip-so400m-384-d8``, ``internvit-300m-d8``, ``qwen2.5-vl-7b``; random weights), and
+``--model PATH`` the vision tower of a local checkpoint of any supported family (a full model or a
+saved bare tower, found through the family table and loaded as ``bench --model`` loads it:
+``ipcv_kernels.bench.towers``). Either is called and FLOP-counted as the benchmark does
+(``ipcv_kernels.bench.calls``): one image at the tower's native resolution for CLIP / SigLIP /
+InternViT / Idefics3 (or the preset's own case: anyres crops, padded sub-images), ``--image-size``
+for the Qwen towers; a full LLaVA-family model's tower read at its ``vision_feature_layer``, the
+blocks after it run by neither variant (the demo says so). The pixels are seeded random, as the
+benchmark's (a tower's speed does not depend on them, and the ratio-0 check holds for any input).
+Both take the family's recommended IPCV setting unless flags say otherwise.
 
 Timing is the benchmarks' (``ipcv_kernels.bench.harness.time_interleaved``): one warm-up call per
 variant, then ``--repeats`` rounds alternating the two. The report gives the medians, the p10-p90
@@ -21,58 +26,40 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import torch
 
 from .bench import harness
-from .bench.calls import Case, TowerCalls, tower_calls
-from .bench.presets import MODEL_PRESETS
-from .bench.towers import build_tower, vision_config_from_preset
+from .bench.calls import Case, GridCalls, TowerCalls, tower_calls
+from .bench.presets import MODEL_PRESETS, PRESET_USES
+from .bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from .config import IPCVConfig
 from .flops import predicted_speedup
 from .models import apply_ipcv, get_ipcv_patch, remove_ipcv
 from .testing.models import build_qwen2_vl_tower, qwen2_vl_vision_config, sample_pixels
 
-if TYPE_CHECKING:
-    from PIL import Image
-
 DEMO_VISION = dict(depth=12, embed_dim=640, num_heads=10, mlp_ratio=4, hidden_size=1024, patch_size=14)
 DEMO_CONFIG = IPCVConfig(prune_layer=3, ratio=0.65, as_layers=3, num_neighbors=10)
 
 
-def synthetic_image(size: int) -> Image.Image:
-    """A deterministic RGB test picture (gradients and a disc) for the checkpoint's processor."""
-    from PIL import Image
-
-    axis = torch.linspace(0, 1, size)
-    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-    disc = ((xx - 0.6) ** 2 + (yy - 0.4) ** 2 < 0.05).float()
-    rgb = torch.stack([xx, yy, 0.5 * (1 - xx) + 0.5 * disc], -1)
-    return Image.fromarray((rgb * 255).to(torch.uint8).numpy())
-
-
 def load_inputs(args: argparse.Namespace, dtype: torch.dtype) -> tuple[TowerCalls, tuple[Case, tuple], str]:
-    """``(the tower's calls, its inputs, description)`` for the chosen model."""
-    if args.model:
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
-
-        model = Qwen2VLForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(args.model)
-        images = processor.image_processor(images=[synthetic_image(args.image_size)], return_tensors="pt")
-        calls = tower_calls(model.model.visual.eval())
-        grid = images["image_grid_thw"]
-        case = Case("checkpoint image", "image", tuple(tuple(int(v) for v in row) for row in grid.tolist()))
-        return calls, (case, (images["pixel_values"].to(dtype), grid)), f"checkpoint {args.model}"
-    if args.preset:
-        tower = build_tower(
-            vision_config_from_preset(args.preset), dtype=dtype, device=torch.device("cpu"), seed=args.seed
-        )
-        calls = tower_calls(tower)
+    """``(the tower's calls, its inputs, description)`` for the chosen tower."""
+    cpu = torch.device("cpu")
+    if args.model or args.preset:
+        if args.model:
+            tower = load_vision_tower(args.model, dtype=dtype, device=cpu)
+            calls = tower_calls(tower, model_use(args.model))
+            source = f"checkpoint {args.model}"
+            weights = "its own weights"
+        else:
+            tower = build_tower(vision_config_from_preset(args.preset), dtype=dtype, device=cpu, seed=args.seed)
+            calls = tower_calls(tower, PRESET_USES.get(args.preset))
+            source, weights = f"preset {args.preset}", "random weights"
         native = calls.default_cases()
         case = calls.parse_case(native[0] if native else f"{args.image_size}x{args.image_size}")
-        description = f"preset {args.preset} ({calls.family.name}, depth {calls.depth}, random weights)"
-        return calls, calls.inputs(case, args.seed, torch.device("cpu"), dtype), description
+        description = f"{source} ({calls.model_family.name}, depth {calls.depth}, {weights}, random pixels)"
+        return calls, calls.inputs(case, args.seed, cpu, dtype), description
     config = qwen2_vl_vision_config("sdpa", **DEMO_VISION)
     tower = build_qwen2_vl_tower(config, dtype=dtype, seed=args.seed)
     side = args.image_size // config.patch_size // config.spatial_merge_size * config.spatial_merge_size
@@ -84,7 +71,12 @@ def load_inputs(args: argparse.Namespace, dtype: torch.dtype) -> tuple[TowerCall
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's flags."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="local Qwen2-VL checkpoint directory (default: the built-in random tower)")
+    source.add_argument(
+        "--model",
+        type=Path,
+        help="local checkpoint directory of any supported family, a full model or a bare tower: its vision tower "
+        "(default: the built-in random tower)",
+    )
     source.add_argument(
         "--preset",
         choices=sorted(MODEL_PRESETS),
@@ -93,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-size", type=int, default=448, help="image side in pixels (Qwen towers; the others take their own)"
     )
-    default = f"default: {DEMO_CONFIG} field, or the preset family's recommended one"
+    default = f"default: {DEMO_CONFIG} field, or the preset's or checkpoint's family's recommended one"
     parser.add_argument("--prune-layer", type=int, help=f"IPCV prune layer P ({default})")
     parser.add_argument("--ratio", type=float, help=f"IPCV ratio: fraction of tokens dropped ({default})")
     parser.add_argument("--as-layers", type=int, help=f"IPCV attention-stabilisation blocks ({default})")
@@ -116,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     print("loading model ...", flush=True)
     calls, inputs, description = load_inputs(args, dtype)
     tower, case = calls.tower, inputs[0]
-    base = IPCVConfig(**calls.family.recommended) if args.preset else DEMO_CONFIG
+    base = IPCVConfig(**calls.model_family.recommended) if args.preset or args.model else DEMO_CONFIG
     config = IPCVConfig(
         prune_layer=args.prune_layer if args.prune_layer is not None else base.prune_layer,
         ratio=args.ratio if args.ratio is not None else base.ratio,
@@ -127,9 +119,13 @@ def run(args: argparse.Namespace) -> int:
     if case.grid_thw:
         print(f"{description}; input grid_thw {[list(g) for g in case.grid_thw]} = {case.tokens} patch tokens")
     else:
+        padding = f" ({sum(case.tile_padding)} of them padding)" if any(case.tile_padding) else ""
         print(
-            f"{description}; input {case.tiles_per_image[0]} tile(s) of {case.tile_tokens} tokens = {case.tokens} tokens"
+            f"{description}; input {case.tiles_per_image[0]} tile(s) of {case.tile_tokens} tokens = "
+            f"{case.tokens} tokens{padding}"
         )
+    if calls.reading() is not None:
+        print(f"as the full model calls the tower: {calls.reading()}")
     print(f"IPCV: {config}")
 
     def forward() -> torch.Tensor:
@@ -190,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
         f"FLOPs: {flops_base.total / 1e9:.1f} G -> {flops_ipcv.total / 1e9:.1f} G "
         f"(predicted speedup {predicted_speedup(flops_base, flops_ipcv):.2f}x)"
     )
-    print(
-        f"max |unpatched - IPCV(ratio=0)| of the {'merged output' if case.grid_thw else 'last hidden state'}: {max_diff:.3e} (should be ~0)"
-    )
+    compared = "merged output" if isinstance(calls, GridCalls) else "features read"
+    if calls.reading() is None and not isinstance(calls, GridCalls):
+        compared = "last hidden state"
+    print(f"max |unpatched - IPCV(ratio=0)| of the {compared}: {max_diff:.3e} (should be ~0)")
     return 0

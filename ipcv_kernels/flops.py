@@ -19,6 +19,13 @@ hidden ``M``, ``q`` query rows and ``kv`` key/value rows in a block, attention s
   block.
 - pruned block (``"pruned"``): a full block on the ``Nk`` kept rows, segments shrunk to their
   kept rows.
+- padding rows (Idefics3's padded patches, ``padding``): keys in the blocks before ``P`` (the
+  model's own block attends densely under its mask, so it pays for them), never keys from ``P``
+  on (``W_k, W_v`` and attention skip them: ``kv`` and ``k_s`` exclude them), queries in every
+  block (kept, like a CLS token, and not counted in their item's ``n``).
+- read layers (``read_blocks``: LLaVA's ``vision_feature_layer``): blocks after the last one read
+  are not run, so they count nothing, and every read block from ``P`` on restores the full
+  sequence (one NGR reconstruction each).
 - patch embedding ``2 n (C T p^2) D`` and PatchMerger ``2 (n / s^2)(s^2 D)(s^2 D + H)`` (``s`` the
   spatial merge, ``H`` the output width), identical with and without IPCV; counted only when their
   sizes are given, so that the ratio is the whole tower's.
@@ -39,16 +46,21 @@ tower, unpatched and patched (``tests/bench/test_flops.py``).
 Towers: ``qwen2_vl_flops`` (Qwen2-VL: every block attends per image / frame) and
 ``qwen2_5_vl_flops`` (Qwen2.5-VL: windowed attention except in ``fullatt_block_indexes``) read a
 vision config; ``vision_tower_flops`` picks between them by the config's ``model_type``.
+``internvl_flops`` and ``clip_vit_flops`` (CLS pinned, read layers) and ``idefics3_flops``
+(sub-images with padding patches) count the towers of fixed-size tiles / crops / sub-images. The
+matmul terms of the latter two equal ``FlopCounterMode``'s count too, padding and read layers
+included (``ngr_attention``, a custom op the counter cannot see, added back).
 
 Not counted anywhere (``O(n D)`` element-wise, under 1% of a block at ViT widths and identical in
 both towers): layer norms, activations, softmax, rotary, residual adds, gathers and scatters.
 
 Exactness: the kept count per item is the spec's ``max(1, int(n_i (1 - r)))``
-(``ipcv_kernels.reference.selection.keep_count``), so totals are exact
-for items with one attention segment (images). For items with several segments (video frames) the
-split of kept rows among the segments depends on the data; the model spreads them in proportion to
-segment length. That minimises ``sum_s q_s^2``, so for videos the IPCV estimate is a lower bound and
-the predicted speedup an upper bound. With ``ratio = 0`` every row is kept: the matmul work equals
+(``ipcv_kernels.reference.selection.keep_count``), so totals are exact for items with one
+attention segment (images). For items with several segments (video frames, tiles, anyres crops,
+sub-images) the split of kept rows among the segments depends on the data; the model spreads them
+in proportion to the segments' unpinned rows. That minimises ``sum_s q_s^2``, so for such items
+the IPCV estimate of attention is a lower bound and the predicted speedup an upper bound (linear
+terms stay exact). With ``ratio = 0`` every row is kept: the matmul work equals
 the unpatched tower's exactly (both ``as_queries``), and only the score computation remains as
 overhead (``predicted_speedup(..., include_overhead=False) == 1.0`` exactly).
 """
@@ -128,6 +140,32 @@ def _items(seq_lens: Sequence[int | Sequence[int]]) -> list[list[int]]:
     return items
 
 
+def _padding(padding: Sequence[int | Sequence[int]] | None, items: list[list[int]]) -> list[list[int]]:
+    """Padding rows per segment of every item, shaped like ``_items(seq_lens)`` (zeros for ``None``)."""
+    if padding is None:
+        return [[0] * len(item) for item in items]
+    if isinstance(padding, (str, bytes)) or not isinstance(padding, Sequence) or len(padding) != len(items):
+        raise ValueError(f"padding must give one entry per item of seq_lens ({len(items)}), got {padding!r}")
+    pads = []
+    for entry, item in zip(padding, items, strict=True):
+        rows = [entry] if isinstance(entry, int) else list(entry)
+        if len(rows) != len(item):
+            raise ValueError(f"padding must give one count per segment of seq_lens, got {entry!r} for {item}")
+        for count in rows:
+            check_int("padding", count, low=0)
+        pads.append(rows)
+    return pads
+
+
+def _last_read(read_blocks: Sequence[int], depth: int) -> int:
+    """The last block read (``-1``: only the embeddings are read)."""
+    if isinstance(read_blocks, (str, bytes)) or not isinstance(read_blocks, Sequence) or len(read_blocks) == 0:
+        raise TypeError(f"read_blocks must be a non-empty list of block indices, got {read_blocks!r}")
+    for block in read_blocks:
+        check_int("read_blocks", block, low=-1, high=depth)
+    return max(read_blocks)
+
+
 def _block_linear(query_rows: float, key_rows: float, width: int, mlp_hidden: int) -> float:
     """``W_q`` + output projection + MLP on the query rows, ``W_k, W_v`` on the key rows."""
     return 2.0 * (query_rows * (2 * width * width + 2 * width * mlp_hidden) + key_rows * 2 * width * width)
@@ -155,6 +193,8 @@ def vit_flops(
     merger_out: int | None = None,
     spatial_merge: int = 2,
     pinned_per_segment: int = 0,
+    padding: Sequence[int | Sequence[int]] | None = None,
+    read_blocks: Sequence[int] | None = None,
 ) -> FlopReport:
     """FLOPs of one forward of a ``depth``-block pre-norm ViT, unpatched or with IPCV.
 
@@ -172,6 +212,12 @@ def vit_flops(
         pinned_per_segment: rows of every segment that IPCV never drops (a tile's CLS token): they
             do not count in an item's ``n`` (the keep count is over the other rows), are always
             kept, and are never neighbours.
+        padding: padding rows of every segment, shaped like ``seq_lens`` (``None``: none). Pinned
+            like ``pinned_per_segment`` rows (they are patches, so they are embedded), keys only
+            before ``P`` (see the module docstring).
+        read_blocks: the blocks whose outputs are read (``engine.read_blocks`` of LLaVA's
+            ``vision_feature_layer``; ``-1`` reads the embeddings only); ``None``: the last block.
+            Blocks after the last one read are not counted.
 
     Returns:
         A ``FlopReport``; the module docstring gives every formula.
@@ -188,8 +234,11 @@ def vit_flops(
         check_choice("as_queries", as_queries, AS_QUERIES)
     check_int("pinned_per_segment", pinned_per_segment, low=0)
     items = _items(seq_lens)
+    pads = _padding(padding, items)
     segments = [length for item in items for length in item]
-    tokens = sum(segments)
+    pad_segments = [rows for item in pads for rows in item]
+    tokens, pad_total = sum(segments), sum(pad_segments)
+    run = depth if read_blocks is None else _last_read(read_blocks, depth) + 1  # blocks computed
     full_linear = _block_linear(tokens, tokens, width, mlp_hidden)
     full_attention = 4.0 * width * sum(length * length for length in segments)
 
@@ -223,10 +272,11 @@ def vit_flops(
     def full_block(index: int) -> BlockFlops:
         return BlockFlops(index, "full", tokens, tokens, full_linear, full_attention, 0.0)
 
-    if config is None:
-        return report([full_block(i) for i in range(depth)], 0.0, 0.0, tokens)
+    if config is not None:
+        config.check_depth(depth)
+    if config is None or config.prune_layer >= run:  # unpatched, or no block from P on runs
+        return report([full_block(i) for i in range(run)], 0.0, 0.0, tokens)
 
-    config.check_depth(depth)
     mode = as_queries if as_queries is not None else config.as_queries
     # Items as IPCV sees them: scopes "global" and "authors" make the whole packed input one item.
     competing = items if config.scope == "image" else [segments]
@@ -234,38 +284,47 @@ def vit_flops(
     planning = 3.0 * tokens * width
     ngr = 0.0
     kept_tokens = 0
-    for item in competing:
-        pinned = pinned_per_segment * len(item)
-        free = sum(item) - pinned
-        if free < 0:
-            raise ValueError(f"pinned_per_segment must not exceed a segment's length, got {pinned_per_segment}")
-        kept_free = keep_count(free, config.ratio)
+    competing_pads = pads if config.scope == "image" else [pad_segments]
+    for item, item_pads in zip(competing, competing_pads, strict=True):
+        pinned = [pinned_per_segment + rows for rows in item_pads]
+        free = sum(item) - sum(pinned)
+        if any(p > length for p, length in zip(pinned, item, strict=True)):
+            raise ValueError("pinned_per_segment and padding must not exceed a segment's length")
+        kept_free = keep_count(free, config.ratio) if free else 0
         dropped = free - kept_free
-        kept_tokens += kept_free + pinned
+        kept_tokens += kept_free + sum(pinned)
         # Kept rows spread over the item's segments in proportion (exact for one segment).
         kept_segments += [
-            pinned_per_segment + (kept_free * (length - pinned_per_segment) / free if free else 0.0) for length in item
+            p + (kept_free * (length - p) / free if free else 0.0) for p, length in zip(pinned, item, strict=True)
         ]
         if dropped:
             planning += 2.0 * dropped * kept_free * width + 2.0 * width * (dropped + kept_free)
             ngr += kept_free * width + dropped * (min(config.num_neighbors, kept_free) + 2) * width
 
+    # From P on, padding rows are no keys: key rows and key segments leave them out.
+    keys = tokens - pad_total
+    key_segments = [length - rows for length, rows in zip(segments, pad_segments, strict=True)]
+    kept_keys = [q - rows for q, rows in zip(kept_segments, pad_segments, strict=True)]
     stabilisation_end = config.stabilisation_end(depth)
     blocks = []
-    for index in range(depth):
+    for index in range(run):
         if index < config.prune_layer:
             blocks.append(full_block(index))
         elif index < stabilisation_end and mode == "all":
-            blocks.append(BlockFlops(index, "stabilised_all", tokens, tokens, full_linear, full_attention, ngr))
+            attention = 4.0 * width * sum(q * k for q, k in zip(segments, key_segments, strict=True))
+            linear = _block_linear(tokens, keys, width, mlp_hidden)
+            blocks.append(BlockFlops(index, "stabilised_all", tokens, keys, linear, attention, ngr))
         elif index < stabilisation_end:
-            attention = 4.0 * width * sum(q * k for q, k in zip(kept_segments, segments, strict=True))
-            linear = _block_linear(kept_tokens, tokens, width, mlp_hidden)
-            blocks.append(BlockFlops(index, "stabilised", kept_tokens, tokens, linear, attention, ngr))
+            attention = 4.0 * width * sum(q * k for q, k in zip(kept_segments, key_segments, strict=True))
+            linear = _block_linear(kept_tokens, keys, width, mlp_hidden)
+            blocks.append(BlockFlops(index, "stabilised", kept_tokens, keys, linear, attention, ngr))
         else:
-            attention = 4.0 * width * sum(q * q for q in kept_segments)
-            linear = _block_linear(kept_tokens, kept_tokens, width, mlp_hidden)
-            blocks.append(BlockFlops(index, "pruned", kept_tokens, kept_tokens, linear, attention, 0.0))
-    return report(blocks, planning, ngr, kept_tokens)
+            attention = 4.0 * width * sum(q * k for q, k in zip(kept_segments, kept_keys, strict=True))
+            linear = _block_linear(kept_tokens, kept_tokens - pad_total, width, mlp_hidden)
+            blocks.append(BlockFlops(index, "pruned", kept_tokens, kept_tokens - pad_total, linear, attention, 0.0))
+    # The last block restores the full sequence; with read layers, every read block from P on does.
+    restorations = 1 if read_blocks is None else sum(config.prune_layer <= b < run for b in set(read_blocks))
+    return report(blocks, planning, ngr * restorations, kept_tokens)
 
 
 def qwen2_vl_flops(
@@ -366,6 +425,8 @@ def internvl_flops(
     tiles_per_image: Sequence[int],
     image_size: tuple[int, int],
     config: IPCVConfig | None = None,
+    *,
+    read_blocks: Sequence[int] | None = None,
 ) -> FlopReport:
     """``vit_flops`` for an ``InternVLVisionConfig`` (InternViT): every tile is one attention
     segment of ``1 + N`` rows (its CLS token, pinned, and ``N`` patches), the tiles of an image one
@@ -374,6 +435,7 @@ def internvl_flops(
     Args:
         tiles_per_image: tiles of every image, in order.
         image_size: ``(height, width)`` of a tile in pixels.
+        read_blocks: the blocks the model reads (``vit_flops``); ``None``: the last one.
     """
     c = vision_config
     patch_h, patch_w = c.patch_size if isinstance(c.patch_size, (list, tuple)) else (c.patch_size,) * 2
@@ -391,6 +453,7 @@ def internvl_flops(
         config,
         patch_dim=c.num_channels * patch_h * patch_w,
         pinned_per_segment=1,
+        read_blocks=read_blocks,
     )
 
 
@@ -398,6 +461,8 @@ def clip_vit_flops(
     vision_config: Any,
     crops_per_image: Sequence[int],
     config: IPCVConfig | None = None,
+    *,
+    read_blocks: Sequence[int] | None = None,
 ) -> FlopReport:
     """``vit_flops`` for a ``CLIPVisionConfig`` / ``SiglipVisionConfig`` tower: every crop is one
     attention segment of ``(image_size / patch_size)^2`` patches (plus CLIP's CLS token, pinned),
@@ -405,7 +470,10 @@ def clip_vit_flops(
     elementwise or one token and not counted.
 
     Args:
-        crops_per_image: crops of every image, in order (``[1] * B`` for a bare tower's batch).
+        crops_per_image: crops of every image, in order (``[1] * B`` for a bare tower's batch;
+            a LLaVA-NeXT / OneVision image: its base crop and anyres crops).
+        read_blocks: the blocks the model reads (``vit_flops``; LLaVA's ``vision_feature_layer``
+            -2 reads block ``depth - 2``, and the last block is not run); ``None``: the last one.
     """
     c = vision_config
     cls = int(getattr(c, "model_type", "") == "clip_vision_model")
@@ -419,6 +487,42 @@ def clip_vit_flops(
         config,
         patch_dim=c.num_channels * c.patch_size * c.patch_size,
         pinned_per_segment=cls,
+        read_blocks=read_blocks,
+    )
+
+
+def idefics3_flops(
+    vision_config: Any,
+    padding_per_image: Sequence[Sequence[int]],
+    config: IPCVConfig | None = None,
+) -> FlopReport:
+    """``vit_flops`` for an ``Idefics3VisionConfig`` / ``SmolVLMVisionConfig`` tower (SigLIP
+    blocks, no CLS): every sub-image is one attention segment of ``(image_size / patch_size)^2``
+    patches, the sub-images of an image one item, and the patches that ``patch_attention_mask``
+    marks as padding are ``vit_flops``' padding rows: pinned (kept, not in the item's ``n``,
+    never neighbours), keys only in the blocks before ``P``. With the patch embedding, which
+    embeds every patch (padding included); the post-norm is elementwise and not counted.
+
+    Args:
+        padding_per_image: for every image, the padding patches of each of its sub-images (its
+            length is the image's sub-image count; ``[[0]] * B`` for a bare tower's batch).
+    """
+    c = vision_config
+    length = (c.image_size // c.patch_size) ** 2
+    if isinstance(padding_per_image, (str, bytes)) or not isinstance(padding_per_image, Sequence):
+        raise TypeError(f"padding_per_image must be a list of lists of ints, got {padding_per_image!r}")
+    for image in padding_per_image:
+        if isinstance(image, (str, bytes)) or not isinstance(image, Sequence) or len(image) == 0:
+            raise ValueError(f"padding_per_image: every image needs its sub-images' padding counts, got {image!r}")
+    return vit_flops(
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        [[length] * len(image) if len(image) > 1 else length for image in padding_per_image],
+        config,
+        patch_dim=c.num_channels * c.patch_size * c.patch_size,
+        padding=[list(image) if len(image) > 1 else int(image[0]) for image in padding_per_image],
     )
 
 

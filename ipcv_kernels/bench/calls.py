@@ -1,12 +1,12 @@
 """How the benchmarks call a vision tower of each kind: its cases, inputs, call and FLOP model.
 
-Two call conventions cover every family of the family table (``ipcv_kernels.models.families``),
+Three call conventions cover every family of the family table (``ipcv_kernels.models.families``),
 chosen by the family's adapter (``tower_calls``):
 
 - ``GridCalls`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): packed patches ``[N, C T p^2]`` and ``grid_thw``
   rows; any image size (rounded to ``patch_size * spatial_merge_size`` as Qwen's processor does),
   batches and videos; FLOPs from ``flops.vision_tower_flops``.
-- ``TileCalls`` (InternViT, CLIP, SigLIP, Idefics3 / SmolVLM): images ``[B, C, S, S]`` of the
+- ``TileCalls`` (InternViT, CLIP, SigLIP): images ``[B, C, S, S]`` of the
   tower's fixed size ``S`` (its native resolution). A case's image is split into tiles / crops of
   ``S`` (``896x896`` on a 448 tower: 4 tiles), which form one item, as the full models group them
   (InternVL's tiles, LLaVA-NeXT's crops); the patched tower is told so with the adapter's hint
@@ -14,11 +14,27 @@ chosen by the family's adapter (``tower_calls``):
   images; videos are refused. FLOPs from ``flops.internvl_flops`` (CLS pinned) or
   ``flops.clip_vit_flops`` (CLIP's CLS pinned, SigLIP has none). The output compared is
   ``last_hidden_state``.
+- ``SubImageCalls`` (Idefics3 / SmolVLM): ``tower(pixel_values, patch_attention_mask)`` over
+  sub-images of the tower's size ``S``: an ``HxW`` image is split into ``ceil(H / S) x ceil(W /
+  S)`` sub-images plus, when there are several, a global one (as Idefics3's processor splits
+  it), all one item; where the image ends inside a sub-image, its remaining patches are padding
+  (zeros, marked in ``patch_attention_mask``). Idefics3's own processor first rounds an image up
+  to multiples of ``S``, so its sub-images hold no padding: these cases exercise the padding the
+  model supports (``patch_attention_mask``), as any padded batch of sub-images has it. FLOPs from
+  ``flops.idefics3_flops`` (padding pinned, never keys from ``P`` on).
+
+A ``ModelUse`` (``bench.presets``: a preset's, or read from a full checkpoint's config by
+``towers.model_use``) makes ``TileCalls`` call the tower as its full model does: reading
+``vision_feature_layer`` (LLaVA's -2; the blocks after it are left out of the unpatched tower for
+the call, and the patched tower skips them, told the read blocks as
+``get_image_features`` tells it), and counting anyres crops (LLaVA-NeXT / OneVision).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,10 +44,13 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..flops import FlopReport, clip_vit_flops, internvl_flops, vision_tower_flops
+from ..engine import read_blocks
+from ..flops import FlopReport, clip_vit_flops, idefics3_flops, internvl_flops, vision_tower_flops
 from ..models import get_ipcv_patch
-from ..models.families import Family, find_family
+from ..models.families import FAMILIES, Family, find_family
+from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
+from .presets import ModelUse
 from .towers import tower_output
 
 CASE = re.compile(r"^(\d+)x(\d+)(?:\*(\d+)|@(\d+))?$")
@@ -48,6 +67,14 @@ class Case:
     grid_thw: tuple[tuple[int, int, int], ...] = ()
     tiles_per_image: tuple[int, ...] = ()
     tile_tokens: int = 0
+    # Sub-image towers: (rows, columns) of real patches of every tile, in order (the rest of its
+    # square grid is padding); empty: every patch real.
+    tile_real: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def tile_padding(self) -> tuple[int, ...]:
+        """Padding patches of every tile (``tile_tokens - rows * columns``; empty without ``tile_real``)."""
+        return tuple(self.tile_tokens - rows * cols for rows, cols in self.tile_real)
 
     @property
     def tokens(self) -> int:
@@ -95,10 +122,23 @@ def _pair(value: Any) -> tuple[int, int]:
 class TowerCalls:
     """The call convention of one tower: subclasses say how cases become inputs and FLOPs."""
 
-    def __init__(self, tower: nn.Module, family: Family) -> None:
+    def __init__(self, tower: nn.Module, family: Family, use: ModelUse | None = None) -> None:
         self.tower = tower
         self.family = family
         self.config = tower.config
+        self.use = use
+
+    def reading(self) -> str | None:
+        """What the full model reads of the tower, when not its whole output (for reports)."""
+        return None
+
+    @property
+    def model_family(self) -> Family:
+        """The family of the model using the tower (``use.family``), else the tower's own: its
+        recommended setting is the one to take."""
+        if self.use is None or self.use.family is None:
+            return self.family
+        return next(family for family in FAMILIES if family.name == self.use.family)
 
     @property
     def depth(self) -> int:
@@ -154,18 +194,39 @@ class TileCalls(TowerCalls):
     """InternViT / CLIP / SigLIP / Idefics3-style towers: ``tower(pixel_values [B, C, S, S])``,
     its ``last_hidden_state``; the tiles of one image form one item."""
 
-    def __init__(self, tower: nn.Module, family: Family) -> None:
-        super().__init__(tower, family)
+    def __init__(self, tower: nn.Module, family: Family, use: ModelUse | None = None) -> None:
+        super().__init__(tower, family, use)
         self.internvl = issubclass(family.adapter, InternVLAdapter)
         c = self.config
         self.image_size = _pair(c.image_size)
         self.patch_size = _pair(c.patch_size)
         self.cls = 1 if self.internvl else int(getattr(c, "model_type", "") == "clip_vision_model")
         self.hint = "tiles_per_image" if self.internvl else "sequences_per_image"
+        self.blocks = family.adapter().blocks(tower)
+        # The blocks the model reads (``None``: the last one, as the tower's own output).
+        layer = None if use is None else use.feature_layer
+        self.read = None if layer is None else read_blocks(layer, len(self.blocks))
 
     @property
     def depth(self) -> int:
         return self.config.num_hidden_layers
+
+    def reading(self) -> str | None:
+        if self.read is None or self.use is None:
+            return None
+        last = max(self.read)
+        text = (
+            f"{self.use.model} reads hidden_states[{self.use.feature_layer}] (the output of block(s) "
+            f"{', '.join(map(str, self.read))} of 0-{self.depth - 1})"
+        )
+        if last == self.depth - 1:
+            return text + ": every block runs"
+        one = last + 1 == self.depth - 1
+        skipped = f"block {last + 1} runs" if one else f"blocks {last + 1}-{self.depth - 1} run"
+        return (
+            f"{text}: {skipped} neither in the unpatched tower nor with IPCV, "
+            f"and the FLOP model counts blocks 0-{last} only"
+        )
 
     @property
     def tile_tokens(self) -> int:
@@ -173,19 +234,38 @@ class TileCalls(TowerCalls):
         return (h // ph) * (w // pw) + self.cls
 
     def default_cases(self) -> tuple[str, ...]:
-        """One image at the tower's native resolution."""
+        """The model use's cases, else one image at the tower's native resolution."""
+        if self.use is not None and self.use.cases is not None:
+            return self.use.cases
         return (f"{self.image_size[0]}x{self.image_size[1]}",)
 
-    def parse_case(self, text: str) -> Case:
-        """``"HxW"``: one image of ``round(H / S) x round(W / S)`` tiles of the tower's size ``S``;
-        ``"HxW*B"``: ``B`` such images; videos (``@F``) are refused."""
+    def _images(self, text: str) -> tuple[int, int, int]:
+        """``(height, width, images)`` of an image or batch case; videos (``@F``) are refused."""
         height, width, batch, frames = match_case(text)
         if frames is not None:
             raise ValueError(f"cases: videos ({text!r}) need a Qwen tower; {self.family.name} takes images")
         count = batch if batch is not None else 1
         if count < 1:
             raise ValueError(f"cases: batch size must be >= 1, got {text!r}")
-        tiles = max(1, round(height / self.image_size[0])) * max(1, round(width / self.image_size[1]))
+        return height, width, count
+
+    def parse_case(self, text: str) -> Case:
+        """``"HxW"``: one image of ``round(H / S) x round(W / S)`` tiles of the tower's size ``S``
+        (with anyres ``grid_pinpoints``: the model's crop count of an ``H x W`` image, base crop
+        included); ``"HxW*B"``: ``B`` such images; videos (``@F``) are refused."""
+        height, width, count = self._images(text)
+        pinpoints = None if self.use is None else self.use.grid_pinpoints
+        if pinpoints is not None:
+            module = importlib.import_module(f"transformers.models.{self.use.anyres_module}")
+            tiles = int(
+                module.image_size_to_num_patches(
+                    image_size=(height, width),
+                    grid_pinpoints=[list(p) for p in pinpoints],
+                    patch_size=self.image_size[0],
+                )
+            )
+        else:
+            tiles = max(1, round(height / self.image_size[0])) * max(1, round(width / self.image_size[1]))
         return Case(text, "batch" if count > 1 else "image", (), (tiles,) * count, self.tile_tokens)
 
     def inputs(self, case: Case, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[Case, tuple]:
@@ -196,35 +276,117 @@ class TileCalls(TowerCalls):
 
     @contextlib.contextmanager
     def _grouped(self, case: Case) -> Iterator[None]:
+        """The call as the full model makes it: a patched tower is told its items (and read
+        blocks); an unpatched one runs without the blocks after the last read one."""
         patch = get_ipcv_patch(self.tower)
-        if patch is None:
+        if patch is not None:
+            hints: dict[str, Any] = {self.hint: list(case.tiles_per_image)}
+            if self.read is not None:
+                hints["read_blocks"] = self.read
+            with patch.hinted(**hints):
+                yield
+            return
+        if self.read is None:
             yield
             return
-        with patch.hinted(**{self.hint: list(case.tiles_per_image)}):
+        # Left out of the module list for this call only (the benchmark is single-threaded):
+        # the tower's own loop then runs exactly the blocks the model's feature layer needs.
+        last = max(self.read)
+        skipped = list(self.blocks[last + 1 :])
+        del self.blocks[last + 1 :]
+        try:
             yield
+        finally:
+            self.blocks.extend(skipped)
+
+    def _call(self, inputs: tuple[Case, tuple]) -> tuple[torch.Tensor, ...]:
+        """The tower's arguments of ``inputs``."""
+        return inputs[1]
 
     def forward(self, inputs: tuple[Case, tuple]) -> torch.Tensor:
-        case, (pixels,) = inputs
+        """``last_hidden_state``; with read blocks, the read ``hidden_states`` concatenated along
+        the features, as LLaVA concatenates a list of feature layers."""
+        case = inputs[0]
         with torch.inference_mode(), self._grouped(case):
-            return self.tower(pixels).last_hidden_state
+            if self.read is None:
+                return self.tower(*self._call(inputs)).last_hidden_state
+            # Counted from the front: the unpatched call's hidden_states stop at its last block.
+            states = self.tower(*self._call(inputs), output_hidden_states=True).hidden_states
+            return torch.cat([states[block + 1] for block in self.read], -1)
 
     def flops(self, case: Case, config: IPCVConfig | None) -> FlopReport:
         if self.internvl:
-            return internvl_flops(self.config, case.tiles_per_image, self.image_size, config)
-        return clip_vit_flops(self.config, case.tiles_per_image, config)
+            return internvl_flops(self.config, case.tiles_per_image, self.image_size, config, read_blocks=self.read)
+        return clip_vit_flops(self.config, case.tiles_per_image, config, read_blocks=self.read)
 
 
-def tower_calls(tower: nn.Module) -> TowerCalls:
+class SubImageCalls(TileCalls):
+    """Idefics3 / SmolVLM towers: ``tower(pixel_values [N, C, S, S], patch_attention_mask
+    [N, S/p, S/p])`` over the sub-images of every image (see the module docstring)."""
+
+    def parse_case(self, text: str) -> Case:
+        """``"HxW"``: one image split into ``ceil(H / S) x ceil(W / S)`` sub-images of the tower's
+        size ``S``, plus a global sub-image when there are several; the patches past the image's
+        edge are padding (a patch is real where any of its pixels is, as the model counts them).
+        ``"HxW*B"``: ``B`` such images. Videos (``@F``) are refused."""
+        height, width, count = self._images(text)
+        (size, _), (patch, _) = self.image_size, self.patch_size
+        grid = size // patch
+        rows, cols = math.ceil(height / size), math.ceil(width / size)
+        real = [
+            (math.ceil(min(size, height - r * size) / patch), math.ceil(min(size, width - c * size) / patch))
+            for r in range(rows)
+            for c in range(cols)
+        ]
+        if len(real) > 1:
+            real.append((grid, grid))  # the global image, the whole image resized to S x S
+        tiles = len(real)
+        return Case(text, "batch" if count > 1 else "image", (), (tiles,) * count, grid * grid, tuple(real) * count)
+
+    def inputs(self, case: Case, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[Case, tuple]:
+        """Random sub-images, zero in their padding patches, and the patch mask (``True``: real)."""
+        (_, (pixels,)) = super().inputs(case, seed, device, dtype)
+        grid = self.image_size[0] // self.patch_size[0]
+        mask = torch.zeros(len(case.tile_real), grid, grid, dtype=torch.bool, device=device)
+        for tile, (rows, cols) in enumerate(case.tile_real):
+            mask[tile, :rows, :cols] = True
+        pixel_mask = mask.repeat_interleave(self.patch_size[0], 1).repeat_interleave(self.patch_size[1], 2)
+        return case, (pixels * pixel_mask.unsqueeze(1).to(dtype), mask)
+
+    def _call(self, inputs: tuple[Case, tuple]) -> tuple[torch.Tensor, ...]:
+        pixels, mask = inputs[1]
+        return (pixels, mask)
+
+    def flops(self, case: Case, config: IPCVConfig | None) -> FlopReport:
+        padding = case.tile_padding
+        per_image, start = [], 0
+        for tiles in case.tiles_per_image:
+            per_image.append(list(padding[start : start + tiles]))
+            start += tiles
+        return idefics3_flops(self.config, per_image, config)
+
+
+def tower_calls(tower: nn.Module, use: ModelUse | None = None) -> TowerCalls:
     """The call convention of ``tower``'s family (``find_family``): towers that take ``grid_thw``
-    (the Qwen families) get ``GridCalls``, the others ``TileCalls``.
+    (the Qwen families) get ``GridCalls``, Idefics3 / SmolVLM towers ``SubImageCalls``, the others
+    ``TileCalls``; ``use`` (a tile tower's) says how its full model calls it.
 
     Raises:
         TypeError: ``tower`` is of no supported family.
+        ValueError: a ``use`` with a feature layer or anyres crops for a Qwen or sub-image tower.
     """
     import inspect
 
     family, found = find_family(tower)
     if found is not tower:
         raise TypeError(f"the benchmark times a vision tower, got a full {family.name} model")
-    takes_grid = "grid_thw" in inspect.signature(tower.forward).parameters
-    return (GridCalls if takes_grid else TileCalls)(tower, family)
+    reshaped = use is not None and (use.feature_layer is not None or use.grid_pinpoints is not None)
+    if "grid_thw" in inspect.signature(tower.forward).parameters:
+        if reshaped:
+            raise ValueError(f"use: {family.name} towers take no feature layer or anyres crops, got {use}")
+        return GridCalls(tower, family, use)
+    if issubclass(family.adapter, Idefics3Adapter):
+        if reshaped:
+            raise ValueError(f"use: {family.name} towers read their last block and take sub-images, got {use}")
+        return SubImageCalls(tower, family, use)
+    return TileCalls(tower, family, use)

@@ -15,6 +15,15 @@ Qwen3-VL-8B-Instruct's; ``clip-vit-l-336-d8`` LLaVA-1.5-7B's CLIP ViT-L/14-336,
 ``siglip-so400m-d8`` Gemma 3's SigLIP-So400m/14 at 896 pixels (``-384-d8``: at 384),
 ``internvit-300m-d8`` InternVL2.5-8B's InternViT-300M-448px (``internvit-300m``: its full depth 24),
 all with their real block shapes at depth 8 (the ``-d8`` names) so that a CPU run stays short.
+
+Presets listed in ``PRESET_USES`` are timed the way their full model calls the tower
+(``ModelUse``): ``llava-1.5-7b`` is LLaVA-1.5-7B's CLIP ViT-L/14-336 at its full depth 24, read at
+``vision_feature_layer`` -2 (block 22: block 23 runs neither unpatched nor with IPCV);
+``llava-next-7b-d8`` the same tower at depth 8 (read at -2) with LLaVA-NeXT-7B's anyres grid (a
+672x672 image: its base crop and 2 x 2 crops, 5 crops one item); ``llava-onevision-7b-d8``
+LLaVA-OneVision-7B's SigLIP-So400m/14-384 at depth 8 with its anyres grid up to 6 x 6 crops (a
+768x768 image: 5 crops); ``idefics3-8b-d8`` Idefics3-8B's SigLIP-So400m/14-364 tower at depth 8
+(a 728x700 image: 2 x 2 sub-images and the global one, the right column's sub-images padded).
 """
 
 from __future__ import annotations
@@ -109,6 +118,27 @@ INTERNVIT_300M: dict[str, Any] = dict(
     hidden_act="gelu",
 )
 
+# LLaVA-OneVision-7B's tower, SigLIP-So400m/14-384 (``SiglipVisionConfig``): 729 tokens a crop, no
+# CLS, no pooling head; the checkpoint keeps 26 of SigLIP's 27 blocks.
+SIGLIP_SO400M_384_ONEVISION: dict[str, Any] = {**SIGLIP_SO400M_896, "image_size": 384, "num_hidden_layers": 26}
+
+# Idefics3-8B-Llama3's tower (``Idefics3VisionConfig``): SigLIP-So400m/14 blocks over 364-pixel
+# sub-images of 26 x 26 = 676 patches, no CLS.
+IDEFICS3_8B_VISION: dict[str, Any] = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=364,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+)
+
+# LLaVA-NeXT-7B's anyres resolutions (llava-v1.6-vicuna-7b / -mistral-7b) and LLaVA-OneVision's
+# (1 x 1 to 6 x 6 crops of 384), (height, width) in pixels.
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+ONEVISION_PINPOINTS = tuple((384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7))
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "qwen2-vl-7b": QWEN2_VL_7B_VISION,
     "qwen2-vl-7b-d8": {**QWEN2_VL_7B_VISION, "depth": 8},
@@ -129,6 +159,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "siglip-so400m-384-d8": {**SIGLIP_SO400M_896, "image_size": 384, "num_hidden_layers": 8},
     "internvit-300m-d8": {**INTERNVIT_300M, "num_hidden_layers": 8},
     "internvit-300m": INTERNVIT_300M,
+    "llava-1.5-7b": CLIP_VIT_L_336,
+    "llava-next-7b-d8": {**CLIP_VIT_L_336, "num_hidden_layers": 8},
+    "llava-onevision-7b-d8": {**SIGLIP_SO400M_384_ONEVISION, "num_hidden_layers": 8},
+    "idefics3-8b-d8": {**IDEFICS3_8B_VISION, "num_hidden_layers": 8},
 }
 # Presets that are not Qwen2-VL towers, and their tower kind: a key of
 # ``ipcv_kernels.testing.models.TINY_TOWERS`` (the transformers module, config and tower classes).
@@ -141,6 +175,55 @@ PRESET_FAMILIES: dict[str, str] = {
     "siglip-so400m-384-d8": "siglip",
     "internvit-300m-d8": "internvl",
     "internvit-300m": "internvl",
+    "llava-1.5-7b": "clip",
+    "llava-next-7b-d8": "clip",
+    "llava-onevision-7b-d8": "siglip",
+    "idefics3-8b-d8": "idefics3",
+}
+
+
+@dataclass(frozen=True)
+class ModelUse:
+    """How a full multimodal model calls its vision tower: what a benchmark of the tower reproduces.
+
+    model: the full model's name, for reports.
+    family: its family's name in the family table (``ipcv_kernels.models.families``), whose
+        recommended IPCV setting it takes (the bare tower's family may differ: a LLaVA model's
+        tower is a CLIP tower); ``None``: the tower's family.
+    feature_layer: its ``vision_feature_layer``, the ``hidden_states`` entry (or entries) it reads
+        (LLaVA's -2: the output of block ``depth - 2``). The blocks after the last one read run
+        neither unpatched nor with IPCV (the unpatched model would compute them for nothing).
+        ``None``: the tower's own output, every block.
+    grid_pinpoints: anyres resolutions ``(height, width)`` in pixels (LLaVA-NeXT, OneVision): an
+        image is its base crop and the tower-size crops of its best-fitting resolution, all one
+        item, counted by ``image_size_to_num_patches`` of ``anyres_module`` as the model counts
+        them. ``None``: an image is split into tiles of the tower's size.
+    anyres_module: the module under ``transformers.models`` defining that count.
+    cases: default cases (``None``: one image at the tower's size).
+    """
+
+    model: str
+    family: str | None = None
+    feature_layer: int | tuple[int, ...] | None = None
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    anyres_module: str = "llava_next.modeling_llava_next"
+    cases: tuple[str, ...] | None = None
+
+
+PRESET_USES: dict[str, ModelUse] = {
+    "llava-1.5-7b": ModelUse("LLaVA-1.5-7B", "LLaVA 1.5", feature_layer=-2),
+    "llava-next-7b-d8": ModelUse(
+        "LLaVA-NeXT-7B", "LLaVA-NeXT", feature_layer=-2, grid_pinpoints=LLAVA_NEXT_PINPOINTS, cases=("672x672",)
+    ),
+    "llava-onevision-7b-d8": ModelUse(
+        "LLaVA-OneVision-7B",
+        "LLaVA-OneVision",
+        feature_layer=-1,
+        grid_pinpoints=ONEVISION_PINPOINTS,
+        anyres_module="llava_onevision.modeling_llava_onevision",
+        cases=("768x768",),
+    ),
+    "idefics3-8b-d8": ModelUse("Idefics3-8B", "Idefics3", cases=("728x700",)),
 }
 
 

@@ -97,6 +97,7 @@ def markdown_report(payload: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         + ")"
         for case in payload["cases"]
     )
+    reads = f"\nAs the full model calls the tower: {s['reads']}.\n" if s.get("reads") else ""
     return f"""# Vision-tower benchmark: {s["model"]}, {s["dtype"]}
 
 {harness.environment_markdown(payload["environment"])}
@@ -107,7 +108,7 @@ IPCV: ratio {ipcv["ratio"]}, prune layer {ipcv["prune_layer"]}, {ipcv["as_layers
 (backends: {", ".join(f"{op} `{name}`" for op, name in s["ipcv_backends"].items())}). Times are medians of \
 {s["repeats"]} interleaved rounds after {s["warmup"]} warm-up call(s); speedups are over (a); the bound is the FLOP \
 model's (`ipcv_kernels.flops`); memory is the peak above the pre-call level ({s["memory_method"]}).
-
+{reads}
 {harness.markdown_table(rows, columns)}
 
 Spread (p10-p90 of the per-round times, and of the per-round speedups over (a); a speedup whose \

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .presets import MODEL_PRESETS, PRESET_FAMILIES
+from .presets import MODEL_PRESETS, PRESET_FAMILIES, ModelUse
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -137,6 +137,44 @@ def load_vision_tower(
         tower = type(skeleton)(skeleton.config)
     tower.load_state_dict(state, strict=True)
     return tower.to(dtype=dtype).eval()
+
+
+def model_use(path: str | Path) -> ModelUse | None:
+    """How the full model saved in ``path`` calls its vision tower, from its ``config.json``: its
+    family (the family table's, ``find_family`` of the model built on the meta device),
+    ``vision_feature_layer`` and anyres ``image_grid_pinpoints`` where it has them (LLaVA,
+    LLaVA-NeXT, OneVision; the crops counted by its own modeling module). ``None`` for a saved
+    bare tower.
+
+    Raises:
+        ValueError: ``path`` is not a checkpoint directory, or holds no model of a supported family.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    from ..models.families import find_family
+
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        raise ValueError(f"model: {str(root)!r} is not a directory with a config.json")
+    config = AutoConfig.from_pretrained(root)
+    if getattr(config, "vision_config", None) is None:
+        return None
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    try:
+        family, _ = find_family(model)
+    except TypeError as error:
+        raise ValueError(f"model: {str(root)!r}: {error}") from None
+    layer = getattr(config, "vision_feature_layer", None)
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    name = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    return ModelUse(
+        name,
+        family.name,
+        feature_layer=tuple(layer) if isinstance(layer, list) else layer,
+        grid_pinpoints=None if pinpoints is None else tuple(tuple(int(v) for v in p) for p in pinpoints),
+        anyres_module=f"{config.model_type}.modeling_{config.model_type}",
+    )
 
 
 def tower_output(output: Any) -> torch.Tensor:

@@ -14,7 +14,9 @@ comes with the p10-p90 of its per-round values and a verdict on noise (``harness
 Weights are seeded random (speed does not depend on their values) unless ``--model PATH`` loads a
 real checkpoint's vision tower from a local directory (``ipcv_kernels.bench.towers``). How a
 tower is called, how cases become its inputs and which FLOP model bounds it is its family's
-convention (``ipcv_kernels.bench.calls``). ``--recommended`` takes the family's recommended IPCV
+convention (``ipcv_kernels.bench.calls``); a preset of ``PRESET_USES`` or a full checkpoint is called
+as its full model calls the tower (LLaVA's ``vision_feature_layer``, whose later blocks neither
+(a) nor (c) runs, and anyres crops; ``bench.presets.ModelUse``). ``--recommended`` takes the family's recommended IPCV
 setting (``ipcv_kernels.models.families``) instead of the suite's. Results go
 to ``--out`` (default ``./ipcv_results/vit``); the report is ``ipcv_kernels.bench.report``.
 """
@@ -39,9 +41,9 @@ from ..ops import available_backends
 from ..testing import tolerance
 from . import harness
 from .calls import Case, GridCalls, TowerCalls, parse_grid_case, tower_calls
-from .presets import MODEL_PRESETS, SUITES
+from .presets import MODEL_PRESETS, PRESET_USES, SUITES
 from .report import markdown_report, plot, table_rows
-from .towers import build_tower, load_vision_tower, vision_config_from_preset
+from .towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from .variants import VARIANTS, attention_variant_backend, attention_variants, variant_configs
 
 PLANNED_OPS = ("plan", "knn", "ngr_reconstruct", "ngr_attention")
@@ -126,6 +128,8 @@ def run_case(
         result["grid_thw"] = [list(g) for g in case.grid_thw]
     else:
         result["tiles_per_image"], result["tile_tokens"] = list(case.tiles_per_image), case.tile_tokens
+        if any(case.tile_padding):
+            result["padding_patches"] = list(case.tile_padding)
     result["tokens"] = case.tokens
 
     # Warm-up calls: the first one's output feeds the checks, the last one's peak memory is kept
@@ -374,14 +378,20 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     dtype = harness.DTYPES[s["dtype"]]
     if s["from_checkpoint"]:
         tower = load_vision_tower(args.model, dtype=dtype, device=device, attn_implementation=args.attn_implementation)
+        use = model_use(args.model)
     else:
         vision_config = vision_config_from_preset(s["model"], args.attn_implementation)
         tower = build_tower(vision_config, dtype=dtype, device=device, seed=args.seed)
-    calls = tower_calls(tower)
+        use = PRESET_USES.get(s["model"])
+    calls = tower_calls(tower, use)
     vision_config = tower.config
     if getattr(args, "recommended", False):
-        s["ipcv"] = settings_from_args(args, IPCVConfig(**calls.family.recommended))["ipcv"]
-    s["family"] = calls.family.name
+        s["ipcv"] = settings_from_args(args, IPCVConfig(**calls.model_family.recommended))["ipcv"]
+    s["family"] = calls.model_family.name
+    s["model_use"] = None if use is None else asdict(use)
+    s["reads"] = calls.reading()
+    if s["reads"] is not None:
+        print(s["reads"], file=sys.stderr)
     if not args.cases and calls.default_cases() is not None:
         s["cases"] = list(calls.default_cases())
     if args.breakdown and not isinstance(calls, GridCalls):

@@ -11,13 +11,14 @@ import torch
 from ipcv_kernels.__main__ import main
 from ipcv_kernels.bench import harness
 from ipcv_kernels.bench.calls import GridCalls, TileCalls, tower_calls
-from ipcv_kernels.bench.presets import MODEL_PRESETS, PRESET_FAMILIES
-from ipcv_kernels.bench.towers import build_tower, load_vision_tower, vision_config_from_preset
+from ipcv_kernels.bench.presets import MODEL_PRESETS, PRESET_FAMILIES, PRESET_USES, ModelUse
+from ipcv_kernels.bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from ipcv_kernels.bench.variants import VARIANTS, variant_configs
 from ipcv_kernels.bench.vit import Bench, run_case
 from ipcv_kernels.config import IPCVConfig
-from ipcv_kernels.flops import clip_vit_flops, internvl_flops, predicted_speedup, vision_tower_flops
+from ipcv_kernels.flops import clip_vit_flops, idefics3_flops, internvl_flops, predicted_speedup, vision_tower_flops
 from ipcv_kernels.models import find_family, get_ipcv_patch
+from ipcv_kernels.reference import keep_count
 from ipcv_kernels.testing import models
 
 CONFIG = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=2, num_neighbors=4)
@@ -37,6 +38,8 @@ def expected_flops(kind, calls, case, config):
         return vision_tower_flops(config_, case.grid_thw, config)
     if kind == "internvl":
         return internvl_flops(config_, case.tiles_per_image, tuple(config_.image_size), config)
+    if kind in ("idefics3", "smolvlm"):  # sub-images without padding (32-pixel multiples)
+        return idefics3_flops(config_, [[0] * tiles for tiles in case.tiles_per_image], config)
     return clip_vit_flops(config_, case.tiles_per_image, config)
 
 
@@ -91,6 +94,9 @@ def test_model_flag_loads_the_tower_of_every_family_through_the_family_table(fam
     for name, tensor in reference.items():
         torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
     tower_calls(tower)  # a tower the benchmark can call
+    # ... as its full model calls it, with that model's family (LLaVA's, not its CLIP tower's).
+    calls = tower_calls(tower, model_use(tmp_path))
+    assert calls.model_family is find_family(model)[0]
 
 
 def test_bare_tower_checkpoint_and_recommended_setting_through_the_cli(tmp_path):
@@ -116,6 +122,10 @@ PRESET_TOKENS = {
     "siglip-so400m-384-d8": 729,
     "internvit-300m-d8": 1025,
     "internvit-300m": 1025,
+    "llava-1.5-7b": 577,
+    "llava-next-7b-d8": 5 * 577,  # 672x672: the base crop and 2 x 2 crops of 336
+    "llava-onevision-7b-d8": 5 * 729,  # 768x768: the base crop and 2 x 2 crops of 384
+    "idefics3-8b-d8": 5 * 676,  # 728x700: 2 x 2 sub-images of 364 and the global one
 }
 
 
@@ -123,7 +133,7 @@ PRESET_TOKENS = {
 def test_family_presets_build_with_their_real_shapes(name):
     config = vision_config_from_preset(name)
     tower = build_tower(config, dtype=torch.float32, device=torch.device("meta"))
-    calls = tower_calls(tower)
+    calls = tower_calls(tower, PRESET_USES.get(name))
     assert calls.family.name == find_family(tower)[0].name
     width = getattr(config, "hidden_size", None)
     assert width in (1024, 1152, 1280)
@@ -135,3 +145,99 @@ def test_family_presets_build_with_their_real_shapes(name):
         assert report.kept_tokens < case.tokens
     else:
         assert calls.parse_case("448x448").tokens > 0
+
+
+def test_model_uses_of_the_presets():
+    # LLaVA-1.5: block 22 of 24 read, block 23 counted nowhere; the padded Idefics3 sub-images.
+    llava = tower_calls(
+        build_tower(vision_config_from_preset("llava-1.5-7b"), dtype=torch.float32, device=torch.device("meta")),
+        PRESET_USES["llava-1.5-7b"],
+    )
+    assert llava.read == (22,) and "block 23 runs neither" in llava.reading()
+    (case,) = [llava.parse_case(text) for text in llava.default_cases()]
+    assert len(llava.flops(case, IPCVConfig()).blocks) == 23
+    idefics3 = tower_calls(
+        build_tower(vision_config_from_preset("idefics3-8b-d8"), dtype=torch.float32, device=torch.device("meta")),
+        PRESET_USES["idefics3-8b-d8"],
+    )
+    (case,) = [idefics3.parse_case(text) for text in idefics3.default_cases()]
+    # 700 - 364 = 336 pixels: 24 of 26 patch columns real in the right-hand sub-images.
+    assert case.tile_padding == (0, 2 * 26, 0, 2 * 26, 0) and idefics3.reading() is None
+    report = idefics3.flops(case, IPCVConfig())
+    assert report.kept_tokens == 2 * 52 + keep_count(5 * 676 - 2 * 52, IPCVConfig().ratio)
+    with pytest.raises(ValueError, match="use"):
+        tower_calls(models.build_tower("idefics3"), ModelUse("x", feature_layer=-2))
+    with pytest.raises(ValueError, match="use"):
+        tower_calls(models.build_tower("qwen2_5_vl"), ModelUse("x", feature_layer=-2))
+
+
+def test_unpatched_tower_read_at_the_feature_layer_is_the_models_feature():
+    # The baseline leaves out the blocks after the read one: its output is hidden_states[-2].
+    model = models.build_model("llava")
+    tower = find_family(model)[1]
+    calls = tower_calls(tower, ModelUse("LLaVA", feature_layer=-2))
+    inputs = calls.inputs(calls.parse_case("64x32"), 0, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        expected = tower(inputs[1][0], output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(calls.forward(inputs), expected, rtol=0, atol=0)
+    assert len(calls.blocks) == calls.depth  # every block is back
+
+
+def _bench(tmp_path, source, *extra):
+    argv = ["bench", *source, "--recommended", "--prune-layer", "2", "--device", "cpu", "--repeats", "1"]
+    argv += ["--warmup", "1", "--out", str(tmp_path), "--name", "t", "--no-plot", "--no-progress", *extra]
+    assert main(argv) == 0
+    return json.loads((tmp_path / "t.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("family", "case", "crops", "read"),
+    [
+        ("llava", "32x32", [1], (4,)),  # vision_feature_layer -2 of 6 blocks: block 4
+        ("llava_next", "64x64", [5], (4,)),  # the base crop and 2 x 2 crops, one item
+        ("llava_onevision", "32x64", [3], (5,)),  # the base crop and 1 x 2 crops; layer -1
+    ],
+)
+def test_full_checkpoints_are_timed_as_their_model_calls_the_tower(family, case, crops, read, tmp_path):
+    model = models.build_model(family)
+    model.save_pretrained(tmp_path / "model")
+    use = model_use(tmp_path / "model")
+    assert use.feature_layer == model.config.vision_feature_layer
+    payload = _bench(tmp_path, ["--model", str(tmp_path / "model")], "--cases", case)
+    settings, (result,) = payload["settings"], payload["cases"]
+    assert settings["reads"].startswith(use.model) and settings["model_use"]["feature_layer"] == use.feature_layer
+    assert result["checks"]["passed"] and result["tiles_per_image"] == crops
+    # The crops as the model counts them (anyres_crops: its own image_size_to_num_patches).
+    if use.grid_pinpoints is not None:
+        from ipcv_kernels.models.clip_vit import anyres_crops
+
+        height, width = (int(v) for v in case.split("x"))
+        assert anyres_crops(model.model, torch.tensor([[height, width]]), None) == crops
+    # Blocks past the read one are not run, and the bound is the FLOP model of the blocks read.
+    assert len(result["ipcv_tokens_per_block"]) == max(read) + 1
+    tower = load_vision_tower(tmp_path / "model", dtype=torch.float32, device=torch.device("cpu"))
+    calls = tower_calls(tower, use)
+    parsed = calls.parse_case(case)
+    config = IPCVConfig(**settings["ipcv"])
+    unpatched, ipcv = (clip_vit_flops(tower.config, crops, c, read_blocks=read) for c in (None, config))
+    assert (
+        result["bound_ipcv"]
+        == predicted_speedup(unpatched, ipcv)
+        == predicted_speedup(calls.flops(parsed, None), calls.flops(parsed, config))
+    )
+    assert "As the full model calls the tower: " in (tmp_path / "t.md").read_text()
+
+
+def test_sub_image_preset_with_padding_passes_the_checks(tmp_path, monkeypatch):
+    # The tiny Idefics3 tower's shape as a preset: a 64x56 image is 2 x 2 sub-images (the right
+    # column padded, 3 of 4 patch columns real) and the global one, one item.
+    from ipcv_kernels.bench import presets
+
+    monkeypatch.setitem(presets.MODEL_PRESETS, "idefics3-8b-d8", dict(models.IDEFICS3_VISION))
+    payload = _bench(tmp_path, ["--preset", "idefics3-8b-d8"], "--cases", "64x56", "32x32*2", "--check", "all")
+    first, second = payload["cases"]
+    assert payload["settings"]["family"] == "Idefics3" and payload["settings"]["reads"] is None
+    assert first["checks"]["passed"] and second["checks"]["passed"]
+    assert first["tiles_per_image"] == [5] and first["padding_patches"] == [0, 4, 0, 4, 0]
+    assert first["ipcv_tokens_per_block"][-1] == first["kept_tokens"] == 8 + keep_count(80 - 8, 0.65)
+    assert second["tiles_per_image"] == [1, 1] and "padding_patches" not in second

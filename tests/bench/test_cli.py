@@ -127,3 +127,58 @@ def test_demo_runs_a_preset_of_another_family(capsys, monkeypatch):
     assert re.search(r"tokens per block.*\n  577 202\n", out)
     diff = float(re.search(r"IPCV\(ratio=0\)\| of the last hidden state: (\S+)", out).group(1))
     assert diff < 1e-4
+
+
+def _saved(family, path):
+    from ipcv_kernels.testing import models
+
+    if family == "qwen2_vl":
+        models.build_qwen2_vl_model().save_pretrained(path)
+    elif family.endswith("_tower"):
+        models.build_tower(family.removesuffix("_tower")).save_pretrained(path)
+    else:
+        models.build_model(family).save_pretrained(path)
+    return path
+
+
+# Saved tiny checkpoints: (what is saved, the family the demo must find, what it must say).
+DEMO_CHECKPOINTS = [
+    ("qwen2_vl", "Qwen2-VL", "input grid_thw [[1, 8, 8]] = 64 patch tokens"),
+    ("qwen2_5_vl", "Qwen2.5-VL", "input grid_thw [[1, 8, 8]] = 64 patch tokens"),
+    ("internvl", "InternVL", "input 1 tile(s) of 17 tokens"),
+    ("llava", "LLaVA 1.5", "reads hidden_states[-2] (the output of block(s) 4 of 0-5): block 5 runs neither"),
+    ("gemma3", "Gemma 3", "input 1 tile(s) of 16 tokens"),
+    ("llava_next", "LLaVA-NeXT", "(the output of block(s) 4 of 0-5)"),
+    ("idefics3", "Idefics3", "input 1 tile(s) of 16 tokens"),
+    ("siglip_tower", "SigLIP", "input 1 tile(s) of 16 tokens"),
+]
+
+
+@pytest.mark.parametrize(("saved", "family", "says"), DEMO_CHECKPOINTS)
+def test_demo_runs_a_checkpoint_of_any_family(saved, family, says, tmp_path, capsys):
+    path = _saved(saved, tmp_path / saved)
+    argv = ["demo", "--model", str(path), "--image-size", "16", "--prune-layer", "2", "--repeats", "1"]
+    assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {path} ({family}, depth 6, its own weights, random pixels)" in out
+    assert says in out
+    diff = float(re.search(r"IPCV\(ratio=0\)\| of the [\w ]+: (\S+)", out).group(1))
+    assert diff < 1e-5
+
+
+def test_demo_refuses_a_directory_without_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match=r"config\.json"):
+        main(["demo", "--model", str(tmp_path), "--no-progress"])
+
+
+def test_demo_preset_of_llava_reads_its_feature_layer(capsys, monkeypatch):
+    # LLaVA-1.5's tower at depth 3 (real width): layer -2 is block 1, block 2 runs in neither variant.
+    from ipcv_kernels.bench import presets
+
+    monkeypatch.setitem(presets.MODEL_PRESETS, "llava-1.5-7b", {**presets.CLIP_VIT_L_336, "num_hidden_layers": 3})
+    assert main(["demo", "--preset", "llava-1.5-7b", "--prune-layer", "1", "--repeats", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "(LLaVA 1.5, depth 3, random weights" in out and "block 2 runs neither" in out
+    assert re.search(r"tokens per block.*\n  577 202\n", out)
+    diff = float(re.search(r"IPCV\(ratio=0\)\| of the features read: (\S+)", out).group(1))
+    assert diff < 1e-4

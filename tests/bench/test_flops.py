@@ -216,3 +216,106 @@ def test_clip_vit_flops_pin_clip_cls_tokens_only():
     assert (clip.tokens, clip.kept_tokens) == (4 * 17, 4 + keep_count(48, 0.5) + keep_count(16, 0.5))
     siglip = clip_vit_flops(SiglipVisionConfig(**shapes), [1, 1], config)
     assert (siglip.tokens, siglip.kept_tokens) == (32, 2 * keep_count(16, 0.5))
+
+
+def test_padding_rows_are_pinned_queries_and_keys_only_before_the_prune_layer():
+    # One segment of 10 rows, 2 of them padding: n = 8 free rows, 4 kept, plus the 2 padding rows.
+    config = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=2)
+    report = vit_flops(**TOWER, seq_lens=[10], config=config, padding=[2])
+    full, stabilised, pruned = report.blocks
+    assert report.kept_tokens == 4 + 2
+    assert full.total == vit_flops(**TOWER, seq_lens=[10]).blocks[0].total  # dense attention under the mask
+    # Stabilised: queries on the 6 kept rows, keys / values on the 8 rows that are not padding.
+    assert (stabilised.query_rows, stabilised.key_rows) == (6, 8)
+    assert stabilised.linear == 2 * 6 * (2 * 16 + 2 * 32) + 2 * 8 * 32
+    assert stabilised.attention == 16 * 6 * 8
+    # Pruned: 6 query rows over the 4 kept rows that are not padding.
+    assert (pruned.query_rows, pruned.key_rows) == (6, 4)
+    assert (pruned.linear, pruned.attention) == (2 * 6 * 96 + 2 * 4 * 32, 16 * 6 * 4)
+    # The neighbour search sees the 8 free rows only: 4 dropped, 4 kept.
+    assert report.planning == 3 * 10 * 4 + 2 * 4 * 4 * 4 + 2 * 4 * 8
+    # Padding rows are patches: embedded like the others.
+    assert vit_flops(**TOWER, seq_lens=[10], padding=[2], patch_dim=3).embed == 2 * 10 * 3 * 4
+    everything = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=2, as_queries="all")
+    all_queries = vit_flops(**TOWER, seq_lens=[10], config=everything, padding=[2]).blocks[1]
+    assert (all_queries.query_rows, all_queries.key_rows, all_queries.attention) == (10, 8, 16 * 10 * 8)
+    with pytest.raises(ValueError, match="padding"):
+        vit_flops(**TOWER, seq_lens=[10, 10], padding=[2])
+    with pytest.raises(ValueError, match="padding"):
+        vit_flops(**TOWER, seq_lens=[[5, 5]], padding=[[1]])
+
+
+def test_read_blocks_count_the_blocks_up_to_the_last_one_read():
+    config = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=2)
+    whole = vit_flops(**TOWER, seq_lens=[10], config=config)
+    read = vit_flops(**TOWER, seq_lens=[10], config=config, read_blocks=[1])
+    # LLaVA's -2 on a depth-3 tower: blocks 0 and 1 run, block 1 restores the full sequence.
+    assert len(read.blocks) == 2 and read.blocks == whole.blocks[:2]
+    assert (read.planning, read.restoration) == (whole.planning, whole.restoration)
+    assert vit_flops(**TOWER, seq_lens=[10], read_blocks=[1]).total == 2 * 4160
+    # Two read blocks from P on restore twice; a read layer before P leaves IPCV nothing to do.
+    twice = vit_flops(**TOWER, seq_lens=[10], config=config, read_blocks=[1, 2])
+    assert twice.restoration == 2 * whole.restoration and twice.blocks == whole.blocks
+    early = vit_flops(**TOWER, seq_lens=[10], config=config, read_blocks=[0])
+    assert early.total == 4160 and early.overhead == 0 and early.kept_tokens == 10
+    with pytest.raises(ValueError, match="read_blocks"):
+        vit_flops(**TOWER, seq_lens=[10], read_blocks=[3])
+    with pytest.raises(TypeError, match="read_blocks"):
+        vit_flops(**TOWER, seq_lens=[10], read_blocks=2)
+
+
+def test_idefics3_flops_pin_padding_patches():
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    from ipcv_kernels.flops import idefics3_flops
+
+    vision = Idefics3VisionConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    config = IPCVConfig(prune_layer=1, ratio=0.5, as_layers=1, num_neighbors=4)
+    # An image of 3 sub-images of 16 patches, the second with 4 padding patches; a second image alone.
+    report = idefics3_flops(vision, [[0, 4, 0], [0]], config)
+    assert (report.tokens, report.kept_tokens) == (64, 4 + keep_count(44, 0.5) + keep_count(16, 0.5))
+    assert report == vit_flops(6, 64, 96, 4, [[16] * 3, 16], config, patch_dim=192, padding=[[0, 4, 0], 0])
+    with pytest.raises(ValueError, match="padding_per_image"):
+        idefics3_flops(vision, [[0], []], config)
+
+
+# Tiny towers with eager attention, patched or not: (tower kind, ModelUse fields, case).
+COUNTED_TOWERS = [
+    ("idefics3", {}, "64x56"),  # 2 x 2 sub-images and the global one; the right column padded
+    ("clip", {"feature_layer": -2}, "64x64*2"),  # LLaVA's read layer, two images of 4 tiles
+    ("clip", {"feature_layer": -2, "grid_pinpoints": ((32, 64), (64, 32), (64, 64))}, "64x64"),  # anyres
+]
+
+
+@pytest.mark.parametrize(("kind", "use", "case"), COUNTED_TOWERS)
+@pytest.mark.parametrize("as_queries", [None, "kept", "all"])
+def test_tile_tower_models_match_torch_flop_counter(kind, use, case, as_queries):
+    """As for the Qwen tower: every matmul PyTorch runs is what the model counts, plus
+    ``ngr_attention`` (opaque to the counter: every block from ``P`` on runs it here)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ipcv_kernels.bench.calls import tower_calls
+    from ipcv_kernels.bench.presets import ModelUse
+    from ipcv_kernels.models import apply_ipcv
+    from ipcv_kernels.testing import models
+
+    tower = models.build_tower(kind, attn="eager")
+    calls = tower_calls(tower, ModelUse("test", **use) if use else None)
+    parsed = calls.parse_case(case)
+    config = None
+    if as_queries is not None:
+        config = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=2, num_neighbors=4, as_queries=as_queries)
+        apply_ipcv(tower, config)
+    inputs = calls.inputs(parsed, 0, torch.device("cpu"), torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        calls.forward(inputs)
+    report = calls.flops(parsed, config)
+    opaque = sum(b.attention for b in report.blocks if b.kind != "full")
+    assert counter.get_total_flops() + opaque == report.core
+    if kind == "idefics3":
+        assert sum(parsed.tile_padding) == 2 * 4  # the two right-hand sub-images: one column of 4 patches
+    if "feature_layer" in use:
+        assert len(report.blocks) == calls.depth - 1
