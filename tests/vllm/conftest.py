@@ -13,6 +13,10 @@ import pytest
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Tensor-parallel CPU workers bind their OpenMP threads to one NUMA node each by default, which a
+# one-node machine refuses; the tests only need them to run. Set before any engine starts (vLLM
+# caches its environment once the first in-process engine is up).
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """IPCV in vLLM's own Qwen2-VL (CPU, fp32, eager): the plugin patches the model when vLLM builds
 it; ratio 0 equals unpatched vLLM; with pruning, vLLM's vision embeddings equal transformers'
 ``apply_ipcv`` on the same saved weights (one image, several of different sizes in one encoder
-call, a video); batched ``generate`` equals each request alone; bad settings and bad requests."""
+call, a video); batched ``generate`` equals each request alone; ``generate`` with a video equals
+transformers' greedy tokens; bad settings and bad requests."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ GRIDS = {
     "video": ([[3, 4, 4]], True),
 }
 PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
+VIDEO_PROMPT = "w5 w6 <|vision_start|><|video_pad|><|vision_end|> w7 w8"
 _fresh = itertools.count(100)  # every check gets new pixels / images (vLLM caches encodings)
 
 
@@ -154,6 +156,48 @@ def test_generate_batched_equals_each_request_alone(llm):
     assert [out.outputs[0].token_ids for out in batched] == [out.outputs[0].token_ids for out in alone]
     (tokens,) = llm.apply_model(lambda m: ik.get_ipcv_patch(m).last_tokens_per_block)
     assert tokens[-1] < tokens[0]
+
+
+def test_generate_with_a_video_equals_transformers(llm, hf_model, qwen2_vl_path):
+    """A request carrying a video (frames ``uint8 [T, H, W, 3]``) through vLLM's processor and
+    ``generate``: the video's embeddings inside ``generate`` equal the patched transformers
+    tower's on the same video through transformers' processor, the tokens equal its greedy
+    tokens, and the video's tokens are pruned. (The tiny model's tokens barely depend on the
+    embeddings, so the embeddings are what shows the video went through IPCV alike.)"""
+    from transformers import AutoProcessor
+    from vllm import SamplingParams
+
+    video = np.random.default_rng(next(_fresh)).integers(0, 256, (4, 16, 24, 3), dtype=np.uint8)
+    request = {
+        "prompt": VIDEO_PROMPT,
+        "multi_modal_data": {"video": video},
+        "multi_modal_uuids": {"video": [f"v{next(_fresh)}"]},
+    }
+    encoded = []
+    (hook,) = llm.apply_model(
+        lambda m: m.visual.register_forward_hook(lambda module, args, out: encoded.append(out.clone()))
+    )
+    try:
+        (output,) = llm.generate(request, SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)
+    finally:
+        hook.remove()
+    (tokens,) = llm.apply_model(lambda m: ik.get_ipcv_patch(m).last_tokens_per_block)
+
+    inputs = AutoProcessor.from_pretrained(qwen2_vl_path)(text=[VIDEO_PROMPT], videos=[video], return_tensors="pt")
+    with ik.ipcv_applied(hf_model, CONFIG), torch.no_grad():
+        expected_embeddings = hf_model.model.visual(
+            inputs["pixel_values_videos"], grid_thw=inputs["video_grid_thw"]
+        ).pooler_output
+        expected = hf_model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert len(encoded) == 1  # one encoder call, the video's
+    assert_close(encoded[0], expected_embeddings)
+    prompt = inputs["input_ids"][0].tolist()
+    assert list(output.prompt_token_ids) == prompt  # the same placeholders for the video
+    assert list(output.outputs[0].token_ids) == expected[0, len(prompt) :].tolist()
+    ((t, h, w),) = inputs["video_grid_thw"].tolist()
+    assert t > 1  # frames were paired, not dropped
+    assert tokens[: CONFIG.prune_layer] == [t * h * w] * CONFIG.prune_layer
+    assert all(count < t * h * w for count in tokens[CONFIG.prune_layer :])
 
 
 def test_bad_request_does_not_take_the_engine_down(llm):
