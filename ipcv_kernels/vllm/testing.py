@@ -10,11 +10,13 @@ Qwen2-VL special tokens at the ids of ``ipcv_kernels.testing.models.TINY_SPECIAL
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._validation import check_int
 from ..testing.models import TINY_SPECIAL_TOKENS, TINY_TEXT, TINY_VISION
 
 # vLLM's CPU attention backend takes head sizes of 32 and more: 2 heads of 32 (TINY_TEXT's 12 is
@@ -82,9 +84,26 @@ QWEN2_5_VISION = dict(
 )
 
 
-def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 0) -> Path:
-    """Save a tiny ``family`` model (``"qwen2_vl"`` or ``"qwen2_5_vl"``: fp32 seeded random
-    weights, tokenizer, image processor settings) under ``path``; return the directory.
+def build_checkpoint(
+    path: str | Path,
+    family: str = "qwen2_vl",
+    *,
+    seed: int = 0,
+    vision: Mapping[str, Any] | None = None,
+    text: Mapping[str, Any] | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Path:
+    """Save a ``family`` model (``"qwen2_vl"`` or ``"qwen2_5_vl"``: fp32 seeded random weights,
+    tokenizer, image processor settings) under ``path``; return the directory.
+
+    Args:
+        vision: vision-config fields replacing the tiny tower's (e.g. the 7B tower's widths at a
+            reduced depth for the vLLM benchmark); the merger's output width (``hidden_size`` /
+            ``out_hidden_size``) always stays the language model's.
+        text: language-model config fields replacing ``VLLM_TEXT``'s (e.g. a larger
+            ``max_position_embeddings`` for prompts with large images).
+        max_pixels: the image processor's upper bound on an image's pixels (larger images are
+            shrunk to it); the default keeps the tests' images small.
 
     Loadable by ``vllm.LLM(model=path)`` and by transformers' ``from_pretrained(path)``.
     """
@@ -92,15 +111,19 @@ def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if family == "qwen2_vl":
-        prefix, vision = "Qwen2VL", {**TINY_VISION, "hidden_size": VLLM_TEXT["hidden_size"]}
+        prefix, base, output = "Qwen2VL", TINY_VISION, "hidden_size"
     elif family == "qwen2_5_vl":
-        prefix, vision = "Qwen2_5_VL", QWEN2_5_VISION
+        prefix, base, output = "Qwen2_5_VL", QWEN2_5_VISION, "out_hidden_size"
     else:
         raise ValueError(f"family must be 'qwen2_vl' or 'qwen2_5_vl', got {family!r}")
+    for name, fields in (("vision", vision), ("text", text)):
+        if fields is not None and not isinstance(fields, Mapping):
+            raise TypeError(f"{name} must be a mapping of config fields, got {type(fields).__name__}")
+    check_int("max_pixels", max_pixels, low=MIN_PIXELS)
+    text = {**VLLM_TEXT, **(text or {})}
+    vision = {**base, **(vision or {}), output: text["hidden_size"]}
     path = Path(path)
-    config = getattr(transformers, f"{prefix}Config")(
-        text_config=dict(VLLM_TEXT), vision_config=dict(vision), **TINY_SPECIAL_TOKENS
-    )
+    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, **TINY_SPECIAL_TOKENS)
     config.architectures = [f"{prefix}ForConditionalGeneration"]
     torch.manual_seed(seed)
     getattr(transformers, f"{prefix}ForConditionalGeneration")(config).to(torch.float32).eval().save_pretrained(path)
@@ -109,7 +132,7 @@ def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 
         temporal_patch_size=vision["temporal_patch_size"],
         merge_size=vision["spatial_merge_size"],
         min_pixels=MIN_PIXELS,
-        max_pixels=MAX_PIXELS,
+        max_pixels=max_pixels,
     )
     image_processor.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
