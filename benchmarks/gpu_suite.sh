@@ -4,7 +4,7 @@
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh            # every step, in order
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh vit_targets  # chosen steps only
 #
-# Steps: env install tests vit_targets vit_more ops plan (see below). The device tool limits a
+# Steps: env install tests vit_targets vit_more ops plan vllm (see below). The device tool limits a
 # command to 10 minutes, so run "env install tests" in one call and each benchmark step in its own
 # (every step re-runs "install" cheaply only if the package is not importable).
 #
@@ -25,7 +25,7 @@ unset TRITON_INTERPRET
 
 STEPS=("$@")
 if [ ${#STEPS[@]} -eq 0 ]; then
-  STEPS=(env install tests vit_targets vit_more ops plan)
+  STEPS=(env install tests vit_targets vit_more ops plan vllm)
 fi
 
 run_step() {
@@ -108,6 +108,20 @@ step_ops() {
   python benchmarks/bench_ops.py --device cuda --out "$OUT/results" --on-check-failure warn --keep-going
 }
 
+# vLLM's vision-encoder time and time to first token with and without IPCV (issue 13), when this
+# machine has vLLM: the full Qwen2-VL-7B tower in bf16 at 1k / 4k tokens per image, the family's
+# recommended setting. Without vLLM (the GPU image has none) the step is skipped, and says so in
+# its log and in summary.txt (rc=0).
+step_vllm() {
+  if ! python -c "import vllm.entrypoints.llm" 2>/dev/null; then
+    echo "vllm: skipped, vLLM is not importable here" | tee -a "$OUT/summary.txt"
+    return 0
+  fi
+  ensure_installed
+  python benchmarks/bench_vllm.py --preset qwen2-vl-7b --dtype bfloat16 --cases 448x448 896x896 \
+    --out "$OUT/results" --name vllm_gpu --no-progress --on-check-failure warn
+}
+
 # Any other benchmark script in benchmarks/ (bench_plan.py, ...), with its own defaults on the GPU.
 run_other_benchmark() {
   ensure_installed
@@ -116,16 +130,16 @@ run_other_benchmark() {
 
 for step in "${STEPS[@]}"; do
   case "$step" in
-    env | install | tests | vit_targets | vit_more | ops) run_step "$step" "step_$step" ;;
+    env | install | tests | vit_targets | vit_more | ops | vllm) run_step "$step" "step_$step" ;;
     plan) run_step "$step" run_other_benchmark bench_plan.py ;;
-    *) echo "unknown step: $step (steps: env install tests vit_targets vit_more ops plan)" >&2 ;;
+    *) echo "unknown step: $step (steps: env install tests vit_targets vit_more ops plan vllm)" >&2 ;;
   esac
 done
 # Benchmark scripts this list does not know yet: run them too, so none is forgotten.
 if [ $# -eq 0 ]; then
   for script in benchmarks/bench_*.py; do
     name="$(basename "$script" .py)"
-    case "$name" in bench_vit | bench_ops | bench_plan) continue ;; esac
+    case "$name" in bench_vit | bench_ops | bench_plan | bench_vllm) continue ;; esac
     run_step "$name" run_other_benchmark "$name.py"
   done
 fi

@@ -21,10 +21,11 @@ from typing import NoReturn
 
 from . import demo, fidelity
 from .bench import vit
+from .bench import vllm as bench_vllm
 
 PROG = "python -m ipcv_kernels"
 # name -> the module implementing it (see the module docstring).
-SUBCOMMANDS: dict[str, ModuleType] = {"demo": demo, "bench": vit, "fidelity": fidelity}
+SUBCOMMANDS: dict[str, ModuleType] = {"demo": demo, "bench": vit, "bench-vllm": bench_vllm, "fidelity": fidelity}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -10,11 +10,13 @@ Qwen2-VL special tokens at the ids of ``ipcv_kernels.testing.models.TINY_SPECIAL
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._validation import check_int
 from ..testing.models import (
     INTERNVL_IMAGE_TOKEN,
     INTERNVL_TOKENS_PER_TILE,
@@ -136,11 +138,12 @@ QWEN3_VISION = dict(
     num_position_embeddings=64,
     deepstack_visual_indexes=[1, 3, 4],
 )
-# family -> (transformers class prefix, text config, vision config)
-CHECKPOINTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
-    "qwen2_vl": ("Qwen2VL", VLLM_TEXT, {**TINY_VISION, "hidden_size": VLLM_TEXT["hidden_size"]}),
-    "qwen2_5_vl": ("Qwen2_5_VL", VLLM_TEXT, QWEN2_5_VISION),
-    "qwen3_vl": ("Qwen3VL", QWEN3_TEXT, QWEN3_VISION),
+# family -> (transformers class prefix, text config, vision config, the vision field holding the
+# merger's output width: always the language model's ``hidden_size``)
+CHECKPOINTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
+    "qwen2_vl": ("Qwen2VL", VLLM_TEXT, TINY_VISION, "hidden_size"),
+    "qwen2_5_vl": ("Qwen2_5_VL", VLLM_TEXT, QWEN2_5_VISION, "out_hidden_size"),
+    "qwen3_vl": ("Qwen3VL", QWEN3_TEXT, QWEN3_VISION, "out_hidden_size"),
 }
 
 
@@ -155,9 +158,26 @@ INTERNVL_TEXT_OVERRIDES = {
 FAMILIES = (*CHECKPOINTS, "internvl")
 
 
-def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 0) -> Path:
+def build_checkpoint(
+    path: str | Path,
+    family: str = "qwen2_vl",
+    *,
+    seed: int = 0,
+    vision: Mapping[str, Any] | None = None,
+    text: Mapping[str, Any] | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Path:
     """Save a tiny ``family`` model (one of ``FAMILIES``: fp32 seeded random weights, tokenizer,
     image (and Qwen3-VL / InternVL video) processor settings) under ``path``; return the directory.
+
+    Args:
+        vision: vision-config fields replacing the tiny tower's (e.g. the 7B tower's widths at a
+            reduced depth for the vLLM benchmark); the merger's output width (``hidden_size`` /
+            ``out_hidden_size``) always stays the language model's. Qwen families only.
+        text: language-model config fields replacing the tiny decoder's (e.g. a larger
+            ``max_position_embeddings`` for prompts with large images). Qwen families only.
+        max_pixels: the image processor's upper bound on an image's pixels (larger images are
+            shrunk to it); the default keeps the tests' images small. Qwen families only.
 
     Loadable by ``vllm.LLM(model=path)`` and by transformers' ``from_pretrained(path)``.
     InternVL is transformers' native format (``InternVLForConditionalGeneration``; vLLM builds
@@ -167,15 +187,21 @@ def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     path = Path(path)
+    for name, fields in (("vision", vision), ("text", text)):
+        if fields is not None and not isinstance(fields, Mapping):
+            raise TypeError(f"{name} must be a mapping of config fields, got {type(fields).__name__}")
+    check_int("max_pixels", max_pixels, low=MIN_PIXELS)
     if family == "internvl":
+        if vision or text or max_pixels != MAX_PIXELS:
+            raise ValueError("vision, text and max_pixels apply to the Qwen families only, not to internvl")
         return _build_internvl(path, seed)
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    prefix, text, vision = CHECKPOINTS[family]
-    config = getattr(transformers, f"{prefix}Config")(
-        text_config=dict(text), vision_config=dict(vision), **TINY_SPECIAL_TOKENS
-    )
+    prefix, base_text, base_vision, output = CHECKPOINTS[family]
+    text = {**base_text, **(text or {})}
+    vision = {**base_vision, **(vision or {}), output: text["hidden_size"]}
+    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, **TINY_SPECIAL_TOKENS)
     config.architectures = [f"{prefix}ForConditionalGeneration"]
     torch.manual_seed(seed)
     getattr(transformers, f"{prefix}ForConditionalGeneration")(config).to(torch.float32).eval().save_pretrained(path)
@@ -184,11 +210,11 @@ def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 
         temporal_patch_size=vision["temporal_patch_size"],
         merge_size=vision["spatial_merge_size"],
     )
-    Qwen2VLImageProcessorPil(**sizes, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS).save_pretrained(path)
+    Qwen2VLImageProcessorPil(**sizes, min_pixels=MIN_PIXELS, max_pixels=max_pixels).save_pretrained(path)
     if family == "qwen3_vl":  # its processor also loads a video processor (Qwen2-VL's takes defaults)
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-        Qwen3VLVideoProcessor(**sizes, size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}).save_pretrained(
+        Qwen3VLVideoProcessor(**sizes, size={"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}).save_pretrained(
             path
         )
     build_tokenizer().save_pretrained(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,34 @@ def test_readme_bench_commands_parse_and_regenerate_into_results():
             continue
         outs.append(build_parser().parse_args(argv).out)
     assert Path("benchmarks/results") in outs and Path("ipcv_results/vit") in outs
+
+
+def test_vllm_step_parses_and_skips_without_vllm():
+    """The ``vllm`` step: its command line parses (the 7B tower, bf16, 1k / 4k tokens per image,
+    raw results under $OUT), and the step records a skip where vLLM is not importable."""
+    from ipcv_kernels.bench import vllm as bench_vllm
+
+    script = SUITE.read_text()
+    (argv,) = benchmark_commands(script)["bench_vllm"]
+    args = build_parser().parse_args(["bench-vllm", *argv])
+    assert args.out == Path("/tmp/out") and (args.preset, args.dtype) == ("qwen2-vl-7b", "bfloat16")
+    config = bench_vllm.bench_vision_config(args.preset)
+    bench_vllm.ipcv_from_args(args).check_depth(config.depth)
+    assert [bench_vllm.parse_image_case(text, config).tokens for text in args.cases] == [1024, 4096]
+    assert "vllm: skipped, vLLM is not importable here" in script
+    assert re.search(r"^\s+STEPS=\(.* vllm\)$", script, re.MULTILINE)  # a default step
+
+
+@pytest.mark.skipif(
+    subprocess.run([sys.executable, "-c", "import vllm.entrypoints.llm"], capture_output=True).returncode == 0,
+    reason="vLLM is importable here: the step would run the benchmark",
+)
+def test_vllm_step_without_vllm_records_the_skip(tmp_path):
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(SUITE), "vllm"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert summary[0] == "vllm: skipped, vLLM is not importable here"
+    assert summary[1].startswith("vllm rc=0 ")
