@@ -2,10 +2,11 @@
 
 The model is a tiny random Qwen2-VL saved to disk and loaded back by the runner. Its processor is
 assembled here from a real tokenizer and Qwen2-VL's PIL image processor: transformers' own
-``Qwen2VLProcessor`` cannot be built without torchvision, which this machine does not have. The
-other families get their real processors, with word-level tokenizers and PIL image processors
-(LLaVA-OneVision's and SmolVLM's with their video processors unchecked, see
-``unchecked_video_processor``). The
+``Qwen2VLProcessor`` cannot be built without torchvision, which this machine does not have; the
+tiny Qwen2.5-VL and Qwen3-VL share its layout and processor. The other families get their real
+processors, with word-level tokenizers and PIL image processors (LLaVA-OneVision's and SmolVLM's
+with their video processors unchecked, InternVL's without one, see ``unchecked_video_processor``).
+Every family answers one request through the one plugin model ``ipcv``. The
 lmms-eval tests run when lmms-eval is importable (``pip install --no-deps lmms-eval pytz loguru``
 is enough for them) and skip otherwise.
 """
@@ -334,12 +335,40 @@ def crop_family_processor(family: str):
     )
 
 
+def internvl_processor():
+    """transformers' ``InternVLProcessor`` for the tiny InternVL (16 x 16 tiles, up to 4 plus the
+    thumbnail, the tokenizer of ``ipcv_kernels.vllm.testing`` with InternVL's named image tokens),
+    without a video processor (transformers' InternVL one imports torchvision, not installed here;
+    these tests send images only)."""
+    from transformers import InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from ipcv_kernels.vllm import testing
+
+    size = {"height": testing.INTERNVL_TILE, "width": testing.INTERNVL_TILE}
+    return unchecked_video_processor(InternVLProcessor)(
+        image_processor=GotOcr2ImageProcessorPil(
+            size=size, crop_to_patches=True, min_patches=1, max_patches=testing.INTERNVL_MAX_TILES
+        ),
+        tokenizer=testing.build_tokenizer(testing.INTERNVL_SPECIAL_TOKENS, testing.INTERNVL_NAMED_TOKENS),
+        video_processor=None,
+        image_seq_length=testing.INTERNVL_TOKENS_PER_TILE,
+        chat_template=CLIP_TEMPLATE.replace("IMAGE", "<IMG_CONTEXT>"),
+    )
+
+
 CLIP_FAMILIES = ["llava", "llava_next", "gemma3", "paligemma"]
-FAMILIES = [*CLIP_FAMILIES, "llava_onevision", "idefics3", "smolvlm"]
+# Qwen2.5-VL's and Qwen3-VL's tiny models share Qwen2-VL's patch, merge and image-token layout.
+QWEN_FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+FAMILIES = [*QWEN_FAMILIES, "internvl", *CLIP_FAMILIES, "llava_onevision", "idefics3", "smolvlm"]
 
 
 def family_processor(family: str, monkeypatch: pytest.MonkeyPatch):
     """The processor of a tiny model of ``family`` (one of ``FAMILIES``)."""
+    if family in QWEN_FAMILIES:
+        return TinyQwen2VLProcessor()
+    if family == "internvl":
+        return internvl_processor()
     if family in CLIP_FAMILIES:
         return clip_family_processor(family)
     if family == "smolvlm":
