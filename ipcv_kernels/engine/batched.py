@@ -35,7 +35,7 @@ from torch import nn
 from ..config import IPCVConfig
 from ..ops import knn, ngr_attention, plan_ipcv, select_tokens, shrink_cu_seqlens, token_scores
 from ..reference import IPCVPlan
-from .vision import BlockCall, FamilyAdapter, ForwardState
+from .vision import BlockCall, FamilyAdapter, ForwardState, TowerCall
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,18 @@ class PrenormLayer:
     ``x' = y + mlp_gain * mlp(norm2(y))``; ``q``, ``k``, ``v`` map ``[N, D]`` to ``[N, H * Dh]``
     (projections and any per-token norms), ``out`` maps ``[N, H * Dh]`` to ``[N, D]``; a gain of
     ``None`` is 1 (InternViT's layer scales are tensors ``[D]``).
+
+    A layer with one fused projection gives ``qkv`` instead of ``q`` / ``k`` / ``v``: ``[N, D]``
+    to the triple ``q, k, v`` ``[N, H * Dh]`` each. It runs on every row of the context (the
+    query rows are a subset of them), so the attention-stabilisation layers also compute queries
+    of the dropped rows: ``Nd * D * H * Dh`` extra multiply-adds per layer, the price of going
+    through a layer whose weights cannot be sliced (vLLM repacks them on the CPU).
     """
 
     norm1: Callable[[torch.Tensor], torch.Tensor]
-    q: Callable[[torch.Tensor], torch.Tensor]
-    k: Callable[[torch.Tensor], torch.Tensor]
-    v: Callable[[torch.Tensor], torch.Tensor]
+    q: Callable[[torch.Tensor], torch.Tensor] | None
+    k: Callable[[torch.Tensor], torch.Tensor] | None
+    v: Callable[[torch.Tensor], torch.Tensor] | None
     out: Callable[[torch.Tensor], torch.Tensor]
     norm2: Callable[[torch.Tensor], torch.Tensor]
     mlp: Callable[[torch.Tensor], torch.Tensor]
@@ -60,6 +66,24 @@ class PrenormLayer:
     scale: float
     attn_gain: torch.Tensor | float | None = None
     mlp_gain: torch.Tensor | float | None = None
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    def project(
+        self, normed: torch.Tensor, query_rows: torch.Tensor | None, key_rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q of ``query_rows``, k / v of ``key_rows`` of the normalised context ``[Nkv, D]``
+        (``None``: every row), each ``[rows, H, Dh]``."""
+        shape = (-1, self.num_heads, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(normed)
+            if query_rows is not None:
+                q = q[query_rows]
+            if key_rows is not None:
+                k, v = k[key_rows], v[key_rows]
+            return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        queries = normed if query_rows is None else normed[query_rows]
+        keys = normed if key_rows is None else normed[key_rows]
+        return self.q(queries).reshape(shape), self.k(keys).reshape(shape), self.v(keys).reshape(shape)
 
 
 def prenorm_layer(
@@ -89,14 +113,11 @@ def prenorm_layer(
     Returns:
         ``[Nq, D]`` in ``queries``' dtype.
     """
-    normed_context = layer.norm1(context)
-    normed_queries = normed_context if query_rows is None else normed_context[query_rows]
-    normed_keys = normed_context if key_rows is None else normed_context[key_rows]
-    shape = (-1, layer.num_heads, layer.head_dim)
+    q, k, v = layer.project(layer.norm1(context), query_rows, key_rows)
     attended = ngr_attention(
-        layer.q(normed_queries).reshape(shape),
-        layer.k(normed_keys).reshape(shape),
-        layer.v(normed_keys).reshape(shape),
+        q,
+        k,
+        v,
         cu_seqlens_q,
         cu_seqlens_k,
         softmax_scale=layer.scale,
@@ -302,3 +323,50 @@ class BatchedTowerAdapter(FamilyAdapter):
         parts = self.layer_parts(block)
         rows, cu_keys = self.key_rows(call, full.shape[0], call.cu_seqlens)
         return prenorm_layer(parts, kept, full, plan.keep, kept_cu_seqlens, cu_keys, config.attention_backend, rows)
+
+
+class TiledTowerAdapter(BatchedTowerAdapter):
+    """A batched tower whose call is a batch of image tiles ``pixel_values`` ``[tiles, 3, H, W]``,
+    each embedded as ``[CLS, patch_1 .. patch_N]``: InternViT, in every framework.
+
+    Items are images made of tiles: ``hints["tiles_per_image"]`` (what a wrapper around the tower
+    call knows; see ``tiles_per_item``), else the call's tiles form one item. One attention
+    segment per tile; every tile's CLS row is pinned. ``scope="authors"`` plans as the paper
+    authors' InternVL code (``authors_plan``). Subclasses give ``blocks``, ``layer_parts`` and
+    ``patch_size``.
+    """
+
+    def patch_size(self, tower: nn.Module) -> tuple[int, int]:
+        """The tower's patch ``(height, width)`` in pixels."""
+        raise NotImplementedError
+
+    def tiles_per_item(self, hints: dict[str, Any], num_tiles: int) -> list[int]:
+        """Tiles of each item of a call of ``num_tiles`` tiles."""
+        return hints.get("tiles_per_image") or [num_tiles]
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        """Items ``tiles * (1 + N)`` per image and the call's per-tile attention segments."""
+        pixel_values = kwargs["pixel_values"] if "pixel_values" in kwargs else (args[0] if args else None)
+        if pixel_values is None:
+            raise ValueError("IPCV needs the tower's pixel_values (a call with precomputed embeddings has no tiles)")
+        num_tiles, _, height, width = pixel_values.shape
+        patch_h, patch_w = self.patch_size(tower)
+        tile_length = 1 + (height // patch_h) * (width // patch_w)
+        counts = self.tiles_per_item(hints, num_tiles)
+        if sum(counts) != num_tiles:
+            raise ValueError(f"tiles_per_image {counts} must add up to the call's {num_tiles} tiles")
+        segments = sequence_segments(num_tiles, tile_length, pixel_values.device)
+        return TowerCall([count * tile_length for count in counts], segments, hints.get("read_blocks"))
+
+    def plan(
+        self,
+        x_before: torch.Tensor,
+        x_after: torch.Tensor,
+        cu_items: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        config: IPCVConfig,
+        padding: torch.Tensor | None = None,
+    ) -> IPCVPlan:
+        if config.scope != "authors":
+            return super().plan(x_before, x_after, cu_items, cu_seqlens, config, padding)
+        return authors_plan(x_before, x_after, cu_items, cu_seqlens, config)

@@ -55,10 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IPCVConfig
-from ..engine import IPCVPatch, TowerCall, read_blocks
-from ..engine.batched import BatchedTowerAdapter, PrenormLayer, authors_plan, sequence_segments
-from ..reference import IPCVPlan
+from ..engine import IPCVPatch, read_blocks
+from ..engine.batched import PrenormLayer, TiledTowerAdapter
 
 
 def image_tile_counts(input_ids: torch.Tensor, image_token_id: int, num_tiles: int) -> list[int] | None:
@@ -81,7 +79,7 @@ def image_tile_counts(input_ids: torch.Tensor, image_token_id: int, num_tiles: i
     return [length // per_tile for length in lengths]
 
 
-class InternVLAdapter(BatchedTowerAdapter):
+class InternVLAdapter(TiledTowerAdapter):
     name = "internvl"
 
     def __init__(self, model: nn.Module | None = None) -> None:
@@ -139,30 +137,11 @@ class InternVLAdapter(BatchedTowerAdapter):
         return get_image_features
 
     # -- one tower call -------------------------------------------------------------------------
-    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
-        """Items ``tiles * (1 + N)`` per image and the call's per-tile attention segments."""
-        pixel_values = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
-        num_tiles, _, height, width = pixel_values.shape
-        patch_h, patch_w = tower.embeddings.patch_embeddings.patch_size
-        tile_length = 1 + (height // patch_h) * (width // patch_w)
-        segments = sequence_segments(num_tiles, tile_length, pixel_values.device)
-        counts = hints.get("tiles_per_image") or self.tiles_per_image or [num_tiles]
-        if sum(counts) != num_tiles:
-            raise ValueError(f"tiles_per_image {counts} must add up to the call's {num_tiles} tiles")
-        return TowerCall([count * tile_length for count in counts], segments, hints.get("read_blocks"))
+    def patch_size(self, tower: nn.Module) -> tuple[int, int]:
+        return tuple(tower.embeddings.patch_embeddings.patch_size)
 
-    def plan(
-        self,
-        x_before: torch.Tensor,
-        x_after: torch.Tensor,
-        cu_items: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        config: IPCVConfig,
-        padding: torch.Tensor | None = None,
-    ) -> IPCVPlan:
-        if config.scope != "authors":
-            return super().plan(x_before, x_after, cu_items, cu_seqlens, config, padding)
-        return authors_plan(x_before, x_after, cu_items, cu_seqlens, config)
+    def tiles_per_item(self, hints: dict[str, Any], num_tiles: int) -> list[int]:
+        return hints.get("tiles_per_image") or self.tiles_per_image or [num_tiles]
 
     def layer_parts(self, block: nn.Module) -> PrenormLayer:
         """``InternVLVisionLayer``: ``q_norm`` / ``k_norm`` on the full-width projections, layer

@@ -18,6 +18,7 @@ thousand terms in fp32 accumulators), for comparisons where no same-dtype PyTorc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -73,3 +74,66 @@ def assert_close_to_reference(
         torch_err = (torch_same_dtype.to(torch.float64) - ref).abs().max().item() if ref.numel() else 0.0
         bound = TOLERANCE_FACTOR * torch_err + floor
     assert err <= bound, f"max abs error {err:.3e} exceeds bound {bound:.3e} ({actual.dtype})"
+
+
+def plan_resolution(x: torch.Tensor, dtype: torch.dtype) -> float:
+    """How finely a plan computed in ``dtype`` resolves scores and squared distances of rows like
+    ``x`` (``[n, D]``), relative to the largest squared row norm (or row norm, for scores).
+
+    A squared distance ``|q|^2 + |r|^2 - 2 q.r`` in ``dtype`` rounds each of its two norms and the
+    ``D`` products of its dot product at ``eps(dtype)`` times ``max |x|^2``, so it is known to
+    about ``(2 + sqrt(D)) * eps`` of that (the rounding errors of a sum of ``D`` terms grow as
+    ``sqrt(D)``); the norm of a difference likewise. ``TOLERANCE_FACTOR`` times that is the
+    resolution: two choices closer than it are a near-tie either plan may break either way.
+    """
+    return TOLERANCE_FACTOR * (2 + x.shape[-1] ** 0.5) * torch.finfo(dtype).eps
+
+
+def assert_plans_agree(
+    plan: Any, reference: Any, x_before: torch.Tensor, x_after: torch.Tensor, *, dtype: torch.dtype = torch.float32
+) -> None:
+    """Check a plan (``IPCVPlan``) computed in ``dtype`` against the fp64 one, up to near-ties.
+
+    Plans are discrete: round-off may swap two tokens whose scores, or two neighbours whose
+    distances, tie to within what ``dtype`` resolves (``plan_resolution``), and both choices are
+    right. (fp32 nearest-neighbour search on rows of squared norm ~1.5 whose nearest squared
+    distances are ~5e-5 swaps a few neighbours per hundred dropped tokens.) So:
+
+    - the selection (``keep`` / ``drop`` and their offsets) must be the reference's, unless the
+      tokens only one plan keeps have, sorted, the fp64 scores of those only the other keeps,
+      within the resolution (then the neighbour sets are not comparable and the check ends);
+    - each dropped token's neighbours must have, sorted, the fp64 squared distances of the
+      reference's neighbours within the resolution, and as many of them.
+
+    Args:
+        plan, reference: plans of the same call (``reference`` from the fp64 model).
+        x_before, x_after: ``[n, D]``, the reference's planning inputs (input of block ``P - 1``
+            and of block ``P``, packed rows); compared in fp64.
+        dtype: the dtype ``plan`` was computed in.
+    """
+    x_before, x_after = x_before.to(torch.float64).cpu(), x_after.to(torch.float64).cpu()
+    resolution = plan_resolution(x_after, dtype)
+    largest = (x_after**2).sum(-1).max().item()
+    if not torch.equal(plan.keep.cpu(), reference.keep.cpu()):
+        scores = (x_after - x_before).norm(dim=-1)
+        ours, theirs = set(plan.keep.tolist()), set(reference.keep.tolist())
+        only_ours = scores[sorted(ours - theirs)].sort().values
+        only_theirs = scores[sorted(theirs - ours)].sort().values
+        assert only_ours.shape == only_theirs.shape, "plans keep different token counts"
+        gap = (only_ours - only_theirs).abs().max().item() / largest**0.5
+        assert gap <= resolution, f"selections differ beyond near-ties (score gap {gap:.2e} > {resolution:.2e})"
+        return
+    for name in ("drop", "cu_keep", "cu_drop", "cu_seqlens_kept"):
+        assert torch.equal(getattr(plan, name).cpu(), getattr(reference, name).cpu()), f"plans differ in {name}"
+    dropped, kept = x_after[reference.drop.cpu()], x_after[reference.keep.cpu()]
+
+    def squared_distances(neighbors: torch.Tensor) -> torch.Tensor:
+        neighbors = neighbors.cpu()
+        dist = ((kept[neighbors.clamp_min(0)] - dropped[:, None, :]) ** 2).sum(-1)
+        return torch.where(neighbors >= 0, dist, torch.full_like(dist, float("inf"))).sort(dim=1).values
+
+    got, expected = squared_distances(plan.neighbors), squared_distances(reference.neighbors)
+    finite = expected.isfinite()
+    assert torch.equal(got.isfinite(), finite), "plans differ in how many neighbours a dropped token has"
+    gap = (got[finite] - expected[finite]).abs().max().item() / largest if finite.any() else 0.0
+    assert gap <= resolution, f"neighbours differ beyond near-ties (distance gap {gap:.2e} > {resolution:.2e})"

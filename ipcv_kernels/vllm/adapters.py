@@ -40,7 +40,7 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall
-from ..engine.batched import BatchedTowerAdapter, PrenormLayer, authors_plan, sequence_segments
+from ..engine.batched import PrenormLayer, TiledTowerAdapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 
@@ -189,7 +189,7 @@ class VLLMQwen3VLAdapter(VLLMQwen2VLAdapter):
         patch.restore_inputs(patch.tower.deepstack_merger_list)
 
 
-class VLLMInternVLAdapter(BatchedTowerAdapter):
+class VLLMInternVLAdapter(TiledTowerAdapter):
     """vLLM's ``InternS1VisionModel`` (``interns1_vit``), the tower of
     ``InternS1ForConditionalGeneration``, which vLLM's registry also maps transformers' native
     InternVL format (``InternVLForConditionalGeneration``) to: InternViT as in transformers.
@@ -203,11 +203,11 @@ class VLLMInternVLAdapter(BatchedTowerAdapter):
     ``q_proj`` / ``k_proj`` / ``v_proj`` / ``projection_layer`` are plain ``nn.Linear`` and its
     MLP goes through its own ``fc1`` / ``fc2`` layers: no weight is read directly. Under tensor
     parallelism the attention projections are replicated (every rank computes every head) and
-    ``fc2`` (row-parallel) all-reduces, as in vLLM's own layer (not run with more than one rank).
+    ``fc2`` (row-parallel) all-reduces, as in vLLM's own layer.
 
     **Items: what vLLM's call allows.** vLLM encodes all tiles of every image of a batch in one
-    ``vision_tower(pixel_values=...)`` call (``extract_feature``); the tiles per image are known
-    one level up, ``_process_vision_input(image_input)``'s ``num_patches`` (the processor's
+    tower call (``extract_feature``); the tiles per image are known one level up,
+    ``_process_vision_input(image_input)``'s ``num_patches`` (the processor's
     ``image_num_patches``: tiles per image, thumbnail included). A wrapper of that method hands
     them to the tower call inside (``hints["tiles_per_image"]``, this call only), so each image's
     tiles form one item, as the Hugging Face adapter reads them from ``input_ids``. For a video,
@@ -223,6 +223,9 @@ class VLLMInternVLAdapter(BatchedTowerAdapter):
 
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
         return tower.encoder.layer
+
+    def patch_size(self, tower: nn.Module) -> tuple[int, int]:
+        return tuple(tower.embeddings.patch_embeddings.patch_size)
 
     def install_hooks(self, patch: IPCVPatch) -> None:
         if self.model is not None and hasattr(self.model, "_process_vision_input"):
@@ -241,33 +244,6 @@ class VLLMInternVLAdapter(BatchedTowerAdapter):
                 return inner(vision_input)
 
         return process_vision_input
-
-    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
-        """Items ``tiles * (1 + N)`` per image and the call's per-tile attention segments."""
-        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
-        if pixel_values is None:
-            raise ValueError("IPCV needs the tower's pixel_values (a call with pixel_embeds has no tiles)")
-        num_tiles, _, height, width = pixel_values.shape
-        patch_h, patch_w = tower.embeddings.patch_embeddings.patch_size
-        tile_length = 1 + (height // patch_h) * (width // patch_w)
-        counts = hints.get("tiles_per_image") or [num_tiles]
-        if sum(counts) != num_tiles:
-            raise ValueError(f"tiles_per_image {counts} must add up to the call's {num_tiles} tiles")
-        segments = sequence_segments(num_tiles, tile_length, pixel_values.device)
-        return TowerCall([count * tile_length for count in counts], segments)
-
-    def plan(
-        self,
-        x_before: torch.Tensor,
-        x_after: torch.Tensor,
-        cu_items: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        config: IPCVConfig,
-        padding: torch.Tensor | None = None,
-    ) -> IPCVPlan:
-        if config.scope != "authors":
-            return super().plan(x_before, x_after, cu_items, cu_seqlens, config, padding)
-        return authors_plan(x_before, x_after, cu_items, cu_seqlens, config)
 
     def layer_parts(self, block: nn.Module) -> PrenormLayer:
         """``InternS1VisionLayer``: ``q_norm`` / ``k_norm`` (vLLM's ``RMSNorm``) only with
@@ -289,4 +265,65 @@ class VLLMInternVLAdapter(BatchedTowerAdapter):
             scale=attention.scale,
             attn_gain=block.lambda_1,
             mlp_gain=block.lambda_2,
+        )
+
+
+class VLLMInternVLChatAdapter(VLLMInternVLAdapter):
+    """vLLM's ``InternVisionModel`` (``intern_vit``), the tower of ``InternVLChatModel``: the
+    OpenGVLab checkpoints' own format (``OpenGVLab/InternVL2-*``, ``InternVL2_5-*``,
+    ``InternVL3-*``, loaded with ``trust_remote_code``). Items, CLS pinning, the read layer and
+    ``_process_vision_input``'s tiles as ``VLLMInternVLAdapter``; what differs is the layer.
+
+    **Layer.** ``InternVisionEncoderLayer``: ``x + ls1 * attn(norm1(x))``,
+    ``x + ls2 * mlp(norm2(x))``, with one fused ``qkv`` (``QKVParallelLinear``, whose weights
+    vLLM repacks on the CPU: it runs on every row, see ``PrenormLayer``), optional QK RMSNorm over
+    all heads, and ``proj`` (row-parallel). ``InternVLChatModel`` builds only the layers up to
+    its ``select_layer``, so the tower's last layer is the read layer.
+
+    **Tensor parallelism.** ``qkv`` gives this rank's heads ``[q | k | v]``; the QK norm goes
+    through the attention's own ``_apply_qk_norm`` (all-gather, norm over every head, split back,
+    as vLLM's layer does); ``ngr_attention`` runs on the rank's heads (dummy heads included:
+    their weights are zero, so is their output); ``proj`` and ``fc2`` all-reduce. vLLM's
+    ``mm_encoder_tp_mode="data"`` shards the tiles *inside* the tower call (each rank encodes a
+    slice of them), below what the patch sees as one call: refused when the patch is made.
+    """
+
+    name = "vllm_internvl_chat"
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        if getattr(tower, "use_data_parallel", False):
+            raise ValueError(
+                "IPCV does not support mm_encoder_tp_mode='data' for InternVL's InternViT (the tower "
+                "shards its tiles across ranks inside one call): use the default mm_encoder_tp_mode"
+            )
+        return tower.encoder.layers
+
+    def patch_size(self, tower: nn.Module) -> tuple[int, int]:
+        size = tower.embeddings.patch_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def layer_parts(self, block: nn.Module) -> PrenormLayer:
+        attention = block.attn
+
+        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            projected, _ = attention.qkv(x)
+            q, k, v = projected.chunk(3, dim=-1)
+            if attention.qk_normalization:
+                q, k = attention._apply_qk_norm(q, k)
+            return q, k, v
+
+        return PrenormLayer(
+            norm1=block.norm1,
+            q=None,
+            k=None,
+            v=None,
+            qkv=qkv,
+            out=lambda x: attention.proj(x)[0],
+            norm2=block.norm2,
+            mlp=block.mlp,
+            num_heads=attention.num_heads_per_partition,
+            head_dim=attention.head_dim,
+            scale=attention.scale,
+            attn_gain=block.ls1,
+            mlp_gain=block.ls2,
         )

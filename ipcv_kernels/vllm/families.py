@@ -14,7 +14,13 @@ from typing import Any
 from torch import nn
 
 from ..engine import PATCH_ATTRIBUTE, FamilyAdapter, IPCVPatch
-from .adapters import VLLMInternVLAdapter, VLLMQwen2_5_VLAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
+from .adapters import (
+    VLLMInternVLAdapter,
+    VLLMInternVLChatAdapter,
+    VLLMQwen2_5_VLAdapter,
+    VLLMQwen2VLAdapter,
+    VLLMQwen3VLAdapter,
+)
 
 FRAMEWORK_MODULE = "vllm."
 
@@ -38,6 +44,9 @@ class VLLMFamily:
     towers: dict[str, str]
     recommended: dict[str, Any] = field(default_factory=dict)
 
+
+# The paper's InternVL2 setting (as the Hugging Face family table's).
+INTERNVL_RECOMMENDED = dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10)
 
 VLLM_FAMILIES: tuple[VLLMFamily, ...] = (
     VLLMFamily(
@@ -64,7 +73,15 @@ VLLM_FAMILIES: tuple[VLLMFamily, ...] = (
         # transformers' native InternVL format: vLLM builds its InternS1 class for it.
         {"InternVLForConditionalGeneration": "vllm.model_executor.models.interns1:InternS1ForConditionalGeneration"},
         {"InternS1ForConditionalGeneration": "vision_tower"},
-        recommended=dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10),
+        recommended=INTERNVL_RECOMMENDED,
+    ),
+    VLLMFamily(
+        "InternVL-Chat",
+        VLLMInternVLChatAdapter,
+        # The OpenGVLab checkpoints' own format (``trust_remote_code``).
+        {"InternVLChatModel": "vllm.model_executor.models.internvl"},
+        {"InternVLChatModel": "vision_model"},
+        recommended=INTERNVL_RECOMMENDED,
     ),
 )
 

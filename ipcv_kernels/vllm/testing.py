@@ -67,6 +67,14 @@ INTERNVL_SPECIAL_TOKENS = {
     "</img>": INTERNVL_IMAGE_TOKEN + 2,
     "<video>": INTERNVL_IMAGE_TOKEN + 3,
 }
+# InternVL's own (OpenGVLab) format: vLLM's processor writes ``<img> <IMG_CONTEXT> * n </img>``
+# for each ``<image>`` of a prompt and ``Frame1: <img> <|video_pad|> * n </img> ...`` for a
+# ``<video>`` (a Qwen2 language model's video token).
+INTERNVL_CHAT_SPECIAL_TOKENS = {
+    **INTERNVL_SPECIAL_TOKENS,
+    "<image>": INTERNVL_IMAGE_TOKEN + 4,
+    "<|video_pad|>": INTERNVL_IMAGE_TOKEN + 5,
+}
 INTERNVL_NAMED_TOKENS = {
     "context_image_token": "<IMG_CONTEXT>",
     "start_image_token": "<img>",
@@ -77,8 +85,8 @@ INTERNVL_NAMED_TOKENS = {
 
 def build_tokenizer(special_tokens: dict[str, int] | None = None, named_tokens: dict[str, str] | None = None) -> Any:
     """A ``PreTrainedTokenizerFast``: whitespace-split words ``w3 .. w119``, the special tokens
-    ``special_tokens`` (token -> id in 120 .. 123, default ``SPECIAL_TOKENS``; split out of the text
-    without spaces), ``<pad>`` 0 (also the unknown token), ``<s>`` 1, ``</s>`` 2.
+    ``special_tokens`` (token -> id in 120 .. 127, default ``SPECIAL_TOKENS``; split out of the text
+    without spaces; free ids there are ``<unusedN>``), ``<pad>`` 0 (also the unknown token), ``<s>`` 1, ``</s>`` 2.
 
     ``named_tokens``: attribute name -> special token, exposed as ``tokenizer.<name>`` and
     ``tokenizer.<name>_id`` (what InternVL's processor reads).
@@ -88,7 +96,8 @@ def build_tokenizer(special_tokens: dict[str, int] | None = None, named_tokens: 
 
     special_tokens = SPECIAL_TOKENS if special_tokens is None else special_tokens
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 120)}, **special_tokens}
-    vocab.update({f"<unused{i}>": i for i in range(124, TINY_TEXT["vocab_size"])})
+    taken = set(special_tokens.values())
+    vocab.update({f"<unused{i}>": i for i in range(120, TINY_TEXT["vocab_size"]) if i not in taken})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
@@ -155,7 +164,7 @@ INTERNVL_TEXT_OVERRIDES = {
     key: VLLM_TEXT[key]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 }
-FAMILIES = (*CHECKPOINTS, "internvl")
+FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat")
 
 
 def build_checkpoint(
@@ -180,9 +189,13 @@ def build_checkpoint(
             shrunk to it); the default keeps the tests' images small. Qwen families only.
 
     Loadable by ``vllm.LLM(model=path)`` and by transformers' ``from_pretrained(path)``.
-    InternVL is transformers' native format (``InternVLForConditionalGeneration``; vLLM builds
+    ``internvl`` is transformers' native format (``InternVLForConditionalGeneration``; vLLM builds
     its ``InternS1ForConditionalGeneration`` for it), the tiny model of
     ``ipcv_kernels.testing.models.build_model`` with a decoder vLLM's CPU attention takes.
+    ``internvl_chat`` holds the same weights, for the same ``seed``, in InternVL's own format
+    (``InternVLChatModel``, remote-code configuration: load with ``trust_remote_code=True``);
+    vLLM loads it, transformers cannot (no modelling code), so tests compare it with the
+    ``internvl`` checkpoint of the same seed.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -191,10 +204,10 @@ def build_checkpoint(
         if fields is not None and not isinstance(fields, Mapping):
             raise TypeError(f"{name} must be a mapping of config fields, got {type(fields).__name__}")
     check_int("max_pixels", max_pixels, low=MIN_PIXELS)
-    if family == "internvl":
+    if family in ("internvl", "internvl_chat"):
         if vision or text or max_pixels != MAX_PIXELS:
-            raise ValueError("vision, text and max_pixels apply to the Qwen families only, not to internvl")
-        return _build_internvl(path, seed)
+            raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
+        return _build_internvl(path, seed) if family == "internvl" else _build_internvl_chat(path, seed)
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -221,11 +234,8 @@ def build_checkpoint(
     return path
 
 
-def _build_internvl(path: Path, seed: int) -> Path:
-    from transformers import InternVLProcessor
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
-
+def _tiny_internvl(seed: int) -> Any:
+    """The tiny ``InternVLForConditionalGeneration`` both InternVL checkpoints save."""
     model = build_model("internvl", seed=seed, text_overrides=INTERNVL_TEXT_OVERRIDES)
     model.config.architectures = ["InternVLForConditionalGeneration"]
     # transformers ties InternVL's output embeddings by default, vLLM's decoder reads the text
@@ -235,7 +245,15 @@ def _build_internvl(path: Path, seed: int) -> Path:
     generator = torch.Generator().manual_seed(seed)
     head = torch.randn(model.lm_head.weight.shape, generator=generator) * model.config.text_config.initializer_range
     model.lm_head.weight = torch.nn.Parameter(head)
-    model.save_pretrained(path)
+    return model
+
+
+def _build_internvl(path: Path, seed: int) -> Path:
+    from transformers import InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    _tiny_internvl(seed).save_pretrained(path)
     size = {"height": INTERNVL_TILE, "width": INTERNVL_TILE}
     InternVLProcessor(
         image_processor=GotOcr2ImageProcessorPil(
@@ -246,6 +264,101 @@ def _build_internvl(path: Path, seed: int) -> Path:
         image_seq_length=INTERNVL_TOKENS_PER_TILE,
     ).save_pretrained(path)
     return path
+
+
+# transformers' InternVL weight names -> InternVL's own (the inverse of transformers' conversion).
+_INTERNVL_CHAT_NAMES = (
+    ("model.vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
+    ("model.vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
+    ("model.vision_tower.embeddings.patch_embeddings.projection.", "vision_model.embeddings.patch_embedding."),
+    ("model.vision_tower.encoder.layer.", "vision_model.encoder.layers."),
+    (".attention.projection_layer.", ".attn.proj."),
+    (".attention.q_norm.", ".attn.q_norm."),
+    (".attention.k_norm.", ".attn.k_norm."),
+    (".lambda_1", ".ls1"),
+    (".lambda_2", ".ls2"),
+    (".layernorm_before.", ".norm1."),
+    (".layernorm_after.", ".norm2."),
+    ("model.multi_modal_projector.layer_norm.", "mlp1.0."),
+    ("model.multi_modal_projector.linear_1.", "mlp1.1."),
+    ("model.multi_modal_projector.linear_2.", "mlp1.3."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def internvl_chat_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """A transformers ``InternVLForConditionalGeneration``'s weights under InternVL's own names:
+    ``q_proj`` / ``k_proj`` / ``v_proj`` concatenated into ``attn.qkv`` (rows ``[q; k; v]``)."""
+    weights: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        for old, new in _INTERNVL_CHAT_NAMES:
+            name = name.replace(old, new)
+        weights[name] = tensor.detach().clone().contiguous()
+    for name in [n for n in weights if ".attention.q_proj." in n]:
+        parts = [weights.pop(name.replace(".q_proj.", f".{x}_proj.")) for x in "qkv"]
+        weights[name.replace(".attention.q_proj.", ".attn.qkv.")] = torch.cat(parts)
+    return weights
+
+
+def _build_internvl_chat(path: Path, seed: int) -> Path:
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model = _tiny_internvl(seed)
+    vision, text = model.config.vision_config, model.config.text_config
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(internvl_chat_state_dict(model), str(path / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(Path(__file__).with_name("internvl_chat_config.py"), path / "configuration_internvl_chat.py")
+    llm_config = {**text.to_dict(), "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": False}
+    config = {
+        "architectures": ["InternVLChatModel"],
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"},
+        "model_type": "internvl_chat",
+        "torch_dtype": "float32",
+        "vision_config": {
+            "model_type": "intern_vit_6b",
+            "hidden_size": vision.hidden_size,
+            "num_attention_heads": vision.num_attention_heads,
+            "intermediate_size": vision.intermediate_size,
+            "num_hidden_layers": vision.num_hidden_layers,
+            "image_size": INTERNVL_TILE,
+            "patch_size": vision.patch_size[0],
+            "qkv_bias": vision.attention_bias,
+            "qk_normalization": vision.use_qk_norm,
+            "norm_type": vision.norm_type,
+            "layer_norm_eps": vision.layer_norm_eps,
+            "hidden_act": vision.hidden_act,
+        },
+        "llm_config": llm_config,
+        "select_layer": model.config.vision_feature_layer,
+        "force_image_size": INTERNVL_TILE,
+        "downsample_ratio": model.config.downsample_ratio,
+        "ps_version": "v2",  # transformers' pixel shuffle
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": INTERNVL_MAX_TILES,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    build_tokenizer(INTERNVL_CHAT_SPECIAL_TOKENS).save_pretrained(path)
+    return path
+
+
+def shutdown_engine(llm: Any) -> None:
+    """Shut a ``vllm.LLM`` down now (its engine core, worker processes and parallel groups).
+
+    Left to the garbage collector, an in-process engine tears down vLLM's process-wide parallel
+    groups whenever it happens to be collected, possibly under the next engine of the process
+    (``pipeline model parallel group is not initialized``); tests that start several engines in
+    one process shut each down before the next.
+    """
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
 
 
 _TORCHVISION_SCHEMAS: list[Any] = []  # the library fragment must stay alive

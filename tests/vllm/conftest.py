@@ -20,28 +20,16 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 @pytest.fixture(scope="session")
-def qwen2_vl_path(tmp_path_factory):
+def checkpoint(tmp_path_factory):
+    """``checkpoint(family)``: the path of a tiny saved ``family`` checkpoint
+    (``ipcv_kernels.vllm.testing.build_checkpoint``, seed 0), built once per session."""
     from ipcv_kernels.vllm.testing import build_checkpoint
 
-    return str(build_checkpoint(tmp_path_factory.mktemp("qwen2_vl"), "qwen2_vl"))
+    paths: dict[str, str] = {}
 
+    def path(family: str) -> str:
+        if family not in paths:
+            paths[family] = str(build_checkpoint(tmp_path_factory.mktemp(family), family))
+        return paths[family]
 
-@pytest.fixture(scope="session")
-def qwen2_5_vl_path(tmp_path_factory):
-    from ipcv_kernels.vllm.testing import build_checkpoint
-
-    return str(build_checkpoint(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl"))
-
-
-@pytest.fixture(scope="session")
-def qwen3_vl_path(tmp_path_factory):
-    from ipcv_kernels.vllm.testing import build_checkpoint
-
-    return str(build_checkpoint(tmp_path_factory.mktemp("qwen3_vl"), "qwen3_vl"))
-
-
-@pytest.fixture(scope="session")
-def internvl_path(tmp_path_factory):
-    from ipcv_kernels.vllm.testing import build_checkpoint
-
-    return str(build_checkpoint(tmp_path_factory.mktemp("internvl"), "internvl"))
+    return path

@@ -1,8 +1,11 @@
 """IPCV in vLLM with a tensor-parallel vision tower: ``tensor_parallel_size=2`` (two CPU worker
 processes, ``distributed_executor_backend="mp"``) against the same checkpoint at
-``tensor_parallel_size=1``, for Qwen2-VL and Qwen2.5-VL (fp32, eager).
+``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL and InternVL in both formats:
+its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
+gathered across the ranks) and transformers' (vLLM's ``InternS1``: replicated attention, sharded
+MLP).
 
-vLLM shards the tower's heads across the ranks; the hidden states between blocks are replicated.
+vLLM shards the tower's layers across the ranks; the hidden states between blocks are replicated.
 So every rank must plan the same, return the same embeddings, and equal the TP=1 engine's
 embeddings given that plan (the row-parallel all-reduce only changes summation order); batched
 ``generate`` gives the TP=1 engine's tokens.
@@ -21,6 +24,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,26 +41,120 @@ import ipcv_kernels as ik
 import ipcv_kernels.vllm as ikv
 from ipcv_kernels.reference import IPCVPlan
 from ipcv_kernels.testing import assert_close
-from ipcv_kernels.testing.models import sample_pixels
-from ipcv_kernels.vllm.testing import ENGINE
+from ipcv_kernels.testing.models import INTERNVL_IMAGE_TOKEN, internvl_tiles, sample_pixels
+from ipcv_kernels.vllm.testing import ENGINE, INTERNVL_CHAT_SPECIAL_TOKENS, INTERNVL_TILE, shutdown_engine
 
 SETTINGS = {"prune_layer": 2, "ratio": 0.5, "as_layers": 2, "num_neighbors": 3}
-GRIDS = {
+CALLS = ("one_image", "images_of_different_sizes", "video")
+_fresh = itertools.count(2000)  # every check gets new pixels / images (vLLM caches encodings)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One family: its checkpoint (``build_checkpoint``'s family) and engine settings, a prompt
+    with one image placeholder, the sizes of the images ``generate`` gets, the inputs of each of
+    ``CALLS`` (a function of the engine and the call returning ``(embed_multimodal's kwargs, the
+    call's token count)``) and ``shard``, the width on one rank of a layer of the tower that
+    tensor parallelism splits (run in the workers, so a top-level function)."""
+
+    checkpoint: str
+    engine: dict[str, Any]
+    prompt: str
+    image_sizes: list[tuple[int, int]]
+    inputs: Callable[[Any, str], tuple[dict[str, torch.Tensor], int]]
+    shard: Callable[[torch.nn.Module], int]
+
+
+QWEN_GRIDS = {
     "one_image": [[1, 8, 12]],
     "images_of_different_sizes": [[1, 8, 12], [1, 6, 4], [1, 2, 2]],
     "video": [[2, 8, 8]],
 }
-PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
-_fresh = itertools.count(2000)  # every check gets new pixels / images (vLLM caches encodings)
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
-def engines(request):
+def _qwen_inputs(engine, call):
+    grid = QWEN_GRIDS[call]
+    pixels, grid_thw = sample_pixels(engine.llm_engine.model_config.hf_config.vision_config, grid, seed=next(_fresh))
+    key = "video" if grid[0][0] > 1 else "image"
+    kwargs = {"pixel_values_videos" if key == "video" else "pixel_values": pixels, f"{key}_grid_thw": grid_thw}
+    return kwargs, sum(t * h * w for t, h, w in grid)
+
+
+INTERNVL_TILES = {"one_image": [3], "images_of_different_sizes": [3, 1, 5], "video": [4]}
+
+
+def _internvl_inputs(engine, call, pixels, video_pixels, video_token):
+    counts = INTERNVL_TILES[call]
+    tiles = internvl_tiles(sum(counts), seed=next(_fresh))
+    if call == "video":
+        kwargs = {video_pixels: tiles, "video_num_patches": torch.tensor(counts)}
+        kwargs["video_token_id"] = torch.tensor(INTERNVL_CHAT_SPECIAL_TOKENS[video_token])
+    else:
+        kwargs = {pixels: tiles, "image_num_patches": torch.tensor(counts)}
+        kwargs["image_token_id"] = torch.tensor(INTERNVL_IMAGE_TOKEN)
+    return kwargs, sum(counts) * (1 + (INTERNVL_TILE // 4) ** 2)  # CLS + 4 x 4 patches per tile
+
+
+def _qwen_heads(model: torch.nn.Module) -> int:
+    return model.visual.blocks[0].attn.num_attention_heads_per_partition
+
+
+def _internvl_chat_heads(model: torch.nn.Module) -> int:
+    return model.vision_model.encoder.layers[0].attn.num_heads_per_partition
+
+
+def _interns1_mlp_width(model: torch.nn.Module) -> int:
+    return model.vision_tower.encoder.layer[0].mlp.fc1.output_size_per_partition
+
+
+QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
+QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
+INTERNVL_IMAGES = [
+    (INTERNVL_TILE, 3 * INTERNVL_TILE),
+    (2 * INTERNVL_TILE, INTERNVL_TILE),
+    (INTERNVL_TILE, INTERNVL_TILE),
+]
+CASES = {
+    "qwen2_vl": Case("qwen2_vl", {}, QWEN_PROMPT, QWEN_IMAGES, _qwen_inputs, _qwen_heads),
+    "qwen2_5_vl": Case("qwen2_5_vl", {}, QWEN_PROMPT, QWEN_IMAGES, _qwen_inputs, _qwen_heads),
+    "internvl_chat": Case(
+        "internvl_chat",
+        {"trust_remote_code": True},
+        "w5 w6 <image> w7 w8",
+        INTERNVL_IMAGES,
+        functools.partial(
+            _internvl_inputs,
+            pixels="pixel_values_flat",
+            video_pixels="pixel_values_flat_video",
+            video_token="<|video_pad|>",
+        ),
+        _internvl_chat_heads,
+    ),
+    "internvl": Case(
+        "internvl",
+        {},
+        "w5 w6 <IMG_CONTEXT> w7 w8",
+        INTERNVL_IMAGES,
+        functools.partial(
+            _internvl_inputs, pixels="pixel_values", video_pixels="pixel_values_videos", video_token="<video>"
+        ),
+        _interns1_mlp_width,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=CASES.values(), ids=CASES.keys())
+def case(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def engines(case, checkpoint):
     """``(TP=1 engine, TP=2 engine)`` on one tiny checkpoint, both with ``SETTINGS``."""
     from vllm import LLM
 
-    path = request.getfixturevalue(f"{request.param}_path")
-    single = LLM(model=path, hf_overrides={"ipcv": SETTINGS}, **ENGINE)
+    path = checkpoint(case.checkpoint)
+    single = LLM(model=path, hf_overrides={"ipcv": SETTINGS}, **case.engine, **ENGINE)
     with pytest.MonkeyPatch.context() as env:  # what the spawned workers inherit
         # One thread each: the two workers and this process share the cores (their threads are
         # not bound, see conftest.py). No torch.compile: at tensor_parallel_size > 1 vLLM's vocab
@@ -67,18 +167,15 @@ def engines(request):
             hf_overrides={"ipcv": SETTINGS},
             tensor_parallel_size=2,
             distributed_executor_backend="mp",
+            **case.engine,
             **ENGINE,
         )
     yield single, parallel
-    parallel.llm_engine.engine_core.shutdown()  # its worker processes
+    shutdown_engine(parallel)
+    shutdown_engine(single)
 
 
 # -- run in the workers (through apply_model) ---------------------------------------------------
-def _heads(model: torch.nn.Module) -> int:
-    """Attention heads of the tower's first block on this rank."""
-    return model.visual.blocks[0].attn.num_attention_heads_per_partition
-
-
 def _config(model: torch.nn.Module) -> ik.IPCVConfig | None:
     patch = ik.get_ipcv_patch(model)
     return None if patch is None else patch.config
@@ -118,23 +215,17 @@ def _diagnostics(model: torch.nn.Module) -> tuple[list[int], IPCVPlan | None]:
 
 
 # -- tests ----------------------------------------------------------------------------------------
-def test_the_tower_is_sharded_across_two_ranks(engines):
+def test_the_tower_is_sharded_across_two_ranks(engines, case):
     single, parallel = engines
-    (heads,) = single.apply_model(_heads)
-    assert parallel.apply_model(_heads) == [heads // 2] * 2
+    (width,) = single.apply_model(case.shard)
+    assert parallel.apply_model(case.shard) == [width // 2] * 2
     assert parallel.apply_model(_config) == [ik.IPCVConfig(**SETTINGS)] * 2  # the plugin ran on every rank
 
 
-def _request_kwargs(engine, grid):
-    pixels, grid_thw = sample_pixels(engine.llm_engine.model_config.hf_config.vision_config, grid, seed=next(_fresh))
-    key = "video" if grid[0][0] > 1 else "image"
-    return {"pixel_values_videos" if key == "video" else "pixel_values": pixels, f"{key}_grid_thw": grid_thw}
-
-
-@pytest.mark.parametrize("grid", GRIDS.values(), ids=GRIDS.keys())
-def test_every_rank_plans_the_same_and_equals_tensor_parallel_size_1(engines, grid):
+@pytest.mark.parametrize("call", CALLS)
+def test_every_rank_plans_the_same_and_equals_tensor_parallel_size_1(engines, case, call):
     single, parallel = engines
-    kwargs = _request_kwargs(single, grid)
+    kwargs, total = case.inputs(single, call)
     try:
         parallel.apply_model(_record_plans)
         ranks = parallel.apply_model(functools.partial(_encode, kwargs=kwargs))
@@ -143,7 +234,6 @@ def test_every_rank_plans_the_same_and_equals_tensor_parallel_size_1(engines, gr
         assert tokens0 == tokens1
         assert all(torch.equal(a, b) for a, b in zip(plan0, plan1, strict=True))
         assert torch.equal(ranks[0], ranks[1])
-        total = sum(t * h * w for t, h, w in grid)
         assert tokens0[: SETTINGS["prune_layer"]] == [total] * SETTINGS["prune_layer"]
         assert all(count < total for count in tokens0[SETTINGS["prune_layer"] :])
 
@@ -163,18 +253,18 @@ def _random_image(height, width):
     return Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def test_generate_equals_tensor_parallel_size_1(engines):
+def test_generate_equals_tensor_parallel_size_1(engines, case):
     from vllm import SamplingParams
 
     single, parallel = engines
     params = SamplingParams(max_tokens=6, temperature=0.0)
-    images = [_random_image(*size) for size in [(16, 24), (24, 16), (12, 12)]]
+    images = [_random_image(*size) for size in case.image_sizes]
     outputs = {}
     for name, engine in {"tp1": single, "tp2": parallel}.items():
         # A new uuid per engine run: vLLM keys its encoder cache by it.
         requests = [
             {
-                "prompt": PROMPT,
+                "prompt": case.prompt,
                 "multi_modal_data": {"image": image},
                 "multi_modal_uuids": {"image": [f"{name}{next(_fresh)}"]},
             }

@@ -1,0 +1,391 @@
+"""Every family of the vLLM table on the same checks (CPU, fp32, eager), on tiny checkpoints saved
+with seeded random weights that vLLM and transformers both load:
+
+- the plugin patches the model when vLLM builds it (``hf_overrides={"ipcv": ...}``);
+- ratio 0 equals unpatched vLLM;
+- with pruning, vLLM's vision embeddings equal transformers' ``apply_ipcv`` on the same weights
+  (one image, several of different sizes in one encoder call, a video; ``scope="image"`` and
+  ``"authors"``; with and without stabilisation blocks), and the tower's token counts show the
+  pruning;
+- batched ``generate`` (several requests' images in one encoder call) equals each request alone.
+
+The families: vLLM's Qwen2-VL, Qwen2.5-VL (windows in the ``window_index`` order, fused residual
+RMSNorm, per-head ``qkv``), Qwen3-VL (DeepStack taps after blocks 1, 3 and 4: before, inside and
+after the pruned stretch from block 2; vLLM's output is the merger's and every tap's,
+concatenated), InternVL in transformers' format (vLLM's ``InternS1``: batched tiles with CLS,
+separate q / k / v) and InternVL in its own format (``InternVLChatModel``, fused ``qkv``,
+remote-code config; compared with transformers' native model of the same weights). InternVL's
+items: each image's tiles, each video frame.
+
+Plans are compared up to near-ties (``assert_plans_agree``), embeddings on vLLM's plan.
+Tolerance: blocks before ``P`` run vLLM's own layers (its attention and RMSNorm round differently
+from transformers'), and pruned blocks run vLLM's own attention, whose round-off grows over the
+blocks. So the bound is derived as for every fast path (``assert_close_to_reference``): vLLM's
+error against the float64 transformers model is at most ``TOLERANCE_FACTOR`` times transformers'
+own fp32 error, plus the fp32 floor. (With a plain fp32 bound, Qwen2.5-VL once exceeded 2e-5 in
+1-2 of ~2,000 elements.)
+
+The plugin's settings and refusals are checked in ``test_vllm_plugin.py``, tensor parallelism in
+``test_vllm_tensor_parallel.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+# A submodule: without vLLM, ``import vllm`` alone would find tests/vllm (a namespace package).
+pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is not installed (tests/vllm run in their own environment)")
+
+from PIL import Image
+
+import ipcv_kernels as ik
+import ipcv_kernels.vllm as ikv
+from ipcv_kernels.testing import (
+    TOLERANCE_FACTOR,
+    assert_close,
+    assert_close_to_reference,
+    assert_plans_agree,
+    tolerance,
+)
+from ipcv_kernels.testing.models import INTERNVL_IMAGE_TOKEN, internvl_tiles, sample_pixels
+from ipcv_kernels.vllm.testing import ENGINE, INTERNVL_CHAT_SPECIAL_TOKENS, INTERNVL_TILE, shutdown_engine
+
+SETTINGS = {"prune_layer": 2, "ratio": 0.5, "as_layers": 2, "num_neighbors": 3}
+CONFIG = ik.IPCVConfig(**SETTINGS)
+CALLS = ("one_image", "images_of_different_sizes", "video")
+_fresh = itertools.count(100)  # every check gets new pixels / images (vLLM caches encodings)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One encoder call: ``embed_multimodal``'s kwargs, the pixels the tower gets, what
+    transformers needs besides them (``grid_thw``, or InternVL's tiles per item) and the call's
+    token count (rows of the tower's blocks)."""
+
+    kwargs: dict[str, torch.Tensor]
+    pixels: torch.Tensor
+    layout: Any
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Family:
+    """One vLLM family under test.
+
+    name: ``VLLMFamily.name``. checkpoint: the ``build_checkpoint`` family vLLM loads;
+    reference_checkpoint: the one transformers loads (the same weights). tower: the vLLM model's
+    tower attribute. make_call(hf_model, call name, seed): a ``Call``. reference(hf_model, pixels,
+    layout): transformers' output for what vLLM's ``embed_multimodal`` returns, concatenated.
+    normalise: whether vLLM normalises Qwen pixels on the device (``visual.input_norm``; its
+    processor then skips mean / std), so transformers gets the pixels the blocks see. prompt: a
+    prompt with one image placeholder; image_sizes: the images ``generate`` gets. recommended:
+    the family's recommended setting (``IPCVConfig`` fields besides its defaults).
+    """
+
+    name: str
+    checkpoint: str
+    reference_checkpoint: str
+    hf_class: str
+    tower: str
+    make_call: Callable[[Any, str, int], Call]
+    reference: Callable[[Any, torch.Tensor, Any], torch.Tensor]
+    prompt: str
+    image_sizes: list[tuple[int, int]]
+    normalise: bool = False
+    engine: dict[str, Any] = field(default_factory=dict)
+    recommended: dict[str, Any] = field(default_factory=dict)
+
+
+# -- Qwen ----------------------------------------------------------------------------------------
+QWEN_GRIDS = {
+    "one_image": [[1, 8, 12]],
+    "images_of_different_sizes": [[1, 8, 12], [1, 6, 4], [1, 2, 2], [1, 8, 8]],
+    "video": [[2, 8, 8]],
+}
+
+
+def qwen_call(hf_model, name, seed):
+    grid = QWEN_GRIDS[name]
+    pixels, grid_thw = sample_pixels(hf_model.config.vision_config, grid, seed=seed)
+    key = "video" if name == "video" else "image"
+    kwargs = {"pixel_values_videos" if key == "video" else "pixel_values": pixels, f"{key}_grid_thw": grid_thw}
+    return Call(kwargs, pixels, grid_thw, sum(t * h * w for t, h, w in grid))
+
+
+def qwen_merger(hf_model, pixels, grid_thw):
+    return hf_model.model.visual(pixels, grid_thw=grid_thw).pooler_output
+
+
+def qwen3_merger_and_taps(hf_model, pixels, grid_thw):
+    """vLLM's Qwen3-VL tower output: the merger's and every DeepStack tap's, ``[n / 4, 4 * D]``."""
+    output = hf_model.model.visual(pixels, grid_thw=grid_thw)
+    return torch.cat([output.pooler_output, *output.deepstack_features], dim=1)
+
+
+# -- InternVL ------------------------------------------------------------------------------------
+INTERNVL_TILES = {"one_image": [3], "images_of_different_sizes": [3, 1, 5], "video": [4]}  # per item
+TILE_ROWS = 1 + (INTERNVL_TILE // 4) ** 2  # CLS + 4 x 4 patches
+
+
+def internvl_call(image_pixels, video_pixels, video_token):
+    """``make_call`` of an InternVL format whose ``embed_multimodal`` takes these kwargs."""
+
+    def make_call(hf_model, name, seed):
+        counts = INTERNVL_TILES[name]
+        tiles = internvl_tiles(sum(counts), seed=seed)
+        if name == "video":
+            kwargs = {video_pixels: tiles, "video_num_patches": torch.tensor(counts)}
+            kwargs["video_token_id"] = torch.tensor(INTERNVL_CHAT_SPECIAL_TOKENS[video_token])
+            items = [1] * sum(counts)  # every frame is its own run of image tokens in transformers
+        else:
+            kwargs = {image_pixels: tiles, "image_num_patches": torch.tensor(counts)}
+            kwargs["image_token_id"] = torch.tensor(INTERNVL_IMAGE_TOKEN)
+            items = counts
+        return Call(kwargs, tiles, items, sum(counts) * TILE_ROWS)
+
+    return make_call
+
+
+def internvl_features(hf_model, tiles, items):
+    """transformers' image features ``[tiles * 4, D]`` with ``items`` tiles per item (the model's
+    patch, if any, decides the rest)."""
+    ik.set_tiles_per_image(hf_model, items)
+    features = hf_model.model.get_image_features(
+        pixel_values=tiles.to(hf_model.dtype), vision_feature_layer=-1, vision_feature_select_strategy="default"
+    )
+    return features.pooler_output.reshape(-1, features.pooler_output.shape[-1])
+
+
+QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
+QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
+INTERNVL_IMAGES = [
+    (INTERNVL_TILE, 3 * INTERNVL_TILE),
+    (2 * INTERNVL_TILE, INTERNVL_TILE),
+    (INTERNVL_TILE, INTERNVL_TILE),
+]
+INTERNVL2_SETTING = dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10)  # the paper's
+FAMILIES = {
+    "qwen2_vl": Family(
+        "Qwen2-VL",
+        "qwen2_vl",
+        "qwen2_vl",
+        "Qwen2VLForConditionalGeneration",
+        "visual",
+        qwen_call,
+        qwen_merger,
+        QWEN_PROMPT,
+        QWEN_IMAGES,
+        normalise=True,
+    ),
+    "qwen2_5_vl": Family(
+        "Qwen2.5-VL",
+        "qwen2_5_vl",
+        "qwen2_5_vl",
+        "Qwen2_5_VLForConditionalGeneration",
+        "visual",
+        qwen_call,
+        qwen_merger,
+        QWEN_PROMPT,
+        QWEN_IMAGES,
+        normalise=True,
+    ),
+    "qwen3_vl": Family(
+        "Qwen3-VL",
+        "qwen3_vl",
+        "qwen3_vl",
+        "Qwen3VLForConditionalGeneration",
+        "visual",
+        qwen_call,
+        qwen3_merger_and_taps,
+        QWEN_PROMPT,
+        QWEN_IMAGES,
+        normalise=True,
+    ),
+    "internvl": Family(
+        "InternVL",
+        "internvl",
+        "internvl",
+        "InternVLForConditionalGeneration",
+        "vision_tower",
+        internvl_call("pixel_values", "pixel_values_videos", "<video>"),
+        internvl_features,
+        "w5 w6 <IMG_CONTEXT> w7 w8",
+        INTERNVL_IMAGES,
+        recommended=INTERNVL2_SETTING,
+    ),
+    "internvl_chat": Family(
+        "InternVL-Chat",
+        "internvl_chat",
+        "internvl",
+        "InternVLForConditionalGeneration",
+        "vision_model",
+        internvl_call("pixel_values_flat", "pixel_values_flat_video", "<|video_pad|>"),
+        internvl_features,
+        "w5 w6 <image> w7 w8",
+        INTERNVL_IMAGES,
+        engine={"trust_remote_code": True},
+        recommended=INTERNVL2_SETTING,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=FAMILIES.values(), ids=FAMILIES.keys())
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def llm(family, checkpoint):
+    from vllm import LLM
+
+    engine = LLM(model=checkpoint(family.checkpoint), hf_overrides={"ipcv": SETTINGS}, **family.engine, **ENGINE)
+    yield engine
+    shutdown_engine(engine)
+
+
+@pytest.fixture(scope="module")
+def hf_models(family, checkpoint):
+    """transformers' model of the family's weights, fp32 and fp64."""
+    import transformers
+
+    model_class = getattr(transformers, family.hf_class)
+    model = model_class.from_pretrained(checkpoint(family.reference_checkpoint), dtype=torch.float32).eval()
+    return model, copy.deepcopy(model).to(torch.float64)
+
+
+def record_plans(patch, pinned=None):
+    """From now on ``patch``'s adapter keeps ``(x_before, x_after, plan)`` of its latest forward as
+    ``recorded``; with ``pinned`` it returns that plan instead of planning."""
+    adapter, plan_of = patch.adapter, patch.adapter.plan
+
+    def plan(x_before, x_after, *args, **kwargs):
+        result = plan_of(x_before, x_after, *args, **kwargs) if pinned is None else pinned
+        adapter.recorded = (x_before, x_after, result)
+        return result
+
+    adapter.plan = plan
+
+
+def encode(llm, family, call, config):
+    """``(vLLM's embeddings, the pixels its tower's blocks saw, the patch's tokens per block, its
+    plan)`` of ``call`` with ``config`` (``None``: unpatched, no counts or plan) on the running
+    engine's model; the plugin's setting is back afterwards."""
+
+    def run(model):
+        patch = None if config is None else ikv.apply_ipcv(model, config)
+        if patch is None:
+            ikv.remove_ipcv(model)
+        else:
+            record_plans(patch)
+        tower = getattr(model, family.tower)
+        pixels = tower.input_norm(call.pixels.clone(), tower.dtype) if family.normalise else call.pixels
+        embeddings = torch.cat(model.embed_multimodal(**call.kwargs)).clone()
+        ikv.apply_ipcv(model, CONFIG)
+        if patch is None:
+            return embeddings, pixels, None, None
+        return embeddings, pixels, patch.last_tokens_per_block, patch.adapter.recorded[2]
+
+    with torch.no_grad():
+        (result,) = llm.apply_model(run)
+    return result
+
+
+def transformers_run(family, model, config, pixels, layout, pinned=None):
+    """``(family.reference output, (x_before, x_after, plan))`` of transformers' ``model`` under
+    ``config``; with ``pinned`` it runs on that plan."""
+    with torch.no_grad(), ik.ipcv_applied(model, config):
+        patch = ik.get_ipcv_patch(model)
+        record_plans(patch, pinned)
+        output = family.reference(model, pixels.to(model.dtype), layout)
+        return output, patch.adapter.recorded
+
+
+def test_plugin_patches_the_model_when_built(llm, family):
+    # Missing fields would take the family's recommended setting: SETTINGS gives them all.
+    assert llm.apply_model(lambda m: ik.get_ipcv_patch(m).config) == [CONFIG]
+    assert llm.apply_model(lambda m: ikv.find_vllm_family(m)[0].name) == [family.name]
+
+
+def test_recommended_setting(llm, family):
+    assert llm.apply_model(ikv.recommended_vllm_config) == [ik.IPCVConfig(**family.recommended)]
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_ratio_zero_equals_unpatched(llm, family, hf_models, name):
+    call = family.make_call(hf_models[0], name, next(_fresh))
+    expected, _, _, _ = encode(llm, family, call, None)
+    got, _, _, _ = encode(llm, family, call, ik.IPCVConfig(**{**SETTINGS, "ratio": 0.0}))
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("scope", ["image", "authors"])
+@pytest.mark.parametrize("as_layers", [2, 0])
+@pytest.mark.parametrize("name", CALLS)
+def test_vision_embeddings_equal_transformers(llm, family, hf_models, name, as_layers, scope):
+    """vLLM's plan equals the float64 transformers model's up to near-ties (a few of ~100 dropped
+    tokens per call swap neighbours whose distances tie to ~1e-7: vLLM's, transformers' fp32 and
+    fp64 blocks round differently), and on that plan vLLM's embeddings equal transformers'."""
+    config = ik.IPCVConfig(**{**SETTINGS, "as_layers": as_layers, "scope": scope})
+    call = family.make_call(hf_models[0], name, next(_fresh))
+    got, pixels, tokens, plan = encode(llm, family, call, config)
+    hf32, hf64 = hf_models
+    _, (x_before64, x_after64, plan64) = transformers_run(family, hf64, config, pixels, call.layout)
+    assert_plans_agree(plan, plan64, x_before64, x_after64)
+    expected32, _ = transformers_run(family, hf32, config, pixels, call.layout, pinned=plan)
+    expected64, _ = transformers_run(family, hf64, config, pixels, call.layout, pinned=plan)
+    assert got.shape == expected64.shape
+    assert_close_to_reference(got, expected64, expected32)
+    assert tokens[: config.prune_layer] == [call.tokens] * config.prune_layer
+    assert all(count < call.tokens for count in tokens[config.prune_layer :])
+
+
+def test_each_image_is_its_own_item(llm, family, hf_models):
+    """Images of one call planned as one item (``scope="global"``) give other embeddings than
+    vLLM's, which equal transformers' per image (above): vLLM's call carries the images."""
+    call = family.make_call(hf_models[0], "images_of_different_sizes", next(_fresh))
+    got, pixels, _, _ = encode(llm, family, call, CONFIG)
+    as_one_item, _ = transformers_run(
+        family, hf_models[0], dataclasses.replace(CONFIG, scope="global"), pixels, call.layout
+    )
+    # Beyond what the per-image comparison allows (the tiny Qwen towers differ by ~2e-4 here).
+    assert (got - as_one_item).abs().max().item() > TOLERANCE_FACTOR * tolerance(torch.float32).atol
+
+
+def random_image(height, width):
+    generator = np.random.default_rng(next(_fresh))
+    return Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_generate_batched_equals_each_request_alone(llm, family):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    images = [random_image(*size) for size in family.image_sizes]
+
+    def request(image, run):
+        # A new uuid per run: vLLM keys its encoder cache by it, so every run encodes anew.
+        return {"prompt": family.prompt, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [run]}}
+
+    calls = []
+    (hook,) = llm.apply_model(lambda m: getattr(m, family.tower).register_forward_hook(lambda *_: calls.append(1)))
+    try:
+        batched = llm.generate([request(im, f"b{next(_fresh)}") for im in images], params, use_tqdm=False)
+        batched_calls = len(calls)
+        alone = [llm.generate(request(im, f"a{next(_fresh)}"), params, use_tqdm=False)[0] for im in images]
+    finally:
+        hook.remove()
+    assert batched_calls < len(images)  # several requests' images shared an encoder call
+    assert len(calls) == batched_calls + len(images)
+    assert [out.outputs[0].token_ids for out in batched] == [out.outputs[0].token_ids for out in alone]
+    assert len({tuple(out.outputs[0].token_ids) for out in alone}) > 1  # the images steer the tokens
+    (tokens,) = llm.apply_model(lambda m: ik.get_ipcv_patch(m).last_tokens_per_block)
+    assert tokens[-1] < tokens[0]
