@@ -24,6 +24,8 @@ from ..testing.models import (
     TINY_TEXT,
     TINY_VISION,
     build_model,
+    internvl_tiles,
+    sample_pixels,
 )
 
 # vLLM's CPU attention backend takes head sizes of 32 and more: 2 heads of 32 (TINY_TEXT's 12 is
@@ -345,6 +347,40 @@ def _build_internvl_chat(path: Path, seed: int) -> Path:
     (path / "config.json").write_text(json.dumps(config, indent=2))
     build_tokenizer(INTERNVL_CHAT_SPECIAL_TOKENS).save_pretrained(path)
     return path
+
+
+def qwen_encoder_inputs(
+    vision_config: Any, grid_thw: list[list[int]], *, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``(kwargs, pixels)``: what vLLM's Qwen models' ``embed_multimodal(**kwargs)`` takes for
+    random patches of the ``grid_thw`` rows (a video when the first row has ``t > 1``), and the
+    patches ``[n, C * T * p * p]`` (``ipcv_kernels.testing.models.sample_pixels``)."""
+    pixels, grid = sample_pixels(vision_config, grid_thw, seed=seed)
+    key = "video" if grid_thw[0][0] > 1 else "image"
+    return {"pixel_values_videos" if key == "video" else "pixel_values": pixels, f"{key}_grid_thw": grid}, pixels
+
+
+def internvl_encoder_inputs(
+    family: str, tiles_per_item: list[int], *, video: bool = False, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``(kwargs, tiles)``: what vLLM's InternVL model of a ``family`` checkpoint (``"internvl"``
+    or ``"internvl_chat"``) takes in ``embed_multimodal(**kwargs)`` for random tiles, images of
+    ``tiles_per_item`` tiles (or videos of that many frames), and the tiles ``[tiles, 3, 16, 16]``."""
+    if family not in ("internvl", "internvl_chat"):
+        raise ValueError(f"family must be 'internvl' or 'internvl_chat', got {family!r}")
+    chat = family == "internvl_chat"
+    tiles = internvl_tiles(sum(tiles_per_item), seed=seed)
+    if video:
+        pixels, token = ("pixel_values_flat_video", "<|video_pad|>") if chat else ("pixel_values_videos", "<video>")
+        kwargs = {pixels: tiles, "video_num_patches": torch.tensor(tiles_per_item)}
+        kwargs["video_token_id"] = torch.tensor(INTERNVL_CHAT_SPECIAL_TOKENS[token])
+    else:
+        kwargs = {
+            "pixel_values_flat" if chat else "pixel_values": tiles,
+            "image_num_patches": torch.tensor(tiles_per_item),
+        }
+        kwargs["image_token_id"] = torch.tensor(INTERNVL_IMAGE_TOKEN)
+    return kwargs, tiles
 
 
 def shutdown_engine(llm: Any) -> None:

@@ -56,8 +56,13 @@ from ipcv_kernels.testing import (
     assert_plans_agree,
     tolerance,
 )
-from ipcv_kernels.testing.models import INTERNVL_IMAGE_TOKEN, internvl_tiles, sample_pixels
-from ipcv_kernels.vllm.testing import ENGINE, INTERNVL_CHAT_SPECIAL_TOKENS, INTERNVL_TILE, shutdown_engine
+from ipcv_kernels.vllm.testing import (
+    ENGINE,
+    INTERNVL_TILE,
+    internvl_encoder_inputs,
+    qwen_encoder_inputs,
+    shutdown_engine,
+)
 
 SETTINGS = {"prune_layer": 2, "ratio": 0.5, "as_layers": 2, "num_neighbors": 3}
 CONFIG = ik.IPCVConfig(**SETTINGS)
@@ -115,10 +120,13 @@ QWEN_GRIDS = {
 
 def qwen_call(hf_model, name, seed):
     grid = QWEN_GRIDS[name]
-    pixels, grid_thw = sample_pixels(hf_model.config.vision_config, grid, seed=seed)
-    key = "video" if name == "video" else "image"
-    kwargs = {"pixel_values_videos" if key == "video" else "pixel_values": pixels, f"{key}_grid_thw": grid_thw}
-    return Call(kwargs, pixels, grid_thw, sum(t * h * w for t, h, w in grid))
+    kwargs, pixels = qwen_encoder_inputs(hf_model.config.vision_config, grid, seed=seed)
+    return Call(
+        kwargs,
+        pixels,
+        kwargs[f"{'video' if name == 'video' else 'image'}_grid_thw"],
+        sum(t * h * w for t, h, w in grid),
+    )
 
 
 def qwen_merger(hf_model, pixels, grid_thw):
@@ -136,20 +144,14 @@ INTERNVL_TILES = {"one_image": [3], "images_of_different_sizes": [3, 1, 5], "vid
 TILE_ROWS = 1 + (INTERNVL_TILE // 4) ** 2  # CLS + 4 x 4 patches
 
 
-def internvl_call(image_pixels, video_pixels, video_token):
-    """``make_call`` of an InternVL format whose ``embed_multimodal`` takes these kwargs."""
+def internvl_call(checkpoint):
+    """``make_call`` of the InternVL format of ``checkpoint``."""
 
     def make_call(hf_model, name, seed):
         counts = INTERNVL_TILES[name]
-        tiles = internvl_tiles(sum(counts), seed=seed)
-        if name == "video":
-            kwargs = {video_pixels: tiles, "video_num_patches": torch.tensor(counts)}
-            kwargs["video_token_id"] = torch.tensor(INTERNVL_CHAT_SPECIAL_TOKENS[video_token])
-            items = [1] * sum(counts)  # every frame is its own run of image tokens in transformers
-        else:
-            kwargs = {image_pixels: tiles, "image_num_patches": torch.tensor(counts)}
-            kwargs["image_token_id"] = torch.tensor(INTERNVL_IMAGE_TOKEN)
-            items = counts
+        kwargs, tiles = internvl_encoder_inputs(checkpoint, counts, video=name == "video", seed=seed)
+        # Every video frame is its own run of image tokens in transformers, hence its own item.
+        items = [1] * sum(counts) if name == "video" else counts
         return Call(kwargs, tiles, items, sum(counts) * TILE_ROWS)
 
     return make_call
@@ -173,67 +175,30 @@ INTERNVL_IMAGES = [
     (INTERNVL_TILE, INTERNVL_TILE),
 ]
 INTERNVL2_SETTING = dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10)  # the paper's
+
+
+def qwen(name, checkpoint, prefix, reference=qwen_merger):
+    return Family(
+        name, checkpoint, checkpoint, f"{prefix}ForConditionalGeneration", "visual", qwen_call, reference,
+        QWEN_PROMPT, QWEN_IMAGES, normalise=True,
+    )  # fmt: skip
+
+
+def internvl(name, checkpoint, tower, prompt, **extra):
+    return Family(
+        name, checkpoint, "internvl", "InternVLForConditionalGeneration", tower, internvl_call(checkpoint),
+        internvl_features, prompt, INTERNVL_IMAGES, recommended=INTERNVL2_SETTING, **extra,
+    )  # fmt: skip
+
+
 FAMILIES = {
-    "qwen2_vl": Family(
-        "Qwen2-VL",
-        "qwen2_vl",
-        "qwen2_vl",
-        "Qwen2VLForConditionalGeneration",
-        "visual",
-        qwen_call,
-        qwen_merger,
-        QWEN_PROMPT,
-        QWEN_IMAGES,
-        normalise=True,
-    ),
-    "qwen2_5_vl": Family(
-        "Qwen2.5-VL",
-        "qwen2_5_vl",
-        "qwen2_5_vl",
-        "Qwen2_5_VLForConditionalGeneration",
-        "visual",
-        qwen_call,
-        qwen_merger,
-        QWEN_PROMPT,
-        QWEN_IMAGES,
-        normalise=True,
-    ),
-    "qwen3_vl": Family(
-        "Qwen3-VL",
-        "qwen3_vl",
-        "qwen3_vl",
-        "Qwen3VLForConditionalGeneration",
-        "visual",
-        qwen_call,
-        qwen3_merger_and_taps,
-        QWEN_PROMPT,
-        QWEN_IMAGES,
-        normalise=True,
-    ),
-    "internvl": Family(
-        "InternVL",
-        "internvl",
-        "internvl",
-        "InternVLForConditionalGeneration",
-        "vision_tower",
-        internvl_call("pixel_values", "pixel_values_videos", "<video>"),
-        internvl_features,
-        "w5 w6 <IMG_CONTEXT> w7 w8",
-        INTERNVL_IMAGES,
-        recommended=INTERNVL2_SETTING,
-    ),
-    "internvl_chat": Family(
-        "InternVL-Chat",
-        "internvl_chat",
-        "internvl",
-        "InternVLForConditionalGeneration",
-        "vision_model",
-        internvl_call("pixel_values_flat", "pixel_values_flat_video", "<|video_pad|>"),
-        internvl_features,
-        "w5 w6 <image> w7 w8",
-        INTERNVL_IMAGES,
-        engine={"trust_remote_code": True},
-        recommended=INTERNVL2_SETTING,
+    "qwen2_vl": qwen("Qwen2-VL", "qwen2_vl", "Qwen2VL"),
+    "qwen2_5_vl": qwen("Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VL"),
+    "qwen3_vl": qwen("Qwen3-VL", "qwen3_vl", "Qwen3VL", qwen3_merger_and_taps),
+    "internvl": internvl("InternVL", "internvl", "vision_tower", "w5 w6 <IMG_CONTEXT> w7 w8"),
+    # The same weights in InternVL's own format; transformers runs the native checkpoint.
+    "internvl_chat": internvl(
+        "InternVL-Chat", "internvl_chat", "vision_model", "w5 w6 <image> w7 w8", engine={"trust_remote_code": True}
     ),
 }
 

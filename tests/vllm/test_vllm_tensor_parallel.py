@@ -41,8 +41,13 @@ import ipcv_kernels as ik
 import ipcv_kernels.vllm as ikv
 from ipcv_kernels.reference import IPCVPlan
 from ipcv_kernels.testing import assert_close
-from ipcv_kernels.testing.models import INTERNVL_IMAGE_TOKEN, internvl_tiles, sample_pixels
-from ipcv_kernels.vllm.testing import ENGINE, INTERNVL_CHAT_SPECIAL_TOKENS, INTERNVL_TILE, shutdown_engine
+from ipcv_kernels.vllm.testing import (
+    ENGINE,
+    INTERNVL_TILE,
+    internvl_encoder_inputs,
+    qwen_encoder_inputs,
+    shutdown_engine,
+)
 
 SETTINGS = {"prune_layer": 2, "ratio": 0.5, "as_layers": 2, "num_neighbors": 3}
 CALLS = ("one_image", "images_of_different_sizes", "video")
@@ -74,24 +79,16 @@ QWEN_GRIDS = {
 
 def _qwen_inputs(engine, call):
     grid = QWEN_GRIDS[call]
-    pixels, grid_thw = sample_pixels(engine.llm_engine.model_config.hf_config.vision_config, grid, seed=next(_fresh))
-    key = "video" if grid[0][0] > 1 else "image"
-    kwargs = {"pixel_values_videos" if key == "video" else "pixel_values": pixels, f"{key}_grid_thw": grid_thw}
+    kwargs, _ = qwen_encoder_inputs(engine.llm_engine.model_config.hf_config.vision_config, grid, seed=next(_fresh))
     return kwargs, sum(t * h * w for t, h, w in grid)
 
 
 INTERNVL_TILES = {"one_image": [3], "images_of_different_sizes": [3, 1, 5], "video": [4]}
 
 
-def _internvl_inputs(engine, call, pixels, video_pixels, video_token):
+def _internvl_inputs(engine, call, checkpoint):
     counts = INTERNVL_TILES[call]
-    tiles = internvl_tiles(sum(counts), seed=next(_fresh))
-    if call == "video":
-        kwargs = {video_pixels: tiles, "video_num_patches": torch.tensor(counts)}
-        kwargs["video_token_id"] = torch.tensor(INTERNVL_CHAT_SPECIAL_TOKENS[video_token])
-    else:
-        kwargs = {pixels: tiles, "image_num_patches": torch.tensor(counts)}
-        kwargs["image_token_id"] = torch.tensor(INTERNVL_IMAGE_TOKEN)
+    kwargs, _ = internvl_encoder_inputs(checkpoint, counts, video=call == "video", seed=next(_fresh))
     return kwargs, sum(counts) * (1 + (INTERNVL_TILE // 4) ** 2)  # CLS + 4 x 4 patches per tile
 
 
@@ -122,12 +119,7 @@ CASES = {
         {"trust_remote_code": True},
         "w5 w6 <image> w7 w8",
         INTERNVL_IMAGES,
-        functools.partial(
-            _internvl_inputs,
-            pixels="pixel_values_flat",
-            video_pixels="pixel_values_flat_video",
-            video_token="<|video_pad|>",
-        ),
+        functools.partial(_internvl_inputs, checkpoint="internvl_chat"),
         _internvl_chat_heads,
     ),
     "internvl": Case(
@@ -135,9 +127,7 @@ CASES = {
         {},
         "w5 w6 <IMG_CONTEXT> w7 w8",
         INTERNVL_IMAGES,
-        functools.partial(
-            _internvl_inputs, pixels="pixel_values", video_pixels="pixel_values_videos", video_token="<video>"
-        ),
+        functools.partial(_internvl_inputs, checkpoint="internvl"),
         _interns1_mlp_width,
     ),
 }
