@@ -45,6 +45,15 @@ from ..ops import ngr_attention
 from ..reference import IPCVPlan
 
 
+def _has_path(module: Any, path: str) -> bool:
+    """Whether ``module.a.b...`` exists for ``path`` ``"a.b..."``."""
+    for name in path.split("."):
+        if not hasattr(module, name):
+            return False
+        module = getattr(module, name)
+    return True
+
+
 def full_width_rotary(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's half-width neox tables ``[N, Dh / 2]`` as ``rotate_half`` tables ``[N, Dh]``."""
     return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
@@ -296,7 +305,17 @@ class VLLMInternVLChatAdapter(VLLMInternVLAdapter):
                 "IPCV does not support mm_encoder_tp_mode='data' for InternVL's InternViT (the tower "
                 "shards its tiles across ranks inside one call): use the default mm_encoder_tp_mode"
             )
-        return tower.encoder.layers
+        layers = tower.encoder.layers
+        needed = ["attn.qkv", "attn.proj", "attn.num_heads_per_partition", "norm1", "norm2", "mlp", "ls1", "ls2"]
+        if layers and layers[0].attn.qk_normalization:
+            needed.append("attn._apply_qk_norm")
+        missing = [name for name in needed if not _has_path(layers[0], name)] if layers else []
+        if missing:
+            raise TypeError(
+                f"vLLM's InternVisionEncoderLayer lacks {', '.join(missing)}: this vLLM version is not supported "
+                "by IPCV's InternVL adapter (tested with vLLM 0.32)"
+            )
+        return layers
 
     def patch_size(self, tower: nn.Module) -> tuple[int, int]:
         size = tower.embeddings.patch_size

@@ -202,3 +202,18 @@ def test_transformers_models_are_not_vllm_models(hf_model):
     assert not ikv.is_vllm_model(hf_model)
     with pytest.raises(TypeError, match="vLLM model"):
         ikv.apply_ipcv(hf_model, CONFIG)
+
+
+def test_an_intern_vit_layer_without_what_the_adapter_uses_is_refused(checkpoint):
+    """A vLLM whose InternViT layer lacks what the adapter goes through (here the QK norm
+    method) is refused when the patch is made, naming what is missing: never a failure deep
+    inside the first forward."""
+    from vllm import LLM
+
+    with pytest.MonkeyPatch.context() as patched:
+        from vllm.model_executor.models.intern_vit import InternParallelAttention
+
+        patched.delattr(InternParallelAttention, "_apply_qk_norm")
+        with pytest.raises(Exception) as raised:
+            LLM(model=checkpoint("internvl_chat"), trust_remote_code=True, hf_overrides={"ipcv": SETTINGS}, **ENGINE)
+    assert any(isinstance(e, TypeError) and "_apply_qk_norm" in str(e) for e in _chain(raised.value))
