@@ -9,18 +9,10 @@ The behavioural contract is ``docs/spec.md``.
 
 import importlib.util
 
+from .api import apply_ipcv, get_ipcv_patch, get_llm_pruning_patch, ipcv_applied, remove_ipcv, set_tiles_per_image
 from .config import IPCVConfig
+from .families import recommended_config, supported_classes
 from .llm import DART, FastV, LLMPruner
-from .models import (
-    apply_ipcv,
-    get_ipcv_patch,
-    get_llm_pruning_patch,
-    ipcv_applied,
-    recommended_config,
-    remove_ipcv,
-    set_tiles_per_image,
-    supported_classes,
-)
 from .ops import (
     available_backends,
     knn,

@@ -1,5 +1,5 @@
 """IPCV hyper-parameters: ``IPCVConfig``, a validated value object (it knows no model; the
-settings recommended per family are in the family table, ``ipcv_kernels.models.families``)."""
+settings recommended per family are in the family table, ``ipcv_kernels.families``)."""
 
 from __future__ import annotations
 

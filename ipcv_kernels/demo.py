@@ -3,7 +3,7 @@ FLOPs, and the ratio-0 equivalence check.
 
 Default: a built-in 12-block Qwen2-VL tower (width 640, 10 heads of 64) with seeded random weights
 and a 448x448 image (1,024 patches). ``--preset NAME`` takes a benchmark preset of any family
-instead (``ipcv_kernels.bench.presets``: e.g. ``clip-vit-l-336-d8``, ``llava-1.5-7b``,
+instead (a preset of the family table, ``ipcv_kernels.families``: e.g. ``clip-vit-l-336-d8``, ``llava-1.5-7b``,
 ``siglip-so400m-384-d8``, ``internvit-300m-d8``, ``qwen2.5-vl-7b``; random weights), and
 ``--model PATH`` the vision tower of a local checkpoint of any supported family (a full model or a
 saved bare tower, found through the family table and loaded as ``bench --model`` loads it:
@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
+from .api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from .bench import harness
 from .bench.calls import Case, GridCalls, TowerCalls, tower_calls
-from .bench.presets import MODEL_PRESETS, PRESET_USES
 from .bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from .config import IPCVConfig
+from .families import presets
 from .flops import predicted_speedup
-from .models import apply_ipcv, get_ipcv_patch, remove_ipcv
 from .testing.models import build_qwen2_vl_tower, qwen2_vl_vision_config, sample_pixels
 
 DEMO_VISION = dict(depth=12, embed_dim=640, num_heads=10, mlp_ratio=4, hidden_size=1024, patch_size=14)
@@ -54,7 +54,7 @@ def load_inputs(args: argparse.Namespace, dtype: torch.dtype) -> tuple[TowerCall
             weights = "its own weights"
         else:
             tower = build_tower(vision_config_from_preset(args.preset), dtype=dtype, device=cpu, seed=args.seed)
-            calls = tower_calls(tower, PRESET_USES.get(args.preset))
+            calls = tower_calls(tower, presets()[args.preset][1].use)
             source, weights = f"preset {args.preset}", "random weights"
         native = calls.default_cases()
         case = calls.parse_case(native[0] if native else f"{args.image_size}x{args.image_size}")
@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument(
         "--preset",
-        choices=sorted(MODEL_PRESETS),
+        choices=sorted(presets()),
         help="a benchmark preset of any family, random weights (default: the built-in random tower)",
     )
     parser.add_argument(

@@ -45,7 +45,8 @@ tower, unpatched and patched (``tests/bench/test_flops.py``).
 
 Towers: ``qwen2_vl_flops`` (Qwen2-VL: every block attends per image / frame) and
 ``qwen2_5_vl_flops`` (Qwen2.5-VL: windowed attention except in ``fullatt_block_indexes``) read a
-vision config; ``vision_tower_flops`` picks between them by the config's ``model_type``.
+vision config and ``grid_thw`` rows; each family's row in the family table (``Family.flops``)
+names its model.
 ``internvl_flops`` and ``clip_vit_flops`` (CLS pinned, read layers) and ``idefics3_flops``
 (sub-images with padding patches) count the towers of fixed-size tiles / crops / sub-images. The
 matmul terms of the latter two equal ``FlopCounterMode``'s count too, padding and read layers
@@ -423,9 +424,9 @@ def qwen3_vl_flops(
 def internvl_flops(
     vision_config: Any,
     tiles_per_image: Sequence[int],
-    image_size: tuple[int, int],
     config: IPCVConfig | None = None,
     *,
+    image_size: tuple[int, int] | None = None,
     read_blocks: Sequence[int] | None = None,
 ) -> FlopReport:
     """``vit_flops`` for an ``InternVLVisionConfig`` (InternViT): every tile is one attention
@@ -434,11 +435,13 @@ def internvl_flops(
 
     Args:
         tiles_per_image: tiles of every image, in order.
-        image_size: ``(height, width)`` of a tile in pixels.
+        image_size: ``(height, width)`` of a tile in pixels; ``None``: the config's ``image_size``.
         read_blocks: the blocks the model reads (``vit_flops``); ``None``: the last one.
     """
     c = vision_config
     patch_h, patch_w = c.patch_size if isinstance(c.patch_size, (list, tuple)) else (c.patch_size,) * 2
+    if image_size is None:
+        image_size = tuple(c.image_size) if isinstance(c.image_size, (list, tuple)) else (c.image_size,) * 2
     patches = (image_size[0] // patch_h) * (image_size[1] // patch_w)
     if config is not None and config.scope == "authors":
         # The authors' InternVL selects per tile: every tile an item of its own. (Their neighbour
@@ -524,19 +527,6 @@ def idefics3_flops(
         patch_dim=c.num_channels * c.patch_size * c.patch_size,
         padding=[list(image) if len(image) > 1 else int(image[0]) for image in padding_per_image],
     )
-
-
-def vision_tower_flops(
-    vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None
-) -> FlopReport:
-    """The Qwen families' FLOP model, by the vision config's ``model_type``: ``qwen2_5_vl_flops``
-    (``qwen2_5_vl_vision``), ``qwen3_vl_flops`` (``qwen3_vl_vision``), ``qwen2_vl_flops`` otherwise."""
-    model_type = getattr(vision_config, "model_type", None)
-    if model_type == "qwen2_5_vl_vision":
-        return qwen2_5_vl_flops(vision_config, grid_thw, config)
-    if model_type == "qwen3_vl_vision":
-        return qwen3_vl_flops(vision_config, grid_thw, config)
-    return qwen2_vl_flops(vision_config, grid_thw, config)
 
 
 def predicted_speedup(unpatched: FlopReport, patched: FlopReport, *, include_overhead: bool = True) -> float:

@@ -1,29 +1,27 @@
-"""How the benchmarks call a vision tower of each kind: its cases, inputs, call and FLOP model.
+"""How the tools call a vision tower of each kind: its cases, inputs, call and FLOP model.
 
-Three call conventions cover every family of the family table (``ipcv_kernels.models.families``),
-chosen by the family's adapter (``tower_calls``):
+Three call conventions cover every call kind of the family table (``ipcv_kernels.families``),
+chosen by the row's ``kind`` (``tower_calls``); FLOPs come from the row's FLOP model
+(``Family.flops``):
 
-- ``GridCalls`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): packed patches ``[N, C T p^2]`` and ``grid_thw``
-  rows; any image size (rounded to ``patch_size * spatial_merge_size`` as Qwen's processor does),
-  batches and videos; FLOPs from ``flops.vision_tower_flops``.
-- ``TileCalls`` (InternViT, CLIP, SigLIP): images ``[B, C, S, S]`` of the
+- ``GridCalls`` (kinds ``grid`` and ``windows``: the Qwen towers): packed patches ``[N, C T p^2]``
+  and ``grid_thw`` rows; any image size (rounded to ``patch_size * spatial_merge_size`` as Qwen's
+  processor does), batches and videos.
+- ``TileCalls`` (kinds ``tiles`` and ``crops``: InternViT, CLIP, SigLIP): images ``[B, C, S, S]`` of the
   tower's fixed size ``S`` (its native resolution). A case's image is split into tiles / crops of
   ``S`` (``896x896`` on a 448 tower: 4 tiles), which form one item, as the full models group them
   (InternVL's tiles, LLaVA-NeXT's crops); the patched tower is told so with the adapter's hint
   (``tiles_per_image`` / ``sequences_per_image``, ``IPCVPatch.hinted``). Batches are several
-  images; videos are refused. FLOPs from ``flops.internvl_flops`` (CLS pinned) or
-  ``flops.clip_vit_flops`` (CLIP's CLS pinned, SigLIP has none). The output compared is
-  ``last_hidden_state``.
-- ``SubImageCalls`` (Idefics3 / SmolVLM): ``tower(pixel_values, patch_attention_mask)`` over
+  images; videos are refused. The output compared is ``last_hidden_state``.
+- ``SubImageCalls`` (kind ``sub_images``: Idefics3 / SmolVLM): ``tower(pixel_values, patch_attention_mask)`` over
   sub-images of the tower's size ``S``: an ``HxW`` image is split into ``ceil(H / S) x ceil(W /
   S)`` sub-images plus, when there are several, a global one (as Idefics3's processor splits
   it), all one item; where the image ends inside a sub-image, its remaining patches are padding
   (zeros, marked in ``patch_attention_mask``). Idefics3's own processor first rounds an image up
   to multiples of ``S``, so its sub-images hold no padding: these cases exercise the padding the
-  model supports (``patch_attention_mask``), as any padded batch of sub-images has it. FLOPs from
-  ``flops.idefics3_flops`` (padding pinned, never keys from ``P`` on).
+  model supports (``patch_attention_mask``), as any padded batch of sub-images has it.
 
-A ``ModelUse`` (``bench.presets``: a preset's, or read from a full checkpoint's config by
+A ``ModelUse`` (a preset's in the family table, or read from a full checkpoint's config by
 ``towers.model_use``) makes ``TileCalls`` call the tower as its full model does: reading
 ``vision_feature_layer`` (LLaVA's -2; the blocks after it are left out of the unpatched tower for
 the call, and the patched tower skips them, told the read blocks as
@@ -43,14 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..api import get_ipcv_patch
 from ..config import IPCVConfig
 from ..engine import read_blocks
-from ..flops import FlopReport, clip_vit_flops, idefics3_flops, internvl_flops, vision_tower_flops
-from ..models import get_ipcv_patch
-from ..models.families import FAMILIES, Family, find_family
-from ..models.idefics3 import Idefics3Adapter
-from ..models.internvl import InternVLAdapter
-from .presets import ModelUse
+from ..families import CALL_KINDS, Family, ModelUse, family, find_family
+from ..families.row import SUB_IMAGES, TILES
+from ..flops import FlopReport
 from .towers import tower_output
 
 CASE = re.compile(r"^(\d+)x(\d+)(?:\*(\d+)|@(\d+))?$")
@@ -138,7 +134,7 @@ class TowerCalls:
         recommended setting is the one to take."""
         if self.use is None or self.use.family is None:
             return self.family
-        return next(family for family in FAMILIES if family.name == self.use.family)
+        return family(self.use.family)
 
     @property
     def depth(self) -> int:
@@ -187,7 +183,7 @@ class GridCalls(TowerCalls):
             return tower_output(self.tower(*inputs[1]))
 
     def flops(self, case: Case, config: IPCVConfig | None) -> FlopReport:
-        return vision_tower_flops(self.config, case.grid_thw, config)
+        return self.family.flops(self.config, case.grid_thw, config)
 
 
 class TileCalls(TowerCalls):
@@ -196,13 +192,13 @@ class TileCalls(TowerCalls):
 
     def __init__(self, tower: nn.Module, family: Family, use: ModelUse | None = None) -> None:
         super().__init__(tower, family, use)
-        self.internvl = issubclass(family.adapter, InternVLAdapter)
+        self.internvl = family.kind is TILES
         c = self.config
         self.image_size = _pair(c.image_size)
         self.patch_size = _pair(c.patch_size)
         self.cls = 1 if self.internvl else int(getattr(c, "model_type", "") == "clip_vision_model")
         self.hint = "tiles_per_image" if self.internvl else "sequences_per_image"
-        self.blocks = family.adapter().blocks(tower)
+        self.blocks = family.hf.adapter().blocks(tower)
         # The blocks the model reads (``None``: the last one, as the tower's own output).
         layer = None if use is None else use.feature_layer
         self.read = None if layer is None else read_blocks(layer, len(self.blocks))
@@ -315,9 +311,7 @@ class TileCalls(TowerCalls):
             return torch.cat([states[block + 1] for block in self.read], -1)
 
     def flops(self, case: Case, config: IPCVConfig | None) -> FlopReport:
-        if self.internvl:
-            return internvl_flops(self.config, case.tiles_per_image, self.image_size, config, read_blocks=self.read)
-        return clip_vit_flops(self.config, case.tiles_per_image, config, read_blocks=self.read)
+        return self.family.flops(self.config, case.tiles_per_image, config, read_blocks=self.read)
 
 
 class SubImageCalls(TileCalls):
@@ -363,30 +357,30 @@ class SubImageCalls(TileCalls):
         for tiles in case.tiles_per_image:
             per_image.append(list(padding[start : start + tiles]))
             start += tiles
-        return idefics3_flops(self.config, per_image, config)
+        return self.family.flops(self.config, per_image, config)
 
 
 def tower_calls(tower: nn.Module, use: ModelUse | None = None) -> TowerCalls:
-    """The call convention of ``tower``'s family (``find_family``): towers that take ``grid_thw``
-    (the Qwen families) get ``GridCalls``, Idefics3 / SmolVLM towers ``SubImageCalls``, the others
-    ``TileCalls``; ``use`` (a tile tower's) says how its full model calls it.
+    """The call convention of ``tower``'s call kind (its row in the family table): ``GridCalls``
+    for towers that take ``grid_thw``, ``SubImageCalls`` for sub-images, ``TileCalls`` for tiles
+    and crops; ``use`` (a tile tower's) says how its full model calls it.
 
     Raises:
-        TypeError: ``tower`` is of no supported family.
-        ValueError: a ``use`` with a feature layer or anyres crops for a Qwen or sub-image tower.
+        TypeError: ``tower`` is of no supported family, or a full model.
+        ValueError: a ``use`` with a feature layer or anyres crops for a grid or sub-image tower.
     """
-    import inspect
-
-    family, found = find_family(tower)
+    row, found = find_family(tower)
     if found is not tower:
-        raise TypeError(f"the benchmark times a vision tower, got a full {family.name} model")
+        raise TypeError(f"the benchmark times a vision tower, got a full {row.name} model")
     reshaped = use is not None and (use.feature_layer is not None or use.grid_pinpoints is not None)
-    if "grid_thw" in inspect.signature(tower.forward).parameters:
-        if reshaped:
-            raise ValueError(f"use: {family.name} towers take no feature layer or anyres crops, got {use}")
-        return GridCalls(tower, family, use)
-    if issubclass(family.adapter, Idefics3Adapter):
-        if reshaped:
-            raise ValueError(f"use: {family.name} towers read their last block and take sub-images, got {use}")
-        return SubImageCalls(tower, family, use)
-    return TileCalls(tower, family, use)
+    calls = KIND_CALLS[row.kind.name]
+    if reshaped and calls is not TileCalls:
+        raise ValueError(f"use: {row.name} towers ({row.kind.items}) take no feature layer or anyres crops, got {use}")
+    return calls(tower, row, use)
+
+
+# Every call kind of the family table, and the convention that calls its towers.
+KIND_CALLS: dict[str, type[TowerCalls]] = {
+    kind.name: GridCalls if kind.takes_grid_thw else SubImageCalls if kind is SUB_IMAGES else TileCalls
+    for kind in CALL_KINDS
+}

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .presets import MODEL_PRESETS, PRESET_FAMILIES, ModelUse
+from ..families import FAMILIES, ModelUse, TinyTower, find_family, presets
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -20,39 +20,33 @@ if TYPE_CHECKING:
 VISION_PREFIXES = ("model.visual.", "visual.")
 
 
-def _tower_classes(kind: str) -> tuple[type, type]:
-    """``(config class, tower class)`` of a ``PRESET_FAMILIES`` tower kind (``TINY_TOWERS``'s table)."""
-    import importlib
-
-    from ..testing.models import TINY_TOWERS
-
-    module_name, config_class, tower_class, _ = TINY_TOWERS[kind]
-    module = importlib.import_module(f"transformers.models.{module_name}")
-    return getattr(module, config_class), getattr(module, tower_class)
-
-
 def vision_config_from_preset(name: str, attn_implementation: str = "sdpa") -> PretrainedConfig:
-    """The vision config of a ``MODEL_PRESETS`` name: ``Qwen2VLVisionConfig``, or the config class
-    of its ``PRESET_FAMILIES`` tower kind (Qwen2.5-VL, Qwen3-VL, CLIP, SigLIP, InternViT)."""
-    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-
-    if name not in MODEL_PRESETS:
-        raise ValueError(f"preset must be one of {list(MODEL_PRESETS)}, got {name!r}")
-    kind = PRESET_FAMILIES.get(name)
-    config_class = _tower_classes(kind)[0] if kind is not None else Qwen2VLVisionConfig
-    config = config_class(**MODEL_PRESETS[name])
+    """The vision config of a preset of the family table (``Preset.vision`` in the config class of
+    the row whose tower it is)."""
+    table = presets()
+    if name not in table:
+        raise ValueError(f"preset must be one of {sorted(table)}, got {name!r}")
+    row, preset = table[name]
+    tower_row = row if preset.tower is None else next(r for r in FAMILIES if r.id == preset.tower)
+    config = tower_row.tiny_tower.classes()[0](**preset.vision)
     config._attn_implementation = attn_implementation
     return config
+
+
+def _tiny_tower_of(vision_config: PretrainedConfig) -> TinyTower:
+    """The row's ``TinyTower`` whose config class ``vision_config`` is (by name: one import)."""
+    name = type(vision_config).__name__
+    for row in FAMILIES:
+        if row.tiny_tower is not None and row.tiny_tower.config_class == name:
+            return row.tiny_tower
+    raise ValueError(f"vision_config: no family of the table has a tower configured by {name}")
 
 
 def build_tower(
     vision_config: PretrainedConfig, *, dtype: torch.dtype, device: torch.device, seed: int = 0
 ) -> nn.Module:
     """The tower with seeded random weights, created directly on ``device`` (no host copy)."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
-    kind = next((k for k in PRESET_FAMILIES.values() if _tower_classes(k)[0] is type(vision_config)), None)
-    tower_class = _tower_classes(kind)[1] if kind is not None else Qwen2VisionTransformerPretrainedModel
+    tower_class = _tiny_tower_of(vision_config).classes()[1]
     torch.manual_seed(seed)
     with torch.device(device):
         tower = tower_class(vision_config)
@@ -99,7 +93,7 @@ def load_vision_tower(
     safetensors shards, as ``save_pretrained`` or the Hub write them) or a saved tower alone
     (``Qwen2VisionTransformerPretrainedModel``, ``CLIPVisionModel``, ``SiglipVisionModel``, ...).
     For a full model, its base model is built on the meta device from the config, the family table
-    (``ipcv_kernels.models.families.find_family``) names its vision tower, and only that tower's
+    (``ipcv_kernels.families.find_family``) names its vision tower, and only that tower's
     tensors are read (``read_vision_state_dict``, under ``model.<tower path>.`` or ``<tower path>.``).
 
     Raises:
@@ -107,8 +101,6 @@ def load_vision_tower(
     """
     from transformers import AutoConfig, AutoModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
-    from ..models.families import find_family
 
     root = Path(path)
     if not (root / "config.json").is_file():
@@ -151,8 +143,6 @@ def model_use(path: str | Path) -> ModelUse | None:
     """
     from transformers import AutoConfig, AutoModel
 
-    from ..models.families import find_family
-
     root = Path(path)
     if not (root / "config.json").is_file():
         raise ValueError(f"model: {str(root)!r} is not a directory with a config.json")
@@ -170,7 +160,7 @@ def model_use(path: str | Path) -> ModelUse | None:
     name = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     return ModelUse(
         name,
-        family.name,
+        family.id,
         feature_layer=tuple(layer) if isinstance(layer, list) else layer,
         grid_pinpoints=None if pinpoints is None else tuple(tuple(int(v) for v in p) for p in pinpoints),
         anyres_module=f"{config.model_type}.modeling_{config.model_type}",

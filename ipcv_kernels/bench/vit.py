@@ -14,10 +14,10 @@ comes with the p10-p90 of its per-round values and a verdict on noise (``harness
 Weights are seeded random (speed does not depend on their values) unless ``--model PATH`` loads a
 real checkpoint's vision tower from a local directory (``ipcv_kernels.bench.towers``). How a
 tower is called, how cases become its inputs and which FLOP model bounds it is its family's
-convention (``ipcv_kernels.bench.calls``); a preset of ``PRESET_USES`` or a full checkpoint is called
+convention (``ipcv_kernels.bench.calls``); a preset with a ``ModelUse`` or a full checkpoint is called
 as its full model calls the tower (LLaVA's ``vision_feature_layer``, whose later blocks neither
-(a) nor (c) runs, and anyres crops; ``bench.presets.ModelUse``). ``--recommended`` takes the family's recommended IPCV
-setting (``ipcv_kernels.models.families``) instead of the suite's. Results go
+(a) nor (c) runs, and anyres crops; ``ipcv_kernels.families.ModelUse``). ``--recommended`` takes the family's recommended IPCV
+setting (``ipcv_kernels.families``) instead of the suite's. Results go
 to ``--out`` (default ``./ipcv_results/vit``); the report is ``ipcv_kernels.bench.report``.
 """
 
@@ -34,14 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..config import IPCVConfig
+from ..families import presets
 from ..flops import FlopReport, predicted_speedup
-from ..models import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..ops import available_backends
 from ..testing import tolerance
 from . import harness
 from .calls import Case, GridCalls, TowerCalls, parse_grid_case, tower_calls
-from .presets import MODEL_PRESETS, PRESET_USES, SUITES
+from .presets import SUITES
 from .report import markdown_report, plot, table_rows
 from .towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from .variants import VARIANTS, attention_variant_backend, attention_variants, variant_configs
@@ -277,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
-        "--preset", choices=sorted(MODEL_PRESETS), help="seeded random tower of this shape (default: the suite's)"
+        "--preset", choices=sorted(presets()), help="seeded random tower of this shape (default: the suite's)"
     )
     source.add_argument(
         "--model",
@@ -296,7 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recommended",
         action="store_true",
-        help="start from the tower's family's recommended IPCV setting (ipcv_kernels.models.families; "
+        help="start from the tower's family's recommended IPCV setting (ipcv_kernels.families; "
         "IPCVConfig's defaults where the table gives none) instead of the suite's",
     )
     parser.add_argument("--ratio", type=float, help="IPCV ratio: fraction of tokens dropped (default: the suite's)")
@@ -382,7 +383,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     else:
         vision_config = vision_config_from_preset(s["model"], args.attn_implementation)
         tower = build_tower(vision_config, dtype=dtype, device=device, seed=args.seed)
-        use = PRESET_USES.get(s["model"])
+        use = presets()[s["model"]][1].use
     calls = tower_calls(tower, use)
     vision_config = tower.config
     if getattr(args, "recommended", False):

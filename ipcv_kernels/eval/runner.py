@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..api import apply_ipcv
 from ..config import IPCVConfig
+from ..families import find_family
 from ..llm import LLMPruner
-from ..models import apply_ipcv
-from ..models.families import find_family
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -33,7 +33,7 @@ class MultimodalRunner:
     """A multimodal model and its processor, answering one request or a batch at a time.
 
     Args:
-        model: a full model of a family in ``ipcv_kernels.models.families`` (Qwen2-VL, Qwen2.5-VL,
+        model: a full model of a family in ``ipcv_kernels.families`` (Qwen2-VL, Qwen2.5-VL,
             Qwen3-VL, InternVL, LLaVA 1.5, LLaVA-NeXT, LLaVA-OneVision, Gemma 3, PaliGemma,
             Idefics3, SmolVLM), patched with ``apply_ipcv`` or not.
         processor: its processor (``AutoProcessor.from_pretrained`` of the checkpoint).

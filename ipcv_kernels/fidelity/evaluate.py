@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
+from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..bench import harness
 from ..config import IPCVConfig
-from ..models import apply_ipcv, get_ipcv_patch, remove_ipcv
 from .subjects import FidelityError, Sample, Subject
 
 METHODS = ("ipcv", "ngr_only", "no_reconstruction")

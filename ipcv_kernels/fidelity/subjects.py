@@ -6,9 +6,9 @@ video, so that per-image statistics (mean, worst) come straight from per-call ou
 
 Images (``--images DIR`` or the built-in synthetic ones) are scaled so that their longer side is
 ``image_size`` pixels and go through an image processor: the checkpoint's own for ``--model``, or,
-for presets, the processor class of the family configured with the tiny tower's patch sizes
-(Qwen: ``Qwen2VLImageProcessorPil``; InternVL: ``GotOcr2ImageProcessorPil``, tiles of the tower's
-``image_size``). Videos (the Qwen families only: InternVL takes video frames as images) are laid
+for presets, the family's (``Family.image_processor`` of its row in the family table) configured
+with the tiny tower's patch sizes. Videos (the families whose call kind takes them: the Qwen
+towers; InternVL takes video frames as images) are laid
 out here as the Qwen processors lay them out, with the processor's patch sizes and normalisation:
 no video-decoding library is needed. A video is a sub-directory of ``--images DIR`` holding its
 frames (name order), or the built-in synthetic one.
@@ -16,7 +16,7 @@ frames (name order), or the built-in synthetic one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..flops import clip_vit_flops, internvl_flops, vision_tower_flops
-from ..models.families import Family, find_family
+from ..families import FAMILIES, Family, build_tower, find_family
+from ..families.row import SUB_IMAGES, TILES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,34 +39,14 @@ class FidelityError(ValueError):
 
 
 # -- presets ----------------------------------------------------------------------------------------
-def _qwen2_vl_tower(dtype: torch.dtype, seed: int) -> nn.Module:
-    from ..testing.models import build_qwen2_vl_tower
-
-    return build_qwen2_vl_tower(dtype=dtype, seed=seed)
-
-
-def _tower_of(family: str) -> Callable[[torch.dtype, int], nn.Module]:
-    def build(dtype: torch.dtype, seed: int) -> nn.Module:
-        from ..testing.models import build_tower
-
-        return build_tower(family, dtype=dtype, seed=seed)
-
-    return build
-
-
-# Built-in towers: tiny, seeded random weights (``ipcv_kernels.testing.models``), depth 6 each.
-PRESETS: dict[str, Callable[[torch.dtype, int], nn.Module]] = {
-    "qwen2-vl-tiny": _qwen2_vl_tower,
-    "qwen2.5-vl-tiny": _tower_of("qwen2_5_vl"),
-    "qwen3-vl-tiny": _tower_of("qwen3_vl"),
-    "internvl-tiny": _tower_of("internvl"),
-    "clip-tiny": _tower_of("clip"),
-    "siglip-tiny": _tower_of("siglip"),
-    "idefics3-tiny": _tower_of("idefics3"),
+# Built-in towers: the tiny tower of every row of the family table that has one, with its image
+# processor (``ipcv_kernels.testing``: seeded random weights), named after the family
+# (``qwen2.5-vl-tiny``).
+PRESETS: dict[str, Family] = {
+    f"{row.name.lower().replace(' ', '-')}-tiny": row
+    for row in FAMILIES
+    if row.tiny_tower is not None and row.image_processor is not None
 }
-# Families whose towers take flattened patches and ``grid_thw`` (and videos); the others (InternVL,
-# CLIP, SigLIP) take a batch of images or crops ``[B, C, H, W]``.
-QWEN_FAMILIES = ("Qwen2-VL", "Qwen2.5-VL", "Qwen3-VL")
 DEFAULT_PRESET = "qwen2-vl-tiny"
 # Longer image side in pixels when ``image_size`` is not given: 16 x 16 patches of the presets'
 # 2-pixel patches (256 tokens, two InternVL tiles across); a usual resolution for checkpoints.
@@ -108,7 +88,7 @@ class Subject:
 
     @property
     def depth(self) -> int:
-        return len(self.family.adapter(self.tower).blocks(self.tower))
+        return len(self.family.hf.adapter(self.tower).blocks(self.tower))
 
     def flops(self, sample: Sample, config: IPCVConfig | None) -> float:
         """FLOPs of the tower on ``sample``, unpatched (``None``) or with ``config`` (see ``tower_flops``)."""
@@ -201,34 +181,6 @@ def qwen_video_patches(frames: Sequence[Image.Image], image_processor: Any) -> t
     return patches.reshape(t * gh * gw, channels * tps * p * p).float(), torch.tensor([[t, gh, gw]])
 
 
-def _preset_image_processor(family: Family, vision_config: Any) -> Any:
-    """The family's processor class configured for a preset tower's patch sizes."""
-    side = getattr(vision_config, "image_size", None)  # the towers with fixed-size tiles / crops
-    side = side[0] if isinstance(side, (list, tuple)) else side
-    if family.name == "InternVL":
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-        return GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True, max_patches=4)
-    if family.name == "CLIP":
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-        return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    if family.name in ("SigLIP", "Idefics3"):  # Idefics3's tower is SigLIP's; one sub-image per image here
-        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-        return SiglipImageProcessorPil(size={"height": side, "width": side})
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    unit = vision_config.patch_size * vision_config.spatial_merge_size
-    return Qwen2VLImageProcessorPil(
-        patch_size=vision_config.patch_size,
-        merge_size=vision_config.spatial_merge_size,
-        temporal_patch_size=vision_config.temporal_patch_size,
-        # At least one merge unit; no upper limit here: images arrive scaled to ``image_size``.
-        size={"shortest_edge": unit * unit, "longest_edge": 1 << 40},
-    )
-
-
 def make_samples(
     family: Family,
     image_processor: Any,
@@ -245,18 +197,18 @@ def make_samples(
     image's crops one item.
     """
     samples = []
-    qwen = family.name in QWEN_FAMILIES
+    grid = family.kind.takes_grid_thw
     for name, image in images:
-        if family.name == "InternVL":
+        if family.kind is TILES:
             # One image per call: its tiles are one item (the bare tower's default).
             out = image_processor(images=[scaled(image, image_size)], crop_to_patches=True, return_tensors="pt")
         else:
             out = image_processor(images=[scaled(image, image_size)], return_tensors="pt")
         pixels = out["pixel_values"]
         pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # [images, crops, C, H, W]
-        grid = out["image_grid_thw"].to(device) if qwen else None
-        samples.append(Sample(name, "image", pixels.to(device, dtype), grid))
-    if qwen:
+        grid_thw = out["image_grid_thw"].to(device) if grid else None
+        samples.append(Sample(name, "image", pixels.to(device, dtype), grid_thw))
+    if family.kind.videos:
         for name, frames in videos:
             pixels, grid = qwen_video_patches([scaled(f, image_size) for f in frames], image_processor)
             samples.append(Sample(name, "video", pixels.to(device, dtype), grid.to(device)))
@@ -321,9 +273,9 @@ def load_subject(
     else:
         if preset not in PRESETS:
             raise FidelityError(f"--preset: one of {', '.join(PRESETS)}, got {preset!r}")
-        tower = PRESETS[preset](dtype, seed)
-        family, tower = find_family(tower)
-        image_processor = _preset_image_processor(family, tower.config)
+        family = PRESETS[preset]
+        tower = build_tower(family.id, dtype=dtype, seed=seed)
+        image_processor = family.image_processor(tower.config)
         name, size = preset, image_size or PRESET_IMAGE_SIZE
     tower = tower.to(device).eval()
     if images is not None:
@@ -339,12 +291,16 @@ def load_subject(
 
 # -- FLOPs ------------------------------------------------------------------------------------------
 def tower_flops(family: Family, vision_config: Any, sample: Sample, config: IPCVConfig | None) -> float:
-    """FLOPs of one tower call, from the one FLOP model (``ipcv_kernels.flops``): ``internvl_flops``
-    (one item of ``tiles`` segments, CLS tokens pinned), ``clip_vit_flops`` or the Qwen families'
-    ``vision_tower_flops``."""
-    if family.name == "InternVL":
-        tiles, _, height, width = sample.pixels.shape
-        return internvl_flops(vision_config, [tiles], (height, width), config).total
-    if family.name not in QWEN_FAMILIES:  # CLIP / SigLIP: every crop its own item (a bare tower call)
-        return clip_vit_flops(vision_config, [1] * sample.pixels.shape[0], config).total
-    return vision_tower_flops(vision_config, sample.grid_thw.tolist(), config).total
+    """FLOPs of one tower call by the family's FLOP model (``Family.flops``), its shape read off
+    the sample as the call kind describes it: ``grid_thw`` rows; the tiles of the one image of a
+    ``tiles`` call; one item per crop or sub-image of a bare ``crops`` / ``sub_images`` call."""
+    count = sample.pixels.shape[0]
+    if family.kind.takes_grid_thw:
+        shape: Any = sample.grid_thw.tolist()
+    elif family.kind is TILES:
+        shape = [count]
+    elif family.kind is SUB_IMAGES:
+        shape = [[0]] * count
+    else:
+        shape = [1] * count
+    return family.flops(vision_config, shape, config).total

@@ -1,7 +1,7 @@
 """LLM-side token pruning (FastV, DART) inside the language model of a multimodal LLM.
 
 Use through ``apply_ipcv``, which finds the language model in the family table
-(``ipcv_kernels.models.families``) and installs an ``LLMPruningPatch`` on it::
+(``ipcv_kernels.families``) and installs an ``LLMPruningPatch`` on it::
 
     from ipcv_kernels import DART, FastV, IPCVConfig, apply_ipcv, remove_ipcv
 

@@ -41,7 +41,7 @@ tower call which layer that is: its output is the restored full sequence and the
 are skipped (``TowerCall.read_blocks``). A direct tower call's ``hidden_states`` of layers ``P``
 to ``depth - 2`` hold only the kept rows, packed ``[kept, D]``.
 
-Recommended settings for this family: see the family table, ``ipcv_kernels.models.families``.
+Recommended settings for this family: see the family table, ``ipcv_kernels.families``.
 """
 
 from __future__ import annotations

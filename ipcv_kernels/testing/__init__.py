@@ -1,8 +1,11 @@
-"""Test and benchmark support: the one per-dtype tolerance table, and how it is derived.
+"""The tiny-model kit: what this package's tests use, public for other compression libraries' tests.
 
-The submodule ``ipcv_kernels.testing.models`` (not imported here; its factories need
-transformers) is the other half: tiny Hugging Face Qwen2-VL towers and models with seeded random
-weights, and inputs for them, used by the tests, the demo and the benchmarks.
+Here: the one per-dtype tolerance table (and how it is derived) and the comparison of plans up to
+near-ties. The submodules (not imported here; their factories need transformers):
+``models`` — every family's tiny configs (random weights, no downloads), inputs and image
+processors; ``processors`` — tokenizers and processors of the tiny models. The family table
+(``ipcv_kernels.families``) points at them from each row, and its ``build_tower(id)`` /
+``build_model(id)`` build a family's tiny tower or model.
 
 Fast paths are compared with the fp64 reference. A kernel in dtype ``d`` cannot be more exact
 than PyTorch's own implementation in ``d``, so the bound is a small multiple of that:

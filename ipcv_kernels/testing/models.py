@@ -7,7 +7,6 @@ through the model's own modules.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -175,14 +174,14 @@ INTERNVL_IMAGE_TOKEN = 120
 INTERNVL_TOKENS_PER_TILE = 4  # 4 x 4 patches, pixel-shuffled by 0.5
 
 
-def _finish(model: nn.Module, attn: str, dtype: torch.dtype) -> nn.Module:
+def finish(model: nn.Module, attn: str, dtype: torch.dtype) -> nn.Module:
     for config in (model.config, *(getattr(model.config, n, None) for n in ("vision_config", "text_config"))):
         if config is not None:
             config._attn_implementation = attn
     return model.to(dtype=dtype).eval()
 
 
-def _jitter(model: nn.Module, seed: int) -> None:
+def jitter(model: nn.Module, seed: int) -> None:
     """Perturb every parameter (zero-initialised ones too: CLS token, position embeddings)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -220,175 +219,99 @@ IDEFICS3_TOKENS_PER_SUB_IMAGE = 4
 # LLaVA-OneVision: SigLIP over 32 x 32 crops, a Qwen2 decoder, anyres grids up to 2 x 2 crops.
 ONEVISION_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
-# Tiny towers: (transformers module holding both classes, config class, tower class, config fields).
-TINY_TOWERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
-    "qwen2_5_vl": (
-        "qwen2_5_vl.modeling_qwen2_5_vl",
-        "Qwen2_5_VLVisionConfig",
-        "Qwen2_5_VisionTransformerPretrainedModel",
-        QWEN2_5_VISION,
-    ),
-    "qwen3_vl": ("qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionConfig", "Qwen3VLVisionModel", QWEN3_VISION),
-    "internvl": ("internvl.modeling_internvl", "InternVLVisionConfig", "InternVLVisionModel", INTERNVL_VISION),
-    "clip": ("clip.modeling_clip", "CLIPVisionConfig", "CLIPVisionModel", CLIP_VISION),
-    "siglip": ("siglip.modeling_siglip", "SiglipVisionConfig", "SiglipVisionModel", SIGLIP_VISION),
-    "idefics3": ("idefics3.modeling_idefics3", "Idefics3VisionConfig", "Idefics3VisionTransformer", IDEFICS3_VISION),
-    "smolvlm": (
-        "smolvlm.modeling_smolvlm",
-        "SmolVLMVisionConfig",
-        "SmolVLMVisionTransformer",
-        {**IDEFICS3_VISION, "model_type": "smolvlm_vision"},
-    ),
-}
-
 
 def _text(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return {**base, **overrides}
 
 
-# Tiny full models: family -> (config class, model class, the config's fields given the text-config
-# overrides), both classes from the top-level ``transformers`` namespace.
-TINY_MODELS: dict[str, tuple[str, str, Callable[[dict[str, Any]], dict[str, Any]]]] = {
-    "qwen2_5_vl": (
-        "Qwen2_5_VLConfig",
-        "Qwen2_5_VLForConditionalGeneration",
-        lambda text: dict(
-            text_config=_text(TINY_TEXT, text), vision_config=dict(QWEN2_5_VISION), **TINY_SPECIAL_TOKENS
-        ),
-    ),
-    "qwen3_vl": (
-        "Qwen3VLConfig",
-        "Qwen3VLForConditionalGeneration",
-        lambda text: dict(text_config=_text(QWEN3_TEXT, text), vision_config=dict(QWEN3_VISION), **TINY_SPECIAL_TOKENS),
-    ),
-    "internvl": (
-        "InternVLConfig",
-        "InternVLForConditionalGeneration",
-        lambda text: dict(
-            vision_config=dict(INTERNVL_VISION),
-            text_config=_text(INTERNVL_TEXT, text),
-            image_token_id=INTERNVL_IMAGE_TOKEN,
-            image_seq_length=INTERNVL_TOKENS_PER_TILE,
-        ),
-    ),
-    "llava": (
-        "LlavaConfig",
-        "LlavaForConditionalGeneration",
-        lambda text: dict(
-            vision_config=dict(CLIP_VISION),
+# -- tiny full models: each family's config fields given text-config overrides (the family table's
+# ``TinyModel.fields``; ``ipcv_kernels.families.build_model`` builds them) ---------------------
+def qwen2_vl_fields(text: dict[str, Any]) -> dict[str, Any]:
+    text_config = _text(TINY_TEXT, text)
+    vision = {**TINY_VISION, "hidden_size": text_config["hidden_size"]}
+    return dict(text_config=text_config, vision_config=vision, **TINY_SPECIAL_TOKENS)
+
+
+def qwen2_5_vl_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(text_config=_text(TINY_TEXT, text), vision_config=dict(QWEN2_5_VISION), **TINY_SPECIAL_TOKENS)
+
+
+def qwen3_vl_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(text_config=_text(QWEN3_TEXT, text), vision_config=dict(QWEN3_VISION), **TINY_SPECIAL_TOKENS)
+
+
+def internvl_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        vision_config=dict(INTERNVL_VISION),
+        text_config=_text(INTERNVL_TEXT, text),
+        image_token_id=INTERNVL_IMAGE_TOKEN,
+        image_seq_length=INTERNVL_TOKENS_PER_TILE,
+    )
+
+
+def llava_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        vision_config=dict(CLIP_VISION),
+        text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "llama"}, text),
+        image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
+        image_seq_length=CLIP_PATCHES,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def llava_next_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        vision_config=dict(CLIP_VISION),
+        text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "llama"}, text),
+        image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
+        image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_feature_layer=-2,
+    )
+
+
+def onevision_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        vision_config=dict(SIGLIP_VISION),
+        text_config=_text({**INTERNVL_TEXT, "vocab_size": CLIP_FAMILY_TEXT["vocab_size"]}, text),
+        image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
+        video_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
+        image_grid_pinpoints=ONEVISION_PINPOINTS,
+    )
+
+
+def idefics3_fields(family: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Idefics3's or SmolVLM's (``family``: the ``model_type``) config fields."""
+
+    def fields(text: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            vision_config={**IDEFICS3_VISION, "model_type": f"{family}_vision"},
             text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "llama"}, text),
             image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
-            image_seq_length=CLIP_PATCHES,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        ),
-    ),
-    "llava_next": (
-        "LlavaNextConfig",
-        "LlavaNextForConditionalGeneration",
-        lambda text: dict(
-            vision_config=dict(CLIP_VISION),
-            text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "llama"}, text),
-            image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
-            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
-            vision_feature_layer=-2,
-        ),
-    ),
-    "llava_onevision": (
-        "LlavaOnevisionConfig",
-        "LlavaOnevisionForConditionalGeneration",
-        lambda text: dict(
-            vision_config=dict(SIGLIP_VISION),
-            text_config=_text({**INTERNVL_TEXT, "vocab_size": CLIP_FAMILY_TEXT["vocab_size"]}, text),
-            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
-            video_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
-            image_grid_pinpoints=ONEVISION_PINPOINTS,
-        ),
-    ),
-    **{
-        family: (
-            config_class,
-            model_class,
-            lambda text, family=family: dict(
-                vision_config={**IDEFICS3_VISION, "model_type": f"{family}_vision"},
-                text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "llama"}, text),
-                image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
-                scale_factor=2,
-            ),
+            scale_factor=2,
         )
-        for family, config_class, model_class in (
-            ("idefics3", "Idefics3Config", "Idefics3ForConditionalGeneration"),
-            ("smolvlm", "SmolVLMConfig", "SmolVLMForConditionalGeneration"),
-        )
-    },
-    "gemma3": (
-        "Gemma3Config",
-        "Gemma3ForConditionalGeneration",
-        lambda text: dict(
-            vision_config=dict(SIGLIP_VISION),
-            text_config=_text(
-                {**CLIP_FAMILY_TEXT, "model_type": "gemma3_text", "head_dim": 12, "sliding_window": 8}, text
-            ),
-            mm_tokens_per_image=4,
-            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
-            boi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
-            eoi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 2,
-        ),
-    ),
-    "paligemma": (
-        "PaliGemmaConfig",
-        "PaliGemmaForConditionalGeneration",
-        lambda text: dict(
-            vision_config={**SIGLIP_VISION, "projection_dim": CLIP_FAMILY_TEXT["hidden_size"]},
-            text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "gemma", "head_dim": 12}, text),
-            image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
-            projection_dim=CLIP_FAMILY_TEXT["hidden_size"],
-        ),
-    ),
-}
+
+    return fields
 
 
-# Families of ``build_tower`` / ``build_model`` (Qwen2-VL has its own builders above).
-BUILT_TOWERS = tuple(TINY_TOWERS)
-BUILT_FAMILIES = tuple(TINY_MODELS)
+def gemma3_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        vision_config=dict(SIGLIP_VISION),
+        text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "gemma3_text", "head_dim": 12, "sliding_window": 8}, text),
+        mm_tokens_per_image=4,
+        image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
+        boi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
+        eoi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 2,
+    )
 
 
-def build_tower(family: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """A tiny vision tower with seeded random weights: ``family`` one of ``BUILT_TOWERS``."""
-    if family not in TINY_TOWERS:
-        raise ValueError(f"family must be one of {BUILT_TOWERS}, got {family!r}")
-    module_name, config_class, tower_class, fields = TINY_TOWERS[family]
-    module = importlib.import_module(f"transformers.models.{module_name}")
-    torch.manual_seed(seed)
-    tower = getattr(module, tower_class)(getattr(module, config_class)(**fields))
-    _jitter(tower, seed)
-    return _finish(tower, attn, dtype)
-
-
-def build_model(
-    family: str,
-    *,
-    attn: str = "sdpa",
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    text_overrides: dict[str, Any] | None = None,
-) -> nn.Module:
-    """A tiny full conditional-generation model of ``family`` (one of ``BUILT_FAMILIES``) with
-    seeded random weights.
-
-    ``text_overrides``: fields of the text config to change (e.g. Gemma 3's
-    ``num_hidden_layers`` and ``layer_types``).
-    """
-    if family not in TINY_MODELS:
-        raise ValueError(f"family must be one of {BUILT_FAMILIES}, got {family!r}")
-    import transformers
-
-    config_class, model_class, fields = TINY_MODELS[family]
-    torch.manual_seed(seed)
-    config = getattr(transformers, config_class)(**fields(text_overrides or {}))
-    model = getattr(transformers, model_class)(config)
-    _jitter(model, seed)
-    return _finish(model, attn, dtype)
+def paligemma_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        vision_config={**SIGLIP_VISION, "projection_dim": CLIP_FAMILY_TEXT["hidden_size"]},
+        text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "gemma", "head_dim": 12}, text),
+        image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
+        projection_dim=CLIP_FAMILY_TEXT["hidden_size"],
+    )
 
 
 def internvl_inputs(model: nn.Module, tiles_per_image: list[int], *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -510,3 +433,74 @@ def onevision_inputs(
         "image_sizes": sizes,
         **extra,
     }
+
+
+# -- one prompt per family, ``(model, num_images, seed) -> inputs`` (the family table's
+# ``TinyModel.prompt``): the images differ in size where the family allows it ------------------------
+def qwen_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: images of 4 x 4, 4 x 6, 4 x 8, ... patches."""
+    return vision_inputs(model, [[1, 4, 4 + 2 * i] for i in range(num_images)], seed=seed)
+
+
+def internvl_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """InternVL: images of 2, 1, 2, ... tiles."""
+    return internvl_inputs(model, [2 - i % 2 for i in range(num_images)], seed=seed)
+
+
+def clip_family_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """LLaVA 1.5 / Gemma 3 / PaliGemma: ``clip_family_inputs``."""
+    return clip_family_inputs(model, num_images, seed=seed)
+
+
+def anyres_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """LLaVA-NeXT / OneVision: images of 64 x 64, 32 x 64, 64 x 32, ... pixels (5, 3, 3 crops)."""
+    sizes = [[64, 64], [32, 64], [64, 32]]
+    return onevision_inputs(model, [sizes[i % 3] for i in range(num_images)], seed=seed)
+
+
+def idefics3_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Idefics3 / SmolVLM: one prompt of ``num_images`` sub-images, the last with padding patches."""
+    return idefics3_inputs(model, [num_images], padded_columns=8, seed=seed)
+
+
+# -- image processors for a tower's patch sizes (the family table's ``Family.image_processor``) ----
+def _tile_side(vision_config: Any) -> int:
+    side = vision_config.image_size
+    return side[0] if isinstance(side, (list, tuple)) else side
+
+
+def qwen_image_processor(vision_config: Any) -> Any:
+    """Qwen2-VL's processor with the tower's patch sizes, at least one merge unit, no upper bound."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    unit = vision_config.patch_size * vision_config.spatial_merge_size
+    return Qwen2VLImageProcessorPil(
+        patch_size=vision_config.patch_size,
+        merge_size=vision_config.spatial_merge_size,
+        temporal_patch_size=vision_config.temporal_patch_size,
+        size={"shortest_edge": unit * unit, "longest_edge": 1 << 40},
+    )
+
+
+def internvl_image_processor(vision_config: Any) -> Any:
+    """InternVL's (``GotOcr2ImageProcessorPil``): tiles of the tower's size, at most 4 and a thumbnail."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    side = _tile_side(vision_config)
+    return GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True, max_patches=4)
+
+
+def clip_image_processor(vision_config: Any) -> Any:
+    """CLIP's: shortest edge to the tower's size, centre crop."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    side = _tile_side(vision_config)
+    return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def siglip_image_processor(vision_config: Any) -> Any:
+    """SigLIP's: resized to the tower's size."""
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    side = _tile_side(vision_config)
+    return SiglipImageProcessorPil(size={"height": side, "width": side})

@@ -5,20 +5,15 @@ With vLLM and this package installed, ``vllm.LLM(model=path, hf_overrides={"ipcv
 0.65}})`` builds the model with IPCV in its vision tower (keys: ``IPCVConfig`` fields; missing
 ones take the family's recommended setting). ``ipcv_kernels.get_ipcv_patch(model)`` on the model
 that ``LLM.apply_model`` hands its function returns the patch (``None`` when unpatched). See
-``docs/serving.md``. Importing this package does not import vLLM.
+``docs/serving.md``. Each family's vLLM classes and adapter are in its row of the family table
+(``ipcv_kernels.families``). Importing this package does not import vLLM.
 """
 
-from .families import VLLM_FAMILIES, find_vllm_family, is_vllm_model, vllm_ipcv_patch
-from .plugin import apply_ipcv, check_engine_settings, recommended_vllm_config, register, remove_ipcv
+from .plugin import apply_ipcv, check_engine_settings, register, remove_ipcv
 
 __all__ = [
-    "VLLM_FAMILIES",
     "apply_ipcv",
     "check_engine_settings",
-    "find_vllm_family",
-    "is_vllm_model",
-    "recommended_vllm_config",
     "register",
     "remove_ipcv",
-    "vllm_ipcv_patch",
 ]

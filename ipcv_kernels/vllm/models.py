@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .families import VLLM_FAMILIES
+from ..families import FAMILIES
 
 
 def _with_ipcv(base: type[nn.Module]) -> type[nn.Module]:
@@ -32,8 +32,8 @@ def _with_ipcv(base: type[nn.Module]) -> type[nn.Module]:
 
 @functools.cache
 def __getattr__(name: str) -> type[nn.Module]:
-    for family in VLLM_FAMILIES:
-        if name in family.architectures:
-            module, _, vllm_class = family.architectures[name].partition(":")
+    for family in FAMILIES:
+        if family.vllm is not None and name in family.vllm.architectures:
+            module, _, vllm_class = family.vllm.architectures[name].partition(":")
             return _with_ipcv(getattr(importlib.import_module(module), vllm_class or name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

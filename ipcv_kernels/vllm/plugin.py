@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..engine import IPCVPatch
-from .families import VLLM_FAMILIES, find_vllm_family, vllm_ipcv_patch
+from ..families import FAMILIES, find_vllm_family, recommended_config, vllm_ipcv_patch
 
 CONFIG_KEY = "ipcv"
 
@@ -30,20 +30,9 @@ def register() -> None:
     """
     from vllm import ModelRegistry
 
-    for family in VLLM_FAMILIES:
-        for architecture in family.architectures:
+    for family in FAMILIES:
+        for architecture in family.vllm.architectures if family.vllm else ():
             ModelRegistry.register_model(architecture, f"ipcv_kernels.vllm.models:{architecture}")
-
-
-def recommended_vllm_config(model: nn.Module, **overrides: Any) -> IPCVConfig:
-    """The family's recommended ``IPCVConfig`` with ``overrides`` (``IPCVConfig`` fields) applied.
-
-    Raises:
-        TypeError: unsupported model, or an override that is not an ``IPCVConfig`` field.
-        ValueError: an override out of range (the message names the field).
-    """
-    family, _ = find_vllm_family(model)
-    return IPCVConfig(**{**family.recommended, **overrides})
 
 
 def check_engine_settings(vllm_config: Any) -> None:
@@ -80,7 +69,7 @@ def apply_from_config(model: nn.Module, vllm_config: Any) -> IPCVPatch | None:
             f"hf_overrides['{CONFIG_KEY}'] must be a dict of IPCVConfig fields, got {type(settings).__name__}"
         )
     check_engine_settings(vllm_config)
-    return apply_ipcv(model, recommended_vllm_config(model, **settings))
+    return apply_ipcv(model, recommended_config(model, **settings))
 
 
 def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> IPCVPatch:
@@ -94,10 +83,10 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> IPCVPatch:
         ValueError: ``config.prune_layer`` outside ``[1, depth)`` of the tower.
     """
     family, tower = find_vllm_family(model)
-    config = recommended_vllm_config(model) if config is None else config
+    config = recommended_config(model) if config is None else config
     if not isinstance(config, IPCVConfig):
         raise TypeError(f"config must be an IPCVConfig, got {type(config).__name__}")
-    patch = IPCVPatch(tower, family.adapter(model), config)  # validates before touching the model
+    patch = IPCVPatch(tower, family.vllm.adapter_class()(model), config)  # validates before touching the model
     remove_ipcv(model)
     patch.install()
     return patch

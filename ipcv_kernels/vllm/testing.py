@@ -17,15 +17,23 @@ from typing import Any
 import torch
 
 from .._validation import check_int
+from ..families import build_model
 from ..testing.models import (
     INTERNVL_IMAGE_TOKEN,
     INTERNVL_TOKENS_PER_TILE,
     TINY_SPECIAL_TOKENS,
     TINY_TEXT,
     TINY_VISION,
-    build_model,
     internvl_tiles,
     sample_pixels,
+)
+from ..testing.processors import (
+    INTERNVL_CHAT_SPECIAL_TOKENS,
+    INTERNVL_MAX_TILES,
+    INTERNVL_NAMED_TOKENS,
+    INTERNVL_SPECIAL_TOKENS,
+    INTERNVL_TILE,
+    build_tokenizer,
 )
 
 # vLLM's CPU attention backend takes head sizes of 32 and more: 2 heads of 32 (TINY_TEXT's 12 is
@@ -38,12 +46,6 @@ VLLM_TEXT = {
     "num_attention_heads": 2,
     "num_key_value_heads": 1,
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
-}
-SPECIAL_TOKENS = {
-    "<|image_pad|>": TINY_SPECIAL_TOKENS["image_token_id"],
-    "<|video_pad|>": TINY_SPECIAL_TOKENS["video_token_id"],
-    "<|vision_start|>": TINY_SPECIAL_TOKENS["vision_start_token_id"],
-    "<|vision_end|>": TINY_SPECIAL_TOKENS["vision_end_token_id"],
 }
 # The engine settings of the vLLM tests and benchmark (the issue's list: fp32, eager, no prefix
 # caching, no processor cache, so every image is processed and encoded anew).
@@ -59,59 +61,6 @@ ENGINE: dict[str, Any] = dict(
 )
 # The image processor's resize bounds (pixels): small images stay small (factor 4 = patch 2 x merge 2).
 MIN_PIXELS, MAX_PIXELS = 4 * 4, 64 * 64
-
-
-# InternVL (transformers' native format): its processor reads the image tokens from the
-# tokenizer's named special tokens (``tokenizer.start_image_token`` ...), at the ids 120 .. 123.
-INTERNVL_SPECIAL_TOKENS = {
-    "<IMG_CONTEXT>": INTERNVL_IMAGE_TOKEN,
-    "<img>": INTERNVL_IMAGE_TOKEN + 1,
-    "</img>": INTERNVL_IMAGE_TOKEN + 2,
-    "<video>": INTERNVL_IMAGE_TOKEN + 3,
-}
-# InternVL's own (OpenGVLab) format: vLLM's processor writes ``<img> <IMG_CONTEXT> * n </img>``
-# for each ``<image>`` of a prompt and ``Frame1: <img> <|video_pad|> * n </img> ...`` for a
-# ``<video>`` (a Qwen2 language model's video token).
-INTERNVL_CHAT_SPECIAL_TOKENS = {
-    **INTERNVL_SPECIAL_TOKENS,
-    "<image>": INTERNVL_IMAGE_TOKEN + 4,
-    "<|video_pad|>": INTERNVL_IMAGE_TOKEN + 5,
-}
-INTERNVL_NAMED_TOKENS = {
-    "context_image_token": "<IMG_CONTEXT>",
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "video_token": "<video>",
-}
-
-
-def build_tokenizer(special_tokens: dict[str, int] | None = None, named_tokens: dict[str, str] | None = None) -> Any:
-    """A ``PreTrainedTokenizerFast``: whitespace-split words ``w3 .. w119``, the special tokens
-    ``special_tokens`` (token -> id in 120 .. 127, default ``SPECIAL_TOKENS``; split out of the text
-    without spaces; free ids there are ``<unusedN>``), ``<pad>`` 0 (also the unknown token), ``<s>`` 1, ``</s>`` 2.
-
-    ``named_tokens``: attribute name -> special token, exposed as ``tokenizer.<name>`` and
-    ``tokenizer.<name>_id`` (what InternVL's processor reads).
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    special_tokens = SPECIAL_TOKENS if special_tokens is None else special_tokens
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 120)}, **special_tokens}
-    taken = set(special_tokens.values())
-    vocab.update({f"<unused{i}>": i for i in range(120, TINY_TEXT["vocab_size"]) if i not in taken})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<pad>",
-        extra_special_tokens=named_tokens or {},
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
-    return tokenizer
 
 
 # Qwen2.5-VL: windows of 2 x 2 merge units, full attention in blocks 2 and 5.
@@ -158,10 +107,7 @@ CHECKPOINTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
 }
 
 
-# InternVL's tiles: 16 x 16 pixels (the tiny tower's image size), at most 4 per image plus the
-# thumbnail; vLLM's CPU attention needs a decoder head size of 32.
-INTERNVL_TILE = 16
-INTERNVL_MAX_TILES = 4
+# InternVL: vLLM's CPU attention needs a decoder head size of 32.
 INTERNVL_TEXT_OVERRIDES = {
     key: VLLM_TEXT[key]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
@@ -193,7 +139,7 @@ def build_checkpoint(
     Loadable by ``vllm.LLM(model=path)`` and by transformers' ``from_pretrained(path)``.
     ``internvl`` is transformers' native format (``InternVLForConditionalGeneration``; vLLM builds
     its ``InternS1ForConditionalGeneration`` for it), the tiny model of
-    ``ipcv_kernels.testing.models.build_model`` with a decoder vLLM's CPU attention takes.
+    ``ipcv_kernels.families.build_model`` with a decoder vLLM's CPU attention takes.
     ``internvl_chat`` holds the same weights, for the same ``seed``, in InternVL's own format
     (``InternVLChatModel``, remote-code configuration: load with ``trust_remote_code=True``);
     vLLM loads it, transformers cannot (no modelling code), so tests compare it with the

@@ -8,16 +8,25 @@ import json
 import pytest
 import torch
 
+from ipcv_kernels import families
 from ipcv_kernels.__main__ import main
+from ipcv_kernels.api import get_ipcv_patch
 from ipcv_kernels.bench import harness
 from ipcv_kernels.bench.calls import GridCalls, TileCalls, tower_calls
-from ipcv_kernels.bench.presets import MODEL_PRESETS, PRESET_FAMILIES, PRESET_USES, ModelUse
 from ipcv_kernels.bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from ipcv_kernels.bench.variants import VARIANTS, variant_configs
 from ipcv_kernels.bench.vit import Bench, run_case
 from ipcv_kernels.config import IPCVConfig
-from ipcv_kernels.flops import clip_vit_flops, idefics3_flops, internvl_flops, predicted_speedup, vision_tower_flops
-from ipcv_kernels.models import find_family, get_ipcv_patch
+from ipcv_kernels.families import ModelUse, Preset, family, find_family, presets
+from ipcv_kernels.flops import (
+    clip_vit_flops,
+    idefics3_flops,
+    internvl_flops,
+    predicted_speedup,
+    qwen2_5_vl_flops,
+    qwen2_vl_flops,
+    qwen3_vl_flops,
+)
 from ipcv_kernels.reference import keep_count
 from ipcv_kernels.testing import models
 
@@ -25,6 +34,7 @@ CONFIG = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=2, num_neighbors=4)
 # Per tower kind: cases in pixels (Qwen: 2-pixel patches; the others: one tile or crop of the
 # tower's image size per 16 / 32 pixels) and the FLOP function of flops.py that must bound it.
 CASES = {
+    "qwen2_vl": ("8x8", "8x16*2", "8x8@4"),
     "qwen2_5_vl": ("8x8", "8x16*2", "8x8@4"),
     "qwen3_vl": ("8x8", "8x16*2", "8x8@4"),
     "internvl": ("16x16", "32x32*2"),
@@ -34,18 +44,19 @@ TILE_CASES = ("32x32", "64x64*2")
 
 def expected_flops(kind, calls, case, config):
     config_ = calls.config
-    if kind.startswith("qwen"):
-        return vision_tower_flops(config_, case.grid_thw, config)
+    qwen = {"qwen2_vl": qwen2_vl_flops, "qwen2_5_vl": qwen2_5_vl_flops, "qwen3_vl": qwen3_vl_flops}
+    if kind in qwen:
+        return qwen[kind](config_, case.grid_thw, config)
     if kind == "internvl":
-        return internvl_flops(config_, case.tiles_per_image, tuple(config_.image_size), config)
+        return internvl_flops(config_, case.tiles_per_image, config, image_size=tuple(config_.image_size))
     if kind in ("idefics3", "smolvlm"):  # sub-images without padding (32-pixel multiples)
         return idefics3_flops(config_, [[0] * tiles for tiles in case.tiles_per_image], config)
     return clip_vit_flops(config_, case.tiles_per_image, config)
 
 
-@pytest.mark.parametrize("kind", models.BUILT_TOWERS)
+@pytest.mark.parametrize("kind", families.BUILT_TOWERS)
 def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(kind):
-    tower = models.build_tower(kind)
+    tower = families.build_tower(kind)
     calls = tower_calls(tower)
     assert isinstance(calls, GridCalls if kind.startswith("qwen") else TileCalls)
     bench = Bench(tower, calls, torch.device("cpu"), torch.float32, variant_configs(CONFIG, VARIANTS))
@@ -65,11 +76,11 @@ def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(ki
 
 
 def test_tile_towers_group_the_tiles_of_an_image_into_one_item():
-    tower = models.build_tower("internvl")  # 16-pixel tiles of 16 patches + CLS
+    tower = families.build_tower("internvl")  # 16-pixel tiles of 16 patches + CLS
     calls = tower_calls(tower)
     case = calls.parse_case("32x48*2")
     assert (case.kind, case.tiles_per_image, case.tile_tokens, case.tokens) == ("batch", (6, 6), 17, 204)
-    from ipcv_kernels.models import apply_ipcv
+    from ipcv_kernels.api import apply_ipcv
 
     apply_ipcv(tower, CONFIG)
     calls.forward(calls.inputs(case, 0, torch.device("cpu"), torch.float32))
@@ -77,13 +88,13 @@ def test_tile_towers_group_the_tiles_of_an_image_into_one_item():
     assert get_ipcv_patch(tower).last_tokens_per_block[-1] == 2 * (48 + 6)
     with pytest.raises(ValueError, match="videos"):
         calls.parse_case("32x32@4")
-    clip = tower_calls(models.build_tower("clip"))
+    clip = tower_calls(families.build_tower("clip"))
     assert clip.parse_case("32x32").tokens == 17 and clip.default_cases() == ("32x32",)
 
 
-@pytest.mark.parametrize("family", models.BUILT_FAMILIES)
+@pytest.mark.parametrize("family", families.BUILT_FAMILIES)
 def test_model_flag_loads_the_tower_of_every_family_through_the_family_table(family, tmp_path):
-    model = models.build_model(family)
+    model = families.build_model(family)
     model.save_pretrained(tmp_path)
     tower = load_vision_tower(tmp_path, dtype=torch.float32, device=torch.device("cpu"))
     _, expected = find_family(model)
@@ -100,14 +111,14 @@ def test_model_flag_loads_the_tower_of_every_family_through_the_family_table(fam
 
 
 def test_bare_tower_checkpoint_and_recommended_setting_through_the_cli(tmp_path):
-    models.build_tower("internvl").save_pretrained(tmp_path / "tower")
+    families.build_tower("internvl").save_pretrained(tmp_path / "tower")
     argv = ["bench", "--model", str(tmp_path / "tower"), "--recommended", "--prune-layer", "2", "--device", "cpu"]
     argv += ["--repeats", "1", "--warmup", "1", "--out", str(tmp_path), "--name", "t", "--no-plot", "--no-progress"]
     assert main(argv) == 0
     payload = json.loads((tmp_path / "t.json").read_text())
     settings = payload["settings"]
     assert settings["family"] == "InternVL" and settings["cases"] == ["16x16"]  # native resolution
-    recommended = find_family(models.build_tower("internvl"))[0].recommended
+    recommended = find_family(families.build_tower("internvl"))[0].recommended
     assert settings["ipcv"]["as_layers"] == recommended["as_layers"] and settings["ipcv"]["prune_layer"] == 2
     (case,) = payload["cases"]
     assert case["checks"]["passed"] and case["tiles_per_image"] == [1] and case["tokens"] == 17
@@ -129,18 +140,19 @@ PRESET_TOKENS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(PRESET_FAMILIES))
+@pytest.mark.parametrize("name", sorted(presets()))
 def test_family_presets_build_with_their_real_shapes(name):
     config = vision_config_from_preset(name)
     tower = build_tower(config, dtype=torch.float32, device=torch.device("meta"))
-    calls = tower_calls(tower, PRESET_USES.get(name))
-    assert calls.family.name == find_family(tower)[0].name
-    width = getattr(config, "hidden_size", None)
-    assert width in (1024, 1152, 1280)
+    row, preset = presets()[name]
+    calls = tower_calls(tower, preset.use)
+    assert calls.family is find_family(tower)[0] and calls.model_family is row
+    width = getattr(config, "embed_dim", None) or config.hidden_size  # Qwen2-VL's hidden_size is its output
+    assert width in (64, 1024, 1152, 1280)
     if name in PRESET_TOKENS:
         (case,) = [calls.parse_case(text) for text in calls.default_cases()]
         assert case.tokens == PRESET_TOKENS[name]
-        assert calls.depth == MODEL_PRESETS[name]["num_hidden_layers"]
+        assert calls.depth == preset.vision["num_hidden_layers"]
         report = calls.flops(case, IPCVConfig(**calls.family.recommended))
         assert report.kept_tokens < case.tokens
     else:
@@ -151,14 +163,14 @@ def test_model_uses_of_the_presets():
     # LLaVA-1.5: block 22 of 24 read, block 23 counted nowhere; the padded Idefics3 sub-images.
     llava = tower_calls(
         build_tower(vision_config_from_preset("llava-1.5-7b"), dtype=torch.float32, device=torch.device("meta")),
-        PRESET_USES["llava-1.5-7b"],
+        presets()["llava-1.5-7b"][1].use,
     )
     assert llava.read == (22,) and "block 23 runs neither" in llava.reading()
     (case,) = [llava.parse_case(text) for text in llava.default_cases()]
     assert len(llava.flops(case, IPCVConfig()).blocks) == 23
     idefics3 = tower_calls(
         build_tower(vision_config_from_preset("idefics3-8b-d8"), dtype=torch.float32, device=torch.device("meta")),
-        PRESET_USES["idefics3-8b-d8"],
+        presets()["idefics3-8b-d8"][1].use,
     )
     (case,) = [idefics3.parse_case(text) for text in idefics3.default_cases()]
     # 700 - 364 = 336 pixels: 24 of 26 patch columns real in the right-hand sub-images.
@@ -166,14 +178,14 @@ def test_model_uses_of_the_presets():
     report = idefics3.flops(case, IPCVConfig())
     assert report.kept_tokens == 2 * 52 + keep_count(5 * 676 - 2 * 52, IPCVConfig().ratio)
     with pytest.raises(ValueError, match="use"):
-        tower_calls(models.build_tower("idefics3"), ModelUse("x", feature_layer=-2))
+        tower_calls(families.build_tower("idefics3"), ModelUse("x", feature_layer=-2))
     with pytest.raises(ValueError, match="use"):
-        tower_calls(models.build_tower("qwen2_5_vl"), ModelUse("x", feature_layer=-2))
+        tower_calls(families.build_tower("qwen2_5_vl"), ModelUse("x", feature_layer=-2))
 
 
 def test_unpatched_tower_read_at_the_feature_layer_is_the_models_feature():
     # The baseline leaves out the blocks after the read one: its output is hidden_states[-2].
-    model = models.build_model("llava")
+    model = families.build_model("llava")
     tower = find_family(model)[1]
     calls = tower_calls(tower, ModelUse("LLaVA", feature_layer=-2))
     inputs = calls.inputs(calls.parse_case("64x32"), 0, torch.device("cpu"), torch.float32)
@@ -199,7 +211,7 @@ def _bench(tmp_path, source, *extra):
     ],
 )
 def test_full_checkpoints_are_timed_as_their_model_calls_the_tower(family, case, crops, read, tmp_path):
-    model = models.build_model(family)
+    model = families.build_model(family)
     model.save_pretrained(tmp_path / "model")
     use = model_use(tmp_path / "model")
     assert use.feature_layer == model.config.vision_feature_layer
@@ -231,9 +243,7 @@ def test_full_checkpoints_are_timed_as_their_model_calls_the_tower(family, case,
 def test_sub_image_preset_with_padding_passes_the_checks(tmp_path, monkeypatch):
     # The tiny Idefics3 tower's shape as a preset: a 64x56 image is 2 x 2 sub-images (the right
     # column padded, 3 of 4 patch columns real) and the global one, one item.
-    from ipcv_kernels.bench import presets
-
-    monkeypatch.setitem(presets.MODEL_PRESETS, "idefics3-8b-d8", dict(models.IDEFICS3_VISION))
+    monkeypatch.setitem(family("idefics3").presets, "idefics3-8b-d8", Preset(dict(models.IDEFICS3_VISION)))
     payload = _bench(tmp_path, ["--preset", "idefics3-8b-d8"], "--cases", "64x56", "32x32*2", "--check", "all")
     first, second = payload["cases"]
     assert payload["settings"]["family"] == "Idefics3" and payload["settings"]["reads"] is None

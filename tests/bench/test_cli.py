@@ -118,9 +118,10 @@ def test_bench_without_out_writes_under_the_current_directory(tmp_path, monkeypa
 def test_demo_runs_a_preset_of_another_family(capsys, monkeypatch):
     # The CLIP ViT-L/14-336 preset at depth 2 (a real width, fast enough): one 336-pixel image,
     # the family's recommended setting with P=1, and ratio 0 equal to the unpatched tower.
-    from ipcv_kernels.bench import presets
+    from ipcv_kernels.families import Preset, family, shapes
 
-    monkeypatch.setitem(presets.MODEL_PRESETS, "clip-vit-l-336-d8", {**presets.CLIP_VIT_L_336, "num_hidden_layers": 2})
+    shallow = Preset({**shapes.CLIP_VIT_L_336, "num_hidden_layers": 2})
+    monkeypatch.setitem(family("clip").presets, "clip-vit-l-336-d8", shallow)
     assert main(["demo", "--preset", "clip-vit-l-336-d8", "--prune-layer", "1", "--repeats", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "(CLIP, depth 2" in out and "= 577 tokens" in out
@@ -130,14 +131,12 @@ def test_demo_runs_a_preset_of_another_family(capsys, monkeypatch):
 
 
 def _saved(family, path):
-    from ipcv_kernels.testing import models
+    from ipcv_kernels.families import build_model, build_tower
 
-    if family == "qwen2_vl":
-        models.build_qwen2_vl_model().save_pretrained(path)
-    elif family.endswith("_tower"):
-        models.build_tower(family.removesuffix("_tower")).save_pretrained(path)
+    if family.endswith("_tower"):
+        build_tower(family.removesuffix("_tower")).save_pretrained(path)
     else:
-        models.build_model(family).save_pretrained(path)
+        build_model(family).save_pretrained(path)
     return path
 
 
@@ -173,9 +172,13 @@ def test_demo_refuses_a_directory_without_a_checkpoint(tmp_path):
 
 def test_demo_preset_of_llava_reads_its_feature_layer(capsys, monkeypatch):
     # LLaVA-1.5's tower at depth 3 (real width): layer -2 is block 1, block 2 runs in neither variant.
-    from ipcv_kernels.bench import presets
+    from dataclasses import replace
 
-    monkeypatch.setitem(presets.MODEL_PRESETS, "llava-1.5-7b", {**presets.CLIP_VIT_L_336, "num_hidden_layers": 3})
+    from ipcv_kernels.families import family, shapes
+
+    llava = family("llava").presets["llava-1.5-7b"]
+    shallow = replace(llava, vision={**shapes.CLIP_VIT_L_336, "num_hidden_layers": 3})
+    monkeypatch.setitem(family("llava").presets, "llava-1.5-7b", shallow)
     assert main(["demo", "--preset", "llava-1.5-7b", "--prune-layer", "1", "--repeats", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "(LLaVA 1.5, depth 3, random weights" in out and "block 2 runs neither" in out

@@ -10,9 +10,7 @@ from ipcv_kernels.config import IPCVConfig
 from ipcv_kernels.flops import (
     grid_seq_lens,
     predicted_speedup,
-    qwen2_5_vl_flops,
     qwen2_vl_flops,
-    vision_tower_flops,
     vit_flops,
 )
 from ipcv_kernels.reference.selection import keep_count
@@ -151,10 +149,10 @@ def test_model_matches_torch_flop_counter_on_a_real_tower(case, as_queries):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ipcv_kernels.api import apply_ipcv
     from ipcv_kernels.bench.calls import tower_calls
     from ipcv_kernels.bench.towers import build_tower, vision_config_from_preset
     from ipcv_kernels.bench.vit import Bench, parse_case
-    from ipcv_kernels.models import apply_ipcv
 
     vision = vision_config_from_preset("qwen2-vl-tiny", attn_implementation="eager")
     tower = build_tower(vision, dtype=torch.float32, device=torch.device("cpu"))
@@ -175,18 +173,6 @@ def test_model_matches_torch_flop_counter_on_a_real_tower(case, as_queries):
 def test_keep_count_is_the_rule_the_flop_model_stated(ratio):
     # The model's own former rule, max(1, int(n * (1 - r))), for every item size up to 20,000.
     assert all(keep_count(n, ratio) == max(1, int(n * (1 - ratio))) for n in range(1, 20_001))
-
-
-def test_vision_tower_flops_picks_the_family_model():
-    from ipcv_kernels.bench.towers import vision_config_from_preset
-
-    config = IPCVConfig(prune_layer=3, as_layers=7)
-    grid = [[1, 32, 32]]
-    qwen2 = vision_config_from_preset("qwen2-vl-7b")
-    qwen2_5 = vision_config_from_preset("qwen2.5-vl-7b")
-    assert vision_tower_flops(qwen2, grid, config) == qwen2_vl_flops(qwen2, grid, config)
-    assert vision_tower_flops(qwen2_5, grid, config) == qwen2_5_vl_flops(qwen2_5, grid, config)
-    assert vision_tower_flops(qwen2_5, grid) == qwen2_5_vl_flops(qwen2_5, grid, None)
 
 
 def test_pinned_rows_are_kept_and_not_counted():
@@ -297,12 +283,11 @@ def test_tile_tower_models_match_torch_flop_counter(kind, use, case, as_queries)
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ipcv_kernels.api import apply_ipcv
     from ipcv_kernels.bench.calls import tower_calls
-    from ipcv_kernels.bench.presets import ModelUse
-    from ipcv_kernels.models import apply_ipcv
-    from ipcv_kernels.testing import models
+    from ipcv_kernels.families import ModelUse, build_tower
 
-    tower = models.build_tower(kind, attn="eager")
+    tower = build_tower(kind, attn="eager")
     calls = tower_calls(tower, ModelUse("test", **use) if use else None)
     parsed = calls.parse_case(case)
     config = None

@@ -17,7 +17,7 @@ import ipcv_kernels as ik
 from ipcv_kernels.__main__ import main as package_main
 from ipcv_kernels.fidelity import PRESETS, Grid, evaluate_fidelity, load_subject, main
 from ipcv_kernels.fidelity.evaluate import features, method_configs, token_cosine
-from ipcv_kernels.fidelity.subjects import QWEN_FAMILIES, qwen_video_patches, synthetic_image
+from ipcv_kernels.fidelity.subjects import qwen_video_patches, synthetic_image
 from ipcv_kernels.flops import qwen2_vl_flops
 from ipcv_kernels.reference import keep_count
 from ipcv_kernels.testing import assert_close
@@ -44,7 +44,7 @@ def test_every_preset_runs_and_ratio_zero_is_exact(preset):
             assert row.cosine_all_mean < 1.0 and row.cosine_dropped_mean is not None
             assert row.kept_tokens < row.tokens and row.flop_ratio < 1.0
     kinds = [sample["kind"] for sample in result.samples]
-    assert kinds == (["image", "video"] if subject.family.name in QWEN_FAMILIES else ["image"])
+    assert kinds == (["image", "video"] if subject.family.kind.videos else ["image"])
 
 
 def test_token_cosine_is_one_for_equal_rows():

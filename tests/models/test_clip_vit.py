@@ -10,9 +10,10 @@ import torch
 from oracles.towers import ipcv_tower_oracle
 
 import ipcv_kernels as ik
+from ipcv_kernels.families import build_model, build_tower
 from ipcv_kernels.models.clip_vit import read_blocks
 from ipcv_kernels.testing import assert_close
-from ipcv_kernels.testing.models import CLIP_PATCHES, build_model, build_tower, clip_family_inputs, clip_pixels
+from ipcv_kernels.testing.models import CLIP_PATCHES, clip_family_inputs, clip_pixels
 
 CONFIGS = {
     "P1_r50_A0_k1": dict(prune_layer=1, ratio=0.5, as_layers=0, num_neighbors=1),

@@ -10,8 +10,9 @@ import torch
 from oracles.towers import ipcv_tower_oracle
 
 import ipcv_kernels as ik
+from ipcv_kernels.families import build_model, build_tower
 from ipcv_kernels.testing import assert_close
-from ipcv_kernels.testing.models import build_model, build_tower, idefics3_inputs, idefics3_pixels
+from ipcv_kernels.testing.models import idefics3_inputs, idefics3_pixels
 
 FAMILIES = ["idefics3", "smolvlm"]
 CONFIGS = {

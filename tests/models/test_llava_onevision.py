@@ -10,10 +10,10 @@ import torch
 from oracles.towers import ipcv_tower_oracle
 
 import ipcv_kernels as ik
+from ipcv_kernels.families import build_model, find_family
 from ipcv_kernels.models.clip_vit import anyres_crops
-from ipcv_kernels.models.families import find_family
 from ipcv_kernels.testing import assert_close
-from ipcv_kernels.testing.models import build_model, clip_pixels, onevision_inputs
+from ipcv_kernels.testing.models import clip_pixels, onevision_inputs
 
 RATIO_ZERO = ik.IPCVConfig(prune_layer=2, ratio=0.0, as_layers=2, num_neighbors=4)
 PRUNING = dict(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=10)

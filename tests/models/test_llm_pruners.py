@@ -21,9 +21,9 @@ from ipcv_kernels import (
     get_llm_pruning_patch,
     remove_ipcv,
 )
+from ipcv_kernels.families import find_language_model
 from ipcv_kernels.llm import PruningInputs
 from ipcv_kernels.llm.pruners import decoder_last_query_and_keys, fastv_received_attention
-from ipcv_kernels.models import find_language_model
 from ipcv_kernels.reference.llm_pruning import (
     dart_select_reference,
     fastv_attention_reference,

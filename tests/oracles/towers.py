@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ipcv_kernels.families import build_model, build_tower
+
 # The builders are re-exported: the model tests import them from here, beside the oracle.
-from ipcv_kernels.testing.models import build_model, build_tower, internvl_inputs, internvl_tiles, sample_pixels
+from ipcv_kernels.testing.models import internvl_inputs, internvl_tiles, sample_pixels
 
 __all__ = ["build_model", "build_tower", "internvl_inputs", "internvl_tiles", "ipcv_tower_oracle", "tower_call"]
 

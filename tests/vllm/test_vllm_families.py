@@ -49,6 +49,8 @@ from PIL import Image
 
 import ipcv_kernels as ik
 import ipcv_kernels.vllm as ikv
+from ipcv_kernels.families import FAMILIES as TABLE
+from ipcv_kernels.families import find_vllm_family
 from ipcv_kernels.testing import (
     TOLERANCE_FACTOR,
     assert_close,
@@ -277,11 +279,18 @@ def transformers_run(family, model, config, pixels, layout, pinned=None):
 def test_plugin_patches_the_model_when_built(llm, family):
     # Missing fields would take the family's recommended setting: SETTINGS gives them all.
     assert llm.apply_model(lambda m: ik.get_ipcv_patch(m).config) == [CONFIG]
-    assert llm.apply_model(lambda m: ikv.find_vllm_family(m)[0].name) == [family.name]
+    assert llm.apply_model(lambda m: find_vllm_family(m)[0].name) == [family.name]
 
 
 def test_recommended_setting(llm, family):
-    assert llm.apply_model(ikv.recommended_vllm_config) == [ik.IPCVConfig(**family.recommended)]
+    assert llm.apply_model(ik.recommended_config) == [ik.IPCVConfig(**family.recommended)]
+
+
+def test_every_vllm_row_of_the_family_table_is_tested_here():
+    rows = {row.id: row for row in TABLE if row.vllm is not None}
+    assert set(FAMILIES) == set(rows)
+    for family_id, family in FAMILIES.items():
+        assert (family.name, family.recommended) == (rows[family_id].name, rows[family_id].recommended)
 
 
 @pytest.mark.parametrize("name", CALLS)

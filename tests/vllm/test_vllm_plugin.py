@@ -21,6 +21,7 @@ from PIL import Image
 
 import ipcv_kernels as ik
 import ipcv_kernels.vllm as ikv
+from ipcv_kernels.families import is_vllm_model
 from ipcv_kernels.testing import assert_close
 from ipcv_kernels.vllm.testing import ENGINE, shutdown_engine
 
@@ -199,7 +200,7 @@ def test_without_ipcv_key_nothing_changes(llm):
 
 
 def test_transformers_models_are_not_vllm_models(hf_model):
-    assert not ikv.is_vllm_model(hf_model)
+    assert not is_vllm_model(hf_model)
     with pytest.raises(TypeError, match="vLLM model"):
         ikv.apply_ipcv(hf_model, CONFIG)
 

@@ -1,0 +1,194 @@
+"""The family table, ``FAMILIES``: the one source of truth about every supported model family,
+and the look-ups every integration and tool goes through.
+
+Each ``Family`` row (``row.py``) is keyed by a stable id and holds its Hugging Face and vLLM
+classes and adapters, its call kind, FLOP model, tiny test model, real-shape presets and
+recommended setting (``table.py``); ``build_tower(id)`` / ``build_model(id)`` build a row's tiny
+test models (what the test suite and other libraries' tests use). Classes are matched by name along an instance's class
+hierarchy, counting only classes defined by the framework in question (``transformers.*`` or
+``vllm.*`` modules), so that no framework module is imported until needed and vLLM's
+``Qwen2VLForConditionalGeneration`` never matches transformers' class of the same name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import IPCVConfig
+from ..engine import PATCH_ATTRIBUTE, FamilyAdapter, IPCVPatch
+from .row import CALL_KINDS, CallKind, Family, HFClasses, ModelUse, Preset, TinyModel, TinyTower, VLLMClasses
+from .table import FAMILIES
+
+# Ids of the rows with a tiny tower / a tiny full model (``build_tower`` / ``build_model``).
+BUILT_TOWERS = tuple(row.id for row in FAMILIES if row.tiny_tower is not None)
+BUILT_FAMILIES = tuple(row.id for row in FAMILIES if row.tiny_model is not None)
+
+HF_MODULE = "transformers."
+VLLM_MODULE = "vllm."
+
+
+def family(family_id: str) -> Family:
+    """The row of ``family_id``; ``ValueError`` naming the ids otherwise."""
+    for row in FAMILIES:
+        if row.id == family_id:
+            return row
+    raise ValueError(f"family must be one of {[row.id for row in FAMILIES]}, got {family_id!r}")
+
+
+def build_tower(family_id: str, *, attn: str = "sdpa", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """The tiny vision tower of ``family_id`` (one of ``BUILT_TOWERS``) with seeded random weights."""
+    if family_id not in BUILT_TOWERS:
+        raise ValueError(f"family must be one of {BUILT_TOWERS}, got {family_id!r}")
+    return family(family_id).tiny_tower.build(attn=attn, dtype=dtype, seed=seed)
+
+
+def build_model(
+    family_id: str,
+    *,
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    text_overrides: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The tiny full model of ``family_id`` (one of ``BUILT_FAMILIES``) with seeded random weights
+    (``TinyModel.build``)."""
+    if family_id not in BUILT_FAMILIES:
+        raise ValueError(f"family must be one of {BUILT_FAMILIES}, got {family_id!r}")
+    return family(family_id).tiny_model.build(attn=attn, dtype=dtype, seed=seed, text_overrides=text_overrides)
+
+
+def presets() -> dict[str, tuple[Family, Preset]]:
+    """Every row's real-shape presets by name: ``{name: (row, preset)}``."""
+    return {name: (row, preset) for row in FAMILIES for name, preset in row.presets.items()}
+
+
+def _class_names(model: object, framework_module: str) -> set[str]:
+    return {cls.__name__ for cls in type(model).__mro__ if cls.__module__.startswith(framework_module)}
+
+
+def _follow(module: nn.Module, path: str) -> nn.Module:
+    for attribute in filter(None, path.split(".")):
+        module = getattr(module, attribute)
+    return module
+
+
+def supported_classes() -> list[str]:
+    """Class names ``apply_ipcv`` accepts: each family's full models, base models and towers."""
+    return [name for row in FAMILIES if row.hf for name in (*row.hf.towers, *row.hf.tower_classes)]
+
+
+def find_family(model: nn.Module) -> tuple[Family, nn.Module]:
+    """``(family, vision tower)`` of a Hugging Face ``model`` (a full model, base model or tower).
+
+    Raises:
+        TypeError: unsupported model (the message lists the supported classes).
+    """
+    names = _class_names(model, HF_MODULE)
+    for row in FAMILIES:
+        if row.hf is None:
+            continue
+        if names.intersection(row.hf.tower_classes):
+            return row, model
+        for wrapper, path in row.hf.towers.items():
+            if wrapper in names:
+                return row, _follow(model, path)
+    listed = "; ".join(
+        f"{row.name}: {', '.join((*row.hf.towers, *row.hf.tower_classes))}" for row in FAMILIES if row.hf
+    )
+    raise TypeError(f"model must be of a supported family ({listed}), got {type(model).__name__}")
+
+
+def find_tower(model: nn.Module) -> tuple[nn.Module, FamilyAdapter]:
+    """The vision tower inside ``model`` and a new adapter of its family; ``TypeError`` if unsupported."""
+    row, tower = find_family(model)
+    return tower, row.hf.adapter(model)
+
+
+def find_language_model(model: nn.Module) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    """``(multimodal model, text model, image / video token ids)`` of a Hugging Face ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a supported multimodal model with a language model (a bare
+            vision tower has none).
+    """
+    names = _class_names(model, HF_MODULE)
+    for row in FAMILIES:
+        for holder, path in (row.hf.language_models if row.hf else {}).items():
+            if holder in names:
+                multimodal = _follow(model, path)
+                config = multimodal.config
+                # InternVL, Idefics3 and SmolVLM have image tokens only (InternVL gets video frames as images).
+                token_ids = tuple(
+                    getattr(config, name) for name in ("image_token_id", "video_token_id") if hasattr(config, name)
+                )
+                return multimodal, getattr(multimodal, row.hf.decoder), token_ids
+    supported = [name for row in FAMILIES if row.hf for name in row.hf.language_models]
+    raise TypeError(f"llm_pruner needs a model with a language model, one of {supported}; got {type(model).__name__}")
+
+
+def recommended_config(model: nn.Module, **overrides: Any) -> IPCVConfig:
+    """The recommended ``IPCVConfig`` for ``model``'s family (Hugging Face or vLLM model), with
+    ``overrides`` applied. ``Family.recommended_source`` says where each number comes from.
+
+    Raises:
+        TypeError: unsupported model, or an override that is not an ``IPCVConfig`` field.
+        ValueError: an override out of range (the message names the field).
+    """
+    row, _ = find_vllm_family(model) if is_vllm_model(model) else find_family(model)
+    return IPCVConfig(**{**row.recommended, **overrides})
+
+
+def is_vllm_model(model: object) -> bool:
+    """Whether ``model``'s class derives from a class defined by vLLM."""
+    return isinstance(model, nn.Module) and bool(_class_names(model, VLLM_MODULE))
+
+
+def find_vllm_family(model: nn.Module) -> tuple[Family, nn.Module]:
+    """``(family, vision tower)`` of a vLLM model; ``TypeError`` listing the supported classes."""
+    names = _class_names(model, VLLM_MODULE)
+    for row in FAMILIES:
+        for cls, path in (row.vllm.towers if row.vllm else {}).items():
+            if cls in names:
+                return row, _follow(model, path)
+    supported = ", ".join(cls for row in FAMILIES if row.vllm for cls in row.vllm.towers)
+    raise TypeError(f"model must be a vLLM model of a supported family ({supported}), got {type(model).__name__}")
+
+
+def vllm_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
+    """The installed patch of a vLLM model's tower; ``None`` when unpatched or unsupported."""
+    try:
+        _, tower = find_vllm_family(model)
+    except (TypeError, AttributeError):
+        return None
+    return vars(tower).get(PATCH_ATTRIBUTE)
+
+
+__all__ = [
+    "BUILT_FAMILIES",
+    "BUILT_TOWERS",
+    "CALL_KINDS",
+    "FAMILIES",
+    "CallKind",
+    "Family",
+    "HFClasses",
+    "ModelUse",
+    "Preset",
+    "TinyModel",
+    "TinyTower",
+    "VLLMClasses",
+    "build_model",
+    "build_tower",
+    "family",
+    "find_family",
+    "find_language_model",
+    "find_tower",
+    "find_vllm_family",
+    "is_vllm_model",
+    "presets",
+    "recommended_config",
+    "supported_classes",
+    "vllm_ipcv_patch",
+]

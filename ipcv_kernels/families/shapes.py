@@ -1,0 +1,121 @@
+"""The vision-tower shapes of real checkpoints, as their configs' fields: the family table's presets
+(``Family.presets``) build towers of these shapes with seeded random weights for the benchmarks,
+the demo and the fidelity tool.
+
+``QWEN2_VL_7B_VISION`` is the vision tower of Qwen2-VL-7B-Instruct (``Qwen2VLVisionConfig``: depth
+32, width 1280, 16 heads, MLP 5120 = 4 x 1280, output 3584); Qwen2-VL-2B's differs only in its
+output width (1536). ``QWEN2_5_VL_7B_VISION`` is Qwen2.5-VL-7B-Instruct's (depth 32, width 1280, 16
+heads, gated SiLU MLP 3420, RMSNorm, output 3584, attention in 112-pixel windows except in blocks
+7, 15, 23 and 31). The ``-d8`` presets keep a tower's real block shapes (so GEMM shapes and
+per-block costs are the real ones) at depth 8, so that a CPU run stays short.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QWEN2_VL_7B_VISION: dict[str, Any] = dict(
+    depth=32,
+    embed_dim=1280,
+    num_heads=16,
+    mlp_ratio=4,
+    hidden_size=3584,
+    hidden_act="quick_gelu",
+    patch_size=14,
+    temporal_patch_size=2,
+    in_channels=3,
+    spatial_merge_size=2,
+)
+
+QWEN2_5_VL_7B_VISION: dict[str, Any] = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    out_hidden_size=3584,
+    hidden_act="silu",
+    patch_size=14,
+    temporal_patch_size=2,
+    in_channels=3,
+    spatial_merge_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)
+
+# Qwen3-VL-8B-Instruct's vision tower (``Qwen3VLVisionConfig``): 16-pixel patches, DeepStack
+# mergers after blocks 8, 16 and 24.
+QWEN3_VL_8B_VISION: dict[str, Any] = dict(
+    depth=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_heads=16,
+    out_hidden_size=4096,
+    hidden_act="gelu_pytorch_tanh",
+    patch_size=16,
+    temporal_patch_size=2,
+    in_channels=3,
+    spatial_merge_size=2,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=[8, 16, 24],
+)
+
+# LLaVA-1.5-7B's tower, CLIP ViT-L/14-336 (``CLIPVisionConfig``): 24 blocks, 577 tokens (CLS + 24 x 24).
+CLIP_VIT_L_336: dict[str, Any] = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+
+# Gemma 3's tower, SigLIP-So400m/14 at 896 pixels (``SiglipVisionConfig``): 27 blocks, 4,096
+# tokens, no CLS, no pooling head (``vision_use_head=False``, as Gemma 3 configures it).
+SIGLIP_SO400M_896: dict[str, Any] = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=896,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+    vision_use_head=False,
+)
+
+# InternVL2.5-8B's tower, InternViT-300M-448px (``InternVLVisionConfig``): 24 blocks, 448-pixel
+# tiles of 1,025 tokens (CLS + 32 x 32), LayerNorm, no QK-norm, layer scale.
+INTERNVIT_300M: dict[str, Any] = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=448,
+    patch_size=14,
+    use_qk_norm=False,
+    norm_type="layer_norm",
+    layer_scale_init_value=0.1,
+    hidden_act="gelu",
+)
+
+# LLaVA-OneVision-7B's tower, SigLIP-So400m/14-384 (``SiglipVisionConfig``): 729 tokens a crop, no
+# CLS, no pooling head; the checkpoint keeps 26 of SigLIP's 27 blocks.
+SIGLIP_SO400M_384_ONEVISION: dict[str, Any] = {**SIGLIP_SO400M_896, "image_size": 384, "num_hidden_layers": 26}
+
+# Idefics3-8B-Llama3's tower (``Idefics3VisionConfig``): SigLIP-So400m/14 blocks over 364-pixel
+# sub-images of 26 x 26 = 676 patches, no CLS.
+IDEFICS3_8B_VISION: dict[str, Any] = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=364,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+)
+
+# LLaVA-NeXT-7B's anyres resolutions (llava-v1.6-vicuna-7b / -mistral-7b) and LLaVA-OneVision's
+# (1 x 1 to 6 x 6 crops of 384), (height, width) in pixels.
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+ONEVISION_PINPOINTS = tuple((384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7))

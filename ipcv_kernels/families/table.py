@@ -1,0 +1,378 @@
+"""The family table: one ``Family`` row per supported model family (see ``row.py`` for the fields).
+
+Rows are matched in order: full models first, bare towers (CLIP, SigLIP) last, since a full model
+above names its own tower. Adding a family: its adapter (``ipcv_kernels/models/<family>.py``, and
+``ipcv_kernels/vllm/adapters.py`` for vLLM), one row here, and its paragraph in ``docs/spec.md``
+(``docs/adding_a_family.md``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from .. import flops
+from ..models.clip_vit import ClipViTAdapter
+from ..models.idefics3 import Idefics3Adapter
+from ..models.internvl import InternVLAdapter
+from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
+from ..models.qwen2_vl import Qwen2VLAdapter
+from ..models.qwen3_vl import Qwen3VLAdapter
+from ..testing import models as tiny
+from ..testing import processors
+from . import shapes
+from .row import (
+    CROPS,
+    GRID,
+    SUB_IMAGES,
+    TILES,
+    WINDOWS,
+    Family,
+    HFClasses,
+    ModelUse,
+    Preset,
+    TinyModel,
+    TinyTower,
+    VLLMClasses,
+)
+
+# The paper reports no setting for the CLIP / SigLIP families (LLaVA, Gemma 3, PaliGemma, Idefics3,
+# SmolVLM): they get IPCVConfig's defaults (the paper's Qwen2-VL-7B setting), to be checked per
+# checkpoint with `python -m ipcv_kernels fidelity`.
+UNTUNED = "IPCVConfig's defaults, untuned for this family (the paper gives none): check with `ipcv_kernels fidelity`"
+INTERNVL_RECOMMENDED: dict[str, Any] = dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10)
+INTERNVL_SOURCE = "the paper's InternVL2 setting (P=7, r=0.65, A=3, k=10)"
+VLLM_ADAPTERS = "ipcv_kernels.vllm.adapters"
+
+
+def _hf(adapter: type, prefix: str, tower: str, tower_classes: tuple[str, ...] = (), **kwargs: Any) -> HFClasses:
+    """The usual transformers layout: ``<prefix>ForConditionalGeneration`` holding ``<prefix>Model``
+    at ``.model``, which holds the tower at ``.<tower>`` and the language model."""
+    full, base = f"{prefix}ForConditionalGeneration", f"{prefix}Model"
+    return HFClasses(
+        adapter,
+        tower_classes,
+        {full: f"model.{tower}", base: tower},
+        {full: "model", base: ""},
+        **kwargs,
+    )
+
+
+def _qwen_vllm(adapter: str, architecture: str, module: str) -> VLLMClasses:
+    return VLLMClasses(
+        f"{VLLM_ADAPTERS}:{adapter}", {architecture: f"vllm.model_executor.models.{module}"}, {architecture: "visual"}
+    )
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "qwen2_vl",
+        "Qwen2-VL",
+        GRID,
+        flops.qwen2_vl_flops,
+        hf=_hf(Qwen2VLAdapter, "Qwen2VL", "visual", ("Qwen2VisionTransformerPretrainedModel",)),
+        vllm=_qwen_vllm("VLLMQwen2VLAdapter", "Qwen2VLForConditionalGeneration", "qwen2_vl"),
+        tiny_tower=TinyTower(
+            "qwen2_vl.modeling_qwen2_vl",
+            "Qwen2VLVisionConfig",
+            "Qwen2VisionTransformerPretrainedModel",
+            tiny.TINY_VISION,
+        ),
+        tiny_model=TinyModel(
+            "Qwen2VLConfig",
+            "Qwen2VLForConditionalGeneration",
+            tiny.qwen2_vl_fields,
+            tiny.qwen_prompt,
+            processors.qwen_processor,
+        ),
+        image_processor=tiny.qwen_image_processor,
+        presets={
+            "qwen2-vl-7b": Preset(shapes.QWEN2_VL_7B_VISION),
+            "qwen2-vl-7b-d8": Preset({**shapes.QWEN2_VL_7B_VISION, "depth": 8}),
+            "qwen2-vl-2b": Preset({**shapes.QWEN2_VL_7B_VISION, "hidden_size": 1536}),
+            # Smoke runs: the 14-pixel patches kept, so image sizes mean the real token counts.
+            "qwen2-vl-tiny": Preset(
+                {
+                    **shapes.QWEN2_VL_7B_VISION,
+                    "depth": 4,
+                    "embed_dim": 64,
+                    "num_heads": 4,
+                    "mlp_ratio": 2,
+                    "hidden_size": 48,
+                }
+            ),
+        },
+    ),
+    Family(
+        "qwen2_5_vl",
+        "Qwen2.5-VL",
+        WINDOWS,
+        flops.qwen2_5_vl_flops,
+        hf=_hf(Qwen2_5_VLAdapter, "Qwen2_5_VL", "visual", ("Qwen2_5_VisionTransformerPretrainedModel",)),
+        vllm=_qwen_vllm("VLLMQwen2_5_VLAdapter", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
+        tiny_tower=TinyTower(
+            "qwen2_5_vl.modeling_qwen2_5_vl",
+            "Qwen2_5_VLVisionConfig",
+            "Qwen2_5_VisionTransformerPretrainedModel",
+            tiny.QWEN2_5_VISION,
+        ),
+        tiny_model=TinyModel(
+            "Qwen2_5_VLConfig",
+            "Qwen2_5_VLForConditionalGeneration",
+            tiny.qwen2_5_vl_fields,
+            tiny.qwen_prompt,
+            processors.qwen_processor,
+        ),
+        image_processor=tiny.qwen_image_processor,
+        presets={"qwen2.5-vl-7b": Preset(shapes.QWEN2_5_VL_7B_VISION)},
+    ),
+    Family(
+        "qwen3_vl",
+        "Qwen3-VL",
+        GRID,
+        flops.qwen3_vl_flops,
+        hf=_hf(Qwen3VLAdapter, "Qwen3VL", "visual", ("Qwen3VLVisionModel",)),
+        vllm=_qwen_vllm("VLLMQwen3VLAdapter", "Qwen3VLForConditionalGeneration", "qwen3_vl"),
+        tiny_tower=TinyTower(
+            "qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionConfig", "Qwen3VLVisionModel", tiny.QWEN3_VISION
+        ),
+        tiny_model=TinyModel(
+            "Qwen3VLConfig",
+            "Qwen3VLForConditionalGeneration",
+            tiny.qwen3_vl_fields,
+            tiny.qwen_prompt,
+            processors.qwen_processor,
+        ),
+        image_processor=tiny.qwen_image_processor,
+        presets={
+            "qwen3-vl-8b": Preset(shapes.QWEN3_VL_8B_VISION),
+            "qwen3-vl-8b-d8": Preset({**shapes.QWEN3_VL_8B_VISION, "depth": 8, "deepstack_visual_indexes": [2, 4, 6]}),
+        },
+    ),
+    Family(
+        "internvl",
+        "InternVL",
+        TILES,
+        flops.internvl_flops,
+        hf=_hf(InternVLAdapter, "InternVL", "vision_tower", ("InternVLVisionModel",)),
+        # transformers' native InternVL format: vLLM builds its InternS1 class for it.
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMInternVLAdapter",
+            {
+                "InternVLForConditionalGeneration": "vllm.model_executor.models.interns1:InternS1ForConditionalGeneration"
+            },
+            {"InternS1ForConditionalGeneration": "vision_tower"},
+        ),
+        tiny_tower=TinyTower(
+            "internvl.modeling_internvl", "InternVLVisionConfig", "InternVLVisionModel", tiny.INTERNVL_VISION
+        ),
+        tiny_model=TinyModel(
+            "InternVLConfig",
+            "InternVLForConditionalGeneration",
+            tiny.internvl_fields,
+            tiny.internvl_prompt,
+            processors.internvl_processor,
+        ),
+        image_processor=tiny.internvl_image_processor,
+        presets={
+            "internvit-300m-d8": Preset({**shapes.INTERNVIT_300M, "num_hidden_layers": 8}),
+            "internvit-300m": Preset(shapes.INTERNVIT_300M),
+        },
+        recommended=INTERNVL_RECOMMENDED,
+        recommended_source=INTERNVL_SOURCE,
+    ),
+    Family(
+        "internvl_chat",
+        "InternVL-Chat",
+        TILES,
+        flops.internvl_flops,
+        # The OpenGVLab checkpoints' own format (``trust_remote_code``): vLLM only.
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMInternVLChatAdapter",
+            {"InternVLChatModel": "vllm.model_executor.models.internvl"},
+            {"InternVLChatModel": "vision_model"},
+        ),
+        recommended=INTERNVL_RECOMMENDED,
+        recommended_source=INTERNVL_SOURCE,
+    ),
+    Family(
+        "llava",
+        "LLaVA 1.5",
+        CROPS,
+        flops.clip_vit_flops,
+        hf=_hf(ClipViTAdapter, "Llava", "vision_tower"),
+        tiny_model=TinyModel(
+            "LlavaConfig",
+            "LlavaForConditionalGeneration",
+            tiny.llava_fields,
+            tiny.clip_family_prompt,
+            partial(processors.clip_family_processor, "llava"),
+        ),
+        presets={
+            "llava-1.5-7b": Preset(
+                shapes.CLIP_VIT_L_336, tower="clip", use=ModelUse("LLaVA-1.5-7B", "llava", feature_layer=-2)
+            ),
+        },
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "llava_next",
+        "LLaVA-NeXT",
+        CROPS,
+        flops.clip_vit_flops,
+        hf=_hf(ClipViTAdapter, "LlavaNext", "vision_tower"),
+        tiny_model=TinyModel(
+            "LlavaNextConfig",
+            "LlavaNextForConditionalGeneration",
+            tiny.llava_next_fields,
+            tiny.anyres_prompt,
+            partial(processors.clip_family_processor, "llava_next"),
+        ),
+        presets={
+            "llava-next-7b-d8": Preset(
+                {**shapes.CLIP_VIT_L_336, "num_hidden_layers": 8},
+                tower="clip",
+                use=ModelUse(
+                    "LLaVA-NeXT-7B",
+                    "llava_next",
+                    feature_layer=-2,
+                    grid_pinpoints=shapes.LLAVA_NEXT_PINPOINTS,
+                    cases=("672x672",),
+                ),
+            ),
+        },
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "llava_onevision",
+        "LLaVA-OneVision",
+        CROPS,
+        flops.clip_vit_flops,
+        hf=_hf(ClipViTAdapter, "LlavaOnevision", "vision_tower"),
+        tiny_model=TinyModel(
+            "LlavaOnevisionConfig",
+            "LlavaOnevisionForConditionalGeneration",
+            tiny.onevision_fields,
+            tiny.anyres_prompt,
+            partial(processors.crop_family_processor, "llava_onevision"),
+        ),
+        presets={
+            "llava-onevision-7b-d8": Preset(
+                {**shapes.SIGLIP_SO400M_384_ONEVISION, "num_hidden_layers": 8},
+                tower="siglip",
+                use=ModelUse(
+                    "LLaVA-OneVision-7B",
+                    "llava_onevision",
+                    feature_layer=-1,
+                    grid_pinpoints=shapes.ONEVISION_PINPOINTS,
+                    anyres_module="llava_onevision.modeling_llava_onevision",
+                    cases=("768x768",),
+                ),
+            ),
+        },
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "gemma3",
+        "Gemma 3",
+        CROPS,
+        flops.clip_vit_flops,
+        hf=_hf(ClipViTAdapter, "Gemma3", "vision_tower"),
+        tiny_model=TinyModel(
+            "Gemma3Config",
+            "Gemma3ForConditionalGeneration",
+            tiny.gemma3_fields,
+            tiny.clip_family_prompt,
+            partial(processors.clip_family_processor, "gemma3"),
+        ),
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "paligemma",
+        "PaliGemma",
+        CROPS,
+        flops.clip_vit_flops,
+        hf=_hf(ClipViTAdapter, "PaliGemma", "vision_tower"),
+        tiny_model=TinyModel(
+            "PaliGemmaConfig",
+            "PaliGemmaForConditionalGeneration",
+            tiny.paligemma_fields,
+            tiny.clip_family_prompt,
+            partial(processors.clip_family_processor, "paligemma"),
+        ),
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "idefics3",
+        "Idefics3",
+        SUB_IMAGES,
+        flops.idefics3_flops,
+        hf=_hf(Idefics3Adapter, "Idefics3", "vision_model", ("Idefics3VisionTransformer",), decoder="text_model"),
+        tiny_tower=TinyTower(
+            "idefics3.modeling_idefics3", "Idefics3VisionConfig", "Idefics3VisionTransformer", tiny.IDEFICS3_VISION
+        ),
+        tiny_model=TinyModel(
+            "Idefics3Config",
+            "Idefics3ForConditionalGeneration",
+            tiny.idefics3_fields("idefics3"),
+            tiny.idefics3_prompt,
+            partial(processors.crop_family_processor, "idefics3"),
+        ),
+        image_processor=tiny.siglip_image_processor,  # one sub-image per image
+        presets={
+            "idefics3-8b-d8": Preset(
+                {**shapes.IDEFICS3_8B_VISION, "num_hidden_layers": 8},
+                use=ModelUse("Idefics3-8B", "idefics3", cases=("728x700",)),
+            ),
+        },
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "smolvlm",
+        "SmolVLM",
+        SUB_IMAGES,
+        flops.idefics3_flops,
+        hf=_hf(Idefics3Adapter, "SmolVLM", "vision_model", ("SmolVLMVisionTransformer",), decoder="text_model"),
+        tiny_tower=TinyTower(
+            "smolvlm.modeling_smolvlm",
+            "SmolVLMVisionConfig",
+            "SmolVLMVisionTransformer",
+            {**tiny.IDEFICS3_VISION, "model_type": "smolvlm_vision"},
+        ),
+        tiny_model=TinyModel(
+            "SmolVLMConfig",
+            "SmolVLMForConditionalGeneration",
+            tiny.idefics3_fields("smolvlm"),
+            tiny.idefics3_prompt,
+            partial(processors.crop_family_processor, "smolvlm"),
+        ),
+        image_processor=tiny.siglip_image_processor,
+        recommended_source=UNTUNED,
+    ),
+    # Bare towers last: a full model above names its own tower.
+    Family(
+        "clip",
+        "CLIP",
+        CROPS,
+        flops.clip_vit_flops,
+        hf=HFClasses(ClipViTAdapter, ("CLIPVisionModel",)),
+        tiny_tower=TinyTower("clip.modeling_clip", "CLIPVisionConfig", "CLIPVisionModel", tiny.CLIP_VISION),
+        image_processor=tiny.clip_image_processor,
+        presets={"clip-vit-l-336-d8": Preset({**shapes.CLIP_VIT_L_336, "num_hidden_layers": 8})},
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "siglip",
+        "SigLIP",
+        CROPS,
+        flops.clip_vit_flops,
+        hf=HFClasses(ClipViTAdapter, ("SiglipVisionModel",)),
+        tiny_tower=TinyTower("siglip.modeling_siglip", "SiglipVisionConfig", "SiglipVisionModel", tiny.SIGLIP_VISION),
+        image_processor=tiny.siglip_image_processor,
+        presets={
+            "siglip-so400m-d8": Preset({**shapes.SIGLIP_SO400M_896, "num_hidden_layers": 8}),
+            "siglip-so400m-384-d8": Preset({**shapes.SIGLIP_SO400M_896, "image_size": 384, "num_hidden_layers": 8}),
+        },
+        recommended_source=UNTUNED,
+    ),
+)

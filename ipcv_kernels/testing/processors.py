@@ -1,0 +1,338 @@
+"""Processors (tokenizer, image processor, chat template) of the tiny models of every family, as a
+serving or evaluation stack uses them: the family table's ``TinyModel.processor``.
+
+Tokenizers are word-level (no vocabulary files to download) with each family's special tokens at
+the ids its tiny model's config uses; image processors are transformers' PIL ones (no torchvision)
+configured for the tiny towers' patch and tile sizes. transformers' ``Qwen2VLProcessor`` needs
+torchvision, so the Qwen families get ``TinyQwen2VLProcessor``, which does what it does for images.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .models import (
+    CLIP_FAMILY_IMAGE_TOKEN,
+    IDEFICS3_TOKENS_PER_SUB_IMAGE,
+    INTERNVL_IMAGE_TOKEN,
+    INTERNVL_TOKENS_PER_TILE,
+    ONEVISION_PINPOINTS,
+    TINY_SPECIAL_TOKENS,
+    TINY_TEXT,
+)
+
+# The Qwen families' vision tokens (``build_tokenizer``'s default).
+SPECIAL_TOKENS = {
+    "<|image_pad|>": TINY_SPECIAL_TOKENS["image_token_id"],
+    "<|video_pad|>": TINY_SPECIAL_TOKENS["video_token_id"],
+    "<|vision_start|>": TINY_SPECIAL_TOKENS["vision_start_token_id"],
+    "<|vision_end|>": TINY_SPECIAL_TOKENS["vision_end_token_id"],
+}
+# InternVL (transformers' native format): its processor reads the image tokens from the
+# tokenizer's named special tokens (``tokenizer.start_image_token`` ...), at the ids 120 .. 123.
+INTERNVL_SPECIAL_TOKENS = {
+    "<IMG_CONTEXT>": INTERNVL_IMAGE_TOKEN,
+    "<img>": INTERNVL_IMAGE_TOKEN + 1,
+    "</img>": INTERNVL_IMAGE_TOKEN + 2,
+    "<video>": INTERNVL_IMAGE_TOKEN + 3,
+}
+# InternVL's own (OpenGVLab) format: vLLM's processor writes ``<img> <IMG_CONTEXT> * n </img>``
+# for each ``<image>`` of a prompt and ``Frame1: <img> <|video_pad|> * n </img> ...`` for a
+# ``<video>`` (a Qwen2 language model's video token).
+INTERNVL_CHAT_SPECIAL_TOKENS = {
+    **INTERNVL_SPECIAL_TOKENS,
+    "<image>": INTERNVL_IMAGE_TOKEN + 4,
+    "<|video_pad|>": INTERNVL_IMAGE_TOKEN + 5,
+}
+INTERNVL_NAMED_TOKENS = {
+    "context_image_token": "<IMG_CONTEXT>",
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "video_token": "<video>",
+}
+
+
+def build_tokenizer(special_tokens: dict[str, int] | None = None, named_tokens: dict[str, str] | None = None) -> Any:
+    """A ``PreTrainedTokenizerFast``: whitespace-split words ``w3 .. w119``, the special tokens
+    ``special_tokens`` (token -> id in 120 .. 127, default ``SPECIAL_TOKENS``; split out of the text
+    without spaces; free ids there are ``<unusedN>``), ``<pad>`` 0 (also the unknown token), ``<s>`` 1, ``</s>`` 2.
+
+    ``named_tokens``: attribute name -> special token, exposed as ``tokenizer.<name>`` and
+    ``tokenizer.<name>_id`` (what InternVL's processor reads).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special_tokens = SPECIAL_TOKENS if special_tokens is None else special_tokens
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 120)}, **special_tokens}
+    taken = set(special_tokens.values())
+    vocab.update({f"<unused{i}>": i for i in range(120, TINY_TEXT["vocab_size"]) if i not in taken})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<pad>",
+        extra_special_tokens=named_tokens or {},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    return tokenizer
+
+
+# InternVL's tiles: 16 x 16 pixels (the tiny tower's image size), at most 4 per image plus the
+# thumbnail.
+INTERNVL_TILE = 16
+INTERNVL_MAX_TILES = 4
+
+
+# -- the Qwen families ---------------------------------------------------------------------------
+WORDS = ["<unk>", "<pad>", "<eos>", "system", "user", "assistant", "you", "are", "a", "helpful"]
+WORDS += ["what", "is", "this", "?", "describe", "it", ".", "cat", "dog", "yes", "no"]
+SPECIALS = {
+    **SPECIAL_TOKENS,
+    "<|im_start|>": 124,
+    "<|im_end|>": 125,
+}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class TinyQwen2VLProcessor:
+    """What ``Qwen2VLProcessor`` does, for images: chat template, one ``<|image_pad|>`` per merged
+    patch, tokenisation with left padding, ``mm_token_type_ids``."""
+
+    chat_template = CHAT_TEMPLATE
+
+    def __init__(self) -> None:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        vocab = {word: i for i, word in enumerate(WORDS)} | SPECIALS
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        self.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+        )
+        self.tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIALS)})
+        self.image_processor = Qwen2VLImageProcessorPil(
+            patch_size=2, merge_size=2, temporal_patch_size=2, min_pixels=64, max_pixels=1024
+        )
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tokenize: bool = False, add_generation_prompt: bool = True
+    ) -> Any:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=CHAT_TEMPLATE, tokenize=tokenize, add_generation_prompt=add_generation_prompt
+        )
+
+    def __call__(
+        self, text: list[str], images: Any = None, videos: Any = None, padding: bool = True, return_tensors: str = "pt"
+    ) -> dict[str, Any]:
+        if videos is not None:
+            raise ValueError("videos: TinyQwen2VLProcessor takes images only")
+        features = {}
+        if images:
+            features = dict(self.image_processor(images=images, return_tensors="pt"))
+            counts = iter((features["image_grid_thw"].prod(-1) // 4).tolist())
+            text = [
+                "".join(
+                    part + ("<|image_pad|>" * next(counts) if i < t.count("<|image_pad|>") else "")
+                    for i, part in enumerate(t.split("<|image_pad|>"))
+                )
+                for t in text
+            ]
+        encoded = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        image_id = SPECIALS["<|image_pad|>"]
+        return {
+            **encoded,
+            **features,
+            "mm_token_type_ids": (encoded["input_ids"] == image_id).long(),
+        }
+
+    def batch_decode(self, ids: Any, skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+# -- CLIP / SigLIP families, InternVL ---------------------------------------------------------------
+CLIP_WORDS = ["<unk>", "<pad>", "<eos>", "<bos>", "user", "system", "assistant", "what", "is", "this", "?", "a", "cat"]
+CLIP_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}IMAGE{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}assistant{% endif %}"
+)
+
+
+def clip_family_processor(family: str) -> Any:
+    """A real transformers processor of ``family`` for the tiny models: a word-level tokenizer
+    (image token id 260, as in ``ipcv_kernels.testing.models``) and the family's PIL image
+    processor at 32 x 32."""
+    from transformers import Gemma3Processor, LlavaNextProcessor, LlavaProcessor, PaliGemmaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    Tokenizer, models, pre_tokenizers, PreTrainedTokenizerFast = _tokenizer_classes()
+    image_token = {"gemma3": "<image_soft>"}.get(family, "<image>")
+    specials = {image_token: 260, "<boi>": 261, "<eoi>": 262}
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(CLIP_WORDS)} | specials, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"image_token": image_token, "boi_token": "<boi>", "eoi_token": "<eoi>"} if family == "gemma3" else {}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        extra_special_tokens=extra,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    size = {"height": 32, "width": 32}
+    template = CLIP_TEMPLATE.replace("IMAGE", {"gemma3": "<boi>"}.get(family, "<image>"))
+    clip = dict(patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if family == "llava":
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=size)
+        return LlavaProcessor(image_processor=processor, tokenizer=tokenizer, chat_template=template, **clip)
+    if family == "llava_next":
+        processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size=size, image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]]
+        )
+        return LlavaNextProcessor(image_processor=processor, tokenizer=tokenizer, chat_template=template, **clip)
+    if family == "gemma3":
+        processor = Gemma3ImageProcessorPil(size=size)
+        return Gemma3Processor(
+            image_processor=processor, tokenizer=tokenizer, chat_template=template, image_seq_length=4
+        )
+    processor = SiglipImageProcessorPil(size=size)
+    processor.image_seq_length = 16
+    return PaliGemmaProcessor(image_processor=processor, tokenizer=tokenizer)  # no chat template
+
+
+def unchecked_video_processor(processor_class: type) -> type:
+    """``processor_class`` that keeps its video processor without checking its class: transformers
+    checks it against a class that needs torchvision, which is not installed here (the video
+    processor itself builds without it, and these tests send images only)."""
+
+    class UncheckedVideoProcessor(processor_class):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [name for name in processor_class.get_attributes() if name != "video_processor"]
+
+        def __init__(self, *, video_processor: Any, **kwargs: Any) -> None:
+            super().__init__(video_processor=video_processor, **kwargs)
+            self.video_processor = video_processor  # SmolVLM's chat template reads its frame settings
+
+    return UncheckedVideoProcessor
+
+
+def _allow_smolvlm_processor() -> None:
+    """``SmolVLMProcessor`` refuses to build without num2words, which it calls for video prompts
+    only, to spell out frame counts: where num2words is not installed, ``str`` stands in (these
+    processors are for image prompts)."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    if processing_smolvlm.num2words is None:
+        processing_smolvlm.num2words = str
+
+
+def _tokenizer_classes() -> tuple[Any, Any, Any, Any]:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    return Tokenizer, models, pre_tokenizers, PreTrainedTokenizerFast
+
+
+def crop_family_processor(family: str) -> Any:
+    """A real transformers processor of LLaVA-OneVision, Idefics3 or SmolVLM for the tiny models
+    (``ipcv_kernels.families.build_model``): a word-level tokenizer with the family's special tokens
+    (``<image>`` id 260, then OneVision's ``<video>`` or Idefics3's ``<fake_token_around_image>``,
+    ``<global-img>``, ``<end_of_utterance>`` and the 36 ``<row_i_col_j>`` tags, all below the
+    vocabulary size 300) and the family's PIL image processor: OneVision 32 x 32 crops on its
+    anyres grids, Idefics3 / SmolVLM 32 x 32 sub-images of images resized to at most 64 px."""
+    from transformers import Idefics3Processor, LlavaOnevisionProcessor, SmolVLMProcessor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    Tokenizer, models, pre_tokenizers, PreTrainedTokenizerFast = _tokenizer_classes()
+    image_id = CLIP_FAMILY_IMAGE_TOKEN
+    if family == "llava_onevision":
+        specials = {"<image>": image_id, "<video>": image_id + 1}
+    else:
+        specials = {"<image>": image_id, "<fake_token_around_image>": image_id + 1, "<global-img>": image_id + 2}
+        specials["<end_of_utterance>"] = image_id + 3
+        specials |= {f"<row_{i + 1}_col_{j + 1}>": image_id + 4 + 6 * i + j for i in range(6) for j in range(6)}
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(CLIP_WORDS)} | specials, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    template = CLIP_TEMPLATE.replace("IMAGE", "<image>")
+    if family == "llava_onevision":
+        processor = LlavaOnevisionImageProcessorPil(
+            size={"height": 32, "width": 32}, image_grid_pinpoints=ONEVISION_PINPOINTS
+        )
+        return unchecked_video_processor(LlavaOnevisionProcessor)(
+            image_processor=processor,
+            tokenizer=tokenizer,
+            video_processor=LlavaOnevisionVideoProcessor(),
+            num_image_tokens=16,  # per 32 x 32 crop: SigLIP's 4 x 4 patches, no CLS
+            vision_feature_select_strategy="full",
+            chat_template=template,
+        )
+    sizes = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    if family == "smolvlm":
+        _allow_smolvlm_processor()
+    if family == "idefics3":
+        return Idefics3Processor(
+            image_processor=Idefics3ImageProcessorPil(**sizes),
+            tokenizer=tokenizer,
+            image_seq_len=IDEFICS3_TOKENS_PER_SUB_IMAGE,
+            chat_template=template,
+        )
+    return unchecked_video_processor(SmolVLMProcessor)(
+        image_processor=SmolVLMImageProcessorPil(**sizes),
+        tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(),
+        image_seq_len=IDEFICS3_TOKENS_PER_SUB_IMAGE,
+        chat_template=template,
+    )
+
+
+def internvl_processor() -> Any:
+    """transformers' ``InternVLProcessor`` for the tiny InternVL (16 x 16 tiles, up to 4 plus the
+    thumbnail, ``build_tokenizer`` with InternVL's named image tokens),
+    without a video processor (transformers' InternVL one imports torchvision, not installed here;
+    these tests send images only)."""
+    from transformers import InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    size = {"height": INTERNVL_TILE, "width": INTERNVL_TILE}
+    return unchecked_video_processor(InternVLProcessor)(
+        image_processor=GotOcr2ImageProcessorPil(
+            size=size, crop_to_patches=True, min_patches=1, max_patches=INTERNVL_MAX_TILES
+        ),
+        tokenizer=build_tokenizer(INTERNVL_SPECIAL_TOKENS, INTERNVL_NAMED_TOKENS),
+        video_processor=None,
+        image_seq_length=INTERNVL_TOKENS_PER_TILE,
+        chat_template=CLIP_TEMPLATE.replace("IMAGE", "<IMG_CONTEXT>"),
+    )
+
+
+def qwen_processor() -> TinyQwen2VLProcessor:
+    """The tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL models' processor (they share the layout)."""
+    return TinyQwen2VLProcessor()
