@@ -1,4 +1,4 @@
-"""Op-level benchmark of the IPCV kernels (issue 3): ``python benchmarks/bench_ops.py --out DIR``.
+"""Op-level benchmark of the IPCV kernels: ``python benchmarks/bench_ops.py --out DIR``.
 
 Per image size ``n`` (tokens of one image, ratio 0.65, width 1280 = 16 heads x 80, 10 neighbours,
 the Qwen2-VL-7B setting) it times, after checking every variant's output:

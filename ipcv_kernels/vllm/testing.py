@@ -45,7 +45,7 @@ SPECIAL_TOKENS = {
     "<|vision_start|>": TINY_SPECIAL_TOKENS["vision_start_token_id"],
     "<|vision_end|>": TINY_SPECIAL_TOKENS["vision_end_token_id"],
 }
-# The engine settings of the vLLM tests and benchmark (the list: fp32, eager, no prefix
+# The engine settings of the vLLM tests and benchmark (fp32, eager, no prefix
 # caching, no processor cache, so every image is processed and encoded anew).
 ENGINE: dict[str, Any] = dict(
     dtype="float32",

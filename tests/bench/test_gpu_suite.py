@@ -45,7 +45,7 @@ def test_bench_vit_command_lines_parse_and_fit_the_preset():
         settings = vit.settings_from_args(args)
         assert settings["model"] == "qwen2-vl-7b" and settings["dtype"] == "bfloat16"
         ipcv = settings["ipcv"]
-        assert (ipcv.ratio, ipcv.prune_layer, ipcv.as_layers) == (0.65, 3, 7)  # the issue's GPU setting
+        assert (ipcv.ratio, ipcv.prune_layer, ipcv.as_layers) == (0.65, 3, 7)  # the GPU targets' setting
         config = towers.vision_config_from_preset(settings["model"])
         ipcv.check_depth(config.depth)
         tokens.append([vit.parse_case(text, config).tokens for text in settings["cases"]])
