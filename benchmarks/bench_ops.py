@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 import ipcv_kernels as ik
+from ipcv_kernels._help_text import help_summary
 from ipcv_kernels.bench.harness import (
     Column,
     ResultFiles,
@@ -53,7 +54,7 @@ ATTENTION_BACKENDS = ("triton", "flash_attn", "torch_varlen", "sdpa", "torch")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_summary(__doc__))
     parser.add_argument(
         "--out",
         type=Path,

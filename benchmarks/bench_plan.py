@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 import ipcv_kernels as ik
+from ipcv_kernels._help_text import help_summary
 from ipcv_kernels.bench.harness import (
     Column,
     ResultFiles,
@@ -57,7 +58,7 @@ def parse_batch(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_summary(__doc__))
     parser.add_argument(
         "--out",
         type=Path,
