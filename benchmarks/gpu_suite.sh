@@ -15,6 +15,8 @@
 # (--on-check-failure warn), so that one session yields numbers; read "Checks" in the .md files.
 # Raw results go under $OUT: logs/<step>.log, results/*.json|csv|md|png, pytest-gpu.xml, and
 # summary.txt (one line per step with its exit status). A failing step does not stop the others.
+# tests/bench/test_gpu_suite.py runs every step here with python and nvidia-smi stubbed, checking
+# the commands each step runs (and that its benchmark command lines parse).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
