@@ -23,6 +23,7 @@ from ipcv_kernels.__main__ import SUBCOMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+CI = ROOT / ".ci" / "run"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 CHECKPOINT = "/path/to/"
 
@@ -49,9 +50,6 @@ def cli_lines() -> list[str]:
 def run_isolated(args: list[str], tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-CI = ROOT / ".ci" / "run"
 
 
 def ci_setup_lines() -> dict[str, str]:
