@@ -1,4 +1,4 @@
-"""Op-level benchmark of the IPCV kernels (issue 3): ``python benchmarks/bench_ops.py --out DIR``.
+"""Op-level benchmark of the IPCV kernels: ``python benchmarks/bench_ops.py --out DIR``.
 
 Per image size ``n`` (tokens of one image, ratio 0.65, width 1280 = 16 heads x 80, 10 neighbours,
 the Qwen2-VL-7B setting) it times, after checking every variant's output:
@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 import ipcv_kernels as ik
+from ipcv_kernels._help_text import help_summary
 from ipcv_kernels.bench.harness import (
     Column,
     ResultFiles,
@@ -53,7 +54,7 @@ ATTENTION_BACKENDS = ("triton", "flash_attn", "torch_varlen", "sdpa", "torch")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_summary(__doc__))
     parser.add_argument(
         "--out",
         type=Path,

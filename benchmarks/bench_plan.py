@@ -1,4 +1,4 @@
-"""Benchmark of the compiled planning step and ``knn`` (issue 4): ``python benchmarks/bench_plan.py``.
+"""Benchmark of the compiled planning step and ``knn``: ``python benchmarks/bench_plan.py``.
 
 Two parts, each checked for correctness before it is timed:
 
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 import ipcv_kernels as ik
+from ipcv_kernels._help_text import help_summary
 from ipcv_kernels.bench.harness import (
     Column,
     ResultFiles,
@@ -46,7 +47,7 @@ from ipcv_kernels.reference import keep_count, knn_reference
 from ipcv_kernels.testing import assert_close
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-# Issue 4's targets: speed-up of the planning step per batch shape; knn memory ratio and time.
+# The targets: speed-up of the planning step per batch shape; knn memory ratio and time.
 PLAN_TARGETS = {(8, 1024): 1.4, (32, 256): 2.0}
 KNN_MEMORY_TARGET = 0.25
 
@@ -57,7 +58,7 @@ def parse_batch(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_summary(__doc__))
     parser.add_argument(
         "--out",
         type=Path,

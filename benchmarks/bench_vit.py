@@ -1,4 +1,4 @@
-"""End-to-end vision-tower benchmark (issue 5): ``python benchmarks/bench_vit.py --suite cpu``.
+"""End-to-end vision-tower benchmark: ``python benchmarks/bench_vit.py --suite cpu``.
 
 The same as ``python -m ipcv_kernels bench`` (the code lives in ``ipcv_kernels.bench.vit``); this
 file is only a script entry point. ``--help`` lists the options; results go to

@@ -1,4 +1,4 @@
-"""vLLM benchmark (issue 13): ``python benchmarks/bench_vllm.py`` in an environment with vLLM.
+"""vLLM benchmark: ``python benchmarks/bench_vllm.py`` in an environment with vLLM.
 
 The same as ``python -m ipcv_kernels bench-vllm`` (the code lives in ``ipcv_kernels.bench.vllm``);
 this file is only a script entry point. ``--help`` lists the options; results go to

@@ -15,6 +15,8 @@
 # (--on-check-failure warn), so that one session yields numbers; read "Checks" in the .md files.
 # Raw results go under $OUT: logs/<step>.log, results/*.json|csv|md|png, pytest-gpu.xml, and
 # summary.txt (one line per step with its exit status). A failing step does not stop the others.
+# tests/bench/test_gpu_suite.py runs every step here with python and nvidia-smi stubbed, checking
+# the commands each step runs (and that its benchmark command lines parse).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,8 +84,8 @@ step_tests() {
   python -m pytest -q -rs tests --junitxml="$OUT/pytest-gpu.xml"
 }
 
-# The issue's GPU targets: full Qwen2-VL-7B tower, bf16, ratio 0.65, prune layer 3, 7 stabilisation
-# blocks, at 1k / 4k / 16k tokens per image (448, 896, 1792 pixels square). Also (c) with PyTorch's
+# The GPU targets: full Qwen2-VL-7B tower, bf16, ratio 0.65, prune layer 3, 7 stabilisation
+# blocks, at 1k / 4k / 16k tokens per image (448, 896, 1792 pixels square). Also IPCV with PyTorch's
 # varlen (flash) attention in the stabilisation blocks, which tells whether `auto` should prefer it
 # to the Triton kernel (dropped when this torch has no varlen attention).
 step_vit_targets() {
@@ -102,13 +104,13 @@ step_vit_more() {
     --out "$OUT/results" --name vit_gpu_more --no-progress --check none --on-check-failure warn
 }
 
-# Op level (issue 3's targets): knn, kept-query attention and the restore, at 1k / 4k / 16k tokens.
+# Op level: knn, kept-query attention and the restore, at 1k / 4k / 16k tokens.
 step_ops() {
   ensure_installed
   python benchmarks/bench_ops.py --device cuda --out "$OUT/results" --on-check-failure warn --keep-going
 }
 
-# vLLM's vision-encoder time and time to first token with and without IPCV (issue 13), when this
+# vLLM's vision-encoder time and time to first token with and without IPCV, when this
 # machine has vLLM: the full Qwen2-VL-7B tower in bf16 at 1k / 4k tokens per image, the family's
 # recommended setting. Without vLLM (the GPU image has none) the step is skipped, and says so in
 # its log and in summary.txt (rc=0).

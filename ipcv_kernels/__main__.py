@@ -1,8 +1,9 @@
 """Command line: ``python -m ipcv_kernels <subcommand> [options]`` (also the ``ipcv-kernels`` script).
 
 Every subcommand is a module that exposes ``add_arguments(parser)`` (its flags, each with help
-text) and ``run(args) -> int`` (the exit status); its docstring's first paragraph is its line in
-the top-level help and the description of its own ``--help``. Adding one is one entry in
+text) and ``run(args) -> int`` (the exit status); its docstring's first paragraph, as plain text
+(``ipcv_kernels._help_text``), is its line in the top-level help and the description of its own
+``--help``. Adding one is one entry in
 ``SUBCOMMANDS``. ``run`` also finds ``args.command_line``, the invocation as a shell command, for
 result files to record.
 
@@ -20,6 +21,7 @@ from types import ModuleType
 from typing import NoReturn
 
 from . import demo, fidelity
+from ._help_text import help_summary
 from .bench import vit
 from .bench import vllm as bench_vllm
 
@@ -55,8 +57,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def summary(module: ModuleType) -> str:
-    """The first paragraph of ``module``'s docstring, on one line."""
-    return " ".join((module.__doc__ or "").split("\n\n")[0].split())
+    """The first paragraph of ``module``'s docstring, on one line, without its markup."""
+    return help_summary(module.__doc__)
 
 
 def build_parser() -> Parser:

@@ -31,8 +31,11 @@ class IPCVConfig:
             for reproducing its numbers: ``"global"``, except that InternVL selects per tile,
             each tile's CLS kept and not counted, and its neighbours are any kept row of the
             call, CLS tokens included; see ``docs/spec.md`` §4).
-        backend: backend of the planning ops (selection, ``knn``) and ``ngr_reconstruct``.
-        attention_backend: backend of ``ngr_attention`` in the stabilisation blocks.
+        ops_backend: backend of every op IPCV runs except ``ngr_attention``: the planning step
+            (scores, selection, ``knn``) and the restoration of the dropped tokens by NGR
+            (``ngr_restore``).
+        attention_backend: backend of ``ngr_attention``, the kept-query attention of the
+            stabilisation blocks (and of InternVL's pruned blocks).
         as_queries: ``"kept"`` computes queries for kept tokens only (``ngr_attention``, the fast
             path); ``"all"`` runs the model's own block on the full reconstructed sequence and
             discards the dropped rows (the paper code's formulation, for parity and benchmarks).
@@ -47,7 +50,7 @@ class IPCVConfig:
     as_layers: int = 7
     num_neighbors: int = 10
     scope: str = "image"
-    backend: str = "auto"
+    ops_backend: str = "auto"
     attention_backend: str = "auto"
     as_queries: str = "kept"
     reconstruct: bool = True
@@ -61,7 +64,7 @@ class IPCVConfig:
         check_choice("as_queries", self.as_queries, AS_QUERIES)
         if not isinstance(self.reconstruct, bool):
             raise TypeError(f"reconstruct must be a bool, got {type(self.reconstruct).__name__}")
-        for name in ("backend", "attention_backend"):
+        for name in ("ops_backend", "attention_backend"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
 

@@ -27,11 +27,11 @@ ATTENTION_VARIANT_PREFIX = "ipcv_"
 
 
 def variant_configs(ipcv: IPCVConfig, variants: Sequence[str] = VARIANTS) -> dict[str, IPCVConfig | None]:
-    """The benchmarked variants' configs for one IPCV setting (its ``backend`` fields ignored)."""
+    """The benchmarked variants' configs for one IPCV setting (its ``ops_backend`` and ``attention_backend`` ignored)."""
     configs: dict[str, IPCVConfig | None] = {
         "unpatched": None,
-        "paper": replace(ipcv, as_queries="all", backend="torch", attention_backend="torch"),
-        "ipcv": replace(ipcv, as_queries="kept", backend="auto", attention_backend="auto"),
+        "paper": replace(ipcv, as_queries="all", ops_backend="torch", attention_backend="torch"),
+        "ipcv": replace(ipcv, as_queries="kept", ops_backend="auto", attention_backend="auto"),
     }
     for variant in variants:
         if variant not in configs:

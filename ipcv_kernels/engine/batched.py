@@ -160,7 +160,7 @@ def plan_with_pinned_tokens(
         torch.searchsorted(free, cu_seqlens.to(free.dtype)).to(torch.int32),
         config.ratio,
         config.num_neighbors,
-        backend=config.backend,
+        backend=config.ops_backend,
         skip_check=True,
     )
     kept_free = free[sub.keep]
@@ -204,10 +204,10 @@ def authors_plan(
     free = is_free.nonzero().squeeze(1)
     scores = token_scores(x_before[free], x_after[free], skip_check=True)
     cu_free_tiles = torch.searchsorted(free, cu_tiles.to(free.dtype)).to(torch.int32)
-    selection = select_tokens(scores, cu_free_tiles, config.ratio, backend=config.backend, skip_check=True)
+    selection = select_tokens(scores, cu_free_tiles, config.ratio, backend=config.ops_backend, skip_check=True)
     keep = torch.cat([cls_rows, free[selection.keep]]).sort().values
     drop = free[selection.drop]
-    neighbors = knn(x_after[drop], x_after[keep], config.num_neighbors, backend=config.backend, skip_check=True)
+    neighbors = knn(x_after[drop], x_after[keep], config.num_neighbors, backend=config.ops_backend, skip_check=True)
     return IPCVPlan(
         keep=keep,
         drop=drop,

@@ -187,7 +187,7 @@ class FamilyAdapter:
             cu_seqlens,
             config.ratio,
             config.num_neighbors,
-            backend=config.backend,
+            backend=config.ops_backend,
             skip_check=True,
         )
 
@@ -472,7 +472,7 @@ class IPCVPatch(InstancePatch):
             plan.keep,
             plan.drop,
             plan.neighbors,
-            backend=self.config.backend,
+            backend=self.config.ops_backend,
             skip_check=True,
         )
         return full

@@ -23,7 +23,7 @@ One process on one device (no accelerate data parallelism). Model arguments: ``p
 ``min_pixels`` / ``max_pixels`` (Qwen processors), ``batch_size``, and the settings of
 ``ipcv_kernels.eval.settings.build_settings``: ``ipcv`` (``false`` turns IPCV off),
 ``ipcv_prune_layer``, ``ipcv_ratio``, ``ipcv_as_layers``, ``ipcv_num_neighbors``, ``ipcv_scope``,
-``ipcv_backend``, ``ipcv_attention_backend``, ``llm_pruner`` (``none``, ``fastv``, ``dart``),
+``ipcv_ops_backend``, ``ipcv_attention_backend``, ``llm_pruner`` (``none``, ``fastv``, ``dart``),
 ``llm_layer``, ``llm_ratio``, ``pivot_image_tokens``, ``pivot_text_tokens``.
 """
 

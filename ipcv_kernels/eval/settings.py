@@ -51,7 +51,7 @@ def build_settings(
     ipcv_as_layers: object = IPCV_DEFAULTS["as_layers"],
     ipcv_num_neighbors: object = IPCV_DEFAULTS["num_neighbors"],
     ipcv_scope: str = IPCV_DEFAULTS["scope"],
-    ipcv_backend: str = IPCV_DEFAULTS["backend"],
+    ipcv_ops_backend: str = IPCV_DEFAULTS["ops_backend"],
     ipcv_attention_backend: str = IPCV_DEFAULTS["attention_backend"],
     llm_pruner: str = "none",
     llm_layer: object = 2,
@@ -80,7 +80,7 @@ def build_settings(
             as_layers=as_number("ipcv_as_layers", ipcv_as_layers, int),
             num_neighbors=as_number("ipcv_num_neighbors", ipcv_num_neighbors, int),
             scope=ipcv_scope,
-            backend=ipcv_backend,
+            ops_backend=ipcv_ops_backend,
             attention_backend=ipcv_attention_backend,
         )
     name = str(llm_pruner).lower()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .._help_text import plain_text
 from ..bench import harness
 from .evaluate import METHODS, FidelityResult, Grid, default_grid, evaluate_fidelity
 from .report import write_results
@@ -154,7 +155,7 @@ def parser() -> argparse.ArgumentParser:
     """The standalone parser (``main``); the package CLI adds the same flags to its subcommand."""
     p = argparse.ArgumentParser(
         prog="python -m ipcv_kernels fidelity",
-        description=__doc__,
+        description=plain_text(__doc__),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(p)

@@ -1,7 +1,9 @@
-"""Result files of a fidelity run: ``<stem>.json``, ``.csv``, ``.md`` and ``.png`` (harness formats)."""
+"""Result files of a fidelity run: ``<stem>.json``, ``.csv``, ``.md`` and ``.png`` (harness formats;
+the plot needs matplotlib, an optional dependency: without it the other files are still written)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -116,10 +118,19 @@ def plot(result: FidelityResult, path: Path) -> Path:
 
 
 def write_results(result: FidelityResult, directory: Path, stem: str = "fidelity") -> list[Path]:
-    """Write ``<stem>.json`` (environment, settings, samples, rows), ``.csv``, ``.md``, ``.png``."""
+    """Write ``<stem>.json`` (environment, settings, samples, rows), ``.csv``, ``.md`` and, where
+    matplotlib is installed, ``.png`` (without it, stderr says so and how to get the plot); the
+    paths written."""
     files = harness.ResultFiles(directory, stem)
     files.write_json(result.payload())
     files.write_csv([asdict(row) for row in result.rows])
     files.write_markdown(markdown(result))
-    files.written.append(plot(result, files.path(".png")))
+    png = files.path(".png")
+    try:
+        files.written.append(plot(result, png))
+    except ImportError as error:  # matplotlib is optional (the "bench" extra): keep the numbers
+        print(
+            f"no plot: {error}. For {png.name}, install matplotlib (pip install 'ipcv_kernels[bench]') and run again.",
+            file=sys.stderr,
+        )
     return files.written

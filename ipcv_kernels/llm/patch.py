@@ -57,7 +57,7 @@ LLM_PATCH_ATTRIBUTE = "_ipcv_llm_patch"
 
 
 @dataclass
-class ForwardState:
+class TextForwardState:
     """What one forward of the text model carries from layer to layer."""
 
     visual: torch.Tensor | None
@@ -182,7 +182,7 @@ class LLMPruningPatch(InstancePatch):
             return kwargs["mm_token_type_ids"] != 0
         return None
 
-    def _start_forward(self, args: tuple, kwargs: dict[str, Any]) -> ForwardState:
+    def _start_forward(self, args: tuple, kwargs: dict[str, Any]) -> TextForwardState:
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         batch, length = input_ids.shape if input_ids is not None else embeds.shape[:2]
@@ -205,9 +205,9 @@ class LLMPruningPatch(InstancePatch):
             key_padding = attention_mask == 0
             padding = key_padding[:, past_length:]
         prunable = length > 1 and past_length == 0 and visual is not None and bool(visual.any())
-        return ForwardState(visual, padding, key_padding, length, past_length, prunable)
+        return TextForwardState(visual, padding, key_padding, length, past_length, prunable)
 
-    def _end_forward(self, state: ForwardState, output: Any) -> Any:
+    def _end_forward(self, state: TextForwardState, output: Any) -> Any:
         if state.kept is None:
             return output
         self.last_kept = state.kept

@@ -47,7 +47,7 @@ VLLM_TEXT = {
     "num_key_value_heads": 1,
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
 }
-# The engine settings of the vLLM tests and benchmark (the list: fp32, eager, no prefix
+# The engine settings of the vLLM tests and benchmark (fp32, eager, no prefix
 # caching, no processor cache, so every image is processed and encoded anew).
 ENGINE: dict[str, Any] = dict(
     dtype="float32",

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ipcv_kernels import fidelity
 from ipcv_kernels.__main__ import SUBCOMMANDS, main
+from ipcv_kernels._help_text import plain_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,6 +73,45 @@ def test_every_subcommand_has_help_on_every_flag(name, capsys):
     if name == "bench":
         assert "(default: ipcv_results/vit)" in " ".join(out.split())
         assert "(default: None)" not in out and "(default: False)" not in out
+
+
+# reStructuredText inline markup: literals, roles, interpreted text, a literal-block marker.
+RST_MARKUP = re.compile(r"``|:[a-z]+:`|`[^`\n]*`|::$", re.MULTILINE)
+BENCHMARK_SCRIPTS = sorted(path.name for path in (REPO / "benchmarks").glob("bench_*.py"))
+
+
+def test_plain_text_strips_inline_markup():
+    text = "See :class:`~ipcv_kernels.config.IPCVConfig`, :func:`apply_ipcv`, ``x = 1`` and `y`. From Python::"
+    assert plain_text(text) == "See IPCVConfig, apply_ipcv, x = 1 and y. From Python:"
+    assert plain_text("no markup: a::b stays") == "no markup: a::b stays"
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in SUBCOMMANDS)], ids=lambda c: " ".join(c) or "top")
+def test_subcommand_help_is_plain_text(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: python -m ipcv_kernels" in out
+    assert RST_MARKUP.findall(out) == []
+
+
+def test_standalone_fidelity_help_is_plain_text():
+    out = fidelity.cli.parser().format_help()
+    assert "cosine similarity" in out  # the module docstring, as the description
+    assert RST_MARKUP.findall(out) == []
+
+
+@pytest.mark.parametrize("script", BENCHMARK_SCRIPTS)
+def test_benchmark_script_help_is_plain_text(script, monkeypatch, capsys):
+    path = REPO / "benchmarks" / script
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(path), run_name="__main__")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:") and "--out" in out
+    assert RST_MARKUP.findall(out) == []
 
 
 def test_bare_invocation_prints_the_top_level_help(capsys):

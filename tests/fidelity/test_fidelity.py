@@ -5,6 +5,7 @@ and image folders, the video layout, and the command line end to end."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -199,3 +200,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "cosine_dropped_worst" in header and "flop_ratio" in header and "wall_ms" in header
     assert "| method |" in (tmp_path / "fidelity.md").read_text()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_without_matplotlib_keeps_the_numbers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    args = "--ratios 0.5 --prune-layers 2 --as-layers 1 --neighbors 2 --image-size 16 --num-images 1"
+    assert main([*args.split(), "--video-frames", "0", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fidelity.csv", "fidelity.json", "fidelity.md"]
+    assert len(json.loads((tmp_path / "fidelity.json").read_text())["rows"]) == 3
+    captured = capsys.readouterr()
+    assert "no plot:" in captured.err and "pip install 'ipcv_kernels[bench]'" in captured.err
+    assert "fidelity.png" not in captured.out

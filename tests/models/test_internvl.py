@@ -201,7 +201,7 @@ def backend_outputs(tower, layout, device, dtype, backends):
     pixels = internvl_tiles(sum(layout)).to(device, dtype)
     outputs = []
     for backend in backends:
-        config = ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=3, backend=backend)
+        config = ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=3, ops_backend=backend)
         ik.apply_ipcv(tower, replace(config, attention_backend=backend))
         set_tiles_per_image(tower, layout)
         with torch.no_grad():

@@ -76,6 +76,8 @@ def test_build_settings_parses_model_arguments():
     assert pruner == DART(layer=2, ratio=0.6)
     assert build_settings(ipcv=False, llm_pruner="fastv", llm_layer=3) == (None, FastV(layer=3))
     assert build_settings(ipcv="false") == (None, None)
+    config, _ = build_settings(ipcv_ops_backend="torch", ipcv_attention_backend="sdpa")
+    assert (config.ops_backend, config.attention_backend) == ("torch", "sdpa")
     with pytest.raises(ValueError, match="llm_pruner"):
         build_settings(llm_pruner="sparsevlm")
     with pytest.raises(ValueError, match="ipcv"):

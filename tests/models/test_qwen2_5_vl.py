@@ -163,7 +163,7 @@ def test_triton_path_equals_reference_path(triton_backends):
         ik.apply_ipcv(
             tower,
             ik.IPCVConfig(
-                prune_layer=2, ratio=0.9, as_layers=2, num_neighbors=3, backend=backend, attention_backend=backend
+                prune_layer=2, ratio=0.9, as_layers=2, num_neighbors=3, ops_backend=backend, attention_backend=backend
             ),
         )
         with torch.no_grad():
@@ -182,7 +182,7 @@ def test_gpu_auto_is_as_close_to_fp64_as_pytorch(cuda_device, dtype):
     settings = dict(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=3)
 
     def output(model, backend):
-        ik.apply_ipcv(model, ik.IPCVConfig(**settings, backend=backend, attention_backend=backend))
+        ik.apply_ipcv(model, ik.IPCVConfig(**settings, ops_backend=backend, attention_backend=backend))
         with torch.no_grad():
             out = model(pixels.to(cuda_device, model.dtype), grid_thw=grid_thw.to(cuda_device)).pooler_output
         ik.remove_ipcv(model)

@@ -99,7 +99,7 @@ def backend_outputs(tower, grid, device, dtype, backends):
     pixels, grid_thw = sample_pixels(tower.config, grid, dtype=dtype)
     outputs = []
     for backend in backends:
-        config = ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=1, num_neighbors=3, backend=backend)
+        config = ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=1, num_neighbors=3, ops_backend=backend)
         ik.apply_ipcv(tower, replace(config, attention_backend=backend))
         with torch.no_grad():
             out = tower(pixels.to(device), grid_thw=grid_thw.to(device))

@@ -38,7 +38,7 @@ class CountingLauncher:
         return self.kernel[grid]
 
 
-REFERENCE = ik.IPCVConfig(**CONFIG, backend="torch", attention_backend="torch")
+REFERENCE = ik.IPCVConfig(**CONFIG, ops_backend="torch", attention_backend="torch")
 
 
 def check_against_fp64_tower(tower, config: ik.IPCVConfig, dtype: torch.dtype) -> None:
@@ -63,7 +63,7 @@ def test_triton_path_equals_reference_path(triton_backends, monkeypatch, dtype):
         launches[name] = CountingLauncher(getattr(module, name))
         monkeypatch.setattr(module, name, launches[name])
     tower = build_qwen2_vl_tower(dtype=dtype, device=triton_backends)
-    check_against_fp64_tower(tower, ik.IPCVConfig(**CONFIG, backend="triton", attention_backend="triton"), dtype)
+    check_against_fp64_tower(tower, ik.IPCVConfig(**CONFIG, ops_backend="triton", attention_backend="triton"), dtype)
     # Per stabilisation block: one attention launch after one rotary pass over the kept queries
     # and one over the keys.
     assert launches["varlen_attention_kernel"].launches == CONFIG["as_layers"]

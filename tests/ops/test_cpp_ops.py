@@ -260,7 +260,9 @@ def test_qwen2_vl_uses_cpp_plan_and_matches_torch_backend(cpp):
     pixels, grid_thw = sample_pixels(tower.config, [[1, 4, 6], [2, 4, 4], [1, 2, 4]], dtype=torch.float64)
     outputs = {}
     for backend in ("cpp", "torch"):
-        ik.apply_ipcv(tower, ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=4, backend=backend))
+        ik.apply_ipcv(
+            tower, ik.IPCVConfig(prune_layer=2, ratio=0.65, as_layers=2, num_neighbors=4, ops_backend=backend)
+        )
         try:
             with torch.no_grad():
                 outputs[backend] = tower(pixels, grid_thw=grid_thw)

@@ -128,6 +128,8 @@ def test_selection_and_plan_reject(call, error, name):
         ({"scope": "batch"}, ValueError, "scope"),
         ({"as_queries": "some"}, ValueError, "as_queries"),
         ({"prune_layer": 2.0}, TypeError, "prune_layer"),
+        ({"ops_backend": 1}, TypeError, "ops_backend"),
+        ({"attention_backend": None}, TypeError, "attention_backend"),
     ],
 )
 def test_config_rejects(kwargs, error, name):
