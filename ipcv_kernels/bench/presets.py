@@ -40,7 +40,7 @@ SUITES: dict[str, Suite] = {
         description="CPU, fp32, 7B block shapes at depth 8",
     ),
     # The GPU target: the paper's Qwen2-VL-7B setting at 1k / 4k / 16k tokens per image, plus the
-    # issue's 1024 and 2048 pixel images, a batch and a video.
+    # 1024 and 2048 pixel images, a batch and a video.
     "gpu": Suite(
         model="qwen2-vl-7b",
         dtype="bfloat16",

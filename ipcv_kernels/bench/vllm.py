@@ -68,7 +68,7 @@ MEASURES = ("encoder", "ttft")
 # ``vision``); a preset of another row's tower (LLaVA's CLIP) has none.
 PRESETS = tuple(name for name, (row, preset) in presets().items() if row.id in CHECKPOINTS and preset.tower is None)
 DEFAULT_PRESET = "qwen2-vl-7b-d8"
-# 448 x 896 pixels: 32 x 64 patches, the 2,048 tokens per image.
+# 448 x 896 pixels: 32 x 64 patches, 2,048 tokens per image.
 DEFAULT_CASES = ("448x896",)
 PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7"
 # Text tokens of PROMPT besides the image's placeholders, with room to spare, for max_model_len.
