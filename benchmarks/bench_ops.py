@@ -31,19 +31,9 @@ import torch
 
 import ipcv_kernels as ik
 from ipcv_kernels._help_text import help_summary
-from ipcv_kernels.bench.harness import (
-    Column,
-    ResultFiles,
-    Series,
-    configure_threads,
-    default_out,
-    environment,
-    environment_markdown,
-    markdown_table,
-    measure_peak_memory,
-    plot_series,
-    time_interleaved,
-)
+from ipcv_kernels.bench.environment import configure_threads, environment, environment_markdown
+from ipcv_kernels.bench.measure import measure_peak_memory, time_interleaved
+from ipcv_kernels.bench.results import Column, ResultFiles, Series, default_out, markdown_table, plot_series
 from ipcv_kernels.reference import keep_count
 from ipcv_kernels.reference.knn import squared_distances
 from ipcv_kernels.testing import assert_close_to_reference

@@ -9,7 +9,7 @@ Two parts, each checked for correctness before it is timed:
 - ``knn``: one item of ``--knn-tokens`` tokens split at ``--ratio`` into dropped (queries) and
   kept (references) rows, the IPCV neighbour search: ``torch.ops.ipcv.knn`` (streaming, tiled)
   against ``torch.cdist`` + ``topk`` (which materialises the whole drop x keep matrix): time and
-  peak extra memory of each (on the CPU: the resident-set high-water mark, see the harness).
+  peak extra memory of each (on the CPU: the resident-set high-water mark, see ``ipcv_kernels.bench.measure``).
 
 Results: ``plan_<device>.json`` (device, versions, every sample), ``.csv`` and ``.md`` in ``--out``
 (default ``./ipcv_results/plan``; the committed results are regenerated with ``--out
@@ -30,18 +30,9 @@ import torch
 
 import ipcv_kernels as ik
 from ipcv_kernels._help_text import help_summary
-from ipcv_kernels.bench.harness import (
-    Column,
-    ResultFiles,
-    configure_threads,
-    default_out,
-    environment,
-    environment_markdown,
-    load_average,
-    markdown_table,
-    measure_peak_memory,
-    time_interleaved,
-)
+from ipcv_kernels.bench.environment import configure_threads, environment, environment_markdown, load_average
+from ipcv_kernels.bench.measure import measure_peak_memory, time_interleaved
+from ipcv_kernels.bench.results import Column, ResultFiles, default_out, markdown_table
 from ipcv_kernels.ops import cpp_backend
 from ipcv_kernels.reference import keep_count, knn_reference
 from ipcv_kernels.testing import assert_close

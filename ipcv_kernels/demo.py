@@ -15,10 +15,10 @@ blocks after it run by neither variant (the demo says so). The pixels are seeded
 benchmark's (a tower's speed does not depend on them, and the ratio-0 check holds for any input).
 Both take the family's recommended IPCV setting unless flags say otherwise.
 
-Timing is the benchmarks' (``ipcv_kernels.bench.harness.time_interleaved``): one warm-up call per
+Timing is the benchmarks' (``ipcv_kernels.bench.measure.time_interleaved``): one warm-up call per
 variant, then ``--repeats`` rounds alternating the two. The report gives the medians, the p10-p90
 of the per-round times and of the per-round speedups, and the host's load average, and says when
-the run is too noisy to trust (``harness.noise_warnings``): on a shared CPU host one run's speedup
+the run is too noisy to trust (``measure.noise_warnings``): on a shared CPU host one run's speedup
 can be far from the next one's.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .api import apply_ipcv, get_ipcv_patch, remove_ipcv
-from .bench import harness
+from .bench import environment, measure, progress
 from .bench.calls import Case, GridCalls, TowerCalls, tower_calls
 from .bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from .config import IPCVConfig
@@ -91,19 +91,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--as-layers", type=int, help=f"IPCV attention-stabilisation blocks ({default})")
     parser.add_argument("--neighbors", type=int, help=f"IPCV kept neighbours per dropped token ({default})")
     parser.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds (after one warm-up call each)")
-    parser.add_argument("--dtype", choices=sorted(harness.DTYPES), default="float32", help="weights and inputs")
+    parser.add_argument("--dtype", choices=sorted(environment.DTYPES), default="float32", help="weights and inputs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in tower's weights and the input")
     parser.add_argument("--no-progress", action="store_true", help="show no progress bar")
 
 
-def spread_text(spread: harness.Spread, unit: str, digits: int) -> str:
+def spread_text(spread: measure.Spread, unit: str, digits: int) -> str:
     """``"p10-p90 1.0-2.0 ms"`` of a spread."""
     return f"p10-p90 {spread.p10:.{digits}f}-{spread.p90:.{digits}f}{unit}"
 
 
 def run(args: argparse.Namespace) -> int:
     """The ``demo`` subcommand: time the tower with and without IPCV, then check ratio 0."""
-    dtype = harness.DTYPES[args.dtype]
+    dtype = environment.DTYPES[args.dtype]
 
     print("loading model ...", flush=True)
     calls, inputs, description = load_inputs(args, dtype)
@@ -138,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             remove_ipcv(tower)
 
-    with harness.Progress(2 * args.repeats, "demo timing", enabled=not args.no_progress) as bar:
-        timings = harness.time_interleaved(
+    with progress.Progress(2 * args.repeats, "demo timing", enabled=not args.no_progress) as bar:
+        timings = measure.time_interleaved(
             {"unpatched": forward, "ipcv": forward},
             inputs[1][0].device,
             warmup=1,
@@ -147,9 +147,9 @@ def run(args: argparse.Namespace) -> int:
             before_each=select,
             progress=bar.update,
         )
-    load = harness.load_average()
+    load = environment.load_average()
     base, ipcv = timings["unpatched"], timings["ipcv"]
-    speedups = harness.Spread.of(harness.round_speedups(base, ipcv))
+    speedups = measure.Spread.of(measure.round_speedups(base, ipcv))
 
     apply_ipcv(tower, config)
     forward()
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     flops_base = calls.flops(case, None)
     flops_ipcv = calls.flops(case, config)
     max_diff = (zero_out.float() - base_out.float()).abs().max().item()
-    base_spread, ipcv_spread = harness.Spread.of(base.samples_ms), harness.Spread.of(ipcv.samples_ms)
+    base_spread, ipcv_spread = measure.Spread.of(base.samples_ms), measure.Spread.of(ipcv.samples_ms)
     print("\ntokens per block (rows whose outputs each block computes):")
     print("  " + " ".join(str(t) for t in tokens))
     print(f"wall time, unpatched: {base.median_ms:9.1f} ms   ({spread_text(base_spread, ' ms', 1)})")
@@ -173,13 +173,13 @@ def run(args: argparse.Namespace) -> int:
     )
     if load is not None:
         print(f"host load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min), ", end="")
-    print(f"{harness.usable_cores()} usable core(s)")
-    warnings = harness.noise_warnings({"IPCV": speedups}, load)
+    print(f"{environment.usable_cores()} usable core(s)")
+    warnings = measure.noise_warnings({"IPCV": speedups}, load)
     if warnings:
         print("TOO NOISY TO TRUST: " + "; ".join(warnings) + ". Rerun on a quieter host or with more --repeats.")
     else:
         print(
-            f"spread within limits (speedup p10-p90 within {harness.NOISY_SPEEDUP_SPREAD:.0%} of its median, "
+            f"spread within limits (speedup p10-p90 within {measure.NOISY_SPEEDUP_SPREAD:.0%} of its median, "
             "load average not above the usable cores)"
         )
     print(

@@ -15,7 +15,7 @@ import torch
 from oracles.towers import ipcv_tower_oracle
 
 import ipcv_kernels as ik
-from ipcv_kernels.bench import harness
+from ipcv_kernels.bench import progress
 from ipcv_kernels.bench.calls import Case, GridCalls, SubImageCalls, TowerCalls, tower_calls
 from ipcv_kernels.bench.variants import VARIANTS, variant_configs
 from ipcv_kernels.bench.vit import Bench, run_case
@@ -171,7 +171,7 @@ def test_bench_runs_the_tiny_tower_with_its_checks(family_id):
     calls = tower_calls(tower)
     bench = Bench(tower, calls, torch.device("cpu"), torch.float32, variant_configs(PRUNING, VARIANTS))
     case = calls.parse_case(two_images(calls)[1])
-    with harness.Progress(0, "test", enabled=False) as bar:
+    with progress.Progress(0, "test", enabled=False) as bar:
         result = run_case(bench, case, VARIANTS, warmup=0, repeats=1, check_ratio_zero=True, seed=0, bar=bar)
     assert result["checks"]["passed"], result["checks"]
     assert result["ipcv_tokens_per_block"][-1] == result["kept_tokens"] < result["tokens"]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import harness
+from . import environment, measure, results
 from .variants import attention_variants
 
 
@@ -55,24 +55,24 @@ def table_rows(cases: Sequence[dict[str, Any]], variants: Sequence[str]) -> list
 
 
 MARKDOWN_COLUMNS = (
-    harness.Column("case", "case"),
-    harness.Column("tokens", "tokens"),
-    harness.Column("kept_tokens", "kept"),
-    harness.Column("unpatched_ms", "(a) ms", ".1f"),
-    harness.Column("paper_ms", "(b) ms", ".1f"),
-    harness.Column("ipcv_ms", "(c) ms", ".1f"),
-    harness.Column("speedup_paper", "(b) speedup", ".2f"),
-    harness.Column("speedup_ipcv", "(c) speedup", ".2f"),
-    harness.Column("bound_ipcv", "(c) FLOP bound", ".2f"),
-    harness.Column("efficiency_ipcv", "(c) / bound", ".0%"),
-    harness.Column("speedup_ipcv_min", "(c) speedup, fastest calls", ".2f"),
-    harness.Column("ipcv_over_paper", "(c) vs (b)", ".2f"),
-    harness.Column("unpatched_peak_extra_mib", "(a) MiB", ".0f"),
-    harness.Column("paper_peak_extra_mib", "(b) MiB", ".0f"),
-    harness.Column("ipcv_peak_extra_mib", "(c) MiB", ".0f"),
-    harness.Column("unpatched_host_syncs", "(a) syncs"),
-    harness.Column("paper_host_syncs", "(b) syncs"),
-    harness.Column("ipcv_host_syncs", "(c) syncs"),
+    results.Column("case", "case"),
+    results.Column("tokens", "tokens"),
+    results.Column("kept_tokens", "kept"),
+    results.Column("unpatched_ms", "(a) ms", ".1f"),
+    results.Column("paper_ms", "(b) ms", ".1f"),
+    results.Column("ipcv_ms", "(c) ms", ".1f"),
+    results.Column("speedup_paper", "(b) speedup", ".2f"),
+    results.Column("speedup_ipcv", "(c) speedup", ".2f"),
+    results.Column("bound_ipcv", "(c) FLOP bound", ".2f"),
+    results.Column("efficiency_ipcv", "(c) / bound", ".0%"),
+    results.Column("speedup_ipcv_min", "(c) speedup, fastest calls", ".2f"),
+    results.Column("ipcv_over_paper", "(c) vs (b)", ".2f"),
+    results.Column("unpatched_peak_extra_mib", "(a) MiB", ".0f"),
+    results.Column("paper_peak_extra_mib", "(b) MiB", ".0f"),
+    results.Column("ipcv_peak_extra_mib", "(c) MiB", ".0f"),
+    results.Column("unpatched_host_syncs", "(a) syncs"),
+    results.Column("paper_host_syncs", "(b) syncs"),
+    results.Column("ipcv_host_syncs", "(c) syncs"),
 )
 
 
@@ -81,7 +81,7 @@ def markdown_report(payload: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     s = payload["settings"]
     ipcv = s["ipcv"]
     extra = [
-        harness.Column(key.format(v), label.format(v), spec)
+        results.Column(key.format(v), label.format(v), spec)
         for v in attention_variants(s["variants"])
         for key, label, spec in (
             ("{}_ms", "{} ms", ".1f"),
@@ -100,7 +100,7 @@ def markdown_report(payload: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     reads = f"\nAs the full model calls the tower: {s['reads']}.\n" if s.get("reads") else ""
     return f"""# Vision-tower benchmark: {s["model"]}, {s["dtype"]}
 
-{harness.environment_markdown(payload["environment"])}
+{environment.environment_markdown(payload["environment"])}
 
 IPCV: ratio {ipcv["ratio"]}, prune layer {ipcv["prune_layer"]}, {ipcv["as_layers"]} stabilisation blocks, \
 {ipcv["num_neighbors"]} neighbours, scope {ipcv["scope"]}. (a) unpatched, (b) the paper's formulation \
@@ -109,10 +109,10 @@ IPCV: ratio {ipcv["ratio"]}, prune layer {ipcv["prune_layer"]}, {ipcv["as_layers
 {s["repeats"]} interleaved rounds after {s["warmup"]} warm-up call(s); speedups are over (a); the bound is the FLOP \
 model's (`ipcv_kernels.flops`); memory is the peak above the pre-call level ({s["memory_method"]}).
 {reads}
-{harness.markdown_table(rows, columns)}
+{results.markdown_table(rows, columns)}
 
 Spread (p10-p90 of the per-round times, and of the per-round speedups over (a); a speedup whose \
-p10-p90 spans more than {harness.NOISY_SPEEDUP_SPREAD:.0%} of its median, or a host load average above the \
+p10-p90 spans more than {measure.NOISY_SPEEDUP_SPREAD:.0%} of its median, or a host load average above the \
 usable cores, is flagged as too noisy to trust):
 {spread}
 
@@ -171,8 +171,8 @@ def breakdown_markdown(cases: Sequence[dict[str, Any]], variants: Sequence[str])
                         f"{entry['ms']:.1f} ms, {entry['gflop']:.3g} GFLOP, {entry['tflops_per_s'] or 0:.3g} TFLOP/s"
                     )
             rows.append(row)
-        columns = [harness.Column("stage", "stage"), *(harness.Column(v, v) for v in variants)]
-        parts.append(f"`{case['case']}` ({case['tokens']} tokens):\n\n" + harness.markdown_table(rows, columns))
+        columns = [results.Column("stage", "stage"), *(results.Column(v, v) for v in variants)]
+        parts.append(f"`{case['case']}` ({case['tokens']} tokens):\n\n" + results.markdown_table(rows, columns))
     if not parts:
         return ""
     return "## Where the time goes (one untimed call per variant, stage by stage)\n\n" + "\n\n".join(parts) + "\n"
@@ -191,16 +191,16 @@ def plot(path: Path, cases: Sequence[dict[str, Any]], title: str) -> Path | None
             continue
         tokens = [c["tokens"] for c in group]
         series.append(
-            harness.Series(f"(c) ipcv_kernels, {kind}", tokens, [c["speedup_ipcv"] for c in group], ipcv_style)
+            results.Series(f"(c) ipcv_kernels, {kind}", tokens, [c["speedup_ipcv"] for c in group], ipcv_style)
         )
-        series.append(harness.Series(f"(c) FLOP bound, {kind}", tokens, [c["bound_ipcv"] for c in group], bound_style))
+        series.append(results.Series(f"(c) FLOP bound, {kind}", tokens, [c["bound_ipcv"] for c in group], bound_style))
         if all("speedup_paper" in c for c in group):
             series.append(
-                harness.Series(f"(b) paper, {kind}", tokens, [c["speedup_paper"] for c in group], paper_style)
+                results.Series(f"(b) paper, {kind}", tokens, [c["speedup_paper"] for c in group], paper_style)
             )
             series.append(
-                harness.Series(f"(b) FLOP bound, {kind}", tokens, [c["bound_paper"] for c in group], paper_bound_style)
+                results.Series(f"(b) FLOP bound, {kind}", tokens, [c["bound_paper"] for c in group], paper_bound_style)
             )
-    return harness.plot_series(
+    return results.plot_series(
         path, series, xlabel="tokens per call", ylabel="speedup over unpatched", title=title, hline=1.0
     )

@@ -9,7 +9,7 @@ optionally (c) with another attention backend) run on the same tower, interleave
 Before timing, every case is checked: (b) and (c) must agree, and (c) at ``ratio=0`` must equal
 (a) (``--check first`` does the ratio-0 forward for the first case only). The bound is the FLOP
 model's speedup (``ipcv_kernels.flops``); ``efficiency`` = measured speedup / bound. Every speedup
-comes with the p10-p90 of its per-round values and a verdict on noise (``harness.noise_warnings``).
+comes with the p10-p90 of its per-round values and a verdict on noise (``measure.noise_warnings``).
 
 Weights are seeded random (speed does not depend on their values) unless ``--model PATH`` loads a
 real checkpoint's vision tower from a local directory (``ipcv_kernels.bench.towers``). How a
@@ -40,7 +40,7 @@ from ..families import presets
 from ..flops import FlopReport, predicted_speedup
 from ..ops import available_backends
 from ..testing import tolerance
-from . import harness
+from . import environment, measure, progress, results
 from .calls import Case, GridCalls, TowerCalls, parse_grid_case, tower_calls
 from .presets import SUITES
 from .report import markdown_report, plot, table_rows
@@ -115,7 +115,7 @@ def run_case(
     check_ratio_zero: bool,
     stop_on_check_failure: bool = True,
     seed: int,
-    bar: harness.Progress,
+    bar: progress.Progress,
     breakdown: bool = False,
 ) -> dict[str, Any]:
     """Check, measure memory and time the variants on one case; everything JSON-ready.
@@ -136,12 +136,12 @@ def run_case(
     # Warm-up calls: the first one's output feeds the checks, the last one's peak memory is kept
     # (so one-time allocations such as library workspaces or autotuning do not count).
     outputs: dict[str, torch.Tensor] = {}
-    memory: dict[str, harness.PeakMemory] = {}
+    memory: dict[str, measure.PeakMemory] = {}
     kept_per_block: list[int] | None = None
     for variant in variants:
         for call in range(max(1, warmup)):
             bench.select(variant)
-            output, peak = harness.measure_peak_memory(lambda: bench.forward(inputs), bench.device)
+            output, peak = measure.measure_peak_memory(lambda: bench.forward(inputs), bench.device)
             if call == 0:
                 outputs[variant] = output
             memory[variant] = peak
@@ -182,7 +182,7 @@ def run_case(
         print(f"WARNING: {message}; timing it anyway (--on-check-failure warn)", file=sys.stderr)
     del outputs
 
-    timings = harness.time_interleaved(
+    timings = measure.time_interleaved(
         {v: (lambda: bench.forward(inputs)) for v in variants},
         bench.device,
         warmup=0,
@@ -202,7 +202,7 @@ def run_case(
         }
         for v in variants
     }
-    speedup_spreads: dict[str, harness.Spread] = {}
+    speedup_spreads: dict[str, measure.Spread] = {}
     if "unpatched" in variants:
         base = timings["unpatched"].median_ms
         for v in variants:
@@ -213,12 +213,12 @@ def run_case(
             result[f"speedup_{v}_min"] = timings["unpatched"].min_ms / timings[v].min_ms
             result[f"bound_{v}"] = predicted_speedup(flops["unpatched"], flops[v])
             result[f"efficiency_{v}"] = result[f"speedup_{v}"] / result[f"bound_{v}"]
-            rounds = harness.Spread.of(harness.round_speedups(timings["unpatched"], timings[v]))
+            rounds = measure.Spread.of(measure.round_speedups(timings["unpatched"], timings[v]))
             result[f"speedup_{v}_p10"], result[f"speedup_{v}_p90"] = rounds.p10, rounds.p90
             speedup_spreads[v] = rounds
     # Taken right after this case's rounds: how busy the host was while they ran.
-    result["load_average"] = harness.load_average()
-    result["noise_warnings"] = harness.noise_warnings(speedup_spreads, result["load_average"])
+    result["load_average"] = environment.load_average()
+    result["noise_warnings"] = measure.noise_warnings(speedup_spreads, result["load_average"])
     if "paper" in variants and "ipcv" in variants:
         result["ipcv_over_paper"] = timings["paper"].median_ms / timings["ipcv"].median_ms
     if breakdown:
@@ -227,7 +227,7 @@ def run_case(
             result["variants"][v]["breakdown"] = block_breakdown(bench, inputs, flops[v], bench.configs[v])
             # Host-device syncs of one forward (CUDA only): each one idles the GPU while the host
             # launches the next kernels, which matters most for small inputs.
-            _, result["variants"][v]["host_syncs"] = harness.count_host_syncs(
+            _, result["variants"][v]["host_syncs"] = measure.count_host_syncs(
                 lambda: bench.forward(inputs), bench.device
             )
     return result
@@ -243,7 +243,7 @@ def block_breakdown(
     tower = bench.tower
     modules = {"embed": tower.patch_embed, **{f"block{i}": b for i, b in enumerate(tower.blocks)}}
     modules["merger"] = tower.merger
-    _, ms = harness.time_modules(lambda: bench.forward(inputs), modules, bench.device)
+    _, ms = measure.time_modules(lambda: bench.forward(inputs), modules, bench.device)
     stages: dict[str, dict[str, float]] = {}
 
     def add(stage: str, millis: float, flops: float) -> None:
@@ -285,7 +285,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="local checkpoint directory of any supported family (a full model or a bare tower): load its vision tower",
     )
-    parser.add_argument("--dtype", choices=sorted(harness.DTYPES), help="weights and inputs (default: the suite's)")
+    parser.add_argument("--dtype", choices=sorted(environment.DTYPES), help="weights and inputs (default: the suite's)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument(
         "--cases",
@@ -330,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=harness.default_out("vit"),
+        default=results.default_out("vit"),
         help="directory of the result files, relative to the current directory "
         "(--out benchmarks/results rewrites the committed results)",
     )
@@ -372,11 +372,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     ``args.command_line`` (set by ``ipcv_kernels.__main__``) is recorded as the reproduce command.
     """
-    harness.configure_threads(args.threads)
-    load_at_start = harness.load_average()
+    environment.configure_threads(args.threads)
+    load_at_start = environment.load_average()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     s = settings_from_args(args)
-    dtype = harness.DTYPES[s["dtype"]]
+    dtype = environment.DTYPES[s["dtype"]]
     if s["from_checkpoint"]:
         tower = load_vision_tower(args.model, dtype=dtype, device=device, attn_implementation=args.attn_implementation)
         use = model_use(args.model)
@@ -410,14 +410,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(tower, calls, device, dtype, configs)
 
     stem = args.name or (f"vit_{args.suite}" if args.suite else f"vit_{Path(s['model']).name}_{device.type}")
-    files = harness.ResultFiles(args.out, stem)
-    results = []
+    files = results.ResultFiles(args.out, stem)
+    case_results = []
     total = len(cases) * len(variants) * s["repeats"]
-    with harness.Progress(total, "bench_vit", enabled=not args.no_progress) as bar:
+    with progress.Progress(total, "bench_vit", enabled=not args.no_progress) as bar:
         for index, case in enumerate(cases):
             bar.describe(f"{case.name} ({case.tokens} tokens)")
             check_ratio_zero = args.check == "all" or (args.check == "first" and index == 0)
-            results.append(
+            case_results.append(
                 run_case(
                     bench,
                     case,
@@ -433,7 +433,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             )
     remove_ipcv(tower)
 
-    env = {**harness.environment(device), "load_average_start": load_at_start}
+    env = {**environment.environment(device), "load_average_start": load_at_start}
     payload = {
         "benchmark": "vit",
         "environment": env,
@@ -445,21 +445,21 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "ipcv_backends": {op: (available_backends(op, device) or ["none"])[0] for op in PLANNED_OPS},
             "vision_config": vision_config.to_dict(),
             "attn_implementation": args.attn_implementation,
-            "memory_method": results[0]["variants"][variants[0]]["memory"]["method"] if results else None,
+            "memory_method": case_results[0]["variants"][variants[0]]["memory"]["method"] if case_results else None,
             "check": args.check,
             "seed": args.seed,
             "command": args.command_line,
         },
-        "cases": results,
+        "cases": case_results,
     }
-    rows = table_rows(results, variants)
+    rows = table_rows(case_results, variants)
     files.write_json(payload)
     files.write_csv(rows)
     files.write_markdown(markdown_report(payload, rows))
     if not args.no_plot:
         title = f"{s['model']} {s['dtype']} on {env['device_name']}: ratio {ipcv.ratio}, P={ipcv.prune_layer}, A={ipcv.as_layers}"
         try:
-            written = plot(files.path(".png"), results, title)
+            written = plot(files.path(".png"), case_results, title)
         except ImportError as error:  # matplotlib is optional (the "bench" extra): keep the numbers
             print(f"no plot: {error}", file=sys.stderr)
             written = None

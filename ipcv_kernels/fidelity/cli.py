@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .._help_text import plain_text
-from ..bench import harness
+from ..bench import environment
 from .evaluate import METHODS, FidelityResult, Grid, default_grid, evaluate_fidelity
 from .report import write_results
 from .subjects import DEFAULT_PRESET, PRESETS, FidelityError, load_subject
@@ -112,7 +112,7 @@ def _grid(args: argparse.Namespace, default: Grid) -> Grid:
 
 def run(args: argparse.Namespace) -> int:
     """Load, measure, write the result files; print where they are. ``2`` on bad input."""
-    harness.configure_threads(args.threads)
+    environment.configure_threads(args.threads)
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise FidelityError(f"--device: {args.device} requested but CUDA is not available")
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     except FidelityError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    result.environment = harness.environment(next(subject.tower.parameters()).device)
+    result.environment = environment.environment(next(subject.tower.parameters()).device)
     written = write_results(result, args.out, args.stem)
     best = [row for row in result.rows if row.pareto and row.ratio > 0]
     print(f"{len(result.rows)} settings on {len(subject.samples)} samples of {subject.name}")

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
-from ..bench import harness
+from ..bench import measure
+from ..bench.progress import Progress
 from ..config import IPCVConfig
 from .subjects import FidelityError, Sample, Subject
 
@@ -224,8 +225,8 @@ def mark_pareto(rows: Sequence[FidelityRow]) -> list[FidelityRow]:
 def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[Any, float]:
     """``fn()``'s result and the median milliseconds of ``repeats`` calls (the first one returns)."""
     results: list[Any] = []
-    times = [harness.time_once(lambda: results.append(fn()), device) for _ in range(repeats)]
-    return results[0], harness.Timing(tuple(times)).median_ms
+    times = [measure.time_once(lambda: results.append(fn()), device) for _ in range(repeats)]
+    return results[0], measure.Timing(tuple(times)).median_ms
 
 
 def evaluate_fidelity(
@@ -274,7 +275,7 @@ def evaluate_fidelity(
 
     rows = []
     started = time.perf_counter()
-    with harness.Progress(len(configs) * len(subject.samples), "fidelity", enabled=progress) as bar:
+    with Progress(len(configs) * len(subject.samples), "fidelity", enabled=progress) as bar:
         for method, config in configs:
             bar.describe(f"{method} P={config.prune_layer} r={config.ratio:g} A={config.as_layers}")
             apply_ipcv(tower, config)

@@ -1,4 +1,4 @@
-"""Result files of a fidelity run: ``<stem>.json``, ``.csv``, ``.md`` and ``.png`` (harness formats;
+"""Result files of a fidelity run: ``<stem>.json``, ``.csv``, ``.md`` and ``.png`` (the benchmarks' formats;
 the plot needs matplotlib, an optional dependency: without it the other files are still written)."""
 
 from __future__ import annotations
@@ -8,26 +8,26 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from ..bench import harness
+from ..bench import environment, results
 from .evaluate import METHODS, FidelityResult, FidelityRow
 
 COLUMNS = (
-    harness.Column("method", "method"),
-    harness.Column("prune_layer", "P"),
-    harness.Column("ratio", "r", ".2f"),
-    harness.Column("as_layers", "A"),
-    harness.Column("num_neighbors", "k"),
-    harness.Column("kept_tokens", "kept"),
-    harness.Column("cosine_all_mean", "cos all", ".4f"),
-    harness.Column("cosine_all_worst", "worst", ".4f"),
-    harness.Column("cosine_kept_mean", "cos kept", ".4f"),
-    harness.Column("cosine_dropped_mean", "cos dropped", ".4f"),
-    harness.Column("cosine_dropped_worst", "worst", ".4f"),
-    harness.Column("rel_l2_mean", "rel L2", ".4f"),
-    harness.Column("rel_l2_worst", "worst", ".4f"),
-    harness.Column("flop_ratio", "FLOP ratio", ".3f"),
-    harness.Column("wall_ms", "wall ms", ".1f"),
-    harness.Column("pareto_mark", "front"),
+    results.Column("method", "method"),
+    results.Column("prune_layer", "P"),
+    results.Column("ratio", "r", ".2f"),
+    results.Column("as_layers", "A"),
+    results.Column("num_neighbors", "k"),
+    results.Column("kept_tokens", "kept"),
+    results.Column("cosine_all_mean", "cos all", ".4f"),
+    results.Column("cosine_all_worst", "worst", ".4f"),
+    results.Column("cosine_kept_mean", "cos kept", ".4f"),
+    results.Column("cosine_dropped_mean", "cos dropped", ".4f"),
+    results.Column("cosine_dropped_worst", "worst", ".4f"),
+    results.Column("rel_l2_mean", "rel L2", ".4f"),
+    results.Column("rel_l2_worst", "worst", ".4f"),
+    results.Column("flop_ratio", "FLOP ratio", ".3f"),
+    results.Column("wall_ms", "wall ms", ".1f"),
+    results.Column("pareto_mark", "front"),
 )
 STYLES = {"ipcv": ("tab:blue", "o"), "ngr_only": ("tab:orange", "s"), "no_reconstruction": ("tab:red", "^")}
 
@@ -40,7 +40,7 @@ def markdown(result: FidelityResult) -> str:
     return "\n\n".join(
         [
             f"# IPCV fidelity: {s['subject']} ({s['family']}, depth {s['depth']}, {s['dtype']})",
-            harness.environment_markdown(result.environment) if result.environment else "",
+            environment.environment_markdown(result.environment) if result.environment else "",
             f"{kinds.count('image')} image(s), {kinds.count('video')} video(s), "
             f"{sum(sample['tokens'] for sample in result.samples)} tokens; compared output: "
             f"{s['compared_output']}. Cosines: per token, averaged over the rows of each sample, then "
@@ -48,7 +48,7 @@ def markdown(result: FidelityResult) -> str:
             "FLOPs with IPCV / without (`ipcv_kernels.flops`). Unpatched wall time "
             f"{result.baseline_wall_ms:.1f} ms. `*`: on the Pareto front (lowest FLOP ratio for its "
             "mean cosine over all rows).",
-            harness.markdown_table(rows, COLUMNS),
+            results.markdown_table(rows, COLUMNS),
         ]
     )
 
@@ -121,7 +121,7 @@ def write_results(result: FidelityResult, directory: Path, stem: str = "fidelity
     """Write ``<stem>.json`` (environment, settings, samples, rows), ``.csv``, ``.md`` and, where
     matplotlib is installed, ``.png`` (without it, stderr says so and how to get the plot); the
     paths written."""
-    files = harness.ResultFiles(directory, stem)
+    files = results.ResultFiles(directory, stem)
     files.write_json(result.payload())
     files.write_csv([asdict(row) for row in result.rows])
     files.write_markdown(markdown(result))

@@ -11,7 +11,7 @@ import torch
 from ipcv_kernels import families
 from ipcv_kernels.__main__ import main
 from ipcv_kernels.api import get_ipcv_patch
-from ipcv_kernels.bench import harness
+from ipcv_kernels.bench import progress
 from ipcv_kernels.bench.calls import GridCalls, TileCalls, tower_calls
 from ipcv_kernels.bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from ipcv_kernels.bench.variants import VARIANTS, variant_configs
@@ -60,7 +60,7 @@ def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(ki
     calls = tower_calls(tower)
     assert isinstance(calls, GridCalls if kind.startswith("qwen") else TileCalls)
     bench = Bench(tower, calls, torch.device("cpu"), torch.float32, variant_configs(CONFIG, VARIANTS))
-    with harness.Progress(0, "test", enabled=False) as bar:
+    with progress.Progress(0, "test", enabled=False) as bar:
         for index, text in enumerate(CASES.get(kind, TILE_CASES)):
             case = calls.parse_case(text)
             result = run_case(bench, case, VARIANTS, warmup=1, repeats=1, check_ratio_zero=True, seed=index, bar=bar)

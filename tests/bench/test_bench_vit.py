@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ipcv_kernels.__main__ import main
-from ipcv_kernels.bench import harness
+from ipcv_kernels.bench import environment, measure, results
 from ipcv_kernels.bench.towers import load_vision_tower
 from ipcv_kernels.bench.vit import Case, parse_case
 from ipcv_kernels.testing.models import build_qwen2_vl_model
@@ -114,13 +114,13 @@ def test_checkpoint_loading_reads_only_the_vision_tower(tmp_path):
         load_vision_tower(tmp_path / "missing", dtype=torch.float32, device=torch.device("cpu"))
 
 
-def test_harness_timing_statistics_and_interleaving():
-    timing = harness.Timing((5.0, 1.0, 3.0, 2.0, 4.0))
+def test_timing_statistics_and_interleaving():
+    timing = measure.Timing((5.0, 1.0, 3.0, 2.0, 4.0))
     assert (timing.median_ms, timing.min_ms) == (3.0, 1.0)
     assert timing.p10_ms == pytest.approx(1.4) and timing.p90_ms == pytest.approx(4.6)  # numpy's linear rule
     assert timing.iqr_ms == pytest.approx(2.0)
     calls: list[str] = []
-    timings = harness.time_interleaved(
+    timings = measure.time_interleaved(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
         torch.device("cpu"),
         warmup=1,
@@ -131,46 +131,46 @@ def test_harness_timing_statistics_and_interleaving():
     assert [len(t.samples_ms) for t in timings.values()] == [3, 3]
 
 
-def test_harness_module_times_and_result_files(tmp_path):
+def test_module_times_and_result_files(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
-    out, ms = harness.time_modules(lambda: model(torch.randn(4, 8)), {"linear": model[0]}, torch.device("cpu"))
+    out, ms = measure.time_modules(lambda: model(torch.randn(4, 8)), {"linear": model[0]}, torch.device("cpu"))
     assert out.shape == (4, 8) and ms["linear"] > 0
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
-    _, memory = harness.measure_peak_memory(lambda: torch.ones(1 << 20), torch.device("cpu"))
+    _, memory = measure.measure_peak_memory(lambda: torch.ones(1 << 20), torch.device("cpu"))
     assert memory.method in ("linux_rss_high_water", "unavailable")
-    files = harness.ResultFiles(tmp_path, "run")
+    files = results.ResultFiles(tmp_path, "run")
     files.write_csv([{"a": 1}, {"a": 2, "b": 3.5}])
     assert (tmp_path / "run.csv").read_text().splitlines() == ["a,b", "1,", "2,3.5"]
-    table = harness.markdown_table(
-        [{"x": 1.23456, "y": None}], [harness.Column("x", "X", ".2f"), harness.Column("y", "Y")]
+    table = results.markdown_table(
+        [{"x": 1.23456, "y": None}], [results.Column("x", "X", ".2f"), results.Column("y", "Y")]
     )
     assert table.splitlines()[-1] == "| 1.23 | - |"
 
 
-def test_harness_speedup_spread_and_noise_verdict(monkeypatch):
-    base, fast = harness.Timing((10.0, 12.0, 30.0)), harness.Timing((5.0, 6.0, 10.0))
-    assert harness.round_speedups(base, fast) == (2.0, 2.0, 3.0)
-    spread = harness.Spread.of(harness.round_speedups(base, fast))
+def test_speedup_spread_and_noise_verdict(monkeypatch):
+    base, fast = measure.Timing((10.0, 12.0, 30.0)), measure.Timing((5.0, 6.0, 10.0))
+    assert measure.round_speedups(base, fast) == (2.0, 2.0, 3.0)
+    spread = measure.Spread.of(measure.round_speedups(base, fast))
     assert (spread.p10, spread.median, spread.p90) == (pytest.approx(2.0), 2.0, pytest.approx(2.8))
     with pytest.raises(ValueError, match="rounds"):
-        harness.round_speedups(base, harness.Timing((1.0,)))
-    monkeypatch.setattr(harness, "usable_cores", lambda: 2)
-    steady = harness.Spread(1.9, 2.0, 2.1)
-    assert harness.noise_warnings({"ipcv": steady}, [1.5, 1.0, 1.0]) == []
-    (wide,) = harness.noise_warnings({"ipcv": spread}, [1.5, 1.0, 1.0])
+        measure.round_speedups(base, measure.Timing((1.0,)))
+    monkeypatch.setattr(measure, "usable_cores", lambda: 2)
+    steady = measure.Spread(1.9, 2.0, 2.1)
+    assert measure.noise_warnings({"ipcv": steady}, [1.5, 1.0, 1.0]) == []
+    (wide,) = measure.noise_warnings({"ipcv": spread}, [1.5, 1.0, 1.0])
     assert wide.startswith("ipcv: ") and "40%" in wide
-    (busy,) = harness.noise_warnings({"ipcv": steady}, [3.5, 1.0, 1.0])
+    (busy,) = measure.noise_warnings({"ipcv": steady}, [3.5, 1.0, 1.0])
     assert "load average (3.5) exceeds the 2 core(s)" in busy
 
 
 def test_environment_outside_a_checkout_has_no_commit(monkeypatch, tmp_path):
     # An installed package: git finds no work tree whose ipcv_kernels/ is the imported package.
-    monkeypatch.setattr(harness, "_run_git", lambda cwd, *args: str(tmp_path) if "--show-toplevel" in args else "x")
-    harness.source_checkout.cache_clear()
+    monkeypatch.setattr(environment, "_run_git", lambda cwd, *args: str(tmp_path) if "--show-toplevel" in args else "x")
+    environment.source_checkout.cache_clear()
     try:
-        assert harness.source_checkout() is None
-        env = harness.environment(torch.device("cpu"))
+        assert environment.source_checkout() is None
+        env = environment.environment(torch.device("cpu"))
         assert env["git_commit"] is None and env["git_dirty"] is None
-        assert "commit `unknown`" in harness.environment_markdown(env)
+        assert "commit `unknown`" in environment.environment_markdown(env)
     finally:
-        harness.source_checkout.cache_clear()
+        environment.source_checkout.cache_clear()

@@ -30,7 +30,7 @@ def test_help_lists_the_subcommand_and_its_defaults(capsys):
 
 
 def test_without_vllm_the_subcommand_says_so(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(bench_vllm, "vllm_available", lambda: False)
+    monkeypatch.setattr(bench_vllm.cli, "vllm_available", lambda: False)
     monkeypatch.chdir(tmp_path)
     assert main(["bench-vllm", "--preset", "qwen2-vl-tiny"]) == 1
     err = capsys.readouterr().err

@@ -1,8 +1,5 @@
-"""The one benchmark harness: timing, spread and noise, peak memory, run metadata, result files,
-plots and progress bars.
-
-Every benchmark (``python -m ipcv_kernels bench``, the demo, ``benchmarks/bench_*.py``) uses it,
-so all result files carry the same fields.
+"""How the benchmarks measure: timing with its spread, speedups round by round and when they are
+too noisy to quote, peak memory, host-device synchronisations.
 
 Timing: ``warmup`` untimed calls, then ``repeats`` timed calls; reported as the median and the
 spread (p10 / p90 and the interquartile range) of the samples. On CUDA each sample is a pair of
@@ -15,12 +12,6 @@ so the spread of a speedup is measured, not guessed from the spreads of the two 
 Noise: ``noise_warnings`` says when a speedup is too noisy to trust: its per-round p10-p90 wider
 than ``NOISY_SPEEDUP_SPREAD`` of its median, or the host's 1-minute load average above the cores
 this process may use (other processes then compete for them).
-
-Result files go to ``--out``; the default is ``default_out(benchmark)``, ``./ipcv_results/<benchmark>``
-under the current directory, so that an installed package never writes into a source checkout.
-The committed results in ``benchmarks/results/`` are written only when named (``--out
-benchmarks/results``). ``environment`` records the source revision when the package is imported
-from a git checkout, and ``None`` otherwise.
 
 Peak memory of one call (``measure_peak_memory``):
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``: bytes held by
@@ -37,36 +28,20 @@ Peak memory of one call (``measure_peak_memory``):
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
-import functools
-import json
 import math
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-# Result files go under this directory of the current working directory unless --out names one.
-RESULTS_DIR = Path("ipcv_results")
-# Dtype names accepted on the command lines of the demo and the vision-tower benchmark.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .environment import usable_cores
+
 # A speedup whose per-round p10-p90 spans more than this fraction of its median (more than about
 # +-10% around it) is too noisy to quote.
 NOISY_SPEEDUP_SPREAD = 0.2
-
-
-def default_out(benchmark: str) -> Path:
-    """``./ipcv_results/<benchmark>``: relative, so it resolves against the current directory."""
-    return RESULTS_DIR / benchmark
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -360,303 +335,3 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[An
     if before_kib is None or peak_kib is None:
         return result, PeakMemory("unavailable", None, None)
     return result, PeakMemory("linux_rss_high_water", peak_kib * 1024, (peak_kib - before_kib) * 1024)
-
-
-# -- metadata -------------------------------------------------------------------------------------
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except Exception:  # not installed, or broken: the metadata says so instead of failing the run
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float] | None:
-    """The host's 1 / 5 / 15 minute load averages (``None`` where the OS has none)."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def _run_git(cwd: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-@functools.cache
-def source_checkout() -> Path | None:
-    """The git work tree the package is imported from, or ``None`` (an installed package).
-
-    The package directory must be the work tree's own ``ipcv_kernels/``: a package installed into
-    a virtual environment that happens to sit inside some other repository (or inside this one)
-    does not report that repository's commit.
-    """
-    package = Path(__file__).resolve().parents[1]
-    top = _run_git(package, "rev-parse", "--show-toplevel")
-    if top is None or (Path(top) / package.name).resolve() != package:
-        return None
-    return Path(top)
-
-
-def _git(*args: str) -> str | None:
-    checkout = source_checkout()
-    return None if checkout is None else _run_git(checkout, *args)
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Device, library versions, host and source revision of a run.
-
-    ``git_commit`` / ``git_dirty`` are ``None`` when the package is not imported from a git
-    checkout (see ``source_checkout``).
-    """
-    info: dict[str, Any] = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "numpy": _version("numpy"),
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "gpu": None,
-        "cuda": torch.version.cuda,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None,
-        "argv": sys.argv,
-        "usable_cores": usable_cores(),
-        # Other processes sharing the host slow a CPU run down: the 1 / 5 / 15 minute load averages
-        # when the metadata was taken (the end of a run) say how busy the host was.
-        "load_average": load_average(),
-    }
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    info["git_dirty"] = None if status is None else bool(status)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = props.name
-        info["gpu_memory_bytes"] = props.total_memory
-    info["device_name"] = info["gpu"] or info["cpu"]
-    return info
-
-
-def configure_threads(threads: int | None) -> None:
-    """``torch.set_num_threads`` when given (benchmarks on a shared box pin it)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
-# -- result files ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Column:
-    """One column of the markdown table: ``key`` into a row, header text, format spec."""
-
-    key: str
-    header: str
-    fmt: str = ""
-
-
-def _format(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return str(value)
-    return format(value, fmt) if fmt else str(value)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
-    lines = ["| " + " | ".join(c.header for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_format(row.get(c.key), c.fmt) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def environment_markdown(env: dict[str, Any]) -> str:
-    """Two lines naming the device and the versions, for the top of a result table."""
-    dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
-    load = f", host load average {env['load_average'][1]:.1f} (5 min)" if env.get("load_average") else ""
-    return (
-        f"Device: **{env['device_name']}** ({env['device']}, {env['torch_threads']} torch threads). "
-        f"{env['date_utc']}, commit `{(env.get('git_commit') or 'unknown')[:10]}`{dirty}{load}.\n"
-        f"python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
-        f"transformers {env['transformers']}, CUDA {env['cuda']}."
-    )
-
-
-@dataclass
-class ResultFiles:
-    """Where one run's results go: ``<stem>.json``, ``<stem>.csv``, ``<stem>.md``, ``<stem>.png``."""
-
-    directory: Path
-    stem: str
-    written: list[Path] = field(default_factory=list)
-
-    def path(self, suffix: str) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        return self.directory / f"{self.stem}{suffix}"
-
-    def write_json(self, payload: dict[str, Any]) -> Path:
-        path = self.path(".json")
-        path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-        self.written.append(path)
-        return path
-
-    def write_csv(self, rows: Sequence[dict[str, Any]]) -> Path:
-        path = self.path(".csv")
-        keys: list[str] = []
-        for row in rows:
-            keys += [k for k in row if k not in keys]
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        self.written.append(path)
-        return path
-
-    def write_markdown(self, text: str) -> Path:
-        path = self.path(".md")
-        path.write_text(text.rstrip() + "\n")
-        self.written.append(path)
-        return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (torch.dtype, torch.device, Path)):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-# -- plots ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Series:
-    """One line of a plot. ``style``: a matplotlib format string (``"o-"``, ``"--"``)."""
-
-    label: str
-    x: Sequence[float]
-    y: Sequence[float]
-    style: str = "o-"
-
-
-def plot_series(
-    path: Path,
-    series: Sequence[Series],
-    *,
-    xlabel: str,
-    ylabel: str,
-    title: str,
-    logx: bool = True,
-    hline: float | None = None,
-) -> Path:
-    """A line plot written to ``path`` (PNG) with matplotlib's non-interactive backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for line in series:
-        axes.plot(line.x, line.y, line.style, label=line.label)
-    if hline is not None:
-        axes.axhline(hline, color="grey", linewidth=0.8)
-    if logx:
-        axes.set_xscale("log", base=2)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.set_title(title, fontsize=10)
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
-
-
-# -- progress -------------------------------------------------------------------------------------
-class Progress:
-    """A tqdm bar when tqdm is installed and ``enabled``; otherwise silent. Use as a context."""
-
-    def __init__(self, total: int, description: str, *, enabled: bool = True) -> None:
-        self._bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self._bar = tqdm(total=total, desc=description, leave=False, file=sys.stderr)
-
-    def update(self, count: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(count)
-
-    def describe(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix_str(text)
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def progress_iter(items: Iterable[Any], total: int, description: str, *, enabled: bool = True) -> Iterable[Any]:
-    """Iterate ``items`` with a progress bar (see ``Progress``)."""
-    with Progress(total, description, enabled=enabled) as bar:
-        for item in items:
-            yield item
-            bar.update()
-
-
-__all__ = [
-    "DTYPES",
-    "NOISY_SPEEDUP_SPREAD",
-    "RESULTS_DIR",
-    "Column",
-    "PeakMemory",
-    "Progress",
-    "ResultFiles",
-    "Series",
-    "Spread",
-    "Timing",
-    "configure_threads",
-    "count_host_syncs",
-    "default_out",
-    "environment",
-    "environment_markdown",
-    "load_average",
-    "markdown_table",
-    "measure_peak_memory",
-    "noise_warnings",
-    "percentile",
-    "plot_series",
-    "progress_iter",
-    "round_speedups",
-    "source_checkout",
-    "synchronize",
-    "time_fn",
-    "time_interleaved",
-    "time_modules",
-    "time_once",
-    "usable_cores",
-]
