@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +12,7 @@ from .evaluate import METHODS, FidelityResult, FidelityRow
 
 COLUMNS = (
     harness.Column("method", "method"),
+    harness.Column("selection", "selection"),
     harness.Column("prune_layer", "P"),
     harness.Column("ratio", "r", ".2f"),
     harness.Column("as_layers", "A"),
@@ -27,6 +29,7 @@ COLUMNS = (
     harness.Column("wall_ms", "wall ms", ".1f"),
     harness.Column("pareto_mark", "front"),
 )
+LINE_STYLES = ("-", "--", ":", "-.")  # one per selector of the run
 STYLES = {"ipcv": ("tab:blue", "o"), "ngr_only": ("tab:orange", "s"), "no_reconstruction": ("tab:red", "^")}
 
 
@@ -63,18 +66,21 @@ def pareto_chain(rows: Sequence[FidelityRow]) -> list[FidelityRow]:
 
 def plot(result: FidelityResult, path: Path) -> Path:
     """Mean cosine (all tokens) against FLOP ratio: every setting as a faint point, each method's
-    best-fidelity-for-its-cost settings as a curve, the run's Pareto front circled in black."""
+    (and selector's) best-fidelity-for-its-cost settings as a curve, the run's Pareto front
+    circled in black."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for method in METHODS:
-        rows = [row for row in result.rows if row.method == method]
+    selections = list(dict.fromkeys(row.selection for row in result.rows))
+    for (index, selection), method in itertools.product(enumerate(selections), METHODS):
+        rows = [row for row in result.rows if row.method == method and row.selection == selection]
         if not rows:
             continue
         color, marker = STYLES[method]
+        label = method if len(selections) == 1 else f"{method} ({selection})"
         axes.scatter(
             [r.flop_ratio for r in rows],
             [r.cosine_all_mean for r in rows],
@@ -87,10 +93,10 @@ def plot(result: FidelityResult, path: Path) -> Path:
         axes.plot(
             [r.flop_ratio for r in chain],
             [r.cosine_all_mean for r in chain],
-            "-",
+            LINE_STYLES[index % len(LINE_STYLES)],
             color=color,
             marker=marker,
-            label=method,
+            label=label,
         )
     front = [row for row in result.rows if row.pareto]
     axes.scatter(
