@@ -8,7 +8,9 @@ selector."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,10 +89,8 @@ def test_uniform_keeps_the_coarsest_lattice_in_turn_across_parts():
     # Two 8 x 8 frames of one item: the top quarter is the stride-2 lattice of both frames, the
     # top 1/16 the stride-4 one, and within a level the frames alternate.
     grid = selectors.token_grid([(2, 8, 8)], cls=False)
-    inputs = selectors.SelectionInputs(
-        torch.zeros(128, 4), torch.zeros(128, 4), torch.tensor([0, 128], dtype=torch.int32), torch.empty(0, 3), grid
-    )
-    inputs = selectors.SelectionInputs(*[*vars(inputs).values()][:3], torch.empty(0, dtype=torch.int64), grid)
+    states, cu_items, no_pinned = torch.zeros(128, 4), torch.tensor([0, 128], dtype=torch.int32), torch.empty(0).long()
+    inputs = selectors.SelectionInputs(states, states, cu_items, no_pinned, grid)
     scores = selectors.uniform_scores(inputs)
     order = scores.argsort(descending=True)
     lattice = grid[order[:32]]
@@ -361,3 +361,11 @@ def test_ops_compile_with_a_custom_selector():
         compiled(x_before, x_after, cu_items, cu_seqlens), plan(x_before, x_after, cu_items, cu_seqlens), strict=True
     ):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_selection_is_a_plain_setting_of_every_front_end():
+    from ipcv_kernels.eval import build_settings
+
+    config, _ = build_settings(ipcv_selection="uniform", ipcv_selection_seed="3")  # lmms-eval model args
+    assert (config.selection, config.selection_seed) == ("uniform", 3)
+    assert ik.IPCVConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config  # hf_overrides-style
