@@ -199,7 +199,8 @@ class FamilyAdapter:
         ``scores``: float ``[n]`` of the configured selector, ``None``: the default score, which
         the fused ``plan_ipcv`` computes itself.
         """
-        self.pinned_rows(cu_seqlens, padding)
+        if padding is not None:
+            raise ValueError(f"the {self.name} adapter has no padding rows to pin")
         if scores is not None:
             return plan_from_scores(
                 scores, x_after, cu_items, cu_seqlens, config.ratio, config.num_neighbors, backend=config.backend
