@@ -131,7 +131,9 @@ BUILTIN_SELECTORS: dict[str, Selector] = {
 
 _registry: dict[str, Selector] = dict(BUILTIN_SELECTORS)
 _entry_points_loaded = False
-_lock = threading.Lock()
+_entry_points_loading = False
+_lock = threading.Lock()  # the registry
+_load_lock = threading.RLock()  # the entry points (re-entrant: a plugin may resolve names on import)
 
 
 def register_selector(name: str, fn: Selector, *, replace: bool = False) -> None:
@@ -166,16 +168,28 @@ def register_selector(name: str, fn: Selector, *, replace: bool = False) -> None
 
 
 def _load_entry_points() -> None:
-    """Register every selector of the entry-point group, once per process (a broken one warns)."""
-    global _entry_points_loaded
+    """Register every selector of the entry-point group, once per process (a broken one warns).
+
+    Other threads wait until the loading is done; a plugin that resolves names while it is being
+    imported (the same thread) sees the selectors loaded so far."""
+    global _entry_points_loaded, _entry_points_loading
     if _entry_points_loaded:
         return
-    _entry_points_loaded = True
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    with _load_lock:
+        if _entry_points_loaded or _entry_points_loading:
+            return
+        _entry_points_loading = True
         try:
-            register_selector(entry.name, entry.load())
-        except Exception as error:  # a broken plugin must not break the package
-            warnings.warn(f"selector entry point {entry.name!r} ({entry.value}) not loaded: {error}", stacklevel=2)
+            for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                try:
+                    register_selector(entry.name, entry.load())
+                except Exception as error:  # a broken plugin must not break the package
+                    warnings.warn(
+                        f"selector entry point {entry.name!r} ({entry.value}) not loaded: {error}", stacklevel=3
+                    )
+        finally:
+            _entry_points_loading = False
+            _entry_points_loaded = True
 
 
 def available_selectors() -> list[str]:
