@@ -2,7 +2,7 @@
 package ``tests/selector_plugin`` is pip-installed into a temporary directory on the path, and
 the engine's model, patched from ``{"ipcv": {..., "selection": "plugin_l1"}}``, scores its tokens
 with it (vLLM's own Qwen2-VL, CPU, in-process as every vLLM test here); the image's tokens are
-pruned as the plan of those scores says."""
+pruned; so are they with the built-in ``"uniform"``, which needs the adapter's grid."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from PIL import Image
 from selector_plugin.installed import SELECTOR_NAME, install_plugin
 
 import ipcv_kernels as ik
+import ipcv_kernels.vllm as ikv
 from ipcv_kernels import selectors
 from ipcv_kernels.vllm.testing import ENGINE, shutdown_engine
 
@@ -43,5 +44,13 @@ def test_entry_point_selector_through_hf_overrides(checkpoint, tmp_path, monkeyp
         assert ipcv_selector_plugin.calls > before
         (tokens,) = llm.apply_model(lambda model: ik.get_ipcv_patch(model).last_tokens_per_block)
         assert tokens[2] < tokens[0]  # the image was pruned at block P = 2
+        # A built-in that needs the grid: vLLM's Qwen2-VL adapter gives it (merge-unit order).
+        uniform = ik.IPCVConfig(**{**SETTINGS, "selection": "uniform"})
+        llm.apply_model(lambda model: ikv.apply_ipcv(model, uniform))
+        pixels = np.random.default_rng(1).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+        request = {"prompt": PROMPT, "multi_modal_data": {"image": Image.fromarray(pixels)}}
+        assert len(llm.generate(request, params, use_tqdm=False)[0].outputs[0].token_ids) == 2
+        (tokens,) = llm.apply_model(lambda model: ik.get_ipcv_patch(model).last_tokens_per_block)
+        assert tokens[2] < tokens[0]
     finally:
         shutdown_engine(llm)
