@@ -1,7 +1,8 @@
 """ipcv_kernels: IPCV token compression for the vision encoders of multimodal LLMs.
 
 Public API: the ops (``knn``, ``ngr_reconstruct``, ``ngr_restore``, ``ngr_attention``, ``token_scores``,
-``select_tokens``, ``plan_ipcv``), ``IPCVConfig`` and ``apply_ipcv`` / ``remove_ipcv`` /
+``select_tokens``, ``plan_ipcv``), ``IPCVConfig`` and its token selectors (``register_selector``,
+``available_selectors``, ``SelectionInputs``; ``ipcv_kernels.selectors``) and ``apply_ipcv`` / ``remove_ipcv`` /
 ``recommended_config``, and the LLM-side pruners ``FastV`` / ``DART``
 (``apply_ipcv(model, config, llm_pruner=...)``). All ops are inference-only (no autograd).
 The behavioural contract is ``docs/spec.md``.
@@ -25,6 +26,7 @@ from .ops import (
     token_scores,
 )
 from .reference import IPCVPlan, TokenSelection
+from .selectors import SelectionInputs, available_selectors, register_selector
 
 # The Triton backends (optional: ``pip install ipcv_kernels[triton]``) register themselves on import.
 if importlib.util.find_spec("triton") is not None:
@@ -38,9 +40,11 @@ __all__ = [
     "IPCVConfig",
     "IPCVPlan",
     "LLMPruner",
+    "SelectionInputs",
     "TokenSelection",
     "apply_ipcv",
     "available_backends",
+    "available_selectors",
     "get_ipcv_patch",
     "get_llm_pruning_patch",
     "ipcv_applied",
@@ -50,6 +54,7 @@ __all__ = [
     "ngr_restore",
     "plan_ipcv",
     "recommended_config",
+    "register_selector",
     "remove_ipcv",
     "select_tokens",
     "set_tiles_per_image",

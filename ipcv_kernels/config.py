@@ -43,6 +43,11 @@ class IPCVConfig:
             baseline for comparisons (``python -m ipcv_kernels fidelity``): every dropped token
             keeps its block-``P`` state wherever the full sequence is rebuilt (stabilisation blocks
             and the final restoration), as NGR with no valid neighbour gives.
+        selection: the name of the selector that scores the tokens at block ``P`` (spec step 2):
+            ``"diff"`` (the spec's ``||x_P - x_{P-1}||``), ``"norm"``, ``"random"``, ``"uniform"``
+            or one registered with ``ipcv_kernels.register_selector`` / the entry-point group
+            ``ipcv_kernels.selectors`` (resolved by ``apply_ipcv``).
+        selection_seed: seed of selectors that draw random numbers (``"random"``), ``>= 0``.
     """
 
     prune_layer: int = 3
@@ -54,6 +59,8 @@ class IPCVConfig:
     attention_backend: str = "auto"
     as_queries: str = "kept"
     reconstruct: bool = True
+    selection: str = "diff"
+    selection_seed: int = 0
 
     def __post_init__(self) -> None:
         check_int("prune_layer", self.prune_layer, low=1)
@@ -64,6 +71,9 @@ class IPCVConfig:
         check_choice("as_queries", self.as_queries, AS_QUERIES)
         if not isinstance(self.reconstruct, bool):
             raise TypeError(f"reconstruct must be a bool, got {type(self.reconstruct).__name__}")
+        check_int("selection_seed", self.selection_seed, low=0)
+        if not isinstance(self.selection, str) or not self.selection:
+            raise TypeError(f"selection must be a non-empty str (a selector name), got {self.selection!r}")
         for name in ("ops_backend", "attention_backend"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")

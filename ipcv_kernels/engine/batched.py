@@ -35,6 +35,7 @@ from torch import nn
 from ..config import IPCVConfig
 from ..ops import knn, ngr_attention, plan_ipcv, select_tokens, shrink_cu_seqlens, token_scores
 from ..reference import IPCVPlan
+from ..selectors import plan_from_scores, token_grid
 from .vision import BlockCall, FamilyAdapter, ForwardState, TowerCall
 
 
@@ -137,6 +138,7 @@ def plan_with_pinned_tokens(
     cu_seqlens: torch.Tensor,
     pinned: torch.Tensor,
     config: IPCVConfig,
+    scores: torch.Tensor | None = None,
 ) -> IPCVPlan:
     """The spec's plan over the unpinned rows, with the ``pinned`` rows always kept.
 
@@ -149,20 +151,35 @@ def plan_with_pinned_tokens(
         cu_seqlens: int32 ``[S + 1]`` attention segments over the ``n`` rows.
         pinned: int64 ``[Np]`` ascending rows that are never dropped.
         config: ratio, neighbours and planning backend.
+        scores: float ``[n]`` of the configured selector (pinned rows' ignored), ``None``: the
+            default score, computed by the fused ``plan_ipcv``.
     """
     is_free = torch.ones(x_after.shape[0], dtype=torch.bool, device=x_after.device)
     is_free[pinned] = False
     free = is_free.nonzero().squeeze(1)
-    sub = plan_ipcv(
-        x_before[free],
-        x_after[free],
-        torch.searchsorted(free, cu_items.to(free.dtype)).to(torch.int32),
-        torch.searchsorted(free, cu_seqlens.to(free.dtype)).to(torch.int32),
-        config.ratio,
-        config.num_neighbors,
-        backend=config.ops_backend,
-        skip_check=True,
-    )
+    free_items = torch.searchsorted(free, cu_items.to(free.dtype)).to(torch.int32)
+    free_segments = torch.searchsorted(free, cu_seqlens.to(free.dtype)).to(torch.int32)
+    if scores is None:
+        sub = plan_ipcv(
+            x_before[free],
+            x_after[free],
+            free_items,
+            free_segments,
+            config.ratio,
+            config.num_neighbors,
+            backend=config.ops_backend,
+            skip_check=True,
+        )
+    else:
+        sub = plan_from_scores(
+            scores[free],
+            x_after[free],
+            free_items,
+            free_segments,
+            config.ratio,
+            config.num_neighbors,
+            backend=config.ops_backend,
+        )
     kept_free = free[sub.keep]
     keep = torch.cat([pinned, kept_free]).sort().values
     row_in_keep = torch.searchsorted(keep, kept_free)
@@ -184,6 +201,7 @@ def authors_plan(
     cu_items: torch.Tensor,
     cu_tiles: torch.Tensor,
     config: IPCVConfig,
+    scores: torch.Tensor | None = None,
 ) -> IPCVPlan:
     """The plan of the paper authors' InternVL code (``scope="authors"``), for the InternVL
     adapters of every framework.
@@ -197,14 +215,15 @@ def authors_plan(
         cu_items: int32 ``[B + 1]`` item offsets (one item: the call).
         cu_tiles: int32 ``[tiles + 1]`` per-tile offsets; each tile starts with its CLS row.
         config: ratio, neighbours and planning backend.
+        scores: float ``[n]`` of the configured selector, ``None``: the default score.
     """
     cls_rows = cu_tiles[:-1].to(torch.int64)
     is_free = torch.ones(x_after.shape[0], dtype=torch.bool, device=x_after.device)
     is_free[cls_rows] = False
     free = is_free.nonzero().squeeze(1)
-    scores = token_scores(x_before[free], x_after[free], skip_check=True)
+    free_scores = token_scores(x_before[free], x_after[free], skip_check=True) if scores is None else scores[free]
     cu_free_tiles = torch.searchsorted(free, cu_tiles.to(free.dtype)).to(torch.int32)
-    selection = select_tokens(scores, cu_free_tiles, config.ratio, backend=config.ops_backend, skip_check=True)
+    selection = select_tokens(free_scores, cu_free_tiles, config.ratio, backend=config.ops_backend, skip_check=True)
     keep = torch.cat([cls_rows, free[selection.keep]]).sort().values
     drop = free[selection.drop]
     neighbors = knn(x_after[drop], x_after[keep], config.num_neighbors, backend=config.ops_backend, skip_check=True)
@@ -262,16 +281,21 @@ class BatchedTowerAdapter(FamilyAdapter):
         cu_seqlens: torch.Tensor,
         config: IPCVConfig,
         padding: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> IPCVPlan:
+        rows = self.pinned_rows(cu_seqlens, padding)
+        if rows is None:
+            return super().plan(x_before, x_after, cu_items, cu_seqlens, config, scores=scores)
+        return plan_with_pinned_tokens(x_before, x_after, cu_items, cu_seqlens, rows, config, scores)
+
+    def pinned_rows(self, cu_seqlens: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor | None:
+        """Every sequence's CLS row (``has_cls``) and the padding rows, ascending; ``None``: none."""
         pinned = []
         if self.has_cls:
             pinned.append(cu_seqlens[:-1].to(torch.int64))  # every sequence starts with its CLS token
         if padding is not None:
             pinned.append(padding.nonzero().squeeze(1))
-        if not pinned:
-            return super().plan(x_before, x_after, cu_items, cu_seqlens, config)
-        rows = torch.cat(pinned).unique()  # sorted
-        return plan_with_pinned_tokens(x_before, x_after, cu_items, cu_seqlens, rows, config)
+        return torch.cat(pinned).unique() if pinned else None  # unique: sorted
 
     def key_rows(
         self, call: BlockCall, num_rows: int, cu_seqlens: torch.Tensor
@@ -358,6 +382,15 @@ class TiledTowerAdapter(BatchedTowerAdapter):
         segments = sequence_segments(num_tiles, tile_length, pixel_values.device)
         return TowerCall([count * tile_length for count in counts], segments, hints.get("read_blocks"))
 
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Each tile its own part: its CLS row off the grid, then its patches row-major."""
+        pixel_values = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
+        num_tiles, _, height, width = pixel_values.shape
+        patch_h, patch_w = self.patch_size(tower)
+        return token_grid([(num_tiles, height // patch_h, width // patch_w)], cls=True)
+
     def plan(
         self,
         x_before: torch.Tensor,
@@ -366,7 +399,8 @@ class TiledTowerAdapter(BatchedTowerAdapter):
         cu_seqlens: torch.Tensor,
         config: IPCVConfig,
         padding: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> IPCVPlan:
         if config.scope != "authors":
-            return super().plan(x_before, x_after, cu_items, cu_seqlens, config, padding)
-        return authors_plan(x_before, x_after, cu_items, cu_seqlens, config)
+            return super().plan(x_before, x_after, cu_items, cu_seqlens, config, padding, scores)
+        return authors_plan(x_before, x_after, cu_items, cu_seqlens, config, scores)

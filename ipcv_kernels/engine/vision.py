@@ -7,7 +7,8 @@ states from block to block, unaware that from block ``P`` on they hold only the 
 forward (spec: ``docs/spec.md``):
 
 - block ``P-1`` records its input (``x_before``);
-- block ``P`` plans: scores ``||x_P - x_{P-1}||``, per-item top-k, neighbours on ``base = x_P``;
+- block ``P`` plans: scores (``IPCVConfig.selection``'s selector; ``||x_P - x_{P-1}||`` by
+  default), per-item top-k, neighbours on ``base = x_P``;
 - blocks ``P .. P+A-1`` (attention stabilisation) take the kept states ``h``, reconstruct the
   dropped ones, attend with kept queries over kept + reconstructed keys/values, and return ``h``;
 - blocks ``P+A ..`` run the model's own block on the kept tokens with shrunk segments;
@@ -23,7 +24,8 @@ are (``describe_call``), how a block call carries its segments and rotary tables
 attention-stabilisation forward (``stabilised_block``). Optional hooks cover towers that differ
 further: ``pack`` / ``unpack`` for towers whose blocks take a padded batch ``[B, L, D]`` instead of
 packed rows (the engine works on packed rows from block ``P`` on), ``plan`` for tokens that must
-never be dropped (a CLS token, padding), and ``install_hooks`` for modules that read intermediate block
+never be dropped (a CLS token, padding; ``pinned_rows`` tells selectors which), ``token_grid``
+for selectors that need each row's grid position, and ``install_hooks`` for modules that read intermediate block
 outputs (they get full sequences through ``IPCVPatch.full_sequence``) or calls around the tower
 that know how its inputs group into items (``IPCVPatch.hinted``).
 """
@@ -43,6 +45,7 @@ from torch import nn
 from ..config import IPCVConfig
 from ..ops import ngr_restore, plan_ipcv, shrink_cu_seqlens
 from ..reference import IPCVPlan
+from ..selectors import DEFAULT_SELECTION, SelectionInputs, compute_scores, get_selector, plan_from_scores
 from .patching import InstancePatch
 
 PATCH_ATTRIBUTE = "_ipcv_patch"
@@ -95,6 +98,7 @@ class ForwardState:
     read_blocks: frozenset[int]  # TowerCall.read_blocks, resolved (the last block by default)
     segments: torch.Tensor | None = None  # TowerCall.segments
     padding: torch.Tensor | None = None  # TowerCall.padding
+    grid: torch.Tensor | None = None  # FamilyAdapter.token_grid, read only by selectors other than the default
     # The previous block returned the restored full sequence (a read block): take its kept rows.
     restored: bool = False
     x_before: torch.Tensor | None = None
@@ -149,6 +153,20 @@ class FamilyAdapter:
         """
         raise NotImplementedError
 
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """int64 ``[n, 3]`` ``(part, row, col)`` of every packed row of this call
+        (``SelectionInputs.grid``), ``None`` where unknown (the default). Called only when a
+        selector other than the default one is configured."""
+        return None
+
+    def pinned_rows(self, cu_seqlens: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor | None:
+        """int64 ascending rows that ``plan`` never drops (``None``: none); this base pins none."""
+        if padding is not None:
+            raise ValueError(f"the {self.name} adapter has no padding rows to pin")
+        return None
+
     def install_hooks(self, patch: IPCVPatch) -> None:
         """Extra wrappers / hooks of this family, through ``patch.wrap`` / ``patch.add_hook`` (so
         that they are removed with the patch); none by default."""
@@ -173,13 +191,20 @@ class FamilyAdapter:
         cu_seqlens: torch.Tensor,
         config: IPCVConfig,
         padding: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> IPCVPlan:
         """Spec steps 2-3 on packed rows; override to pin tokens that must never be dropped.
 
         ``padding``: ``TowerCall.padding`` (bool ``[n]``), rows to pin; this base takes none.
+        ``scores``: float ``[n]`` of the configured selector, ``None``: the default score, which
+        the fused ``plan_ipcv`` computes itself.
         """
         if padding is not None:
             raise ValueError(f"the {self.name} adapter has no padding rows to pin")
+        if scores is not None:
+            return plan_from_scores(
+                scores, x_after, cu_items, cu_seqlens, config.ratio, config.num_neighbors, backend=config.ops_backend
+            )
         return plan_ipcv(
             x_before,
             x_after,
@@ -282,6 +307,7 @@ class IPCVPatch(InstancePatch):
         self.blocks = adapter.blocks(tower)
         self.depth = len(self.blocks)
         config.check_depth(self.depth)
+        self.selector = get_selector(config.selection)
         self.stabilisation_end = config.stabilisation_end(self.depth)
         self.last_tokens_per_block: list[int] = []
         self.last_keep: torch.Tensor | None = None
@@ -302,7 +328,10 @@ class IPCVPatch(InstancePatch):
             lengths = call.item_lengths if self.config.scope == "image" else [sum(call.item_lengths)]
             offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
             read_blocks = frozenset(call.read_blocks if call.read_blocks is not None else (self.depth - 1,))
-            with self.bind(ForwardState(offsets, read_blocks, call.segments, padding=call.padding)) as state:
+            state = ForwardState(offsets, read_blocks, call.segments, padding=call.padding)
+            if self.config.selection != DEFAULT_SELECTION:
+                state.grid = self.adapter.token_grid(self.tower, args, kwargs, self._hints.get({}))
+            with self.bind(state):
                 output = inner(*args, **kwargs)
             self.last_tokens_per_block = state.tokens_per_block
             self.last_keep = None if state.plan is None else state.plan.keep
@@ -384,15 +413,35 @@ class IPCVPatch(InstancePatch):
         if described != x_after.shape[0]:
             raise ValueError(f"the tower's input holds {x_after.shape[0]} tokens but its grid describes {described}")
         cu_items = state.cu_items.to(x_after.device)
-        plan = self.adapter.plan(
-            x_before, x_after, cu_items, call.cu_seqlens.to(torch.int32), self.config, state.padding
-        )
+        cu_seqlens = call.cu_seqlens.to(torch.int32)
+        scores = None
+        if self.config.selection != DEFAULT_SELECTION:
+            scores = self._scores(state, x_before, x_after, cu_items, cu_seqlens)
+        plan = self.adapter.plan(x_before, x_after, cu_items, cu_seqlens, self.config, state.padding, scores)
         if not self.config.reconstruct:  # the naive baseline: NGR without neighbours keeps the base state
             plan = plan._replace(neighbors=torch.full_like(plan.neighbors, -1))
         state.plan, state.base, state.x_before, state.block_layout = plan, x_after, None, layout
         state.planned_cu_seqlens = call.cu_seqlens
         state.base_kept, state.base_drop = x_after[plan.keep], x_after[plan.drop]
         return state.base_kept
+
+    def _scores(
+        self,
+        state: ForwardState,
+        x_before: torch.Tensor,
+        x_after: torch.Tensor,
+        cu_items: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """The configured selector's checked scores ``[n]`` of the packed rows."""
+        pinned = self.adapter.pinned_rows(cu_seqlens, state.padding)
+        if pinned is None:
+            pinned = torch.empty(0, dtype=torch.int64, device=x_after.device)
+        grid = None if state.grid is None else state.grid.to(x_after.device)
+        if grid is not None and grid.shape != (x_after.shape[0], 3):
+            raise ValueError(f"the adapter's token grid {tuple(grid.shape)} does not match {x_after.shape[0]} rows")
+        inputs = SelectionInputs(x_before, x_after, cu_items, pinned, grid, self.config.selection_seed)
+        return compute_scores(self.config.selection, self.selector, inputs)
 
     def _kept_segments(self, state: ForwardState, cu_seqlens: torch.Tensor) -> KeptSegments:
         """This block call's segments shrunk to the kept tokens (memoised per forward).

@@ -24,7 +24,9 @@ One process on one device (no accelerate data parallelism). Model arguments: ``p
 ``ipcv_kernels.eval.settings.build_settings``: ``ipcv`` (``false`` turns IPCV off),
 ``ipcv_prune_layer``, ``ipcv_ratio``, ``ipcv_as_layers``, ``ipcv_num_neighbors``, ``ipcv_scope``,
 ``ipcv_ops_backend``, ``ipcv_attention_backend``, ``llm_pruner`` (``none``, ``fastv``, ``dart``),
-``llm_layer``, ``llm_ratio``, ``pivot_image_tokens``, ``pivot_text_tokens``.
+``llm_layer``, ``llm_ratio``, ``pivot_image_tokens``, ``pivot_text_tokens``, ``ipcv_selection``
+(a token selector's name: ``diff``, ``norm``, ``random``, ``uniform`` or a registered one) and
+``ipcv_selection_seed``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ numbers itself; other callers may pass strings. ``build_settings`` accepts both.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 from ..config import IPCVConfig
@@ -58,6 +58,8 @@ def build_settings(
     llm_ratio: object | None = None,
     pivot_image_tokens: object = 4,
     pivot_text_tokens: object = 4,
+    ipcv_selection: str = IPCV_DEFAULTS["selection"],
+    ipcv_selection_seed: object = IPCV_DEFAULTS["selection_seed"],
 ) -> tuple[IPCVConfig | None, LLMPruner | None]:
     """The ``(IPCVConfig or None, pruner or None)`` pair that ``apply_ipcv`` takes.
 
@@ -68,6 +70,8 @@ def build_settings(
         llm_layer, llm_ratio: the pruner's ``layer`` and ``ratio`` (``llm_ratio`` defaults to the
             pruner's own default: FastV 0.5, DART 0.778).
         pivot_image_tokens, pivot_text_tokens: DART's pivots.
+        ipcv_selection, ipcv_selection_seed: ``IPCVConfig.selection`` (a selector's name) and
+            ``selection_seed``.
 
     Raises:
         ValueError / TypeError: a setting of the wrong type or out of range, naming it.
@@ -83,6 +87,10 @@ def build_settings(
             ops_backend=ipcv_ops_backend,
             attention_backend=ipcv_attention_backend,
         )
+
+    if config is not None:
+        seed = as_number("ipcv_selection_seed", ipcv_selection_seed, int)
+        config = replace(config, selection=ipcv_selection, selection_seed=seed)
     name = str(llm_pruner).lower()
     if name not in PRUNERS:
         raise ValueError(f"llm_pruner must be one of {list(PRUNERS)}, got {llm_pruner!r}")

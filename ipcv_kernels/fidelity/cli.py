@@ -17,6 +17,7 @@ import torch
 
 from .._help_text import plain_text
 from ..bench import environment
+from ..selectors import DEFAULT_SELECTION
 from .evaluate import METHODS, FidelityResult, Grid, default_grid, evaluate_fidelity
 from .report import write_results
 from .subjects import DEFAULT_PRESET, PRESETS, FidelityError, load_subject
@@ -91,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--neighbors", type=_at_least(1), nargs="+", help="neighbours k (default: the family's k)")
     parser.add_argument("--methods", choices=METHODS, nargs="+", default=list(METHODS), help="methods to compare")
+    parser.add_argument(
+        "--selections",
+        nargs="+",
+        default=[DEFAULT_SELECTION],
+        help="token selectors to compare, each with every method (IPCVConfig.selection: diff, norm, random, "
+        "uniform, or one registered by an installed library through the ipcv_kernels.selectors entry points)",
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the tower")
     parser.add_argument("--device", default="cpu", help="torch device of the tower, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed of the presets' weights and the synthetic images")
@@ -107,6 +115,7 @@ def _grid(args: argparse.Namespace, default: Grid) -> Grid:
         prune_layers=tuple(sorted(set(args.prune_layers))) if args.prune_layers else default.prune_layers,
         as_layers=tuple(sorted(set(args.as_layers))) if args.as_layers else default.as_layers,
         neighbors=tuple(sorted(set(args.neighbors))) if args.neighbors else default.neighbors,
+        selections=tuple(dict.fromkeys(args.selections)),
     )
 
 
@@ -143,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(result.rows)} settings on {len(subject.samples)} samples of {subject.name}")
     for row in best:
         print(
-            f"  front: {row.method:17s} P={row.prune_layer} r={row.ratio:.2f} A={row.as_layers} "
+            f"  front: {row.method:17s} {row.selection:8s} P={row.prune_layer} r={row.ratio:.2f} A={row.as_layers} "
             f"k={row.num_neighbors}  cos={row.cosine_all_mean:.4f} (worst {row.cosine_all_worst:.4f})  "
             f"FLOP ratio {row.flop_ratio:.3f}"
         )

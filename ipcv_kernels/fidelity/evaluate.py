@@ -15,6 +15,11 @@ Methods, on the same samples:
   dropped tokens keep their block-``P`` state until the end (no neighbours: ``num_neighbors``
   is ``None`` in its rows).
 
+Each method runs with every token selector of the grid (``Grid.selections``,
+``IPCVConfig.selection``: ``"diff"`` by default, ``"norm"``, ``"random"``, ``"uniform"`` or a
+registered one), so selectors compare on the user's checkpoint and images; a row names its
+``selection``.
+
 Metrics, in float64, per sample (image or video): per-token cosine similarity
 ``<a, b> / sqrt(<a, a> <b, b>)`` between pruned ``b`` and unpruned ``a`` rows, averaged over all
 tokens (``cosine_all``), the kept ones (``cosine_kept``) and the dropped ones
@@ -27,6 +32,7 @@ patched forwards of all samples (median of ``repeats`` per sample, summed).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +45,7 @@ from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..bench import measure
 from ..bench.progress import Progress
 from ..config import IPCVConfig
+from ..selectors import DEFAULT_SELECTION, available_selectors
 from .subjects import FidelityError, Sample, Subject
 
 METHODS = ("ipcv", "ngr_only", "no_reconstruction")
@@ -52,6 +59,7 @@ class Grid:
     prune_layers: tuple[int, ...]
     as_layers: tuple[int, ...]
     neighbors: tuple[int, ...]
+    selections: tuple[str, ...] = (DEFAULT_SELECTION,)  # token selectors (IPCVConfig.selection), by name
 
 
 def default_grid(subject: Subject) -> Grid:
@@ -75,36 +83,39 @@ def default_grid(subject: Subject) -> Grid:
 
 
 def method_configs(grid: Grid, depth: int, methods: Sequence[str] = METHODS) -> list[tuple[str, IPCVConfig]]:
-    """``(method, config)`` of every grid point, without repeats.
+    """``(method, config)`` of every grid point, without repeats, each selector in turn.
 
     ``A`` is clamped to ``depth - P`` (larger values mean "until the end", the same forward);
     ``ngr_only`` and ``no_reconstruction`` ignore the grid's ``A`` (and the latter ``k``).
 
     Raises:
-        FidelityError: a prune layer outside ``[1, depth)`` or an unknown method.
+        FidelityError: a prune layer outside ``[1, depth)``, an unknown method or selector.
     """
     for method in methods:
         if method not in METHODS:
             raise FidelityError(f"--methods: one of {', '.join(METHODS)}, got {method!r}")
+    known = available_selectors()
+    for selection in grid.selections:
+        if selection not in known:
+            raise FidelityError(f"--selections: one of {', '.join(known)}, got {selection!r}")
     for prune in grid.prune_layers:
         if not 1 <= prune < depth:
             raise FidelityError(f"--prune-layers: {prune} is outside [1, {depth - 1}] for this tower of depth {depth}")
     seen: set[tuple[str, IPCVConfig]] = set()
     configs = []
-    for method in methods:
-        for prune in grid.prune_layers:
-            for ratio in grid.ratios:
-                for as_layers in grid.as_layers:
-                    for neighbors in grid.neighbors:
-                        if method == "ipcv":
-                            config = IPCVConfig(prune, ratio, min(as_layers, depth - prune), neighbors)
-                        elif method == "ngr_only":
-                            config = IPCVConfig(prune, ratio, 0, neighbors)
-                        else:  # the naive baseline has no neighbours: k = 1 is a placeholder
-                            config = IPCVConfig(prune, ratio, 0, 1, reconstruct=False)
-                        if (method, config) not in seen:
-                            seen.add((method, config))
-                            configs.append((method, config))
+    points = itertools.product(grid.prune_layers, grid.ratios, grid.as_layers, grid.neighbors)
+    for selection, method, (prune, ratio, as_layers, neighbors) in itertools.product(
+        grid.selections, methods, list(points)
+    ):
+        if method == "ipcv":
+            config = IPCVConfig(prune, ratio, min(as_layers, depth - prune), neighbors, selection=selection)
+        elif method == "ngr_only":
+            config = IPCVConfig(prune, ratio, 0, neighbors, selection=selection)
+        else:  # the naive baseline has no neighbours: k = 1 is a placeholder
+            config = IPCVConfig(prune, ratio, 0, 1, reconstruct=False, selection=selection)
+        if (method, config) not in seen:
+            seen.add((method, config))
+            configs.append((method, config))
     return configs
 
 
@@ -168,6 +179,7 @@ class FidelityRow:
     """
 
     method: str
+    selection: str
     prune_layer: int
     ratio: float
     as_layers: int
@@ -277,7 +289,7 @@ def evaluate_fidelity(
     started = time.perf_counter()
     with Progress(len(configs) * len(subject.samples), "fidelity", enabled=progress) as bar:
         for method, config in configs:
-            bar.describe(f"{method} P={config.prune_layer} r={config.ratio:g} A={config.as_layers}")
+            bar.describe(f"{method}/{config.selection} P={config.prune_layer} r={config.ratio:g} A={config.as_layers}")
             apply_ipcv(tower, config)
             try:
                 scores, wall_ms, kept = [], 0.0, 0
@@ -329,6 +341,7 @@ def _row(
     dropped = [s.cosine_dropped for s in scores if s.cosine_dropped is not None]
     return FidelityRow(
         method=method,
+        selection=config.selection,
         prune_layer=config.prune_layer,
         ratio=config.ratio,
         as_layers=config.as_layers,

@@ -3,6 +3,7 @@ the plot needs matplotlib, an optional dependency: without it the other files ar
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -13,6 +14,7 @@ from .evaluate import METHODS, FidelityResult, FidelityRow
 
 COLUMNS = (
     results.Column("method", "method"),
+    results.Column("selection", "selection"),
     results.Column("prune_layer", "P"),
     results.Column("ratio", "r", ".2f"),
     results.Column("as_layers", "A"),
@@ -29,6 +31,7 @@ COLUMNS = (
     results.Column("wall_ms", "wall ms", ".1f"),
     results.Column("pareto_mark", "front"),
 )
+LINE_STYLES = ("-", "--", ":", "-.")  # one per selector of the run
 STYLES = {"ipcv": ("tab:blue", "o"), "ngr_only": ("tab:orange", "s"), "no_reconstruction": ("tab:red", "^")}
 
 
@@ -65,18 +68,21 @@ def pareto_chain(rows: Sequence[FidelityRow]) -> list[FidelityRow]:
 
 def plot(result: FidelityResult, path: Path) -> Path:
     """Mean cosine (all tokens) against FLOP ratio: every setting as a faint point, each method's
-    best-fidelity-for-its-cost settings as a curve, the run's Pareto front circled in black."""
+    (and selector's) best-fidelity-for-its-cost settings as a curve, the run's Pareto front
+    circled in black."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for method in METHODS:
-        rows = [row for row in result.rows if row.method == method]
+    selections = list(dict.fromkeys(row.selection for row in result.rows))
+    for (index, selection), method in itertools.product(enumerate(selections), METHODS):
+        rows = [row for row in result.rows if row.method == method and row.selection == selection]
         if not rows:
             continue
         color, marker = STYLES[method]
+        label = method if len(selections) == 1 else f"{method} ({selection})"
         axes.scatter(
             [r.flop_ratio for r in rows],
             [r.cosine_all_mean for r in rows],
@@ -89,10 +95,10 @@ def plot(result: FidelityResult, path: Path) -> Path:
         axes.plot(
             [r.flop_ratio for r in chain],
             [r.cosine_all_mean for r in chain],
-            "-",
+            LINE_STYLES[index % len(LINE_STYLES)],
             color=color,
             marker=marker,
-            label=method,
+            label=label,
         )
     front = [row for row in result.rows if row.pareto]
     axes.scatter(

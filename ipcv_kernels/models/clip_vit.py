@@ -38,6 +38,7 @@ from torch import nn
 
 from ..engine import IPCVPatch, TowerCall, read_blocks
 from ..engine.batched import BatchedTowerAdapter, PrenormLayer, sequence_segments
+from ..selectors import token_grid
 
 
 def anyres_crops(
@@ -129,6 +130,14 @@ class ClipViTAdapter(BatchedTowerAdapter):
             raise ValueError(f"crops per image {counts} must add up to the call's {num_crops} crops")
         segments = sequence_segments(num_crops, length, pixel_values.device)
         return TowerCall([count * length for count in counts], segments, hints.get("read_blocks"))
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Each crop (image, frame, sub-image) its own part: CLS (if any) off the grid, patches row-major."""
+        pixel_values = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
+        num_crops, _, height, width = pixel_values.shape
+        return token_grid([(num_crops, height // self._patch_size, width // self._patch_size)], cls=self.has_cls)
 
     def layer_parts(self, block: nn.Module) -> PrenormLayer:
         attention = block.self_attn

@@ -26,8 +26,35 @@ Limit: the tower's ``hidden_states`` (``output_hidden_states=True``) of blocks `
 
 from __future__ import annotations
 
-from .qwen2_vl import Qwen2VLAdapter
+from typing import Any
+
+import torch
+from torch import nn
+
+from .qwen2_vl import Qwen2VLAdapter, call_grid_thw
 
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     name = "qwen2_5_vl"
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Qwen2-VL's grid, reordered by merge units as the tower reorders its tokens (``window_index``)."""
+        grid = super().token_grid(tower, args, kwargs, hints)
+        grid_thw = call_grid_thw(args, kwargs)
+        if hasattr(tower, "get_window_index"):  # transformers <= 5.17: a method of the tower
+            window_index, _ = tower.get_window_index(grid_thw)
+        else:
+            # Imported here: no family imports its transformers module until a model of it is patched.
+            from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+            window_index, _ = modeling_qwen2_5_vl.get_vision_window_index(
+                grid_thw,
+                spatial_merge_size=tower.spatial_merge_size,
+                window_size=tower.window_size,
+                patch_size=tower.patch_size,
+                kwargs={},
+            )
+        unit = tower.spatial_merge_size**2
+        return grid.view(-1, unit, 3)[window_index.cpu()].reshape(-1, 3)

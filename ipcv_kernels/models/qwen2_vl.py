@@ -17,12 +17,18 @@ from ..config import IPCVConfig
 from ..engine import BlockCall, FamilyAdapter, TowerCall
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
+from ..selectors import merge_unit_grid
 
 
 def grid_item_lengths(args: tuple, kwargs: dict[str, Any]) -> list[int]:
     """``t * h * w`` of every ``grid_thw`` row of a ``tower(hidden_states, grid_thw)`` call."""
     grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
     return [int(t) * int(h) * int(w) for t, h, w in grid_thw.tolist()]
+
+
+def call_grid_thw(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The ``grid_thw`` of a ``tower(hidden_states, grid_thw)`` call."""
+    return kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
 
 
 def stabilised_prenorm_block(
@@ -76,6 +82,12 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
         return TowerCall(grid_item_lengths(args, kwargs))
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Each image / video frame its own part, patches in merge-unit order."""
+        return merge_unit_grid(call_grid_thw(args, kwargs).tolist(), tower.spatial_merge_size)
 
     def stabilised_block(
         self,

@@ -43,6 +43,7 @@ from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCal
 from ..engine.batched import PrenormLayer, TiledTowerAdapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
+from ..selectors import merge_unit_grid
 
 
 def _has_path(module: Any, path: str) -> bool:
@@ -74,6 +75,14 @@ class VLLMQwen2VLAdapter(FamilyAdapter):
             raise ValueError("IPCV needs the tower's grid_thw (a CUDA-graphed encoder call has none)")
         rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
         return TowerCall([int(t) * int(h) * int(w) for t, h, w in rows])
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Each image / video frame its own part, patches in merge-unit order (as HF's Qwen2-VL)."""
+        grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
+        return merge_unit_grid([[int(v) for v in row] for row in rows], tower.spatial_merge_size)
 
     def pack(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.reshape(-1, hidden.shape[-1])
@@ -168,6 +177,13 @@ class VLLMQwen2_5_VLAdapter(VLLMQwen2VLAdapter):
     and ``reverse_indices`` give the usual output."""
 
     name = "vllm_qwen2_5_vl"
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Unknown: the tower reorders its rows by windows inside its forward, which the adapter
+        does not reproduce (a selector that needs the grid, such as ``"uniform"``, refuses)."""
+        return None
 
     def split_qkv(self, attention: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # The rank's output is already per head ``(three, head, head_dim)``: no gather.

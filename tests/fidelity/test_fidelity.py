@@ -17,7 +17,7 @@ from PIL import Image
 import ipcv_kernels as ik
 from ipcv_kernels.__main__ import main as package_main
 from ipcv_kernels.fidelity import PRESETS, Grid, evaluate_fidelity, load_subject, main
-from ipcv_kernels.fidelity.evaluate import features, method_configs, token_cosine
+from ipcv_kernels.fidelity.evaluate import METHODS, features, method_configs, token_cosine
 from ipcv_kernels.fidelity.subjects import qwen_video_patches, synthetic_image
 from ipcv_kernels.flops import qwen2_vl_flops
 from ipcv_kernels.reference import keep_count
@@ -196,7 +196,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert {"environment", "settings", "samples", "rows"} <= set(payload)
     assert len(payload["rows"]) == 6 and payload["environment"]["torch"] == torch.__version__
     header = (tmp_path / "fidelity.csv").read_text().splitlines()[0].split(",")
-    assert header[:5] == ["method", "prune_layer", "ratio", "as_layers", "num_neighbors"]
+    assert header[:6] == ["method", "selection", "prune_layer", "ratio", "as_layers", "num_neighbors"]
     assert "cosine_dropped_worst" in header and "flop_ratio" in header and "wall_ms" in header
     assert "| method |" in (tmp_path / "fidelity.md").read_text()
     assert "wrote" in capsys.readouterr().out
@@ -211,3 +211,21 @@ def test_cli_without_matplotlib_keeps_the_numbers(tmp_path, capsys, monkeypatch)
     captured = capsys.readouterr()
     assert "no plot:" in captured.err and "pip install 'ipcv_kernels[bench]'" in captured.err
     assert "fidelity.png" not in captured.out
+
+
+def test_cli_compares_selectors(tmp_path, capsys):
+    """``--selections``: every method with every selector, beside each other in the results; a
+    selector changes which tokens are kept, never how many."""
+    args = ["--preset", "qwen2-vl-tiny", "--ratios", "0.5", "--prune-layers", "2", "--as-layers", "1"]
+    args += ["--num-images", "1", "--video-frames", "2", "--no-progress", "--out", str(tmp_path)]
+    assert main([*args, "--selections", "diff", "norm", "random", "uniform"]) == 0
+    rows = json.loads((tmp_path / "fidelity.json").read_text())["rows"]
+    assert [(row["selection"], row["method"]) for row in rows] == [
+        (selection, method) for selection in ("diff", "norm", "random", "uniform") for method in METHODS
+    ]
+    assert len({row["kept_tokens"] for row in rows}) == 1
+    assert len({row["cosine_all_mean"] for row in rows if row["method"] == "ipcv"}) == 4
+    assert "| selection |" in (tmp_path / "fidelity.md").read_text()
+    capsys.readouterr()
+    assert main([*args, "--selections", "no_such"]) == 2
+    assert "--selections: one of" in capsys.readouterr().err

@@ -80,6 +80,7 @@ def ipcv_tower_oracle(
     pinned: set[int] = frozenset(),
     key_padding: set[int] = frozenset(),
     neighbors_from_call: bool = False,
+    score_fn=None,
 ) -> OracleResult:
     """The spec's IPCV forward of ``tower`` (unpatched, float64) for ``call()``, a tower call.
 
@@ -92,6 +93,9 @@ def ipcv_tower_oracle(
         neighbors_from_call: neighbours are any kept row of the call, pinned ones included, not
             only the chosen rows of the dropped token's item (InternVL as its authors ran it:
             ``items`` are then the tiles).
+        score_fn: ``score_fn(x_before, x_after) -> [n]`` scores of every packed row (a selector's
+            reference; higher kept), from block ``P-1``'s input and output; ``None``: the spec's
+            ``||x_after - x_before||``.
         key_padding: positions that never serve as keys (Idefics3's padding patches, also
             ``pinned``): the model's own mask covers the full-sequence blocks; the pruned blocks
             get an additive mask over each sequence's kept rows (batched towers only).
@@ -144,10 +148,11 @@ def ipcv_tower_oracle(
     for length in items:
         item_rows.append(list(range(start, start + length)))
         start += length
+    given = None if score_fn is None else score_fn(x_prev, base).tolist()
     keep, chosen_of, dropped_of = [], [], []
     for rows in item_rows:
         free = [j for j in rows if j not in pinned]
-        score = {j: float((base[j] - x_prev[j]).norm()) for j in free}
+        score = {j: float((base[j] - x_prev[j]).norm()) if given is None else given[j] for j in free}
         count = max(1, int(len(free) * (1 - ratio)))
         chosen = sorted(free, key=lambda j: -score[j])[:count]
         keep += chosen + [j for j in rows if j in pinned]
