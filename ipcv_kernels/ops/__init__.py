@@ -42,6 +42,7 @@ Nothing here queries a device at import: backends answer ``is_available`` when a
 from . import (
     attention_backends,  # noqa: F401  (sdpa / flash_attn / torch_varlen; the libraries load at call time)
     cpp_backend,  # noqa: F401  (backend "cpp" when the compiled extension csrc/ is built)
+    vectorized_backend,  # noqa: F401  (select_tokens / plan as whole-tensor PyTorch on the device)
 )
 from .dispatch import available_backends, backend_for, backend_names
 from .knn import knn

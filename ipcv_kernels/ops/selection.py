@@ -17,7 +17,7 @@ from ..reference import (
     token_scores_reference,
 )
 from ._custom_op import ipcv_op
-from .dispatch import ALL_DEVICES, REFERENCE_PRIORITY, Backend, register_backend, resolve_backend
+from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ def select_tokens(
         check_float("scores", scores, ndim=1)
         check_cu_seqlens("cu_items", cu_items, total=scores.shape[0], device=scores.device)
         check_ratio("ratio", ratio)
-    return TokenSelection(*torch.ops.ipcv_kernels.select_tokens(scores, cu_items, float(ratio), backend))
+    return TokenSelection(*select_tokens_op(scores, cu_items, float(ratio), backend))
 
 
 @torch.no_grad()
@@ -111,4 +111,4 @@ def select_tokens_op(
     return tuple(resolve_backend("select_tokens", backend, scores.device).fn(scores, cu_items, ratio))
 
 
-register_backend("select_tokens", Backend("torch", select_tokens_reference, ALL_DEVICES, REFERENCE_PRIORITY))
+register_backend("select_tokens", Backend("torch", select_tokens_reference, ALL_DEVICES))

@@ -28,8 +28,10 @@ def test_registered_for_cuda_only(name):
 def test_unavailable_backend_names_its_reason(monkeypatch):
     # Simulate an install without flash-attn: the error says what is missing; auto never picks it.
     import ipcv_kernels.ops.attention_backends as module
+    from ipcv_kernels.ops import dispatch
 
     monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})  # resolutions cached before the simulated uninstall
     assert "flash-attn package is not installed" in flash_attn_unavailable()
     assert "varlen_attn" in torch_varlen_unavailable()
     from ipcv_kernels.ops.dispatch import resolve_backend
@@ -109,9 +111,8 @@ def test_backend_gets_the_steps_it_declares(monkeypatch, fuses, fused):
             q, k = unfused_attention_inputs(q, k, steps["rotary"], steps["q_rows"], steps["q_positions"])
         return ngr_attention_reference(q, k, v, cu_q, cu_k, softmax_scale)
 
-    monkeypatch.setitem(
-        dispatch._REGISTRY["ngr_attention"], "spy", dispatch.Backend("spy", spy, ("cpu",), 0, fuses=fuses)
-    )
+    monkeypatch.setitem(dispatch._REGISTRY["ngr_attention"], "spy", dispatch.Backend("spy", spy, ("cpu",), fuses=fuses))
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})  # the registry changed behind register_backend's back
     q, k, v, rotary, rows, cu_q, cu_k = fused_case()
     got = ik.ngr_attention(q, k, v, cu_q, cu_k, rotary=rotary, q_rows=rows, backend="spy")
     torch.testing.assert_close(got, ik.ngr_attention(q, k, v, cu_q, cu_k, rotary=rotary, q_rows=rows, backend="torch"))

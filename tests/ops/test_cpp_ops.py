@@ -13,7 +13,7 @@ import torch
 from conftest import offsets
 
 import ipcv_kernels as ik
-from ipcv_kernels.ops import backend_for, cpp_backend
+from ipcv_kernels.ops import backend_for, cpp_backend, dispatch
 from ipcv_kernels.reference import (
     keep_counts,
     knn_reference,
@@ -219,6 +219,7 @@ def test_boundary_checks_name_the_argument(cpp):
 
 def test_missing_extension_raises_clear_error(monkeypatch):
     monkeypatch.setattr(cpp_backend, "UNAVAILABLE_REASON", "the compiled extension is not available; build it")
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})  # resolutions cached while it was available
     x_before, x_after = plan_inputs([8], 4, torch.float32)
     assert backend_for("plan", "auto", torch.device("cpu")) != "cpp"
     with pytest.raises(RuntimeError, match=r"backend 'cpp' of plan is not available.*build it"):

@@ -13,11 +13,11 @@ from conftest import offsets
 pytest.importorskip("triton")
 
 import ipcv_kernels as ik
+from ipcv_kernels.ops.vectorized_backend import plan_vectorized as plan_triton
+from ipcv_kernels.ops.vectorized_backend import select_tokens_vectorized as select_tokens_device
 from ipcv_kernels.reference import plan_reference, select_tokens_reference
 from ipcv_kernels.reference.knn import squared_distances
 from ipcv_kernels.testing import assert_close
-from ipcv_kernels.triton.plan import plan_triton
-from ipcv_kernels.triton.selection import select_tokens_device
 
 ITEM_LENGTHS = [9, 0, 1, 30, 2]
 
@@ -56,14 +56,16 @@ def test_public_ops_route_to_triton(triton_backends):
     assert ik.ops.backend_for("knn", "triton", device) == "triton"
     generator = torch.Generator().manual_seed(2)
     ref = torch.randn(20, 8, generator=generator).to(device)
-    got = ik.knn(ref[:5] + 0.01, ref, 3, backend="triton")
+    got = ik.knn(ref[:5] + 0.01, ref, 3, backend="vectorized")
     assert got[:, 0].tolist() == [0, 1, 2, 3, 4]
     q, k, v = (torch.randn(n, 2, 16, generator=generator).to(device) for n in (6, 10, 10))
     cu_q, cu_k = offsets([6], device), offsets([10], device)
     torch.testing.assert_close(
         ik.ngr_attention(q, k, v, cu_q, cu_k, backend="triton"), ik.ngr_attention(q, k, v, cu_q, cu_k, backend="torch")
     )
-    sel = ik.select_tokens(torch.rand(12, generator=generator).to(device), offsets([12], device), 0.5, backend="triton")
+    sel = ik.select_tokens(
+        torch.rand(12, generator=generator).to(device), offsets([12], device), 0.5, backend="vectorized"
+    )
     assert sel.keep.numel() == 6
 
 
