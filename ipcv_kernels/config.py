@@ -31,7 +31,9 @@ class IPCVConfig:
             for reproducing its numbers: ``"global"``, except that InternVL selects per tile,
             each tile's CLS kept and not counted, and its neighbours are any kept row of the
             call, CLS tokens included; see ``docs/spec.md`` §4).
-        backend: backend of the planning ops (selection, ``knn``) and ``ngr_reconstruct``.
+        backend: backend of the planning ops (``plan_ipcv`` / ``select_tokens``, ``knn``) and of
+            ``ngr_restore``: a name all of them have (``"auto"``, ``"torch"``, ``"cpp"``; the
+            Triton kernels and the device-side planning come with ``"auto"`` on CUDA).
         attention_backend: backend of ``ngr_attention`` in the stabilisation blocks.
         as_queries: ``"kept"`` computes queries for kept tokens only (``ngr_attention``, the fast
             path); ``"all"`` runs the model's own block on the full reconstructed sequence and
