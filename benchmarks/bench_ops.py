@@ -403,15 +403,17 @@ def tiny_op_cases(device: torch.device) -> dict[str, tuple[Callable[[], Any], Ca
 
 
 def op_layer_overhead(device: torch.device, args) -> list[dict[str, Any]]:
-    """Per op: µs per call of the public op and of its resolved backend, and their per-round difference."""
+    """Per op: µs per call of the public op and of its resolved backend (both under ``torch.no_grad()``),
+    and their per-round difference."""
     rows = []
     for op, (public, direct) in tiny_op_cases(device).items():
-        timings = time_interleaved(
-            {"public": repeated(public, args.calls), "direct": repeated(direct, args.calls)},
-            device,
-            warmup=args.warmup,
-            repeats=args.host_repeats,
-        )
+        with torch.no_grad():  # as inference calls them
+            timings = time_interleaved(
+                {"public": repeated(public, args.calls), "direct": repeated(direct, args.calls)},
+                device,
+                warmup=args.warmup,
+                repeats=args.host_repeats,
+            )
         per_call = {name: [s * 1e3 / args.calls for s in t.samples_ms] for name, t in timings.items()}
         added = Spread.of([p - d for p, d in zip(per_call["public"], per_call["direct"], strict=True)])
         row = {
@@ -483,6 +485,8 @@ def tower_overhead(device: torch.device, args) -> dict[str, Any]:
     }
     rows = []
     for kind, indices in kinds.items():
+        if not indices:  # a short tower may have no block of this kind
+            continue
         # Per round and block: patched minus unpatched call of the same block (the same round ran both).
         added = [
             p - u
@@ -578,7 +582,8 @@ def host_overhead_markdown(env: dict[str, Any], runs: list[dict[str, Any]]) -> s
             f"## {run['label']}\n\n"
             f"Load average (1/5/15 min) before, after: {load}. Medians of {settings['host_repeats']} "
             f"interleaved rounds.\n\n"
-            f"### Op layer per call (tiny inputs, `skip_check=True`, {settings['calls']} calls per sample)\n\n"
+            f"### Op layer per call (tiny inputs, `skip_check=True`, under `torch.no_grad()`, "
+            f"{settings['calls']} calls per sample)\n\n"
             + markdown_table(run["op_layer"], op_columns)
             + f"\n\n### Tower host time per block over the unpatched block\n\n"
             f"Qwen2-VL tower, depth {tower['depth']}, width {tower['width']}, {tower['tokens']} tokens "

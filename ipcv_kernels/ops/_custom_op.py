@@ -25,6 +25,7 @@ input validation; the public functions of the op modules do.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -36,6 +37,21 @@ Fake = Callable[..., object]
 # Fakes of the ops that also exist in C++, registered for ``ipcv::<op>`` once the extension loads.
 _COMPILED_FAKES: dict[str, Fake] = {}
 _extension_loaded = False
+
+
+def autograd_free(function: Callable[..., object]) -> Callable[..., object]:
+    """``function`` run with grad mode off, as ``torch.no_grad()`` does, but without entering a
+    context where it is off already (the usual case: inference runs under ``no_grad``), since the
+    context costs a few microseconds per call of an op that may take not much more."""
+
+    @functools.wraps(function)
+    def without_grad(*args: object, **kwargs: object) -> object:
+        if not torch.is_grad_enabled():
+            return function(*args, **kwargs)
+        with torch.no_grad():
+            return function(*args, **kwargs)
+
+    return without_grad
 
 
 class IPCVOp:

@@ -10,11 +10,11 @@ import torch
 
 from .._validation import check_float, check_int, check_paired_offsets, check_same_dtype, check_width
 from ..reference import knn_reference
-from ._custom_op import ipcv_op
+from ._custom_op import autograd_free, ipcv_op
 from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 
 
-@torch.no_grad()
+@autograd_free
 def knn(
     query: torch.Tensor,
     ref: torch.Tensor,

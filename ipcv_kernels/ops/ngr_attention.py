@@ -22,7 +22,7 @@ from .._validation import (
     check_width,
 )
 from ..reference import ngr_attention_reference, unfused_attention_inputs
-from ._custom_op import ipcv_op
+from ._custom_op import autograd_free, ipcv_op
 from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 
 # The names of the optional steps in ``Backend.fuses``.
@@ -33,7 +33,7 @@ Q_GATHER = "q_gather"
 MAX_HEAD_DIM = 256
 
 
-@torch.no_grad()
+@autograd_free
 def ngr_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -11,12 +11,12 @@ import torch
 
 from .._validation import INDEX_DTYPES, check_float, check_same_dtype, check_tensor, check_width
 from ..reference import ngr_restore_reference
-from ._custom_op import ipcv_op
+from ._custom_op import autograd_free, ipcv_op
 from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 from .ngr_reconstruct import check_reconstruction_inputs
 
 
-@torch.no_grad()
+@autograd_free
 def ngr_restore(
     out: torch.Tensor,
     kept: torch.Tensor,

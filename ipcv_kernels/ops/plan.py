@@ -10,12 +10,12 @@ import torch
 
 from .._validation import check_cu_seqlens, check_int, check_ratio
 from ..reference import IPCVPlan, plan_reference
-from ._custom_op import ipcv_op
+from ._custom_op import autograd_free, ipcv_op
 from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 from .selection import check_score_inputs
 
 
-@torch.no_grad()
+@autograd_free
 def plan_ipcv(
     x_before: torch.Tensor,
     x_after: torch.Tensor,

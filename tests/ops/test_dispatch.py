@@ -160,3 +160,12 @@ def test_eager_calls_skip_the_dispatcher_and_equal_the_registered_op():
     with OpsSeen() as mode:
         traced = ik.ngr_attention(q, k, v, cu_q, cu_k, skip_check=True)
     assert mode.seen == ["ipcv_kernels::ngr_attention"] and torch.equal(traced, eager)
+
+
+def test_outputs_carry_no_grad_history_whatever_the_grad_mode():
+    q = torch.randn(4, 2, 8, requires_grad=True)
+    cu = offsets([4])
+    assert ik.ngr_attention(q, q, q, cu, cu, backend="torch").grad_fn is None
+    with torch.no_grad():
+        assert not ik.ngr_attention(q, q, q, cu, cu, backend="torch").requires_grad
+    assert torch.is_grad_enabled()  # the grad mode is the caller's again
