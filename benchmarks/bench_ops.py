@@ -63,6 +63,7 @@ from ipcv_kernels.bench.harness import (
     load_average,
     markdown_table,
     measure_peak_memory,
+    noise_warnings,
     plot_series,
     time_interleaved,
 )
@@ -538,6 +539,7 @@ def host_overhead_main(args, device: torch.device) -> int:
         "label": label,
         "load_average_before": load_before,
         "load_average_after": load_after,
+        "noise": noise_warnings({}, load_after),
         "op_layer": ops,
         "tower": tower,
     }
@@ -581,7 +583,7 @@ def host_overhead_markdown(env: dict[str, Any], runs: list[dict[str, Any]]) -> s
         sections.append(
             f"## {run['label']}\n\n"
             f"Load average (1/5/15 min) before, after: {load}. Medians of {settings['host_repeats']} "
-            f"interleaved rounds.\n\n"
+            f"interleaved rounds.{''.join(f' Noisy: {warning}.' for warning in run.get('noise', []))}\n\n"
             f"### Op layer per call (tiny inputs, `skip_check=True`, under `torch.no_grad()`, "
             f"{settings['calls']} calls per sample)\n\n"
             + markdown_table(run["op_layer"], op_columns)
