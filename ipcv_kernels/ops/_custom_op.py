@@ -58,14 +58,12 @@ class IPCVOp:
     """A defined op: called with the op's arguments (``backend`` last), it runs ``implementation``
     directly in eager mode and ``torch.ops.ipcv_kernels.<name>`` where something traces.
 
-    ``custom_op``: the ``torch.library`` definition (for ``opcheck`` and registrations).
+    ``registered``: the op's ``torch.ops.ipcv_kernels.<name>.default``, what tracing sees.
     """
 
-    def __init__(self, custom_op: torch.library.CustomOpDef, implementation: Callable[..., object]) -> None:
-        self.custom_op = custom_op
+    def __init__(self, implementation: Callable[..., object], registered: torch._ops.OpOverload) -> None:
         self.implementation = implementation
-        namespace, name = custom_op._qualname.split("::")
-        self.registered = getattr(getattr(torch.ops, namespace), name).default
+        self.registered = registered
 
     def __call__(self, *args: object) -> object:
         if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
@@ -97,7 +95,7 @@ def ipcv_op(
             _COMPILED_FAKES[name] = fake
             if _extension_loaded:
                 torch.library.register_fake(f"ipcv::{name}")(fake)
-        return IPCVOp(op, implementation)
+        return IPCVOp(implementation, getattr(torch.ops.ipcv_kernels, name).default)
 
     return define
 
