@@ -17,26 +17,54 @@ Backends are those available on the device (on the CPU: ``torch`` and ``sdpa``; 
 interpreter is excluded as meaningless for timing). Results: ``bench_ops.json`` (device, versions,
 every sample), ``.csv``, ``.md`` and one plot per op, in ``--out`` (default ``./ipcv_results/ops``;
 the committed results are regenerated with ``--out benchmarks/results``).
+
+``--mode host-overhead`` measures host time instead, where compute is negligible (results:
+``host_overhead_<device>.{json,md}``):
+
+- the op layer per call: each public op on tiny inputs with ``skip_check=True`` vs the backend
+  ``auto`` resolves to, called directly (the difference is what validation-free dispatch costs);
+- a narrow deep Qwen2-VL tower (``--tower-depth`` blocks of width ``--tower-width``), IPCV-patched
+  vs unpatched in interleaved rounds: each block's wall time from forward hooks, the patched minus
+  the unpatched call of the same block per round, grouped by block kind (the planning block,
+  stabilisation blocks, pruned blocks, the last block, which restores the output); and the device
+  values read on the host per patched forward (each one a GPU synchronisation on CUDA).
+
+``--baseline FILE`` adds an earlier run's JSON (e.g. of the commit before a change, with
+``--label``) to the result files, before this run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch._library.custom_ops import _maybe_get_opdef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ipcv_kernels as ik
 from ipcv_kernels._help_text import help_summary
-from ipcv_kernels.bench.environment import configure_threads, environment, environment_markdown
-from ipcv_kernels.bench.measure import measure_peak_memory, time_interleaved
+from ipcv_kernels.bench.environment import configure_threads, environment, environment_markdown, load_average
+from ipcv_kernels.bench.measure import (
+    Spread,
+    count_host_syncs,
+    measure_peak_memory,
+    noise_warnings,
+    time_interleaved,
+)
 from ipcv_kernels.bench.results import Column, ResultFiles, Series, default_out, markdown_table, plot_series
+from ipcv_kernels.ops.dispatch import resolve_backend
 from ipcv_kernels.reference import keep_count
 from ipcv_kernels.reference.knn import squared_distances
 from ipcv_kernels.testing import assert_close_to_reference
+from ipcv_kernels.testing.models import build_qwen2_vl_tower, qwen2_vl_vision_config, sample_pixels
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Backends never timed here: the reference is timed through "torch" only where it fits in memory.
@@ -51,6 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=default_out("ops"),
         help="result folder, relative to the current directory (--out benchmarks/results rewrites the committed "
         "results; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["ops", "host-overhead"],
+        default="ops",
+        help="ops: kernel timings per size; host-overhead: op-layer and engine host time (see the docstring)",
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384], help="tokens per image")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -84,6 +118,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=4096,
         help="largest n for the 'torch' reference backends (they hold one segment's score matrix)",
     )
+    host = parser.add_argument_group("--mode host-overhead")
+    host.add_argument("--calls", type=int, default=200, help="op calls per timed sample")
+    host.add_argument("--host-repeats", type=int, default=40, help="interleaved rounds")
+    host.add_argument("--tower-depth", type=int, default=32)
+    host.add_argument("--tower-width", type=int, default=32)
+    host.add_argument("--as-layers", type=int, default=8, help="stabilisation blocks (prune layer 2)")
+    host.add_argument("--label", default=None, help="this run's name in the result files")
+    host.add_argument("--baseline", type=Path, default=None, help="an earlier host-overhead JSON to include")
     return parser.parse_args(argv)
 
 
@@ -255,10 +297,306 @@ def plot(files: ResultFiles, rows: list[dict[str, Any]], group: str, title: str)
     files.written.append(path)
 
 
+# -- host overhead (--mode host-overhead) ----------------------------------------------------------
+# aten ops that read a tensor's value on the host (each a device synchronisation on CUDA); on the CPU
+# they are counted through a dispatch mode, and ``Tensor.tolist`` (invisible to it) by wrapping it.
+HOST_READ_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "repeat_interleave", "is_nonzero"})
+
+
+class HostReadCounter(TorchDispatchMode):
+    """Counts the host reads of tensor values inside its ``with`` block (see ``HOST_READ_OPS``),
+    including those inside the IPCV custom ops, which it enters instead of treating them as opaque."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._tolist = torch.Tensor.tolist
+
+    def __enter__(self) -> HostReadCounter:
+        counter, tolist = self, self._tolist
+
+        def counted_tolist(tensor: torch.Tensor) -> Any:
+            counter.count += 1
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        torch.Tensor.tolist = self._tolist
+        super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "ipcv_kernels":
+            # Look inside the Python custom ops: run their implementation with this mode active.
+            with self:
+                return _maybe_get_opdef(func)._init_fn(*args, **kwargs)
+        if func.name().split("::")[-1].split(".")[0] in HOST_READ_OPS:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def host_reads(fn: Callable[[], Any], device: torch.device) -> tuple[int | None, str]:
+    """Device-to-host reads of one call of ``fn`` and how they were counted."""
+    if device.type == "cuda":
+        return count_host_syncs(fn, device)[1], "torch.cuda.set_sync_debug_mode"
+    counter = HostReadCounter()
+    with counter:
+        fn()
+    return counter.count, "aten host-read ops + Tensor.tolist (CPU proxy)"
+
+
+def repeated(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
+def tiny_op_cases(device: torch.device) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """op -> (the public op with ``skip_check=True``, the backend ``auto`` resolves to called directly),
+    on inputs so small that the call's host work is all there is."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    def offsets(*values: int) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    def resolved(op: str) -> Callable[..., Any]:
+        return resolve_backend(op, "auto", device).fn
+
+    q, k, v = randn(8, 2, 16), randn(16, 2, 16), randn(16, 2, 16)
+    cu_q, cu_k = offsets(0, 4, 8), offsets(0, 8, 16)
+    query, ref = randn(8, 16), randn(16, 16)
+    x_before, x_after = randn(32, 16), randn(32, 16)
+    cu_items = offsets(0, 16, 32)
+    plan = ik.plan_ipcv(x_before, x_after, cu_items, cu_items, 0.5, 4)
+    kept, base_kept, base_drop = randn(16, 16), x_after[plan.keep], x_after[plan.drop]
+    out = torch.empty_like(x_after)
+    restore_args = (out, kept, base_drop, base_kept, plan.keep, plan.drop, plan.neighbors)
+    attention, knn, plan_fn, restore = (resolved(op) for op in ("ngr_attention", "knn", "plan", "ngr_restore"))
+    return {
+        "ngr_attention": (
+            lambda: ik.ngr_attention(q, k, v, cu_q, cu_k, skip_check=True),
+            lambda: attention(q, k, v, cu_q, cu_k, None),
+        ),
+        "knn": (lambda: ik.knn(query, ref, 4, cu_q, cu_k, skip_check=True), lambda: knn(query, ref, 4, cu_q, cu_k)),
+        "plan": (
+            lambda: ik.plan_ipcv(x_before, x_after, cu_items, cu_items, 0.5, 4, skip_check=True),
+            lambda: plan_fn(x_before, x_after, cu_items, cu_items, 0.5, 4),
+        ),
+        "ngr_restore": (
+            lambda: ik.ngr_restore(*restore_args, skip_check=True),
+            lambda: restore(*restore_args, None, None, 0.0, None),
+        ),
+    }
+
+
+def op_layer_overhead(device: torch.device, args) -> list[dict[str, Any]]:
+    """Per op: µs per call of the public op and of its resolved backend (both under ``torch.no_grad()``),
+    and their per-round difference."""
+    rows = []
+    for op, (public, direct) in tiny_op_cases(device).items():
+        with torch.no_grad():  # as inference calls them
+            timings = time_interleaved(
+                {"public": repeated(public, args.calls), "direct": repeated(direct, args.calls)},
+                device,
+                warmup=args.warmup,
+                repeats=args.host_repeats,
+            )
+        per_call = {name: [s * 1e3 / args.calls for s in t.samples_ms] for name, t in timings.items()}
+        added = Spread.of([p - d for p, d in zip(per_call["public"], per_call["direct"], strict=True)])
+        row = {
+            "op": op,
+            "public_us": statistics.median(per_call["public"]),
+            "direct_us": statistics.median(per_call["direct"]),
+            "added_us": added.median,
+            "added_p10_us": added.p10,
+            "added_p90_us": added.p90,
+        }
+        rows.append(row)
+        print(
+            f"op layer {op:14s} public {row['public_us']:8.1f} us  direct {row['direct_us']:8.1f} us  "
+            f"added {added.median:6.1f} us",
+            file=sys.stderr,
+        )
+    return rows
+
+
+class BlockClock:
+    """Wall time of every call of every block (forward pre-hook first, forward hook last), in µs."""
+
+    def __init__(self, blocks: torch.nn.ModuleList) -> None:
+        self.samples: list[list[float]] = [[] for _ in blocks]
+        self._start = [0.0] * len(blocks)
+        for index, block in enumerate(blocks):
+            block.register_forward_pre_hook(functools.partial(self._begin, index), prepend=True)
+            block.register_forward_hook(functools.partial(self._end, index), always_call=True)
+
+    def _begin(self, index: int, *_: object) -> None:
+        self._start[index] = time.perf_counter()
+
+    def _end(self, index: int, *_: object) -> None:
+        self.samples[index].append((time.perf_counter() - self._start[index]) * 1e6)
+
+
+def tower_overhead(device: torch.device, args) -> dict[str, Any]:
+    """Host time of the patched narrow deep tower per block kind, over the unpatched tower's same block."""
+    vision = qwen2_vl_vision_config(
+        depth=args.tower_depth, embed_dim=args.tower_width, num_heads=2, mlp_ratio=1, hidden_size=args.tower_width
+    )
+    unpatched, patched = (build_qwen2_vl_tower(vision, device=device) for _ in range(2))
+    config = ik.IPCVConfig(prune_layer=2, ratio=0.5, as_layers=args.as_layers, num_neighbors=4)
+    ik.apply_ipcv(patched, config)
+    pixels, grid_thw = sample_pixels(vision, [[1, 8, 8], [1, 8, 8]])
+    pixels, grid_thw = pixels.to(device), grid_thw.to(device)
+    clocks = {name: BlockClock(tower.blocks) for name, tower in (("unpatched", unpatched), ("patched", patched))}
+
+    def forward(tower: torch.nn.Module) -> Callable[[], Any]:
+        return lambda: tower(pixels, grid_thw=grid_thw)
+
+    with torch.no_grad():
+        reads, read_method = host_reads(forward(patched), device)
+        baseline_reads, _ = host_reads(forward(unpatched), device)
+        for clock in clocks.values():
+            clock.samples = [[] for _ in clock.samples]
+        timings = time_interleaved(
+            {"unpatched": forward(unpatched), "patched": forward(patched)},
+            device,
+            warmup=0,
+            repeats=args.host_repeats,
+        )
+    stabilisation_end = config.stabilisation_end(args.tower_depth)
+    kinds = {
+        "plan + stabilisation (block P)": [config.prune_layer],
+        "stabilisation": list(range(config.prune_layer + 1, stabilisation_end)),
+        "pruned": list(range(stabilisation_end, args.tower_depth - 1)),
+        "last (restored output)": [args.tower_depth - 1],
+    }
+    rows = []
+    for kind, indices in kinds.items():
+        if not indices:  # a short tower may have no block of this kind
+            continue
+        # Per round and block: patched minus unpatched call of the same block (the same round ran both).
+        added = [
+            p - u
+            for index in indices
+            for p, u in zip(clocks["patched"].samples[index], clocks["unpatched"].samples[index], strict=True)
+        ]
+        spread = Spread.of(added)
+        rows.append(
+            {
+                "block": kind,
+                "blocks": len(indices),
+                "unpatched_us": statistics.median(s for i in indices for s in clocks["unpatched"].samples[i]),
+                "patched_us": statistics.median(s for i in indices for s in clocks["patched"].samples[i]),
+                "added_us": spread.median,
+                "added_p10_us": spread.p10,
+                "added_p90_us": spread.p90,
+            }
+        )
+        print(f"tower {kind:32s} added {spread.median:7.1f} us per block", file=sys.stderr)
+    forward_added = Spread.of(
+        [p - u for p, u in zip(timings["patched"].samples_ms, timings["unpatched"].samples_ms, strict=True)]
+    )
+    return {
+        "tokens": int(grid_thw.prod(-1).sum()),
+        "depth": args.tower_depth,
+        "width": args.tower_width,
+        "config": {"prune_layer": config.prune_layer, "ratio": config.ratio, "as_layers": config.as_layers},
+        "unpatched_forward_ms": timings["unpatched"].median_ms,
+        "patched_forward_ms": timings["patched"].median_ms,
+        "forward_added_ms": forward_added.median,
+        "host_reads_per_patched_forward": reads,
+        "host_reads_per_unpatched_forward": baseline_reads,
+        "host_read_method": read_method,
+        "blocks": rows,
+    }
+
+
+def host_overhead_main(args, device: torch.device) -> int:
+    env = environment(device)
+    load_before = load_average()
+    ops = op_layer_overhead(device, args)
+    tower = tower_overhead(device, args)
+    load_after = load_average()
+    label = args.label or "this checkout"
+    files = ResultFiles(args.out, f"host_overhead_{device.type}")
+    payload = {
+        "environment": env,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "label": label,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "noise": noise_warnings({}, load_after),
+        "op_layer": ops,
+        "tower": tower,
+    }
+    runs = [payload]
+    if args.baseline is not None:
+        runs.insert(0, json.loads(args.baseline.read_text()))
+        payload = {**payload, "baseline": runs[0]}
+    files.write_json(payload)
+    files.write_markdown(host_overhead_markdown(env, runs))
+    for path in files.written:
+        print(path)
+    return 0
+
+
+def host_overhead_markdown(env: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """One section per run (e.g. the checkout before a change, then after it)."""
+    op_columns = [
+        Column("op", "op"),
+        Column("public_us", "public op µs", ".1f"),
+        Column("direct_us", "resolved backend µs", ".1f"),
+        Column("added_us", "added µs (median)", ".1f"),
+        Column("added_p10_us", "p10", ".1f"),
+        Column("added_p90_us", "p90", ".1f"),
+    ]
+    block_columns = [
+        Column("block", "block"),
+        Column("blocks", "count"),
+        Column("unpatched_us", "unpatched µs", ".1f"),
+        Column("patched_us", "patched µs", ".1f"),
+        Column("added_us", "added µs (median)", ".1f"),
+        Column("added_p10_us", "p10", ".1f"),
+        Column("added_p90_us", "p90", ".1f"),
+    ]
+    sections = [environment_markdown(env)]
+    for run in runs:
+        tower, settings = run["tower"], run["settings"]
+        load = ", ".join(
+            "n/a" if value is None else " / ".join(f"{x:.2f}" for x in value)
+            for value in (run["load_average_before"], run["load_average_after"])
+        )
+        sections.append(
+            f"## {run['label']}\n\n"
+            f"Load average (1/5/15 min) before, after: {load}. Medians of {settings['host_repeats']} "
+            f"interleaved rounds.{''.join(f' Noisy: {warning}.' for warning in run.get('noise', []))}\n\n"
+            f"### Op layer per call (tiny inputs, `skip_check=True`, under `torch.no_grad()`, "
+            f"{settings['calls']} calls per sample)\n\n"
+            + markdown_table(run["op_layer"], op_columns)
+            + f"\n\n### Tower host time per block over the unpatched block\n\n"
+            f"Qwen2-VL tower, depth {tower['depth']}, width {tower['width']}, {tower['tokens']} tokens "
+            f"(two images), IPCV {tower['config']}. Whole forward: unpatched "
+            f"{tower['unpatched_forward_ms']:.2f} ms, patched {tower['patched_forward_ms']:.2f} ms. Host reads "
+            f"of device values per forward: patched {tower['host_reads_per_patched_forward']}, unpatched "
+            f"{tower['host_reads_per_unpatched_forward']} ({tower['host_read_method']}).\n\n"
+            + markdown_table(tower["blocks"], block_columns)
+        )
+    return "\n\n".join(sections)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.mode == "host-overhead":
+        return host_overhead_main(args, device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     env = environment(device)
     args.check_failures = []

@@ -27,7 +27,7 @@ unset TRITON_INTERPRET
 
 STEPS=("$@")
 if [ ${#STEPS[@]} -eq 0 ]; then
-  STEPS=(env install tests vit_targets vit_more ops plan vllm)
+  STEPS=(env install tests vit_targets vit_more ops host_overhead plan vllm)
 fi
 
 run_step() {
@@ -114,6 +114,13 @@ step_ops() {
 # machine has vLLM: the full Qwen2-VL-7B tower in bf16 at 1k / 4k tokens per image, the family's
 # recommended setting. Without vLLM (the GPU image has none) the step is skipped, and says so in
 # its log and in summary.txt (rc=0).
+# Host time of the op layer and of the patched tower per block, and the GPU synchronisations per
+# patched forward (host_overhead_cuda.*).
+step_host_overhead() {
+  ensure_installed
+  python benchmarks/bench_ops.py --mode host-overhead --device cuda --out "$OUT/results"
+}
+
 step_vllm() {
   if ! python -c "import vllm.entrypoints.llm" 2>/dev/null; then
     echo "vllm: skipped, vLLM is not importable here" | tee -a "$OUT/summary.txt"

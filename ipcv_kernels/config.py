@@ -32,8 +32,9 @@ class IPCVConfig:
             each tile's CLS kept and not counted, and its neighbours are any kept row of the
             call, CLS tokens included; see ``docs/spec.md`` §4).
         ops_backend: backend of every op IPCV runs except ``ngr_attention``: the planning step
-            (scores, selection, ``knn``) and the restoration of the dropped tokens by NGR
-            (``ngr_restore``).
+            (``plan_ipcv`` / ``select_tokens``, ``knn``) and the restoration of the dropped tokens
+            by NGR (``ngr_restore``); a name all of them have (``"auto"``, ``"torch"``, ``"cpp"``;
+            the Triton kernels and the device-side planning come with ``"auto"`` on CUDA).
         attention_backend: backend of ``ngr_attention``, the kept-query attention of the
             stabilisation blocks (and of InternVL's pruned blocks).
         as_queries: ``"kept"`` computes queries for kept tokens only (``ngr_attention``, the fast

@@ -6,7 +6,7 @@
   fp16/bf16), when this PyTorch has it.
 
 The last two run on CUDA only. Both take separate query / key offsets, so they compute exactly the op (kept queries over full
-keys). Their kernels take fp16/bf16 with head dims up to 256; other inputs (fp32, fp64, wider heads)
+keys). Their kernels take fp16/bf16 with head dims up to ``MAX_HEAD_DIM`` (256); other inputs (fp32, fp64, wider heads)
 run the per-segment ``sdpa`` backend instead, so that ``auto`` never fails where a backend can run.
 Neither library is imported until a call: importing flash-attn loads its CUDA extension.
 Both need the longest segment lengths on the host: one small device-to-host copy per call.
@@ -24,14 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import ALL_DEVICES, Backend, register_backend
+from .ngr_attention import MAX_HEAD_DIM
 
-# Above the reference (0): ``auto`` on the CPU takes sdpa.
-SDPA_PRIORITY = 10
-# Below Triton (20), above sdpa: ``auto`` on CUDA prefers the fused Triton kernel.
-FLASH_ATTN_PRIORITY = 15
-TORCH_VARLEN_PRIORITY = 12
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
 
 
 def ngr_attention_sdpa(
@@ -134,12 +129,12 @@ ngr_attention_flash_attn = varlen_library_backend(_flash_attn_varlen, "flash-att
 ngr_attention_torch_varlen = varlen_library_backend(_torch_varlen, "``torch.nn.attention.varlen.varlen_attn``")
 
 
-register_backend("ngr_attention", Backend("sdpa", ngr_attention_sdpa, ALL_DEVICES, SDPA_PRIORITY))
+register_backend("ngr_attention", Backend("sdpa", ngr_attention_sdpa, ALL_DEVICES))
 register_backend(
     "ngr_attention",
-    Backend("flash_attn", ngr_attention_flash_attn, ("cuda",), FLASH_ATTN_PRIORITY, flash_attn_unavailable),
+    Backend("flash_attn", ngr_attention_flash_attn, ("cuda",), is_available=flash_attn_unavailable),
 )
 register_backend(
     "ngr_attention",
-    Backend("torch_varlen", ngr_attention_torch_varlen, ("cuda",), TORCH_VARLEN_PRIORITY, torch_varlen_unavailable),
+    Backend("torch_varlen", ngr_attention_torch_varlen, ("cuda",), is_available=torch_varlen_unavailable),
 )

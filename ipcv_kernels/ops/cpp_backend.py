@@ -3,10 +3,16 @@
 Importing this module loads the extension ``ipcv_kernels._C`` (or, for a CMake development build,
 the library named by ``IPCV_CPP_LIBRARY``), has the op modules register their fakes for
 ``torch.ops.ipcv.*`` (``_custom_op.compiled_extension_loaded``) so they trace under
-``torch.compile``, and registers backend ``"cpp"`` of ``knn``,
-``ngr_reconstruct``, ``select_tokens`` and ``plan`` on the CPU, and on CUDA when the build has
-CUDA kernels. Without the extension it stays silent: ``auto`` skips ``"cpp"`` and
-``backend="cpp"`` raises a ``RuntimeError`` saying how to build it.
+``torch.compile``, and registers backend ``"cpp"`` of ``knn``, ``ngr_reconstruct``,
+``ngr_restore`` (the reference's scatter and LayerNorm around the compiled reconstruction),
+``select_tokens`` and ``plan`` on the CPU, and on CUDA when the build has CUDA kernels. Without the
+extension it stays silent: ``auto`` skips ``"cpp"`` and ``backend="cpp"`` raises a
+``RuntimeError`` saying how to build it.
+
+``auto`` (``dispatch.AUTO_ORDER``) picks ``"cpp"`` on the CPU; on CUDA it ranks the CUDA kernels,
+compiled but not yet run on a GPU, below Triton and the device-side ``vectorized`` planning, so
+they run there where those are missing (no Triton: ``knn``, ``ngr_reconstruct``, ``ngr_restore``)
+or where ``backend="cpp"`` is named.
 
 ``select_tokens`` and ``plan`` pass the compiled ops the per-item keep counts
 (``reference.keep_counts``: one host read of ``cu_items``), so the count rule lives only in Python.
@@ -28,11 +34,6 @@ BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in the repository root (a C++ compiler and ninja "
     "needed; IPCV_SKIP_BUILD must not be 1), or point IPCV_CPP_LIBRARY at a CMake build's libipcv_ops.so"
 )
-# ``auto`` order: above the references (0) and sdpa (10), so ``cpp`` is the CPU default, and below
-# Triton (20), so CUDA tensors take the Triton path. The CUDA kernels here have been compiled but
-# not yet run on a GPU: until a GPU session has verified them they are reached only by naming
-# ``backend="cpp"``.
-CPP_PRIORITY = 15
 
 
 def _load_extension() -> str | None:
@@ -103,9 +104,8 @@ _DEVICES = ("cpu", "cuda") if UNAVAILABLE_REASON is not None or has_cuda_kernels
 for _op, _fn in (
     ("knn", knn_cpp),
     ("ngr_reconstruct", ngr_reconstruct_cpp),
-    # The restore is the reference's scatter + LayerNorm around the compiled reconstruction.
     ("ngr_restore", functools.partial(ngr_restore_reference, reconstruct=ngr_reconstruct_cpp)),
     ("select_tokens", select_tokens_cpp),
     ("plan", plan_cpp),
 ):
-    register_backend(_op, Backend("cpp", _fn, _DEVICES, CPP_PRIORITY, _unavailable))
+    register_backend(_op, Backend("cpp", _fn, _DEVICES, is_available=_unavailable))

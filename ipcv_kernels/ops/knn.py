@@ -10,11 +10,11 @@ import torch
 
 from .._validation import check_float, check_int, check_paired_offsets, check_same_dtype, check_width
 from ..reference import knn_reference
-from ._custom_op import ipcv_op
-from .dispatch import ALL_DEVICES, REFERENCE_PRIORITY, Backend, register_backend, resolve_backend
+from ._custom_op import autograd_free, ipcv_op
+from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 
 
-@torch.no_grad()
+@autograd_free
 def knn(
     query: torch.Tensor,
     ref: torch.Tensor,
@@ -44,7 +44,7 @@ def knn(
     """
     if not skip_check:
         _check_knn_inputs(query, ref, k, cu_query, cu_ref)
-    return torch.ops.ipcv_kernels.knn(query, ref, k, cu_query, cu_ref, backend)
+    return knn_op(query, ref, k, cu_query, cu_ref, backend)
 
 
 def _check_knn_inputs(query: object, ref: object, k: object, cu_query: object, cu_ref: object) -> None:
@@ -72,4 +72,4 @@ def knn_op(
     return resolve_backend("knn", backend, query.device).fn(query, ref, k, cu_query, cu_ref)
 
 
-register_backend("knn", Backend("torch", knn_reference, ALL_DEVICES, REFERENCE_PRIORITY))
+register_backend("knn", Backend("torch", knn_reference, ALL_DEVICES))

@@ -22,15 +22,18 @@ from .._validation import (
     check_width,
 )
 from ..reference import ngr_attention_reference, unfused_attention_inputs
-from ._custom_op import ipcv_op
-from .dispatch import ALL_DEVICES, REFERENCE_PRIORITY, Backend, register_backend, resolve_backend
+from ._custom_op import autograd_free, ipcv_op
+from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 
 # The names of the optional steps in ``Backend.fuses``.
 ROTARY = "rotary"
 Q_GATHER = "q_gather"
+# The widest head the fused attention kernels take (Triton's, flash-attn's, PyTorch's varlen):
+# their backends run wider heads through ``sdpa`` / the reference instead.
+MAX_HEAD_DIM = 256
 
 
-@torch.no_grad()
+@autograd_free
 def ngr_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -88,9 +91,7 @@ def ngr_attention(
         )
     scale = None if softmax_scale is None else float(softmax_scale)
     cos, sin = rotary if rotary is not None else (None, None)
-    return torch.ops.ipcv_kernels.ngr_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, scale, cos, sin, q_rows, q_positions, backend
-    )
+    return ngr_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, cos, sin, q_rows, q_positions, backend)
 
 
 def _check_attention_inputs(
@@ -201,4 +202,4 @@ def ngr_attention_op(
     return chosen.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
 
 
-register_backend("ngr_attention", Backend("torch", ngr_attention_reference, ALL_DEVICES, REFERENCE_PRIORITY))
+register_backend("ngr_attention", Backend("torch", ngr_attention_reference, ALL_DEVICES))

@@ -11,11 +11,11 @@ import torch
 
 from .._validation import INDEX_DTYPES, check_float, check_same_dtype, check_tensor, check_width
 from ..reference import ngr_reconstruct_reference
-from ._custom_op import ipcv_op
-from .dispatch import ALL_DEVICES, REFERENCE_PRIORITY, Backend, register_backend, resolve_backend
+from ._custom_op import autograd_free, ipcv_op
+from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 
 
-@torch.no_grad()
+@autograd_free
 def ngr_reconstruct(
     base_drop: torch.Tensor,
     kept: torch.Tensor,
@@ -45,7 +45,7 @@ def ngr_reconstruct(
     if not skip_check:
         check_float("base_drop", base_drop, ndim=2)
         check_reconstruction_inputs(base_drop, kept, base_kept, neighbors)
-    return torch.ops.ipcv_kernels.ngr_reconstruct(base_drop, kept, base_kept, neighbors, backend)
+    return ngr_reconstruct_op(base_drop, kept, base_kept, neighbors, backend)
 
 
 def check_reconstruction_inputs(base_drop: torch.Tensor, kept: object, base_kept: object, neighbors: object) -> None:
@@ -83,4 +83,4 @@ def ngr_reconstruct_op(
     return resolve_backend("ngr_reconstruct", backend, base_drop.device).fn(base_drop, kept, base_kept, neighbors)
 
 
-register_backend("ngr_reconstruct", Backend("torch", ngr_reconstruct_reference, ALL_DEVICES, REFERENCE_PRIORITY))
+register_backend("ngr_reconstruct", Backend("torch", ngr_reconstruct_reference, ALL_DEVICES))

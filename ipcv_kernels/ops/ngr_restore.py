@@ -11,12 +11,12 @@ import torch
 
 from .._validation import INDEX_DTYPES, check_float, check_same_dtype, check_tensor, check_width
 from ..reference import ngr_restore_reference
-from ._custom_op import ipcv_op
-from .dispatch import ALL_DEVICES, REFERENCE_PRIORITY, Backend, register_backend, resolve_backend
+from ._custom_op import autograd_free, ipcv_op
+from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 from .ngr_reconstruct import check_reconstruction_inputs
 
 
-@torch.no_grad()
+@autograd_free
 def ngr_restore(
     out: torch.Tensor,
     kept: torch.Tensor,
@@ -57,9 +57,7 @@ def ngr_restore(
     if not skip_check:
         _check_restore_inputs(out, kept, base_drop, base_kept, keep, drop, neighbors, norm, normed_out)
     weight, bias, eps = (None, None, 0.0) if norm is None else (norm.weight, norm.bias, float(norm.eps))
-    torch.ops.ipcv_kernels.ngr_restore(
-        out, kept, base_drop, base_kept, keep, drop, neighbors, weight, bias, eps, normed_out, backend
-    )
+    ngr_restore_op(out, kept, base_drop, base_kept, keep, drop, neighbors, weight, bias, eps, normed_out, backend)
 
 
 def _check_restore_inputs(
@@ -130,4 +128,4 @@ def ngr_restore_op(
     impl(out, kept, base_drop, base_kept, keep, drop, neighbors, norm_weight, norm_bias, norm_eps, normed_out)
 
 
-register_backend("ngr_restore", Backend("torch", ngr_restore_reference, ALL_DEVICES, REFERENCE_PRIORITY))
+register_backend("ngr_restore", Backend("torch", ngr_restore_reference, ALL_DEVICES))

@@ -10,12 +10,12 @@ import torch
 
 from .._validation import check_cu_seqlens, check_int, check_ratio
 from ..reference import IPCVPlan, plan_reference
-from ._custom_op import ipcv_op
-from .dispatch import ALL_DEVICES, REFERENCE_PRIORITY, Backend, register_backend, resolve_backend
+from ._custom_op import autograd_free, ipcv_op
+from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 from .selection import check_score_inputs
 
 
-@torch.no_grad()
+@autograd_free
 def plan_ipcv(
     x_before: torch.Tensor,
     x_after: torch.Tensor,
@@ -46,7 +46,7 @@ def plan_ipcv(
     """
     if not skip_check:
         _check_plan_inputs(x_before, x_after, cu_items, cu_seqlens, ratio, num_neighbors)
-    plan = torch.ops.ipcv_kernels.plan(x_before, x_after, cu_items, cu_seqlens, float(ratio), num_neighbors, backend)
+    plan = plan_op(x_before, x_after, cu_items, cu_seqlens, float(ratio), num_neighbors, backend)
     return IPCVPlan(*plan)
 
 
@@ -96,4 +96,4 @@ def plan_op(
     return tuple(impl(x_before, x_after, cu_items, cu_seqlens, ratio, num_neighbors))
 
 
-register_backend("plan", Backend("torch", plan_reference, ALL_DEVICES, REFERENCE_PRIORITY))
+register_backend("plan", Backend("torch", plan_reference, ALL_DEVICES))

@@ -16,11 +16,11 @@ from ..reference import (
     shrink_cu_seqlens_reference,
     token_scores_reference,
 )
-from ._custom_op import ipcv_op
-from .dispatch import ALL_DEVICES, REFERENCE_PRIORITY, Backend, register_backend, resolve_backend
+from ._custom_op import autograd_free, ipcv_op
+from .dispatch import ALL_DEVICES, Backend, register_backend, resolve_backend
 
 
-@torch.no_grad()
+@autograd_free
 def token_scores(x_before: torch.Tensor, x_after: torch.Tensor, *, skip_check: bool = False) -> torch.Tensor:
     """IPCV importance score ``||x_after[j] - x_before[j]||_2`` per token.
 
@@ -45,7 +45,7 @@ def check_score_inputs(x_before: object, x_after: object) -> None:
         raise ValueError(f"x_after must have the shape of x_before {tuple(x_before.shape)}, got {tuple(x_after.shape)}")
 
 
-@torch.no_grad()
+@autograd_free
 def select_tokens(
     scores: torch.Tensor, cu_items: torch.Tensor, ratio: float, *, backend: str = "auto", skip_check: bool = False
 ) -> TokenSelection:
@@ -71,10 +71,10 @@ def select_tokens(
         check_float("scores", scores, ndim=1)
         check_cu_seqlens("cu_items", cu_items, total=scores.shape[0], device=scores.device)
         check_ratio("ratio", ratio)
-    return TokenSelection(*torch.ops.ipcv_kernels.select_tokens(scores, cu_items, float(ratio), backend))
+    return TokenSelection(*select_tokens_op(scores, cu_items, float(ratio), backend))
 
 
-@torch.no_grad()
+@autograd_free
 def shrink_cu_seqlens(cu_seqlens: torch.Tensor, keep: torch.Tensor, *, skip_check: bool = False) -> torch.Tensor:
     """Attention-segment offsets restricted to the kept tokens.
 
@@ -111,4 +111,4 @@ def select_tokens_op(
     return tuple(resolve_backend("select_tokens", backend, scores.device).fn(scores, cu_items, ratio))
 
 
-register_backend("select_tokens", Backend("torch", select_tokens_reference, ALL_DEVICES, REFERENCE_PRIORITY))
+register_backend("select_tokens", Backend("torch", select_tokens_reference, ALL_DEVICES))

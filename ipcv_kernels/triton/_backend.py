@@ -9,9 +9,6 @@ import torch
 
 from ..ops.dispatch import Backend, register_backend
 
-# Above sdpa (10) and the library / compiled backends (12-15): ``auto`` on CUDA takes Triton.
-TRITON_PRIORITY = 20
-
 # (op, launcher, fused steps) of every Triton backend, in registration order.
 _TRITON_BACKENDS: list[tuple[str, Callable, frozenset[str]]] = []
 _device_types: tuple[str, ...] = ("cuda",)
@@ -20,7 +17,7 @@ _device_types: tuple[str, ...] = ("cuda",)
 def register_triton(op: str, fn: Callable, *, fuses: frozenset[str] = frozenset()) -> None:
     """Register ``fn`` as the ``"triton"`` backend of ``op`` (each launcher module calls this once per op)."""
     _TRITON_BACKENDS.append((op, fn, fuses))
-    register_backend(op, Backend("triton", fn, _device_types, TRITON_PRIORITY, fuses=fuses))
+    register_backend(op, Backend("triton", fn, _device_types, fuses=fuses))
 
 
 def register_triton_backends(device_types: Sequence[str] = ("cuda",)) -> None:
@@ -32,7 +29,7 @@ def register_triton_backends(device_types: Sequence[str] = ("cuda",)) -> None:
     global _device_types
     _device_types = tuple(device_types)
     for op, fn, fuses in _TRITON_BACKENDS:
-        register_backend(op, Backend("triton", fn, _device_types, TRITON_PRIORITY, fuses=fuses))
+        register_backend(op, Backend("triton", fn, _device_types, fuses=fuses))
 
 
 def kernel_dtype(dtype: torch.dtype) -> bool:
@@ -48,13 +45,3 @@ def dot_precision(dtype: torch.dtype) -> str:
 def row_major(x: torch.Tensor) -> torch.Tensor:
     """``x`` with a unit-stride last dim (gathered rows are then contiguous reads)."""
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def segment_of_rows(cu_seqlens: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """int32 ``[num_rows]``: the segment index of every row, on the device (no host sync).
-
-    ``cu_seqlens``: int32 ``[B + 1]`` offsets. Row ``i`` lies in segment ``b`` with
-    ``cu[b] <= i < cu[b + 1]``; empty segments are skipped by the right-sided search.
-    """
-    rows = torch.arange(num_rows, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-    return (torch.searchsorted(cu_seqlens, rows, right=True) - 1).to(torch.int32)

@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.vectorized_backend import segment_of_rows
 from ..reference import knn_reference
-from ._backend import dot_precision, kernel_dtype, register_triton, segment_of_rows
+from ._backend import dot_precision, kernel_dtype, register_triton
 
 # The running top-k list lives in registers: beyond 32 slots it spills, so larger k uses the reference.
 MAX_KERNEL_K = 32

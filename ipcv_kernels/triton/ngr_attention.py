@@ -28,11 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.ngr_attention import Q_GATHER, ROTARY
+from ..ops.ngr_attention import MAX_HEAD_DIM, Q_GATHER, ROTARY
+from ..ops.vectorized_backend import segment_of_rows
 from ..reference import ngr_attention_reference, unfused_attention_inputs
-from ._backend import dot_precision, kernel_dtype, register_triton, row_major, segment_of_rows
+from ._backend import dot_precision, kernel_dtype, register_triton, row_major
 
-MAX_HEAD_DIM = 256
 MAX_CHUNK = 128  # see head_dim_chunks
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import ngr_reconstruct_reference
+from ..reference import ngr_reconstruct_reference, ngr_restore_reference
 from ._backend import kernel_dtype, register_triton, row_major
 
 
@@ -171,7 +171,8 @@ def ngr_restore_triton(
     normalised full sequence directly.
 
     Args:
-        out: ``[n, D]`` fp16/bf16/fp32 with unit last stride, written in place.
+        out: ``[n, D]`` fp16/bf16/fp32 with unit last stride, written in place (fp64, an oracle
+            dtype, runs the reference).
         kept: ``[Nk, D]`` current kept states; base_drop ``[Nd, D]``, base_kept ``[Nk, D]``: prune-layer
             states; all in ``out``'s dtype.
         keep, drop: int64 ``[Nk]`` / ``[Nd]`` row positions in ``out``.
@@ -180,6 +181,9 @@ def ngr_restore_triton(
     """
     if out.stride(-1) != 1 or (normed_out is not None and normed_out.stride(-1) != 1):
         raise ValueError("out and normed_out need a unit stride on their last dim")
+    if not kernel_dtype(out.dtype):
+        args = (out, kept, base_drop, base_kept, keep, drop, neighbors, norm_weight, norm_bias, norm_eps, normed_out)
+        return ngr_restore_reference(*args)
     weight = bias = None
     if normed_out is not None:
         dim = out.shape[1]

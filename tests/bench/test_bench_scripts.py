@@ -33,6 +33,23 @@ def test_bench_ops_times_every_variant_after_its_check(triton_backends, tmp_path
         assert (tmp_path / f"bench_ops{suffix}").is_file()
 
 
+def test_bench_ops_host_overhead_records_every_part(tmp_path):
+    bench_ops = load_benchmark_script("bench_ops")
+    baseline = tmp_path / "baseline"
+    tiny = ["--mode", "host-overhead", "--device", "cpu", "--calls", "2", "--host-repeats", "2", "--warmup", "1"]
+    tiny += ["--tower-depth", "6", "--as-layers", "2", "--tower-width", "16"]
+    assert bench_ops.main([*tiny, "--out", str(baseline), "--label", "before"]) == 0
+    assert bench_ops.main([*tiny, "--out", str(tmp_path), "--baseline", str(baseline / "host_overhead_cpu.json")]) == 0
+    report = json.loads((tmp_path / "host_overhead_cpu.json").read_text())
+    assert {row["op"] for row in report["op_layer"]} == {"ngr_attention", "knn", "plan", "ngr_restore"}
+    blocks = {row["block"] for row in report["tower"]["blocks"]}
+    assert blocks == {"plan + stabilisation (block P)", "stabilisation", "pruned", "last (restored output)"}
+    assert report["tower"]["host_reads_per_patched_forward"] > 0
+    assert report["baseline"]["label"] == "before"
+    markdown = (tmp_path / "host_overhead_cpu.md").read_text()
+    assert "## before" in markdown and "## this checkout" in markdown
+
+
 def test_bench_ops_failure_modes(triton_backends, tmp_path, monkeypatch):
     bench_ops = load_benchmark_script("bench_ops")
 

@@ -1,6 +1,8 @@
 """Qwen2-VL with IPCV on the Triton path equals the reference path: a tiny random tower, planning,
-NGR and the kept-query attention (with its rotary pass) all through ``backend="triton"`` (the
-interpreter on CPU, or CUDA), against the reference path: both judged against the fp64 tower."""
+NGR and the kept-query attention (with its rotary pass) through the Triton kernels (the interpreter
+on CPU, or CUDA; ``backend="auto"``, which the ``triton_backends`` fixture ranks them first for,
+and the device's planning backend, since planning has no Triton backend of its own), against the
+reference path: both judged against the fp64 tower."""
 
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def test_triton_path_equals_reference_path(triton_backends, monkeypatch, dtype):
         launches[name] = CountingLauncher(getattr(module, name))
         monkeypatch.setattr(module, name, launches[name])
     tower = build_qwen2_vl_tower(dtype=dtype, device=triton_backends)
-    check_against_fp64_tower(tower, ik.IPCVConfig(**CONFIG, ops_backend="triton", attention_backend="triton"), dtype)
+    check_against_fp64_tower(tower, ik.IPCVConfig(**CONFIG, ops_backend="auto", attention_backend="triton"), dtype)
     # Per stabilisation block: one attention launch after one rotary pass over the kept queries
     # and one over the keys.
     assert launches["varlen_attention_kernel"].launches == CONFIG["as_layers"]

@@ -1,16 +1,18 @@
 """``ngr_restore``: the full sequence from kept rows and NGR reconstructions, written in place, with
-the next block's LayerNorm optionally fused; every backend against the fp64 reference, and the
-public op's input checks."""
+the next block's LayerNorm optionally fused; every backend (``conftest.BACKENDS``) against the fp64
+reference, and the public op's input checks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import on_cuda, skip_unsupported
 
 import ipcv_kernels as ik
-from ipcv_kernels.ops import cpp_backend
 from ipcv_kernels.reference import ngr_restore_reference
 from ipcv_kernels.testing import assert_close_to_reference
+
+OP = "ngr_restore"
 
 
 def restore_case(n, num_kept, dim, k, dtype, device, seed=0):
@@ -82,36 +84,24 @@ def check_backend(backend, device, dtype, fuse_norm, affine=True):
         assert_close_to_reference(normed, torch_norm, same_normed)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("fuse_norm", [False, True])
-def test_torch_backend(dtype, fuse_norm):
-    check_backend("torch", torch.device("cpu"), dtype, fuse_norm)
+def test_matches_reference(backend, dtype, fuse_norm):
+    skip_unsupported(backend, dtype)
+    check_backend(backend.name, backend.device, dtype, fuse_norm)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fuse_norm", [False, True])
-def test_cpp_backend(dtype, fuse_norm):
-    if cpp_backend.UNAVAILABLE_REASON is not None:
-        pytest.skip(cpp_backend.UNAVAILABLE_REASON)
-    check_backend("cpp", torch.device("cpu"), dtype, fuse_norm)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("fuse_norm", [False, True])
-def test_triton_backend(triton_backends, dtype, fuse_norm):
-    check_backend("triton", triton_backends, dtype, fuse_norm)
-
-
-def test_triton_backend_norm_without_affine_parameters(triton_backends):
-    check_backend("triton", triton_backends, torch.float32, True, affine=False)
+def test_norm_without_affine_parameters(backend):
+    check_backend(backend.name, backend.device, torch.float32, True, affine=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_gpu_qwen2_vl_width(cuda_device, dtype):
-    case = restore_case(4096, 1434, 1280, 10, dtype, cuda_device)
-    norm = layer_norm(1280, dtype, cuda_device)
-    out, normed = restored(case, 4096, dtype, cuda_device, norm, "triton")
+def test_gpu_qwen2_vl_width(backend, dtype):
+    device = on_cuda(backend)
+    case = restore_case(4096, 1434, 1280, 10, dtype, device)
+    norm = layer_norm(1280, dtype, device)
+    out, normed = restored(case, 4096, dtype, device, norm, backend.name)
     (same_out, same_normed), (out64, _) = reference_outputs(case, 4096, dtype, norm)
     assert_close_to_reference(out, out64, same_out)
     expected_norm = torch.nn.functional.layer_norm(
@@ -120,13 +110,13 @@ def test_gpu_qwen2_vl_width(cuda_device, dtype):
     assert_close_to_reference(normed, expected_norm, same_normed)
 
 
-def test_empty_sides():
+def test_empty_sides(backend):
     # Every row kept (no reconstruction), and every row dropped (neighbours over no kept rows).
     for num_kept in (9, 0):
-        case = restore_case(9, num_kept, 8, 2, torch.float32, "cpu")
+        case = restore_case(9, num_kept, 8, 2, torch.float32, backend.device)
         if num_kept == 0:
             case["neighbors"].fill_(-1)
-        out, _ = restored(case, 9, torch.float32, torch.device("cpu"), None, "auto")
+        out, _ = restored(case, 9, torch.float32, backend.device, None, backend.name)
         expected = torch.empty_like(out)
         expected[case["keep"]] = case["kept"]
         expected[case["drop"]] = case["base_drop"]

@@ -1,6 +1,7 @@
 """``torch.library.opcheck`` of the IPCV custom ops: schema, fake (meta) implementations, and
-dispatch under tracing (data-dependent output sizes included), for the reference backend and the Triton
-backend (interpreter or CUDA); ``ngr_attention`` with and without its optional rotary / query gather."""
+dispatch under tracing (data-dependent output sizes included), for every backend of each op
+(``conftest.BACKENDS``); ``ngr_attention`` with and without its optional rotary / query gather. And
+of the compiled ops ``torch.ops.ipcv.*`` of ``csrc/`` themselves (no ``backend`` argument)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from conftest import offsets
 
 import ipcv_kernels  # noqa: F401  (registers torch.ops.ipcv_kernels.*)
+from ipcv_kernels.ops import cpp_backend
+from ipcv_kernels.reference import keep_counts
 
 # The ops are inference-only and register no autograd formula; inputs need no grad.
 TEST_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -60,25 +63,63 @@ def op_cases(device: torch.device, backend: str):
     }
 
 
-OPS = [
-    "select_tokens",
-    "plan",
-    "knn",
-    "ngr_reconstruct",
-    "ngr_restore",
-    "ngr_attention",
-    "ngr_attention_rotary_gather",
-    "ngr_attention_rotary_positions",
-]
+# Case name -> the op it calls; each runs once per backend of that op.
+OPS = {
+    "select_tokens": "select_tokens",
+    "plan": "plan",
+    "knn": "knn",
+    "ngr_reconstruct": "ngr_reconstruct",
+    "ngr_restore": "ngr_restore",
+    "ngr_attention": "ngr_attention",
+    "ngr_attention_rotary_gather": "ngr_attention",
+    "ngr_attention_rotary_positions": "ngr_attention",
+}
 
 
-@pytest.mark.parametrize("name", OPS)
-def test_opcheck_reference_backend(name):
-    op, args = op_cases(torch.device("cpu"), "torch")[name]
+def test_opcheck(case, backend):
+    op, args = op_cases(backend.device, backend.name)[case]
     torch.library.opcheck(op, args, test_utils=TEST_UTILS)
 
 
-@pytest.mark.parametrize("name", OPS)
-def test_opcheck_triton_backend(triton_backends, name):
-    op, args = op_cases(triton_backends, "triton")[name]
+@pytest.fixture
+def cpp():
+    """The loaded extension (skips when this install has none)."""
+    if cpp_backend.UNAVAILABLE_REASON is not None:
+        pytest.skip(cpp_backend.UNAVAILABLE_REASON)
+    return torch.ops.ipcv
+
+
+def compiled_op_cases(device: torch.device):
+    generator = torch.Generator().manual_seed(5)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device)
+
+    cu_a, cu_b = offsets([3, 0, 4], device), offsets([5, 2, 6], device)
+    neighbors = torch.tensor([[0, 2], [1, -1], [-1, -1], [3, 0]], device=device)
+    x_before = randn(13, 8)
+    x_after = x_before + randn(13, 8)
+    return {
+        "knn": (torch.ops.ipcv.knn, (randn(7, 8), randn(13, 8), 3, cu_a, cu_b)),
+        "ngr_reconstruct": (torch.ops.ipcv.ngr_reconstruct, (randn(4, 8), randn(5, 8), randn(5, 8), neighbors)),
+        "select_tokens": (torch.ops.ipcv.select_tokens, (randn(13), cu_b, keep_counts(cu_b, 0.5))),
+        "plan": (
+            torch.ops.ipcv.plan,
+            (x_before, x_after, cu_b, offsets([3, 2, 2, 6], device), keep_counts(cu_b, 0.5), 2),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "select_tokens", "plan"])
+def test_opcheck_compiled_ops(cpp, name):
+    op, args = compiled_op_cases(torch.device("cpu"))[name]
+    torch.library.opcheck(op, args, test_utils=TEST_UTILS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "select_tokens", "plan"])
+def test_opcheck_compiled_ops_cuda(cpp, cuda_device, name):
+    if not cpp_backend.has_cuda_kernels():
+        pytest.skip("the extension was built without its CUDA kernels")
+    op, args = compiled_op_cases(cuda_device)[name]
     torch.library.opcheck(op, args, test_utils=TEST_UTILS)
