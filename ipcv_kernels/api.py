@@ -14,17 +14,16 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from .config import IPCVConfig
-from .engine import PATCH_ATTRIBUTE, IPCVPatch
+from .engine import IPCVPatch
 from .families import (
-    find_family,
-    find_language_model,
-    find_tower,
     is_vllm_model,
+    locate,
+    no_language_model,
     recommended_config,
     supported_classes,
     vllm_ipcv_patch,
 )
-from .llm import LLM_PATCH_ATTRIBUTE, LLMPruner, LLMPruningPatch
+from .llm import LLMPruner, LLMPruningPatch
 from .models.idefics3 import Idefics3Adapter
 from .models.internvl import InternVLAdapter
 
@@ -60,15 +59,23 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
         ValueError: ``config.prune_layer`` outside ``[1, depth)`` of this tower, or
             ``llm_pruner.layer`` outside ``[1, num_hidden_layers)`` of the language model.
     """
+    found = locate(model)
     if config is None and llm_pruner is None:
-        config = recommended_config(model)
+        config = IPCVConfig(**found.family.recommended)
     if config is not None and not isinstance(config, IPCVConfig):
         raise TypeError(f"config must be an IPCVConfig, got {type(config).__name__}")
-    tower, adapter = find_tower(model)
+    if llm_pruner is not None and not isinstance(llm_pruner, LLMPruner):
+        raise TypeError(f"llm_pruner must be an LLMPruner (FastV, DART), got {type(llm_pruner).__name__}")
+    if llm_pruner is not None and found.text_model is None:
+        raise no_language_model(model)
     # Validate both sides (layer ranges included) before touching the model.
-    patch = IPCVPatch(tower, adapter, config) if config is not None else None
-    llm_patch = _prepare_llm_pruning(model, llm_pruner) if llm_pruner is not None else None
-    remove_ipcv(model)
+    patch = IPCVPatch(found.tower, found.family.hf.adapter(model), config) if config is not None else None
+    llm_patch = None
+    if llm_pruner is not None:
+        llm_patch = LLMPruningPatch(found.multimodal, found.text_model, llm_pruner, found.token_ids)
+    for installed in (found.ipcv_patch, found.llm_patch):  # replaced: the model carries what this call says
+        if installed is not None:
+            installed.remove()
     if patch is not None:
         patch.install()
     if llm_patch is not None:
@@ -76,18 +83,12 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
     return model
 
 
-def _prepare_llm_pruning(model: nn.Module, pruner: LLMPruner) -> LLMPruningPatch:
-    if not isinstance(pruner, LLMPruner):
-        raise TypeError(f"llm_pruner must be an LLMPruner (FastV, DART), got {type(pruner).__name__}")
-    multimodal, text_model, token_ids = find_language_model(model)
-    return LLMPruningPatch(multimodal, text_model, pruner, token_ids)
-
-
 def remove_ipcv(model: nn.Module) -> nn.Module:
     """Undo ``apply_ipcv`` on ``model``, both sides (a no-op if it is not patched); return it."""
-    for patch in (get_ipcv_patch(model), get_llm_pruning_patch(model)):
-        if patch is not None:
-            patch.remove()
+    found = locate(model)
+    for installed in (found.ipcv_patch, found.llm_patch):
+        if installed is not None:
+            installed.remove()
     return model
 
 
@@ -112,17 +113,17 @@ def get_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
     """
     if is_vllm_model(model):
         return vllm_ipcv_patch(model)
-    tower, _ = find_tower(model)
-    return vars(tower).get(PATCH_ATTRIBUTE)
+    return locate(model).ipcv_patch
 
 
 def get_llm_pruning_patch(model: nn.Module) -> LLMPruningPatch | None:
-    """The installed LLM-side patch (``pruner``, ``last_kept``) of ``model``, if any."""
+    """The installed LLM-side patch (``pruner``, ``last_kept``) of ``model``, if any (``None`` for
+    a model without a language model, or of no supported family)."""
     try:
-        _, text_model, _ = find_language_model(model)
+        found = locate(model)
     except TypeError:
         return None
-    return vars(text_model).get(LLM_PATCH_ATTRIBUTE)
+    return found.llm_patch
 
 
 def set_tiles_per_image(model: nn.Module, tiles_per_image: Sequence[int] | None) -> None:
@@ -143,12 +144,12 @@ def set_tiles_per_image(model: nn.Module, tiles_per_image: Sequence[int] | None)
         TypeError: ``model`` is not a patched InternVL / Idefics3 / SmolVLM model or tower, or bad
             counts.
     """
-    family, _ = find_family(model)
-    patch = get_ipcv_patch(model)
+    found = locate(model)
+    patch = found.ipcv_patch
     if patch is None or not isinstance(patch.adapter, (InternVLAdapter, Idefics3Adapter)):
         raise TypeError(
             f"model must be an InternVL, Idefics3 or SmolVLM model or tower patched with apply_ipcv, "
-            f"got a {family.name} one"
+            f"got a {found.family.name} one"
         )
     if tiles_per_image is not None:
         tiles_per_image = list(tiles_per_image)

@@ -1,8 +1,8 @@
 """Demo: one input through a vision tower with and without IPCV: wall time with its spread,
 FLOPs, and the ratio-0 equivalence check.
 
-Default: a built-in 12-block Qwen2-VL tower (width 640, 10 heads of 64) with seeded random weights
-and a 448x448 image (1,024 patches). ``--preset NAME`` takes a benchmark preset of any family
+Default: a built-in 12-block Qwen2-VL tower (width 640, 10 heads of 64; the family table's preset
+``qwen2-vl-demo``) with seeded random weights and a 448x448 image (1,024 patches). ``--preset NAME`` takes a benchmark preset of any family
 instead (a preset of the family table, ``ipcv_kernels.families``: e.g. ``clip-vit-l-336-d8``, ``llava-1.5-7b``,
 ``siglip-so400m-384-d8``, ``internvit-300m-d8``, ``qwen2.5-vl-7b``; random weights), and
 ``--model PATH`` the vision tower of a local checkpoint of any supported family (a full model or a
@@ -32,40 +32,31 @@ import torch
 
 from .api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from .bench import environment, measure, progress
-from .bench.calls import Case, GridCalls, TowerCalls, tower_calls
-from .bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
+from .bench.calls import Case, GridCalls, TowerCalls, checkpoint_calls, preset_calls
 from .config import IPCVConfig
 from .families import presets
 from .flops import predicted_speedup
-from .testing.models import build_qwen2_vl_tower, qwen2_vl_vision_config, sample_pixels
 
-DEMO_VISION = dict(depth=12, embed_dim=640, num_heads=10, mlp_ratio=4, hidden_size=1024, patch_size=14)
+# The built-in tower: a preset of the family table (Qwen2-VL blocks, depth 12, width 640), and the
+# setting the demo shows on it (prune layer 3, 3 stabilisation blocks of its 12).
+DEMO_PRESET = "qwen2-vl-demo"
 DEMO_CONFIG = IPCVConfig(prune_layer=3, ratio=0.65, as_layers=3, num_neighbors=10)
 
 
 def load_inputs(args: argparse.Namespace, dtype: torch.dtype) -> tuple[TowerCalls, tuple[Case, tuple], str]:
     """``(the tower's calls, its inputs, description)`` for the chosen tower."""
     cpu = torch.device("cpu")
-    if args.model or args.preset:
-        if args.model:
-            tower = load_vision_tower(args.model, dtype=dtype, device=cpu)
-            calls = tower_calls(tower, model_use(args.model))
-            source = f"checkpoint {args.model}"
-            weights = "its own weights"
-        else:
-            tower = build_tower(vision_config_from_preset(args.preset), dtype=dtype, device=cpu, seed=args.seed)
-            calls = tower_calls(tower, presets()[args.preset][1].use)
-            source, weights = f"preset {args.preset}", "random weights"
-        native = calls.default_cases()
-        case = calls.parse_case(native[0] if native else f"{args.image_size}x{args.image_size}")
-        description = f"{source} ({calls.model_family.name}, depth {calls.depth}, {weights}, random pixels)"
-        return calls, calls.inputs(case, args.seed, cpu, dtype), description
-    config = qwen2_vl_vision_config("sdpa", **DEMO_VISION)
-    tower = build_qwen2_vl_tower(config, dtype=dtype, seed=args.seed)
-    side = args.image_size // config.patch_size // config.spatial_merge_size * config.spatial_merge_size
-    pixels, grid = sample_pixels(config, [[1, side, side]], dtype=dtype, seed=args.seed)
-    case = Case(f"{args.image_size}x{args.image_size}", "image", ((1, side, side),))
-    return tower_calls(tower), (case, (pixels, grid)), "built-in tower (depth 12, width 640, random weights)"
+    if args.model:
+        calls = checkpoint_calls(args.model, dtype=dtype, device=cpu)
+        source = f"checkpoint {args.model} ({calls.model_family.name}, depth {calls.depth}, its own weights"
+    else:
+        name = args.preset or DEMO_PRESET
+        calls = preset_calls(name, dtype=dtype, device=cpu, seed=args.seed)
+        built_in = "built-in tower, " if args.preset is None else ""
+        source = f"{built_in}preset {name} ({calls.model_family.name}, depth {calls.depth}, random weights"
+    native = calls.default_cases()
+    case = calls.parse_case(native[0] if native else f"{args.image_size}x{args.image_size}")
+    return calls, calls.inputs(case, args.seed, cpu, dtype), f"{source}, random pixels)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--preset",
         choices=sorted(presets()),
-        help="a benchmark preset of any family, random weights (default: the built-in random tower)",
+        help=f"a benchmark preset of any family, random weights (default: the built-in tower, {DEMO_PRESET})",
     )
     parser.add_argument(
         "--image-size", type=int, default=448, help="image side in pixels (Qwen towers; the others take their own)"
@@ -115,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
         as_layers=args.as_layers if args.as_layers is not None else base.as_layers,
         num_neighbors=args.neighbors if args.neighbors is not None else base.num_neighbors,
     )
-    config.check_depth(calls.depth)
     if case.grid_thw:
         print(f"{description}; input grid_thw {[list(g) for g in case.grid_thw]} = {case.tokens} patch tokens")
     else:

@@ -36,6 +36,7 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,10 +45,10 @@ from torch import nn
 from ..api import get_ipcv_patch
 from ..config import IPCVConfig
 from ..engine import read_blocks
-from ..families import CALL_KINDS, Family, ModelUse, family, find_family
+from ..families import CALL_KINDS, Family, ModelUse, family, find_family, presets
 from ..families.row import SUB_IMAGES, TILES
 from ..flops import FlopReport
-from .towers import tower_output
+from .towers import build_tower, load_vision_tower, model_use, tower_output, vision_config_from_preset
 
 CASE = re.compile(r"^(\d+)x(\d+)(?:\*(\d+)|@(\d+))?$")
 CASE_FORMS = "'HxW', 'HxW*B' or 'HxW@F'"
@@ -384,3 +385,21 @@ KIND_CALLS: dict[str, type[TowerCalls]] = {
     kind.name: GridCalls if kind.takes_grid_thw else SubImageCalls if kind is SUB_IMAGES else TileCalls
     for kind in CALL_KINDS
 }
+
+
+def checkpoint_calls(
+    path: str | Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"
+) -> TowerCalls:
+    """The vision tower of a local checkpoint (``towers.load_vision_tower``), called as its full
+    model calls it (``towers.model_use``)."""
+    tower = load_vision_tower(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    return tower_calls(tower, model_use(path))
+
+
+def preset_calls(
+    name: str, *, dtype: torch.dtype, device: torch.device, seed: int = 0, attn_implementation: str = "sdpa"
+) -> TowerCalls:
+    """A preset's tower of the family table with seeded random weights, called as its ``ModelUse``
+    says (a bare tower call without one)."""
+    tower = build_tower(vision_config_from_preset(name, attn_implementation), dtype=dtype, device=device, seed=seed)
+    return tower_calls(tower, presets()[name][1].use)

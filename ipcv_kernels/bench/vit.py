@@ -41,10 +41,9 @@ from ..flops import FlopReport, predicted_speedup
 from ..ops import available_backends
 from ..testing import tolerance
 from . import environment, measure, progress, results
-from .calls import Case, GridCalls, TowerCalls, parse_grid_case, tower_calls
+from .calls import Case, GridCalls, TowerCalls, checkpoint_calls, parse_grid_case, preset_calls
 from .presets import SUITES
 from .report import markdown_report, plot, table_rows
-from .towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from .variants import VARIANTS, attention_variant_backend, attention_variants, variant_configs
 
 PLANNED_OPS = ("plan", "knn", "ngr_reconstruct", "ngr_attention")
@@ -377,15 +376,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     s = settings_from_args(args)
     dtype = environment.DTYPES[s["dtype"]]
+    attn = args.attn_implementation
     if s["from_checkpoint"]:
-        tower = load_vision_tower(args.model, dtype=dtype, device=device, attn_implementation=args.attn_implementation)
-        use = model_use(args.model)
+        calls = checkpoint_calls(args.model, dtype=dtype, device=device, attn_implementation=attn)
     else:
-        vision_config = vision_config_from_preset(s["model"], args.attn_implementation)
-        tower = build_tower(vision_config, dtype=dtype, device=device, seed=args.seed)
-        use = presets()[s["model"]][1].use
-    calls = tower_calls(tower, use)
-    vision_config = tower.config
+        calls = preset_calls(s["model"], dtype=dtype, device=device, seed=args.seed, attn_implementation=attn)
+    tower, use, vision_config = calls.tower, calls.use, calls.config
     if getattr(args, "recommended", False):
         s["ipcv"] = settings_from_args(args, IPCVConfig(**calls.model_family.recommended))["ipcv"]
     s["family"] = calls.model_family.name

@@ -12,6 +12,7 @@ hierarchy, counting only classes defined by the framework in question (``transfo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..engine import PATCH_ATTRIBUTE, FamilyAdapter, IPCVPatch
+from ..llm import LLM_PATCH_ATTRIBUTE, LLMPruningPatch
 from .row import CALL_KINDS, CallKind, Family, HFClasses, ModelUse, Preset, TinyModel, TinyTower, VLLMClasses
 from .table import FAMILIES
 
@@ -107,14 +109,7 @@ def find_tower(model: nn.Module) -> tuple[nn.Module, FamilyAdapter]:
     return tower, row.hf.adapter(model)
 
 
-def find_language_model(model: nn.Module) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
-    """``(multimodal model, text model, image / video token ids)`` of a Hugging Face ``model``.
-
-    Raises:
-        TypeError: ``model`` is not a supported multimodal model with a language model (a bare
-            vision tower has none).
-    """
-    names = _class_names(model, HF_MODULE)
+def _language_model(model: nn.Module, names: set[str]) -> tuple[nn.Module, nn.Module, tuple[int, ...]] | None:
     for row in FAMILIES:
         for holder, path in (row.hf.language_models if row.hf else {}).items():
             if holder in names:
@@ -125,8 +120,63 @@ def find_language_model(model: nn.Module) -> tuple[nn.Module, nn.Module, tuple[i
                     getattr(config, name) for name in ("image_token_id", "video_token_id") if hasattr(config, name)
                 )
                 return multimodal, getattr(multimodal, row.hf.decoder), token_ids
+    return None
+
+
+def no_language_model(model: nn.Module) -> TypeError:
+    """The error for an LLM-side pruner on a model without a language model (a bare tower)."""
     supported = [name for row in FAMILIES if row.hf for name in row.hf.language_models]
-    raise TypeError(f"llm_pruner needs a model with a language model, one of {supported}; got {type(model).__name__}")
+    return TypeError(f"llm_pruner needs a model with a language model, one of {supported}; got {type(model).__name__}")
+
+
+def find_language_model(model: nn.Module) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
+    """``(multimodal model, text model, image / video token ids)`` of a Hugging Face ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a supported multimodal model with a language model (a bare
+            vision tower has none).
+    """
+    found = _language_model(model, _class_names(model, HF_MODULE))
+    if found is None:
+        raise no_language_model(model)
+    return found
+
+
+@dataclass(frozen=True)
+class Located:
+    """Everything the patching API needs of one Hugging Face model, found in one look-up.
+
+    family: its row. tower: its vision tower. multimodal, text_model, token_ids: the model whose
+    forward receives ``input_ids``, its decoder and its image / video token ids (``None`` / ``()``
+    for a bare tower).
+    """
+
+    family: Family
+    tower: nn.Module
+    multimodal: nn.Module | None
+    text_model: nn.Module | None
+    token_ids: tuple[int, ...]
+
+    @property
+    def ipcv_patch(self) -> IPCVPatch | None:
+        """The IPCV patch installed on the tower, if any."""
+        return vars(self.tower).get(PATCH_ATTRIBUTE)
+
+    @property
+    def llm_patch(self) -> LLMPruningPatch | None:
+        """The LLM-side patch installed on the decoder, if any."""
+        return None if self.text_model is None else vars(self.text_model).get(LLM_PATCH_ATTRIBUTE)
+
+
+def locate(model: nn.Module) -> Located:
+    """``model``'s row, tower and language model (``find_family`` and ``find_language_model`` at once).
+
+    Raises:
+        TypeError: unsupported model (the message lists the supported classes).
+    """
+    row, tower = find_family(model)
+    multimodal, text_model, token_ids = _language_model(model, _class_names(model, HF_MODULE)) or (None, None, ())
+    return Located(row, tower, multimodal, text_model, token_ids)
 
 
 def recommended_config(model: nn.Module, **overrides: Any) -> IPCVConfig:
@@ -174,6 +224,7 @@ __all__ = [
     "CallKind",
     "Family",
     "HFClasses",
+    "Located",
     "ModelUse",
     "Preset",
     "TinyModel",
@@ -187,6 +238,8 @@ __all__ = [
     "find_tower",
     "find_vllm_family",
     "is_vllm_model",
+    "locate",
+    "no_language_model",
     "presets",
     "recommended_config",
     "supported_classes",

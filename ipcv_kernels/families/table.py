@@ -90,6 +90,10 @@ FAMILIES: tuple[Family, ...] = (
             "qwen2-vl-7b": Preset(shapes.QWEN2_VL_7B_VISION),
             "qwen2-vl-7b-d8": Preset({**shapes.QWEN2_VL_7B_VISION, "depth": 8}),
             "qwen2-vl-2b": Preset({**shapes.QWEN2_VL_7B_VISION, "hidden_size": 1536}),
+            # The demo's built-in tower: 12 blocks of width 640 (10 heads of 64).
+            "qwen2-vl-demo": Preset(
+                {**shapes.QWEN2_VL_7B_VISION, "depth": 12, "embed_dim": 640, "num_heads": 10, "hidden_size": 1024}
+            ),
             # Smoke runs: the 14-pixel patches kept, so image sizes mean the real token counts.
             "qwen2-vl-tiny": Preset(
                 {
