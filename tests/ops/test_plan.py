@@ -1,7 +1,7 @@
 """``plan_ipcv`` on every backend (``conftest.BACKENDS``) against the reference: a hand-checked case,
 item and segment layouts (empty and one-token items, fewer kept tokens than k, several tiles,
 video frames finer than items), dtypes, ratios, thread counts, ratio 0; and a patched tower with
-each backend as ``IPCVConfig.backend``.
+each backend as ``IPCVConfig.ops_backend``.
 
 Selection and the kept offsets are compared exactly (scores are built well separated, so there are
 no ties); neighbours through their exact fp64 distances, and by index where the reference's
@@ -34,7 +34,7 @@ LAYOUTS = {
     # Enough items for one work unit per item (>= 4 per thread) at 1 to 3 threads.
     "many_items": ([13, 0, 1, 29, 7, 40, 3, 2, 90, 11, 5, 17], [13, 0, 1, 29, 7, 40, 3, 2, 45, 45, 11, 5, 17]),
 }
-# What ``IPCVConfig.backend`` names: one backend for every planning op of the engine.
+# What ``IPCVConfig.ops_backend`` names: one backend for every planning op of the engine.
 PLANNING_OPS = ("plan", "select_tokens", "knn", "ngr_reconstruct", "ngr_restore")
 
 
@@ -105,7 +105,7 @@ def test_ratio_zero_keeps_everything(backend):
 def test_patched_tower_matches_torch_backend(backend):
     missing = [op for op in PLANNING_OPS if backend.name not in backend_names(op)]
     if missing:
-        pytest.skip(f"IPCVConfig.backend names one backend for {PLANNING_OPS}; {backend.name!r} has no {missing}")
+        pytest.skip(f"IPCVConfig.ops_backend names one backend for {PLANNING_OPS}; {backend.name!r} has no {missing}")
     tower = build_qwen2_vl_tower(dtype=torch.float64, device=backend.device)
     pixels, grid_thw = sample_pixels(tower.config, [[1, 4, 6], [2, 4, 4], [1, 2, 4]], dtype=torch.float64)
     outputs = {}
