@@ -1,5 +1,6 @@
 """Every row of the family table through everything it claims, so that a new row is tested by
-being added: its structure; its tiny full model at ratio 0 (equal to the unpatched model), with a
+being added: its structure; its tiny full model at ratio 0 (equal to the unpatched model, exactly but for
+round-off where padding is masked), with a
 pruning setting (generate runs, remove is exact); its tiny tower against the independent float64
 spec oracle and as a batch equal to its items alone, both called as its call kind calls it; the
 bench on it with its checks. The fidelity tool (``fidelity/test_fidelity``: every preset, one per
@@ -20,6 +21,7 @@ from ipcv_kernels.bench.calls import Case, GridCalls, SubImageCalls, TowerCalls,
 from ipcv_kernels.bench.variants import VARIANTS, variant_configs
 from ipcv_kernels.bench.vit import Bench, run_case
 from ipcv_kernels.families import CALL_KINDS, FAMILIES, build_model, build_tower, find_family, find_vllm_family, presets
+from ipcv_kernels.families.row import SUB_IMAGES
 from ipcv_kernels.testing import assert_close
 
 ROWS = {row.id: row for row in FAMILIES}
@@ -126,7 +128,13 @@ def test_tiny_model_ratio_zero_equals_unpatched_pruning_generates_remove_exact(f
     with torch.no_grad():
         expected = model(**inputs).logits
         with ik.ipcv_applied(model, RATIO_ZERO):
-            assert_close(model(**inputs).logits, expected)
+            got = model(**inputs).logits
+        if row.kind is SUB_IMAGES:
+            # Padding patches: the model's masked attention and IPCV's attention over the real keys
+            # only add the same terms in another order (fp32 round-off).
+            assert_close(got, expected)
+        else:
+            assert torch.equal(got, expected)
         ik.apply_ipcv(model, PRUNING)
         assert not torch.allclose(model(**inputs).logits, expected)  # the image features reach the logits
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
