@@ -205,6 +205,11 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "Llava", "vision_tower"),
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMClipViTAdapter",
+            {"LlavaForConditionalGeneration": "vllm.model_executor.models.llava"},
+            {"LlavaForConditionalGeneration": "vision_tower"},
+        ),
         tiny_model=TinyModel(
             "LlavaConfig",
             "LlavaForConditionalGeneration",

@@ -19,7 +19,9 @@ compute:
   of the ``qkv`` projection is also computed for the dropped rows, ``Nd * D * D`` multiply-adds
   per stabilisation block (keys and values need every row anyway).
 
-vLLM's InternViT (``VLLMInternVLAdapter``) takes batched tiles ``[tiles, 1 + N, D]`` as in
+vLLM's CLIP / SigLIP towers (``VLLMClipViTAdapter``: LLaVA 1.5, ...) take a padded batch of
+crops ``[B, L, D]`` as in transformers, with a fused ``qkv_proj``; vLLM builds them only up to the
+layer the model reads. vLLM's InternViT (``VLLMInternVLAdapter``) takes batched tiles ``[tiles, 1 + N, D]`` as in
 transformers, so its adapter is a ``BatchedTowerAdapter`` (``ipcv_kernels.engine.batched``); what
 is vLLM's there is where the tiles per image come from (see the class).
 
@@ -41,6 +43,7 @@ from torch import nn
 from ..config import IPCVConfig
 from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall
 from ..engine.batched import PrenormLayer, TiledTowerAdapter
+from ..models.clip_vit import ClipViTAdapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 from ..selectors import merge_unit_grid
@@ -361,4 +364,90 @@ class VLLMInternVLChatAdapter(VLLMInternVLAdapter):
             scale=attention.scale,
             attn_gain=block.ls1,
             mlp_gain=block.ls2,
+        )
+
+
+def _missing(module: Any, paths: tuple[str, ...]) -> list[str]:
+    """Those of ``paths`` (``"a.b..."``) that ``module`` lacks."""
+    return [path for path in paths if not _has_path(module, path)]
+
+
+class VLLMClipViTAdapter(ClipViTAdapter):
+    """vLLM's ``CLIPVisionModel`` (``clip.py``; LLaVA 1.5's ``vision_tower``).
+
+    **What vLLM builds.** ``init_vision_tower_for_llava`` builds the tower only up to the layer
+    the model reads (``vision_feature_layer``, LLaVA's -2: ``depth - 1`` layers), without
+    ``post_layernorm``: the tower's last layer is the read layer, the default read block, and
+    the skipped layers do not exist. Depth-dependent settings (``prune_layer < depth``) count
+    the layers vLLM built. The tower's forward runs its embeddings (CLS first), its layers on
+    ``[crops, 1 + N, D]``, then ``resolve_visual_encoder_outputs``, which drops CLS
+    (``vision_feature_select_strategy="default"``); the last layer restores every row before
+    that step, so what follows is unchanged and every placeholder count stays vLLM's.
+
+    **Items.** As the Hugging Face adapter: each crop of the call (``pixel_values`` ``[B, 3, S,
+    S]``) is one item, CLS pinned (LLaVA 1.5 encodes one crop per image). vLLM gives the tower
+    no other grouping.
+
+    **Layer.** ``CLIPEncoderLayer``: ``layer_norm1``, ``self_attn.qkv_proj`` (fused
+    ``QKVParallelLinear``, ``[q | k | v]`` of the rank's heads, weights repacked on the CPU: it
+    runs on every row, see ``PrenormLayer``), ``self_attn.out_proj`` (row-parallel: all-reduces
+    under tensor parallelism), ``layer_norm2``, ``mlp`` (vLLM's ``fc1`` / ``fc2``).
+    """
+
+    name = "vllm_clip_vit"
+    # What the adapter goes through (a vLLM without one of them is refused when the patch is made).
+    TOWER_PARTS: tuple[str, ...] = (
+        "vision_model.embeddings",
+        "vision_model.encoder.layers",
+        "vision_model.config.patch_size",
+    )
+    LAYER_PARTS: tuple[str, ...] = (
+        "layer_norm1",
+        "layer_norm2",
+        "mlp",
+        "self_attn.qkv_proj",
+        "self_attn.out_proj",
+        "self_attn.num_heads_per_partition",
+        "self_attn.head_dim",
+        "self_attn.scale",
+    )
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        missing = _missing(tower, self.TOWER_PARTS)
+        layers = tower.vision_model.encoder.layers if not missing else None
+        if layers:
+            missing += _missing(layers[0], self.LAYER_PARTS)
+        if missing:
+            raise TypeError(
+                f"vLLM's {type(tower).__name__} lacks {', '.join(missing)}: this vLLM version is not supported "
+                f"by IPCV's {self.name} adapter (tested with vLLM 0.32)"
+            )
+        vision_model = tower.vision_model
+        # CLIP's embeddings prepend a CLS token (a learned class embedding); SigLIP's do not.
+        self.has_cls = hasattr(vision_model.embeddings, "class_embedding")
+        self._patch_size = vision_model.config.patch_size
+        return layers
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        """None: vLLM's tower is built up to the read layer, and its call's crops are the items."""
+
+    def layer_parts(self, block: nn.Module) -> PrenormLayer:
+        attention = block.self_attn
+
+        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            projected, _ = attention.qkv_proj(x)
+            return projected.chunk(3, dim=-1)
+
+        return PrenormLayer(
+            norm1=block.layer_norm1,
+            q=None,
+            k=None,
+            v=None,
+            qkv=qkv,
+            out=lambda x: attention.out_proj(x)[0],
+            norm2=block.layer_norm2,
+            mlp=block.mlp,
+            num_heads=attention.num_heads_per_partition,
+            head_dim=attention.head_dim,
+            scale=attention.scale,
         )

@@ -112,7 +112,19 @@ INTERNVL_TEXT_OVERRIDES = {
     key: VLLM_TEXT[key]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 }
-FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat")
+# LLaVA 1.5 / Gemma 3 / PaliGemma: the family table's tiny models (CLIP / SigLIP towers over 32 x 32
+# images of 4 x 4 patches) with decoders of head size 32 for vLLM's CPU attention.
+CLIP_FAMILY_TEXT_OVERRIDES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+CLIP_FAMILY_CHECKPOINTS: dict[str, dict[str, Any]] = {
+    "llava": CLIP_FAMILY_TEXT_OVERRIDES,
+}
+FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS)
 
 
 def build_checkpoint(
@@ -152,9 +164,11 @@ def build_checkpoint(
         if fields is not None and not isinstance(fields, Mapping):
             raise TypeError(f"{name} must be a mapping of config fields, got {type(fields).__name__}")
     check_int("max_pixels", max_pixels, low=MIN_PIXELS)
-    if family in ("internvl", "internvl_chat"):
+    if family not in CHECKPOINTS:
         if vision or text or max_pixels != MAX_PIXELS:
             raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
+        if family in CLIP_FAMILY_CHECKPOINTS:
+            return _build_clip_family(path, family, seed)
         return _build_internvl(path, seed) if family == "internvl" else _build_internvl_chat(path, seed)
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -179,6 +193,33 @@ def build_checkpoint(
             path
         )
     build_tokenizer().save_pretrained(path)
+    return path
+
+
+def _build_clip_family(path: Path, family: str, seed: int) -> Path:
+    """The family table's tiny ``family`` model (LLaVA 1.5, ...) and its processor, saved with
+    the tower's weights under the Hub's names, which vLLM's loaders expect:
+    ``vision_tower.vision_model.*`` (transformers 5 saves ``vision_tower.embeddings.*``, ...)."""
+    from safetensors.torch import load_file, save_file
+
+    from ..families import family as family_row
+
+    model = build_model(family, seed=seed, text_overrides=CLIP_FAMILY_CHECKPOINTS[family])
+    model.config.architectures = [family_row(family).tiny_model.model_class]
+    model.save_pretrained(path)
+    weights_file = path / "model.safetensors"
+    weights = load_file(str(weights_file))
+    prefix = "vision_tower."
+    renamed = {
+        (
+            f"{prefix}vision_model.{name[len(prefix) :]}"
+            if name.startswith(prefix) and not name.startswith(f"{prefix}vision_model.")
+            else name
+        ): tensor
+        for name, tensor in weights.items()
+    }
+    save_file(renamed, str(weights_file), metadata={"format": "pt"})
+    family_row(family).tiny_model.processor().save_pretrained(path)
     return path
 
 

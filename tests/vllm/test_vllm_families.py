@@ -31,6 +31,7 @@ The plugin's settings and refusals are checked in ``test_vllm_plugin.py``, tenso
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -95,7 +96,9 @@ class Family:
     normalise: whether vLLM normalises Qwen pixels on the device (``visual.input_norm``; its
     processor then skips mean / std), so transformers gets the pixels the blocks see. prompt: a
     prompt with one image placeholder; image_sizes: the images ``generate`` gets. recommended:
-    the family's recommended setting (``IPCVConfig`` fields besides its defaults).
+    the family's recommended setting (``IPCVConfig`` fields besides its defaults). calls: the
+    ``CALLS`` the family's vLLM model takes (LLaVA 1.5 and the other image-only families take no
+    video).
     """
 
     name: str
@@ -110,6 +113,7 @@ class Family:
     normalise: bool = False
     engine: dict[str, Any] = field(default_factory=dict)
     recommended: dict[str, Any] = field(default_factory=dict)
+    calls: tuple[str, ...] = CALLS
 
 
 # -- Qwen ----------------------------------------------------------------------------------------
@@ -169,6 +173,29 @@ def internvl_features(hf_model, tiles, items):
     return features.pooler_output.reshape(-1, features.pooler_output.shape[-1])
 
 
+# -- CLIP / SigLIP families (LLaVA 1.5, ...) ------------------------------------------------------
+# Crops of 32 x 32 pixels (4 x 4 patches of 8), one per image; the processor resizes every image to
+# one crop, so images of different sizes reach the tower as crops of one size.
+CLIP_CROPS = {"one_image": 1, "images_of_different_sizes": 3}
+
+
+def clip_call(cls_token):
+    """``make_call`` of a family whose tower takes ``pixel_values`` ``[images, 3, 32, 32]``."""
+
+    def make_call(hf_model, name, seed):
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(CLIP_CROPS[name], 3, 32, 32, generator=generator)
+        return Call({"pixel_values": pixels}, pixels, None, CLIP_CROPS[name] * (16 + int(cls_token)))
+
+    return make_call
+
+
+def image_features(hf_model, pixels, layout):
+    """transformers' projected image features of every image, ``[images * tokens, D]``."""
+    features = hf_model.model.get_image_features(pixel_values=pixels).pooler_output
+    return torch.cat(list(features)).reshape(-1, features[0].shape[-1])
+
+
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
 QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
 INTERNVL_IMAGES = [
@@ -183,6 +210,16 @@ def qwen(name, checkpoint, prefix, reference=qwen_merger):
     return Family(
         name, checkpoint, checkpoint, f"{prefix}ForConditionalGeneration", "visual", qwen_call, reference,
         QWEN_PROMPT, QWEN_IMAGES, normalise=True,
+    )  # fmt: skip
+
+
+CLIP_IMAGES = [(40, 56), (32, 32), (64, 24)]
+
+
+def clip_family(name, checkpoint, prefix, prompt, cls_token=True, **extra):
+    return Family(
+        name, checkpoint, checkpoint, f"{prefix}ForConditionalGeneration", "vision_tower", clip_call(cls_token),
+        image_features, prompt, CLIP_IMAGES, calls=tuple(CLIP_CROPS), **extra,
     )  # fmt: skip
 
 
@@ -202,6 +239,8 @@ FAMILIES = {
     "internvl_chat": internvl(
         "InternVL-Chat", "internvl_chat", "vision_model", "w5 w6 <image> w7 w8", engine={"trust_remote_code": True}
     ),
+    # vLLM builds CLIP up to vision_feature_layer (-2), fused qkv, CLS dropped after the last layer.
+    "llava": clip_family("LLaVA 1.5", "llava", "Llava", "user what is <image> ? assistant"),
 }
 
 
@@ -255,7 +294,7 @@ def encode(llm, family, call, config):
             record_plans(patch)
         tower = getattr(model, family.tower)
         pixels = tower.input_norm(call.pixels.clone(), tower.dtype) if family.normalise else call.pixels
-        embeddings = torch.cat(model.embed_multimodal(**call.kwargs)).clone()
+        embeddings = torch.cat(list(model.embed_multimodal(**call.kwargs))).clone()  # a tuple, or [B, L, D]
         ikv.apply_ipcv(model, CONFIG)
         if patch is None:
             return embeddings, pixels, None, None
@@ -293,33 +332,46 @@ def test_every_vllm_row_of_the_family_table_is_tested_here():
         assert (family.name, family.recommended) == (rows[family_id].name, rows[family_id].recommended)
 
 
-@pytest.mark.parametrize("name", CALLS)
-def test_ratio_zero_equals_unpatched(llm, family, hf_models, name):
-    call = family.make_call(hf_models[0], name, next(_fresh))
-    expected, _, _, _ = encode(llm, family, call, None)
-    got, _, _, _ = encode(llm, family, call, ik.IPCVConfig(**{**SETTINGS, "ratio": 0.0}))
-    assert_close(got, expected)
+@contextlib.contextmanager
+def checking(name):
+    """Failures inside name the call they checked (each test runs every call its family takes:
+    LLaVA 1.5, Gemma 3 and PaliGemma take no video in vLLM)."""
+    try:
+        yield
+    except AssertionError as error:
+        raise AssertionError(f"call {name!r}: {error}") from error
+
+
+def test_ratio_zero_equals_unpatched(llm, family, hf_models):
+    for name in family.calls:
+        with checking(name):
+            call = family.make_call(hf_models[0], name, next(_fresh))
+            expected, _, _, _ = encode(llm, family, call, None)
+            got, _, _, _ = encode(llm, family, call, ik.IPCVConfig(**{**SETTINGS, "ratio": 0.0}))
+            assert_close(got, expected)
 
 
 @pytest.mark.parametrize("scope", ["image", "authors"])
 @pytest.mark.parametrize("as_layers", [2, 0])
-@pytest.mark.parametrize("name", CALLS)
-def test_vision_embeddings_equal_transformers(llm, family, hf_models, name, as_layers, scope):
-    """vLLM's plan equals the float64 transformers model's up to near-ties (a few of ~100 dropped
-    tokens per call swap neighbours whose distances tie to ~1e-7: vLLM's, transformers' fp32 and
-    fp64 blocks round differently), and on that plan vLLM's embeddings equal transformers'."""
+def test_vision_embeddings_equal_transformers(llm, family, hf_models, as_layers, scope):
+    """For every call the family takes: vLLM's plan equals the float64 transformers model's up to
+    near-ties (a few of ~100 dropped tokens per call swap neighbours whose distances tie to ~1e-7:
+    vLLM's, transformers' fp32 and fp64 blocks round differently), and on that plan vLLM's
+    embeddings equal transformers'."""
     config = ik.IPCVConfig(**{**SETTINGS, "as_layers": as_layers, "scope": scope})
-    call = family.make_call(hf_models[0], name, next(_fresh))
-    got, pixels, tokens, plan = encode(llm, family, call, config)
     hf32, hf64 = hf_models
-    _, (x_before64, x_after64, plan64) = transformers_run(family, hf64, config, pixels, call.layout)
-    assert_plans_agree(plan, plan64, x_before64, x_after64)
-    expected32, _ = transformers_run(family, hf32, config, pixels, call.layout, pinned=plan)
-    expected64, _ = transformers_run(family, hf64, config, pixels, call.layout, pinned=plan)
-    assert got.shape == expected64.shape
-    assert_close_to_reference(got, expected64, expected32)
-    assert tokens[: config.prune_layer] == [call.tokens] * config.prune_layer
-    assert all(count < call.tokens for count in tokens[config.prune_layer :])
+    for name in family.calls:
+        with checking(name):
+            call = family.make_call(hf32, name, next(_fresh))
+            got, pixels, tokens, plan = encode(llm, family, call, config)
+            _, (x_before64, x_after64, plan64) = transformers_run(family, hf64, config, pixels, call.layout)
+            assert_plans_agree(plan, plan64, x_before64, x_after64)
+            expected32, _ = transformers_run(family, hf32, config, pixels, call.layout, pinned=plan)
+            expected64, _ = transformers_run(family, hf64, config, pixels, call.layout, pinned=plan)
+            assert got.shape == expected64.shape
+            assert_close_to_reference(got, expected64, expected32)
+            assert tokens[: config.prune_layer] == [call.tokens] * config.prune_layer
+            assert all(count < call.tokens for count in tokens[config.prune_layer :])
 
 
 def test_each_image_is_its_own_item(llm, family, hf_models):
