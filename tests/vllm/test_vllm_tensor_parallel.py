@@ -1,7 +1,8 @@
 """IPCV in vLLM with a tensor-parallel vision tower: ``tensor_parallel_size=2`` (two CPU worker
 processes, ``distributed_executor_backend="mp"``) against the same checkpoint at
-``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL and InternVL in both formats:
-its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
+``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL, LLaVA 1.5 (vLLM's CLIP: fused
+``qkv_proj`` sharded by heads, row-parallel ``out_proj`` and ``fc2``) and InternVL in both
+formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
 gathered across the ranks) and transformers' (vLLM's ``InternS1``: replicated attention, sharded
 MLP).
 
@@ -60,7 +61,8 @@ class Case:
     with one image placeholder, the sizes of the images ``generate`` gets, the inputs of each of
     ``CALLS`` (a function of the engine and the call returning ``(embed_multimodal's kwargs, the
     call's token count)``) and ``shard``, the width on one rank of a layer of the tower that
-    tensor parallelism splits (run in the workers, so a top-level function)."""
+    tensor parallelism splits (run in the workers, so a top-level function). ``calls``: the
+    ``CALLS`` the family takes (LLaVA 1.5 takes no video)."""
 
     checkpoint: str
     engine: dict[str, Any]
@@ -68,6 +70,7 @@ class Case:
     image_sizes: list[tuple[int, int]]
     inputs: Callable[[Any, str], tuple[dict[str, torch.Tensor], int]]
     shard: Callable[[torch.nn.Module], int]
+    calls: tuple[str, ...] = CALLS
 
 
 QWEN_GRIDS = {
@@ -90,6 +93,19 @@ def _internvl_inputs(engine, call, checkpoint):
     counts = INTERNVL_TILES[call]
     kwargs, _ = internvl_encoder_inputs(checkpoint, counts, video=call == "video", seed=next(_fresh))
     return kwargs, sum(counts) * (1 + (INTERNVL_TILE // 4) ** 2)  # CLS + 4 x 4 patches per tile
+
+
+CLIP_CROPS = {"one_image": 1, "images_of_different_sizes": 3}
+
+
+def _clip_inputs(engine, call):
+    """LLaVA 1.5: crops ``[images, 3, 32, 32]`` of CLS + 4 x 4 patches each."""
+    generator = torch.Generator().manual_seed(next(_fresh))
+    return {"pixel_values": torch.randn(CLIP_CROPS[call], 3, 32, 32, generator=generator)}, CLIP_CROPS[call] * 17
+
+
+def _clip_heads(model: torch.nn.Module) -> int:
+    return model.vision_tower.vision_model.encoder.layers[0].self_attn.num_heads_per_partition
 
 
 def _qwen_heads(model: torch.nn.Module) -> int:
@@ -130,6 +146,15 @@ CASES = {
         INTERNVL_IMAGES,
         functools.partial(_internvl_inputs, checkpoint="internvl"),
         _interns1_mlp_width,
+    ),
+    "llava": Case(
+        "llava",
+        {},
+        "user what is <image> ? assistant",
+        [(40, 56), (32, 32), (64, 24)],
+        _clip_inputs,
+        _clip_heads,
+        tuple(CLIP_CROPS),
     ),
 }
 
@@ -203,7 +228,7 @@ def _reapply(model: torch.nn.Module) -> None:
 def _encode(model: torch.nn.Module, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
     """``embed_multimodal(**kwargs)`` (what vLLM's model runner calls to encode), concatenated."""
     with torch.no_grad():
-        return torch.cat(model.embed_multimodal(**kwargs)).clone()
+        return torch.cat(list(model.embed_multimodal(**kwargs))).clone()  # a tuple, or [B, L, D]
 
 
 def _diagnostics(model: torch.nn.Module) -> tuple[list[int], IPCVPlan | None]:
@@ -220,8 +245,15 @@ def test_the_tower_is_sharded_across_two_ranks(engines, case):
     assert parallel.apply_model(_config) == [ik.IPCVConfig(**SETTINGS)] * 2  # the plugin ran on every rank
 
 
-@pytest.mark.parametrize("call", CALLS)
-def test_every_rank_plans_the_same_and_equals_tensor_parallel_size_1(engines, case, call):
+def test_every_rank_plans_the_same_and_equals_tensor_parallel_size_1(engines, case):
+    for call in case.calls:
+        try:
+            check_call(engines, case, call)
+        except AssertionError as error:
+            raise AssertionError(f"call {call!r}: {error}") from error
+
+
+def check_call(engines, case, call):
     single, parallel = engines
     kwargs, total = case.inputs(single, call)
     try:
