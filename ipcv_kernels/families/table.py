@@ -64,6 +64,15 @@ def _qwen_vllm(adapter: str, architecture: str, module: str) -> VLLMClasses:
     )
 
 
+def _clip_vllm(adapter: str, architecture: str, module: str) -> VLLMClasses:
+    """A CLIP / SigLIP family in vLLM: its tower at ``vision_tower``."""
+    return VLLMClasses(
+        f"{VLLM_ADAPTERS}:{adapter}",
+        {architecture: f"vllm.model_executor.models.{module}"},
+        {architecture: "vision_tower"},
+    )
+
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "qwen2_vl",
@@ -205,11 +214,7 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "Llava", "vision_tower"),
-        vllm=VLLMClasses(
-            f"{VLLM_ADAPTERS}:VLLMClipViTAdapter",
-            {"LlavaForConditionalGeneration": "vllm.model_executor.models.llava"},
-            {"LlavaForConditionalGeneration": "vision_tower"},
-        ),
+        vllm=_clip_vllm("VLLMClipViTAdapter", "LlavaForConditionalGeneration", "llava"),
         tiny_model=TinyModel(
             "LlavaConfig",
             "LlavaForConditionalGeneration",
@@ -287,6 +292,7 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "Gemma3", "vision_tower"),
+        vllm=_clip_vllm("VLLMSiglipAdapter", "Gemma3ForConditionalGeneration", "gemma3_mm"),
         tiny_model=TinyModel(
             "Gemma3Config",
             "Gemma3ForConditionalGeneration",
@@ -302,6 +308,7 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "PaliGemma", "vision_tower"),
+        vllm=_clip_vllm("VLLMSiglipAdapter", "PaliGemmaForConditionalGeneration", "paligemma"),
         tiny_model=TinyModel(
             "PaliGemmaConfig",
             "PaliGemmaForConditionalGeneration",

@@ -451,3 +451,34 @@ class VLLMClipViTAdapter(ClipViTAdapter):
             head_dim=attention.head_dim,
             scale=attention.scale,
         )
+
+
+class VLLMSiglipAdapter(VLLMClipViTAdapter):
+    """vLLM's ``SiglipVisionModel`` (``siglip.py``; the ``vision_tower`` of Gemma 3 and
+    PaliGemma): CLIP's layer names and fused ``qkv_proj``, no CLS token (nothing pinned), every
+    layer built (both models read the tower's last output, ``post_layernorm`` included, which
+    runs after the restored last layer).
+
+    **Layer outputs.** vLLM's ``SiglipEncoderLayer`` returns ``(hidden_states, None)`` and the
+    encoder unpacks it; the engine's layers from ``P`` on return a tensor, so every layer's
+    patched forward is wrapped once more to return the pair.
+
+    **Items.** Each crop of the call is one item, as in transformers: Gemma 3's pan-and-scan
+    crops of one image (off by default: one crop per image) are separate items there too.
+    """
+
+    name = "vllm_siglip"
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        for block in patch.blocks:
+            patch.wrap(block, "forward", self._as_pair)
+
+    @staticmethod
+    def _as_pair(inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``inner``'s output as vLLM's layer returns it: ``(hidden_states, None)``."""
+
+        def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+            out = inner(*args, **kwargs)
+            return out if isinstance(out, tuple) else (out, None)
+
+        return forward

@@ -121,9 +121,17 @@ CLIP_FAMILY_TEXT_OVERRIDES = {
     "num_attention_heads": 2,
     "num_key_value_heads": 1,
 }
+# PaliGemma's processor adds 1,152 tokens (<loc....>, <seg...>) after the tiny vocabulary's 263.
+PALIGEMMA_VOCAB = 1536
 CLIP_FAMILY_CHECKPOINTS: dict[str, dict[str, Any]] = {
     "llava": CLIP_FAMILY_TEXT_OVERRIDES,
+    "gemma3": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32},
+    "paligemma": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32, "vocab_size": PALIGEMMA_VOCAB},
 }
+# The newline tokens vLLM's Gemma 3 and PaliGemma processors look up in the vocabulary (Gemma 3
+# merges the "\n\n" around each image with neighbouring newlines; PaliGemma ends its prompts with
+# "\n"): ids after the tiny vocabulary's.
+NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
 FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS)
 
 
@@ -197,16 +205,42 @@ def build_checkpoint(
 
 
 def _build_clip_family(path: Path, family: str, seed: int) -> Path:
-    """The family table's tiny ``family`` model (LLaVA 1.5, ...) and its processor, saved with
-    the tower's weights under the Hub's names, which vLLM's loaders expect:
-    ``vision_tower.vision_model.*`` (transformers 5 saves ``vision_tower.embeddings.*``, ...)."""
+    """The family table's tiny ``family`` model (LLaVA 1.5, Gemma 3, PaliGemma) and processor,
+    with the decoder of ``CLIP_FAMILY_CHECKPOINTS`` and an output layer of its own, saved as vLLM
+    loads them.
+
+    What vLLM needs beyond transformers: the tower's weights under the Hub's names,
+    ``vision_tower.vision_model.*`` (transformers 5 saves ``vision_tower.embeddings.*``, ...);
+    Gemma 3's and PaliGemma's newline tokens in the vocabulary (``NEWLINES``); PaliGemma's
+    ``image_seq_length`` on the image processor and a vocabulary covering the tokens its
+    processor adds. The processor's settings (LLaVA's ``patch_size``,
+    ``vision_feature_select_strategy``, ``num_additional_image_tokens``; Gemma 3's
+    ``image_token`` / ``boi_token`` / ``eoi_token`` and ``image_seq_length``) come from
+    ``ipcv_kernels.testing.processors.clip_family_processor``.
+    """
+    import transformers
     from safetensors.torch import load_file, save_file
+    from tokenizers import AddedToken
 
     from ..families import family as family_row
+    from ..testing.models import finish, jitter
 
-    model = build_model(family, seed=seed, text_overrides=CLIP_FAMILY_CHECKPOINTS[family])
-    model.config.architectures = [family_row(family).tiny_model.model_class]
-    model.save_pretrained(path)
+    tiny = family_row(family).tiny_model
+    text = CLIP_FAMILY_CHECKPOINTS[family]
+    fields = tiny.fields(text)
+    if family == "paligemma":  # the projector maps the tower to the decoder's width
+        fields["projection_dim"] = text["hidden_size"]
+        fields["vision_config"] = {**fields["vision_config"], "projection_dim": text["hidden_size"]}
+    config = getattr(transformers, tiny.config_class)(**fields)
+    config.architectures = [tiny.model_class]
+    # Untied output layer: tied, a tiny decoder tends to repeat the prompt whatever the image.
+    config.tie_word_embeddings = False
+    config.get_text_config().tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = getattr(transformers, tiny.model_class)(config)
+    jitter(model, seed)
+    finish(model, "sdpa", torch.float32).save_pretrained(path)
+
     weights_file = path / "model.safetensors"
     weights = load_file(str(weights_file))
     prefix = "vision_tower."
@@ -219,7 +253,15 @@ def _build_clip_family(path: Path, family: str, seed: int) -> Path:
         for name, tensor in weights.items()
     }
     save_file(renamed, str(weights_file), metadata={"format": "pt"})
-    family_row(family).tiny_model.processor().save_pretrained(path)
+
+    processor = tiny.processor()
+    if family in ("gemma3", "paligemma"):
+        processor.tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in NEWLINES])
+    if family == "paligemma":
+        processor.image_processor.image_seq_length = processor.image_seq_length
+    if len(processor.tokenizer) > config.get_text_config().vocab_size:
+        raise ValueError(f"the {family} tokenizer's {len(processor.tokenizer)} tokens exceed the vocabulary")
+    processor.save_pretrained(path)
     return path
 
 

@@ -179,13 +179,19 @@ def internvl_features(hf_model, tiles, items):
 CLIP_CROPS = {"one_image": 1, "images_of_different_sizes": 3}
 
 
-def clip_call(cls_token):
-    """``make_call`` of a family whose tower takes ``pixel_values`` ``[images, 3, 32, 32]``."""
+def clip_call(cls_token, crops_per_image):
+    """``make_call`` of a family whose tower takes ``pixel_values`` ``[images, 3, 32, 32]`` (CLS +
+    4 x 4 patches, or the patches alone); ``crops_per_image``: ``embed_multimodal`` also takes
+    ``num_patches``, the crops of each image (Gemma 3)."""
 
     def make_call(hf_model, name, seed):
         generator = torch.Generator().manual_seed(seed)
-        pixels = torch.randn(CLIP_CROPS[name], 3, 32, 32, generator=generator)
-        return Call({"pixel_values": pixels}, pixels, None, CLIP_CROPS[name] * (16 + int(cls_token)))
+        images = CLIP_CROPS[name]
+        pixels = torch.randn(images, 3, 32, 32, generator=generator)
+        kwargs = {"pixel_values": pixels}
+        if crops_per_image:
+            kwargs["num_patches"] = torch.ones(images, dtype=torch.int64)
+        return Call(kwargs, pixels, None, images * (16 + int(cls_token)))
 
     return make_call
 
@@ -216,9 +222,10 @@ def qwen(name, checkpoint, prefix, reference=qwen_merger):
 CLIP_IMAGES = [(40, 56), (32, 32), (64, 24)]
 
 
-def clip_family(name, checkpoint, prefix, prompt, cls_token=True, **extra):
+def clip_family(name, checkpoint, prefix, prompt, cls_token=True, crops_per_image=False, **extra):
     return Family(
-        name, checkpoint, checkpoint, f"{prefix}ForConditionalGeneration", "vision_tower", clip_call(cls_token),
+        name, checkpoint, checkpoint, f"{prefix}ForConditionalGeneration", "vision_tower",
+        clip_call(cls_token, crops_per_image),
         image_features, prompt, CLIP_IMAGES, calls=tuple(CLIP_CROPS), **extra,
     )  # fmt: skip
 
@@ -241,6 +248,12 @@ FAMILIES = {
     ),
     # vLLM builds CLIP up to vision_feature_layer (-2), fused qkv, CLS dropped after the last layer.
     "llava": clip_family("LLaVA 1.5", "llava", "Llava", "user what is <image> ? assistant"),
+    # vLLM's SigLIP: no CLS, layers returning (hidden, None); Gemma 3's image placeholder is <boi>.
+    "gemma3": clip_family(
+        "Gemma 3", "gemma3", "Gemma3", "user what is <boi> ? assistant", cls_token=False, crops_per_image=True
+    ),
+    # vLLM inserts PaliGemma's image tokens (and <bos>) before the prompt itself.
+    "paligemma": clip_family("PaliGemma", "paligemma", "PaliGemma", "what is this ?", cls_token=False),
 }
 
 

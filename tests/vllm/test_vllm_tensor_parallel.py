@@ -1,8 +1,8 @@
 """IPCV in vLLM with a tensor-parallel vision tower: ``tensor_parallel_size=2`` (two CPU worker
 processes, ``distributed_executor_backend="mp"``) against the same checkpoint at
-``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL, LLaVA 1.5 (vLLM's CLIP: fused
-``qkv_proj`` sharded by heads, row-parallel ``out_proj`` and ``fc2``) and InternVL in both
-formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
+``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL, LLaVA 1.5, Gemma 3 and
+PaliGemma (vLLM's CLIP / SigLIP: fused ``qkv_proj`` sharded by heads, row-parallel ``out_proj``
+and ``fc2``) and InternVL in both formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
 gathered across the ranks) and transformers' (vLLM's ``InternS1``: replicated attention, sharded
 MLP).
 
@@ -98,10 +98,15 @@ def _internvl_inputs(engine, call, checkpoint):
 CLIP_CROPS = {"one_image": 1, "images_of_different_sizes": 3}
 
 
-def _clip_inputs(engine, call):
-    """LLaVA 1.5: crops ``[images, 3, 32, 32]`` of CLS + 4 x 4 patches each."""
+def _clip_inputs(engine, call, cls_token=True, crops_per_image=False):
+    """LLaVA 1.5 / Gemma 3 / PaliGemma: crops ``[images, 3, 32, 32]`` of 4 x 4 patches each (and
+    CLIP's CLS); Gemma 3's ``embed_multimodal`` also takes the crops of each image."""
     generator = torch.Generator().manual_seed(next(_fresh))
-    return {"pixel_values": torch.randn(CLIP_CROPS[call], 3, 32, 32, generator=generator)}, CLIP_CROPS[call] * 17
+    images = CLIP_CROPS[call]
+    kwargs = {"pixel_values": torch.randn(images, 3, 32, 32, generator=generator)}
+    if crops_per_image:
+        kwargs["num_patches"] = torch.ones(images, dtype=torch.int64)
+    return kwargs, images * (16 + int(cls_token))
 
 
 def _clip_heads(model: torch.nn.Module) -> int:
@@ -153,6 +158,24 @@ CASES = {
         "user what is <image> ? assistant",
         [(40, 56), (32, 32), (64, 24)],
         _clip_inputs,
+        _clip_heads,
+        tuple(CLIP_CROPS),
+    ),
+    "gemma3": Case(
+        "gemma3",
+        {},
+        "user what is <boi> ? assistant",
+        [(40, 56), (32, 32), (64, 24)],
+        functools.partial(_clip_inputs, cls_token=False, crops_per_image=True),
+        _clip_heads,
+        tuple(CLIP_CROPS),
+    ),
+    "paligemma": Case(
+        "paligemma",
+        {},
+        "what is this ?",
+        [(40, 56), (32, 32), (64, 24)],
+        functools.partial(_clip_inputs, cls_token=False),
         _clip_heads,
         tuple(CLIP_CROPS),
     ),
