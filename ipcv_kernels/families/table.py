@@ -235,6 +235,7 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "LlavaNext", "vision_tower"),
+        vllm=_clip_vllm("VLLMClipViTAdapter", "LlavaNextForConditionalGeneration", "llava_next"),
         tiny_model=TinyModel(
             "LlavaNextConfig",
             "LlavaNextForConditionalGeneration",

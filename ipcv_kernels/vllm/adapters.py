@@ -373,20 +373,28 @@ def _missing(module: Any, paths: tuple[str, ...]) -> list[str]:
 
 
 class VLLMClipViTAdapter(ClipViTAdapter):
-    """vLLM's ``CLIPVisionModel`` (``clip.py``; LLaVA 1.5's ``vision_tower``).
+    """vLLM's ``CLIPVisionModel`` (``clip.py``): the ``vision_tower`` of LLaVA 1.5 and LLaVA-NeXT.
 
-    **What vLLM builds.** ``init_vision_tower_for_llava`` builds the tower only up to the layer
-    the model reads (``vision_feature_layer``, LLaVA's -2: ``depth - 1`` layers), without
-    ``post_layernorm``: the tower's last layer is the read layer, the default read block, and
-    the skipped layers do not exist. Depth-dependent settings (``prune_layer < depth``) count
-    the layers vLLM built. The tower's forward runs its embeddings (CLS first), its layers on
+    **What vLLM builds.** ``init_vision_tower_for_llava`` builds the tower only up to the deepest
+    layer the model reads (``vision_feature_layer``, LLaVA's -2: ``depth - 1`` layers), without
+    ``post_layernorm``: for one read layer the tower's last layer is it, the default read block,
+    and the skipped layers do not exist. Depth-dependent settings (``prune_layer < depth``) count
+    the layers vLLM built. With a list of read layers vLLM passes ``select_layers`` to the tower
+    call (indices into the full tower's ``hidden_states``): each of those blocks returns the
+    restored sequence. The tower's forward runs its embeddings (CLS first), its layers on
     ``[crops, 1 + N, D]``, then ``resolve_visual_encoder_outputs``, which drops CLS
-    (``vision_feature_select_strategy="default"``); the last layer restores every row before
+    (``vision_feature_select_strategy="default"``); every read layer restores every row before
     that step, so what follows is unchanged and every placeholder count stays vLLM's.
 
-    **Items.** As the Hugging Face adapter: each crop of the call (``pixel_values`` ``[B, 3, S,
-    S]``) is one item, CLS pinned (LLaVA 1.5 encodes one crop per image). vLLM gives the tower
-    no other grouping.
+    **Items.** As the Hugging Face adapter: a bare tower call makes each crop (``pixel_values``
+    ``[B, 3, S, S]``) one item, CLS pinned (LLaVA 1.5 encodes one crop per image). For anyres
+    models (LLaVA-NeXT, OneVision: ``image_grid_pinpoints``) a wrapper of the model's
+    ``_process_image_pixels(inputs)`` tells the tower call the crops of each image: its base
+    crop and the crops of its best-fitting resolution, ``get_anyres_image_grid_shape`` of its
+    ``image_sizes`` row plus one, as vLLM counts them, form one item; crops beyond that count
+    (vLLM pads the crops of a prompt's images to one count when it stacks them) are items of
+    their own, whose features vLLM discards. A wrapper of ``_process_video_pixels`` makes all
+    frames of one video one item (OneVision).
 
     **Layer.** ``CLIPEncoderLayer``: ``layer_norm1``, ``self_attn.qkv_proj`` (fused
     ``QKVParallelLinear``, ``[q | k | v]`` of the rank's heads, weights repacked on the CPU: it
@@ -395,11 +403,14 @@ class VLLMClipViTAdapter(ClipViTAdapter):
     """
 
     name = "vllm_clip_vit"
+    # vLLM's SigLIP layers return ``(hidden_states, None)`` (``VLLMSiglipAdapter``).
+    pair_outputs = False
     # What the adapter goes through (a vLLM without one of them is refused when the patch is made).
     TOWER_PARTS: tuple[str, ...] = (
         "vision_model.embeddings",
         "vision_model.encoder.layers",
         "vision_model.config.patch_size",
+        "vision_model.config.num_hidden_layers",
     )
     LAYER_PARTS: tuple[str, ...] = (
         "layer_norm1",
@@ -426,10 +437,64 @@ class VLLMClipViTAdapter(ClipViTAdapter):
         # CLIP's embeddings prepend a CLS token (a learned class embedding); SigLIP's do not.
         self.has_cls = hasattr(vision_model.embeddings, "class_embedding")
         self._patch_size = vision_model.config.patch_size
+        self._full_depth = vision_model.config.num_hidden_layers
+        self._built_depth = len(layers)
         return layers
 
     def install_hooks(self, patch: IPCVPatch) -> None:
-        """None: vLLM's tower is built up to the read layer, and its call's crops are the items."""
+        if self.pair_outputs:
+            for block in patch.blocks:
+                patch.wrap(block, "forward", _as_pair)
+        model = self.model
+        if model is None or getattr(model, "vision_tower", None) is not patch.tower:
+            return
+        if getattr(model.config, "image_grid_pinpoints", None) and hasattr(model, "_process_image_pixels"):
+            patch.wrap(model, "_process_image_pixels", functools.partial(self._read_image_crops, patch, model))
+        if hasattr(model, "_process_video_pixels"):
+            patch.wrap(model, "_process_video_pixels", functools.partial(self._read_video_frames, patch))
+
+    def _read_image_crops(self, patch: IPCVPatch, model: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``_process_image_pixels(inputs)`` telling its tower call the crops of each image."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        def process_image_pixels(inputs: Any) -> Any:
+            pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
+            crops = [int(image.shape[0]) for image in pixel_values]  # per image, padding included
+            if image_sizes is None:
+                return inner(inputs)  # vLLM's own default: one crop per image
+            counts: list[int] = []
+            pinpoints, side = model.config.image_grid_pinpoints, model.config.vision_config.image_size
+            for size, given in zip(image_sizes, crops, strict=True):
+                rows, columns = get_anyres_image_grid_shape([int(v) for v in size], pinpoints, side)
+                real = min(given, rows * columns + 1)
+                counts += [real] + [1] * (given - real)
+            with patch.hinted(sequences_per_image=counts):
+                return inner(inputs)
+
+        return process_image_pixels
+
+    @staticmethod
+    def _read_video_frames(patch: IPCVPatch, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``_process_video_pixels(inputs)`` making all frames of each video one item."""
+
+        def process_video_pixels(inputs: Any) -> Any:
+            frames = [int(video.shape[0]) for video in inputs["pixel_values_videos"]]
+            with patch.hinted(sequences_per_image=frames):
+                return inner(inputs)
+
+        return process_video_pixels
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        """``ClipViTAdapter``'s items and segments; the read blocks of vLLM's ``select_layers``."""
+        select = kwargs.get("select_layers")
+        if select is not None:
+            # hidden_states index h of the full tower: h >= 1 is block h - 1's output, h < 0 block
+            # full + h (vLLM offsets negative indices by the layers it did not build).
+            blocks = [h - 1 if h >= 0 else self._full_depth + h for h in select]
+            if not all(0 <= b < self._built_depth for b in blocks):
+                raise ValueError(f"IPCV cannot read select_layers {list(select)} (the embeddings, or unbuilt layers)")
+            hints = {**hints, "read_blocks": tuple(sorted(set(blocks)))}
+        return super().describe_call(tower, args, kwargs, hints)
 
     def layer_parts(self, block: nn.Module) -> PrenormLayer:
         attention = block.self_attn
@@ -453,32 +518,31 @@ class VLLMClipViTAdapter(ClipViTAdapter):
         )
 
 
+def _as_pair(inner: Callable[..., Any]) -> Callable[..., Any]:
+    """``inner``'s output as vLLM's SigLIP layer returns it: ``(hidden_states, None)``."""
+
+    def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        out = inner(*args, **kwargs)
+        return out if isinstance(out, tuple) else (out, None)
+
+    return forward
+
+
 class VLLMSiglipAdapter(VLLMClipViTAdapter):
-    """vLLM's ``SiglipVisionModel`` (``siglip.py``; the ``vision_tower`` of Gemma 3 and
-    PaliGemma): CLIP's layer names and fused ``qkv_proj``, no CLS token (nothing pinned), every
-    layer built (both models read the tower's last output, ``post_layernorm`` included, which
-    runs after the restored last layer).
+    """vLLM's ``SiglipVisionModel`` (``siglip.py``): the ``vision_tower`` of Gemma 3, PaliGemma
+    and LLaVA-OneVision. CLIP's layer names and fused ``qkv_proj``, no CLS token (nothing
+    pinned). Gemma 3 and PaliGemma build every layer and read the tower's last output
+    (``post_layernorm`` runs after the restored last layer); OneVision is built up to its read
+    layer as LLaVA is.
 
     **Layer outputs.** vLLM's ``SiglipEncoderLayer`` returns ``(hidden_states, None)`` and the
     encoder unpacks it; the engine's layers from ``P`` on return a tensor, so every layer's
     patched forward is wrapped once more to return the pair.
 
-    **Items.** Each crop of the call is one item, as in transformers: Gemma 3's pan-and-scan
+    **Items.** Each crop of a bare call is one item, as in transformers: Gemma 3's pan-and-scan
     crops of one image (off by default: one crop per image) are separate items there too.
+    OneVision's crops and frames: as ``VLLMClipViTAdapter``.
     """
 
     name = "vllm_siglip"
-
-    def install_hooks(self, patch: IPCVPatch) -> None:
-        for block in patch.blocks:
-            patch.wrap(block, "forward", self._as_pair)
-
-    @staticmethod
-    def _as_pair(inner: Callable[..., Any]) -> Callable[..., Any]:
-        """``inner``'s output as vLLM's layer returns it: ``(hidden_states, None)``."""
-
-        def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-            out = inner(*args, **kwargs)
-            return out if isinstance(out, tuple) else (out, None)
-
-        return forward
+    pair_outputs = True

@@ -125,6 +125,7 @@ CLIP_FAMILY_TEXT_OVERRIDES = {
 PALIGEMMA_VOCAB = 1536
 CLIP_FAMILY_CHECKPOINTS: dict[str, dict[str, Any]] = {
     "llava": CLIP_FAMILY_TEXT_OVERRIDES,
+    "llava_next": CLIP_FAMILY_TEXT_OVERRIDES,
     "gemma3": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32},
     "paligemma": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32, "vocab_size": PALIGEMMA_VOCAB},
 }
@@ -205,7 +206,7 @@ def build_checkpoint(
 
 
 def _build_clip_family(path: Path, family: str, seed: int) -> Path:
-    """The family table's tiny ``family`` model (LLaVA 1.5, Gemma 3, PaliGemma) and processor,
+    """The family table's tiny ``family`` model (LLaVA 1.5, LLaVA-NeXT, Gemma 3, PaliGemma) and processor,
     with the decoder of ``CLIP_FAMILY_CHECKPOINTS`` and an output layer of its own, saved as vLLM
     loads them.
 

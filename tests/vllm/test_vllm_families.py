@@ -202,6 +202,33 @@ def image_features(hf_model, pixels, layout):
     return torch.cat(list(features)).reshape(-1, features[0].shape[-1])
 
 
+# Anyres (LLaVA-NeXT): images of (height, width) pixels over the pinpoints 32 x 64, 64 x 32 and
+# 64 x 64, so 5, 3 and 3 crops each (base crop included), given to vLLM as a list of each image's
+# crops; ``test_anyres_padding_crops_are_items_of_their_own`` checks vLLM's stacked form.
+ANYRES_SIZES = {"one_image": [[64, 64]], "images_of_different_sizes": [[64, 64], [32, 64], [64, 32]]}
+ANYRES_CROPS = {(64, 64): 5, (32, 64): 3, (64, 32): 3}
+
+
+def anyres_call(hf_model, name, seed, padded=False):
+    """The images' crops: padded to the most crops (random pixels) for transformers, which drops
+    the padding before its tower as vLLM's model drops it after; for vLLM, the list of each
+    image's own crops, or (``padded``) the padded tensor, as vLLM stacks a prompt's images."""
+    sizes = ANYRES_SIZES[name]
+    generator = torch.Generator().manual_seed(seed)
+    crops = [ANYRES_CROPS[tuple(size)] for size in sizes]
+    pixels = torch.randn(len(sizes), max(crops), 3, 32, 32, generator=generator)
+    image_sizes = torch.tensor(sizes)
+    given = pixels if padded else [image[:count] for image, count in zip(pixels, crops, strict=True)]
+    rows = (pixels.shape[0] * pixels.shape[1] if padded else sum(crops)) * 17
+    return Call({"pixel_values": given, "image_sizes": image_sizes}, pixels, image_sizes, rows)
+
+
+def anyres_features(hf_model, pixels, image_sizes):
+    """transformers' packed image features (every image's crops unpadded, with newline rows),
+    what vLLM's ``embed_multimodal`` returns per image, concatenated."""
+    return torch.cat(hf_model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes).pooler_output)
+
+
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
 QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
 INTERNVL_IMAGES = [
@@ -248,6 +275,19 @@ FAMILIES = {
     ),
     # vLLM builds CLIP up to vision_feature_layer (-2), fused qkv, CLS dropped after the last layer.
     "llava": clip_family("LLaVA 1.5", "llava", "Llava", "user what is <image> ? assistant"),
+    # Anyres: each image's crops one item, counted from image_sizes as vLLM counts them.
+    "llava_next": Family(
+        "LLaVA-NeXT",
+        "llava_next",
+        "llava_next",
+        "LlavaNextForConditionalGeneration",
+        "vision_tower",
+        anyres_call,
+        anyres_features,
+        "user what is <image> ? assistant",
+        CLIP_IMAGES,
+        calls=tuple(ANYRES_SIZES),
+    ),
     # vLLM's SigLIP: no CLS, layers returning (hidden, None); Gemma 3's image placeholder is <boi>.
     "gemma3": clip_family(
         "Gemma 3", "gemma3", "Gemma3", "user what is <boi> ? assistant", cls_token=False, crops_per_image=True
@@ -428,3 +468,17 @@ def test_generate_batched_equals_each_request_alone(llm, family):
     assert len({tuple(out.outputs[0].token_ids) for out in alone}) > 1  # the images steer the tokens
     (tokens,) = llm.apply_model(lambda m: ik.get_ipcv_patch(m).last_tokens_per_block)
     assert tokens[-1] < tokens[0]
+
+
+@pytest.mark.parametrize("family", [FAMILIES["llava_next"]], ids=["llava_next"], indirect=True)
+def test_anyres_padding_crops_are_items_of_their_own(llm, family, hf_models):
+    """vLLM stacks a prompt's images as one tensor padded to the most crops, encodes the padding
+    crops and drops their features afterwards: each padding crop is an item of its own, so every
+    image's embeddings equal those of its crops alone."""
+    seed = next(_fresh)
+    padded = anyres_call(hf_models[0], "images_of_different_sizes", seed, padded=True)
+    alone = anyres_call(hf_models[0], "images_of_different_sizes", seed)
+    got, _, tokens, _ = encode(llm, family, padded, CONFIG)
+    expected, _, _, _ = encode(llm, family, alone, CONFIG)
+    assert tokens[0] == padded.tokens > alone.tokens
+    assert_close(got, expected)
