@@ -264,6 +264,7 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "LlavaOnevision", "vision_tower"),
+        vllm=_clip_vllm("VLLMSiglipAdapter", "LlavaOnevisionForConditionalGeneration", "llava_onevision"),
         tiny_model=TinyModel(
             "LlavaOnevisionConfig",
             "LlavaOnevisionForConditionalGeneration",

@@ -126,6 +126,7 @@ PALIGEMMA_VOCAB = 1536
 CLIP_FAMILY_CHECKPOINTS: dict[str, dict[str, Any]] = {
     "llava": CLIP_FAMILY_TEXT_OVERRIDES,
     "llava_next": CLIP_FAMILY_TEXT_OVERRIDES,
+    "llava_onevision": CLIP_FAMILY_TEXT_OVERRIDES,
     "gemma3": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32},
     "paligemma": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32, "vocab_size": PALIGEMMA_VOCAB},
 }
@@ -263,6 +264,17 @@ def _build_clip_family(path: Path, family: str, seed: int) -> Path:
     if len(processor.tokenizer) > config.get_text_config().vocab_size:
         raise ValueError(f"the {family} tokenizer's {len(processor.tokenizer)} tokens exceed the vocabulary")
     processor.save_pretrained(path)
+    if family == "llava_onevision":
+        # The tiny processor is a subclass (``unchecked_video_processor``) whose save writes its own
+        # class name and none of the processor's fields: write what vLLM's AutoProcessor reads.
+        import json
+
+        config_file = path / "processor_config.json"
+        saved = json.loads(config_file.read_text())
+        saved["processor_class"] = "LlavaOnevisionProcessor"
+        for name in ("num_image_tokens", "vision_feature_select_strategy", "image_token", "video_token"):
+            saved[name] = getattr(processor, name)
+        config_file.write_text(json.dumps(saved, indent=2))
     return path
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,24 +210,33 @@ ANYRES_SIZES = {"one_image": [[64, 64]], "images_of_different_sizes": [[64, 64],
 ANYRES_CROPS = {(64, 64): 5, (32, 64): 3, (64, 32): 3}
 
 
-def anyres_call(hf_model, name, seed, padded=False):
+def anyres_call(hf_model, name, seed, padded=False, rows_per_crop=17):
     """The images' crops: padded to the most crops (random pixels) for transformers, which drops
     the padding before its tower as vLLM's model drops it after; for vLLM, the list of each
-    image's own crops, or (``padded``) the padded tensor, as vLLM stacks a prompt's images."""
+    image's own crops, or (``padded``) the padded tensor, as vLLM stacks a prompt's images.
+    ``rows_per_crop``: CLIP's CLS + 4 x 4 patches (LLaVA-NeXT), SigLIP's 4 x 4 (OneVision)."""
+    if name == "video":  # OneVision: one video of 4 frames of 32 x 32, all one item
+        frames = torch.randn(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        return Call({"pixel_values_videos": frames}, frames, None, 4 * rows_per_crop)
     sizes = ANYRES_SIZES[name]
     generator = torch.Generator().manual_seed(seed)
     crops = [ANYRES_CROPS[tuple(size)] for size in sizes]
     pixels = torch.randn(len(sizes), max(crops), 3, 32, 32, generator=generator)
     image_sizes = torch.tensor(sizes)
     given = pixels if padded else [image[:count] for image, count in zip(pixels, crops, strict=True)]
-    rows = (pixels.shape[0] * pixels.shape[1] if padded else sum(crops)) * 17
+    rows = (pixels.shape[0] * pixels.shape[1] if padded else sum(crops)) * rows_per_crop
     return Call({"pixel_values": given, "image_sizes": image_sizes}, pixels, image_sizes, rows)
 
 
 def anyres_features(hf_model, pixels, image_sizes):
-    """transformers' packed image features (every image's crops unpadded, with newline rows),
-    what vLLM's ``embed_multimodal`` returns per image, concatenated."""
-    return torch.cat(hf_model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes).pooler_output)
+    """transformers' packed image features (every image's crops unpadded, with newline rows) or,
+    without ``image_sizes``, a video's pooled features and newline row: what vLLM's
+    ``embed_multimodal`` returns per image / video, concatenated."""
+    model = hf_model.model
+    if image_sizes is None:
+        features = model.get_video_features(pixel_values_videos=pixels).pooler_output
+        return features.reshape(-1, features.shape[-1])
+    return torch.cat(model.get_image_features(pixel_values=pixels, image_sizes=image_sizes).pooler_output)
 
 
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
@@ -288,6 +298,19 @@ FAMILIES = {
         CLIP_IMAGES,
         calls=tuple(ANYRES_SIZES),
     ),
+    # SigLIP crops of anyres images, and videos (all frames of one video one item).
+    "llava_onevision": Family(
+        "LLaVA-OneVision",
+        "llava_onevision",
+        "llava_onevision",
+        "LlavaOnevisionForConditionalGeneration",
+        "vision_tower",
+        functools.partial(anyres_call, rows_per_crop=16),
+        anyres_features,
+        "user what is <image> ? assistant",
+        CLIP_IMAGES,
+        calls=(*ANYRES_SIZES, "video"),
+    ),
     # vLLM's SigLIP: no CLS, layers returning (hidden, None); Gemma 3's image placeholder is <boi>.
     "gemma3": clip_family(
         "Gemma 3", "gemma3", "Gemma3", "user what is <boi> ? assistant", cls_token=False, crops_per_image=True
@@ -347,7 +370,8 @@ def encode(llm, family, call, config):
             record_plans(patch)
         tower = getattr(model, family.tower)
         pixels = tower.input_norm(call.pixels.clone(), tower.dtype) if family.normalise else call.pixels
-        embeddings = torch.cat(list(model.embed_multimodal(**call.kwargs))).clone()  # a tuple, or [B, L, D]
+        items = list(model.embed_multimodal(**call.kwargs))  # a tuple, or [B, L, D]
+        embeddings = torch.cat([item.reshape(-1, item.shape[-1]) for item in items]).clone()
         ikv.apply_ipcv(model, CONFIG)
         if patch is None:
             return embeddings, pixels, None, None
