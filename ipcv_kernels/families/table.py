@@ -326,6 +326,11 @@ FAMILIES: tuple[Family, ...] = (
         SUB_IMAGES,
         flops.idefics3_flops,
         hf=_hf(Idefics3Adapter, "Idefics3", "vision_model", ("Idefics3VisionTransformer",), decoder="text_model"),
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMIdefics3Adapter",
+            {"Idefics3ForConditionalGeneration": "vllm.model_executor.models.idefics3"},
+            {"Idefics3ForConditionalGeneration": "model.vision_model"},
+        ),
         tiny_tower=TinyTower(
             "idefics3.modeling_idefics3", "Idefics3VisionConfig", "Idefics3VisionTransformer", tiny.IDEFICS3_VISION
         ),
@@ -351,6 +356,11 @@ FAMILIES: tuple[Family, ...] = (
         SUB_IMAGES,
         flops.idefics3_flops,
         hf=_hf(Idefics3Adapter, "SmolVLM", "vision_model", ("SmolVLMVisionTransformer",), decoder="text_model"),
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMIdefics3Adapter",
+            {"SmolVLMForConditionalGeneration": "vllm.model_executor.models.smolvlm"},
+            {"SmolVLMForConditionalGeneration": "model.vision_model"},
+        ),
         tiny_tower=TinyTower(
             "smolvlm.modeling_smolvlm",
             "SmolVLMVisionConfig",

@@ -44,6 +44,7 @@ from ..config import IPCVConfig
 from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall
 from ..engine.batched import PrenormLayer, TiledTowerAdapter
 from ..models.clip_vit import ClipViTAdapter
+from ..models.idefics3 import Idefics3Adapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 from ..selectors import merge_unit_grid
@@ -546,3 +547,80 @@ class VLLMSiglipAdapter(VLLMClipViTAdapter):
 
     name = "vllm_siglip"
     pair_outputs = True
+
+
+class VLLMIdefics3Adapter(Idefics3Adapter):
+    """vLLM's ``Idefics2VisionTransformer`` (``idefics2_vision_model.py``): the
+    ``model.vision_model`` of Idefics3 and SmolVLM. A padded batch of sub-images ``[B, L, D]``
+    (no CLS) with ``patch_attention_mask`` ``[B, H/p, W/p]``, SigLIP's layer names, a fused
+    ``qkv_proj`` (as ``VLLMClipViTAdapter``), every layer built, ``post_layernorm`` after the
+    restored last layer.
+
+    **Items.** vLLM knows what transformers' call does not: ``_process_image_pixels(inputs)``
+    holds ``num_patches``, the sub-images of each image. A wrapper hands the tower call inside
+    the real sub-images of each image (those not all zeros: ``image_pixels_to_features`` drops
+    the others, as transformers does), so each image is one item, also in a prompt with several
+    images (transformers needs ``ik.set_tiles_per_image`` for that).
+
+    **Padding patches** (``patch_attention_mask`` false) are pinned as in transformers: always
+    kept, not counted, never neighbours. Whether they serve as keys follows the tower:
+    transformers masks them; vLLM 0.32's Idefics3 builds its tower with
+    ``apply_encoder_attention_mask=False`` and attends to them, so the pruned layers do too
+    (ratio 0 then equals unpatched vLLM; a call without padding equals transformers).
+    """
+
+    name = "vllm_idefics3"
+    TOWER_PARTS: tuple[str, ...] = ("embeddings", "encoder.layers", "config.patch_size", "post_layernorm")
+    LAYER_PARTS = VLLMClipViTAdapter.LAYER_PARTS
+    layer_parts = VLLMClipViTAdapter.layer_parts
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        if getattr(tower, "use_data_parallel", False):
+            raise ValueError(
+                "IPCV does not support mm_encoder_tp_mode='data' for Idefics3's tower (it shards its sub-images "
+                "across ranks inside one call): use the default mm_encoder_tp_mode"
+            )
+        missing = _missing(tower, self.TOWER_PARTS)
+        layers = tower.encoder.layers if not missing else None
+        if layers:
+            missing += _missing(layers[0], self.LAYER_PARTS)
+        if missing:
+            raise TypeError(
+                f"vLLM's {type(tower).__name__} lacks {', '.join(missing)}: this vLLM version is not supported "
+                f"by IPCV's {self.name} adapter (tested with vLLM 0.32)"
+            )
+        self.has_cls = False
+        self._patch_size = tower.config.patch_size
+        self._padding_is_key = not getattr(tower, "apply_encoder_attention_mask", False)
+        return layers
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        if self.model is not None and hasattr(self.model, "_process_image_pixels"):
+            patch.wrap(self.model, "_process_image_pixels", functools.partial(self._read_images, patch))
+
+    @staticmethod
+    def _read_images(patch: IPCVPatch, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``_process_image_pixels(inputs)`` telling its tower call the real sub-images of each image."""
+
+        def process_image_pixels(inputs: Any) -> Any:
+            counts = [int(n) for n in inputs["num_patches"]]
+            real = (inputs["pixel_values"] != 0).flatten(1).any(-1)
+            per_image = [int(part.sum()) for part in real.split(counts)]
+            with patch.hinted(sub_images_per_image=[n for n in per_image if n]):
+                return inner(inputs)
+
+        return process_image_pixels
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        per_image = hints.get("sub_images_per_image")
+        if per_image is not None:  # vLLM's images, given to transformers' rule as prompts of one image
+            hints = {**hints, "sequences_per_image": per_image}
+        return super().describe_call(tower, args, kwargs, hints)
+
+    def key_rows(
+        self, call: BlockCall, num_rows: int, cu_seqlens: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Every row a key where the tower does not mask its padding (see the class)."""
+        if self._padding_is_key:
+            return None, cu_seqlens
+        return super().key_rows(call, num_rows, cu_seqlens)

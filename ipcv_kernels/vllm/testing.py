@@ -127,6 +127,8 @@ CLIP_FAMILY_CHECKPOINTS: dict[str, dict[str, Any]] = {
     "llava": CLIP_FAMILY_TEXT_OVERRIDES,
     "llava_next": CLIP_FAMILY_TEXT_OVERRIDES,
     "llava_onevision": CLIP_FAMILY_TEXT_OVERRIDES,
+    "idefics3": CLIP_FAMILY_TEXT_OVERRIDES,
+    "smolvlm": CLIP_FAMILY_TEXT_OVERRIDES,
     "gemma3": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32},
     "paligemma": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32, "vocab_size": PALIGEMMA_VOCAB},
 }
@@ -264,16 +266,20 @@ def _build_clip_family(path: Path, family: str, seed: int) -> Path:
     if len(processor.tokenizer) > config.get_text_config().vocab_size:
         raise ValueError(f"the {family} tokenizer's {len(processor.tokenizer)} tokens exceed the vocabulary")
     processor.save_pretrained(path)
-    if family == "llava_onevision":
+    if type(processor).__name__ == "UncheckedVideoProcessor":
         # The tiny processor is a subclass (``unchecked_video_processor``) whose save writes its own
         # class name and none of the processor's fields: write what vLLM's AutoProcessor reads.
+        import inspect
         import json
 
+        processor_class = type(processor).__mro__[1]
         config_file = path / "processor_config.json"
         saved = json.loads(config_file.read_text())
-        saved["processor_class"] = "LlavaOnevisionProcessor"
-        for name in ("num_image_tokens", "vision_feature_select_strategy", "image_token", "video_token"):
-            saved[name] = getattr(processor, name)
+        saved["processor_class"] = processor_class.__name__
+        for name in inspect.signature(processor_class.__init__).parameters:
+            value = getattr(processor, name, None)
+            if name not in saved and name != "chat_template" and isinstance(value, (str, int, float, bool)):
+                saved[name] = value
         config_file.write_text(json.dumps(saved, indent=2))
     return path
 

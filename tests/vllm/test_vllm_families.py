@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import functools
 import itertools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,6 +240,44 @@ def anyres_features(hf_model, pixels, image_sizes):
     return torch.cat(model.get_image_features(pixel_values=pixels, image_sizes=image_sizes).pooler_output)
 
 
+# Idefics3 / SmolVLM: sub-images of 32 x 32 (4 x 4 patches, no CLS, pixel-shuffled into 4 tokens),
+# several per image. vLLM's call carries each image's count (num_patches); transformers gets them
+# from ik.set_tiles_per_image.
+SUB_IMAGES = {"one_image": [5], "images_of_different_sizes": [5, 2, 1]}
+
+
+def sub_image_call(hf_model, name, seed, padded_columns=0):
+    """Random sub-images of the images of ``SUB_IMAGES[name]``; with ``padded_columns``, the last
+    sub-image's right ``padded_columns`` pixels are padding (zeros, mask false)."""
+    counts = SUB_IMAGES[name]
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(sum(counts), 3, 32, 32, generator=generator)
+    mask = torch.ones(sum(counts), 32, 32, dtype=torch.bool)
+    if padded_columns:
+        pixels[-1, :, :, -padded_columns:] = 0
+        mask[-1, :, -padded_columns:] = False
+    kwargs = {"pixel_values": pixels, "pixel_attention_mask": mask, "num_patches": torch.tensor(counts)}
+    return Call(kwargs, pixels, (mask, counts), sum(counts) * 16)
+
+
+def sub_image_features(hf_model, pixels, layout):
+    """transformers' image features ``[sub-images * 4, D]``, the images' counts set on its patch."""
+    mask, counts = layout
+    if ik.get_ipcv_patch(hf_model) is not None:
+        ik.set_tiles_per_image(hf_model, counts)
+    features = hf_model.model.get_image_features(
+        pixel_values=pixels[None], pixel_attention_mask=mask[None]
+    ).pooler_output
+    return features.reshape(-1, features.shape[-1])
+
+
+def sub_image_family(name, checkpoint, prefix):
+    return Family(
+        name, checkpoint, checkpoint, f"{prefix}ForConditionalGeneration", "model.vision_model", sub_image_call,
+        sub_image_features, "user what is <image> ? assistant", CLIP_IMAGES, calls=tuple(SUB_IMAGES),
+    )  # fmt: skip
+
+
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
 QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
 INTERNVL_IMAGES = [
@@ -311,6 +350,9 @@ FAMILIES = {
         CLIP_IMAGES,
         calls=(*ANYRES_SIZES, "video"),
     ),
+    # Sub-images of each image one item (vLLM's num_patches), padding patches pinned.
+    "idefics3": sub_image_family("Idefics3", "idefics3", "Idefics3"),
+    "smolvlm": sub_image_family("SmolVLM", "smolvlm", "SmolVLM"),
     # vLLM's SigLIP: no CLS, layers returning (hidden, None); Gemma 3's image placeholder is <boi>.
     "gemma3": clip_family(
         "Gemma 3", "gemma3", "Gemma3", "user what is <boi> ? assistant", cls_token=False, crops_per_image=True
@@ -368,7 +410,7 @@ def encode(llm, family, call, config):
             ikv.remove_ipcv(model)
         else:
             record_plans(patch)
-        tower = getattr(model, family.tower)
+        tower = operator.attrgetter(family.tower)(model)
         pixels = tower.input_norm(call.pixels.clone(), tower.dtype) if family.normalise else call.pixels
         items = list(model.embed_multimodal(**call.kwargs))  # a tuple, or [B, L, D]
         embeddings = torch.cat([item.reshape(-1, item.shape[-1]) for item in items]).clone()
@@ -479,7 +521,9 @@ def test_generate_batched_equals_each_request_alone(llm, family):
         return {"prompt": family.prompt, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [run]}}
 
     calls = []
-    (hook,) = llm.apply_model(lambda m: getattr(m, family.tower).register_forward_hook(lambda *_: calls.append(1)))
+    (hook,) = llm.apply_model(
+        lambda m: operator.attrgetter(family.tower)(m).register_forward_hook(lambda *_: calls.append(1))
+    )
     try:
         batched = llm.generate([request(im, f"b{next(_fresh)}") for im in images], params, use_tqdm=False)
         batched_calls = len(calls)
@@ -506,3 +550,21 @@ def test_anyres_padding_crops_are_items_of_their_own(llm, family, hf_models):
     expected, _, _, _ = encode(llm, family, alone, CONFIG)
     assert tokens[0] == padded.tokens > alone.tokens
     assert_close(got, expected)
+
+
+@pytest.mark.parametrize("family", [FAMILIES["idefics3"]], ids=["idefics3"], indirect=True)
+def test_sub_image_padding_is_pinned_and_ratio_zero_equals_unpatched(llm, family, hf_models):
+    """A sub-image with padding patches (``patch_attention_mask`` false): ratio 0 equals unpatched
+    vLLM (whose tower, unlike transformers', attends to them), and with pruning every padding
+    row is kept and no dropped row takes one as a neighbour."""
+    call = sub_image_call(hf_models[0], "images_of_different_sizes", next(_fresh), padded_columns=8)
+    expected, _, _, _ = encode(llm, family, call, None)
+    got, _, _, _ = encode(llm, family, call, ik.IPCVConfig(**{**SETTINGS, "ratio": 0.0}))
+    assert_close(got, expected)
+    _, _, tokens, plan = encode(llm, family, call, CONFIG)
+    padding = (~call.kwargs["pixel_attention_mask"][:, ::8, ::8]).reshape(-1).nonzero().squeeze(1)
+    assert padding.numel() == 4  # the last sub-image's right patch column
+    assert set(padding.tolist()) <= set(plan.keep.tolist())
+    padding_in_keep = torch.searchsorted(plan.keep, padding)
+    assert not torch.isin(plan.neighbors, padding_in_keep).any()
+    assert tokens[-1] < tokens[0] == call.tokens
