@@ -1,8 +1,9 @@
 """IPCV in vLLM with a tensor-parallel vision tower: ``tensor_parallel_size=2`` (two CPU worker
 processes, ``distributed_executor_backend="mp"``) against the same checkpoint at
-``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL, LLaVA 1.5, Gemma 3 and
-PaliGemma (vLLM's CLIP / SigLIP: fused ``qkv_proj`` sharded by heads, row-parallel ``out_proj``
-and ``fc2``) and InternVL in both formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
+``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL, LLaVA 1.5, LLaVA-NeXT,
+LLaVA-OneVision, Gemma 3, PaliGemma, Idefics3 and SmolVLM (vLLM's CLIP / SigLIP / Idefics2
+towers: fused ``qkv_proj`` sharded by heads, row-parallel ``out_proj`` and ``fc2``) and InternVL
+in both formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
 gathered across the ranks) and transformers' (vLLM's ``InternS1``: replicated attention, sharded
 MLP).
 
@@ -109,6 +110,33 @@ def _clip_inputs(engine, call, cls_token=True, crops_per_image=False):
     return kwargs, images * (16 + int(cls_token))
 
 
+ANYRES_SIZES = {"one_image": [[64, 64]], "images_of_different_sizes": [[64, 64], [32, 64], [64, 32]]}
+ANYRES_CROPS = {(64, 64): 5, (32, 64): 3, (64, 32): 3}  # over the tiny pinpoints, base crop included
+
+
+def _anyres_inputs(engine, call, rows_per_crop):
+    """LLaVA-NeXT / OneVision: each image's crops (a list) and ``image_sizes``."""
+    generator = torch.Generator().manual_seed(next(_fresh))
+    crops = [ANYRES_CROPS[tuple(size)] for size in ANYRES_SIZES[call]]
+    pixels = [torch.randn(count, 3, 32, 32, generator=generator) for count in crops]
+    return {"pixel_values": pixels, "image_sizes": torch.tensor(ANYRES_SIZES[call])}, sum(crops) * rows_per_crop
+
+
+SUB_IMAGES = {"one_image": [5], "images_of_different_sizes": [5, 2, 1]}
+
+
+def _sub_image_inputs(engine, call):
+    """Idefics3 / SmolVLM: the sub-images of each image (4 x 4 patches each, no padding)."""
+    counts = SUB_IMAGES[call]
+    pixels = torch.randn(sum(counts), 3, 32, 32, generator=torch.Generator().manual_seed(next(_fresh)))
+    mask = torch.ones(sum(counts), 32, 32, dtype=torch.bool)
+    return {"pixel_values": pixels, "pixel_attention_mask": mask, "num_patches": torch.tensor(counts)}, sum(counts) * 16
+
+
+def _sub_image_heads(model: torch.nn.Module) -> int:
+    return model.model.vision_model.encoder.layers[0].self_attn.num_heads_per_partition
+
+
 def _clip_heads(model: torch.nn.Module) -> int:
     return model.vision_tower.vision_model.encoder.layers[0].self_attn.num_heads_per_partition
 
@@ -160,6 +188,42 @@ CASES = {
         _clip_inputs,
         _clip_heads,
         tuple(CLIP_CROPS),
+    ),
+    "llava_next": Case(
+        "llava_next",
+        {},
+        "user what is <image> ? assistant",
+        [(40, 56), (32, 32), (64, 24)],
+        functools.partial(_anyres_inputs, rows_per_crop=17),
+        _clip_heads,
+        tuple(ANYRES_SIZES),
+    ),
+    "llava_onevision": Case(
+        "llava_onevision",
+        {},
+        "user what is <image> ? assistant",
+        [(40, 56), (32, 32), (64, 24)],
+        functools.partial(_anyres_inputs, rows_per_crop=16),
+        _clip_heads,
+        tuple(ANYRES_SIZES),
+    ),
+    "idefics3": Case(
+        "idefics3",
+        {},
+        "user what is <image> ? assistant",
+        [(40, 56), (32, 32), (64, 24)],
+        _sub_image_inputs,
+        _sub_image_heads,
+        tuple(SUB_IMAGES),
+    ),
+    "smolvlm": Case(
+        "smolvlm",
+        {},
+        "user what is <image> ? assistant",
+        [(40, 56), (32, 32), (64, 24)],
+        _sub_image_inputs,
+        _sub_image_heads,
+        tuple(SUB_IMAGES),
     ),
     "gemma3": Case(
         "gemma3",
@@ -251,7 +315,8 @@ def _reapply(model: torch.nn.Module) -> None:
 def _encode(model: torch.nn.Module, kwargs: dict[str, torch.Tensor]) -> torch.Tensor:
     """``embed_multimodal(**kwargs)`` (what vLLM's model runner calls to encode), concatenated."""
     with torch.no_grad():
-        return torch.cat(list(model.embed_multimodal(**kwargs))).clone()  # a tuple, or [B, L, D]
+        items = list(model.embed_multimodal(**kwargs))  # a tuple, or [B, L, D]
+        return torch.cat([item.reshape(-1, item.shape[-1]) for item in items]).clone()
 
 
 def _diagnostics(model: torch.nn.Module) -> tuple[list[int], IPCVPlan | None]:
