@@ -59,6 +59,13 @@ ENGINE: dict[str, Any] = dict(
     seed=0,
     limit_mm_per_prompt={"image": 4, "video": 1},
 )
+# The Qwen checkpoints' chat template (what ``vllm serve`` applies to chat requests): each message's
+# images as the Qwen placeholder, its text as is.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} {% endfor %}"
+)
 # The image processor's resize bounds (pixels): small images stay small (factor 4 = patch 2 x merge 2).
 MIN_PIXELS, MAX_PIXELS = 4 * 4, 64 * 64
 
@@ -149,7 +156,8 @@ def build_checkpoint(
     max_pixels: int = MAX_PIXELS,
 ) -> Path:
     """Save a tiny ``family`` model (one of ``FAMILIES``: fp32 seeded random weights, tokenizer,
-    image (and Qwen3-VL / InternVL video) processor settings) under ``path``; return the directory.
+    image (and Qwen3-VL / InternVL video) processor settings, a chat template for the Qwen and
+    CLIP / SigLIP families) under ``path``; return the directory.
 
     Args:
         vision: vision-config fields replacing the tiny tower's (e.g. the 7B tower's widths at a
@@ -205,6 +213,7 @@ def build_checkpoint(
             path
         )
     build_tokenizer().save_pretrained(path)
+    (path / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
     return path
 
 
