@@ -576,6 +576,8 @@ class VLLMIdefics3Adapter(Idefics3Adapter):
 
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
         if getattr(tower, "use_data_parallel", False):
+            # vLLM 0.32 resets mm_encoder_tp_mode to "weights" for Idefics3 / SmolVLM (no
+            # supports_encoder_tp_data): a vLLM that allows it would shard inside the tower call.
             raise ValueError(
                 "IPCV does not support mm_encoder_tp_mode='data' for Idefics3's tower (it shards its sub-images "
                 "across ranks inside one call): use the default mm_encoder_tp_mode"
