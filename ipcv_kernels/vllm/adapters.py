@@ -48,15 +48,7 @@ from ..models.idefics3 import Idefics3Adapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 from ..selectors import merge_unit_grid
-
-
-def _has_path(module: Any, path: str) -> bool:
-    """Whether ``module.a.b...`` exists for ``path`` ``"a.b..."``."""
-    for name in path.split("."):
-        if not hasattr(module, name):
-            return False
-        module = getattr(module, name)
-    return True
+from .compat import missing_parameters, missing_parts, require
 
 
 def full_width_rotary(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +63,19 @@ class VLLMQwen2VLAdapter(FamilyAdapter):
     """
 
     name = "vllm_qwen2_vl"
+    # What the adapter goes through (a vLLM without one of them is refused when the patch is made).
+    TOWER_PARTS: tuple[str, ...] = ("blocks", "spatial_merge_size")
+    BLOCK_PARTS: tuple[str, ...] = ("norm1", "norm2", "mlp", "attn.qkv", "attn.proj", "attn.split_qkv")
+    BLOCK_PARAMETERS: tuple[str, ...] = ("cu_seqlens", "rotary_pos_emb_cos", "rotary_pos_emb_sin")
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        missing = missing_parts(tower, self.TOWER_PARTS)
+        if not missing and len(tower.blocks):
+            block = tower.blocks[0]
+            missing += missing_parts(block, self.BLOCK_PARTS)
+            missing += missing_parameters(type(block).forward, self.BLOCK_PARAMETERS)
+        require(tower, missing, self.name)
+        return tower.blocks
 
     def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
         grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else (args[1] if len(args) > 1 else None)
@@ -181,6 +186,15 @@ class VLLMQwen2_5_VLAdapter(VLLMQwen2VLAdapter):
     and ``reverse_indices`` give the usual output."""
 
     name = "vllm_qwen2_5_vl"
+    BLOCK_PARTS: tuple[str, ...] = (
+        "norm1",
+        "norm2",
+        "mlp",
+        "attn.qkv",
+        "attn.proj",
+        "attn.num_attention_heads_per_partition",
+        "attn.hidden_size_per_attention_head",
+    )
 
     def token_grid(
         self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
@@ -213,6 +227,8 @@ class VLLMQwen3VLAdapter(VLLMQwen2VLAdapter):
 
     name = "vllm_qwen3_vl"
     split_qkv = VLLMQwen2_5_VLAdapter.split_qkv
+    TOWER_PARTS: tuple[str, ...] = ("blocks", "spatial_merge_size", "deepstack_merger_list")
+    BLOCK_PARTS = VLLMQwen2_5_VLAdapter.BLOCK_PARTS
 
     def install_hooks(self, patch: IPCVPatch) -> None:
         patch.restore_inputs(patch.tower.deepstack_merger_list)
@@ -249,15 +265,38 @@ class VLLMInternVLAdapter(TiledTowerAdapter):
     """
 
     name = "vllm_internvl"
+    LAYER_PARTS: tuple[str, ...] = (
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.projection_layer",
+        "attention.qk_normalization",
+        "attention.num_heads",
+        "attention.head_dim",
+        "attention.scale",
+        "layernorm_before",
+        "layernorm_after",
+        "mlp",
+        "lambda_1",
+        "lambda_2",
+    )
 
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        missing = missing_parts(tower, ("encoder.layer", "embeddings.patch_embeddings.patch_size"))
+        if not missing and len(tower.encoder.layer):
+            missing += missing_parts(tower.encoder.layer[0], self.LAYER_PARTS)
+        if self.model is not None:  # install_hooks wraps it; checked before anything is patched
+            missing += missing_parts(self.model, ("_process_vision_input",))
+        require(tower, missing, self.name)
         return tower.encoder.layer
 
     def patch_size(self, tower: nn.Module) -> tuple[int, int]:
         return tuple(tower.embeddings.patch_embeddings.patch_size)
 
     def install_hooks(self, patch: IPCVPatch) -> None:
-        if self.model is not None and hasattr(self.model, "_process_vision_input"):
+        """Wrap the model's ``_process_vision_input`` (required: without it each image's tiles
+        could not be told apart, see the class)."""
+        if self.model is not None:
             patch.wrap(self.model, "_process_vision_input", functools.partial(self._read_tiles, patch))
 
     def _read_tiles(self, patch: IPCVPatch, inner: Callable[..., Any]) -> Callable[..., Any]:
@@ -325,16 +364,16 @@ class VLLMInternVLChatAdapter(VLLMInternVLAdapter):
                 "IPCV does not support mm_encoder_tp_mode='data' for InternVL's InternViT (the tower "
                 "shards its tiles across ranks inside one call): use the default mm_encoder_tp_mode"
             )
+        missing = missing_parts(tower, ("encoder.layers", "embeddings.patch_size"))
+        if self.model is not None:  # install_hooks wraps it; checked before anything is patched
+            missing += missing_parts(self.model, ("_process_vision_input",))
+        require(tower, missing, self.name)
         layers = tower.encoder.layers
         needed = ["attn.qkv", "attn.proj", "attn.num_heads_per_partition", "norm1", "norm2", "mlp", "ls1", "ls2"]
-        if layers and layers[0].attn.qk_normalization:
+        if layers and getattr(layers[0].attn, "qk_normalization", False):
             needed.append("attn._apply_qk_norm")
-        missing = [name for name in needed if not _has_path(layers[0], name)] if layers else []
-        if missing:
-            raise TypeError(
-                f"vLLM's InternVisionEncoderLayer lacks {', '.join(missing)}: this vLLM version is not supported "
-                "by IPCV's InternVL adapter (tested with vLLM 0.32)"
-            )
+        if layers:
+            require(layers[0], missing_parts(layers[0], needed), self.name)
         return layers
 
     def patch_size(self, tower: nn.Module) -> tuple[int, int]:
@@ -366,11 +405,6 @@ class VLLMInternVLChatAdapter(VLLMInternVLAdapter):
             attn_gain=block.ls1,
             mlp_gain=block.ls2,
         )
-
-
-def _missing(module: Any, paths: tuple[str, ...]) -> list[str]:
-    """Those of ``paths`` (``"a.b..."``) that ``module`` lacks."""
-    return [path for path in paths if not _has_path(module, path)]
 
 
 class VLLMClipViTAdapter(ClipViTAdapter):
@@ -425,15 +459,12 @@ class VLLMClipViTAdapter(ClipViTAdapter):
     )
 
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
-        missing = _missing(tower, self.TOWER_PARTS)
+        missing = missing_parts(tower, self.TOWER_PARTS)
         layers = tower.vision_model.encoder.layers if not missing else None
         if layers:
-            missing += _missing(layers[0], self.LAYER_PARTS)
-        if missing:
-            raise TypeError(
-                f"vLLM's {type(tower).__name__} lacks {', '.join(missing)}: this vLLM version is not supported "
-                f"by IPCV's {self.name} adapter (tested with vLLM 0.32)"
-            )
+            missing += missing_parts(layers[0], self.LAYER_PARTS)
+        missing += missing_parts(self.model, self._model_methods(tower)) if self.model is not None else []
+        require(tower, missing, self.name)
         vision_model = tower.vision_model
         # CLIP's embeddings prepend a CLS token (a learned class embedding); SigLIP's do not.
         self.has_cls = hasattr(vision_model.embeddings, "class_embedding")
@@ -442,17 +473,30 @@ class VLLMClipViTAdapter(ClipViTAdapter):
         self._built_depth = len(layers)
         return layers
 
+    def _model_methods(self, tower: nn.Module) -> tuple[str, ...]:
+        """The model's methods ``install_hooks`` wraps: anyres models' ``_process_image_pixels``
+        (the crops of each image), OneVision's ``_process_video_pixels`` (the frames of each video)."""
+        model = self.model
+        if model is None or getattr(model, "vision_tower", None) is not tower:
+            return ()
+        methods = []
+        if getattr(model.config, "image_grid_pinpoints", None):
+            methods.append("_process_image_pixels")
+        if getattr(model.config, "video_token_index", getattr(model.config, "video_token_id", None)) is not None:
+            methods.append("_process_video_pixels")
+        return tuple(methods)
+
     def install_hooks(self, patch: IPCVPatch) -> None:
         if self.pair_outputs:
             for block in patch.blocks:
                 patch.wrap(block, "forward", _as_pair)
-        model = self.model
-        if model is None or getattr(model, "vision_tower", None) is not patch.tower:
-            return
-        if getattr(model.config, "image_grid_pinpoints", None) and hasattr(model, "_process_image_pixels"):
-            patch.wrap(model, "_process_image_pixels", functools.partial(self._read_image_crops, patch, model))
-        if hasattr(model, "_process_video_pixels"):
-            patch.wrap(model, "_process_video_pixels", functools.partial(self._read_video_frames, patch))
+        methods = self._model_methods(patch.tower)  # present: checked in ``blocks``
+        if "_process_image_pixels" in methods:
+            patch.wrap(
+                self.model, "_process_image_pixels", functools.partial(self._read_image_crops, patch, self.model)
+            )
+        if "_process_video_pixels" in methods:
+            patch.wrap(self.model, "_process_video_pixels", functools.partial(self._read_video_frames, patch))
 
     def _read_image_crops(self, patch: IPCVPatch, model: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
         """``_process_image_pixels(inputs)`` telling its tower call the crops of each image."""
@@ -582,22 +626,20 @@ class VLLMIdefics3Adapter(Idefics3Adapter):
                 "IPCV does not support mm_encoder_tp_mode='data' for Idefics3's tower (it shards its sub-images "
                 "across ranks inside one call): use the default mm_encoder_tp_mode"
             )
-        missing = _missing(tower, self.TOWER_PARTS)
+        missing = missing_parts(tower, self.TOWER_PARTS)
         layers = tower.encoder.layers if not missing else None
         if layers:
-            missing += _missing(layers[0], self.LAYER_PARTS)
-        if missing:
-            raise TypeError(
-                f"vLLM's {type(tower).__name__} lacks {', '.join(missing)}: this vLLM version is not supported "
-                f"by IPCV's {self.name} adapter (tested with vLLM 0.32)"
-            )
+            missing += missing_parts(layers[0], self.LAYER_PARTS)
+        if self.model is not None:  # install_hooks wraps it; checked before anything is patched
+            missing += missing_parts(self.model, ("_process_image_pixels",))
+        require(tower, missing, self.name)
         self.has_cls = False
         self._patch_size = tower.config.patch_size
         self._padding_is_key = not getattr(tower, "apply_encoder_attention_mask", False)
         return layers
 
     def install_hooks(self, patch: IPCVPatch) -> None:
-        if self.model is not None and hasattr(self.model, "_process_image_pixels"):
+        if self.model is not None:
             patch.wrap(self.model, "_process_image_pixels", functools.partial(self._read_images, patch))
 
     @staticmethod

@@ -27,19 +27,24 @@ from ..config import IPCVConfig
 from ..engine import IPCVPatch
 from ..families import FAMILIES, Family, find_vllm_family, recommended_config, vllm_ipcv_patch
 from ..selectors import get_selector
+from .compat import check_vllm_version
 
 CONFIG_KEY = "ipcv"
 _CHECKED = "_ipcv_checks_settings"  # marks vLLM's create_engine_config once wrapped
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: register the IPCV-capable model classes.
+    """The ``vllm.general_plugins`` entry point: register the IPCV-capable model classes, make
+    vLLM validate the ``ipcv`` dict when it builds its engine configuration (``check_settings``),
+    and warn when the running vLLM lies outside the versions the plugin was checked against
+    (``ipcv_kernels.vllm.compat``).
 
     Idempotent (vLLM may call it more than once per process); imports no vLLM model module.
     """
     from vllm import ModelRegistry
     from vllm.engine.arg_utils import EngineArgs
 
+    check_vllm_version()  # warns outside the checked range; the adapters check what they use
     for family in FAMILIES:
         for architecture in family.vllm.architectures if family.vllm else ():
             ModelRegistry.register_model(architecture, f"ipcv_kernels.vllm.models:{architecture}")

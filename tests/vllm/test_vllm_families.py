@@ -568,3 +568,23 @@ def test_sub_image_padding_is_pinned_and_ratio_zero_equals_unpatched(llm, family
     padding_in_keep = torch.searchsorted(plan.keep, padding)
     assert not torch.isin(plan.neighbors, padding_in_keep).any()
     assert tokens[-1] < tokens[0] == call.tokens
+
+
+@pytest.mark.parametrize("family", [FAMILIES["llava_next"]], ids=["llava_next"], indirect=True)
+def test_an_anyres_model_without_the_method_the_adapter_wraps_is_refused(llm, family):
+    """Without ``_process_image_pixels`` the crops of each image could not be told apart: a vLLM
+    whose LLaVA-NeXT lacks it is refused when the patch is made, naming it."""
+    from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+
+    def apply(model):
+        ikv.remove_ipcv(model)  # the plugin's patch wraps the method on the instance
+        with pytest.MonkeyPatch.context() as patched:
+            patched.delattr(LlavaNextForConditionalGeneration, "_process_image_pixels")
+            with pytest.raises(TypeError, match="lacks _process_image_pixels"):
+                ikv.apply_ipcv(model, CONFIG)
+            untouched = ik.get_ipcv_patch(model) is None and "forward" not in vars(model.vision_tower)
+        ikv.apply_ipcv(model, CONFIG)
+        assert untouched  # refused before anything was wrapped
+        return ik.get_ipcv_patch(model).config
+
+    assert llm.apply_model(apply) == [CONFIG]

@@ -8,6 +8,8 @@ family must do is in ``test_vllm_families.py``."""
 from __future__ import annotations
 
 import itertools
+import re
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -264,3 +266,44 @@ def test_an_intern_vit_layer_without_what_the_adapter_uses_is_refused(checkpoint
         with pytest.raises(Exception) as raised:
             LLM(model=checkpoint("internvl_chat"), trust_remote_code=True, hf_overrides={"ipcv": SETTINGS}, **ENGINE)
     assert any(isinstance(e, TypeError) and "_apply_qk_norm" in str(e) for e in _chain(raised.value))
+
+
+@pytest.mark.parametrize(
+    "version, inside", [("0.32.0", True), ("0.33.0", True), ("0.34.0+cpu", True), ("0.31.2", False), ("0.35.0", False)]
+)
+def test_versions_outside_the_checked_range_warn(version, inside):
+    from ipcv_kernels.vllm.compat import check_vllm_version
+
+    if inside:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert check_vllm_version(version)
+    else:
+        with pytest.warns(RuntimeWarning, match=f"this is vLLM {re.escape(version)}"):
+            assert not check_vllm_version(version)
+
+
+def test_the_running_vllm_is_in_the_checked_range():
+    from ipcv_kernels.vllm.compat import check_vllm_version
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_vllm_version()
+
+
+def test_a_qwen_block_with_another_signature_is_refused_when_patching(llm):
+    """A vLLM whose Qwen2-VL block takes the rotary table under another name (as vLLM 0.11 did,
+    ``rotary_pos_emb``) is refused when the patch is made, naming the missing parameters."""
+    from vllm.model_executor.models.qwen2_vl import Qwen2VisionBlock
+
+    def old_forward(self, x, cu_seqlens, rotary_pos_emb, max_seqlen=None):
+        raise AssertionError("never called")
+
+    def apply(model):
+        with pytest.MonkeyPatch.context() as patched:
+            patched.setattr(Qwen2VisionBlock, "forward", old_forward)
+            with pytest.raises(TypeError, match=r"lacks .*rotary_pos_emb_cos=.*rotary_pos_emb_sin=.*vLLM 0\.32\.0"):
+                ikv.apply_ipcv(model, CONFIG)
+        return ik.get_ipcv_patch(model).config  # the model keeps its patch
+
+    assert llm.apply_model(apply) == [CONFIG]
