@@ -4,7 +4,8 @@ with seeded random weights that vLLM and transformers both load:
 - the plugin patches the model when vLLM builds it (``hf_overrides={"ipcv": ...}``);
 - ratio 0 equals unpatched vLLM;
 - with pruning, vLLM's vision embeddings equal transformers' ``apply_ipcv`` on the same weights
-  (one image, several of different sizes in one encoder call, a video; ``scope="image"`` and
+  (one image, several of different sizes in one encoder call, a video where the family takes
+  one: each test runs every call of ``Family.calls``; ``scope="image"`` and
   ``"authors"``; with and without stabilisation blocks), and the tower's token counts show the
   pruning;
 - batched ``generate`` (several requests' images in one encoder call) equals each request alone.
@@ -15,7 +16,13 @@ after the pruned stretch from block 2; vLLM's output is the merger's and every t
 concatenated), InternVL in transformers' format (vLLM's ``InternS1``: batched tiles with CLS,
 separate q / k / v) and InternVL in its own format (``InternVLChatModel``, fused ``qkv``,
 remote-code config; compared with transformers' native model of the same weights). InternVL's
-items: each image's tiles, each video frame.
+items: each image's tiles, each video frame. The CLIP / SigLIP families: LLaVA 1.5 (CLIP built up
+to ``vision_feature_layer``, CLS dropped after the encoder), LLaVA-NeXT (anyres crops of each
+image one item; vLLM's padded stack: its padding crops are items of their own), LLaVA-OneVision
+(SigLIP anyres crops, a video's frames one item), Gemma 3 and PaliGemma (SigLIP, layers returning
+pairs), Idefics3 and SmolVLM (sub-images of each image one item from vLLM's ``num_patches``,
+padding patches pinned; the tower path ``model.vision_model``). transformers gets the same
+pixels (vLLM 0.32 does not normalise these on the device).
 
 Plans are compared up to near-ties (``assert_plans_agree``), embeddings on vLLM's plan.
 Tolerance: blocks before ``P`` run vLLM's own layers (its attention and RMSNorm round differently
@@ -93,7 +100,7 @@ class Family:
 
     name: ``VLLMFamily.name``. checkpoint: the ``build_checkpoint`` family vLLM loads;
     reference_checkpoint: the one transformers loads (the same weights). tower: the vLLM model's
-    tower attribute. make_call(hf_model, call name, seed): a ``Call``. reference(hf_model, pixels,
+    tower attribute path (``"model.vision_model"``). make_call(hf_model, call name, seed): a ``Call``. reference(hf_model, pixels,
     layout): transformers' output for what vLLM's ``embed_multimodal`` returns, concatenated.
     normalise: whether vLLM normalises Qwen pixels on the device (``visual.input_norm``; its
     processor then skips mean / std), so transformers gets the pixels the blocks see. prompt: a
