@@ -197,11 +197,16 @@ def is_vllm_model(model: object) -> bool:
 
 
 def find_vllm_family(model: nn.Module) -> tuple[Family, nn.Module]:
-    """``(family, vision tower)`` of a vLLM model; ``TypeError`` listing the supported classes."""
-    names = _class_names(model, VLLM_MODULE)
-    for row in FAMILIES:
-        for cls, path in (row.vllm.towers if row.vllm else {}).items():
-            if cls in names:
+    """``(family, vision tower)`` of a vLLM model; ``TypeError`` listing the supported classes.
+
+    The most derived vLLM class of ``model`` that a row names decides (vLLM's SmolVLM class
+    derives from its Idefics3 class)."""
+    for model_class in type(model).__mro__:
+        if not model_class.__module__.startswith(VLLM_MODULE):
+            continue
+        for row in FAMILIES:
+            path = row.vllm.towers.get(model_class.__name__) if row.vllm else None
+            if path is not None:
                 return row, _follow(model, path)
     supported = ", ".join(cls for row in FAMILIES if row.vllm for cls in row.vllm.towers)
     raise TypeError(f"model must be a vLLM model of a supported family ({supported}), got {type(model).__name__}")

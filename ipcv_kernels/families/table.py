@@ -64,6 +64,15 @@ def _qwen_vllm(adapter: str, architecture: str, module: str) -> VLLMClasses:
     )
 
 
+def _clip_vllm(adapter: str, architecture: str, module: str) -> VLLMClasses:
+    """A CLIP / SigLIP family in vLLM: its tower at ``vision_tower``."""
+    return VLLMClasses(
+        f"{VLLM_ADAPTERS}:{adapter}",
+        {architecture: f"vllm.model_executor.models.{module}"},
+        {architecture: "vision_tower"},
+    )
+
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "qwen2_vl",
@@ -205,6 +214,7 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "Llava", "vision_tower"),
+        vllm=_clip_vllm("VLLMClipViTAdapter", "LlavaForConditionalGeneration", "llava"),
         tiny_model=TinyModel(
             "LlavaConfig",
             "LlavaForConditionalGeneration",
@@ -225,6 +235,7 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "LlavaNext", "vision_tower"),
+        vllm=_clip_vllm("VLLMClipViTAdapter", "LlavaNextForConditionalGeneration", "llava_next"),
         tiny_model=TinyModel(
             "LlavaNextConfig",
             "LlavaNextForConditionalGeneration",
@@ -253,6 +264,7 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "LlavaOnevision", "vision_tower"),
+        vllm=_clip_vllm("VLLMSiglipAdapter", "LlavaOnevisionForConditionalGeneration", "llava_onevision"),
         tiny_model=TinyModel(
             "LlavaOnevisionConfig",
             "LlavaOnevisionForConditionalGeneration",
@@ -282,6 +294,7 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "Gemma3", "vision_tower"),
+        vllm=_clip_vllm("VLLMSiglipAdapter", "Gemma3ForConditionalGeneration", "gemma3_mm"),
         tiny_model=TinyModel(
             "Gemma3Config",
             "Gemma3ForConditionalGeneration",
@@ -297,6 +310,7 @@ FAMILIES: tuple[Family, ...] = (
         CROPS,
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "PaliGemma", "vision_tower"),
+        vllm=_clip_vllm("VLLMSiglipAdapter", "PaliGemmaForConditionalGeneration", "paligemma"),
         tiny_model=TinyModel(
             "PaliGemmaConfig",
             "PaliGemmaForConditionalGeneration",
@@ -312,6 +326,11 @@ FAMILIES: tuple[Family, ...] = (
         SUB_IMAGES,
         flops.idefics3_flops,
         hf=_hf(Idefics3Adapter, "Idefics3", "vision_model", ("Idefics3VisionTransformer",), decoder="text_model"),
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMIdefics3Adapter",
+            {"Idefics3ForConditionalGeneration": "vllm.model_executor.models.idefics3"},
+            {"Idefics3ForConditionalGeneration": "model.vision_model"},
+        ),
         tiny_tower=TinyTower(
             "idefics3.modeling_idefics3", "Idefics3VisionConfig", "Idefics3VisionTransformer", tiny.IDEFICS3_VISION
         ),
@@ -337,6 +356,11 @@ FAMILIES: tuple[Family, ...] = (
         SUB_IMAGES,
         flops.idefics3_flops,
         hf=_hf(Idefics3Adapter, "SmolVLM", "vision_model", ("SmolVLMVisionTransformer",), decoder="text_model"),
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMIdefics3Adapter",
+            {"SmolVLMForConditionalGeneration": "vllm.model_executor.models.smolvlm"},
+            {"SmolVLMForConditionalGeneration": "model.vision_model"},
+        ),
         tiny_tower=TinyTower(
             "smolvlm.modeling_smolvlm",
             "SmolVLMVisionConfig",

@@ -19,7 +19,9 @@ compute:
   of the ``qkv`` projection is also computed for the dropped rows, ``Nd * D * D`` multiply-adds
   per stabilisation block (keys and values need every row anyway).
 
-vLLM's InternViT (``VLLMInternVLAdapter``) takes batched tiles ``[tiles, 1 + N, D]`` as in
+vLLM's CLIP / SigLIP towers (``VLLMClipViTAdapter``: LLaVA 1.5, ...) take a padded batch of
+crops ``[B, L, D]`` as in transformers, with a fused ``qkv_proj``; vLLM builds them only up to the
+layer the model reads. vLLM's InternViT (``VLLMInternVLAdapter``) takes batched tiles ``[tiles, 1 + N, D]`` as in
 transformers, so its adapter is a ``BatchedTowerAdapter`` (``ipcv_kernels.engine.batched``); what
 is vLLM's there is where the tiles per image come from (see the class).
 
@@ -41,18 +43,12 @@ from torch import nn
 from ..config import IPCVConfig
 from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall
 from ..engine.batched import PrenormLayer, TiledTowerAdapter
+from ..models.clip_vit import ClipViTAdapter
+from ..models.idefics3 import Idefics3Adapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 from ..selectors import merge_unit_grid
-
-
-def _has_path(module: Any, path: str) -> bool:
-    """Whether ``module.a.b...`` exists for ``path`` ``"a.b..."``."""
-    for name in path.split("."):
-        if not hasattr(module, name):
-            return False
-        module = getattr(module, name)
-    return True
+from .compat import missing_parameters, missing_parts, require
 
 
 def full_width_rotary(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +63,19 @@ class VLLMQwen2VLAdapter(FamilyAdapter):
     """
 
     name = "vllm_qwen2_vl"
+    # What the adapter goes through (a vLLM without one of them is refused when the patch is made).
+    TOWER_PARTS: tuple[str, ...] = ("blocks", "spatial_merge_size")
+    BLOCK_PARTS: tuple[str, ...] = ("norm1", "norm2", "mlp", "attn.qkv", "attn.proj", "attn.split_qkv")
+    BLOCK_PARAMETERS: tuple[str, ...] = ("cu_seqlens", "rotary_pos_emb_cos", "rotary_pos_emb_sin")
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        missing = missing_parts(tower, self.TOWER_PARTS)
+        if not missing and len(tower.blocks):
+            block = tower.blocks[0]
+            missing += missing_parts(block, self.BLOCK_PARTS)
+            missing += missing_parameters(type(block).forward, self.BLOCK_PARAMETERS)
+        require(tower, missing, self.name)
+        return tower.blocks
 
     def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
         grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else (args[1] if len(args) > 1 else None)
@@ -177,6 +186,15 @@ class VLLMQwen2_5_VLAdapter(VLLMQwen2VLAdapter):
     and ``reverse_indices`` give the usual output."""
 
     name = "vllm_qwen2_5_vl"
+    BLOCK_PARTS: tuple[str, ...] = (
+        "norm1",
+        "norm2",
+        "mlp",
+        "attn.qkv",
+        "attn.proj",
+        "attn.num_attention_heads_per_partition",
+        "attn.hidden_size_per_attention_head",
+    )
 
     def token_grid(
         self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
@@ -209,6 +227,8 @@ class VLLMQwen3VLAdapter(VLLMQwen2VLAdapter):
 
     name = "vllm_qwen3_vl"
     split_qkv = VLLMQwen2_5_VLAdapter.split_qkv
+    TOWER_PARTS: tuple[str, ...] = ("blocks", "spatial_merge_size", "deepstack_merger_list")
+    BLOCK_PARTS = VLLMQwen2_5_VLAdapter.BLOCK_PARTS
 
     def install_hooks(self, patch: IPCVPatch) -> None:
         patch.restore_inputs(patch.tower.deepstack_merger_list)
@@ -245,15 +265,38 @@ class VLLMInternVLAdapter(TiledTowerAdapter):
     """
 
     name = "vllm_internvl"
+    LAYER_PARTS: tuple[str, ...] = (
+        "attention.q_proj",
+        "attention.k_proj",
+        "attention.v_proj",
+        "attention.projection_layer",
+        "attention.qk_normalization",
+        "attention.num_heads",
+        "attention.head_dim",
+        "attention.scale",
+        "layernorm_before",
+        "layernorm_after",
+        "mlp",
+        "lambda_1",
+        "lambda_2",
+    )
 
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        missing = missing_parts(tower, ("encoder.layer", "embeddings.patch_embeddings.patch_size"))
+        if not missing and len(tower.encoder.layer):
+            missing += missing_parts(tower.encoder.layer[0], self.LAYER_PARTS)
+        if self.model is not None:  # install_hooks wraps it; checked before anything is patched
+            missing += missing_parts(self.model, ("_process_vision_input",))
+        require(tower, missing, self.name)
         return tower.encoder.layer
 
     def patch_size(self, tower: nn.Module) -> tuple[int, int]:
         return tuple(tower.embeddings.patch_embeddings.patch_size)
 
     def install_hooks(self, patch: IPCVPatch) -> None:
-        if self.model is not None and hasattr(self.model, "_process_vision_input"):
+        """Wrap the model's ``_process_vision_input`` (required: without it each image's tiles
+        could not be told apart, see the class)."""
+        if self.model is not None:
             patch.wrap(self.model, "_process_vision_input", functools.partial(self._read_tiles, patch))
 
     def _read_tiles(self, patch: IPCVPatch, inner: Callable[..., Any]) -> Callable[..., Any]:
@@ -321,16 +364,16 @@ class VLLMInternVLChatAdapter(VLLMInternVLAdapter):
                 "IPCV does not support mm_encoder_tp_mode='data' for InternVL's InternViT (the tower "
                 "shards its tiles across ranks inside one call): use the default mm_encoder_tp_mode"
             )
+        missing = missing_parts(tower, ("encoder.layers", "embeddings.patch_size"))
+        if self.model is not None:  # install_hooks wraps it; checked before anything is patched
+            missing += missing_parts(self.model, ("_process_vision_input",))
+        require(tower, missing, self.name)
         layers = tower.encoder.layers
         needed = ["attn.qkv", "attn.proj", "attn.num_heads_per_partition", "norm1", "norm2", "mlp", "ls1", "ls2"]
-        if layers and layers[0].attn.qk_normalization:
+        if layers and getattr(layers[0].attn, "qk_normalization", False):
             needed.append("attn._apply_qk_norm")
-        missing = [name for name in needed if not _has_path(layers[0], name)] if layers else []
-        if missing:
-            raise TypeError(
-                f"vLLM's InternVisionEncoderLayer lacks {', '.join(missing)}: this vLLM version is not supported "
-                "by IPCV's InternVL adapter (tested with vLLM 0.32)"
-            )
+        if layers:
+            require(layers[0], missing_parts(layers[0], needed), self.name)
         return layers
 
     def patch_size(self, tower: nn.Module) -> tuple[int, int]:
@@ -362,3 +405,266 @@ class VLLMInternVLChatAdapter(VLLMInternVLAdapter):
             attn_gain=block.ls1,
             mlp_gain=block.ls2,
         )
+
+
+class VLLMClipViTAdapter(ClipViTAdapter):
+    """vLLM's ``CLIPVisionModel`` (``clip.py``): the ``vision_tower`` of LLaVA 1.5 and LLaVA-NeXT.
+
+    **What vLLM builds.** ``init_vision_tower_for_llava`` builds the tower only up to the deepest
+    layer the model reads (``vision_feature_layer``, LLaVA's -2: ``depth - 1`` layers), without
+    ``post_layernorm``: for one read layer the tower's last layer is it, the default read block,
+    and the skipped layers do not exist. Depth-dependent settings (``prune_layer < depth``) count
+    the layers vLLM built. With a list of read layers vLLM passes ``select_layers`` to the tower
+    call (indices into the full tower's ``hidden_states``): each of those blocks returns the
+    restored sequence. The tower's forward runs its embeddings (CLS first), its layers on
+    ``[crops, 1 + N, D]``, then ``resolve_visual_encoder_outputs``, which drops CLS
+    (``vision_feature_select_strategy="default"``); every read layer restores every row before
+    that step, so what follows is unchanged and every placeholder count stays vLLM's.
+
+    **Items.** As the Hugging Face adapter: a bare tower call makes each crop (``pixel_values``
+    ``[B, 3, S, S]``) one item, CLS pinned (LLaVA 1.5 encodes one crop per image). For anyres
+    models (LLaVA-NeXT, OneVision: ``image_grid_pinpoints``) a wrapper of the model's
+    ``_process_image_pixels(inputs)`` tells the tower call the crops of each image: its base
+    crop and the crops of its best-fitting resolution, ``get_anyres_image_grid_shape`` of its
+    ``image_sizes`` row plus one, as vLLM counts them, form one item; crops beyond that count
+    (vLLM pads the crops of a prompt's images to one count when it stacks them) are items of
+    their own, whose features vLLM discards. A wrapper of ``_process_video_pixels`` makes all
+    frames of one video one item (OneVision).
+
+    **Layer.** ``CLIPEncoderLayer``: ``layer_norm1``, ``self_attn.qkv_proj`` (fused
+    ``QKVParallelLinear``, ``[q | k | v]`` of the rank's heads, weights repacked on the CPU: it
+    runs on every row, see ``PrenormLayer``), ``self_attn.out_proj`` (row-parallel: all-reduces
+    under tensor parallelism), ``layer_norm2``, ``mlp`` (vLLM's ``fc1`` / ``fc2``).
+    """
+
+    name = "vllm_clip_vit"
+    # vLLM's SigLIP layers return ``(hidden_states, None)`` (``VLLMSiglipAdapter``).
+    pair_outputs = False
+    # What the adapter goes through (a vLLM without one of them is refused when the patch is made).
+    TOWER_PARTS: tuple[str, ...] = (
+        "vision_model.embeddings",
+        "vision_model.encoder.layers",
+        "vision_model.config.patch_size",
+        "vision_model.config.num_hidden_layers",
+    )
+    LAYER_PARTS: tuple[str, ...] = (
+        "layer_norm1",
+        "layer_norm2",
+        "mlp",
+        "self_attn.qkv_proj",
+        "self_attn.out_proj",
+        "self_attn.num_heads_per_partition",
+        "self_attn.head_dim",
+        "self_attn.scale",
+    )
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        missing = missing_parts(tower, self.TOWER_PARTS)
+        layers = tower.vision_model.encoder.layers if not missing else None
+        if layers:
+            missing += missing_parts(layers[0], self.LAYER_PARTS)
+        missing += missing_parts(self.model, self._model_methods(tower)) if self.model is not None else []
+        require(tower, missing, self.name)
+        vision_model = tower.vision_model
+        # CLIP's embeddings prepend a CLS token (a learned class embedding); SigLIP's do not.
+        self.has_cls = hasattr(vision_model.embeddings, "class_embedding")
+        self._patch_size = vision_model.config.patch_size
+        self._full_depth = vision_model.config.num_hidden_layers
+        self._built_depth = len(layers)
+        return layers
+
+    def _model_methods(self, tower: nn.Module) -> tuple[str, ...]:
+        """The model's methods ``install_hooks`` wraps: anyres models' ``_process_image_pixels``
+        (the crops of each image), OneVision's ``_process_video_pixels`` (the frames of each video)."""
+        model = self.model
+        if model is None or getattr(model, "vision_tower", None) is not tower:
+            return ()
+        methods = []
+        if getattr(model.config, "image_grid_pinpoints", None):
+            methods.append("_process_image_pixels")
+        if getattr(model.config, "video_token_index", getattr(model.config, "video_token_id", None)) is not None:
+            methods.append("_process_video_pixels")
+        return tuple(methods)
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        if self.pair_outputs:
+            for block in patch.blocks:
+                patch.wrap(block, "forward", _as_pair)
+        methods = self._model_methods(patch.tower)  # present: checked in ``blocks``
+        if "_process_image_pixels" in methods:
+            patch.wrap(
+                self.model, "_process_image_pixels", functools.partial(self._read_image_crops, patch, self.model)
+            )
+        if "_process_video_pixels" in methods:
+            patch.wrap(self.model, "_process_video_pixels", functools.partial(self._read_video_frames, patch))
+
+    def _read_image_crops(self, patch: IPCVPatch, model: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``_process_image_pixels(inputs)`` telling its tower call the crops of each image."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        def process_image_pixels(inputs: Any) -> Any:
+            pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
+            crops = [int(image.shape[0]) for image in pixel_values]  # per image, padding included
+            if image_sizes is None:
+                return inner(inputs)  # vLLM's own default: one crop per image
+            counts: list[int] = []
+            pinpoints, side = model.config.image_grid_pinpoints, model.config.vision_config.image_size
+            for size, given in zip(image_sizes, crops, strict=True):
+                rows, columns = get_anyres_image_grid_shape([int(v) for v in size], pinpoints, side)
+                real = min(given, rows * columns + 1)
+                counts += [real] + [1] * (given - real)
+            with patch.hinted(sequences_per_image=counts):
+                return inner(inputs)
+
+        return process_image_pixels
+
+    @staticmethod
+    def _read_video_frames(patch: IPCVPatch, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``_process_video_pixels(inputs)`` making all frames of each video one item."""
+
+        def process_video_pixels(inputs: Any) -> Any:
+            frames = [int(video.shape[0]) for video in inputs["pixel_values_videos"]]
+            with patch.hinted(sequences_per_image=frames):
+                return inner(inputs)
+
+        return process_video_pixels
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        """``ClipViTAdapter``'s items and segments; the read blocks of vLLM's ``select_layers``."""
+        select = kwargs.get("select_layers")
+        if select is not None:
+            # hidden_states index h of the full tower: h >= 1 is block h - 1's output, h < 0 block
+            # full + h (vLLM offsets negative indices by the layers it did not build).
+            blocks = [h - 1 if h >= 0 else self._full_depth + h for h in select]
+            if not all(0 <= b < self._built_depth for b in blocks):
+                raise ValueError(f"IPCV cannot read select_layers {list(select)} (the embeddings, or unbuilt layers)")
+            hints = {**hints, "read_blocks": tuple(sorted(set(blocks)))}
+        return super().describe_call(tower, args, kwargs, hints)
+
+    def layer_parts(self, block: nn.Module) -> PrenormLayer:
+        attention = block.self_attn
+
+        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            projected, _ = attention.qkv_proj(x)
+            return projected.chunk(3, dim=-1)
+
+        return PrenormLayer(
+            norm1=block.layer_norm1,
+            q=None,
+            k=None,
+            v=None,
+            qkv=qkv,
+            out=lambda x: attention.out_proj(x)[0],
+            norm2=block.layer_norm2,
+            mlp=block.mlp,
+            num_heads=attention.num_heads_per_partition,
+            head_dim=attention.head_dim,
+            scale=attention.scale,
+        )
+
+
+def _as_pair(inner: Callable[..., Any]) -> Callable[..., Any]:
+    """``inner``'s output as vLLM's SigLIP layer returns it: ``(hidden_states, None)``."""
+
+    def forward(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        out = inner(*args, **kwargs)
+        return out if isinstance(out, tuple) else (out, None)
+
+    return forward
+
+
+class VLLMSiglipAdapter(VLLMClipViTAdapter):
+    """vLLM's ``SiglipVisionModel`` (``siglip.py``): the ``vision_tower`` of Gemma 3, PaliGemma
+    and LLaVA-OneVision. CLIP's layer names and fused ``qkv_proj``, no CLS token (nothing
+    pinned). Gemma 3 and PaliGemma build every layer and read the tower's last output
+    (``post_layernorm`` runs after the restored last layer); OneVision is built up to its read
+    layer as LLaVA is.
+
+    **Layer outputs.** vLLM's ``SiglipEncoderLayer`` returns ``(hidden_states, None)`` and the
+    encoder unpacks it; the engine's layers from ``P`` on return a tensor, so every layer's
+    patched forward is wrapped once more to return the pair.
+
+    **Items.** Each crop of a bare call is one item, as in transformers: Gemma 3's pan-and-scan
+    crops of one image (off by default: one crop per image) are separate items there too.
+    OneVision's crops and frames: as ``VLLMClipViTAdapter``.
+    """
+
+    name = "vllm_siglip"
+    pair_outputs = True
+
+
+class VLLMIdefics3Adapter(Idefics3Adapter):
+    """vLLM's ``Idefics2VisionTransformer`` (``idefics2_vision_model.py``): the
+    ``model.vision_model`` of Idefics3 and SmolVLM. A padded batch of sub-images ``[B, L, D]``
+    (no CLS) with ``patch_attention_mask`` ``[B, H/p, W/p]``, SigLIP's layer names, a fused
+    ``qkv_proj`` (as ``VLLMClipViTAdapter``), every layer built, ``post_layernorm`` after the
+    restored last layer.
+
+    **Items.** vLLM knows what transformers' call does not: ``_process_image_pixels(inputs)``
+    holds ``num_patches``, the sub-images of each image. A wrapper hands the tower call inside
+    the real sub-images of each image (those not all zeros: ``image_pixels_to_features`` drops
+    the others, as transformers does), so each image is one item, also in a prompt with several
+    images (transformers needs ``ik.set_tiles_per_image`` for that).
+
+    **Padding patches** (``patch_attention_mask`` false) are pinned as in transformers: always
+    kept, not counted, never neighbours. Whether they serve as keys follows the tower:
+    transformers masks them; vLLM 0.32's Idefics3 builds its tower with
+    ``apply_encoder_attention_mask=False`` and attends to them, so the pruned layers do too
+    (ratio 0 then equals unpatched vLLM; a call without padding equals transformers).
+    """
+
+    name = "vllm_idefics3"
+    TOWER_PARTS: tuple[str, ...] = ("embeddings", "encoder.layers", "config.patch_size", "post_layernorm")
+    LAYER_PARTS = VLLMClipViTAdapter.LAYER_PARTS
+    layer_parts = VLLMClipViTAdapter.layer_parts
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        if getattr(tower, "use_data_parallel", False):
+            # vLLM 0.32 resets mm_encoder_tp_mode to "weights" for Idefics3 / SmolVLM (no
+            # supports_encoder_tp_data): a vLLM that allows it would shard inside the tower call.
+            raise ValueError(
+                "IPCV does not support mm_encoder_tp_mode='data' for Idefics3's tower (it shards its sub-images "
+                "across ranks inside one call): use the default mm_encoder_tp_mode"
+            )
+        missing = missing_parts(tower, self.TOWER_PARTS)
+        layers = tower.encoder.layers if not missing else None
+        if layers:
+            missing += missing_parts(layers[0], self.LAYER_PARTS)
+        if self.model is not None:  # install_hooks wraps it; checked before anything is patched
+            missing += missing_parts(self.model, ("_process_image_pixels",))
+        require(tower, missing, self.name)
+        self.has_cls = False
+        self._patch_size = tower.config.patch_size
+        self._padding_is_key = not getattr(tower, "apply_encoder_attention_mask", False)
+        return layers
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        if self.model is not None:
+            patch.wrap(self.model, "_process_image_pixels", functools.partial(self._read_images, patch))
+
+    @staticmethod
+    def _read_images(patch: IPCVPatch, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``_process_image_pixels(inputs)`` telling its tower call the real sub-images of each image."""
+
+        def process_image_pixels(inputs: Any) -> Any:
+            counts = [int(n) for n in inputs["num_patches"]]
+            real = (inputs["pixel_values"] != 0).flatten(1).any(-1)
+            per_image = [int(part.sum()) for part in real.split(counts)]
+            with patch.hinted(sub_images_per_image=[n for n in per_image if n]):
+                return inner(inputs)
+
+        return process_image_pixels
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        per_image = hints.get("sub_images_per_image")
+        if per_image is not None:  # vLLM's images, given to transformers' rule as prompts of one image
+            hints = {**hints, "sequences_per_image": per_image}
+        return super().describe_call(tower, args, kwargs, hints)
+
+    def key_rows(
+        self, call: BlockCall, num_rows: int, cu_seqlens: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Every row a key where the tower does not mask its padding (see the class)."""
+        if self._padding_is_key:
+            return None, cu_seqlens
+        return super().key_rows(call, num_rows, cu_seqlens)

@@ -59,6 +59,13 @@ ENGINE: dict[str, Any] = dict(
     seed=0,
     limit_mm_per_prompt={"image": 4, "video": 1},
 )
+# The Qwen checkpoints' chat template (what ``vllm serve`` applies to chat requests): each message's
+# images as the Qwen placeholder, its text as is.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} {% endfor %}"
+)
 # The image processor's resize bounds (pixels): small images stay small (factor 4 = patch 2 x merge 2).
 MIN_PIXELS, MAX_PIXELS = 4 * 4, 64 * 64
 
@@ -112,7 +119,31 @@ INTERNVL_TEXT_OVERRIDES = {
     key: VLLM_TEXT[key]
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 }
-FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat")
+# LLaVA 1.5 / Gemma 3 / PaliGemma: the family table's tiny models (CLIP / SigLIP towers over 32 x 32
+# images of 4 x 4 patches) with decoders of head size 32 for vLLM's CPU attention.
+CLIP_FAMILY_TEXT_OVERRIDES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+}
+# PaliGemma's processor adds 1,152 tokens (<loc....>, <seg...>) after the tiny vocabulary's 263.
+PALIGEMMA_VOCAB = 1536
+CLIP_FAMILY_CHECKPOINTS: dict[str, dict[str, Any]] = {
+    "llava": CLIP_FAMILY_TEXT_OVERRIDES,
+    "llava_next": CLIP_FAMILY_TEXT_OVERRIDES,
+    "llava_onevision": CLIP_FAMILY_TEXT_OVERRIDES,
+    "idefics3": CLIP_FAMILY_TEXT_OVERRIDES,
+    "smolvlm": CLIP_FAMILY_TEXT_OVERRIDES,
+    "gemma3": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32},
+    "paligemma": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32, "vocab_size": PALIGEMMA_VOCAB},
+}
+# The newline tokens vLLM's Gemma 3 and PaliGemma processors look up in the vocabulary (Gemma 3
+# merges the "\n\n" around each image with neighbouring newlines; PaliGemma ends its prompts with
+# "\n"): ids after the tiny vocabulary's.
+NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
+FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS)
 
 
 def build_checkpoint(
@@ -125,7 +156,8 @@ def build_checkpoint(
     max_pixels: int = MAX_PIXELS,
 ) -> Path:
     """Save a tiny ``family`` model (one of ``FAMILIES``: fp32 seeded random weights, tokenizer,
-    image (and Qwen3-VL / InternVL video) processor settings) under ``path``; return the directory.
+    image (and Qwen3-VL / InternVL video) processor settings, a chat template for the Qwen and
+    CLIP / SigLIP families) under ``path``; return the directory.
 
     Args:
         vision: vision-config fields replacing the tiny tower's (e.g. the 7B tower's widths at a
@@ -152,9 +184,11 @@ def build_checkpoint(
         if fields is not None and not isinstance(fields, Mapping):
             raise TypeError(f"{name} must be a mapping of config fields, got {type(fields).__name__}")
     check_int("max_pixels", max_pixels, low=MIN_PIXELS)
-    if family in ("internvl", "internvl_chat"):
+    if family not in CHECKPOINTS:
         if vision or text or max_pixels != MAX_PIXELS:
             raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
+        if family in CLIP_FAMILY_CHECKPOINTS:
+            return _build_clip_family(path, family, seed)
         return _build_internvl(path, seed) if family == "internvl" else _build_internvl_chat(path, seed)
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -179,6 +213,83 @@ def build_checkpoint(
             path
         )
     build_tokenizer().save_pretrained(path)
+    (path / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+    return path
+
+
+def _build_clip_family(path: Path, family: str, seed: int) -> Path:
+    """The family table's tiny ``family`` model (LLaVA 1.5, LLaVA-NeXT, Gemma 3, PaliGemma) and processor,
+    with the decoder of ``CLIP_FAMILY_CHECKPOINTS`` and an output layer of its own, saved as vLLM
+    loads them.
+
+    What vLLM needs beyond transformers: the tower's weights under the Hub's names,
+    ``vision_tower.vision_model.*`` (transformers 5 saves ``vision_tower.embeddings.*``, ...);
+    Gemma 3's and PaliGemma's newline tokens in the vocabulary (``NEWLINES``); PaliGemma's
+    ``image_seq_length`` on the image processor and a vocabulary covering the tokens its
+    processor adds. The processor's settings (LLaVA's ``patch_size``,
+    ``vision_feature_select_strategy``, ``num_additional_image_tokens``; Gemma 3's
+    ``image_token`` / ``boi_token`` / ``eoi_token`` and ``image_seq_length``) come from
+    ``ipcv_kernels.testing.processors.clip_family_processor``.
+    """
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from tokenizers import AddedToken
+
+    from ..families import family as family_row
+    from ..testing.models import finish, jitter
+
+    tiny = family_row(family).tiny_model
+    text = CLIP_FAMILY_CHECKPOINTS[family]
+    fields = tiny.fields(text)
+    if family == "paligemma":  # the projector maps the tower to the decoder's width
+        fields["projection_dim"] = text["hidden_size"]
+        fields["vision_config"] = {**fields["vision_config"], "projection_dim": text["hidden_size"]}
+    config = getattr(transformers, tiny.config_class)(**fields)
+    config.architectures = [tiny.model_class]
+    # Untied output layer: tied, a tiny decoder tends to repeat the prompt whatever the image.
+    config.tie_word_embeddings = False
+    config.get_text_config().tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = getattr(transformers, tiny.model_class)(config)
+    jitter(model, seed)
+    finish(model, "sdpa", torch.float32).save_pretrained(path)
+
+    weights_file = path / "model.safetensors"
+    weights = load_file(str(weights_file))
+    prefix = "vision_tower."
+    renamed = {
+        (
+            f"{prefix}vision_model.{name[len(prefix) :]}"
+            if name.startswith(prefix) and not name.startswith(f"{prefix}vision_model.")
+            else name
+        ): tensor
+        for name, tensor in weights.items()
+    }
+    save_file(renamed, str(weights_file), metadata={"format": "pt"})
+
+    processor = tiny.processor()
+    if family in ("gemma3", "paligemma"):
+        processor.tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in NEWLINES])
+    if family == "paligemma":
+        processor.image_processor.image_seq_length = processor.image_seq_length
+    if len(processor.tokenizer) > config.get_text_config().vocab_size:
+        raise ValueError(f"the {family} tokenizer's {len(processor.tokenizer)} tokens exceed the vocabulary")
+    processor.save_pretrained(path)
+    if type(processor).__name__ == "UncheckedVideoProcessor":
+        # The tiny processor is a subclass (``unchecked_video_processor``) whose save writes its own
+        # class name and none of the processor's fields: write what vLLM's AutoProcessor reads.
+        import inspect
+        import json
+
+        processor_class = type(processor).__mro__[1]
+        config_file = path / "processor_config.json"
+        saved = json.loads(config_file.read_text())
+        saved["processor_class"] = processor_class.__name__
+        for name in inspect.signature(processor_class.__init__).parameters:
+            value = getattr(processor, name, None)
+            if name not in saved and name != "chat_template" and isinstance(value, (str, int, float, bool)):
+                saved[name] = value
+        config_file.write_text(json.dumps(saved, indent=2))
     return path
 
 

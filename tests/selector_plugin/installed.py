@@ -11,6 +11,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent
 SELECTOR_NAME = "plugin_l1"  # the entry point's name in pyproject.toml
+LOGGED_SELECTOR_NAME = "plugin_logged"  # the default score, logging each call's rows
 
 
 def install_plugin(directory: Path) -> Path:

@@ -4,7 +4,8 @@ with seeded random weights that vLLM and transformers both load:
 - the plugin patches the model when vLLM builds it (``hf_overrides={"ipcv": ...}``);
 - ratio 0 equals unpatched vLLM;
 - with pruning, vLLM's vision embeddings equal transformers' ``apply_ipcv`` on the same weights
-  (one image, several of different sizes in one encoder call, a video; ``scope="image"`` and
+  (one image, several of different sizes in one encoder call, a video where the family takes
+  one: each test runs every call of ``Family.calls``; ``scope="image"`` and
   ``"authors"``; with and without stabilisation blocks), and the tower's token counts show the
   pruning;
 - batched ``generate`` (several requests' images in one encoder call) equals each request alone.
@@ -15,7 +16,13 @@ after the pruned stretch from block 2; vLLM's output is the merger's and every t
 concatenated), InternVL in transformers' format (vLLM's ``InternS1``: batched tiles with CLS,
 separate q / k / v) and InternVL in its own format (``InternVLChatModel``, fused ``qkv``,
 remote-code config; compared with transformers' native model of the same weights). InternVL's
-items: each image's tiles, each video frame.
+items: each image's tiles, each video frame. The CLIP / SigLIP families: LLaVA 1.5 (CLIP built up
+to ``vision_feature_layer``, CLS dropped after the encoder), LLaVA-NeXT (anyres crops of each
+image one item; vLLM's padded stack: its padding crops are items of their own), LLaVA-OneVision
+(SigLIP anyres crops, a video's frames one item), Gemma 3 and PaliGemma (SigLIP, layers returning
+pairs), Idefics3 and SmolVLM (sub-images of each image one item from vLLM's ``num_patches``,
+padding patches pinned; the tower path ``model.vision_model``). transformers gets the same
+pixels (vLLM 0.32 does not normalise these on the device).
 
 Plans are compared up to near-ties (``assert_plans_agree``), embeddings on vLLM's plan.
 Tolerance: blocks before ``P`` run vLLM's own layers (its attention and RMSNorm round differently
@@ -31,9 +38,12 @@ The plugin's settings and refusals are checked in ``test_vllm_plugin.py``, tenso
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import itertools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,12 +100,14 @@ class Family:
 
     name: ``VLLMFamily.name``. checkpoint: the ``build_checkpoint`` family vLLM loads;
     reference_checkpoint: the one transformers loads (the same weights). tower: the vLLM model's
-    tower attribute. make_call(hf_model, call name, seed): a ``Call``. reference(hf_model, pixels,
+    tower attribute path (``"model.vision_model"``). make_call(hf_model, call name, seed): a ``Call``. reference(hf_model, pixels,
     layout): transformers' output for what vLLM's ``embed_multimodal`` returns, concatenated.
     normalise: whether vLLM normalises Qwen pixels on the device (``visual.input_norm``; its
     processor then skips mean / std), so transformers gets the pixels the blocks see. prompt: a
     prompt with one image placeholder; image_sizes: the images ``generate`` gets. recommended:
-    the family's recommended setting (``IPCVConfig`` fields besides its defaults).
+    the family's recommended setting (``IPCVConfig`` fields besides its defaults). calls: the
+    ``CALLS`` the family's vLLM model takes (LLaVA 1.5 and the other image-only families take no
+    video).
     """
 
     name: str
@@ -110,6 +122,7 @@ class Family:
     normalise: bool = False
     engine: dict[str, Any] = field(default_factory=dict)
     recommended: dict[str, Any] = field(default_factory=dict)
+    calls: tuple[str, ...] = CALLS
 
 
 # -- Qwen ----------------------------------------------------------------------------------------
@@ -169,6 +182,109 @@ def internvl_features(hf_model, tiles, items):
     return features.pooler_output.reshape(-1, features.pooler_output.shape[-1])
 
 
+# -- CLIP / SigLIP families (LLaVA 1.5, ...) ------------------------------------------------------
+# Crops of 32 x 32 pixels (4 x 4 patches of 8), one per image; the processor resizes every image to
+# one crop, so images of different sizes reach the tower as crops of one size.
+CLIP_CROPS = {"one_image": 1, "images_of_different_sizes": 3}
+
+
+def clip_call(cls_token, crops_per_image):
+    """``make_call`` of a family whose tower takes ``pixel_values`` ``[images, 3, 32, 32]`` (CLS +
+    4 x 4 patches, or the patches alone); ``crops_per_image``: ``embed_multimodal`` also takes
+    ``num_patches``, the crops of each image (Gemma 3)."""
+
+    def make_call(hf_model, name, seed):
+        generator = torch.Generator().manual_seed(seed)
+        images = CLIP_CROPS[name]
+        pixels = torch.randn(images, 3, 32, 32, generator=generator)
+        kwargs = {"pixel_values": pixels}
+        if crops_per_image:
+            kwargs["num_patches"] = torch.ones(images, dtype=torch.int64)
+        return Call(kwargs, pixels, None, images * (16 + int(cls_token)))
+
+    return make_call
+
+
+def image_features(hf_model, pixels, layout):
+    """transformers' projected image features of every image, ``[images * tokens, D]``."""
+    features = hf_model.model.get_image_features(pixel_values=pixels).pooler_output
+    return torch.cat(list(features)).reshape(-1, features[0].shape[-1])
+
+
+# Anyres (LLaVA-NeXT): images of (height, width) pixels over the pinpoints 32 x 64, 64 x 32 and
+# 64 x 64, so 5, 3 and 3 crops each (base crop included), given to vLLM as a list of each image's
+# crops; ``test_anyres_padding_crops_are_items_of_their_own`` checks vLLM's stacked form.
+ANYRES_SIZES = {"one_image": [[64, 64]], "images_of_different_sizes": [[64, 64], [32, 64], [64, 32]]}
+ANYRES_CROPS = {(64, 64): 5, (32, 64): 3, (64, 32): 3}
+
+
+def anyres_call(hf_model, name, seed, padded=False, rows_per_crop=17):
+    """The images' crops: padded to the most crops (random pixels) for transformers, which drops
+    the padding before its tower as vLLM's model drops it after; for vLLM, the list of each
+    image's own crops, or (``padded``) the padded tensor, as vLLM stacks a prompt's images.
+    ``rows_per_crop``: CLIP's CLS + 4 x 4 patches (LLaVA-NeXT), SigLIP's 4 x 4 (OneVision)."""
+    if name == "video":  # OneVision: one video of 4 frames of 32 x 32, all one item
+        frames = torch.randn(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        return Call({"pixel_values_videos": frames}, frames, None, 4 * rows_per_crop)
+    sizes = ANYRES_SIZES[name]
+    generator = torch.Generator().manual_seed(seed)
+    crops = [ANYRES_CROPS[tuple(size)] for size in sizes]
+    pixels = torch.randn(len(sizes), max(crops), 3, 32, 32, generator=generator)
+    image_sizes = torch.tensor(sizes)
+    given = pixels if padded else [image[:count] for image, count in zip(pixels, crops, strict=True)]
+    rows = (pixels.shape[0] * pixels.shape[1] if padded else sum(crops)) * rows_per_crop
+    return Call({"pixel_values": given, "image_sizes": image_sizes}, pixels, image_sizes, rows)
+
+
+def anyres_features(hf_model, pixels, image_sizes):
+    """transformers' packed image features (every image's crops unpadded, with newline rows) or,
+    without ``image_sizes``, a video's pooled features and newline row: what vLLM's
+    ``embed_multimodal`` returns per image / video, concatenated."""
+    model = hf_model.model
+    if image_sizes is None:
+        features = model.get_video_features(pixel_values_videos=pixels).pooler_output
+        return features.reshape(-1, features.shape[-1])
+    return torch.cat(model.get_image_features(pixel_values=pixels, image_sizes=image_sizes).pooler_output)
+
+
+# Idefics3 / SmolVLM: sub-images of 32 x 32 (4 x 4 patches, no CLS, pixel-shuffled into 4 tokens),
+# several per image. vLLM's call carries each image's count (num_patches); transformers gets them
+# from ik.set_tiles_per_image.
+SUB_IMAGES = {"one_image": [5], "images_of_different_sizes": [5, 2, 1]}
+
+
+def sub_image_call(hf_model, name, seed, padded_columns=0):
+    """Random sub-images of the images of ``SUB_IMAGES[name]``; with ``padded_columns``, the last
+    sub-image's right ``padded_columns`` pixels are padding (zeros, mask false)."""
+    counts = SUB_IMAGES[name]
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(sum(counts), 3, 32, 32, generator=generator)
+    mask = torch.ones(sum(counts), 32, 32, dtype=torch.bool)
+    if padded_columns:
+        pixels[-1, :, :, -padded_columns:] = 0
+        mask[-1, :, -padded_columns:] = False
+    kwargs = {"pixel_values": pixels, "pixel_attention_mask": mask, "num_patches": torch.tensor(counts)}
+    return Call(kwargs, pixels, (mask, counts), sum(counts) * 16)
+
+
+def sub_image_features(hf_model, pixels, layout):
+    """transformers' image features ``[sub-images * 4, D]``, the images' counts set on its patch."""
+    mask, counts = layout
+    if ik.get_ipcv_patch(hf_model) is not None:
+        ik.set_tiles_per_image(hf_model, counts)
+    features = hf_model.model.get_image_features(
+        pixel_values=pixels[None], pixel_attention_mask=mask[None]
+    ).pooler_output
+    return features.reshape(-1, features.shape[-1])
+
+
+def sub_image_family(name, checkpoint, prefix):
+    return Family(
+        name, checkpoint, checkpoint, f"{prefix}ForConditionalGeneration", "model.vision_model", sub_image_call,
+        sub_image_features, "user what is <image> ? assistant", CLIP_IMAGES, calls=tuple(SUB_IMAGES),
+    )  # fmt: skip
+
+
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
 QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
 INTERNVL_IMAGES = [
@@ -183,6 +299,17 @@ def qwen(name, checkpoint, prefix, reference=qwen_merger):
     return Family(
         name, checkpoint, checkpoint, f"{prefix}ForConditionalGeneration", "visual", qwen_call, reference,
         QWEN_PROMPT, QWEN_IMAGES, normalise=True,
+    )  # fmt: skip
+
+
+CLIP_IMAGES = [(40, 56), (32, 32), (64, 24)]
+
+
+def clip_family(name, checkpoint, prefix, prompt, cls_token=True, crops_per_image=False, **extra):
+    return Family(
+        name, checkpoint, checkpoint, f"{prefix}ForConditionalGeneration", "vision_tower",
+        clip_call(cls_token, crops_per_image),
+        image_features, prompt, CLIP_IMAGES, calls=tuple(CLIP_CROPS), **extra,
     )  # fmt: skip
 
 
@@ -202,6 +329,43 @@ FAMILIES = {
     "internvl_chat": internvl(
         "InternVL-Chat", "internvl_chat", "vision_model", "w5 w6 <image> w7 w8", engine={"trust_remote_code": True}
     ),
+    # vLLM builds CLIP up to vision_feature_layer (-2), fused qkv, CLS dropped after the last layer.
+    "llava": clip_family("LLaVA 1.5", "llava", "Llava", "user what is <image> ? assistant"),
+    # Anyres: each image's crops one item, counted from image_sizes as vLLM counts them.
+    "llava_next": Family(
+        "LLaVA-NeXT",
+        "llava_next",
+        "llava_next",
+        "LlavaNextForConditionalGeneration",
+        "vision_tower",
+        anyres_call,
+        anyres_features,
+        "user what is <image> ? assistant",
+        CLIP_IMAGES,
+        calls=tuple(ANYRES_SIZES),
+    ),
+    # SigLIP crops of anyres images, and videos (all frames of one video one item).
+    "llava_onevision": Family(
+        "LLaVA-OneVision",
+        "llava_onevision",
+        "llava_onevision",
+        "LlavaOnevisionForConditionalGeneration",
+        "vision_tower",
+        functools.partial(anyres_call, rows_per_crop=16),
+        anyres_features,
+        "user what is <image> ? assistant",
+        CLIP_IMAGES,
+        calls=(*ANYRES_SIZES, "video"),
+    ),
+    # Sub-images of each image one item (vLLM's num_patches), padding patches pinned.
+    "idefics3": sub_image_family("Idefics3", "idefics3", "Idefics3"),
+    "smolvlm": sub_image_family("SmolVLM", "smolvlm", "SmolVLM"),
+    # vLLM's SigLIP: no CLS, layers returning (hidden, None); Gemma 3's image placeholder is <boi>.
+    "gemma3": clip_family(
+        "Gemma 3", "gemma3", "Gemma3", "user what is <boi> ? assistant", cls_token=False, crops_per_image=True
+    ),
+    # vLLM inserts PaliGemma's image tokens (and <bos>) before the prompt itself.
+    "paligemma": clip_family("PaliGemma", "paligemma", "PaliGemma", "what is this ?", cls_token=False),
 }
 
 
@@ -253,9 +417,10 @@ def encode(llm, family, call, config):
             ikv.remove_ipcv(model)
         else:
             record_plans(patch)
-        tower = getattr(model, family.tower)
+        tower = operator.attrgetter(family.tower)(model)
         pixels = tower.input_norm(call.pixels.clone(), tower.dtype) if family.normalise else call.pixels
-        embeddings = torch.cat(model.embed_multimodal(**call.kwargs)).clone()
+        items = list(model.embed_multimodal(**call.kwargs))  # a tuple, or [B, L, D]
+        embeddings = torch.cat([item.reshape(-1, item.shape[-1]) for item in items]).clone()
         ikv.apply_ipcv(model, CONFIG)
         if patch is None:
             return embeddings, pixels, None, None
@@ -293,33 +458,46 @@ def test_every_vllm_row_of_the_family_table_is_tested_here():
         assert (family.name, family.recommended) == (rows[family_id].name, rows[family_id].recommended)
 
 
-@pytest.mark.parametrize("name", CALLS)
-def test_ratio_zero_equals_unpatched(llm, family, hf_models, name):
-    call = family.make_call(hf_models[0], name, next(_fresh))
-    expected, _, _, _ = encode(llm, family, call, None)
-    got, _, _, _ = encode(llm, family, call, ik.IPCVConfig(**{**SETTINGS, "ratio": 0.0}))
-    assert_close(got, expected)
+@contextlib.contextmanager
+def checking(name):
+    """Failures inside name the call they checked (each test runs every call its family takes:
+    LLaVA 1.5, Gemma 3 and PaliGemma take no video in vLLM)."""
+    try:
+        yield
+    except AssertionError as error:
+        raise AssertionError(f"call {name!r}: {error}") from error
+
+
+def test_ratio_zero_equals_unpatched(llm, family, hf_models):
+    for name in family.calls:
+        with checking(name):
+            call = family.make_call(hf_models[0], name, next(_fresh))
+            expected, _, _, _ = encode(llm, family, call, None)
+            got, _, _, _ = encode(llm, family, call, ik.IPCVConfig(**{**SETTINGS, "ratio": 0.0}))
+            assert_close(got, expected)
 
 
 @pytest.mark.parametrize("scope", ["image", "authors"])
 @pytest.mark.parametrize("as_layers", [2, 0])
-@pytest.mark.parametrize("name", CALLS)
-def test_vision_embeddings_equal_transformers(llm, family, hf_models, name, as_layers, scope):
-    """vLLM's plan equals the float64 transformers model's up to near-ties (a few of ~100 dropped
-    tokens per call swap neighbours whose distances tie to ~1e-7: vLLM's, transformers' fp32 and
-    fp64 blocks round differently), and on that plan vLLM's embeddings equal transformers'."""
+def test_vision_embeddings_equal_transformers(llm, family, hf_models, as_layers, scope):
+    """For every call the family takes: vLLM's plan equals the float64 transformers model's up to
+    near-ties (a few of ~100 dropped tokens per call swap neighbours whose distances tie to ~1e-7:
+    vLLM's, transformers' fp32 and fp64 blocks round differently), and on that plan vLLM's
+    embeddings equal transformers'."""
     config = ik.IPCVConfig(**{**SETTINGS, "as_layers": as_layers, "scope": scope})
-    call = family.make_call(hf_models[0], name, next(_fresh))
-    got, pixels, tokens, plan = encode(llm, family, call, config)
     hf32, hf64 = hf_models
-    _, (x_before64, x_after64, plan64) = transformers_run(family, hf64, config, pixels, call.layout)
-    assert_plans_agree(plan, plan64, x_before64, x_after64)
-    expected32, _ = transformers_run(family, hf32, config, pixels, call.layout, pinned=plan)
-    expected64, _ = transformers_run(family, hf64, config, pixels, call.layout, pinned=plan)
-    assert got.shape == expected64.shape
-    assert_close_to_reference(got, expected64, expected32)
-    assert tokens[: config.prune_layer] == [call.tokens] * config.prune_layer
-    assert all(count < call.tokens for count in tokens[config.prune_layer :])
+    for name in family.calls:
+        with checking(name):
+            call = family.make_call(hf32, name, next(_fresh))
+            got, pixels, tokens, plan = encode(llm, family, call, config)
+            _, (x_before64, x_after64, plan64) = transformers_run(family, hf64, config, pixels, call.layout)
+            assert_plans_agree(plan, plan64, x_before64, x_after64)
+            expected32, _ = transformers_run(family, hf32, config, pixels, call.layout, pinned=plan)
+            expected64, _ = transformers_run(family, hf64, config, pixels, call.layout, pinned=plan)
+            assert got.shape == expected64.shape
+            assert_close_to_reference(got, expected64, expected32)
+            assert tokens[: config.prune_layer] == [call.tokens] * config.prune_layer
+            assert all(count < call.tokens for count in tokens[config.prune_layer :])
 
 
 def test_each_image_is_its_own_item(llm, family, hf_models):
@@ -350,7 +528,9 @@ def test_generate_batched_equals_each_request_alone(llm, family):
         return {"prompt": family.prompt, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [run]}}
 
     calls = []
-    (hook,) = llm.apply_model(lambda m: getattr(m, family.tower).register_forward_hook(lambda *_: calls.append(1)))
+    (hook,) = llm.apply_model(
+        lambda m: operator.attrgetter(family.tower)(m).register_forward_hook(lambda *_: calls.append(1))
+    )
     try:
         batched = llm.generate([request(im, f"b{next(_fresh)}") for im in images], params, use_tqdm=False)
         batched_calls = len(calls)
@@ -363,3 +543,55 @@ def test_generate_batched_equals_each_request_alone(llm, family):
     assert len({tuple(out.outputs[0].token_ids) for out in alone}) > 1  # the images steer the tokens
     (tokens,) = llm.apply_model(lambda m: ik.get_ipcv_patch(m).last_tokens_per_block)
     assert tokens[-1] < tokens[0]
+
+
+@pytest.mark.parametrize("family", [FAMILIES["llava_next"]], ids=["llava_next"], indirect=True)
+def test_anyres_padding_crops_are_items_of_their_own(llm, family, hf_models):
+    """vLLM stacks a prompt's images as one tensor padded to the most crops, encodes the padding
+    crops and drops their features afterwards: each padding crop is an item of its own, so every
+    image's embeddings equal those of its crops alone."""
+    seed = next(_fresh)
+    padded = anyres_call(hf_models[0], "images_of_different_sizes", seed, padded=True)
+    alone = anyres_call(hf_models[0], "images_of_different_sizes", seed)
+    got, _, tokens, _ = encode(llm, family, padded, CONFIG)
+    expected, _, _, _ = encode(llm, family, alone, CONFIG)
+    assert tokens[0] == padded.tokens > alone.tokens
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("family", [FAMILIES["idefics3"]], ids=["idefics3"], indirect=True)
+def test_sub_image_padding_is_pinned_and_ratio_zero_equals_unpatched(llm, family, hf_models):
+    """A sub-image with padding patches (``patch_attention_mask`` false): ratio 0 equals unpatched
+    vLLM (whose tower, unlike transformers', attends to them), and with pruning every padding
+    row is kept and no dropped row takes one as a neighbour."""
+    call = sub_image_call(hf_models[0], "images_of_different_sizes", next(_fresh), padded_columns=8)
+    expected, _, _, _ = encode(llm, family, call, None)
+    got, _, _, _ = encode(llm, family, call, ik.IPCVConfig(**{**SETTINGS, "ratio": 0.0}))
+    assert_close(got, expected)
+    _, _, tokens, plan = encode(llm, family, call, CONFIG)
+    padding = (~call.kwargs["pixel_attention_mask"][:, ::8, ::8]).reshape(-1).nonzero().squeeze(1)
+    assert padding.numel() == 4  # the last sub-image's right patch column
+    assert set(padding.tolist()) <= set(plan.keep.tolist())
+    padding_in_keep = torch.searchsorted(plan.keep, padding)
+    assert not torch.isin(plan.neighbors, padding_in_keep).any()
+    assert tokens[-1] < tokens[0] == call.tokens
+
+
+@pytest.mark.parametrize("family", [FAMILIES["llava_next"]], ids=["llava_next"], indirect=True)
+def test_an_anyres_model_without_the_method_the_adapter_wraps_is_refused(llm, family):
+    """Without ``_process_image_pixels`` the crops of each image could not be told apart: a vLLM
+    whose LLaVA-NeXT lacks it is refused when the patch is made, naming it."""
+    from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+
+    def apply(model):
+        ikv.remove_ipcv(model)  # the plugin's patch wraps the method on the instance
+        with pytest.MonkeyPatch.context() as patched:
+            patched.delattr(LlavaNextForConditionalGeneration, "_process_image_pixels")
+            with pytest.raises(TypeError, match="lacks _process_image_pixels"):
+                ikv.apply_ipcv(model, CONFIG)
+            untouched = ik.get_ipcv_patch(model) is None and "forward" not in vars(model.vision_tower)
+        ikv.apply_ipcv(model, CONFIG)
+        assert untouched  # refused before anything was wrapped
+        return ik.get_ipcv_patch(model).config
+
+    assert llm.apply_model(apply) == [CONFIG]

@@ -1,13 +1,15 @@
 """The vLLM plugin's behaviour, on vLLM's own Qwen2-VL (CPU, fp32, eager): ``get_ipcv_patch`` on
 an unpatched model; ``generate`` with a video through vLLM's processor equals transformers'
 embeddings and greedy tokens; a bad request does not take the engine down; invalid settings fail
-at engine start, naming the field; settings IPCV cannot work with are refused; without an
-``ipcv`` key nothing changes; InternVL's own format refuses a data-parallel encoder. What every
+when the engine configuration is built, naming the field; settings IPCV cannot work with are
+refused; without an ``ipcv`` key nothing changes; InternVL's own format refuses a data-parallel encoder. What every
 family must do is in ``test_vllm_families.py``."""
 
 from __future__ import annotations
 
 import itertools
+import re
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -131,12 +133,58 @@ def _chain(error):
         error = error.__cause__ or error.__context__
 
 
-def test_invalid_ipcv_dict_fails_at_engine_start(checkpoint):
+def test_invalid_ipcv_dict_fails_when_the_engine_config_is_built(checkpoint):
+    """Refused by ``create_engine_config`` in the caller's process (no engine is started), the
+    error itself naming the field (the server's refusal: ``test_vllm_serve.py``)."""
     from vllm import LLM
 
-    with pytest.raises(Exception) as raised:
+    with pytest.raises(ValueError, match=r"^hf_overrides\['ipcv'\]: ratio must be in \[0, 1\), got 1.5$") as raised:
         LLM(model=checkpoint("qwen2_vl"), hf_overrides={"ipcv": {"ratio": 1.5}}, **ENGINE)
-    assert any(isinstance(e, ValueError) and "ratio" in str(e) for e in _chain(raised.value))
+    assert raised.traceback[-1].name == "check_settings"
+
+
+def fake_engine_config(ipcv, architectures=("Qwen2VLForConditionalGeneration",), **compilation):
+    return SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(ipcv=ipcv, architectures=list(architectures))),
+        compilation_config=SimpleNamespace(**compilation),
+    )
+
+
+@pytest.mark.parametrize(
+    "ipcv, architectures, error, message",
+    [
+        ({"ratio": 1.5}, None, ValueError, "ratio"),
+        ({"num_neighbours": 3}, None, TypeError, "num_neighbours"),
+        ({"as_layers": "7"}, None, TypeError, "as_layers"),
+        ({"scope": "tile"}, None, ValueError, "scope"),
+        ({"selection": "no_such_selector"}, None, ValueError, "no_such_selector"),
+        ([("ratio", 0.5)], None, TypeError, "must be a dict"),
+        ({"ratio": 0.5}, ["MllamaForConditionalGeneration"], ValueError, "MllamaForConditionalGeneration"),
+    ],
+)
+def test_check_settings_refuses_before_any_model(ipcv, architectures, error, message):
+    config = fake_engine_config(ipcv, *([architectures] if architectures else []))
+    with pytest.raises(error, match=message):
+        ikv.plugin.check_settings(config)
+
+
+def test_check_settings_takes_the_family_recommendation_and_engine_settings():
+    internvl = ["InternVLForConditionalGeneration"]
+    assert ikv.plugin.check_settings(fake_engine_config({"ratio": 0.3}, internvl)) == ik.IPCVConfig(
+        prune_layer=7, ratio=0.3, as_layers=3, num_neighbors=10
+    )
+    assert ikv.plugin.check_settings(fake_engine_config(None)) is None
+    with pytest.raises(ValueError, match="compile_mm_encoder"):
+        ikv.plugin.check_settings(fake_engine_config({}, compile_mm_encoder=True))
+
+
+def test_register_wraps_create_engine_config_once():
+    from vllm.engine.arg_utils import EngineArgs
+
+    wrapped = EngineArgs.create_engine_config
+    ikv.register()
+    assert EngineArgs.create_engine_config is wrapped  # idempotent
+    assert wrapped.__wrapped__.__qualname__ == "EngineArgs.create_engine_config"
 
 
 def test_data_parallel_encoder_is_refused_for_intern_vit(checkpoint):
@@ -218,3 +266,44 @@ def test_an_intern_vit_layer_without_what_the_adapter_uses_is_refused(checkpoint
         with pytest.raises(Exception) as raised:
             LLM(model=checkpoint("internvl_chat"), trust_remote_code=True, hf_overrides={"ipcv": SETTINGS}, **ENGINE)
     assert any(isinstance(e, TypeError) and "_apply_qk_norm" in str(e) for e in _chain(raised.value))
+
+
+@pytest.mark.parametrize(
+    "version, inside", [("0.32.0", True), ("0.33.0", True), ("0.34.0+cpu", True), ("0.31.2", False), ("0.35.0", False)]
+)
+def test_versions_outside_the_checked_range_warn(version, inside):
+    from ipcv_kernels.vllm.compat import check_vllm_version
+
+    if inside:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert check_vllm_version(version)
+    else:
+        with pytest.warns(RuntimeWarning, match=f"this is vLLM {re.escape(version)}"):
+            assert not check_vllm_version(version)
+
+
+def test_the_running_vllm_is_in_the_checked_range():
+    from ipcv_kernels.vllm.compat import check_vllm_version
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_vllm_version()
+
+
+def test_a_qwen_block_with_another_signature_is_refused_when_patching(llm):
+    """A vLLM whose Qwen2-VL block takes the rotary table under another name (as vLLM 0.11 did,
+    ``rotary_pos_emb``) is refused when the patch is made, naming the missing parameters."""
+    from vllm.model_executor.models.qwen2_vl import Qwen2VisionBlock
+
+    def old_forward(self, x, cu_seqlens, rotary_pos_emb, max_seqlen=None):
+        raise AssertionError("never called")
+
+    def apply(model):
+        with pytest.MonkeyPatch.context() as patched:
+            patched.setattr(Qwen2VisionBlock, "forward", old_forward)
+            with pytest.raises(TypeError, match=r"lacks .*rotary_pos_emb_cos=.*rotary_pos_emb_sin=.*vLLM 0\.32\.0"):
+                ikv.apply_ipcv(model, CONFIG)
+        return ik.get_ipcv_patch(model).config  # the model keeps its patch
+
+    assert llm.apply_model(apply) == [CONFIG]
