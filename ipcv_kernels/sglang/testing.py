@@ -1,0 +1,114 @@
+"""Running SGLang's model code on the CPU without its server: what ``tests/sglang`` use.
+
+SGLang's server cannot start on a CPU machine without a CPU build of ``sgl_kernel`` (PyPI has
+none), but its models build and run there once a process has what SGLang's scheduler would set up:
+a ``torch.distributed`` world (gloo), SGLang's published server arguments and its model-parallel
+groups (``init_process``). Models are then built the way SGLang's workers build them, through its
+model loader (``load_model``: ``ModelConfig`` with ``--json-model-override-args``,
+``get_model`` → ``DefaultModelLoader.load_model`` → ``_initialize_model``, where the plugin's hook
+sits) from a tiny saved checkpoint (``build_checkpoint``).
+
+Leave ``SGLANG_USE_CPU_ENGINE`` unset: set, SGLang's imports need ``sgl_kernel``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .._validation import check_int
+
+# The families ``build_checkpoint`` saves (those of ``ipcv_kernels.vllm.testing`` that SGLang has).
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
+# (the text config's, through transformers' config); transformers' vision norms use 1e-6.
+VISION_EPS = 1e-6
+
+
+def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 0) -> Path:
+    """Save a tiny ``family`` model (one of ``FAMILIES``) that SGLang and transformers both load,
+    with the same seeded random weights; return its directory.
+
+    The vLLM tests' checkpoint (``ipcv_kernels.vllm.testing.build_checkpoint``) with what SGLang
+    0.5.23 reads differently: the text config's ``rms_norm_eps`` is 1e-6 (SGLang's vision norms
+    take it, transformers' are 1e-6), and Qwen2-VL's vision config also carries ``in_chans`` (SGLang
+    reads it; transformers 5 writes ``in_channels``). Weights keep transformers' saved names, which
+    SGLang's ``load_weights`` maps.
+    """
+    from ..vllm.testing import build_checkpoint as build_vllm_checkpoint
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    check_int("seed", seed, low=0)
+    path = build_vllm_checkpoint(path, family, seed=seed, text={"rms_norm_eps": VISION_EPS})
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    vision = config["vision_config"]
+    vision.setdefault("in_chans", vision.get("in_channels", 3))
+    config_file.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def init_process(
+    model_path: str | Path,
+    *,
+    tp_size: int = 1,
+    rank: int = 0,
+    port: int = 29611,
+    mm_attention_backend: str = "sdpa",
+) -> None:
+    """Set this process up as one of ``tp_size`` SGLang tensor-parallel ranks on the CPU (gloo):
+    ``torch.distributed``, SGLang's published server arguments (``device="cpu"``,
+    ``mm_attention_backend``) and its model-parallel groups. Call once per process, before building
+    a model; every rank calls it with the same ``port``. ``model_path``: a saved checkpoint (SGLang
+    resolves its server arguments against the model's config).
+    """
+    check_int("tp_size", tp_size, low=1)
+    check_int("rank", rank, low=0, high=tp_size)
+    check_int("port", port, low=1024, high=65536)
+    import sglang.srt.layers.rotary_embedding.base as rotary
+    from sglang.srt.distributed import parallel_state
+    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    # Without CUDA and without SGLang's CPU engine the text model's rotary embedding would import
+    # vLLM's custom ops; SGLang's CPU path is plain PyTorch.
+    rotary._is_cpu = True
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    parallel_state.init_distributed_environment(
+        world_size=tp_size,
+        rank=rank,
+        local_rank=rank,
+        distributed_init_method=f"tcp://127.0.0.1:{port}",
+        backend="gloo",
+    )
+    server_args = ServerArgs(
+        model_path=str(model_path), device="cpu", mm_attention_backend=mm_attention_backend, tp_size=tp_size
+    )
+    reset_context()
+    publish(server_args, role="test", ranks=SpawnRanks(world_rank=rank))
+    get_parallel().override_permanently(world_group=parallel_state._WORLD)
+    parallel_state.initialize_model_parallel(backend="gloo")  # the published widths
+
+
+def load_model(path: str | Path, *, overrides: Mapping[str, Any] | None = None, dtype: str = "float32") -> nn.Module:
+    """The model of the checkpoint at ``path``, built and loaded on the CPU by SGLang's loader path
+    (``get_model`` → ``DefaultModelLoader.load_model`` → ``_initialize_model`` → ``load_weights``),
+    with ``overrides`` as ``--json-model-override-args`` (e.g. ``{"ipcv": {"ratio": 0.5}}``)."""
+    from sglang.srt.configs.device_config import DeviceConfig
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader import get_model
+
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be a mapping, got {type(overrides).__name__}")
+    model_config = ModelConfig(model_path=str(path), model_override_args=json.dumps(dict(overrides or {})), dtype=dtype)
+    return get_model(
+        model_config=model_config, load_config=LoadConfig(load_format="auto"), device_config=DeviceConfig("cpu")
+    )
