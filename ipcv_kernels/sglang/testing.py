@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._validation import check_int
@@ -112,3 +113,97 @@ def load_model(path: str | Path, *, overrides: Mapping[str, Any] | None = None, 
     return get_model(
         model_config=model_config, load_config=LoadConfig(load_format="auto"), device_config=DeviceConfig("cpu")
     )
+
+
+def encode_on_ranks(
+    path: str | Path,
+    ipcv: Mapping[str, Any],
+    pixels: torch.Tensor,
+    grid_thw: torch.Tensor,
+    *,
+    tp_size: int = 2,
+    port: int = 29631,
+    timeout: float = 300.0,
+) -> list[dict[str, Any]]:
+    """Run SGLang's tower of the checkpoint at ``path`` under ``tensor_parallel_size=tp_size`` (one
+    spawned process per rank, gloo), the model built by SGLang's loader with the plugin (loaded
+    through its entry point) and ``{"ipcv": ipcv}``, on ``pixels`` ``[n, C * T * p * p]`` /
+    ``grid_thw`` ``[items, 3]``. Returns each rank's ``{"output", "tokens", "heads"}`` and its plan's
+    fields (``IPCVPlan``: ``keep``, ``drop``, ``cu_keep``, ``cu_drop``, ``neighbors``, ``cu_seqlens_kept``) (CPU tensors; ``tokens``: ``last_tokens_per_block``;
+    ``heads``: the rank's attention heads), by rank.
+    """
+    import multiprocessing
+
+    check_int("tp_size", tp_size, low=1)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [
+        context.Process(
+            target=_rank_worker,
+            args=(str(path), dict(ipcv), pixels.numpy(), grid_thw.numpy(), tp_size, rank, port, results),
+        )
+        for rank in range(tp_size)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        collected = dict(results.get(timeout=timeout) for _ in workers)
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+    failures = {rank: result for rank, result in collected.items() if isinstance(result, str)}
+    if failures:
+        raise RuntimeError(f"tensor-parallel ranks failed: {failures}")
+    # Arrays, not tensors, cross the process boundary: a tensor would be shared through a file
+    # descriptor that dies with its (finished) process.
+    return [
+        {
+            name: value if name in ("tokens", "heads") else torch.from_numpy(value)
+            for name, value in collected[rank].items()
+        }
+        for rank in range(tp_size)
+    ]
+
+
+def _rank_worker(
+    path: str,
+    ipcv: dict[str, Any],
+    pixels: Any,
+    grid_thw: Any,
+    tp_size: int,
+    rank: int,
+    port: int,
+    results: Any,
+) -> None:
+    """One rank of ``encode_on_ranks``: puts ``(rank, result dict)``, or ``(rank, traceback)``."""
+    import traceback
+
+    try:
+        from sglang.srt.plugins import load_plugins
+
+        from ..api import get_ipcv_patch
+
+        torch.set_num_threads(1)
+        init_process(path, tp_size=tp_size, rank=rank, port=port)
+        load_plugins()
+        model = load_model(path, overrides={"ipcv": ipcv}).eval()
+        patch = get_ipcv_patch(model)
+        recorded: list[Any] = []
+        plan_of = patch.adapter.plan
+
+        def plan(*args: Any, **kwargs: Any) -> Any:
+            recorded.append(plan_of(*args, **kwargs))
+            return recorded[-1]
+
+        patch.adapter.plan = plan
+        with torch.no_grad():
+            output = model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid_thw))
+        (made,) = recorded
+        result = {name: value.cpu().numpy() for name, value in made._asdict().items()}
+        heads = model.visual.blocks[0].attn.num_attention_heads_per_partition
+        extra = {"tokens": list(patch.last_tokens_per_block), "heads": heads}
+        results.put((rank, {**result, "output": output.cpu().numpy(), **extra}))
+    except Exception:
+        results.put((rank, traceback.format_exc()))
