@@ -31,7 +31,15 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 VISION_EPS = 1e-6
 
 
-def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 0) -> Path:
+def build_checkpoint(
+    path: str | Path,
+    family: str = "qwen2_vl",
+    *,
+    seed: int = 0,
+    vision: Mapping[str, Any] | None = None,
+    text: Mapping[str, Any] | None = None,
+    max_pixels: int | None = None,
+) -> Path:
     """Save a tiny ``family`` model (one of ``FAMILIES``) that SGLang and transformers both load,
     with the same seeded random weights; return its directory.
 
@@ -39,14 +47,19 @@ def build_checkpoint(path: str | Path, family: str = "qwen2_vl", *, seed: int = 
     0.5.23 reads differently: the text config's ``rms_norm_eps`` is 1e-6 (SGLang's vision norms
     take it, transformers' are 1e-6), and Qwen2-VL's vision config also carries ``in_chans`` (SGLang
     reads it; transformers 5 writes ``in_channels``). Weights keep transformers' saved names, which
-    SGLang's ``load_weights`` maps.
+    SGLang's ``load_weights`` maps. ``vision``, ``text``, ``max_pixels``: as for the vLLM
+    checkpoint (a real tower's widths for a benchmark, a longer context, larger images).
     """
     from ..vllm.testing import build_checkpoint as build_vllm_checkpoint
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     check_int("seed", seed, low=0)
-    path = build_vllm_checkpoint(path, family, seed=seed, text={"rms_norm_eps": VISION_EPS})
+    if text is not None and not isinstance(text, Mapping):
+        raise TypeError(f"text must be a mapping of config fields, got {type(text).__name__}")
+    extra: dict[str, Any] = {} if max_pixels is None else {"max_pixels": max_pixels}
+    text = {**(text or {}), "rms_norm_eps": VISION_EPS}
+    path = build_vllm_checkpoint(path, family, seed=seed, vision=vision, text=text, **extra)
     config_file = path / "config.json"
     config = json.loads(config_file.read_text())
     vision = config["vision_config"]
