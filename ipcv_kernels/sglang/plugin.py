@@ -22,7 +22,6 @@ from torch import nn
 from ..config import IPCVConfig
 from ..engine import IPCVPatch
 from ..families import find_sglang_family, recommended_config, sglang_ipcv_patch
-from .adapters import check_tower
 
 CONFIG_KEY = "ipcv"
 HOOK_TARGET = "sglang.srt.model_loader.loader._initialize_model"
@@ -44,7 +43,12 @@ def register() -> None:
 def after_initialize_model(model: nn.Module, model_config: Any, *args: Any, **kwargs: Any) -> None:
     """The AFTER hook of ``_initialize_model(model_config, load_config, quant_config)``: apply
     ``model_config.hf_config.ipcv`` to the model just built (``apply_from_config``). Returns
-    ``None``, so SGLang keeps the model it built."""
+    ``None``, so SGLang keeps the model it built.
+
+    A speculative-decoding draft model (``model_config.is_draft_model``) is left alone: SGLang
+    gives it the same ``--json-model-override-args``, and it encodes no images."""
+    if getattr(model_config, "is_draft_model", False):
+        return
     apply_from_config(model, model_config.hf_config)
 
 
@@ -81,7 +85,8 @@ def apply_from_config(model: nn.Module, hf_config: Any) -> IPCVPatch | None:
     """Install IPCV on ``model`` (an SGLang model just built) if ``hf_config.ipcv`` asks for it.
 
     ``hf_config.ipcv``: a mapping of ``IPCVConfig`` fields; missing ones take the family's
-    recommended setting. Returns the installed patch, or ``None`` without an ``ipcv`` key.
+    recommended setting. Returns the installed patch, or ``None`` without an ``ipcv`` key or
+    when the model was built without its vision tower (the settings are still validated).
 
     Raises:
         TypeError: ``ipcv`` not a mapping, an unknown field or a field of the wrong type, or a
@@ -98,7 +103,13 @@ def apply_from_config(model: nn.Module, hf_config: Any) -> IPCVPatch | None:
             f"got {type(settings).__name__}"
         )
     check_engine_settings()
-    return apply_ipcv(model, recommended_config(model, **settings))
+    config = recommended_config(model, **settings)  # validated, whatever the model holds
+    _, tower = find_sglang_family(model)
+    if tower is None:
+        # Built without its tower (``--language-only``, the language side of an encoder /
+        # language split, which gets the same override arguments): nothing encodes images here.
+        return None
+    return apply_ipcv(model, config)
 
 
 def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> IPCVPatch:
@@ -119,7 +130,7 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> IPCVPatch:
     config = recommended_config(model) if config is None else config
     if not isinstance(config, IPCVConfig):
         raise TypeError(f"config must be an IPCVConfig, got {type(config).__name__}")
-    check_tower(tower)
+    # The adapter's ``blocks`` refuses a CUDA-graphed tower or an unknown SGLang version.
     patch = IPCVPatch(tower, family.sglang.adapter_class()(model), config)  # validates before touching the model
     remove_ipcv(model)
     patch.install()

@@ -139,3 +139,18 @@ def test_apply_ipcv_with_the_recommended_setting_replaces_a_patch(sglang_process
         once = model.visual(pixels, grid_thw=grid)
         iks.apply_ipcv(model, ik.IPCVConfig())
         assert_close(model.visual(pixels, grid_thw=grid), once)
+
+
+def test_draft_models_and_models_without_a_tower_are_left_alone(sglang_process):
+    from types import SimpleNamespace
+
+    model = sglang_process("qwen2_vl")
+    draft = SimpleNamespace(is_draft_model=True, hf_config=SimpleNamespace(ipcv={"ratio": 2.0}))
+    assert plugin.after_initialize_model(model, draft) is None  # not even validated: never applied
+    assert ik.get_ipcv_patch(model) is None
+    model.visual = None  # what --language-only builds for the Qwen3-VL family
+    assert iks.apply_from_config(model, SimpleNamespace(ipcv=SETTINGS)) is None
+    with pytest.raises(ValueError, match="ratio"):  # the settings are still checked
+        iks.apply_from_config(model, SimpleNamespace(ipcv={"ratio": 2.0}))
+    with pytest.raises(TypeError, match="without its vision tower"):
+        iks.apply_ipcv(model, ik.IPCVConfig(**SETTINGS))
