@@ -199,12 +199,13 @@ FAMILIES: tuple[Family, ...] = (
         "InternVL-Chat",
         TILES,
         flops.internvl_flops,
-        # The OpenGVLab checkpoints' own format (``trust_remote_code``): vLLM only.
+        # The OpenGVLab checkpoints' own format (``trust_remote_code``): vLLM and SGLang only.
         vllm=VLLMClasses(
             f"{VLLM_ADAPTERS}:VLLMInternVLChatAdapter",
             {"InternVLChatModel": "vllm.model_executor.models.internvl"},
             {"InternVLChatModel": "vision_model"},
         ),
+        sglang=SGLangClasses(f"{SGLANG_ADAPTERS}:SGLangInternVLChatAdapter", {"InternVLChatModel": "vision_model"}),
         recommended=INTERNVL_RECOMMENDED,
         recommended_source=INTERNVL_SOURCE,
     ),

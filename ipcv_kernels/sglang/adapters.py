@@ -35,14 +35,19 @@ Tensor parallelism: SGLang shards the heads (``qkv_proj`` / ``proj``) and the ML
 states between blocks are replicated, so every rank plans the same ``keep`` / ``drop`` /
 neighbours, and the stabilisation blocks compute the rank's heads as SGLang's own block does.
 
+InternVL (``SGLangInternVLChatAdapter``): SGLang's InternViT takes batched tiles ``[tiles, 1 + N,
+D]`` as vLLM's does, so its adapter is vLLM's InternVL one (``engine.batched``: CLS rows pinned,
+each image's tiles one item) with SGLang's layer parts and call sites.
+
 CUDA graphs: SGLang's ViT CUDA-graph path (``SGLANG_VIT_ENABLE_CUDA_GRAPH``; Qwen2.5-VL's and
-Qwen3-VL's ``forward_with_cuda_graph``) replays blocks captured for fixed token counts per layout,
-which IPCV changes per input from block ``P`` on: refused when the patch is made
-(``check_tower``).
+Qwen3-VL's ``forward_with_cuda_graph``, InternViT's graph runner) replays blocks captured for fixed
+token counts per layout, which IPCV changes per input from block ``P`` on: refused when the patch is
+made (``check_tower``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -51,10 +56,11 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..engine import BlockCall, ForwardState
+from ..engine import BlockCall, ForwardState, IPCVPatch, read_blocks
+from ..engine.batched import PrenormLayer
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
-from ..vllm.adapters import VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
+from ..vllm.adapters import VLLMInternVLChatAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
 
 CUDA_GRAPH_VARIABLE = "SGLANG_VIT_ENABLE_CUDA_GRAPH"
 # What SGLang's ``VisionAttention`` and blocks must offer (checked when the patch is made, so an
@@ -69,26 +75,39 @@ def vit_cuda_graph_enabled() -> bool:
     return os.environ.get(CUDA_GRAPH_VARIABLE, "false").strip().lower() in ("1", "true", "yes", "y", "on")
 
 
-def check_tower(tower: nn.Module) -> None:
+def check_tower(tower: nn.Module, blocks_path: str = "blocks", attention_path: str = "attn") -> None:
     """Refuse a tower IPCV cannot patch: CUDA-graphed (``ValueError``) or of an SGLang version
-    whose blocks lack what the adapter uses (``TypeError`` naming it)."""
-    if getattr(tower, "enable_cg", False) or vit_cuda_graph_enabled():
+    whose blocks lack what the adapter uses (``TypeError`` naming it). ``blocks_path``: the
+    tower's block list; ``attention_path``: a block's ``VisionAttention``."""
+    encoder = getattr(tower, "encoder", None)
+    if getattr(tower, "enable_cg", False) or getattr(encoder, "enable_cg", False) or vit_cuda_graph_enabled():
         raise ValueError(
             f"IPCV cannot run in SGLang's CUDA-graphed vision encoder ({CUDA_GRAPH_VARIABLE}=1 replays blocks "
             f"captured for fixed token counts; IPCV changes them per image): unset {CUDA_GRAPH_VARIABLE} or remove "
             "the 'ipcv' key from --json-model-override-args"
         )
-    blocks = getattr(tower, "blocks", None)
+    blocks = _follow(tower, blocks_path)
     if not isinstance(blocks, nn.ModuleList) or not len(blocks):
         raise TypeError(f"SGLang's {type(tower).__name__} has no blocks: not supported (tested with {TESTED_VERSION})")
     block = blocks[0]
-    missing = [name for name in ("attn", "mlp", "norm1", "norm2") if not hasattr(block, name)]
-    missing += [f"attn.{name}" for name in ATTENTION_FIELDS if hasattr(block, "attn") and not hasattr(block.attn, name)]
+    missing = [name for name in ("mlp", "norm1", "norm2") if not hasattr(block, name)]
+    attention = _follow(block, attention_path)
+    if attention is None:
+        missing.append(attention_path)
+    else:
+        missing += [f"{attention_path}.{name}" for name in ATTENTION_FIELDS if not hasattr(attention, name)]
     if missing:
         raise TypeError(
             f"SGLang's {type(block).__name__} lacks {', '.join(missing)}: this SGLang version is not supported by "
             f"IPCV's adapter (tested with SGLang {TESTED_VERSION})"
         )
+
+
+def _follow(module: Any, path: str) -> Any:
+    """``module.a.b`` for ``path`` ``"a.b"``; ``None`` where an attribute is missing."""
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
 
 
 def kept_metadata(metadata: Any, cu_seqlens: torch.Tensor, max_seqlen: int | None) -> Any:
@@ -281,3 +300,100 @@ class SGLangQwen3VLAdapter(SGLangQwen2VLAdapter):
     def _rotary_kwargs(self, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
         cos, sin = position_embeddings
         return {"rotary_pos_emb_cos": cos, "rotary_pos_emb_sin": sin}
+
+
+class SGLangInternVLChatAdapter(VLLMInternVLChatAdapter):
+    """SGLang's ``InternVisionModel`` (``InternVLChatModel.vision_model``): InternVL's own format
+    (the ``OpenGVLab/InternVL2-*``, ``InternVL2_5-*``, ``InternVL3-*`` checkpoints).
+
+    **Layers.** ``InternVisionEncoderLayer``: ``x + ls1 * attn(norm1(x))``, ``x + ls2 *
+    mlp(norm2(x))`` on ``[tiles, 1 + N, D]``, its attention an ``InternAttention`` around SGLang's
+    ``VisionAttention`` (``qkv_proj``: the rank's ``[q | k | v]``; an optional QK RMSNorm over every
+    head, ``_apply_qk_norm``: all-gather, norm, split back under tensor parallelism; ``proj``,
+    row-parallel). Layers before ``P`` run SGLang's own layer; from ``P`` on the engine runs the
+    functional pre-norm layer (``engine.batched.prenorm_layer``) on the packed kept rows with this
+    layer's own modules (``layer_parts``), attention through ``ngr_attention``: SGLang builds this
+    attention with ``flatten_batch=False`` (one sequence per batch row), which cannot take packed
+    rows of several tiles. ``qkv_proj`` runs on every row of the context (the stabilisation
+    layers also compute queries of the dropped rows, ``Nd * D * D`` multiply-adds per layer).
+
+    **Items.** SGLang encodes all tiles of a batch's images in one tower call
+    (``extract_feature``); the tiles per image are known one level up: ``get_image_feature(items)``
+    gets one ``MultimodalDataItem`` per image, its ``feature`` the image's tiles ``[tiles, 3, H,
+    W]``. A wrapper of that method hands the counts to the tower call (``IPCVPatch.hinted``), so
+    each image's tiles form one item; ``get_video_feature`` makes each frame its own item, as
+    transformers does. A bare tower call treats all its tiles as one item.
+
+    **Read layer.** ``extract_feature`` reads the last layer's output (``select_layer=-1``) or the
+    ``hidden_states[select_layer]`` entry, which the wrapper passes on as the call's read block.
+
+    **Refused:** ``--mm-enable-dp-encoder`` (the tower shards its tiles across ranks inside one
+    call) and the ViT CUDA graph.
+    """
+
+    name = "sglang_internvl_chat"
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        if getattr(tower, "use_data_parallel", False):
+            raise ValueError(
+                "IPCV does not support --mm-enable-dp-encoder for InternVL's InternViT (the tower shards its tiles "
+                "across ranks inside one call): leave it off"
+            )
+        check_tower(tower, "encoder.layers", "attn.attn")
+        return tower.encoder.layers
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        if self.model is None:
+            return
+        for name, frames in (("get_image_feature", False), ("get_video_feature", True)):
+            if hasattr(self.model, name):
+                patch.wrap(self.model, name, functools.partial(self._read_tiles, patch, frames))
+
+    def _read_tiles(self, patch: IPCVPatch, frames: bool, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``get_image_feature`` / ``get_video_feature`` (``frames``) telling its tower call the
+        tiles of each item and the block ``extract_feature`` reads."""
+
+        def get_feature(items: Any) -> Any:
+            features = [item.feature for item in items]
+            if not all(isinstance(feature, torch.Tensor) and feature.dim() == 4 for feature in features):
+                return inner(items)  # precomputed embeddings: no tower call
+            counts = [int(feature.shape[0]) for feature in features]
+            if frames:
+                counts = [1] * sum(counts)
+            hints: dict[str, Any] = {"tiles_per_image": counts}
+            select_layer = getattr(self.model, "select_layer", -1)
+            if select_layer != -1:
+                hints["read_blocks"] = read_blocks(select_layer, len(patch.blocks))
+            with patch.hinted(**hints):
+                return inner(items)
+
+        return get_feature
+
+    def layer_parts(self, block: nn.Module) -> PrenormLayer:
+        attention = block.attn.attn
+        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
+
+        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            projected, _ = attention.qkv_proj(x)
+            q, k, v = projected.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+            if attention.qk_normalization:
+                q, k = attention._apply_qk_norm(q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (-1, head_dim)))
+                q, k = q.flatten(-2), k.flatten(-2)
+            return q, k, v
+
+        scale = attention.softmax_scale if attention.softmax_scale is not None else head_dim**-0.5
+        return PrenormLayer(
+            norm1=block.norm1,
+            q=None,
+            k=None,
+            v=None,
+            qkv=qkv,
+            out=lambda x: attention.proj(x)[0],
+            norm2=block.norm2,
+            mlp=block.mlp,
+            num_heads=heads,
+            head_dim=head_dim,
+            scale=scale,
+            attn_gain=block.ls1,
+            mlp_gain=block.ls2,
+        )

@@ -19,13 +19,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .._validation import check_int
 
 # The families ``build_checkpoint`` saves (those of ``ipcv_kernels.vllm.testing`` that SGLang has).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat")
 # SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
 # (the text config's, through transformers' config); transformers' vision norms use 1e-6.
 VISION_EPS = 1e-6
@@ -43,8 +44,10 @@ def build_checkpoint(
     """Save a tiny ``family`` model (one of ``FAMILIES``) that SGLang and transformers both load,
     with the same seeded random weights; return its directory.
 
-    The vLLM tests' checkpoint (``ipcv_kernels.vllm.testing.build_checkpoint``) with what SGLang
-    0.5.23 reads differently: the text config's ``rms_norm_eps`` is 1e-6 (SGLang's vision norms
+    The vLLM tests' checkpoint (``ipcv_kernels.vllm.testing.build_checkpoint``; ``internvl_chat``:
+    InternVL's own format, remote-code configuration, the weights of the ``internvl`` checkpoint of
+    the same seed, which transformers loads) with what SGLang 0.5.23 reads differently from the Qwen
+    families: the text config's ``rms_norm_eps`` is 1e-6 (SGLang's vision norms
     take it, transformers' are 1e-6), and Qwen2-VL's vision config also carries ``in_chans`` (SGLang
     reads it; transformers 5 writes ``in_channels``). Weights keep transformers' saved names, which
     SGLang's ``load_weights`` maps. ``vision``, ``text``, ``max_pixels``: as for the vLLM
@@ -55,6 +58,10 @@ def build_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     check_int("seed", seed, low=0)
+    if family == "internvl_chat":  # InternVL's own format: SGLang reads it as vLLM does
+        if vision or text or max_pixels is not None:
+            raise ValueError("vision, text and max_pixels apply to the Qwen families only, not to internvl_chat")
+        return build_vllm_checkpoint(path, family, seed=seed)
     if text is not None and not isinstance(text, Mapping):
         raise TypeError(f"text must be a mapping of config fields, got {type(text).__name__}")
     extra: dict[str, Any] = {} if max_pixels is None else {"max_pixels": max_pixels}
@@ -128,11 +135,31 @@ def load_model(path: str | Path, *, overrides: Mapping[str, Any] | None = None, 
     )
 
 
+def encode_images(model: nn.Module, pixels: torch.Tensor, layout: Any, *, video: bool = False) -> torch.Tensor:
+    """An SGLang model's vision features ``[tokens, D]`` of one encoder call, as its image path
+    computes them.
+
+    Qwen models: ``model.visual(pixels [n, C * T * p * p], grid_thw=layout [items, 3])`` (their
+    tower call carries the items). InternVL: ``get_image_feature`` (``get_video_feature`` for a
+    ``video``) on one item per entry of ``layout`` (tiles, or frames, per image / video) holding
+    its tiles of ``pixels`` ``[tiles, 3, H, W]``, the level where SGLang knows the items; the
+    features ``[tiles, T, D]`` are returned as ``[tiles * T, D]``.
+    """
+    if hasattr(model, "visual"):
+        return model.visual(pixels, grid_thw=layout)
+    from types import SimpleNamespace
+
+    counts = [int(count) for count in layout]
+    items = [SimpleNamespace(feature=tiles) for tiles in pixels.split(counts)]
+    features = (model.get_video_feature if video else model.get_image_feature)(items)
+    return features.reshape(-1, features.shape[-1])
+
+
 def encode_on_ranks(
     path: str | Path,
     ipcv: Mapping[str, Any],
     pixels: torch.Tensor,
-    grid_thw: torch.Tensor,
+    layout: Any,
     *,
     tp_size: int = 2,
     port: int = 29631,
@@ -140,8 +167,8 @@ def encode_on_ranks(
 ) -> list[dict[str, Any]]:
     """Run SGLang's tower of the checkpoint at ``path`` under ``tensor_parallel_size=tp_size`` (one
     spawned process per rank, gloo), the model built by SGLang's loader with the plugin (loaded
-    through its entry point) and ``{"ipcv": ipcv}``, on ``pixels`` ``[n, C * T * p * p]`` /
-    ``grid_thw`` ``[items, 3]``. Returns each rank's ``{"output", "tokens", "heads"}`` and its plan's
+    through its entry point) and ``{"ipcv": ipcv}``, on ``pixels`` and ``layout`` as
+    ``encode_images`` takes them (images). Returns each rank's ``{"output", "tokens", "heads"}`` and its plan's
     fields (``IPCVPlan``: ``keep``, ``drop``, ``cu_keep``, ``cu_drop``, ``neighbors``, ``cu_seqlens_kept``) (CPU tensors; ``tokens``: ``last_tokens_per_block``;
     ``heads``: the rank's attention heads), by rank.
     """
@@ -153,7 +180,7 @@ def encode_on_ranks(
     workers = [
         context.Process(
             target=_rank_worker,
-            args=(str(path), dict(ipcv), pixels.numpy(), grid_thw.numpy(), tp_size, rank, port, results),
+            args=(str(path), dict(ipcv), pixels.numpy(), np.asarray(layout), tp_size, rank, port, results),
         )
         for rank in range(tp_size)
     ]
@@ -184,7 +211,7 @@ def _rank_worker(
     path: str,
     ipcv: dict[str, Any],
     pixels: Any,
-    grid_thw: Any,
+    layout: Any,
     tp_size: int,
     rank: int,
     port: int,
@@ -212,10 +239,12 @@ def _rank_worker(
 
         patch.adapter.plan = plan
         with torch.no_grad():
-            output = model.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid_thw))
+            output = encode_images(model, torch.from_numpy(pixels), torch.from_numpy(layout))
         (made,) = recorded
         result = {name: value.cpu().numpy() for name, value in made._asdict().items()}
-        heads = model.visual.blocks[0].attn.num_attention_heads_per_partition
+        attention = patch.blocks[0].attn
+        attention = getattr(attention, "attn", attention)  # InternViT's layer wraps SGLang's VisionAttention
+        heads = attention.num_attention_heads_per_partition
         extra = {"tokens": list(patch.last_tokens_per_block), "heads": heads}
         results.put((rank, {**result, "output": output.cpu().numpy(), **extra}))
     except Exception:

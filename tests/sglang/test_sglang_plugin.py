@@ -154,3 +154,15 @@ def test_draft_models_and_models_without_a_tower_are_left_alone(sglang_process):
         iks.apply_from_config(model, SimpleNamespace(ipcv={"ratio": 2.0}))
     with pytest.raises(TypeError, match="without its vision tower"):
         iks.apply_ipcv(model, ik.IPCVConfig(**SETTINGS))
+
+
+def test_internvl_data_parallel_encoder_and_graphs_are_refused(sglang_process):
+    model = sglang_process("internvl_chat", {"ipcv": SETTINGS})
+    model.vision_model.encoder.enable_cg = True  # what SGLang sets on a CUDA machine with the variable set
+    with pytest.raises(ValueError, match="CUDA-graphed"):
+        iks.apply_ipcv(model, ik.IPCVConfig(**SETTINGS))
+    model.vision_model.encoder.enable_cg = False
+    model.vision_model.use_data_parallel = True  # --mm-enable-dp-encoder
+    with pytest.raises(ValueError, match="mm-enable-dp-encoder"):
+        iks.apply_ipcv(model, ik.IPCVConfig(**SETTINGS))
+    assert ik.get_ipcv_patch(model).config == ik.IPCVConfig(**SETTINGS)  # the plugin's patch stays
