@@ -100,8 +100,10 @@ def init_process(
     # Without CUDA and without SGLang's CPU engine the text model's rotary embedding would import
     # vLLM's custom ops; SGLang's CPU path is plain PyTorch.
     rotary._is_cpu = True
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
+    # This process's own world: a spawned rank inherits its parent's variables, and SGLang may
+    # build groups from them.
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
     parallel_state.init_distributed_environment(
         world_size=tp_size,
         rank=rank,
@@ -116,6 +118,15 @@ def init_process(
     publish(server_args, role="test", ranks=SpawnRanks(world_rank=rank))
     get_parallel().override_permanently(world_group=parallel_state._WORLD)
     parallel_state.initialize_model_parallel(backend="gloo")  # the published widths
+
+
+def shutdown_process() -> None:
+    """Undo ``init_process``: SGLang's model-parallel groups and the ``torch.distributed`` world
+    (so that the process exits without waiting on them)."""
+    from sglang.srt.distributed import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.destroy_distributed_environment()
 
 
 def load_model(path: str | Path, *, overrides: Mapping[str, Any] | None = None, dtype: str = "float32") -> nn.Module:
@@ -247,5 +258,6 @@ def _rank_worker(
         heads = attention.num_attention_heads_per_partition
         extra = {"tokens": list(patch.last_tokens_per_block), "heads": heads}
         results.put((rank, {**result, "output": output.cpu().numpy(), **extra}))
+        shutdown_process()
     except Exception:
         results.put((rank, traceback.format_exc()))

@@ -41,10 +41,10 @@ def checkpoint(tmp_path_factory):
 def sglang_process(checkpoint):
     """This process as SGLang's one CPU rank, with SGLang's general plugins loaded (ours among
     them, found through its entry point); yields ``load_model(family, overrides)``: an SGLang
-    model built by SGLang's loader from the family's checkpoint."""
+    model built by SGLang's loader from the family's checkpoint. Torn down at the session's end."""
     from sglang.srt.plugins import load_plugins
 
-    from ipcv_kernels.sglang.testing import init_process, load_model
+    from ipcv_kernels.sglang.testing import init_process, load_model, shutdown_process
 
     init_process(checkpoint("qwen2_vl"))
     load_plugins()
@@ -52,4 +52,5 @@ def sglang_process(checkpoint):
     def load(family: str, overrides: dict | None = None):
         return load_model(checkpoint(family), overrides=overrides).eval()
 
-    return load
+    yield load
+    shutdown_process()
