@@ -3,6 +3,8 @@
 // bounds inside a kernel.
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 #include "ipcv.h"
 
 namespace ipcv {
@@ -62,6 +64,31 @@ SelectionLayout selection_layout(const char* op, const Offsets& cu_items, const 
     layout.cu_drop.push_back(layout.cu_drop.back() + (n - counts[b]));
   }
   return layout;
+}
+
+void check_index_rows(const char* op, const char* name, const at::Tensor& index, int64_t length, int64_t low,
+                      int64_t high) {
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == length, op, ": ", name, " must be 1-D with ", length,
+              " entries, got shape ", index.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", index.scalar_type());
+  TORCH_CHECK(index.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", index.device());
+  const at::Tensor rows = index.contiguous();
+  const int64_t* data = rows.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < length; ++i) {
+    TORCH_CHECK(data[i] >= low && data[i] < high, op, ": ", name, " must be in [", low, ", ", high, "), but entry ", i,
+                " is ", data[i]);
+  }
+}
+
+void check_partition(const char* op, const at::Tensor& keep, const at::Tensor& drop, int64_t rows) {
+  std::vector<bool> seen(rows, false);
+  for (const at::Tensor& index : {keep.contiguous(), drop.contiguous()}) {
+    const int64_t* data = index.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < index.numel(); ++i) {
+      TORCH_CHECK(!seen[data[i]], op, ": keep and drop must name every row once, but row ", data[i], " appears twice");
+      seen[data[i]] = true;
+    }
+  }
 }
 
 }  // namespace ipcv

@@ -38,6 +38,11 @@ Offsets host_offsets(const char* op, const char* name, const at::Tensor& cu, int
 // Validates int64 1-D `keep_counts` ([B], any device; copied to the host once) against the item
 // offsets (0 <= count <= item length) and returns the layout they give.
 SelectionLayout selection_layout(const char* op, const Offsets& cu_items, const at::Tensor& keep_counts);
+// Validates a CPU int64 1-D index tensor of `length` entries, each in [low, high).
+void check_index_rows(const char* op, const char* name, const at::Tensor& index, int64_t length, int64_t low,
+                      int64_t high);
+// Validates that the (checked, CPU) rows `keep` and `drop` together name each of `rows` rows once.
+void check_partition(const char* op, const at::Tensor& keep, const at::Tensor& drop, int64_t rows);
 
 // ---- CPU kernels (cpu/kernels.cpp) ----
 namespace cpu {
@@ -45,6 +50,9 @@ at::Tensor knn(const at::Tensor& query, const at::Tensor& ref, int64_t k, const 
                const Offsets& cu_ref);
 at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, const at::Tensor& base_kept,
                            const at::Tensor& neighbors);
+// Writes out[keep] = kept and out[drop] = the NGR reconstruction; indices int64 and in range.
+void ngr_restore(at::Tensor& out, const at::Tensor& kept, const at::Tensor& base_drop, const at::Tensor& base_kept,
+                 const at::Tensor& keep, const at::Tensor& drop, const at::Tensor& neighbors);
 Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, const SelectionLayout& layout);
 Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const Offsets& cu_items, const Offsets& cu_seqlens,
           const SelectionLayout& layout, int64_t num_neighbors);

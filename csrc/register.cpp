@@ -3,6 +3,7 @@
 // Every registered function checks its inputs (checks.cpp), copies the offsets to the host once and
 // hands validated tensors to the device kernels. The ops are inference-only: no autograd kernel is
 // registered, and the Python side registers fake (meta) implementations for torch.compile.
+#include <ATen/ops/layer_norm.h>
 #include <torch/library.h>
 
 #include "ipcv.h"
@@ -68,6 +69,38 @@ at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, 
   return Kernels::ngr_reconstruct(base_drop, kept, base_kept, neighbors);
 }
 
+// CPU only: on CUDA the Python ``cpp`` backend composes the scatters with the compiled reconstruction.
+void ngr_restore_cpu(at::Tensor& out, const at::Tensor& kept, const at::Tensor& base_drop, const at::Tensor& base_kept,
+                     const at::Tensor& keep, const at::Tensor& drop, const at::Tensor& neighbors,
+                     const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& norm_bias,
+                     double norm_eps, const std::optional<at::Tensor>& normed_out) {
+  constexpr const char* op = "ipcv::ngr_restore";
+  check_float_matrix(op, "out", out);
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous (it is written in place)");
+  check_same_float_matrix(op, "kept", kept, "out", out);
+  check_same_float_matrix(op, "base_drop", base_drop, "out", out);
+  check_same_float_matrix(op, "base_kept", base_kept, "out", out);
+  TORCH_CHECK(base_kept.sizes() == kept.sizes(), op, ": base_kept must have the shape of kept ", kept.sizes(), ", got ",
+              base_kept.sizes());
+  const int64_t rows = out.size(0), num_kept = kept.size(0), num_dropped = base_drop.size(0);
+  check_index_rows(op, "keep", keep, num_kept, 0, rows);
+  check_index_rows(op, "drop", drop, num_dropped, 0, rows);
+  TORCH_CHECK(num_kept + num_dropped == rows, op, ": keep and drop must cover out's ", rows, " rows, got ", num_kept,
+              " + ", num_dropped);
+  check_partition(op, keep, drop, rows);
+  TORCH_CHECK(neighbors.dim() == 2 && neighbors.size(0) == num_dropped, op, ": neighbors must be [", num_dropped,
+              ", k], got ", neighbors.sizes());
+  check_index_rows(op, "neighbors", neighbors.reshape(-1), neighbors.numel(), -1, num_kept);
+  TORCH_CHECK(normed_out.has_value() || !(norm_weight.has_value() || norm_bias.has_value()), op,
+              ": norm_weight / norm_bias need normed_out");
+  cpu::ngr_restore(out, kept, base_drop, base_kept, keep, drop, neighbors);
+  if (normed_out.has_value()) {
+    TORCH_CHECK(normed_out->sizes() == out.sizes() && normed_out->scalar_type() == out.scalar_type(), op,
+                ": normed_out must be like out ", out.sizes(), ", got ", normed_out->sizes());
+    normed_out->copy_(at::layer_norm(out, {out.size(1)}, norm_weight, norm_bias, norm_eps));
+  }
+}
+
 template <typename Kernels>
 Selection select_tokens(const at::Tensor& scores, const at::Tensor& cu_items, const at::Tensor& keep_counts) {
   constexpr const char* op = "ipcv::select_tokens";
@@ -96,6 +129,9 @@ Plan plan(const at::Tensor& x_before, const at::Tensor& x_after, const at::Tenso
 TORCH_LIBRARY(ipcv, m) {
   m.def("knn(Tensor query, Tensor ref, int k, Tensor? cu_query=None, Tensor? cu_ref=None) -> Tensor");
   m.def("ngr_reconstruct(Tensor base_drop, Tensor kept, Tensor base_kept, Tensor neighbors) -> Tensor");
+  m.def(
+      "ngr_restore(Tensor(a!) out, Tensor kept, Tensor base_drop, Tensor base_kept, Tensor keep, Tensor drop, Tensor "
+      "neighbors, Tensor? norm_weight, Tensor? norm_bias, float norm_eps, Tensor(b!)? normed_out) -> ()");
   // keep_counts: int64 [B], the tokens each item keeps (Python's keep_count rule, applied once there).
   m.def("select_tokens(Tensor scores, Tensor cu_items, Tensor keep_counts) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
@@ -106,6 +142,7 @@ TORCH_LIBRARY(ipcv, m) {
 TORCH_LIBRARY_IMPL(ipcv, CPU, m) {
   m.impl("knn", &knn<CpuKernels>);
   m.impl("ngr_reconstruct", &ngr_reconstruct<CpuKernels>);
+  m.impl("ngr_restore", &ngr_restore_cpu);
   m.impl("select_tokens", &select_tokens<CpuKernels>);
   m.impl("plan", &plan<CpuKernels>);
 }

@@ -30,9 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from .bench import environment, measure, progress
-from .bench.calls import Case, GridCalls, TowerCalls, checkpoint_calls, preset_calls
+from .bench.calls import Case, GridCalls, TowerCalls, load_calls
 from .config import IPCVConfig
 from .families import presets
 from .flops import predicted_speedup
@@ -46,14 +45,13 @@ DEMO_CONFIG = IPCVConfig(prune_layer=3, ratio=0.65, as_layers=3, num_neighbors=1
 def load_inputs(args: argparse.Namespace, dtype: torch.dtype) -> tuple[TowerCalls, tuple[Case, tuple], str]:
     """``(the tower's calls, its inputs, description)`` for the chosen tower."""
     cpu = torch.device("cpu")
+    preset = args.preset or DEMO_PRESET
+    calls = load_calls(args.model, preset, dtype=dtype, device=cpu, seed=args.seed)
     if args.model:
-        calls = checkpoint_calls(args.model, dtype=dtype, device=cpu)
         source = f"checkpoint {args.model} ({calls.model_family.name}, depth {calls.depth}, its own weights"
     else:
-        name = args.preset or DEMO_PRESET
-        calls = preset_calls(name, dtype=dtype, device=cpu, seed=args.seed)
         built_in = "built-in tower, " if args.preset is None else ""
-        source = f"{built_in}preset {name} ({calls.model_family.name}, depth {calls.depth}, random weights"
+        source = f"{built_in}preset {preset} ({calls.model_family.name}, depth {calls.depth}, random weights"
     native = calls.default_cases()
     case = calls.parse_case(native[0] if native else f"{args.image_size}x{args.image_size}")
     return calls, calls.inputs(case, args.seed, cpu, dtype), f"{source}, random pixels)"
@@ -98,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     print("loading model ...", flush=True)
     calls, inputs, description = load_inputs(args, dtype)
-    tower, case = calls.tower, inputs[0]
+    case = inputs[0]
     base = IPCVConfig(**calls.model_family.recommended) if args.preset or args.model else DEMO_CONFIG
     config = IPCVConfig(
         prune_layer=args.prune_layer if args.prune_layer is not None else base.prune_layer,
@@ -121,32 +119,26 @@ def run(args: argparse.Namespace) -> int:
     def forward() -> torch.Tensor:
         return calls.forward(inputs)
 
-    def select(variant: str) -> None:
-        # Outside the timed region: patching is set-up, not the forward being compared.
-        if variant == "ipcv":
-            apply_ipcv(tower, config)
-        else:
-            remove_ipcv(tower)
-
+    variants = {"unpatched": None, "ipcv": config}
     with progress.Progress(2 * args.repeats, "demo timing", enabled=not args.no_progress) as bar:
         timings = measure.time_interleaved(
-            {"unpatched": forward, "ipcv": forward},
+            dict.fromkeys(variants, forward),
             inputs[1][0].device,
             warmup=1,
             repeats=args.repeats,
-            before_each=select,
+            before_each=lambda variant: calls.switch(variants[variant]),
             progress=bar.update,
         )
     load = environment.load_average()
     base, ipcv = timings["unpatched"], timings["ipcv"]
     speedups = measure.Spread.of(measure.round_speedups(base, ipcv))
 
-    apply_ipcv(tower, config)
+    calls.switch(config)
     forward()
-    tokens = get_ipcv_patch(tower).last_tokens_per_block
-    apply_ipcv(tower, replace(config, ratio=0.0))
+    tokens = calls.tokens_per_block()
+    calls.switch(replace(config, ratio=0.0))
     zero_out = forward()
-    remove_ipcv(tower)
+    calls.switch(None)
     base_out = forward()
 
     flops_base = calls.flops(case, None)

@@ -1,4 +1,4 @@
-// CPU kernels of the IPCV planning step, k-nearest-neighbour search and NGR reconstruction.
+// CPU kernels of the IPCV planning step, k-nearest-neighbour search, NGR reconstruction and restore.
 //
 // Parallelism is OpenMP (the runtime torch itself uses), with at most at::get_num_threads() threads.
 // Work is split into independent units (an item, or a tile of one item's query rows) scheduled
@@ -439,6 +439,53 @@ at::Tensor ngr_reconstruct(const at::Tensor& base_drop, const at::Tensor& kept, 
     });
   });
   return out;
+}
+
+void ngr_restore(at::Tensor& out, const at::Tensor& kept, const at::Tensor& base_drop, const at::Tensor& base_kept,
+                 const at::Tensor& keep, const at::Tensor& drop, const at::Tensor& neighbors) {
+  const at::Tensor kept_rows = kept.contiguous(), drop_rows = base_drop.contiguous(),
+                   base_rows = base_kept.contiguous(), keep_index = keep.contiguous(), drop_index = drop.contiguous(),
+                   nbr_index = neighbors.contiguous();
+  const int64_t num_kept = kept_rows.size(0), num_dropped = drop_rows.size(0), dim = out.size(1), k = nbr_index.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "ipcv_ngr_restore_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* now = kept_rows.const_data_ptr<scalar_t>();
+    const scalar_t* then = base_rows.const_data_ptr<scalar_t>();
+    const scalar_t* base = drop_rows.const_data_ptr<scalar_t>();
+    const int64_t* keep_row = keep_index.const_data_ptr<int64_t>();
+    const int64_t* drop_row = drop_index.const_data_ptr<int64_t>();
+    const int64_t* nbr = nbr_index.const_data_ptr<int64_t>();
+    scalar_t* full = out.mutable_data_ptr<scalar_t>();
+    // One pass over the output rows, unit u < num_kept the kept row u, else dropped row u - num_kept:
+    //   out[keep[i]] = kept[i]
+    //   out[drop[d]] = base_drop[d] + (1 / #valid) * sum_{valid j} (kept - base_kept)[nbr[d, j]]  (in acc_t)
+    // instead of two scatters around a reconstruction into a temporary (three ops, three passes).
+    at::parallel_for(0, num_kept + num_dropped, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> delta(dim);
+      for (int64_t u = begin; u < end; ++u) {
+        if (u < num_kept) {
+          std::copy_n(now + u * dim, dim, full + keep_row[u] * dim);
+          continue;
+        }
+        const int64_t d = u - num_kept;
+        std::fill(delta.begin(), delta.end(), acc_t(0));
+        int64_t valid = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t m = nbr[d * k + j];
+          if (m < 0) continue;
+          ++valid;
+          for (int64_t c = 0; c < dim; ++c) {
+            delta[c] += static_cast<acc_t>(now[m * dim + c]) - static_cast<acc_t>(then[m * dim + c]);
+          }
+        }
+        const acc_t scale = valid ? acc_t(1) / static_cast<acc_t>(valid) : acc_t(0);
+        scalar_t* row = full + drop_row[d] * dim;
+        for (int64_t c = 0; c < dim; ++c) {
+          row[c] = static_cast<scalar_t>(static_cast<acc_t>(base[d * dim + c]) + delta[c] * scale);
+        }
+      }
+    });
+  });
 }
 
 Selection select_tokens(const at::Tensor& scores, const Offsets& cu_items, const SelectionLayout& layout) {

@@ -42,13 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import get_ipcv_patch
+from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..config import IPCVConfig
 from ..engine import read_blocks
-from ..families import CALL_KINDS, Family, ModelUse, family, find_family, presets
+from ..families import CALL_KINDS, Family, ModelUse, family, find_family
 from ..families.row import SUB_IMAGES, TILES
 from ..flops import FlopReport
-from .towers import build_tower, load_vision_tower, model_use, tower_output, vision_config_from_preset
+from .towers import build_tower, load_vision_tower, model_use, preset_use, tower_output, vision_config_from_preset
 
 CASE = re.compile(r"^(\d+)x(\d+)(?:\*(\d+)|@(\d+))?$")
 CASE_FORMS = "'HxW', 'HxW*B' or 'HxW@F'"
@@ -160,6 +160,18 @@ class TowerCalls:
     def flops(self, case: Case, config: IPCVConfig | None) -> FlopReport:
         """The FLOP model of one call (``config=None``: unpatched)."""
         raise NotImplementedError
+
+    def switch(self, config: IPCVConfig | None) -> None:
+        """Run the tower patched with ``config`` from now on (``apply_ipcv``), or unpatched for
+        ``None``: how a tool moves between the variants it compares (set-up, never timed)."""
+        if config is None:
+            remove_ipcv(self.tower)
+        else:
+            apply_ipcv(self.tower, config)
+
+    def tokens_per_block(self) -> list[int]:
+        """The rows each block computed in the tower's last patched call."""
+        return list(get_ipcv_patch(self.tower).last_tokens_per_block)
 
 
 class GridCalls(TowerCalls):
@@ -387,19 +399,31 @@ KIND_CALLS: dict[str, type[TowerCalls]] = {
 }
 
 
-def checkpoint_calls(
-    path: str | Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"
+def load_calls(
+    model: str | Path | None,
+    preset: str | None,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
 ) -> TowerCalls:
-    """The vision tower of a local checkpoint (``towers.load_vision_tower``), called as its full
-    model calls it (``towers.model_use``)."""
-    tower = load_vision_tower(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    return tower_calls(tower, model_use(path))
+    """The tower a tool times, called as its full model calls it.
 
-
-def preset_calls(
-    name: str, *, dtype: torch.dtype, device: torch.device, seed: int = 0, attn_implementation: str = "sdpa"
-) -> TowerCalls:
-    """A preset's tower of the family table with seeded random weights, called as its ``ModelUse``
-    says (a bare tower call without one)."""
-    tower = build_tower(vision_config_from_preset(name, attn_implementation), dtype=dtype, device=device, seed=seed)
-    return tower_calls(tower, presets()[name][1].use)
+    Args:
+        model: a local checkpoint directory: its vision tower with its own weights
+            (``towers.load_vision_tower``), called as ``towers.model_use`` reads from its config.
+        preset: else, a preset of the family table: its tower with ``seed``-ed random weights,
+            called as the preset's ``ModelUse`` says (a bare tower call without one).
+    """
+    if model is not None:
+        use = model_use(model)
+        tower = load_vision_tower(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    elif preset is not None:
+        use = preset_use(preset)
+        tower = build_tower(
+            vision_config_from_preset(preset, attn_implementation), dtype=dtype, device=device, seed=seed
+        )
+    else:
+        raise ValueError("load_calls: give a model directory or a preset name")
+    return tower_calls(tower, use)

@@ -33,6 +33,11 @@ def vision_config_from_preset(name: str, attn_implementation: str = "sdpa") -> P
     return config
 
 
+def preset_use(name: str) -> ModelUse | None:
+    """How the full model of preset ``name`` calls its tower (``None``: a bare tower call)."""
+    return presets()[name][1].use
+
+
 def _tiny_tower_of(vision_config: PretrainedConfig) -> TinyTower:
     """The row's ``TinyTower`` whose config class ``vision_config`` is (by name: one import)."""
     name = type(vision_config).__name__

@@ -34,14 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..config import IPCVConfig
 from ..families import presets
 from ..flops import FlopReport, predicted_speedup
 from ..ops import available_backends
 from ..testing import tolerance
 from . import environment, measure, progress, results
-from .calls import Case, GridCalls, TowerCalls, checkpoint_calls, parse_grid_case, preset_calls
+from .calls import Case, GridCalls, TowerCalls, load_calls, parse_grid_case
 from .presets import SUITES
 from .report import markdown_report, plot, table_rows
 from .variants import VARIANTS, attention_variant_backend, attention_variants, variant_configs
@@ -89,11 +88,7 @@ class Bench:
 
     def select(self, variant: str) -> None:
         """Patch the tower as ``variant`` runs it (or unpatch it, for ``unpatched``)."""
-        config = self.configs[variant]
-        if config is None:
-            remove_ipcv(self.tower)
-        else:
-            apply_ipcv(self.tower, config)
+        self.calls.switch(self.configs[variant])
 
     def inputs(self, case: Case, seed: int) -> tuple[Case, tuple]:
         """Seeded random inputs of ``case`` (``TowerCalls.inputs``), on the bench's device and dtype."""
@@ -146,7 +141,7 @@ def run_case(
             memory[variant] = peak
             del output
         if variant == "ipcv":
-            kept_per_block = list(get_ipcv_patch(bench.tower).last_tokens_per_block)
+            kept_per_block = bench.calls.tokens_per_block()
 
     checks: dict[str, Any] = {"bound": agreement_bound(bench.dtype, depth)}
     if "paper" in outputs and "ipcv" in outputs:
@@ -157,15 +152,14 @@ def run_case(
             # token moves the output by ~1/sqrt(tokens). Then (c) must match the paper's formulation
             # planned by (c)'s own backends, and (b) vs (c) is kept as information only.
             checks["ipcv_vs_paper_informative"] = checks.pop("ipcv_vs_paper")
-            apply_ipcv(bench.tower, replace(bench.configs["ipcv"], as_queries="all"))
+            bench.calls.switch(replace(bench.configs["ipcv"], as_queries="all"))
             same_plan = bench.forward(inputs)
             checks["ipcv_vs_paper_same_planning"] = relative_error(outputs["ipcv"], same_plan)
     for variant in attention_variants(list(outputs)) if "ipcv" in outputs else ():
         # Same planning as (c), another attention kernel: agreement to round-off.
         checks[f"{variant}_vs_ipcv"] = relative_error(outputs[variant], outputs["ipcv"])
     if check_ratio_zero and "unpatched" in outputs:
-        bench.select("ipcv")
-        apply_ipcv(bench.tower, replace(bench.configs["ipcv"], ratio=0.0))
+        bench.calls.switch(replace(bench.configs["ipcv"], ratio=0.0))
         checks["ratio0_vs_unpatched"] = relative_error(bench.forward(inputs), outputs["unpatched"])
     failed = {
         k: v
@@ -377,10 +371,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     s = settings_from_args(args)
     dtype = environment.DTYPES[s["dtype"]]
     attn = args.attn_implementation
-    if s["from_checkpoint"]:
-        calls = checkpoint_calls(args.model, dtype=dtype, device=device, attn_implementation=attn)
-    else:
-        calls = preset_calls(s["model"], dtype=dtype, device=device, seed=args.seed, attn_implementation=attn)
+    model, preset = (args.model, None) if s["from_checkpoint"] else (None, s["model"])
+    calls = load_calls(model, preset, dtype=dtype, device=device, seed=args.seed, attn_implementation=attn)
     tower, use, vision_config = calls.tower, calls.use, calls.config
     if getattr(args, "recommended", False):
         s["ipcv"] = settings_from_args(args, IPCVConfig(**calls.model_family.recommended))["ipcv"]
@@ -427,7 +419,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     stop_on_check_failure=args.on_check_failure == "stop",
                 )
             )
-    remove_ipcv(tower)
+    calls.switch(None)
 
     env = {**environment.environment(device), "load_average_start": load_at_start}
     payload = {

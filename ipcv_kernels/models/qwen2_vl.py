@@ -54,7 +54,7 @@ def stabilised_prenorm_block(
     head_dim = width // num_heads
     normed = block.norm1(full)
     weight, bias = qkv.weight, qkv.bias
-    q = F.linear(normed[plan.keep], weight[:width], None if bias is None else bias[:width])
+    q = F.linear(normed.index_select(0, plan.keep), weight[:width], None if bias is None else bias[:width])
     kv = F.linear(normed, weight[width:], None if bias is None else bias[width:])
     q = q.view(-1, num_heads, head_dim)
     k, v = kv.view(-1, 2, num_heads, head_dim).unbind(1)

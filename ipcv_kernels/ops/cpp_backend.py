@@ -4,7 +4,8 @@ Importing this module loads the extension ``ipcv_kernels._C`` (or, for a CMake d
 the library named by ``IPCV_CPP_LIBRARY``), has the op modules register their fakes for
 ``torch.ops.ipcv.*`` (``_custom_op.compiled_extension_loaded``) so they trace under
 ``torch.compile``, and registers backend ``"cpp"`` of ``knn``, ``ngr_reconstruct``,
-``ngr_restore`` (the reference's scatter and LayerNorm around the compiled reconstruction),
+``ngr_restore`` (one compiled pass on the CPU; on CUDA the reference's scatters around the compiled
+reconstruction),
 ``select_tokens`` and ``plan`` on the CPU, and on CUDA when the build has CUDA kernels. Without the
 extension it stays silent: ``auto`` skips ``"cpp"`` and ``backend="cpp"`` raises a
 ``RuntimeError`` saying how to build it.
@@ -20,7 +21,6 @@ or where ``backend="cpp"`` is named.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
@@ -79,6 +79,46 @@ def ngr_reconstruct_cpp(
     return torch.ops.ipcv.ngr_reconstruct(base_drop, kept, base_kept, neighbors)
 
 
+def ngr_restore_cpp(
+    out: torch.Tensor,
+    kept: torch.Tensor,
+    base_drop: torch.Tensor,
+    base_kept: torch.Tensor,
+    keep: torch.Tensor,
+    drop: torch.Tensor,
+    neighbors: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
+    normed_out: torch.Tensor | None = None,
+) -> None:
+    """``out[keep] = kept``, ``out[drop] = NGR reconstruction`` (see ``ngr_restore_reference``).
+
+    On the CPU, with a contiguous ``out`` and int64 rows (what the plan gives), one compiled pass
+    writes both row sets; otherwise (CUDA, int32 rows, a strided ``out``) the reference's scatters
+    run around the compiled reconstruction.
+    """
+    if out.device.type == "cpu" and out.is_contiguous() and keep.dtype == drop.dtype == neighbors.dtype == torch.int64:
+        torch.ops.ipcv.ngr_restore(
+            out, kept, base_drop, base_kept, keep, drop, neighbors, norm_weight, norm_bias, norm_eps, normed_out
+        )
+        return
+    ngr_restore_reference(
+        out,
+        kept,
+        base_drop,
+        base_kept,
+        keep,
+        drop,
+        neighbors,
+        norm_weight,
+        norm_bias,
+        norm_eps,
+        normed_out,
+        reconstruct=ngr_reconstruct_cpp,
+    )
+
+
 def select_tokens_cpp(scores: torch.Tensor, cu_items: torch.Tensor, ratio: float) -> TokenSelection:
     """Per-item top-k selection (see ``select_tokens_reference``); the keep counts come from Python."""
     return TokenSelection(*torch.ops.ipcv.select_tokens(scores, cu_items, keep_counts(cu_items, ratio)))
@@ -104,7 +144,7 @@ _DEVICES = ("cpu", "cuda") if UNAVAILABLE_REASON is not None or has_cuda_kernels
 for _op, _fn in (
     ("knn", knn_cpp),
     ("ngr_reconstruct", ngr_reconstruct_cpp),
-    ("ngr_restore", functools.partial(ngr_restore_reference, reconstruct=ngr_reconstruct_cpp)),
+    ("ngr_restore", ngr_restore_cpp),
     ("select_tokens", select_tokens_cpp),
     ("plan", plan_cpp),
 ):

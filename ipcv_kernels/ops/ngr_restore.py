@@ -1,8 +1,8 @@
 """``ngr_restore``: the full sequence from the kept rows and their NGR reconstructions, in place.
 
-The public function, its input checks, the custom op ``ipcv_kernels::ngr_restore`` (Python only:
-``csrc/`` has no restore; its ``"cpp"`` backend wraps the compiled reconstruction), and the
-reference backend ``"torch"``.
+The public function, its input checks, the custom op ``ipcv_kernels::ngr_restore`` (and the fake
+of the compiled ``ipcv::ngr_restore``, a CPU kernel; on CUDA the ``"cpp"`` backend wraps the
+compiled reconstruction), and the reference backend ``"torch"``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _ngr_restore_fake(*args: object) -> None:
     return None
 
 
-@ipcv_op("ngr_restore", fake=_ngr_restore_fake, mutates_args=("out", "normed_out"))
+@ipcv_op("ngr_restore", fake=_ngr_restore_fake, mutates_args=("out", "normed_out"), compiled=True)
 def ngr_restore_op(
     out: torch.Tensor,
     kept: torch.Tensor,

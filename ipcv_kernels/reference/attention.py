@@ -66,10 +66,12 @@ def unfused_attention_inputs(
     """
     positions = q_rows if q_rows is not None else q_positions
     if q_rows is not None:
-        q = q[q_rows]
+        q = q.index_select(0, q_rows)
     if rotary is not None:
         cos, sin = rotary
-        q_cos, q_sin = (cos, sin) if positions is None else (cos[positions], sin[positions])
+        q_cos, q_sin = (
+            (cos, sin) if positions is None else (cos.index_select(0, positions), sin.index_select(0, positions))
+        )
         q = apply_rotary_vision(q, q_cos, q_sin)
         k = apply_rotary_vision(k, cos, sin)
     return q, k

@@ -123,6 +123,20 @@ def test_empty_sides(backend):
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_int32_rows_and_a_strided_out(backend):
+    # The plan gives int64 rows and the engine a contiguous ``out``; the op also takes int32 rows and
+    # an ``out`` with a unit stride on its last dim only (compiled backends may take another path).
+    case = restore_case(21, 8, 16, 3, torch.float32, backend.device)
+    expected = torch.empty(21, 16, device=backend.device)
+    ngr_restore_reference(expected, *case.values())
+    narrow = {name: t.int() if not t.is_floating_point() else t for name, t in case.items()}
+    storage = torch.full((21, 24), float("nan"), device=backend.device)
+    out = storage[:, 4:20]
+    ik.ngr_restore(out, **narrow, backend=backend.name)
+    torch.testing.assert_close(out, expected)  # fp32 rounding: backends sum the neighbours in their own order
+    assert storage[:, :4].isnan().all() and storage[:, 20:].isnan().all()  # nothing written outside ``out``
+
+
 def test_checks_name_the_argument():
     case = restore_case(10, 4, 8, 2, torch.float32, "cpu")
     out = torch.empty(10, 8)

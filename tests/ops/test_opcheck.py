@@ -102,6 +102,22 @@ def compiled_op_cases(device: torch.device):
     return {
         "knn": (torch.ops.ipcv.knn, (randn(7, 8), randn(13, 8), 3, cu_a, cu_b)),
         "ngr_reconstruct": (torch.ops.ipcv.ngr_reconstruct, (randn(4, 8), randn(5, 8), randn(5, 8), neighbors)),
+        "ngr_restore": (
+            torch.ops.ipcv.ngr_restore,
+            (
+                randn(9, 8),
+                randn(5, 8),
+                randn(4, 8),
+                randn(5, 8),
+                torch.tensor([0, 2, 3, 6, 8], device=device),
+                torch.tensor([1, 4, 5, 7], device=device),
+                neighbors,
+                randn(8),
+                randn(8),
+                1e-6,
+                randn(9, 8),
+            ),
+        ),
         "select_tokens": (torch.ops.ipcv.select_tokens, (randn(13), cu_b, keep_counts(cu_b, 0.5))),
         "plan": (
             torch.ops.ipcv.plan,
@@ -110,7 +126,7 @@ def compiled_op_cases(device: torch.device):
     }
 
 
-@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "select_tokens", "plan"])
+@pytest.mark.parametrize("name", ["knn", "ngr_reconstruct", "ngr_restore", "select_tokens", "plan"])
 def test_opcheck_compiled_ops(cpp, name):
     op, args = compiled_op_cases(torch.device("cpu"))[name]
     torch.library.opcheck(op, args, test_utils=TEST_UTILS)
