@@ -4,7 +4,7 @@
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh            # every step, in order
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh vit_targets  # chosen steps only
 #
-# Steps: env install tests vit_targets vit_more ops plan vllm (see below). The device tool limits a
+# Steps: env install tests vit_targets vit_more ops plan vllm sglang (see below). The device tool limits a
 # command to 10 minutes, so run "env install tests" in one call and each benchmark step in its own
 # (every step re-runs "install" cheaply only if the package is not importable).
 #
@@ -27,7 +27,7 @@ unset TRITON_INTERPRET
 
 STEPS=("$@")
 if [ ${#STEPS[@]} -eq 0 ]; then
-  STEPS=(env install tests vit_targets vit_more ops host_overhead plan vllm)
+  STEPS=(env install tests vit_targets vit_more ops host_overhead plan vllm sglang)
 fi
 
 run_step() {
@@ -131,6 +131,21 @@ step_vllm() {
     --out "$OUT/results" --name vllm_gpu --no-progress --on-check-failure warn
 }
 
+# SGLang's server end to end, when this machine has SGLang: two servers (plain and with the
+# plugin's --json-model-override-args '{"ipcv": ...}') on the Qwen2-VL-7B tower in bf16, the time to
+# first token of OpenAI-API chat requests with a new 448x448 / 896x896 image each, interleaved.
+# Without SGLang (the GPU image has none) the step is skipped, and says so in its log and in
+# summary.txt (rc=0).
+step_sglang() {
+  if ! python -c "import sglang.srt.entrypoints.http_server" 2>/dev/null; then
+    echo "sglang: skipped, SGLang is not importable here" | tee -a "$OUT/summary.txt"
+    return 0
+  fi
+  ensure_installed
+  python benchmarks/bench_sglang.py --preset qwen2-vl-7b --dtype bfloat16 --cases 448x448 896x896 \
+    --out "$OUT/results" --name gpu
+}
+
 # Any other benchmark script in benchmarks/ (bench_plan.py, ...), with its own defaults on the GPU.
 run_other_benchmark() {
   ensure_installed
@@ -139,16 +154,16 @@ run_other_benchmark() {
 
 for step in "${STEPS[@]}"; do
   case "$step" in
-    env | install | tests | vit_targets | vit_more | ops | vllm) run_step "$step" "step_$step" ;;
+    env | install | tests | vit_targets | vit_more | ops | vllm | sglang) run_step "$step" "step_$step" ;;
     plan) run_step "$step" run_other_benchmark bench_plan.py ;;
-    *) echo "unknown step: $step (steps: env install tests vit_targets vit_more ops plan vllm)" >&2 ;;
+    *) echo "unknown step: $step (steps: env install tests vit_targets vit_more ops plan vllm sglang)" >&2 ;;
   esac
 done
 # Benchmark scripts this list does not know yet: run them too, so none is forgotten.
 if [ $# -eq 0 ]; then
   for script in benchmarks/bench_*.py; do
     name="$(basename "$script" .py)"
-    case "$name" in bench_vit | bench_ops | bench_plan | bench_vllm) continue ;; esac
+    case "$name" in bench_vit | bench_ops | bench_plan | bench_vllm | bench_sglang) continue ;; esac
     run_step "$name" run_other_benchmark "$name.py"
   done
 fi

@@ -16,10 +16,12 @@ from torch import nn
 from .config import IPCVConfig
 from .engine import IPCVPatch
 from .families import (
+    is_sglang_model,
     is_vllm_model,
     locate,
     no_language_model,
     recommended_config,
+    sglang_ipcv_patch,
     supported_classes,
     vllm_ipcv_patch,
 )
@@ -108,11 +110,14 @@ def ipcv_applied(
 def get_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
     """The installed patch (``config``, ``last_tokens_per_block``) of ``model``'s tower, if any.
 
-    vLLM models (what ``LLM.apply_model`` hands its function) are looked up by their vLLM classes
-    in the family table: ``None`` when unpatched or unsupported, never an exception.
+    vLLM models (what ``LLM.apply_model`` hands its function) and SGLang models (``runner.model``)
+    are looked up by their framework's classes in the family table: ``None`` when unpatched or
+    unsupported, never an exception.
     """
     if is_vllm_model(model):
         return vllm_ipcv_patch(model)
+    if is_sglang_model(model):
+        return sglang_ipcv_patch(model)
     return locate(model).ipcv_patch
 
 

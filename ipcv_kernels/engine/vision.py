@@ -138,6 +138,9 @@ class FamilyAdapter:
     """
 
     name = "base"
+    # The model's blocks add into their input tensor in place (SGLang's Qwen3-VL block:
+    # ``x += attn``): the engine then records a copy of block ``P-1``'s input for the scores.
+    blocks_modify_input = False
 
     def __init__(self, model: nn.Module | None = None) -> None:
         # The module ``apply_ipcv`` was given: the tower itself or a model wrapping it.
@@ -367,7 +370,7 @@ class IPCVPatch(InstancePatch):
         if index < cfg.prune_layer:
             state.tokens_per_block.append(self.adapter.pack(hidden).shape[0])
             if index == cfg.prune_layer - 1:
-                state.x_before = hidden
+                state.x_before = hidden.clone() if self.adapter.blocks_modify_input else hidden
             return original(hidden, *args, **kwargs)
 
         call = self.adapter.parse_block_call(args, kwargs, state)

@@ -2,11 +2,11 @@
 and the look-ups every integration and tool goes through.
 
 Each ``Family`` row (``row.py``) is keyed by a stable id and holds its Hugging Face and vLLM
-classes and adapters, its call kind, FLOP model, tiny test model, real-shape presets and
+classes and adapters (and SGLang's), its call kind, FLOP model, tiny test model, real-shape presets and
 recommended setting (``table.py``); ``build_tower(id)`` / ``build_model(id)`` build a row's tiny
 test models (what the test suite and other libraries' tests use). Classes are matched by name along an instance's class
-hierarchy, counting only classes defined by the framework in question (``transformers.*`` or
-``vllm.*`` modules), so that no framework module is imported until needed and vLLM's
+hierarchy, counting only classes defined by the framework in question (``transformers.*``, ``vllm.*``
+or ``sglang.*`` modules), so that no framework module is imported until needed and vLLM's
 ``Qwen2VLForConditionalGeneration`` never matches transformers' class of the same name.
 """
 
@@ -21,7 +21,18 @@ from torch import nn
 from ..config import IPCVConfig
 from ..engine import PATCH_ATTRIBUTE, FamilyAdapter, IPCVPatch
 from ..llm import LLM_PATCH_ATTRIBUTE, LLMPruningPatch
-from .row import CALL_KINDS, CallKind, Family, HFClasses, ModelUse, Preset, TinyModel, TinyTower, VLLMClasses
+from .row import (
+    CALL_KINDS,
+    CallKind,
+    Family,
+    HFClasses,
+    ModelUse,
+    Preset,
+    SGLangClasses,
+    TinyModel,
+    TinyTower,
+    VLLMClasses,
+)
 from .table import FAMILIES
 
 # Ids of the rows with a tiny tower / a tiny full model (``build_tower`` / ``build_model``).
@@ -30,6 +41,7 @@ BUILT_FAMILIES = tuple(row.id for row in FAMILIES if row.tiny_model is not None)
 
 HF_MODULE = "transformers."
 VLLM_MODULE = "vllm."
+SGLANG_MODULE = "sglang."
 
 
 def family(family_id: str) -> Family:
@@ -180,14 +192,19 @@ def locate(model: nn.Module) -> Located:
 
 
 def recommended_config(model: nn.Module, **overrides: Any) -> IPCVConfig:
-    """The recommended ``IPCVConfig`` for ``model``'s family (Hugging Face or vLLM model), with
+    """The recommended ``IPCVConfig`` for ``model``'s family (Hugging Face, vLLM or SGLang model), with
     ``overrides`` applied. ``Family.recommended_source`` says where each number comes from.
 
     Raises:
         TypeError: unsupported model, or an override that is not an ``IPCVConfig`` field.
         ValueError: an override out of range (the message names the field).
     """
-    row, _ = find_vllm_family(model) if is_vllm_model(model) else find_family(model)
+    if is_vllm_model(model):
+        row, _ = find_vllm_family(model)
+    elif is_sglang_model(model):
+        row, _ = find_sglang_family(model)
+    else:
+        row, _ = find_family(model)
     return IPCVConfig(**{**row.recommended, **overrides})
 
 
@@ -221,6 +238,31 @@ def vllm_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
     return vars(tower).get(PATCH_ATTRIBUTE)
 
 
+def is_sglang_model(model: object) -> bool:
+    """Whether ``model``'s class derives from a class defined by SGLang."""
+    return isinstance(model, nn.Module) and bool(_class_names(model, SGLANG_MODULE))
+
+
+def find_sglang_family(model: nn.Module) -> tuple[Family, nn.Module]:
+    """``(family, vision tower)`` of an SGLang model; ``TypeError`` listing the supported classes."""
+    names = _class_names(model, SGLANG_MODULE)
+    for row in FAMILIES:
+        for cls, path in (row.sglang.towers if row.sglang else {}).items():
+            if cls in names:
+                return row, _follow(model, path)
+    supported = ", ".join(cls for row in FAMILIES if row.sglang for cls in row.sglang.towers)
+    raise TypeError(f"model must be an SGLang model of a supported family ({supported}), got {type(model).__name__}")
+
+
+def sglang_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
+    """The installed patch of an SGLang model's tower; ``None`` when unpatched or unsupported."""
+    try:
+        _, tower = find_sglang_family(model)
+    except (TypeError, AttributeError):
+        return None
+    return vars(tower).get(PATCH_ATTRIBUTE) if isinstance(tower, nn.Module) else None
+
+
 __all__ = [
     "BUILT_FAMILIES",
     "BUILT_TOWERS",
@@ -232,6 +274,7 @@ __all__ = [
     "Located",
     "ModelUse",
     "Preset",
+    "SGLangClasses",
     "TinyModel",
     "TinyTower",
     "VLLMClasses",
@@ -240,13 +283,16 @@ __all__ = [
     "family",
     "find_family",
     "find_language_model",
+    "find_sglang_family",
     "find_tower",
     "find_vllm_family",
+    "is_sglang_model",
     "is_vllm_model",
     "locate",
     "no_language_model",
     "presets",
     "recommended_config",
+    "sglang_ipcv_patch",
     "supported_classes",
     "vllm_ipcv_patch",
 ]

@@ -2,12 +2,12 @@
 
 A row is keyed by one stable ``id`` (``"qwen2_vl"``, ``"llava_next"``, ...) and holds or points at
 everything the package and its tools know about a model family: its Hugging Face classes and the
-paths to its vision tower and language model, its vLLM architectures, the adapter of each
+paths to its vision tower and language model, its vLLM architectures and SGLang classes, the adapter of each
 framework, the kind of call its tower takes (which decides how items are counted and which FLOP
 model counts it), its tiny test model, its real-shape presets and its recommended IPCV setting.
 
-Nothing here imports a framework: classes are matched by name, vLLM adapters are named as
-``"module:Class"`` and imported on first use.
+Nothing here imports a framework: classes are matched by name, vLLM and SGLang adapters are named
+as ``"module:Class"`` and imported on first use.
 """
 
 from __future__ import annotations
@@ -98,8 +98,30 @@ class VLLMClasses:
     towers: dict[str, str]
 
     def adapter_class(self) -> type[FamilyAdapter]:
-        module, _, name = self.adapter.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return _import_named(self.adapter)
+
+
+@dataclass(frozen=True)
+class SGLangClasses:
+    """The family in SGLang (``sglang.srt.models.*``).
+
+    adapter: its ``FamilyAdapter`` subclass as ``"module:Class"`` (imported on first use: SGLang
+        adapters live in ``ipcv_kernels.sglang``, which imports the table).
+    towers: SGLang model classes, each with the attribute path from it to the vision tower. A
+        subclass (SGLang's MoE variants of a family) matches through its class hierarchy.
+    """
+
+    adapter: str
+    towers: dict[str, str]
+
+    def adapter_class(self) -> type[FamilyAdapter]:
+        return _import_named(self.adapter)
+
+
+def _import_named(spec: str) -> type[FamilyAdapter]:
+    """The class ``spec`` (``"module:Class"``) names, importing its module now."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -220,6 +242,7 @@ class Family:
         shape, config=None, **kwargs) -> FlopReport`` with ``shape`` as ``kind.flops_shape`` says.
     hf: the transformers classes (``None``: not in transformers).
     vllm: the vLLM classes (``None``: not supported in vLLM).
+    sglang: the SGLang classes (``None``: not supported in SGLang).
     tiny_tower, tiny_model: the tiny test models (``ipcv_kernels.testing``).
     image_processor: the family's image processor configured for a tower's patch sizes, given its
         vision config (the fidelity tool's presets).
@@ -234,6 +257,7 @@ class Family:
     flops: Callable[..., Any]
     hf: HFClasses | None = None
     vllm: VLLMClasses | None = None
+    sglang: SGLangClasses | None = None
     tiny_tower: TinyTower | None = None
     tiny_model: TinyModel | None = None
     image_processor: Callable[[Any], Any] | None = None

@@ -2,7 +2,7 @@
 
 Rows are matched in order: full models first, bare towers (CLIP, SigLIP) last, since a full model
 above names its own tower. Adding a family: its adapter (``ipcv_kernels/models/<family>.py``, and
-``ipcv_kernels/vllm/adapters.py`` for vLLM), one row here, and its paragraph in ``docs/spec.md``
+``ipcv_kernels/vllm/adapters.py`` for vLLM, ``ipcv_kernels/sglang/adapters.py`` for SGLang), one row here, and its paragraph in ``docs/spec.md``
 (``docs/adding_a_family.md``).
 """
 
@@ -31,6 +31,7 @@ from .row import (
     HFClasses,
     ModelUse,
     Preset,
+    SGLangClasses,
     TinyModel,
     TinyTower,
     VLLMClasses,
@@ -43,6 +44,7 @@ UNTUNED = "IPCVConfig's defaults, untuned for this family (the paper gives none)
 INTERNVL_RECOMMENDED: dict[str, Any] = dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10)
 INTERNVL_SOURCE = "the paper's InternVL2 setting (P=7, r=0.65, A=3, k=10)"
 VLLM_ADAPTERS = "ipcv_kernels.vllm.adapters"
+SGLANG_ADAPTERS = "ipcv_kernels.sglang.adapters"
 
 
 def _hf(adapter: type, prefix: str, tower: str, tower_classes: tuple[str, ...] = (), **kwargs: Any) -> HFClasses:
@@ -73,6 +75,10 @@ def _clip_vllm(adapter: str, architecture: str, module: str) -> VLLMClasses:
     )
 
 
+def _qwen_sglang(adapter: str, model_class: str) -> SGLangClasses:
+    return SGLangClasses(f"{SGLANG_ADAPTERS}:{adapter}", {model_class: "visual"})
+
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "qwen2_vl",
@@ -81,6 +87,7 @@ FAMILIES: tuple[Family, ...] = (
         flops.qwen2_vl_flops,
         hf=_hf(Qwen2VLAdapter, "Qwen2VL", "visual", ("Qwen2VisionTransformerPretrainedModel",)),
         vllm=_qwen_vllm("VLLMQwen2VLAdapter", "Qwen2VLForConditionalGeneration", "qwen2_vl"),
+        sglang=_qwen_sglang("SGLangQwen2VLAdapter", "Qwen2VLForConditionalGeneration"),
         tiny_tower=TinyTower(
             "qwen2_vl.modeling_qwen2_vl",
             "Qwen2VLVisionConfig",
@@ -123,6 +130,7 @@ FAMILIES: tuple[Family, ...] = (
         flops.qwen2_5_vl_flops,
         hf=_hf(Qwen2_5_VLAdapter, "Qwen2_5_VL", "visual", ("Qwen2_5_VisionTransformerPretrainedModel",)),
         vllm=_qwen_vllm("VLLMQwen2_5_VLAdapter", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
+        sglang=_qwen_sglang("SGLangQwen2_5_VLAdapter", "Qwen2_5_VLForConditionalGeneration"),
         tiny_tower=TinyTower(
             "qwen2_5_vl.modeling_qwen2_5_vl",
             "Qwen2_5_VLVisionConfig",
@@ -146,6 +154,7 @@ FAMILIES: tuple[Family, ...] = (
         flops.qwen3_vl_flops,
         hf=_hf(Qwen3VLAdapter, "Qwen3VL", "visual", ("Qwen3VLVisionModel",)),
         vllm=_qwen_vllm("VLLMQwen3VLAdapter", "Qwen3VLForConditionalGeneration", "qwen3_vl"),
+        sglang=_qwen_sglang("SGLangQwen3VLAdapter", "Qwen3VLForConditionalGeneration"),
         tiny_tower=TinyTower(
             "qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionConfig", "Qwen3VLVisionModel", tiny.QWEN3_VISION
         ),
@@ -199,12 +208,13 @@ FAMILIES: tuple[Family, ...] = (
         "InternVL-Chat",
         TILES,
         flops.internvl_flops,
-        # The OpenGVLab checkpoints' own format (``trust_remote_code``): vLLM only.
+        # The OpenGVLab checkpoints' own format (``trust_remote_code``): vLLM and SGLang only.
         vllm=VLLMClasses(
             f"{VLLM_ADAPTERS}:VLLMInternVLChatAdapter",
             {"InternVLChatModel": "vllm.model_executor.models.internvl"},
             {"InternVLChatModel": "vision_model"},
         ),
+        sglang=SGLangClasses(f"{SGLANG_ADAPTERS}:SGLangInternVLChatAdapter", {"InternVLChatModel": "vision_model"}),
         recommended=INTERNVL_RECOMMENDED,
         recommended_source=INTERNVL_SOURCE,
     ),

@@ -21,7 +21,7 @@ from ipcv_kernels.bench import towers, vit
 from ipcv_kernels.bench.variants import VARIANTS, attention_variant_backend
 
 SUITE = BENCHMARKS / "gpu_suite.sh"
-ALL_STEPS = ["env", "install", "tests", "vit_targets", "vit_more", "ops", "plan", "vllm"]
+ALL_STEPS = ["env", "install", "tests", "vit_targets", "vit_more", "ops", "plan", "vllm", "sglang"]
 INSTALL = ["-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."]
 # Records "<program> TAB <TRITON_INTERPRET or unset> TAB <arguments, shell-quoted>"; `python -`
 # drains its script from stdin; exits 1 when the arguments match the regex $STUB_FAILS.
@@ -186,6 +186,22 @@ def test_vllm_step_records_the_skip_without_vllm(suite):
     assert suite.summary()[1].startswith("vllm rc=0 ")
 
 
+def test_sglang_step_runs_the_server_benchmark_where_sglang_imports(suite):
+    runs = commands(suite.run("sglang"))
+    assert runs[0] == ["python", *INSTALL] and runs[1][:2] == ["python", "benchmarks/bench_sglang.py"]
+    script = load_benchmark_script("bench_sglang")
+    args = script.build_parser().parse_args(runs[1][2:])
+    script.check_args(args)  # the preset, the recommended setting on its tower, the memory shares
+    assert args.out == suite.out / "results" and (args.preset, args.dtype) == ("qwen2-vl-7b", "bfloat16")
+    assert args.cases == [(448, 448), (896, 896)]
+
+
+def test_sglang_step_records_the_skip_without_sglang(suite):
+    assert commands(suite.run("sglang", fails="import sglang")) == []  # no install, no benchmark
+    assert suite.summary() == ["sglang: skipped, SGLang is not importable here", suite.summary()[1]]
+    assert suite.summary()[1].startswith("sglang rc=0 ")
+
+
 def test_whole_suite_runs_every_step_in_order_and_new_scripts_too(suite):
     (suite.root / "benchmarks" / "bench_new.py").touch()
     runs = commands(suite.run(fails="bench_ops"))  # a failing step does not stop the others
@@ -200,6 +216,7 @@ def test_whole_suite_runs_every_step_in_order_and_new_scripts_too(suite):
         "benchmarks/bench_ops.py",
         "benchmarks/bench_plan.py",
         "benchmarks/bench_vllm.py",
+        "benchmarks/bench_sglang.py",
         "benchmarks/bench_new.py",
     ]
     assert runs[-1] == ["python", "benchmarks/bench_new.py", "--device", "cuda", "--out", f"{suite.out}/results"]

@@ -1,0 +1,399 @@
+"""Family adapters for SGLang's own vision encoders (``sglang.srt.models.*``), on the
+framework-independent engine (``ipcv_kernels.engine``).
+
+SGLang's Qwen towers lay their blocks out as vLLM's do (``ipcv_kernels.vllm.adapters``, whose
+item, grid and packing logic these adapters inherit): packed patches, ``grid_thw`` rows as items,
+blocks taking ``x`` as ``[S, 1, D]``. What differs:
+
+- **Per-forward attention metadata.** The tower computes one ``VisionAttentionMetadata``
+  (``cu_seqlens`` on the device, ``seq_lens``, ``max_seqlen``) per segment layout
+  (``prepare_vision_attention_metadata``) and hands it to every block as ``forward_metadata``;
+  the GPU backends (``fa3``, ``fa4``, ``triton_attn``, ``aiter_attn``, ``ascend_attn``) read
+  their segments from it, not from ``cu_seqlens``. A pruned block gets metadata recomputed for
+  the kept segments (``kept_metadata``, no host read: the engine already knows the longest kept
+  segment); a block run on the full sequence keeps the tower's. The CPU ``sdpa`` backend reads
+  ``cu_seqlens`` only, so a stale metadata bug would not show on the CPU:
+  ``tests/sglang`` checks every attention call's metadata against its ``cu_seqlens``.
+  ``flashinfer_cudnn`` metadata carries padded, bucketed element offsets of the full sequence
+  (``packed_indptrs``): refused when a block receives it.
+- **Segments on the device.** Qwen2-VL's tower passes ``cu_seqlens`` on the host (the NumPy
+  helper) and the same offsets on the device in the metadata; the engine takes the metadata's
+  (device, int32), so planning and shrinking never mix devices.
+- **Rotary tables.** Qwen2-VL / Qwen2.5-VL blocks take full-width ``position_embeddings``
+  ``(cos, sin)`` ``[S, Dh]``; Qwen3-VL's take ``rotary_pos_emb_cos`` / ``_sin`` (half or full
+  width; ``VisionAttention`` widens half tables itself).
+- **Attention.** ``VisionAttention`` with ``qkv_proj`` (``QKVParallelLinear``: the rank's
+  ``[q | k | v]``, ``q_size`` / ``kv_size`` wide) and ``proj`` (``RowParallelLinear``, which
+  all-reduces under tensor parallelism). The attention-stabilisation blocks run ``qkv_proj`` on
+  every row (keys and values need them; the queries are then read at the kept rows through
+  ``ngr_attention``'s ``q_rows``: the ``W_q`` third of the projection is also computed for the
+  dropped rows, ``Nd * D * D`` multiply-adds per stabilisation block), ``ngr_attention`` on the
+  rank's heads and the block's own ``proj``, norms and MLP. Pruned blocks run SGLang's own block,
+  hence its own attention backend.
+
+Tensor parallelism: SGLang shards the heads (``qkv_proj`` / ``proj``) and the MLP; the hidden
+states between blocks are replicated, so every rank plans the same ``keep`` / ``drop`` /
+neighbours, and the stabilisation blocks compute the rank's heads as SGLang's own block does.
+
+InternVL (``SGLangInternVLChatAdapter``): SGLang's InternViT takes batched tiles ``[tiles, 1 + N,
+D]`` as vLLM's does, so its adapter is vLLM's InternVL one (``engine.batched``: CLS rows pinned,
+each image's tiles one item) with SGLang's layer parts and call sites.
+
+CUDA graphs: SGLang's ViT CUDA-graph path (``SGLANG_VIT_ENABLE_CUDA_GRAPH``; Qwen2.5-VL's and
+Qwen3-VL's ``forward_with_cuda_graph``, InternViT's graph runner) replays blocks captured for fixed
+token counts per layout, which IPCV changes per input from block ``P`` on: refused when the patch is
+made (``check_tower``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import IPCVConfig
+from ..engine import BlockCall, ForwardState, IPCVPatch, read_blocks
+from ..engine.batched import PrenormLayer
+from ..ops import ngr_attention
+from ..reference import IPCVPlan
+from ..vllm.adapters import VLLMInternVLChatAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
+
+CUDA_GRAPH_VARIABLE = "SGLANG_VIT_ENABLE_CUDA_GRAPH"
+# What SGLang's ``VisionAttention`` and blocks must offer (checked when the patch is made, so an
+# untested SGLang version is refused with a message instead of failing in the first forward).
+ATTENTION_FIELDS = ("qkv_proj", "proj", "q_size", "kv_size", "num_attention_heads_per_partition", "head_size")
+TESTED_VERSION = "0.5.23"
+
+
+def vit_cuda_graph_enabled() -> bool:
+    """Whether SGLang's ViT CUDA graphs are on (``SGLANG_VIT_ENABLE_CUDA_GRAPH``, read as SGLang
+    reads its boolean environment variables)."""
+    return os.environ.get(CUDA_GRAPH_VARIABLE, "false").strip().lower() in ("1", "true", "yes", "y", "on")
+
+
+def check_tower(tower: nn.Module, blocks_path: str = "blocks", attention_path: str = "attn") -> None:
+    """Refuse a tower IPCV cannot patch: CUDA-graphed (``ValueError``) or of an SGLang version
+    whose blocks lack what the adapter uses (``TypeError`` naming it). ``blocks_path``: the
+    tower's block list; ``attention_path``: a block's ``VisionAttention``."""
+    encoder = getattr(tower, "encoder", None)
+    if getattr(tower, "enable_cg", False) or getattr(encoder, "enable_cg", False) or vit_cuda_graph_enabled():
+        raise ValueError(
+            f"IPCV cannot run in SGLang's CUDA-graphed vision encoder ({CUDA_GRAPH_VARIABLE}=1 replays blocks "
+            f"captured for fixed token counts; IPCV changes them per image): unset {CUDA_GRAPH_VARIABLE} or remove "
+            "the 'ipcv' key from --json-model-override-args"
+        )
+    blocks = _follow(tower, blocks_path)
+    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
+        raise TypeError(f"SGLang's {type(tower).__name__} has no blocks: not supported (tested with {TESTED_VERSION})")
+    block = blocks[0]
+    missing = [name for name in ("mlp", "norm1", "norm2") if not hasattr(block, name)]
+    attention = _follow(block, attention_path)
+    if attention is None:
+        missing.append(attention_path)
+    else:
+        missing += [f"{attention_path}.{name}" for name in ATTENTION_FIELDS if not hasattr(attention, name)]
+    if missing:
+        raise TypeError(
+            f"SGLang's {type(block).__name__} lacks {', '.join(missing)}: this SGLang version is not supported by "
+            f"IPCV's adapter (tested with SGLang {TESTED_VERSION})"
+        )
+
+
+def _follow(module: Any, path: str) -> Any:
+    """``module.a.b`` for ``path`` ``"a.b"``; ``None`` where an attribute is missing."""
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
+
+
+def kept_metadata(metadata: Any, cu_seqlens: torch.Tensor, max_seqlen: int | None) -> Any:
+    """SGLang's ``VisionAttentionMetadata`` for the segments ``cu_seqlens`` (int32 ``[S + 1]`` on
+    the device): ``cu_seqlens``, ``seq_lens`` ``[S]`` and ``max_seqlen`` (``None``: read from the
+    segments, one host read). A metadata of the same class as the tower's."""
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    return type(metadata)(cu_seqlens=cu_seqlens, seq_lens=cu_seqlens[1:] - cu_seqlens[:-1], max_seqlen=max_seqlen)
+
+
+class SGLangQwen2VLAdapter(VLLMQwen2VLAdapter):
+    """SGLang's ``Qwen2VisionTransformer`` (``Qwen2VLForConditionalGeneration.visual``).
+
+    Block: ``x = x + attn(norm1(x)); x = x + mlp(norm2(x))`` on ``[S, 1, D]``, called as
+    ``blk(x, cu_seqlens=, position_embeddings=(cos, sin) [S, Dh], forward_metadata=)``; items are
+    the ``grid_thw`` rows (each image, or each video, one item).
+    """
+
+    name = "sglang_qwen2_vl"
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        check_tower(tower)
+        return tower.blocks
+
+    # -- what a block call carries ---------------------------------------------------------------
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
+        kwargs = dict(kwargs)
+        positional = list(args)
+        cu_seqlens = kwargs.pop("cu_seqlens") if "cu_seqlens" in kwargs else positional.pop(0)
+        position_embeddings = self._pop_rotary(kwargs, positional)
+        metadata = kwargs.get("forward_metadata")
+        if metadata is not None:
+            if getattr(metadata, "packed_indptrs", None) is not None:
+                raise ValueError(
+                    "IPCV does not support SGLang's flashinfer_cudnn vision attention (its metadata holds padded "
+                    "offsets of the full sequence): choose another --mm-attention-backend"
+                )
+            cu_seqlens = metadata.cu_seqlens  # the same offsets, on the device and int32
+        return BlockCall(cu_seqlens, position_embeddings, tuple(positional), kwargs)
+
+    def _pop_rotary(self, kwargs: dict[str, Any], positional: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block call's rotary tables ``(cos, sin)``, taken out of its arguments."""
+        if "position_embeddings" in kwargs:
+            return kwargs.pop("position_embeddings")
+        return positional.pop(0)
+
+    def _rotary_kwargs(self, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+        """The block's keyword arguments for the rotary tables ``position_embeddings``."""
+        return {"position_embeddings": position_embeddings}
+
+    # -- the model's own block -------------------------------------------------------------------
+    def run_block(
+        self,
+        block: nn.Module,
+        forward: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        call: BlockCall,
+        config: IPCVConfig,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """SGLang's block on packed rows ``[N, D]`` (given to it as ``[N, 1, D]``) with segments
+        ``cu_seqlens``; returns ``[N, D]``. Rows other than the tower's get metadata of their own."""
+        kwargs = dict(call.kwargs)
+        metadata = kwargs.get("forward_metadata")
+        if metadata is not None and cu_seqlens is not call.cu_seqlens:
+            kwargs["forward_metadata"] = kept_metadata(metadata, cu_seqlens, max_seqlen)
+        if self.blocks_modify_input:
+            hidden = hidden.clone()  # the engine keeps the tensors it hands out (the base's kept rows)
+        out = forward(
+            hidden.unsqueeze(1),
+            *call.args,
+            cu_seqlens=cu_seqlens.to(torch.int32),
+            **self._rotary_kwargs(position_embeddings),
+            **kwargs,
+        )
+        return out.squeeze(1)
+
+    # -- attention stabilisation -----------------------------------------------------------------
+    def stabilised_block(
+        self,
+        block: nn.Module,
+        kept: torch.Tensor,
+        full: torch.Tensor,
+        plan: IPCVPlan,
+        call: BlockCall,
+        config: IPCVConfig,
+        kept_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queries of the kept rows ``kept`` ``[Nk, D]``, keys / values of every row of ``full``
+        ``[n, D]`` (this rank's heads); returns the kept rows ``[Nk, D]`` of the block's output."""
+        attention = block.attn
+        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
+        kv_heads = attention.kv_size // head_dim
+        qkv, _ = attention.qkv_proj(self.norm1(block, full))  # every row: see the module docstring
+        q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+        n = full.shape[0]
+        attended = ngr_attention(
+            q.reshape(n, heads, head_dim),
+            k.reshape(n, kv_heads, head_dim),
+            v.reshape(n, kv_heads, head_dim),
+            kept_cu_seqlens,
+            call.cu_seqlens.to(torch.int32),
+            softmax_scale=getattr(attention, "softmax_scale", None),
+            backend=config.attention_backend,
+            rotary=self.full_width_rotary(call.position_embeddings, head_dim),
+            q_rows=plan.keep,
+            skip_check=True,
+        )
+        projected, _ = attention.proj(attended.reshape(kept.shape[0], -1))
+        return self.residual_mlp(block, kept, projected)
+
+    @staticmethod
+    def full_width_rotary(
+        position_embeddings: tuple[torch.Tensor, torch.Tensor], head_dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's rotary tables as ``rotate_half`` tables ``[S, Dh]`` (half-width neox
+        tables ``[S, Dh / 2]`` are doubled, as ``VisionAttention`` does)."""
+        cos, sin = position_embeddings
+        if cos.shape[-1] * 2 == head_dim:
+            return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+        return cos, sin
+
+    def norm1(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The block's first norm on rows ``[n, D]``."""
+        return block.norm1(x)
+
+    def residual_mlp(self, block: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the block after its attention: ``y = x + attended; y + mlp(norm2(y))``."""
+        hidden = x + attended
+        return hidden + block.mlp(block.norm2(hidden))
+
+
+class SGLangQwen2_5_VLAdapter(SGLangQwen2VLAdapter):
+    """SGLang's ``Qwen2_5_VisionTransformer``: windows and full-attention blocks both arrive as
+    the block's ``cu_seqlens`` (with the matching ``forward_metadata``) over the ``window_index``
+    order, and ``norm2`` fuses the residual add (``normed, residual = norm2(x, residual=attn)``).
+    The full-attention offsets start with an empty segment (``[0, 0, n_1, ...]``), which the
+    engine's kept segments drop for SGLang's block. Restoration writes the full sequence in the
+    tower's (window) order, so the merger and ``reverse_indices`` give the usual output."""
+
+    name = "sglang_qwen2_5_vl"
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Unknown: the tower reorders its rows by windows inside its forward (a selector that
+        needs the grid, such as ``"uniform"``, refuses)."""
+        return None
+
+    def residual_mlp(self, block: nn.Module, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        normed, residual = block.norm2(x, residual=attended)
+        return residual + block.mlp(normed)
+
+
+class SGLangQwen3VLAdapter(SGLangQwen2VLAdapter):
+    """SGLang's ``Qwen3VLMoeVisionModel`` (``Qwen3VLForConditionalGeneration.visual``, also the
+    MoE variant's): Qwen2-VL's block (plain ``norm2``) called as ``blk(x, cu_seqlens=,
+    rotary_pos_emb_cos=, rotary_pos_emb_sin=, forward_metadata=)``, items the ``grid_thw`` rows
+    (segments: each frame), and the DeepStack taps.
+
+    The block adds into its input in place (``x += attn``, ``x += mlp``): the engine records a
+    copy of block ``P-1``'s input (``blocks_modify_input``) and pruned blocks get a copy of their
+    rows (``Nk * D`` per pruned block), since the engine keeps the tensors it hands out.
+
+    After each block of ``deepstack_visual_indexes`` the tower feeds that block's output to a
+    ``deepstack_merger_list`` merger; in the pruned stretch a block returns the kept rows, so a
+    forward pre-hook on every DeepStack merger restores the full sequence first. The tower's output
+    is the merger's and every tap's, concatenated along features, all restored.
+    """
+
+    name = "sglang_qwen3_vl"
+    blocks_modify_input = True
+    install_hooks = VLLMQwen3VLAdapter.install_hooks
+
+    def _pop_rotary(self, kwargs: dict[str, Any], positional: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = []
+        for name in ("rotary_pos_emb_cos", "rotary_pos_emb_sin"):
+            tables.append(kwargs.pop(name) if name in kwargs else positional.pop(0))
+        if kwargs.get("sequence_lengths") is not None:
+            raise ValueError(
+                "IPCV does not support SGLang's flashinfer_cudnn vision attention (sequence_lengths): choose "
+                "another --mm-attention-backend"
+            )
+        return tables[0], tables[1]
+
+    def _rotary_kwargs(self, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, Any]:
+        cos, sin = position_embeddings
+        return {"rotary_pos_emb_cos": cos, "rotary_pos_emb_sin": sin}
+
+
+class SGLangInternVLChatAdapter(VLLMInternVLChatAdapter):
+    """SGLang's ``InternVisionModel`` (``InternVLChatModel.vision_model``): InternVL's own format
+    (the ``OpenGVLab/InternVL2-*``, ``InternVL2_5-*``, ``InternVL3-*`` checkpoints).
+
+    **Layers.** ``InternVisionEncoderLayer``: ``x + ls1 * attn(norm1(x))``, ``x + ls2 *
+    mlp(norm2(x))`` on ``[tiles, 1 + N, D]``, its attention an ``InternAttention`` around SGLang's
+    ``VisionAttention`` (``qkv_proj``: the rank's ``[q | k | v]``; an optional QK RMSNorm over every
+    head, ``_apply_qk_norm``: all-gather, norm, split back under tensor parallelism; ``proj``,
+    row-parallel). Layers before ``P`` run SGLang's own layer; from ``P`` on the engine runs the
+    functional pre-norm layer (``engine.batched.prenorm_layer``) on the packed kept rows with this
+    layer's own modules (``layer_parts``), attention through ``ngr_attention``: SGLang builds this
+    attention with ``flatten_batch=False`` (one sequence per batch row), which cannot take packed
+    rows of several tiles. ``qkv_proj`` runs on every row of the context (the stabilisation
+    layers also compute queries of the dropped rows, ``Nd * D * D`` multiply-adds per layer).
+
+    **Items.** SGLang encodes all tiles of a batch's images in one tower call
+    (``extract_feature``); the tiles per image are known one level up: ``get_image_feature(items)``
+    gets one ``MultimodalDataItem`` per image, its ``feature`` the image's tiles ``[tiles, 3, H,
+    W]``. A wrapper of that method hands the counts to the tower call (``IPCVPatch.hinted``), so
+    each image's tiles form one item; ``get_video_feature`` makes each frame its own item, as
+    transformers does. A bare tower call treats all its tiles as one item.
+
+    **Read layer.** ``extract_feature`` reads the last layer's output (``select_layer=-1``) or the
+    ``hidden_states[select_layer]`` entry, which the wrapper passes on as the call's read block.
+
+    **Refused:** ``--mm-enable-dp-encoder`` (the tower shards its tiles across ranks inside one
+    call) and the ViT CUDA graph.
+    """
+
+    name = "sglang_internvl_chat"
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        if getattr(tower, "use_data_parallel", False):
+            raise ValueError(
+                "IPCV does not support --mm-enable-dp-encoder for InternVL's InternViT (the tower shards its tiles "
+                "across ranks inside one call): leave it off"
+            )
+        check_tower(tower, "encoder.layers", "attn.attn")
+        return tower.encoder.layers
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        if self.model is None:
+            return
+        for name, frames in (("get_image_feature", False), ("get_video_feature", True)):
+            if hasattr(self.model, name):
+                patch.wrap(self.model, name, functools.partial(self._read_tiles, patch, frames))
+
+    def _read_tiles(self, patch: IPCVPatch, frames: bool, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``get_image_feature`` / ``get_video_feature`` (``frames``) telling its tower call the
+        tiles of each item and the block ``extract_feature`` reads."""
+
+        def get_feature(items: Any) -> Any:
+            features = [item.feature for item in items]
+            if not all(isinstance(feature, torch.Tensor) and feature.dim() == 4 for feature in features):
+                return inner(items)  # precomputed embeddings: no tower call
+            counts = [int(feature.shape[0]) for feature in features]
+            if frames:
+                counts = [1] * sum(counts)
+            hints: dict[str, Any] = {"tiles_per_image": counts}
+            select_layer = getattr(self.model, "select_layer", -1)
+            if select_layer != -1:
+                hints["read_blocks"] = read_blocks(select_layer, len(patch.blocks))
+            with patch.hinted(**hints):
+                return inner(items)
+
+        return get_feature
+
+    def layer_parts(self, block: nn.Module) -> PrenormLayer:
+        attention = block.attn.attn
+        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
+
+        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            projected, _ = attention.qkv_proj(x)
+            q, k, v = projected.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+            if attention.qk_normalization:
+                q, k = attention._apply_qk_norm(q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (-1, head_dim)))
+                q, k = q.flatten(-2), k.flatten(-2)
+            return q, k, v
+
+        scale = attention.softmax_scale if attention.softmax_scale is not None else head_dim**-0.5
+        return PrenormLayer(
+            norm1=block.norm1,
+            q=None,
+            k=None,
+            v=None,
+            qkv=qkv,
+            out=lambda x: attention.proj(x)[0],
+            norm2=block.norm2,
+            mlp=block.mlp,
+            num_heads=heads,
+            head_dim=head_dim,
+            scale=scale,
+            attn_gain=block.ls1,
+            mlp_gain=block.ls2,
+        )
