@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from ipcv_kernels._help_text import help_summary
+
 
 def parse_size(text: str) -> tuple[int, int]:
     """``"HxW"`` in pixels."""
@@ -47,7 +49,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=help_summary(__doc__))
     parser.add_argument("--preset", default="qwen2-vl-7b", help="a Qwen2-VL preset's vision tower (qwen2-vl-*)")
     parser.add_argument("--cases", nargs="+", type=parse_size, default=[(448, 448), (896, 896)], help="image sizes HxW")
     parser.add_argument("--rounds", type=int, default=10, help="timed requests per case and server")
