@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import environment, results
-from .cases import DEFAULT_CASES, DEFAULT_PRESET, PRESETS
+from .cases import DEFAULT_CASES, DEFAULT_PRESET, PRESETS, VLLM_FAMILIES
 from .engine import VLLM_MISSING, vllm_available
 from .report import markdown_report, table_rows
 from .timing import benchmark
@@ -15,18 +15,27 @@ from .timing import benchmark
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench-vllm`` subcommand's flags."""
-    parser.add_argument(
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument(
         "--preset",
         choices=PRESETS,
         default=DEFAULT_PRESET,
         help="the vision tower's shape (ipcv_kernels.bench.presets; the language model is always the tiny one)",
+    )
+    model.add_argument(
+        "--family",
+        choices=VLLM_FAMILIES,
+        default=None,
+        help="instead of a preset: the family-table row's tiny vLLM checkpoint as the tests save it "
+        "(ipcv_kernels.vllm.testing), any call kind",
     )
     parser.add_argument("--dtype", choices=sorted(environment.DTYPES), default="float32", help="vLLM's dtype")
     parser.add_argument(
         "--cases",
         nargs="+",
         default=list(DEFAULT_CASES),
-        help="images in pixels, HxW, one per request (rounded to multiples of 28 as Qwen2-VL's processor does)",
+        help="images in pixels, HxW, one per request (rounded to multiples of 28 for Qwen towers as their "
+        "processor does; other families' processors crop or tile them as they do in serving)",
     )
     parser.add_argument(
         "--ratio", type=float, help="IPCV ratio: fraction of tokens dropped (default: the family's recommended)"

@@ -1,4 +1,4 @@
-"""The vLLM engine bench-vllm times: the saved tiny checkpoint, one in-process ``LLM`` patched by the plugin, and how each measure is called on it."""
+"""The vLLM engine bench-vllm times: the saved tiny checkpoint, one in-process ``LLM`` patched by the plugin, and how each measure is called on it, for any family."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from ...config import IPCVConfig
-from ...families import Family, presets
+from ...families import Family
 from ...reference import IPCVPlan
-from ...vllm.testing import CHECKPOINTS
 from .. import environment, measure
-from ..calls import Case
-from .cases import PROMPT, PROMPT_MARGIN, case_pixels, merged_tokens
+from .cases import PROMPT, Target
+from .reference import recording_plans
 
 VLLM_MISSING = (
     "bench-vllm needs vLLM, which is not importable here: install it (pip install vllm; on a CPU "
@@ -41,14 +40,18 @@ def vllm_available() -> bool:
 
 @dataclass
 class Engine:
-    """One vLLM engine on the benchmark's checkpoint, and how to run each measure on it."""
+    """One vLLM engine on the benchmark's checkpoint, and how to run each measure on it.
+
+    Every input goes through vLLM's own multimodal processor (``input_processor.process_inputs``,
+    as ``LLM.generate`` does, then ``group_and_batch_mm_kwargs``, as the model runner batches it),
+    so ``embed_multimodal`` gets exactly what serving gives it, for any family and call kind."""
 
     llm: Any
     checkpoint: Path
     family: Family
-    vision_config: Any
     configs: dict[str, IPCVConfig | None]
     seed: int
+    prompt: str
     # vLLM's own first_token_latency (ms) of every ttft call, per variant, in call order.
     vllm_ttft_ms: dict[str, list[float]] = field(default_factory=dict)
     _fresh: Any = field(default_factory=lambda: itertools.count())
@@ -72,59 +75,68 @@ class Engine:
         """A new seed per input: vLLM's encoder cache skips images it has seen."""
         return self.seed * 1_000_003 + next(self._fresh)
 
-    def patches(self, case: Case) -> torch.Tensor:
-        """New random flattened patches ``[tokens, C * T * p * p]`` fp32 for the case's grid."""
-        c = self.vision_config
-        patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
-        generator = torch.Generator().manual_seed(self.fresh_seed())
-        return torch.randn(case.tokens, patch_dim, generator=generator)
+    def image(self, height: int, width: int) -> Any:
+        """A new random RGB image (PIL) of ``height x width`` pixels."""
+        return random_image(height, width, self.fresh_seed())
 
-    def encode(self, pixels: torch.Tensor, case: Case) -> tuple[torch.Tensor, torch.Tensor, IPCVPlan | None]:
-        """``embed_multimodal`` of one image as the model is patched now: ``(embeddings
-        [tokens / merge^2, hidden] fp32, the pixels the tower's blocks see, IPCV's plan or None)``.
+    def request(self, image: Any) -> dict[str, Any]:
+        """One request of ``image`` with a new uuid, so that the encoder cache cannot serve it."""
+        return {
+            "prompt": self.prompt,
+            "multi_modal_data": {"image": image},
+            "multi_modal_uuids": {"image": [f"bench-{self.fresh_seed()}"]},
+        }
 
-        vLLM may normalise the pixels on the device (``visual.input_norm``; its processor then
-        skips mean / std). The plan is recorded by wrapping the patch's adapter's ``plan`` for
-        this one call (the adapter belongs to this model's patch alone)."""
+    def inputs(self, image: Any) -> dict[str, Any]:
+        """``embed_multimodal``'s kwargs for ``image``, on the model's device: vLLM's processor and
+        batching, as a request of it gets them."""
+        from vllm import SamplingParams
+        from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+        engine = self.llm.llm_engine
+        request = engine.input_processor.process_inputs(
+            f"bench-{self.fresh_seed()}",
+            self.request(image),
+            SamplingParams(max_tokens=1),
+            supported_tasks=engine.get_supported_tasks(),
+        )
+        features = [(feature.modality, feature.data) for feature in request.mm_features]
+        ((_, _, kwargs),) = group_and_batch_mm_kwargs(features, device=self.device())
+        return dict(kwargs)
+
+    def encode(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, IPCVPlan | None]:
+        """``embed_multimodal(**kwargs)`` as the model is patched now: ``(embeddings [rows, D]
+        fp32, concatenated, IPCV's plan or None)``.
+
+        The plan is recorded by wrapping the patch's adapter's ``plan`` for this one call (the
+        adapter belongs to this model's patch alone)."""
         from ...api import get_ipcv_patch
 
-        grid = torch.tensor(case.grid_thw, dtype=torch.int64)
-
-        def fn(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, IPCVPlan | None]:
+        def fn(model: torch.nn.Module) -> tuple[torch.Tensor, IPCVPlan | None]:
             patch = get_ipcv_patch(model)
             plans: list[IPCVPlan] = []
             if patch is not None:
                 patch.adapter.plan = recording_plans(patch.adapter, plans)
             try:
                 with torch.inference_mode():
-                    embeddings = torch.cat(model.embed_multimodal(pixel_values=pixels, image_grid_thw=grid))
-                    normalised = model.visual.input_norm(pixels.clone(), model.visual.dtype)
+                    items = list(model.embed_multimodal(**kwargs))  # a tuple, or [B, L, D]
+                    embeddings = torch.cat([item.reshape(-1, item.shape[-1]) for item in items])
             finally:
                 if patch is not None:
                     del patch.adapter.plan  # the class's method again
-            return embeddings.float().cpu(), normalised.cpu(), plans[0] if plans else None
+            return embeddings.float().cpu(), plans[0] if plans else None
 
         return self.call(fn)
 
-    def encoder_call(self, pixels: torch.Tensor, case: Case) -> Callable[[], None]:
-        """The timed encoder call: ``embed_multimodal`` of ``pixels``, synchronised on its device."""
-        grid = torch.tensor(case.grid_thw, dtype=torch.int64)
+    def encoder_call(self, kwargs: dict[str, Any]) -> Callable[[], None]:
+        """The timed encoder call: ``embed_multimodal(**kwargs)``, synchronised on its device."""
 
         def fn(model: torch.nn.Module) -> None:
             with torch.inference_mode():
-                model.embed_multimodal(pixel_values=pixels, image_grid_thw=grid)
-            measure.synchronize(model.visual.device)
+                model.embed_multimodal(**kwargs)
+            measure.synchronize(next(model.parameters()).device)
 
         return lambda: self.call(fn)
-
-    def image(self, case: Case) -> Any:
-        """A new random RGB image (PIL) of the case's size."""
-        import numpy as np
-        from PIL import Image
-
-        height, width = case_pixels(case, self.vision_config)
-        rng = np.random.default_rng(self.fresh_seed())
-        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
     def ttft_call(self, variant: str, image: Any) -> Callable[[], None]:
         """The timed request: ``generate`` with ``max_tokens=1`` on ``image`` (a new uuid, so
@@ -132,11 +144,7 @@ class Engine:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0)
-        request = {
-            "prompt": PROMPT,
-            "multi_modal_data": {"image": image},
-            "multi_modal_uuids": {"image": [f"bench-{self.fresh_seed()}"]},
-        }
+        request = self.request(image)
 
         def fn() -> None:
             (output,) = self.llm.generate(request, params, use_tqdm=False)
@@ -158,32 +166,45 @@ class Engine:
         return self.call(fn)
 
     def device(self) -> torch.device:
-        return self.call(lambda m: next(m.visual.parameters()).device)
+        return self.call(lambda m: next(m.parameters()).device)
 
 
-def start_engine(
-    args: argparse.Namespace, ipcv: IPCVConfig, vision_config: Any, cases: Sequence[Case], directory: Path
-) -> Engine:
-    """Save the checkpoint (``vision_config``'s tower, room for the largest of ``cases``) under
-    ``directory`` and start one in-process engine on it, patched by the plugin with ``ipcv``."""
-    from vllm import LLM
+def random_image(height: int, width: int, seed: int) -> Any:
+    """A seeded random RGB image (PIL) of ``height x width`` pixels."""
+    import numpy as np
+    from PIL import Image
 
-    from ...vllm.testing import ENGINE, MAX_PIXELS, VLLM_TEXT, build_checkpoint
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
-    pixels = max(h * w for h, w in (case_pixels(case, vision_config) for case in cases))
-    max_model_len = max(merged_tokens(case, vision_config) for case in cases) + PROMPT_MARGIN
-    max_model_len = max(max_model_len, ENGINE["max_model_len"])
-    row, preset = presets()[args.preset]
-    output = CHECKPOINTS[row.id][3]
-    fields = {k: v for k, v in preset.vision.items() if k != output}
-    checkpoint = build_checkpoint(
+
+def save_checkpoint(target: Target, seed: int, max_model_len: int, pixels: int, directory: Path) -> Path:
+    """The target's tiny checkpoint under ``directory``: a preset's tower shape, room for prompts of
+    ``max_model_len`` tokens and images of ``pixels`` pixels (a row's tiny checkpoint as it is)."""
+    from ...vllm.testing import MAX_PIXELS, VLLM_TEXT, build_checkpoint
+
+    if target.vision is None:
+        return build_checkpoint(directory, target.row.id, seed=seed)
+    return build_checkpoint(
         directory,
-        row.id,
-        seed=args.seed,
-        vision=fields,
+        target.row.id,
+        seed=seed,
+        vision=target.vision,
         text={"max_position_embeddings": max(max_model_len, VLLM_TEXT["max_position_embeddings"])},
         max_pixels=max(pixels, MAX_PIXELS),
     )
+
+
+def start_engine(
+    args: argparse.Namespace, target: Target, ipcv: IPCVConfig, checkpoint: Path, max_model_len: int
+) -> Engine:
+    """Start one in-process engine on ``checkpoint``, patched by the plugin with ``ipcv``."""
+    from vllm import LLM
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from ...vllm.testing import ENGINE
+
+    max_model_len = max(max_model_len, ENGINE["max_model_len"])
     settings = {
         **ENGINE,
         "dtype": args.dtype,
@@ -192,10 +213,15 @@ def start_engine(
         "limit_mm_per_prompt": {"image": 1},
         "seed": args.seed,
         "disable_log_stats": False,  # the request metrics carry vLLM's own first_token_latency
+        # A remote-code format (its configuration file saved with the checkpoint, no download).
+        "trust_remote_code": target.row.hf is None,
     }
     llm = LLM(model=str(checkpoint), hf_overrides={"ipcv": asdict(ipcv)}, **settings)
+    # The model's own placeholder of one image (vLLM's dummy text), whatever the family.
+    processor = MULTIMODAL_REGISTRY.create_processor(llm.llm_engine.model_config)
+    prompt = PROMPT.format(image=processor.dummy_inputs.get_dummy_text({"image": 1}))
     configs = {"unpatched": None, "ipcv": ipcv}
-    return Engine(llm, checkpoint, row, vision_config, configs, args.seed)
+    return Engine(llm, checkpoint, target.row, configs, args.seed, prompt)
 
 
 def bind_threads(threads: int | None) -> int:
@@ -214,15 +240,3 @@ def bind_threads(threads: int | None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(core) for core in cores[:threads]))
     return threads
-
-
-def recording_plans(adapter: Any, plans: list[IPCVPlan]) -> Callable[..., IPCVPlan]:
-    """A stand-in for ``adapter.plan`` (set on the adapter instance of one patch, deleted after
-    use) that appends each plan it makes to ``plans``."""
-    planner = adapter.plan
-
-    def plan(*args: Any, **kwargs: Any) -> IPCVPlan:
-        plans.append(planner(*args, **kwargs))
-        return plans[-1]
-
-    return plan

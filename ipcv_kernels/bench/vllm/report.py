@@ -74,13 +74,13 @@ def markdown_report(payload: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 {environment.environment_markdown(env)}
 
-Model: a Qwen2-VL with the `{s["model"]}` vision tower and a tiny language model \
+Model: a {s["family"]} model with the `{s["model"]}` vision tower and a tiny language model \
 (`{s["language_model"]}`), seeded random weights, one in-process vLLM engine (eager, no prefix \
 caching, no processor cache). IPCV ({s["ipcv_source"]}): ratio {ipcv["ratio"]}, prune layer \
 {ipcv["prune_layer"]}, {ipcv["as_layers"]} stabilisation blocks, {ipcv["num_neighbors"]} neighbours, scope \
 {ipcv["scope"]} (backends: {", ".join(f"{op} `{name}`" for op, name in s["ipcv_backends"].items())}), \
-switched on and off between calls with `LLM.apply_model`. Encoder: `embed_multimodal` on new \
-random patches every call; TTFT: `LLM.generate` of one request with a new random image and \
+switched on and off between calls with `LLM.apply_model`. Encoder: `embed_multimodal` on a new \
+random image every call, as vLLM's processor gives it; TTFT: `LLM.generate` of one request with a new random image and \
 `max_tokens=1` (processing, encoder and prefill; vLLM's own `first_token_latency` is in the JSON \
 and CSV). Times are medians of {s["repeats"]} interleaved rounds after {s["warmup"]} warm-up call(s) of \
 each; the encoder's bound is the FLOP model's (`ipcv_kernels.flops`), the TTFT's that bound applied \

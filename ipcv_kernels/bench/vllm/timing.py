@@ -16,17 +16,29 @@ import torch
 from ...flops import predicted_speedup
 from ...ops import available_backends
 from .. import environment, measure, progress, results
-from ..calls import Case
+from ..calls import Case, parse_grid_case
 from ..vit import PLANNED_OPS
-from .cases import MEASURES, VARIANTS, bench_vision_config, explicit_ipcv_flags, ipcv_from_args, parse_image_case
+from .cases import (
+    MEASURES,
+    PROMPT_MARGIN,
+    VARIANTS,
+    explicit_ipcv_flags,
+    image_pixels,
+    ipcv_from_args,
+    preset_vision_config,
+    target_from_args,
+)
 from .checks import check_case
-from .engine import Engine, bind_threads, start_engine
+from .engine import Engine, bind_threads, random_image, save_checkpoint, start_engine
+from .reference import Reference
 from .report import markdown_report, plot, table_rows
 
 
 def run_case(
     engine: Engine,
+    reference: Reference,
     case: Case,
+    size: tuple[int, int],
     *,
     warmup: int,
     repeats: int,
@@ -36,10 +48,17 @@ def run_case(
     device: torch.device,
     bar: progress.Progress,
 ) -> dict[str, Any]:
-    """Check, then time both measures of both variants interleaved; everything JSON-ready."""
-    result: dict[str, Any] = {"case": case.name, "grid_thw": [list(g) for g in case.grid_thw], "tokens": case.tokens}
+    """Check, then time both measures of both variants interleaved, on new images of ``size``
+    (height, width) pixels, which the tower gets as ``case``; everything JSON-ready."""
+    result: dict[str, Any] = {
+        "case": case.name,
+        "image": list(size),
+        "grid_thw": [list(g) for g in case.grid_thw],
+        "tiles_per_image": list(case.tiles_per_image),
+        "tokens": case.tokens,
+    }
     if check:
-        checks = check_case(engine, case, dtype)
+        checks = check_case(engine, reference, engine.image(*size), dtype)
         failed = checks.pop("failed")
         result["checks"] = checks
         if failed:
@@ -57,9 +76,9 @@ def run_case(
         quantity, variant = name.split("/")
         engine.select(variant)
         if quantity == "encoder":
-            pending[name] = engine.encoder_call(engine.patches(case), case)
+            pending[name] = engine.encoder_call(engine.inputs(engine.image(*size)))
         else:
-            pending[name] = engine.ttft_call(variant, engine.image(case))
+            pending[name] = engine.ttft_call(variant, engine.image(*size))
 
     names = [f"{m}/{v}" for m in MEASURES for v in VARIANTS]
     engine.vllm_ttft_ms.clear()
@@ -73,10 +92,10 @@ def run_case(
     )
     # One more, untimed, IPCV encoder call: its pruned counts per block.
     engine.select("ipcv")
-    engine.encoder_call(engine.patches(case), case)()
+    engine.encoder_call(engine.inputs(engine.image(*size)))()
     result["ipcv_tokens_per_block"] = engine.tokens_per_block()
 
-    flops = {v: engine.family.flops(engine.vision_config, case.grid_thw, engine.configs[v]) for v in VARIANTS}
+    flops = {v: reference.calls.flops(case, engine.configs[v]) for v in VARIANTS}
     bound = predicted_speedup(flops["unpatched"], flops["ipcv"])
     result["kept_tokens"] = flops["ipcv"].kept_tokens
     spreads: dict[str, measure.Spread] = {}
@@ -129,24 +148,46 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     bind_threads(args.threads)
     load_at_start = environment.load_average()
     dtype = environment.DTYPES[args.dtype]
-    ipcv = ipcv_from_args(args)
-    vision_config = bench_vision_config(args.preset)
-    ipcv.check_depth(vision_config.depth)
+    target = target_from_args(args)
+    ipcv = ipcv_from_args(args, target.row)
+    takes_grid_thw = target.row.kind.takes_grid_thw
     cases_text = list(args.cases)
-    cases = [parse_image_case(text, vision_config) for text in cases_text]
+    for text in cases_text:  # refused before anything is built
+        image_pixels(text, False, None)
+    # A preset's tower is known before its checkpoint is saved: the checkpoint makes room for its
+    # largest prompt and image (a row's tiny checkpoint holds the tests' small images).
+    preset_config = preset_vision_config(target)
+    max_model_len, max_pixels = 0, 0
+    if preset_config is not None:
+        ipcv.check_depth(preset_config.depth)
+        for text in cases_text:
+            height, width = image_pixels(text, takes_grid_thw, preset_config)
+            tokens = parse_grid_case(text, preset_config).tokens // preset_config.spatial_merge_size**2
+            max_model_len, max_pixels = max(max_model_len, tokens + PROMPT_MARGIN), max(max_pixels, height * width)
     with tempfile.TemporaryDirectory(prefix="ipcv-bench-vllm-") as directory:
-        engine = start_engine(args, ipcv, vision_config, cases, Path(directory))
+        checkpoint = save_checkpoint(target, args.seed, max_model_len, max_pixels, Path(directory))
+        reference = Reference(checkpoint, dtype, torch.device("cpu"))
+        ipcv.check_depth(reference.depth)
+        vision_config = reference.vision_config
+        sizes = [image_pixels(text, takes_grid_thw, vision_config) for text in cases_text]
+        cases = [
+            reference.case(text, random_image(*size, args.seed)) for text, size in zip(cases_text, sizes, strict=True)
+        ]
+        engine = start_engine(args, target, ipcv, checkpoint, max_model_len)
         device = engine.device()
+        reference.to(device)
         files = results.ResultFiles(args.out, args.name or f"vllm_{device.type}")
         case_results = []
         total = len(cases) * len(MEASURES) * len(VARIANTS) * args.repeats
         with progress.Progress(total, "bench_vllm", enabled=not args.no_progress) as bar:
-            for index, case in enumerate(cases):
+            for index, (case, size) in enumerate(zip(cases, sizes, strict=True)):
                 bar.describe(f"{case.name} ({case.tokens} tokens)")
                 case_results.append(
                     run_case(
                         engine,
+                        reference,
                         case,
+                        size,
                         warmup=args.warmup,
                         repeats=args.repeats,
                         check=args.check == "all" or (args.check == "first" and index == 0),
@@ -156,7 +197,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         bar=bar,
                     )
                 )
-        del engine
+        del engine, reference
 
     import vllm
 
@@ -171,7 +212,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "vllm",
         "environment": env,
         "settings": {
-            "model": args.preset,
+            "model": target.name,
+            "family": target.row.id,
             "language_model": "ipcv_kernels.vllm.testing.VLLM_TEXT",
             "dtype": args.dtype,
             "cases": cases_text,
@@ -193,7 +235,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     files.write_markdown(markdown_report(payload, rows))
     if not args.no_plot:
         title = (
-            f"vLLM {env['vllm']}, {args.preset} {args.dtype} on {env['device_name']}: ratio {ipcv.ratio}, "
+            f"vLLM {env['vllm']}, {target.name} {args.dtype} on {env['device_name']}: ratio {ipcv.ratio}, "
             f"P={ipcv.prune_layer}, A={ipcv.as_layers}"
         )
         try:
