@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..engine import PATCH_ATTRIBUTE, FamilyAdapter, IPCVPatch
+from ..engine.serving import EnginePatching
 from ..llm import LLM_PATCH_ATTRIBUTE, LLMPruningPatch
 from .row import (
     CALL_KINDS,
@@ -231,11 +232,7 @@ def find_vllm_family(model: nn.Module) -> tuple[Family, nn.Module]:
 
 def vllm_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
     """The installed patch of a vLLM model's tower; ``None`` when unpatched or unsupported."""
-    try:
-        _, tower = find_vllm_family(model)
-    except (TypeError, AttributeError):
-        return None
-    return vars(tower).get(PATCH_ATTRIBUTE)
+    return VLLM_PATCHING.installed(model)
 
 
 def is_sglang_model(model: object) -> bool:
@@ -256,11 +253,13 @@ def find_sglang_family(model: nn.Module) -> tuple[Family, nn.Module]:
 
 def sglang_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
     """The installed patch of an SGLang model's tower; ``None`` when unpatched or unsupported."""
-    try:
-        _, tower = find_sglang_family(model)
-    except (TypeError, AttributeError):
-        return None
-    return vars(tower).get(PATCH_ATTRIBUTE) if isinstance(tower, nn.Module) else None
+    return SGLANG_PATCHING.installed(model)
+
+
+# How the vLLM and SGLang plugins patch their models (``apply_ipcv`` / ``remove_ipcv``): one code
+# path, each engine's family look-up.
+VLLM_PATCHING = EnginePatching(find_vllm_family, "vllm", recommended_config)
+SGLANG_PATCHING = EnginePatching(find_sglang_family, "sglang", recommended_config)
 
 
 __all__ = [
@@ -268,6 +267,8 @@ __all__ = [
     "BUILT_TOWERS",
     "CALL_KINDS",
     "FAMILIES",
+    "SGLANG_PATCHING",
+    "VLLM_PATCHING",
     "CallKind",
     "Family",
     "HFClasses",

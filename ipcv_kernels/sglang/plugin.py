@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..engine import IPCVPatch
-from ..families import find_sglang_family, recommended_config, sglang_ipcv_patch
+from ..families import SGLANG_PATCHING, find_sglang_family, recommended_config
 
 CONFIG_KEY = "ipcv"
 HOOK_TARGET = "sglang.srt.model_loader.loader._initialize_model"
@@ -115,7 +115,8 @@ def apply_from_config(model: nn.Module, hf_config: Any) -> IPCVPatch | None:
 def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> IPCVPatch:
     """Patch an SGLang model instance's vision tower with IPCV (replacing a previous patch).
 
-    ``config=None`` takes the family's recommended setting. Returns the installed patch.
+    ``config=None`` takes the family's recommended setting. Returns the installed patch
+    (``engine.serving.EnginePatching`` with SGLang's family look-up).
 
     Raises:
         TypeError: unsupported model (or one built without its vision tower, e.g.
@@ -124,22 +125,10 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> IPCVPatch:
         ValueError: ``config.prune_layer`` outside ``[1, depth)`` of the tower, or a CUDA-graphed
             tower.
     """
-    family, tower = find_sglang_family(model)
-    if not isinstance(tower, nn.Module):
-        raise TypeError(f"{type(model).__name__} was built without its vision tower: IPCV has nothing to patch")
-    config = recommended_config(model) if config is None else config
-    if not isinstance(config, IPCVConfig):
-        raise TypeError(f"config must be an IPCVConfig, got {type(config).__name__}")
     # The adapter's ``blocks`` refuses a CUDA-graphed tower or an unknown SGLang version.
-    patch = IPCVPatch(tower, family.sglang.adapter_class()(model), config)  # validates before touching the model
-    remove_ipcv(model)
-    patch.install()
-    return patch
+    return SGLANG_PATCHING.apply(model, config)
 
 
 def remove_ipcv(model: nn.Module) -> nn.Module:
     """Undo ``apply_ipcv`` on an SGLang model (a no-op when unpatched); return it."""
-    patch = sglang_ipcv_patch(model)
-    if patch is not None:
-        patch.remove()
-    return model
+    return SGLANG_PATCHING.remove(model)

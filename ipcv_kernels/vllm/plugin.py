@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..engine import IPCVPatch
-from ..families import FAMILIES, Family, find_vllm_family, recommended_config, vllm_ipcv_patch
+from ..families import FAMILIES, VLLM_PATCHING, Family, recommended_config
 from ..selectors import get_selector
 from .compat import check_vllm_version
 
@@ -153,25 +153,16 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> IPCVPatch:
     """Patch a vLLM model instance's vision tower with IPCV (replacing a previous patch).
 
     Also usable on a running engine: ``llm.apply_model(lambda m: apply_ipcv(m, config))``.
-    ``config=None`` takes the family's recommended setting. Returns the installed patch.
+    ``config=None`` takes the family's recommended setting. Returns the installed patch
+    (``engine.serving.EnginePatching`` with vLLM's family look-up).
 
     Raises:
         TypeError: unsupported model or ``config`` not an ``IPCVConfig``.
         ValueError: ``config.prune_layer`` outside ``[1, depth)`` of the tower.
     """
-    family, tower = find_vllm_family(model)
-    config = recommended_config(model) if config is None else config
-    if not isinstance(config, IPCVConfig):
-        raise TypeError(f"config must be an IPCVConfig, got {type(config).__name__}")
-    patch = IPCVPatch(tower, family.vllm.adapter_class()(model), config)  # validates before touching the model
-    remove_ipcv(model)
-    patch.install()
-    return patch
+    return VLLM_PATCHING.apply(model, config)
 
 
 def remove_ipcv(model: nn.Module) -> nn.Module:
     """Undo ``apply_ipcv`` on a vLLM model (a no-op when unpatched); return it."""
-    patch = vllm_ipcv_patch(model)
-    if patch is not None:
-        patch.remove()
-    return model
+    return VLLM_PATCHING.remove(model)
