@@ -57,7 +57,8 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
 
     Raises:
         TypeError: unsupported model, ``config`` not an ``IPCVConfig``, ``llm_pruner`` not an
-            ``LLMPruner``, or a pruner for a model without a language model.
+            ``LLMPruner``, or a pruner for a model without a language model or whose decoder
+            has layers other than standard attention (Qwen3.5's linear-attention layers).
         ValueError: ``config.prune_layer`` outside ``[1, depth)`` of this tower, or
             ``llm_pruner.layer`` outside ``[1, num_hidden_layers)`` of the language model.
     """

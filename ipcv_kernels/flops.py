@@ -403,8 +403,8 @@ def qwen3_vl_flops(
     vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None
 ) -> FlopReport:
     """``vit_flops`` for a ``Qwen3VLVisionConfig``: Qwen2-VL's conventions, with the merger counted
-    once more per DeepStack merger (each sees the restored full sequence, like the final one).
-    Position-embedding interpolation (elementwise) is not counted."""
+    once more per DeepStack merger (each sees the restored full sequence, like the final one; a
+    Qwen3.5 tower has none). Position-embedding interpolation (elementwise) is not counted."""
     c = vision_config
     flops = vit_flops(
         c.depth,
@@ -417,7 +417,7 @@ def qwen3_vl_flops(
         merger_out=c.out_hidden_size,
         spatial_merge=c.spatial_merge_size,
     )
-    deepstack = len(c.deepstack_visual_indexes) * flops.merger
+    deepstack = len(getattr(c, "deepstack_visual_indexes", None) or ()) * flops.merger
     return replace(flops, total=flops.total + deepstack, merger=flops.merger + deepstack, core=flops.core + deepstack)
 
 

@@ -241,11 +241,16 @@ def is_sglang_model(model: object) -> bool:
 
 
 def find_sglang_family(model: nn.Module) -> tuple[Family, nn.Module]:
-    """``(family, vision tower)`` of an SGLang model; ``TypeError`` listing the supported classes."""
-    names = _class_names(model, SGLANG_MODULE)
-    for row in FAMILIES:
-        for cls, path in (row.sglang.towers if row.sglang else {}).items():
-            if cls in names:
+    """``(family, vision tower)`` of an SGLang model; ``TypeError`` listing the supported classes.
+
+    The most derived SGLang class of ``model`` that a row names decides (SGLang's Qwen3.5 classes
+    derive from its Qwen3-VL class)."""
+    for model_class in type(model).__mro__:
+        if not model_class.__module__.startswith(SGLANG_MODULE):
+            continue
+        for row in FAMILIES:
+            path = row.sglang.towers.get(model_class.__name__) if row.sglang else None
+            if path is not None:
                 return row, _follow(model, path)
     supported = ", ".join(cls for row in FAMILIES if row.sglang for cls in row.sglang.towers)
     raise TypeError(f"model must be an SGLang model of a supported family ({supported}), got {type(model).__name__}")

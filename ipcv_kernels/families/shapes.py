@@ -119,3 +119,9 @@ IDEFICS3_8B_VISION: dict[str, Any] = dict(
 # (1 x 1 to 6 x 6 crops of 384), (height, width) in pixels.
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 ONEVISION_PINPOINTS = tuple((384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7))
+
+# Qwen3.5's vision tower (``Qwen3_5VisionConfig``; Qwen3.5-27B and Qwen3.5-397B-A17B share it):
+# Qwen3-VL-8B's blocks without DeepStack, merger output 4096 (Qwen3.5-397B-A17B's text width).
+QWEN3_5_VISION: dict[str, Any] = {
+    key: value for key, value in QWEN3_VL_8B_VISION.items() if key != "deepstack_visual_indexes"
+}

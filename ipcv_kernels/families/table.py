@@ -17,6 +17,7 @@ from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
+from ..models.qwen3_5 import Qwen3_5Adapter
 from ..models.qwen3_vl import Qwen3VLAdapter
 from ..testing import models as tiny
 from ..testing import processors
@@ -385,6 +386,60 @@ FAMILIES: tuple[Family, ...] = (
             partial(processors.crop_family_processor, "smolvlm"),
         ),
         image_processor=tiny.siglip_image_processor,
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "qwen3_5",
+        "Qwen3.5",
+        GRID,
+        flops.qwen3_vl_flops,
+        # Dense and MoE share the tower (one class each) and the layout; the decoders are hybrid
+        # (Gated DeltaNet + full attention), which LLM-side pruners refuse.
+        hf=HFClasses(
+            Qwen3_5Adapter,
+            ("Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"),
+            {
+                "Qwen3_5ForConditionalGeneration": "model.visual",
+                "Qwen3_5Model": "visual",
+                "Qwen3_5MoeForConditionalGeneration": "model.visual",
+                "Qwen3_5MoeModel": "visual",
+            },
+            {
+                "Qwen3_5ForConditionalGeneration": "model",
+                "Qwen3_5Model": "",
+                "Qwen3_5MoeForConditionalGeneration": "model",
+                "Qwen3_5MoeModel": "",
+            },
+        ),
+        # vLLM's and SGLang's Qwen3.5 classes derive from their Qwen3-VL ones and build its tower
+        # (without DeepStack taps).
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMQwen3_5Adapter",
+            {
+                "Qwen3_5ForConditionalGeneration": "vllm.model_executor.models.qwen3_5",
+                "Qwen3_5MoeForConditionalGeneration": "vllm.model_executor.models.qwen3_5",
+            },
+            {"Qwen3_5ForConditionalGeneration": "visual", "Qwen3_5MoeForConditionalGeneration": "visual"},
+        ),
+        sglang=SGLangClasses(
+            f"{SGLANG_ADAPTERS}:SGLangQwen3_5Adapter",
+            {"Qwen3_5ForConditionalGeneration": "visual", "Qwen3_5MoeForConditionalGeneration": "visual"},
+        ),
+        tiny_tower=TinyTower(
+            "qwen3_5.modeling_qwen3_5", "Qwen3_5VisionConfig", "Qwen3_5VisionModel", tiny.QWEN3_5_VISION
+        ),
+        tiny_model=TinyModel(
+            "Qwen3_5Config",
+            "Qwen3_5ForConditionalGeneration",
+            tiny.qwen3_5_fields,
+            tiny.qwen_prompt,
+            processors.qwen_processor,
+        ),
+        image_processor=tiny.qwen_image_processor,
+        presets={
+            "qwen3.5-397b-a17b": Preset(shapes.QWEN3_5_VISION),
+            "qwen3.5-397b-a17b-d8": Preset({**shapes.QWEN3_5_VISION, "depth": 8}),
+        },
         recommended_source=UNTUNED,
     ),
     # Bare towers last: a full model above names its own tower.

@@ -13,7 +13,15 @@ Use through ``apply_ipcv``, which finds the language model in the family table
 A custom pruner subclasses ``LLMPruner`` and implements ``select``.
 """
 
-from .patch import LLM_PATCH_ATTRIBUTE, LLMPruningPatch
+from .patch import LLM_PATCH_ATTRIBUTE, LLMPruningPatch, non_attention_layers
 from .pruners import DART, FastV, LLMPruner, PruningInputs
 
-__all__ = ["DART", "LLM_PATCH_ATTRIBUTE", "FastV", "LLMPruner", "LLMPruningPatch", "PruningInputs"]
+__all__ = [
+    "DART",
+    "LLM_PATCH_ATTRIBUTE",
+    "FastV",
+    "LLMPruner",
+    "LLMPruningPatch",
+    "PruningInputs",
+    "non_attention_layers",
+]

@@ -93,6 +93,17 @@ class LLMPruningPatch(InstancePatch):
         self.model = model
         self.text_model = text_model
         self.layers: nn.ModuleList = text_model.layers
+        # Pruners read and slice standard attention layers (``self_attn``: q / k projections, a KV
+        # cache). A hybrid decoder's linear-attention layers (Qwen3.5's Gated DeltaNet) carry a
+        # recurrent state over every token instead, which dropping tokens would change for all
+        # later positions: refused, not approximated.
+        other = non_attention_layers(text_model)
+        if other:
+            raise TypeError(
+                f"LLM-side pruning (FastV, DART) needs a decoder of standard attention layers; "
+                f"{type(text_model).__name__} has {len(other)} layers without self-attention (layers {other}: "
+                "linear attention, e.g. Gated DeltaNet), which LLM-side pruning does not support"
+            )
         pruner.check_depth(len(self.layers))
         sliding = [i for i, layer in enumerate(self.layers) if getattr(layer.self_attn, "sliding_window", None)]
         if sliding and sliding[0] >= pruner.layer:
@@ -391,6 +402,12 @@ class LLMPruningPatch(InstancePatch):
         return torch.zeros(allowed.shape, dtype=mask.dtype, device=mask.device).masked_fill(
             ~allowed, torch.finfo(mask.dtype).min
         )
+
+
+def non_attention_layers(text_model: nn.Module) -> list[int]:
+    """Indices of ``text_model``'s decoder layers without standard self-attention (``self_attn``):
+    a hybrid decoder's linear-attention layers, which LLM-side pruning refuses."""
+    return [i for i, layer in enumerate(text_model.layers) if not hasattr(layer, "self_attn")]
 
 
 def padding_mask_2d(kwargs: dict[str, Any]) -> torch.Tensor | None:

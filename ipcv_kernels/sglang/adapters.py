@@ -302,6 +302,14 @@ class SGLangQwen3VLAdapter(SGLangQwen2VLAdapter):
         return {"rotary_pos_emb_cos": cos, "rotary_pos_emb_sin": sin}
 
 
+class SGLangQwen3_5Adapter(SGLangQwen3VLAdapter):
+    """SGLang's Qwen3.5 (``Qwen3_5ForConditionalGeneration``, ``Qwen3_5MoeForConditionalGeneration``,
+    both derived from its Qwen3-VL class): Qwen3-VL's tower without DeepStack taps (an empty
+    ``deepstack_merger_list``), so Qwen3-VL's adapter applies as is."""
+
+    name = "sglang_qwen3_5"
+
+
 class SGLangInternVLChatAdapter(VLLMInternVLChatAdapter):
     """SGLang's ``InternVisionModel`` (``InternVLChatModel.vision_model``): InternVL's own format
     (the ``OpenGVLab/InternVL2-*``, ``InternVL2_5-*``, ``InternVL3-*`` checkpoints).

@@ -26,7 +26,7 @@ from torch import nn
 from .._validation import check_int
 
 # The families ``build_checkpoint`` saves (those of ``ipcv_kernels.vllm.testing`` that SGLang has).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat")
 # SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
 # (the text config's, through transformers' config); transformers' vision norms use 1e-6.
 VISION_EPS = 1e-6
@@ -48,8 +48,9 @@ def build_checkpoint(
     InternVL's own format, remote-code configuration, the weights of the ``internvl`` checkpoint of
     the same seed, which transformers loads) with what SGLang 0.5.23 reads differently from the Qwen
     families: the text config's ``rms_norm_eps`` is 1e-6 (SGLang's vision norms
-    take it, transformers' are 1e-6), and Qwen2-VL's vision config also carries ``in_chans`` (SGLang
-    reads it; transformers 5 writes ``in_channels``). Weights keep transformers' saved names, which
+    take it, transformers' are 1e-6), Qwen2-VL's vision config also carries ``in_chans`` (SGLang
+    reads it; transformers 5 writes ``in_channels``) and Qwen3.5's text config
+    ``full_attention_interval`` (SGLang's layer layout). Weights keep transformers' saved names, which
     SGLang's ``load_weights`` maps. ``vision``, ``text``, ``max_pixels``: as for the vLLM
     checkpoint (a real tower's widths for a benchmark, a longer context, larger images).
     """
@@ -71,6 +72,10 @@ def build_checkpoint(
     config = json.loads(config_file.read_text())
     vision = config["vision_config"]
     vision.setdefault("in_chans", vision.get("in_channels", 3))
+    if family == "qwen3_5":
+        # SGLang lays out Qwen3.5's decoder from ``full_attention_interval`` (every layer is full
+        # attention in this checkpoint, see the vLLM one); transformers reads ``layer_types``.
+        config["text_config"]["full_attention_interval"] = 1
     config_file.write_text(json.dumps(config, indent=2))
     return path
 
@@ -111,8 +116,14 @@ def init_process(
         distributed_init_method=f"tcp://127.0.0.1:{port}",
         backend="gloo",
     )
+    # No radix cache: nothing here serves requests, and for a hybrid decoder (Qwen3.5) SGLang would
+    # otherwise resolve a Mamba-state cache the CPU cannot snapshot (refused at start).
     server_args = ServerArgs(
-        model_path=str(model_path), device="cpu", mm_attention_backend=mm_attention_backend, tp_size=tp_size
+        model_path=str(model_path),
+        device="cpu",
+        mm_attention_backend=mm_attention_backend,
+        tp_size=tp_size,
+        disable_radix_cache=True,
     )
     reset_context()
     publish(server_args, role="test", ranks=SpawnRanks(world_rank=rank))

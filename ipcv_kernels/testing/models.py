@@ -154,6 +154,26 @@ QWEN3_TEXT = {
     "head_dim": 12,
     "rope_parameters": {**TINY_TEXT["rope_parameters"], "mrope_interleaved": True},
 }
+# Qwen3.5: Qwen3-VL's tower without DeepStack; a hybrid decoder (Gated DeltaNet linear-attention
+# layers, a full-attention layer every second one here), dense or MoE.
+QWEN3_5_VISION = {**_QWEN_VISION, "num_position_embeddings": 64}
+QWEN3_5_TEXT = {
+    **QWEN3_TEXT,
+    "rope_parameters": {**QWEN3_TEXT["rope_parameters"], "partial_rotary_factor": 1.0},
+    "layer_types": ["linear_attention", "full_attention"] * 2,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+}
+QWEN3_5_MOE_TEXT = {
+    **QWEN3_5_TEXT,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 16,
+}
 INTERNVL_VISION = dict(
     hidden_size=64,
     num_hidden_layers=6,
@@ -238,6 +258,14 @@ def qwen2_5_vl_fields(text: dict[str, Any]) -> dict[str, Any]:
 
 def qwen3_vl_fields(text: dict[str, Any]) -> dict[str, Any]:
     return dict(text_config=_text(QWEN3_TEXT, text), vision_config=dict(QWEN3_VISION), **TINY_SPECIAL_TOKENS)
+
+
+def qwen3_5_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(text_config=_text(QWEN3_5_TEXT, text), vision_config=dict(QWEN3_5_VISION), **TINY_SPECIAL_TOKENS)
+
+
+def qwen3_5_moe_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(text_config=_text(QWEN3_5_MOE_TEXT, text), vision_config=dict(QWEN3_5_VISION), **TINY_SPECIAL_TOKENS)
 
 
 def internvl_fields(text: dict[str, Any]) -> dict[str, Any]:

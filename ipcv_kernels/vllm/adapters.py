@@ -234,6 +234,15 @@ class VLLMQwen3VLAdapter(VLLMQwen2VLAdapter):
         patch.restore_inputs(patch.tower.deepstack_merger_list)
 
 
+class VLLMQwen3_5Adapter(VLLMQwen3VLAdapter):
+    """vLLM's Qwen3.5 (``Qwen3_5ForConditionalGeneration``, ``Qwen3_5MoeForConditionalGeneration``):
+    vLLM builds Qwen3-VL's ``Qwen3_VisionTransformer`` for it, with an empty
+    ``deepstack_merger_list`` (the vision config has no ``deepstack_visual_indexes``), so Qwen3-VL's
+    adapter applies with no tap to restore."""
+
+    name = "vllm_qwen3_5"
+
+
 class VLLMInternVLAdapter(TiledTowerAdapter):
     """vLLM's ``InternS1VisionModel`` (``interns1_vit``), the tower of
     ``InternS1ForConditionalGeneration``, which vLLM's registry also maps transformers' native

@@ -105,12 +105,22 @@ QWEN3_VISION = dict(
     num_position_embeddings=64,
     deepstack_visual_indexes=[1, 3, 4],
 )
+# Qwen3.5: Qwen3-VL's tower without DeepStack; its decoder's full-attention layers (head size 32,
+# rotary over the whole head). The checkpoint has no Gated DeltaNet layer: vLLM 0.32's CPU kernel
+# for them takes bf16 only, and these tests run fp32 (IPCV never touches the decoder).
+QWEN3_5_TEXT = {
+    **QWEN3_TEXT,
+    "rope_parameters": {**QWEN3_TEXT["rope_parameters"], "partial_rotary_factor": 1.0},
+    "layer_types": ["full_attention"] * VLLM_TEXT["num_hidden_layers"],
+}
+QWEN3_5_VISION = {key: value for key, value in QWEN3_VISION.items() if key != "deepstack_visual_indexes"}
 # family -> (transformers class prefix, text config, vision config, the vision field holding the
 # merger's output width: always the language model's ``hidden_size``)
 CHECKPOINTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "qwen2_vl": ("Qwen2VL", VLLM_TEXT, TINY_VISION, "hidden_size"),
     "qwen2_5_vl": ("Qwen2_5_VL", VLLM_TEXT, QWEN2_5_VISION, "out_hidden_size"),
     "qwen3_vl": ("Qwen3VL", QWEN3_TEXT, QWEN3_VISION, "out_hidden_size"),
+    "qwen3_5": ("Qwen3_5", QWEN3_5_TEXT, QWEN3_5_VISION, "out_hidden_size"),
 }
 
 
@@ -206,7 +216,7 @@ def build_checkpoint(
         merge_size=vision["spatial_merge_size"],
     )
     Qwen2VLImageProcessorPil(**sizes, min_pixels=MIN_PIXELS, max_pixels=max_pixels).save_pretrained(path)
-    if family == "qwen3_vl":  # its processor also loads a video processor (Qwen2-VL's takes defaults)
+    if family in ("qwen3_vl", "qwen3_5"):  # their processors also load a video processor (Qwen2-VL's: defaults)
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
         Qwen3VLVideoProcessor(**sizes, size={"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}).save_pretrained(

@@ -47,6 +47,8 @@ def expected_flops(kind, calls, case, config):
     qwen = {"qwen2_vl": qwen2_vl_flops, "qwen2_5_vl": qwen2_5_vl_flops, "qwen3_vl": qwen3_vl_flops}
     if kind in qwen:
         return qwen[kind](config_, case.grid_thw, config)
+    if families.family(kind).kind.takes_grid_thw:  # a later grid family: its row's FLOP model
+        return families.family(kind).flops(config_, case.grid_thw, config)
     if kind == "internvl":
         return internvl_flops(config_, case.tiles_per_image, config, image_size=tuple(config_.image_size))
     if kind in ("idefics3", "smolvlm"):  # sub-images without padding (32-pixel multiples)
@@ -61,7 +63,8 @@ def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(ki
     assert isinstance(calls, GridCalls if kind.startswith("qwen") else TileCalls)
     bench = Bench(tower, calls, torch.device("cpu"), torch.float32, variant_configs(CONFIG, VARIANTS))
     with progress.Progress(0, "test", enabled=False) as bar:
-        for index, text in enumerate(CASES.get(kind, TILE_CASES)):
+        grid = families.family(kind).kind.takes_grid_thw
+        for index, text in enumerate(CASES.get(kind, CASES["qwen2_vl"] if grid else TILE_CASES)):
             case = calls.parse_case(text)
             result = run_case(bench, case, VARIANTS, warmup=1, repeats=1, check_ratio_zero=True, seed=index, bar=bar)
             checks = result["checks"]

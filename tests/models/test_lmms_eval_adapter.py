@@ -19,7 +19,8 @@ from ipcv_kernels import DART, FastV, IPCVConfig, apply_ipcv, get_llm_pruning_pa
 from ipcv_kernels.api import get_ipcv_patch
 from ipcv_kernels.eval import MultimodalRunner, build_settings
 from ipcv_kernels.families import FAMILIES as TABLE
-from ipcv_kernels.families import family
+from ipcv_kernels.families import family, find_language_model
+from ipcv_kernels.llm import non_attention_layers
 from ipcv_kernels.testing.models import build_qwen2_vl_model
 from ipcv_kernels.testing.processors import TinyQwen2VLProcessor
 
@@ -130,6 +131,12 @@ def test_lmms_eval_loads_the_plugin_and_answers(checkpoint):
 FAMILIES = [row.id for row in TABLE if row.tiny_model is not None]
 
 
+def takes_llm_pruning(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s decoder takes LLM-side pruning (a hybrid decoder, Qwen3.5's, refuses it:
+    its families answer with IPCV in the tower alone, and the pruner's refusal is checked)."""
+    return not non_attention_layers(find_language_model(model)[1])
+
+
 @pytest.mark.parametrize("family_id", FAMILIES)
 def test_runner_batches_prompts_of_every_family(family_id):
     """Two prompts with an image each, of different sizes, answered in one batch: the images
@@ -137,11 +144,22 @@ def test_runner_batches_prompts_of_every_family(family_id):
     every image for the first prompt) and the pruned prefill keeps rows for both."""
     from ipcv_kernels.families import build_model
 
-    model = apply_ipcv(build_model(family_id), llm_pruner=FastV(layer=1, ratio=0.5))
+    model = build_model(family_id)
+    pruning = takes_llm_pruning(model)
+    if pruning:
+        apply_ipcv(model, llm_pruner=FastV(layer=1, ratio=0.5))
+    else:
+        with pytest.raises(TypeError, match="standard attention layers"):
+            apply_ipcv(model, llm_pruner=FastV(layer=1, ratio=0.5))
+        apply_ipcv(model)
     runner = MultimodalRunner(model, family(family_id).tiny_model.processor(), system_prompt="", max_new_tokens=2)
     answers = runner.generate(["what is this ?", "is this a cat ?"], [[image(40, 56, 0)], [image(24, 64, 1)]])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    assert get_llm_pruning_patch(model).last_kept.shape[0] == 2
+    if pruning:
+        assert get_llm_pruning_patch(model).last_kept.shape[0] == 2
+    else:  # the images reached the patched tower
+        tokens = get_ipcv_patch(model).last_tokens_per_block
+        assert tokens[-1] < tokens[0]
 
 
 @pytest.mark.parametrize("family_id", FAMILIES)
@@ -155,15 +173,22 @@ def test_lmms_eval_plugin_answers_for_every_family(family_id, tmp_path):
     from ipcv_kernels.eval.lmms_eval_model import IPCVModel
     from ipcv_kernels.families import build_model
 
-    build_model(family_id).save_pretrained(tmp_path)
+    built = build_model(family_id)
+    pruning = takes_llm_pruning(built)
+    built.save_pretrained(tmp_path)
     processor = family(family_id).tiny_model.processor()
     model_class = get_model("ipcv")
     assert model_class is IPCVModel and get_model("ipcv_qwen2_vl") is IPCVModel
     arguments = (
         f"pretrained={tmp_path},dtype=float32,max_new_tokens=3,system_prompt=,ipcv_prune_layer=2,ipcv_ratio=0.5,"
-        "ipcv_as_layers=1,ipcv_num_neighbors=3,llm_pruner=fastv,llm_layer=1,llm_ratio=0.5"
+        "ipcv_as_layers=1,ipcv_num_neighbors=3"
     )
-    lm = model_class.create_from_arg_string(arguments, {"batch_size": 1, "device": "cpu", "processor": processor})
+    llm = ",llm_pruner=fastv,llm_layer=1,llm_ratio=0.5"
+    extra = {"batch_size": 1, "device": "cpu", "processor": processor}
+    if not pruning:  # a hybrid decoder: the pruner is refused, IPCV in the tower answers alone
+        with pytest.raises(TypeError, match="standard attention layers"):
+            model_class.create_from_arg_string(arguments + llm, extra)
+    lm = model_class.create_from_arg_string(arguments + (llm if pruning else ""), extra)
     assert get_ipcv_patch(lm.model).config == IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=3)
     lm.task_dict = {"toy": {"test": {0: {"image": image(40, 56, 0)}}}}
     request = Instance(
@@ -174,5 +199,9 @@ def test_lmms_eval_plugin_answers_for_every_family(family_id, tmp_path):
     )
     answers = lm.generate_until([request])
     assert len(answers) == 1 and isinstance(answers[0], str)
-    kept = get_llm_pruning_patch(lm.model).last_kept  # the prefill was pruned
-    assert kept is not None and kept.shape[0] == 1
+    if pruning:
+        kept = get_llm_pruning_patch(lm.model).last_kept  # the prefill was pruned
+        assert kept is not None and kept.shape[0] == 1
+    else:  # the image reached the patched tower
+        tokens = get_ipcv_patch(lm.model).last_tokens_per_block
+        assert tokens[-1] < tokens[0]

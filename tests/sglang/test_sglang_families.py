@@ -99,7 +99,10 @@ class Family:
 
 # -- Qwen ----------------------------------------------------------------------------------------
 def qwen_call(model, name, seed):
-    kwargs, pixels = qwen_encoder_inputs(model.config.vision_config, GRIDS[name], seed=seed)
+    # SGLang's Qwen3.5 model keeps its text config as ``config`` (as its Qwen3-VL MoE does): the
+    # patch sizes are its tower's patch embedding's.
+    sizes = getattr(model.config, "vision_config", None) or model.visual.patch_embed
+    kwargs, pixels = qwen_encoder_inputs(sizes, GRIDS[name], seed=seed)
     grid_thw = kwargs[f"{'video' if name == 'video' else 'image'}_grid_thw"]
     return Call(pixels, grid_thw, grid_thw, name == "video", int(grid_thw.prod(-1).sum()))
 
@@ -170,6 +173,8 @@ FAMILIES = {
     "qwen2_vl": qwen("Qwen2-VL", "Qwen2VL"),
     "qwen2_5_vl": qwen("Qwen2.5-VL", "Qwen2_5_VL", transformers_calls=("one_image", "images_of_different_sizes")),
     "qwen3_vl": qwen("Qwen3-VL", "Qwen3VL", qwen3_merger_and_taps),
+    # Qwen3-VL's tower without DeepStack (SGLang builds its Qwen3-VL tower class).
+    "qwen3_5": qwen("Qwen3.5", "Qwen3_5"),
     # InternVL's own format; transformers runs the native checkpoint of the same weights.
     "internvl_chat": Family(
         "InternVL-Chat",

@@ -43,11 +43,13 @@ def images(model, family_id):
     """``(pixels, layout)`` of three images of different sizes (``encode_images``' arguments)."""
     if family_id == "internvl_chat":
         return internvl_tiles(sum(TILES), seed=7), TILES
-    kwargs, pixels = qwen_encoder_inputs(model.config.vision_config, GRID, seed=7)
+    # SGLang's Qwen3.5 model keeps its text config as ``config``: its tower's patch sizes instead.
+    sizes = getattr(model.config, "vision_config", None) or model.visual.patch_embed
+    kwargs, pixels = qwen_encoder_inputs(sizes, GRID, seed=7)
     return pixels, kwargs["image_grid_thw"]
 
 
-@pytest.mark.parametrize("family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat"])
+@pytest.mark.parametrize("family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat"])
 def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, checkpoint):
     model = sglang_process(family_id, {"ipcv": SETTINGS})
     pixels, layout = images(model, family_id)

@@ -13,7 +13,7 @@ with seeded random weights that vLLM and transformers both load:
 The families: vLLM's Qwen2-VL, Qwen2.5-VL (windows in the ``window_index`` order, fused residual
 RMSNorm, per-head ``qkv``), Qwen3-VL (DeepStack taps after blocks 1, 3 and 4: before, inside and
 after the pruned stretch from block 2; vLLM's output is the merger's and every tap's,
-concatenated), InternVL in transformers' format (vLLM's ``InternS1``: batched tiles with CLS,
+concatenated), Qwen3.5 (Qwen3-VL's tower without taps), InternVL in transformers' format (vLLM's ``InternS1``: batched tiles with CLS,
 separate q / k / v) and InternVL in its own format (``InternVLChatModel``, fused ``qkv``,
 remote-code config; compared with transformers' native model of the same weights). InternVL's
 items: each image's tiles, each video frame. The CLIP / SigLIP families: LLaVA 1.5 (CLIP built up
@@ -324,6 +324,8 @@ FAMILIES = {
     "qwen2_vl": qwen("Qwen2-VL", "qwen2_vl", "Qwen2VL"),
     "qwen2_5_vl": qwen("Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VL"),
     "qwen3_vl": qwen("Qwen3-VL", "qwen3_vl", "Qwen3VL", qwen3_merger_and_taps),
+    # Qwen3-VL's tower without DeepStack (vLLM's output: the merger's alone).
+    "qwen3_5": qwen("Qwen3.5", "qwen3_5", "Qwen3_5"),
     "internvl": internvl("InternVL", "internvl", "vision_tower", "w5 w6 <IMG_CONTEXT> w7 w8"),
     # The same weights in InternVL's own format; transformers runs the native checkpoint.
     "internvl_chat": internvl(

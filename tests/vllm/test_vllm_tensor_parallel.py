@@ -1,6 +1,6 @@
 """IPCV in vLLM with a tensor-parallel vision tower: ``tensor_parallel_size=2`` (two CPU worker
 processes, ``distributed_executor_backend="mp"``) against the same checkpoint at
-``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL, LLaVA 1.5, LLaVA-NeXT,
+``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA 1.5, LLaVA-NeXT,
 Gemma 3 and Idefics3 (vLLM's CLIP / SigLIP / Idefics2 towers: fused ``qkv_proj`` sharded by
 heads, row-parallel ``out_proj`` and ``fc2``; one family per adapter and tower: OneVision,
 PaliGemma and SmolVLM run the same adapters and towers as LLaVA-NeXT, Gemma 3 and Idefics3, and
@@ -165,6 +165,7 @@ CASES = {
     "qwen2_vl": Case("qwen2_vl", {}, QWEN_PROMPT, QWEN_IMAGES, _qwen_inputs, _qwen_heads),
     "qwen2_5_vl": Case("qwen2_5_vl", {}, QWEN_PROMPT, QWEN_IMAGES, _qwen_inputs, _qwen_heads),
     "qwen3_vl": Case("qwen3_vl", {}, QWEN_PROMPT, QWEN_IMAGES, _qwen_inputs, _qwen_heads),
+    "qwen3_5": Case("qwen3_5", {}, QWEN_PROMPT, QWEN_IMAGES, _qwen_inputs, _qwen_heads),
     "internvl_chat": Case(
         "internvl_chat",
         {"trust_remote_code": True},
