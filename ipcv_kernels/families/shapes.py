@@ -119,3 +119,20 @@ IDEFICS3_8B_VISION: dict[str, Any] = dict(
 # (1 x 1 to 6 x 6 crops of 384), (height, width) in pixels.
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 ONEVISION_PINPOINTS = tuple((384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7))
+
+# Gemma 4's tower (``Gemma4VisionConfig``'s defaults, transformers' reference checkpoint
+# google/gemma-4-e2b-it): 16 blocks of width 768 (12 heads of 64), a gated MLP of 3072, 16-pixel
+# patches pooled 3 x 3 after the tower; the processor's default budget of 280 soft tokens is a
+# padded row of 2520 patches per image (``bench.calls.PatchCalls``).
+GEMMA4_VISION: dict[str, Any] = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=16,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    head_dim=64,
+    patch_size=16,
+    pooling_kernel_size=3,
+    position_embedding_size=10240,
+    default_output_length=280,
+)

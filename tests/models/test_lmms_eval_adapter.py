@@ -21,7 +21,7 @@ from ipcv_kernels.eval import MultimodalRunner, build_settings
 from ipcv_kernels.families import FAMILIES as TABLE
 from ipcv_kernels.families import family
 from ipcv_kernels.testing.models import build_qwen2_vl_model
-from ipcv_kernels.testing.processors import TinyQwen2VLProcessor
+from ipcv_kernels.testing.processors import ProcessorUnavailable, TinyQwen2VLProcessor
 
 IPCV = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=2, num_neighbors=3)
 
@@ -130,6 +130,15 @@ def test_lmms_eval_loads_the_plugin_and_answers(checkpoint):
 FAMILIES = [row.id for row in TABLE if row.tiny_model is not None]
 
 
+def tiny_processor(family_id: str):
+    """The row's tiny processor; skipped where this transformers cannot build it (transformers
+    5.17's Gemma 4 processor imports torchvision, which the test environments do not install)."""
+    try:
+        return family(family_id).tiny_model.processor()
+    except ProcessorUnavailable as error:
+        pytest.skip(str(error))
+
+
 @pytest.mark.parametrize("family_id", FAMILIES)
 def test_runner_batches_prompts_of_every_family(family_id):
     """Two prompts with an image each, of different sizes, answered in one batch: the images
@@ -137,11 +146,23 @@ def test_runner_batches_prompts_of_every_family(family_id):
     every image for the first prompt) and the pruned prefill keeps rows for both."""
     from ipcv_kernels.families import build_model
 
-    model = apply_ipcv(build_model(family_id), llm_pruner=FastV(layer=1, ratio=0.5))
-    runner = MultimodalRunner(model, family(family_id).tiny_model.processor(), system_prompt="", max_new_tokens=2)
+    processor = tiny_processor(family_id)
+    model = build_model(family_id)
+    refused = family(family_id).hf.llm_refusal
+    if refused is not None:  # the decoder refuses LLM-side pruners: IPCV in the tower only
+        with pytest.raises(TypeError, match="llm_pruner: not supported"):
+            apply_ipcv(model, llm_pruner=FastV(layer=1, ratio=0.5))
+        model = apply_ipcv(model, IPCV)
+    else:
+        model = apply_ipcv(model, llm_pruner=FastV(layer=1, ratio=0.5))
+    runner = MultimodalRunner(model, processor, system_prompt="", max_new_tokens=2)
     answers = runner.generate(["what is this ?", "is this a cat ?"], [[image(40, 56, 0)], [image(24, 64, 1)]])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    assert get_llm_pruning_patch(model).last_kept.shape[0] == 2
+    if refused is not None:
+        tokens = get_ipcv_patch(model).last_tokens_per_block
+        assert tokens[-1] < tokens[0]  # the tower pruned
+    else:
+        assert get_llm_pruning_patch(model).last_kept.shape[0] == 2
 
 
 @pytest.mark.parametrize("family_id", FAMILIES)
@@ -155,13 +176,14 @@ def test_lmms_eval_plugin_answers_for_every_family(family_id, tmp_path):
     from ipcv_kernels.eval.lmms_eval_model import IPCVModel
     from ipcv_kernels.families import build_model
 
+    processor = tiny_processor(family_id)
     build_model(family_id).save_pretrained(tmp_path)
-    processor = family(family_id).tiny_model.processor()
     model_class = get_model("ipcv")
     assert model_class is IPCVModel and get_model("ipcv_qwen2_vl") is IPCVModel
+    refused = family(family_id).hf.llm_refusal is not None  # no LLM-side pruner on its decoder
     arguments = (
         f"pretrained={tmp_path},dtype=float32,max_new_tokens=3,system_prompt=,ipcv_prune_layer=2,ipcv_ratio=0.5,"
-        "ipcv_as_layers=1,ipcv_num_neighbors=3,llm_pruner=fastv,llm_layer=1,llm_ratio=0.5"
+        "ipcv_as_layers=1,ipcv_num_neighbors=3" + ("" if refused else ",llm_pruner=fastv,llm_layer=1,llm_ratio=0.5")
     )
     lm = model_class.create_from_arg_string(arguments, {"batch_size": 1, "device": "cpu", "processor": processor})
     assert get_ipcv_patch(lm.model).config == IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=3)
@@ -174,5 +196,9 @@ def test_lmms_eval_plugin_answers_for_every_family(family_id, tmp_path):
     )
     answers = lm.generate_until([request])
     assert len(answers) == 1 and isinstance(answers[0], str)
+    if refused:
+        tokens = get_ipcv_patch(lm.model).last_tokens_per_block
+        assert tokens[-1] < tokens[0]  # the tower pruned
+        return
     kept = get_llm_pruning_patch(lm.model).last_kept  # the prefill was pruned
     assert kept is not None and kept.shape[0] == 1
