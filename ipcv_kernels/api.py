@@ -57,8 +57,9 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
 
     Raises:
         TypeError: unsupported model, ``config`` not an ``IPCVConfig``, ``llm_pruner`` not an
-            ``LLMPruner``, or a pruner for a model without a language model or whose decoder
-            has layers other than standard attention (Qwen3.5's linear-attention layers).
+            ``LLMPruner``, or a pruner for a model without a language model, for a family whose
+            row refuses it (``HFClasses.llm_refusal``), or whose decoder has layers other than
+            standard attention (Qwen3.5's linear-attention layers).
         ValueError: ``config.prune_layer`` outside ``[1, depth)`` of this tower, or
             ``llm_pruner.layer`` outside ``[1, num_hidden_layers)`` of the language model.
     """
@@ -71,6 +72,8 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None, *, llm_pruner
         raise TypeError(f"llm_pruner must be an LLMPruner (FastV, DART), got {type(llm_pruner).__name__}")
     if llm_pruner is not None and found.text_model is None:
         raise no_language_model(model)
+    if llm_pruner is not None and found.family.hf.llm_refusal is not None:
+        raise TypeError(f"llm_pruner: not supported on {found.family.name}: {found.family.hf.llm_refusal}")
     # Validate both sides (layer ranges included) before touching the model.
     patch = IPCVPatch(found.tower, found.family.hf.adapter(model), config) if config is not None else None
     llm_patch = None

@@ -540,3 +540,56 @@ def predicted_speedup(unpatched: FlopReport, patched: FlopReport, *, include_ove
     if include_overhead:
         return unpatched.total / patched.total
     return unpatched.core / patched.core
+
+
+def gemma4_flops(
+    vision_config: Any,
+    patches_per_image: Sequence[Sequence[int]],
+    config: IPCVConfig | None = None,
+) -> FlopReport:
+    """``vit_flops`` for a ``Gemma4VisionConfig`` tower: every image is one row of a padded batch,
+    one attention segment of ``length`` patch rows, of which ``length - real`` are padding rows
+    (``pixel_position_ids == -1``): ``vit_flops``' padding rows, pinned, keys only before ``P``.
+    The MLP is gated (three ``D x M`` matrices), counted as a two-matrix MLP of hidden ``3M / 2``.
+    With the patch embedding (every row, padding included). Not counted: the q / k / v and sandwich
+    RMS norms and rotary (element-wise), and the pooler's position-averaging (a one-hot matmul of
+    ``2 (L / k^2) L D``, under 0.2% of the tower at Gemma 4's sizes, identical with and without IPCV).
+
+    Args:
+        patches_per_image: ``(length, real)`` of every image (or video frame), in batch order:
+            its padded row length and its real patches.
+
+    Raises:
+        ValueError: a tower whose attention width is not ``hidden_size`` or with grouped key /
+            value heads (the FLOP model counts ``W_k, W_v`` as ``D x D``), or a bad image entry.
+    """
+    c = vision_config
+    if c.num_attention_heads * c.head_dim != c.hidden_size or c.num_key_value_heads != c.num_attention_heads:
+        raise ValueError(
+            "vision_config: the FLOP model needs num_attention_heads * head_dim == hidden_size and "
+            f"num_key_value_heads == num_attention_heads, got {c.num_attention_heads} x {c.head_dim} heads, "
+            f"{c.num_key_value_heads} key/value heads, hidden_size {c.hidden_size}"
+        )
+    if isinstance(patches_per_image, (str, bytes)) or not isinstance(patches_per_image, Sequence):
+        raise TypeError(f"patches_per_image must be a list of (length, real) pairs, got {patches_per_image!r}")
+    lengths, padding = [], []
+    for image in patches_per_image:
+        if isinstance(image, (str, bytes)) or not isinstance(image, Sequence) or len(image) != 2:
+            raise ValueError(f"patches_per_image: every image needs (length, real), got {image!r}")
+        length, real = image
+        check_int("patches_per_image length", length, low=1)
+        check_int("patches_per_image real", real, low=1, high=length + 1)
+        lengths.append(length)
+        padding.append(length - real)
+    if 3 * c.intermediate_size % 2:
+        raise ValueError(f"vision_config.intermediate_size must be even, got {c.intermediate_size}")
+    return vit_flops(
+        c.num_hidden_layers,
+        c.hidden_size,
+        3 * c.intermediate_size // 2,
+        c.num_attention_heads,
+        lengths,
+        config,
+        patch_dim=3 * c.patch_size * c.patch_size,
+        padding=padding,
+    )

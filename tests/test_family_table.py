@@ -17,11 +17,11 @@ from oracles.towers import ipcv_tower_oracle
 
 import ipcv_kernels as ik
 from ipcv_kernels.bench import progress
-from ipcv_kernels.bench.calls import Case, GridCalls, SubImageCalls, TowerCalls, tower_calls
+from ipcv_kernels.bench.calls import Case, GridCalls, PatchCalls, SubImageCalls, TowerCalls, tower_calls
 from ipcv_kernels.bench.variants import VARIANTS, variant_configs
 from ipcv_kernels.bench.vit import Bench, run_case
 from ipcv_kernels.families import CALL_KINDS, FAMILIES, build_model, build_tower, find_family, find_vllm_family, presets
-from ipcv_kernels.families.row import SUB_IMAGES
+from ipcv_kernels.families.row import PATCHES, SUB_IMAGES
 from ipcv_kernels.testing import assert_close
 
 ROWS = {row.id: row for row in FAMILIES}
@@ -40,6 +40,9 @@ def two_images(calls: TowerCalls) -> tuple[str, str]:
     if isinstance(calls, GridCalls):
         unit = calls.config.patch_size * calls.config.spatial_merge_size
         return f"{2 * unit}x{2 * unit}", f"{2 * unit}x{3 * unit}"
+    if isinstance(calls, PatchCalls):  # two aspect ratios, each padded to the patch budget
+        unit = calls.patch * calls.pool
+        return f"{4 * unit}x{6 * unit}", f"{5 * unit}x{3 * unit}"
     side = calls.image_size[0]
     if isinstance(calls, SubImageCalls):  # two sub-images and the global one, the second padded
         return f"{side}x{side}", f"{side}x{2 * side - calls.patch_size[0]}"
@@ -78,6 +81,9 @@ def oracle_layout(calls: TowerCalls, case: Case, inputs: tuple) -> tuple[list[in
     if isinstance(calls, GridCalls):
         return [t * h * w for t, h, w in case.grid_thw], set(), set()
     items = [tiles * case.tile_tokens for tiles in case.tiles_per_image]
+    if isinstance(calls, PatchCalls):  # padding rows: position -1
+        padding = (inputs[1] == -1).all(-1).flatten().nonzero().flatten().tolist()
+        return items, set(padding), set(padding)
     if isinstance(calls, SubImageCalls):
         padding = (~inputs[1].flatten(1)).flatten().nonzero().flatten().tolist()
         return items, set(padding), set(padding)
@@ -129,7 +135,7 @@ def test_tiny_model_ratio_zero_equals_unpatched_pruning_generates_remove_exact(f
         expected = model(**inputs).logits
         with ik.ipcv_applied(model, RATIO_ZERO):
             got = model(**inputs).logits
-        if row.kind is SUB_IMAGES:
+        if row.kind in (SUB_IMAGES, PATCHES):
             # Padding patches: the model's masked attention and IPCV's attention over the real keys
             # only add the same terms in another order (fp32 round-off).
             assert_close(got, expected)

@@ -1,6 +1,6 @@
 """How the tools call a vision tower of each kind: its cases, inputs, call and FLOP model.
 
-Three call conventions cover every call kind of the family table (``ipcv_kernels.families``),
+Four call conventions cover every call kind of the family table (``ipcv_kernels.families``),
 chosen by the row's ``kind`` (``tower_calls``); FLOPs come from the row's FLOP model
 (``Family.flops``):
 
@@ -13,6 +13,9 @@ chosen by the row's ``kind`` (``tower_calls``); FLOPs come from the row's FLOP m
   (InternVL's tiles, LLaVA-NeXT's crops); the patched tower is told so with the adapter's hint
   (``tiles_per_image`` / ``sequences_per_image``, ``IPCVPatch.hinted``). Batches are several
   images; videos are refused. The output compared is ``last_hidden_state``.
+- ``PatchCalls`` (kind ``patches``: Gemma 4): a padded batch of flattened patches ``[B, L, C p^2]``
+  and their positions, each image resized into the patch budget ``L`` as Gemma 4's processor
+  resizes it, the rest of its row padding.
 - ``SubImageCalls`` (kind ``sub_images``: Idefics3 / SmolVLM): ``tower(pixel_values, patch_attention_mask)`` over
   sub-images of the tower's size ``S``: an ``HxW`` image is split into ``ceil(H / S) x ceil(W /
   S)`` sub-images plus, when there are several, a global one (as Idefics3's processor splits
@@ -46,7 +49,7 @@ from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..config import IPCVConfig
 from ..engine import read_blocks
 from ..families import CALL_KINDS, Family, ModelUse, family, find_family
-from ..families.row import SUB_IMAGES, TILES
+from ..families.row import PATCHES, SUB_IMAGES, TILES
 from ..flops import FlopReport
 from .towers import build_tower, load_vision_tower, model_use, preset_use, tower_output, vision_config_from_preset
 
@@ -373,6 +376,75 @@ class SubImageCalls(TileCalls):
         return self.family.flops(self.config, per_image, config)
 
 
+# Gemma 4's processors: ``max_soft_tokens`` by default (the pooled tokens per image; the patch
+# budget is that times ``pooling_kernel_size ** 2``), where the config names no
+# ``default_output_length``.
+GEMMA4_SOFT_TOKENS = 280
+
+
+class PatchCalls(TowerCalls):
+    """Gemma 4 towers: ``tower(pixel_values [B, L, C p^2], pixel_position_ids [B, L, 2])``, the
+    pooled soft tokens of every image (padding dropped), each image one item.
+
+    ``L`` is the patch budget, ``default_output_length`` (else ``GEMMA4_SOFT_TOKENS``) soft tokens
+    of ``k x k`` patches: an ``HxW`` image is resized as Gemma 4's processor resizes it (aspect
+    kept, the largest size within the budget whose sides are multiples of ``k p``), its patches
+    fill the first rows of its batch row and the rest are padding (zeros, position ``-1``).
+    """
+
+    def __init__(self, tower: nn.Module, family: Family, use: ModelUse | None = None) -> None:
+        super().__init__(tower, family, use)
+        c = self.config
+        self.patch = int(c.patch_size)
+        self.pool = int(c.pooling_kernel_size)
+        soft_tokens = getattr(c, "default_output_length", None) or GEMMA4_SOFT_TOKENS
+        self.max_patches = int(soft_tokens) * self.pool * self.pool
+
+    @property
+    def depth(self) -> int:
+        return self.config.num_hidden_layers
+
+    def default_cases(self) -> tuple[str, ...]:
+        """One square image filling the budget."""
+        side = math.isqrt(self.max_patches // (self.pool * self.pool)) * self.pool * self.patch
+        return (f"{side}x{side}",)
+
+    def parse_case(self, text: str) -> Case:
+        """``"HxW"``: one image resized into the patch budget as Gemma 4's processor does;
+        ``"HxW*B"``: ``B`` such images; videos (``@F``) are refused."""
+        height, width, batch, frames = match_case(text)
+        if frames is not None:
+            raise ValueError(f"cases: videos ({text!r}) need a Qwen tower; {self.family.name} takes images")
+        count = batch if batch is not None else 1
+        if count < 1:
+            raise ValueError(f"cases: batch size must be >= 1, got {text!r}")
+        module = importlib.import_module("transformers.models.gemma4.image_processing_pil_gemma4")
+        resized = module.get_aspect_ratio_preserving_size(height, width, self.patch, self.max_patches, self.pool)
+        real = (resized[0] // self.patch, resized[1] // self.patch)
+        kind = "batch" if count > 1 else "image"
+        return Case(text, kind, (), (1,) * count, self.max_patches, (real,) * count)
+
+    def inputs(self, case: Case, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[Case, tuple]:
+        """Random patches in ``[0, 1]`` (zero on padding) and their ``(x, y)`` positions (``-1`` on padding)."""
+        generator = torch.Generator().manual_seed(seed)
+        images = len(case.tile_real)
+        pixels = torch.zeros(images, self.max_patches, 3 * self.patch * self.patch)
+        positions = torch.full((images, self.max_patches, 2), -1, dtype=torch.int64)
+        for image, (rows, cols) in enumerate(case.tile_real):
+            pixels[image, : rows * cols] = torch.rand(rows * cols, pixels.shape[-1], generator=generator)
+            y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+            positions[image, : rows * cols] = torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
+        return case, (pixels.to(device, dtype), positions.to(device))
+
+    def forward(self, inputs: tuple[Case, tuple]) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.tower(*inputs[1]).last_hidden_state
+
+    def flops(self, case: Case, config: IPCVConfig | None) -> FlopReport:
+        shape = [(case.tile_tokens, rows * cols) for rows, cols in case.tile_real]
+        return self.family.flops(self.config, shape, config)
+
+
 def tower_calls(tower: nn.Module, use: ModelUse | None = None) -> TowerCalls:
     """The call convention of ``tower``'s call kind (its row in the family table): ``GridCalls``
     for towers that take ``grid_thw``, ``SubImageCalls`` for sub-images, ``TileCalls`` for tiles
@@ -394,7 +466,13 @@ def tower_calls(tower: nn.Module, use: ModelUse | None = None) -> TowerCalls:
 
 # Every call kind of the family table, and the convention that calls its towers.
 KIND_CALLS: dict[str, type[TowerCalls]] = {
-    kind.name: GridCalls if kind.takes_grid_thw else SubImageCalls if kind is SUB_IMAGES else TileCalls
+    kind.name: GridCalls
+    if kind.takes_grid_thw
+    else SubImageCalls
+    if kind is SUB_IMAGES
+    else PatchCalls
+    if kind is PATCHES
+    else TileCalls
     for kind in CALL_KINDS
 }
 

@@ -31,11 +31,12 @@ class CallKind:
     name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``).
     items: what forms one item, in words (for docs and messages).
     takes_grid_thw: the tower takes packed patches and ``grid_thw`` rows (the Qwen towers);
-        otherwise it takes images ``[B, C, S, S]`` of its fixed size ``S``.
+        otherwise it takes images ``[B, C, S, S]`` of its fixed size ``S`` (``patches``: a padded
+        batch of flattened patches ``[B, L, C p^2]`` and their positions).
     videos: the tower takes videos (frames of one video form one item).
     flops_shape: what the row's FLOP model takes after the vision config, describing a call:
-        ``grid_thw`` rows, ``tiles_per_image`` counts, or ``padding_per_image`` (per sub-image,
-        padding patches).
+        ``grid_thw`` rows, ``tiles_per_image`` counts, ``padding_per_image`` (per sub-image,
+        padding patches), or ``patches_per_image`` (per image, ``(padded length, real patches)``).
     """
 
     name: str
@@ -58,7 +59,11 @@ SUB_IMAGES = CallKind(
     "sub_images", "all sub-images of one image, padding patches pinned and never keys", False, False,
     "padding_per_image",
 )  # fmt: skip
-CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES)
+PATCHES = CallKind(
+    "patches", "an image (or video frame): one row of a padded batch of patches with positions, padding "
+    "patches pinned and never keys", False, False, "patches_per_image",
+)  # fmt: skip
+CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ class HFClasses:
         the multimodal model whose forward receives ``input_ids`` (``""``: the class itself).
     decoder: the attribute of that multimodal model holding the decoder an LLM-side pruner
         patches (``layers``, ``norm``).
+    llm_refusal: why LLM-side pruners (FastV, DART) are refused on this family's decoder
+        (``apply_ipcv`` raises a ``TypeError`` with it); ``None``: they are supported.
     """
 
     adapter: type[FamilyAdapter]
@@ -79,6 +86,7 @@ class HFClasses:
     towers: dict[str, str] = field(default_factory=dict)
     language_models: dict[str, str] = field(default_factory=dict)
     decoder: str = "language_model"
+    llm_refusal: str | None = None
 
 
 @dataclass(frozen=True)

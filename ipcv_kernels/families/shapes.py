@@ -125,3 +125,20 @@ ONEVISION_PINPOINTS = tuple((384 * rows, 384 * cols) for rows in range(1, 7) for
 QWEN3_5_VISION: dict[str, Any] = {
     key: value for key, value in QWEN3_VL_8B_VISION.items() if key != "deepstack_visual_indexes"
 }
+
+# Gemma 4's tower (``Gemma4VisionConfig``'s defaults, transformers' reference checkpoint
+# google/gemma-4-e2b-it): 16 blocks of width 768 (12 heads of 64), a gated MLP of 3072, 16-pixel
+# patches pooled 3 x 3 after the tower; the processor's default budget of 280 soft tokens is a
+# padded row of 2520 patches per image (``bench.calls.PatchCalls``).
+GEMMA4_VISION: dict[str, Any] = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=16,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    head_dim=64,
+    patch_size=16,
+    pooling_kernel_size=3,
+    position_embedding_size=10240,
+    default_output_length=280,
+)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import flops
 from ..models.clip_vit import ClipViTAdapter
+from ..models.gemma4 import Gemma4Adapter
 from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
@@ -25,6 +26,7 @@ from . import shapes
 from .row import (
     CROPS,
     GRID,
+    PATCHES,
     SUB_IMAGES,
     TILES,
     WINDOWS,
@@ -44,6 +46,13 @@ from .row import (
 UNTUNED = "IPCVConfig's defaults, untuned for this family (the paper gives none): check with `ipcv_kernels fidelity`"
 INTERNVL_RECOMMENDED: dict[str, Any] = dict(prune_layer=7, ratio=0.65, as_layers=3, num_neighbors=10)
 INTERNVL_SOURCE = "the paper's InternVL2 setting (P=7, r=0.65, A=3, k=10)"
+# Gemma 4's decoder hands every layer a per-layer token embedding (PLE) and lets later layers reuse
+# earlier layers' keys and values (``num_kv_shared_layers``): an LLM-side pruner would have to cut
+# both to the kept tokens, which it does not.
+GEMMA4_LLM_REFUSAL = (
+    "its decoder layers take per-layer token embeddings (per_layer_input) and share key/value states "
+    "across layers (num_kv_shared_layers), which FastV / DART do not prune"
+)
 VLLM_ADAPTERS = "ipcv_kernels.vllm.adapters"
 SGLANG_ADAPTERS = "ipcv_kernels.sglang.adapters"
 
@@ -439,6 +448,34 @@ FAMILIES: tuple[Family, ...] = (
         presets={
             "qwen3.5-397b-a17b": Preset(shapes.QWEN3_5_VISION),
             "qwen3.5-397b-a17b-d8": Preset({**shapes.QWEN3_5_VISION, "depth": 8}),
+        },
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "gemma4",
+        "Gemma 4",
+        PATCHES,
+        flops.gemma4_flops,
+        hf=_hf(
+            Gemma4Adapter,
+            "Gemma4",
+            "vision_tower",
+            ("Gemma4VisionModel",),
+            decoder="language_model",
+            llm_refusal=GEMMA4_LLM_REFUSAL,
+        ),
+        tiny_tower=TinyTower("gemma4.modeling_gemma4", "Gemma4VisionConfig", "Gemma4VisionModel", tiny.GEMMA4_VISION),
+        tiny_model=TinyModel(
+            "Gemma4Config",
+            "Gemma4ForConditionalGeneration",
+            tiny.gemma4_fields,
+            tiny.gemma4_prompt,
+            processors.gemma4_processor,
+        ),
+        image_processor=tiny.gemma4_image_processor,
+        presets={
+            "gemma4-e2b": Preset(shapes.GEMMA4_VISION),
+            "gemma4-e2b-d8": Preset({**shapes.GEMMA4_VISION, "num_hidden_layers": 8}),
         },
         recommended_source=UNTUNED,
     ),

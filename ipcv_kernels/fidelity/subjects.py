@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..families import FAMILIES, Family, build_tower, find_family
-from ..families.row import SUB_IMAGES, TILES
+from ..families.row import PATCHES, SUB_IMAGES, TILES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -64,14 +65,28 @@ class Sample:
     pixels: what the tower's forward takes first: Qwen ``[n, C * T * p * p]`` flattened patches,
         InternVL / CLIP / SigLIP ``[tiles or crops, C, H, W]``.
     grid_thw: Qwen families: int64 ``[1, 3]`` ``(t, h, w)`` in patches; ``None`` for the others.
+    positions: Gemma 4 (call kind ``patches``): int64 ``[1, L, 2]`` patch positions (``-1`` on
+        padding), with ``pixels`` ``[1, L, C p^2]``; ``None`` for the others.
     """
 
     name: str
     kind: str
     pixels: torch.Tensor
     grid_thw: torch.Tensor | None
+    positions: torch.Tensor | None = None
 
     def __call__(self, tower: nn.Module) -> Any:
+        if self.positions is not None:
+            # The compared output has one row per patch: the last block's (read by a hook, as the
+            # patched block returns it: restored), before the pooler averages patches.
+            captured: list[torch.Tensor] = []
+            last = tower.encoder.layers[-1]
+            handle = last.register_forward_hook(lambda module, args, output: captured.append(output))
+            try:
+                tower(pixel_values=self.pixels, pixel_position_ids=self.positions)
+            finally:
+                handle.remove()
+            return SimpleNamespace(last_hidden_state=captured[-1])
         if self.grid_thw is None:
             return tower(pixel_values=self.pixels)
         return tower(self.pixels, grid_thw=self.grid_thw)
@@ -207,7 +222,15 @@ def make_samples(
         pixels = out["pixel_values"]
         pixels = pixels.flatten(0, 1) if pixels.dim() == 5 else pixels  # [images, crops, C, H, W]
         grid_thw = out["image_grid_thw"].to(device) if grid else None
-        samples.append(Sample(name, "image", pixels.to(device, dtype), grid_thw))
+        positions = None
+        if family.kind is PATCHES:
+            # Trimmed to the image's real patches: no row is padding (the tower's outputs for the
+            # real rows do not depend on padding rows, which are never keys), so every compared
+            # row is a patch of the image. Real patches tile whole pooling windows.
+            positions = out["image_position_ids"]
+            real = int((positions != -1).all(-1).sum())
+            pixels, positions = pixels[:, :real], positions[:, :real].to(device)
+        samples.append(Sample(name, "image", pixels.to(device, dtype), grid_thw, positions))
     if family.kind.videos:
         for name, frames in videos:
             pixels, grid = qwen_video_patches([scaled(f, image_size) for f in frames], image_processor)
@@ -293,7 +316,8 @@ def load_subject(
 def tower_flops(family: Family, vision_config: Any, sample: Sample, config: IPCVConfig | None) -> float:
     """FLOPs of one tower call by the family's FLOP model (``Family.flops``), its shape read off
     the sample as the call kind describes it: ``grid_thw`` rows; the tiles of the one image of a
-    ``tiles`` call; one item per crop or sub-image of a bare ``crops`` / ``sub_images`` call."""
+    ``tiles`` call; one item per crop or sub-image of a bare ``crops`` / ``sub_images`` call; the
+    padded length and real patches of every image of a ``patches`` call."""
     count = sample.pixels.shape[0]
     if family.kind.takes_grid_thw:
         shape: Any = sample.grid_thw.tolist()
@@ -301,6 +325,9 @@ def tower_flops(family: Family, vision_config: Any, sample: Sample, config: IPCV
         shape = [count]
     elif family.kind is SUB_IMAGES:
         shape = [[0]] * count
+    elif family.kind is PATCHES:  # (padded length, real patches) of every image
+        real = (sample.positions != -1).all(-1).sum(-1).tolist()
+        shape = [(sample.positions.shape[1], int(n)) for n in real]
     else:
         shape = [1] * count
     return family.flops(vision_config, shape, config).total

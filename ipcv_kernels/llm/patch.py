@@ -100,8 +100,9 @@ class LLMPruningPatch(InstancePatch):
         other = non_attention_layers(text_model)
         if other:
             raise TypeError(
-                f"LLM-side pruning (FastV, DART) needs a decoder of standard attention layers; "
-                f"{type(text_model).__name__} has {len(other)} layers without self-attention (layers {other}: "
+                f"llm_pruner: not supported on {type(text_model).__name__}: LLM-side pruning (FastV, DART) "
+                "needs a decoder of standard attention layers; "
+                f"it has {len(other)} layers without self-attention (layers {other}: "
                 "linear attention, e.g. Gated DeltaNet), which LLM-side pruning does not support"
             )
         pruner.check_depth(len(self.layers))

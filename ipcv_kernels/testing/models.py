@@ -532,3 +532,106 @@ def siglip_image_processor(vision_config: Any) -> Any:
 
     side = _tile_side(vision_config)
     return SiglipImageProcessorPil(size={"height": side, "width": side})
+
+
+# -- Gemma 4: a padded batch of 4-pixel patches, pooled 2 x 2; a patch budget of 16 soft tokens (64
+# patch rows) for the tools' calls (``default_output_length``, read by ``bench.calls.PatchCalls``).
+GEMMA4_VISION = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=16,
+    patch_size=4,
+    pooling_kernel_size=2,
+    position_embedding_size=64,
+    default_output_length=16,
+)
+GEMMA4_PATCH_DIM = 3 * 4 * 4
+# The decoder: one sliding-window layer, then the global one Gemma 4 ends with; head sizes vLLM's
+# CPU attention takes; a small per-layer-input (PLE) table.
+GEMMA4_TEXT = dict(
+    vocab_size=300,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    global_head_dim=32,
+    sliding_window=8,
+    layer_types=["sliding_attention", "full_attention"],
+    vocab_size_per_layer_input=300,
+    hidden_size_per_layer_input=8,
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+)
+GEMMA4_TOKENS = dict(
+    image_token_id=CLIP_FAMILY_IMAGE_TOKEN,
+    boi_token_id=CLIP_FAMILY_IMAGE_TOKEN + 1,
+    eoi_token_id=CLIP_FAMILY_IMAGE_TOKEN + 2,
+    video_token_id=CLIP_FAMILY_IMAGE_TOKEN + 3,
+    boa_token_id=CLIP_FAMILY_IMAGE_TOKEN + 4,
+    eoa_token_index=CLIP_FAMILY_IMAGE_TOKEN + 5,
+    audio_token_id=CLIP_FAMILY_IMAGE_TOKEN + 6,
+)
+
+
+def gemma4_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        text_config=_text(GEMMA4_TEXT, text), vision_config=dict(GEMMA4_VISION), audio_config=None, **GEMMA4_TOKENS
+    )
+
+
+def gemma4_patches(
+    grids: list[tuple[int, int]], length: int, *, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma 4 processor-like inputs for images of ``grids`` ``(rows, cols)`` patches:
+    ``pixel_values`` ``[B, length, 48]`` (random in ``[0, 1]``, zero on padding) and
+    ``pixel_position_ids`` int64 ``[B, length, 2]`` (``(x, y)`` row-major, ``-1`` on padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.zeros(len(grids), length, GEMMA4_PATCH_DIM)
+    positions = torch.full((len(grids), length, 2), -1, dtype=torch.int64)
+    for image, (rows, cols) in enumerate(grids):
+        pixels[image, : rows * cols] = torch.rand(rows * cols, GEMMA4_PATCH_DIM, generator=generator)
+        y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        positions[image, : rows * cols] = torch.stack([x.reshape(-1), y.reshape(-1)], dim=1)
+    return pixels.to(dtype), positions
+
+
+def gemma4_inputs(
+    model: nn.Module, grids: list[tuple[int, int]], *, length: int = 64, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """One prompt for a tiny Gemma 4 model: text, then per image ``<boi> <image>*(rows * cols / 4)
+    <eoi>`` (its pooled soft tokens), then text; and the images of ``gemma4_patches``."""
+    pool = model.config.vision_config.pooling_kernel_size**2
+    ids = [2, 3, 4]
+    for rows, cols in grids:
+        ids += [GEMMA4_TOKENS["boi_token_id"], *[GEMMA4_TOKENS["image_token_id"]] * (rows * cols // pool)]
+        ids += [GEMMA4_TOKENS["eoi_token_id"], 5]
+    input_ids = torch.tensor([[*ids, 6, 7]])
+    pixels, positions = gemma4_patches(grids, length, dtype=model.dtype, seed=seed)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels,
+        "image_position_ids": positions,
+    }
+
+
+def gemma4_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Gemma 4: images of 6 x 8, 10 x 6, 8 x 8, ... patches (padding in all but the square ones)."""
+    grids = [(6, 8), (10, 6), (8, 8)]
+    return gemma4_inputs(model, [grids[i % 3] for i in range(num_images)], seed=seed)
+
+
+def gemma4_image_processor(vision_config: Any) -> Any:
+    """Gemma 4's (``Gemma4ImageProcessorPil``) with the tower's patch and pooling sizes and the
+    smallest budget it supports (70 soft tokens)."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    return Gemma4ImageProcessorPil(
+        patch_size=vision_config.patch_size, pooling_kernel_size=vision_config.pooling_kernel_size, max_soft_tokens=70
+    )

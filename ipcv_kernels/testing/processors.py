@@ -336,3 +336,78 @@ def internvl_processor() -> Any:
 def qwen_processor() -> TinyQwen2VLProcessor:
     """The tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL models' processor (they share the layout)."""
     return TinyQwen2VLProcessor()
+
+
+class ProcessorUnavailable(ImportError):
+    """A family's processor cannot be built with this transformers (e.g. it imports torchvision)."""
+
+
+def gemma4_processor() -> Any:
+    """transformers' ``Gemma4Processor`` for the tiny Gemma 4: a word-level tokenizer with Gemma 4's
+    image tokens (``<image>`` 260, ``<boi>`` 261, ``<eoi>`` 262, at the tiny config's ids) and its
+    PIL image processor (4-pixel patches pooled 2 x 2, a 70-soft-token budget); no audio feature
+    extractor and no video processor (transformers' imports torchvision; these tests send images)."""
+    try:
+        from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
+    except ImportError as error:  # transformers 5.17's imports its torchvision image processor
+        raise ProcessorUnavailable(f"Gemma 4's processor cannot be imported here ({error})") from error
+
+    from .models import GEMMA4_VISION, gemma4_image_processor
+
+    Tokenizer, models, pre_tokenizers, PreTrainedTokenizerFast = _tokenizer_classes()
+    image_id = CLIP_FAMILY_IMAGE_TOKEN
+    specials = {"<image>": image_id, "<boi>": image_id + 1, "<eoi>": image_id + 2, "<|video|>": image_id + 3}
+    specials |= {"<boa>": image_id + 4, "<eoa>": image_id + 5, "<audio>": image_id + 6}
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(CLIP_WORDS)} | specials, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        extra_special_tokens={"image_token": "<image>", "boi_token": "<boi>", "eoi_token": "<eoi>"},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+
+    class VisionConfig:  # the image processor reads the patch sizes only
+        patch_size = GEMMA4_VISION["patch_size"]
+        pooling_kernel_size = GEMMA4_VISION["pooling_kernel_size"]
+
+    return _image_only(Gemma4Processor)(
+        image_processor=gemma4_image_processor(VisionConfig),
+        tokenizer=tokenizer,
+        chat_template=CLIP_TEMPLATE.replace("IMAGE", "<image>"),
+        image_seq_length=70,
+    )
+
+
+def _image_only(processor_class: type) -> type:
+    """Gemma 4's ``processor_class`` with an image processor and a tokenizer only: its ``__init__``
+    sets the token attributes it sets (audio and video ones unused), then ``ProcessorMixin``'s."""
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyProcessor(processor_class):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str, image_seq_length: int) -> None:
+            self.image_seq_length = image_seq_length
+            self.image_token_id = tokenizer.image_token_id
+            self.boi_token, self.eoi_token, self.image_token = (
+                tokenizer.boi_token,
+                tokenizer.eoi_token,
+                tokenizer.image_token,
+            )
+            self.video_token = "<|video|>"
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            # Audio tokens exist (the processor's checks want them) but no audio is ever sent.
+            self.audio_seq_length, self.audio_ms_per_token = 0, 40
+            self.audio_token, self.boa_token, self.eoa_token = "<audio>", "<boa>", "<eoa>"
+            self.audio_token_id = tokenizer.convert_tokens_to_ids(self.audio_token)
+            ProcessorMixin.__init__(
+                self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+            )
+
+    return ImageOnlyProcessor

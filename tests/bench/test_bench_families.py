@@ -12,7 +12,7 @@ from ipcv_kernels import families
 from ipcv_kernels.__main__ import main
 from ipcv_kernels.api import get_ipcv_patch
 from ipcv_kernels.bench import progress
-from ipcv_kernels.bench.calls import GridCalls, TileCalls, tower_calls
+from ipcv_kernels.bench.calls import GridCalls, PatchCalls, TileCalls, tower_calls
 from ipcv_kernels.bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from ipcv_kernels.bench.variants import VARIANTS, variant_configs
 from ipcv_kernels.bench.vit import Bench, run_case
@@ -20,6 +20,7 @@ from ipcv_kernels.config import IPCVConfig
 from ipcv_kernels.families import ModelUse, Preset, family, find_family, presets
 from ipcv_kernels.flops import (
     clip_vit_flops,
+    gemma4_flops,
     idefics3_flops,
     internvl_flops,
     predicted_speedup,
@@ -38,6 +39,7 @@ CASES = {
     "qwen2_5_vl": ("8x8", "8x16*2", "8x8@4"),
     "qwen3_vl": ("8x8", "8x16*2", "8x8@4"),
     "internvl": ("16x16", "32x32*2"),
+    "gemma4": ("32x32", "32x48*2"),  # 64 real patches; 48 real and 16 padding rows (the budget: 64)
 }
 TILE_CASES = ("32x32", "64x64*2")
 
@@ -51,6 +53,8 @@ def expected_flops(kind, calls, case, config):
         return families.family(kind).flops(config_, case.grid_thw, config)
     if kind == "internvl":
         return internvl_flops(config_, case.tiles_per_image, config, image_size=tuple(config_.image_size))
+    if kind == "gemma4":  # (padded length, real patches) per image
+        return gemma4_flops(config_, [(case.tile_tokens, r * c) for r, c in case.tile_real], config)
     if kind in ("idefics3", "smolvlm"):  # sub-images without padding (32-pixel multiples)
         return idefics3_flops(config_, [[0] * tiles for tiles in case.tiles_per_image], config)
     return clip_vit_flops(config_, case.tiles_per_image, config)
@@ -60,7 +64,7 @@ def expected_flops(kind, calls, case, config):
 def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(kind):
     tower = families.build_tower(kind)
     calls = tower_calls(tower)
-    assert isinstance(calls, GridCalls if kind.startswith("qwen") else TileCalls)
+    assert isinstance(calls, GridCalls if kind.startswith("qwen") else PatchCalls if kind == "gemma4" else TileCalls)
     bench = Bench(tower, calls, torch.device("cpu"), torch.float32, variant_configs(CONFIG, VARIANTS))
     with progress.Progress(0, "test", enabled=False) as bar:
         grid = families.family(kind).kind.takes_grid_thw
@@ -140,6 +144,8 @@ PRESET_TOKENS = {
     "llava-next-7b-d8": 5 * 577,  # 672x672: the base crop and 2 x 2 crops of 336
     "llava-onevision-7b-d8": 5 * 729,  # 768x768: the base crop and 2 x 2 crops of 384
     "idefics3-8b-d8": 5 * 676,  # 728x700: 2 x 2 sub-images of 364 and the global one
+    "gemma4-e2b": 2520,  # 768x768: a row of 280 soft tokens of 3 x 3 patches of 16 pixels
+    "gemma4-e2b-d8": 2520,
 }
 
 
@@ -151,7 +157,7 @@ def test_family_presets_build_with_their_real_shapes(name):
     calls = tower_calls(tower, preset.use)
     assert calls.family is find_family(tower)[0] and calls.model_family is row
     width = getattr(config, "embed_dim", None) or config.hidden_size  # Qwen2-VL's hidden_size is its output
-    assert width in (64, 640, 1024, 1152, 1280)
+    assert width in (64, 640, 768, 1024, 1152, 1280)
     if name in PRESET_TOKENS:
         (case,) = [calls.parse_case(text) for text in calls.default_cases()]
         assert case.tokens == PRESET_TOKENS[name]

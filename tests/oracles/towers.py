@@ -120,14 +120,24 @@ def ipcv_tower_oracle(
             args, kwargs = calls[i]
             for t in range(layout[0]):
                 rows = [r for r, j in enumerate(keep) if t * tile <= j < (t + 1) * tile]
-                rest = args[1:]
+                rest, call_kwargs = args[1:], dict(kwargs)
+                if "attention_mask" in call_kwargs:  # Gemma 4 passes it by name (the full batch's)
+                    call_kwargs["attention_mask"] = None
                 if key_padding and rows:
                     masked = torch.tensor([keep[r] in key_padding for r in rows])
                     assert not masked.all(), "a sequence kept only padding: the oracle leaves that undefined"
                     mask = torch.zeros(1, 1, len(rows), len(rows), dtype=h.dtype)
                     mask[..., masked] = torch.finfo(h.dtype).min
-                    rest = (mask, *args[2:])
-                out[rows] = blocks[i](h[rows][None], *rest, **kwargs)[0]
+                    if "attention_mask" in call_kwargs:
+                        call_kwargs["attention_mask"] = mask
+                    else:
+                        rest = (mask, *args[2:])
+                if "position_embeddings" in call_kwargs:  # Gemma 4: rotary tables and positions per row
+                    local = [keep[r] - t * tile for r in rows]
+                    cos, sin = call_kwargs["position_embeddings"]
+                    call_kwargs["position_embeddings"] = (cos[t : t + 1, local], sin[t : t + 1, local])
+                    call_kwargs["position_ids"] = call_kwargs["position_ids"][t : t + 1, local]
+                out[rows] = blocks[i](h[rows][None], *rest, **call_kwargs)[0]
             return out
         _, kwargs = calls[i]
         kwargs = dict(kwargs)
