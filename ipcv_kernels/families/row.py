@@ -72,6 +72,8 @@ class HFClasses:
         the multimodal model whose forward receives ``input_ids`` (``""``: the class itself).
     decoder: the attribute of that multimodal model holding the decoder an LLM-side pruner
         patches (``layers``, ``norm``).
+    llm_pruners: whether FastV / DART run on that decoder; ``False``: ``apply_ipcv`` refuses them
+        with a ``TypeError`` (Kimi-K2.5's DeepSeek-V3 decoder, multi-head latent attention).
     """
 
     adapter: type[FamilyAdapter]
@@ -79,6 +81,7 @@ class HFClasses:
     towers: dict[str, str] = field(default_factory=dict)
     language_models: dict[str, str] = field(default_factory=dict)
     decoder: str = "language_model"
+    llm_pruners: bool = True
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,19 @@ IDEFICS3_8B_VISION: dict[str, Any] = dict(
 # (1 x 1 to 6 x 6 crops of 384), (height, width) in pixels.
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 ONEVISION_PINPOINTS = tuple((384 * rows, 384 * cols) for rows in range(1, 7) for cols in range(1, 7))
+
+# Kimi-K2.5's tower, MoonViT (``Kimi_K25VisionConfig``; moonshotai/Kimi-K2.5, the same as
+# transformers' defaults, which name moonshotai/Kimi-K2.6): 27 blocks of width 1152 over 14-pixel
+# patches, a 64 x 64 learned position grid resampled per image, clips of up to 4 frames, pooled 2 x 2.
+KIMI_K25_VISION: dict[str, Any] = dict(
+    patch_size=14,
+    pos_emb_height=64,
+    pos_emb_width=64,
+    pos_emb_time=4,
+    num_attention_heads=16,
+    num_hidden_layers=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    hidden_act="gelu_pytorch_tanh",
+    merge_kernel_size=[2, 2],
+)

@@ -15,6 +15,7 @@ from .. import flops
 from ..models.clip_vit import ClipViTAdapter
 from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
+from ..models.kimi_k25 import KimiK25Adapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
 from ..models.qwen3_vl import Qwen3VLAdapter
@@ -385,6 +386,30 @@ FAMILIES: tuple[Family, ...] = (
             partial(processors.crop_family_processor, "smolvlm"),
         ),
         image_processor=tiny.siglip_image_processor,
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "kimi_k25",
+        "Kimi-K2.5",
+        GRID,
+        flops.kimi_k25_flops,
+        # The decoder is DeepSeek-V3's (MLA attention, MoE): FastV / DART are refused there (spec §5.11).
+        hf=_hf(KimiK25Adapter, "Kimi_K25", "vision_tower", ("Kimi_K25VisionModel",), llm_pruners=False),
+        tiny_tower=TinyTower(
+            "kimi_k25.modeling_kimi_k25", "Kimi_K25VisionConfig", "Kimi_K25VisionModel", tiny.KIMI_K25_VISION
+        ),
+        tiny_model=TinyModel(
+            "Kimi_K25Config",
+            "Kimi_K25ForConditionalGeneration",
+            tiny.kimi_k25_fields,
+            tiny.kimi_k25_prompt,
+            processors.kimi_k25_processor,
+        ),
+        image_processor=tiny.kimi_k25_image_processor,
+        presets={
+            "kimi-k2.5": Preset(shapes.KIMI_K25_VISION),
+            "kimi-k2.5-d8": Preset({**shapes.KIMI_K25_VISION, "num_hidden_layers": 8}),
+        },
         recommended_source=UNTUNED,
     ),
     # Bare towers last: a full model above names its own tower.

@@ -137,11 +137,19 @@ def test_runner_batches_prompts_of_every_family(family_id):
     every image for the first prompt) and the pruned prefill keeps rows for both."""
     from ipcv_kernels.families import build_model
 
-    model = apply_ipcv(build_model(family_id), llm_pruner=FastV(layer=1, ratio=0.5))
-    runner = MultimodalRunner(model, family(family_id).tiny_model.processor(), system_prompt="", max_new_tokens=2)
+    row = family(family_id)
+    if row.hf.llm_pruners:
+        model = apply_ipcv(build_model(family_id), llm_pruner=FastV(layer=1, ratio=0.5))
+    else:  # a decoder FastV / DART refuse (test_family_table): the tower alone is pruned
+        model = apply_ipcv(build_model(family_id), IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1))
+    runner = MultimodalRunner(model, row.tiny_model.processor(), system_prompt="", max_new_tokens=2)
     answers = runner.generate(["what is this ?", "is this a cat ?"], [[image(40, 56, 0)], [image(24, 64, 1)]])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    assert get_llm_pruning_patch(model).last_kept.shape[0] == 2
+    if row.hf.llm_pruners:
+        assert get_llm_pruning_patch(model).last_kept.shape[0] == 2
+    else:
+        tokens = get_ipcv_patch(model).last_tokens_per_block
+        assert tokens[-1] < tokens[0]  # the images were encoded with IPCV
 
 
 @pytest.mark.parametrize("family_id", FAMILIES)
@@ -156,13 +164,16 @@ def test_lmms_eval_plugin_answers_for_every_family(family_id, tmp_path):
     from ipcv_kernels.families import build_model
 
     build_model(family_id).save_pretrained(tmp_path)
-    processor = family(family_id).tiny_model.processor()
+    row = family(family_id)
+    processor = row.tiny_model.processor()
     model_class = get_model("ipcv")
     assert model_class is IPCVModel and get_model("ipcv_qwen2_vl") is IPCVModel
     arguments = (
         f"pretrained={tmp_path},dtype=float32,max_new_tokens=3,system_prompt=,ipcv_prune_layer=2,ipcv_ratio=0.5,"
-        "ipcv_as_layers=1,ipcv_num_neighbors=3,llm_pruner=fastv,llm_layer=1,llm_ratio=0.5"
+        "ipcv_as_layers=1,ipcv_num_neighbors=3"
     )
+    if row.hf.llm_pruners:  # a decoder FastV / DART refuse (test_family_table) gets the tower's IPCV alone
+        arguments += ",llm_pruner=fastv,llm_layer=1,llm_ratio=0.5"
     lm = model_class.create_from_arg_string(arguments, {"batch_size": 1, "device": "cpu", "processor": processor})
     assert get_ipcv_patch(lm.model).config == IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=3)
     lm.task_dict = {"toy": {"test": {0: {"image": image(40, 56, 0)}}}}
@@ -174,5 +185,9 @@ def test_lmms_eval_plugin_answers_for_every_family(family_id, tmp_path):
     )
     answers = lm.generate_until([request])
     assert len(answers) == 1 and isinstance(answers[0], str)
-    kept = get_llm_pruning_patch(lm.model).last_kept  # the prefill was pruned
-    assert kept is not None and kept.shape[0] == 1
+    if row.hf.llm_pruners:
+        kept = get_llm_pruning_patch(lm.model).last_kept  # the prefill was pruned
+        assert kept is not None and kept.shape[0] == 1
+    else:
+        tokens = get_ipcv_patch(lm.model).last_tokens_per_block
+        assert tokens[-1] < tokens[0]  # the image was encoded with IPCV
