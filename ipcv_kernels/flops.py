@@ -593,3 +593,22 @@ def gemma4_flops(
         patch_dim=3 * c.patch_size * c.patch_size,
         padding=padding,
     )
+
+
+def kimi_k25_flops(
+    vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None
+) -> FlopReport:
+    """``vit_flops`` for a ``Kimi_K25VisionConfig`` (MoonViT) and ``grid_thw`` rows: one attention
+    segment per row (a clip's ``t`` frames attend to each other), the 2-D patch embedding
+    (``3 * p * p``), no merger (the tower only averages each 2 x 2 window over the clip's frames, an
+    elementwise step, and the projector lies outside the tower)."""
+    c = vision_config
+    return vit_flops(
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        [int(t) * int(h) * int(w) for t, h, w in grid_thw],
+        config,
+        patch_dim=3 * c.patch_size * c.patch_size,
+    )

@@ -38,7 +38,7 @@ ORACLE_PRECISION = torch.float32
 def two_images(calls: TowerCalls) -> tuple[str, str]:
     """Two single-image cases of different sizes for ``calls``' tower (in pixels)."""
     if isinstance(calls, GridCalls):
-        unit = calls.config.patch_size * calls.config.spatial_merge_size
+        unit = calls.merge_unit
         return f"{2 * unit}x{2 * unit}", f"{2 * unit}x{3 * unit}"
     if isinstance(calls, PatchCalls):  # two aspect ratios, each padded to the patch budget
         unit = calls.patch * calls.pool
@@ -147,6 +147,19 @@ def test_tiny_model_ratio_zero_equals_unpatched_pruning_generates_remove_exact(f
         ik.remove_ipcv(model)
         assert torch.equal(model(**inputs).logits, expected)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+@pytest.mark.parametrize("family_id", [row.id for row in FAMILIES if row.hf is not None and row.hf.llm_refusal])
+def test_llm_pruners_are_refused_where_the_row_says(family_id):
+    model = build_model(family_id)
+    inputs = ROWS[family_id].tiny_model.prompt(model, 1, 0)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        for pruner in (ik.FastV(layer=1, ratio=0.5), ik.DART(layer=1, ratio=0.5)):
+            with pytest.raises(TypeError, match="llm_pruner"):
+                ik.apply_ipcv(model, PRUNING, llm_pruner=pruner)
+            assert ik.get_ipcv_patch(model) is None  # refused before anything was patched
+        assert torch.equal(model(**inputs).logits, expected)
 
 
 # -- the tiny tower, called as its call kind calls it ----------------------------------------------

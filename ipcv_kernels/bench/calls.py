@@ -97,18 +97,41 @@ def _patches(pixels: int, patch: int, merge: int) -> int:
     return max(1, round(pixels / unit)) * merge
 
 
+def grid_merge(vision_config: Any) -> int:
+    """The spatial merge of a grid tower's config: Qwen's ``spatial_merge_size``, else MoonViT's
+    (Kimi-K2.5) ``merge_kernel_size`` (its 2-D pooling window, square)."""
+    merge = getattr(vision_config, "spatial_merge_size", None)
+    return int(merge) if merge is not None else int(vision_config.merge_kernel_size[0])
+
+
+def grid_temporal_patch(vision_config: Any) -> int:
+    """Frames per patch of a grid tower's config; ``1`` for towers without temporal patches (Kimi-K2.5)."""
+    return int(getattr(vision_config, "temporal_patch_size", 1))
+
+
+def grid_pixel_shape(vision_config: Any) -> tuple[int, ...]:
+    """One patch row of a grid tower's input: Qwen's flattened ``(C * T * p * p,)``, or
+    ``(3, p, p)`` for towers without temporal patches, whose convolution takes each patch as an
+    image (Kimi-K2.5)."""
+    c = vision_config
+    if not hasattr(c, "temporal_patch_size"):
+        return (3, c.patch_size, c.patch_size)
+    return (c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size,)
+
+
 def parse_grid_case(text: str, vision_config: Any) -> Case:
     """``"HxW"`` one image, ``"HxW*B"`` ``B`` images, ``"HxW@F"`` a video of ``F`` frames, for a
     Qwen tower: sizes in pixels, rounded to the nearest multiple of ``patch_size *
     spatial_merge_size`` (28 for Qwen2-VL); ``F`` must be a multiple of ``temporal_patch_size``."""
     height, width, batch, frames = match_case(text)
     c = vision_config
-    h = _patches(height, c.patch_size, c.spatial_merge_size)
-    w = _patches(width, c.patch_size, c.spatial_merge_size)
+    merge, temporal = grid_merge(c), grid_temporal_patch(c)
+    h = _patches(height, c.patch_size, merge)
+    w = _patches(width, c.patch_size, merge)
     if frames is not None:
-        if frames < 1 or frames % c.temporal_patch_size:
-            raise ValueError(f"cases: frames must be a positive multiple of {c.temporal_patch_size}, got {text!r}")
-        return Case(text, "video", ((frames // c.temporal_patch_size, h, w),))
+        if frames < 1 or frames % temporal:
+            raise ValueError(f"cases: frames must be a positive multiple of {temporal}, got {text!r}")
+        return Case(text, "video", ((frames // temporal, h, w),))
     count = batch if batch is not None else 1
     if count < 1:
         raise ValueError(f"cases: batch size must be >= 1, got {text!r}")
@@ -182,16 +205,20 @@ class GridCalls(TowerCalls):
 
     @property
     def depth(self) -> int:
-        return self.config.depth
+        c = self.config
+        return c.depth if hasattr(c, "depth") else c.num_hidden_layers
+
+    @property
+    def merge_unit(self) -> int:
+        """Pixels per side of one merge unit (``patch_size`` times the spatial merge)."""
+        return self.config.patch_size * grid_merge(self.config)
 
     def parse_case(self, text: str) -> Case:
         return parse_grid_case(text, self.config)
 
     def inputs(self, case: Case, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[Case, tuple]:
-        c = self.config
-        patch_dim = c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size
         generator = torch.Generator().manual_seed(seed)
-        pixels = torch.randn(case.tokens, patch_dim, generator=generator).to(device, dtype)
+        pixels = torch.randn(case.tokens, *grid_pixel_shape(self.config), generator=generator).to(device, dtype)
         return case, (pixels, torch.tensor(case.grid_thw, dtype=torch.int64, device=device))
 
     def forward(self, inputs: tuple[Case, tuple]) -> torch.Tensor:

@@ -89,6 +89,32 @@ def read_vision_state_dict(root: Path, prefixes: tuple[str, ...] = VISION_PREFIX
     return state
 
 
+def converted_vision_state_dict(
+    model: nn.Module, tower: nn.Module, name: str, state: dict[str, torch.Tensor], root: Path
+) -> dict[str, torch.Tensor]:
+    """The tower's tensors ``state`` (read under ``name``, the tower's path in the base model
+    ``model``) converted from the checkpoint's layout to the tower's by transformers' own checkpoint
+    conversion for ``model``, as ``from_pretrained`` converts them (Kimi-K2.5's Hub layout:
+    ``vision_tower.encoder.blocks.*`` with a fused, rotary-permuted ``wqkv``). ``model`` is built
+    on the meta device; only the tower's tensors are converted.
+
+    Raises:
+        ValueError: the converted tensors do not name every tensor of the tower.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    stored = {f"{name}.{key}": tensor for key, tensor in state.items()}
+    mapping = get_model_conversion_mapping(model)
+    convert_and_load_state_dict_in_model(model, stored, LoadStateDictConfig(weight_mapping=mapping))
+    converted = tower.state_dict()
+    missing = [key for key, tensor in converted.items() if tensor.is_meta]
+    if missing:
+        raise ValueError(f"model: {str(root)!r}: no tensors for {missing[:3]} of the vision tower in the checkpoint")
+    return converted
+
+
 def load_vision_tower(
     path: str | Path, *, dtype: torch.dtype, device: torch.device, attn_implementation: str = "sdpa"
 ) -> nn.Module:
@@ -127,6 +153,9 @@ def load_vision_tower(
         raise ValueError(f"model: {str(root)!r}: {error}") from None
     name = next(n for n, m in model.named_modules() if m is skeleton)
     state = read_vision_state_dict(root, (f"model.{name}.", f"{name}."))
+    if set(state) != set(skeleton.state_dict()):
+        # Stored in another layout than the tower's: converted as transformers converts it.
+        state = converted_vision_state_dict(model, skeleton, name, state, root)
     # Built for real (not on meta) so that non-persistent buffers (rotary frequencies, position
     # ids) get their values; every parameter is then overwritten by the checkpoint's.
     torch.manual_seed(0)

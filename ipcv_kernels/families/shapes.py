@@ -142,3 +142,19 @@ GEMMA4_VISION: dict[str, Any] = dict(
     position_embedding_size=10240,
     default_output_length=280,
 )
+
+# Kimi-K2.5's tower, MoonViT (``Kimi_K25VisionConfig``; moonshotai/Kimi-K2.5, the same as
+# transformers' defaults, which name moonshotai/Kimi-K2.6): 27 blocks of width 1152 over 14-pixel
+# patches, a 64 x 64 learned position grid resampled per image, clips of up to 4 frames, pooled 2 x 2.
+KIMI_K25_VISION: dict[str, Any] = dict(
+    patch_size=14,
+    pos_emb_height=64,
+    pos_emb_width=64,
+    pos_emb_time=4,
+    num_attention_heads=16,
+    num_hidden_layers=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    hidden_act="gelu_pytorch_tanh",
+    merge_kernel_size=[2, 2],
+)

@@ -16,6 +16,7 @@ from ..models.clip_vit import ClipViTAdapter
 from ..models.gemma4 import Gemma4Adapter
 from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
+from ..models.kimi_k25 import KimiK25Adapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
 from ..models.qwen3_5 import Qwen3_5Adapter
@@ -52,6 +53,10 @@ INTERNVL_SOURCE = "the paper's InternVL2 setting (P=7, r=0.65, A=3, k=10)"
 GEMMA4_LLM_REFUSAL = (
     "its decoder layers take per-layer token embeddings (per_layer_input) and share key/value states "
     "across layers (num_kv_shared_layers), which FastV / DART do not prune"
+)
+KIMI_K25_LLM_REFUSAL = (
+    "its DeepSeek-V3 decoder uses multi-head latent attention, without the per-head q_proj / k_proj "
+    "FastV / DART score tokens with"
 )
 VLLM_ADAPTERS = "ipcv_kernels.vllm.adapters"
 SGLANG_ADAPTERS = "ipcv_kernels.sglang.adapters"
@@ -476,6 +481,30 @@ FAMILIES: tuple[Family, ...] = (
         presets={
             "gemma4-e2b": Preset(shapes.GEMMA4_VISION),
             "gemma4-e2b-d8": Preset({**shapes.GEMMA4_VISION, "num_hidden_layers": 8}),
+        },
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "kimi_k25",
+        "Kimi-K2.5",
+        GRID,
+        flops.kimi_k25_flops,
+        # The decoder is DeepSeek-V3's (MLA attention, MoE): FastV / DART are refused there (spec §5.10).
+        hf=_hf(KimiK25Adapter, "Kimi_K25", "vision_tower", ("Kimi_K25VisionModel",), llm_refusal=KIMI_K25_LLM_REFUSAL),
+        tiny_tower=TinyTower(
+            "kimi_k25.modeling_kimi_k25", "Kimi_K25VisionConfig", "Kimi_K25VisionModel", tiny.KIMI_K25_VISION
+        ),
+        tiny_model=TinyModel(
+            "Kimi_K25Config",
+            "Kimi_K25ForConditionalGeneration",
+            tiny.kimi_k25_fields,
+            tiny.kimi_k25_prompt,
+            processors.kimi_k25_processor,
+        ),
+        image_processor=tiny.kimi_k25_image_processor,
+        presets={
+            "kimi-k2.5": Preset(shapes.KIMI_K25_VISION),
+            "kimi-k2.5-d8": Preset({**shapes.KIMI_K25_VISION, "num_hidden_layers": 8}),
         },
         recommended_source=UNTUNED,
     ),

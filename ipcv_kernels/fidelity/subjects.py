@@ -233,7 +233,12 @@ def make_samples(
         samples.append(Sample(name, "image", pixels.to(device, dtype), grid_thw, positions))
     if family.kind.videos:
         for name, frames in videos:
-            pixels, grid = qwen_video_patches([scaled(f, image_size) for f in frames], image_processor)
+            frames = [scaled(f, image_size) for f in frames]
+            # A processor laying out videos otherwise than Qwen's (Kimi-K2.5's) says how.
+            if hasattr(image_processor, "video_patches"):
+                pixels, grid = image_processor.video_patches(frames)
+            else:
+                pixels, grid = qwen_video_patches(frames, image_processor)
             samples.append(Sample(name, "video", pixels.to(device, dtype), grid.to(device)))
     return samples
 

@@ -114,6 +114,15 @@ class LLMPruningPatch(InstancePatch):
                 f"LLM-side pruning needs the first sliding-window layer ({sliding[0]}) before the prune layer "
                 f"(layer={pruner.layer})"
             )
+        # FastV's and DART's scores (spec §8) read per-head query / key projections of layers K - 1
+        # and K; a decoder whose attention has none (DeepSeek-V3's multi-head latent attention:
+        # low-rank q_a / q_b and a joint kv_a projection, rotary on a separate slice) is not covered.
+        for attention in (self.layers[pruner.layer - 1].self_attn, self.layers[pruner.layer].self_attn):
+            if getattr(attention, "q_proj", None) is None or getattr(attention, "k_proj", None) is None:
+                raise TypeError(
+                    f"llm_pruner: FastV and DART need a decoder attention with q_proj and k_proj; "
+                    f"{type(attention).__name__} has none (multi-head latent attention is not supported)"
+                )
         self.pruner = pruner
         self.visual_token_ids = visual_token_ids
         self.last_kept: torch.Tensor | None = None

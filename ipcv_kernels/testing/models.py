@@ -635,3 +635,102 @@ def gemma4_image_processor(vision_config: Any) -> Any:
     return Gemma4ImageProcessorPil(
         patch_size=vision_config.patch_size, pooling_kernel_size=vision_config.pooling_kernel_size, max_soft_tokens=70
     )
+
+
+# -- Kimi-K2.5: a MoonViT tower over 2 x 2-pixel patches, pooled 2 x 2 (and over a clip's frames),
+# and a two-layer DeepSeek-V3 decoder (MLA attention, layer 1 a MoE of 4 routed experts) ------------
+KIMI_K25_VISION = dict(
+    patch_size=2,
+    pos_emb_height=8,
+    pos_emb_width=8,
+    pos_emb_time=4,
+    num_attention_heads=4,
+    num_hidden_layers=6,
+    hidden_size=64,
+    intermediate_size=96,
+    merge_kernel_size=[2, 2],
+)
+KIMI_K25_TEXT = dict(
+    model_type="deepseek_v3",
+    vocab_size=128,
+    hidden_size=48,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def kimi_k25_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        text_config=_text(KIMI_K25_TEXT, text),
+        vision_config=dict(KIMI_K25_VISION),
+        projection_hidden_size=KIMI_K25_VISION["hidden_size"],
+        **TINY_SPECIAL_TOKENS,
+    )
+
+
+def kimi_k25_pixels(
+    vision_config: Any, grid_thw: list[list[int]], *, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random patches for ``grid_thw`` rows as Kimi-K2.5's processor lays them out: ``(pixel_values
+    [n, 3, p, p]`` (each frame row-major), ``grid_thw`` int64 ``[B, 3])``."""
+    grid = torch.tensor(grid_thw, dtype=torch.int64)
+    p = vision_config.patch_size
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3, p, p, generator=generator).to(dtype)
+    return pixels, grid
+
+
+def kimi_k25_inputs(model: nn.Module, grid_thw: list[list[int]], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One prompt: text, per image ``<start> <image> * (h * w / 4) <end>``, text; and the patches.
+
+    (A clip of ``t`` frames pools into the tokens of one frame, so ``t`` does not change its count.)
+    """
+    config = model.config
+    kh, kw = config.vision_config.merge_kernel_size
+    ids: list[int] = [3, 4, 5]
+    for _, h, w in grid_thw:
+        ids += [
+            config.vision_start_token_id,
+            *[config.image_token_id] * (h * w // (kh * kw)),
+            config.vision_end_token_id,
+        ]
+    ids += [10, 11]
+    input_ids = torch.tensor([ids])
+    pixels, grid = kimi_k25_pixels(config.vision_config, grid_thw, dtype=model.dtype, seed=seed)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels,
+        "image_grid_thw": grid,
+    }
+
+
+def kimi_k25_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Kimi-K2.5: images of 4 x 4, 4 x 6, 4 x 8, ... patches."""
+    return kimi_k25_inputs(model, [[1, 4, 4 + 2 * i] for i in range(num_images)], seed=seed)
+
+
+def kimi_k25_image_processor(vision_config: Any) -> Any:
+    """Kimi-K2.5's image processor for the tower's patch size (a stand-in without torchvision:
+    ``ipcv_kernels.testing.processors.TinyKimiK25ImageProcessor``), at least one 2 x 2 window."""
+    from .processors import TinyKimiK25ImageProcessor
+
+    return TinyKimiK25ImageProcessor(vision_config.patch_size)

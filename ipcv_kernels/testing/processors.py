@@ -411,3 +411,82 @@ def _image_only(processor_class: type) -> type:
             )
 
     return ImageOnlyProcessor
+
+
+# -- Kimi-K2.5 ---------------------------------------------------------------------------------------
+class TinyKimiK25ImageProcessor:
+    """What ``Kimi_K25ImageProcessor`` does (it needs torchvision, not installed here), for a
+    tower's patch size: images resized to multiples of ``2 * patch_size`` (Qwen2-VL's PIL resize
+    with merge size 2), normalised, cut into patches ``[n, 3, p, p]``, each image row-major, and
+    ``image_grid_thw`` rows ``(1, h, w)``."""
+
+    def __init__(self, patch_size: int, *, min_pixels: int | None = None, max_pixels: int = 1 << 40) -> None:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        unit = 2 * patch_size
+        self.patch_size = patch_size
+        self.merge_size = 2
+        self.temporal_patch_size = 4  # frames per video chunk (one ``grid_thw`` row each)
+        self.qwen = Qwen2VLImageProcessorPil(
+            patch_size=patch_size,
+            merge_size=2,
+            temporal_patch_size=1,
+            size={"shortest_edge": min_pixels or unit * unit, "longest_edge": max_pixels},
+        )
+
+    def __call__(self, images: Any, return_tensors: str = "pt", **kwargs: Any) -> dict[str, Any]:
+        import torch
+
+        from ..selectors import merge_unit_grid
+
+        features = self.qwen(images=images, return_tensors="pt")
+        grid = features["image_grid_thw"]
+        # Qwen lays every image out in 2 x 2 merge units; Kimi row-major: reorder each image's rows.
+        position = merge_unit_grid(grid.tolist(), 2)
+        sizes = grid.prod(-1).tolist()
+        order, first = [], 0
+        for (_, _, w), rows in zip(grid.tolist(), position.split(sizes), strict=True):
+            order.append(first + torch.argsort(rows[:, 1] * w + rows[:, 2]))
+            first += rows.shape[0]
+        p = self.patch_size
+        pixels = features["pixel_values"][torch.cat(order)].reshape(-1, 3, p, p)
+        return {"pixel_values": pixels, "image_grid_thw": grid}
+
+    def video_patches(self, frames: list[Any]) -> tuple[Any, Any]:
+        """A video as Kimi-K2.5's video processor lays it out: ``(pixels [n, 3, p, p], grid_thw
+        [chunks, 3])``, chunks of ``temporal_patch_size`` (4) frames, each a ``grid_thw`` row
+        (frames resized to the first one's processed size, each frame row-major)."""
+        import torch
+
+        images = [self(images=[frame]) for frame in frames]
+        size = images[0]["image_grid_thw"][0]
+        if any(not torch.equal(image["image_grid_thw"][0], size) for image in images):
+            first = frames[0].size
+            images = [self(images=[frame.resize(first)]) for frame in frames]
+        pixels = [image["pixel_values"] for image in images]
+        chunks = [pixels[i : i + self.temporal_patch_size] for i in range(0, len(pixels), self.temporal_patch_size)]
+        grid = torch.tensor([[len(chunk), int(size[1]), int(size[2])] for chunk in chunks])
+        return torch.cat(pixels), grid
+
+
+class TinyKimiK25Processor(TinyQwen2VLProcessor):
+    """The tiny Kimi-K2.5 model's processor: ``TinyQwen2VLProcessor``'s tokenizer and chat template
+    (the vision token ids match ``ipcv_kernels.testing.models.TINY_SPECIAL_TOKENS``), one image token
+    per pooled 2 x 2 window, ``TinyKimiK25ImageProcessor`` for 2-pixel patches; no
+    ``mm_token_type_ids`` (Kimi's forward takes none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_processor = TinyKimiK25ImageProcessor(2, min_pixels=64, max_pixels=1024)
+
+    def __call__(
+        self, text: list[str], images: Any = None, videos: Any = None, padding: bool = True, return_tensors: str = "pt"
+    ) -> dict[str, Any]:
+        features = super().__call__(text, images, videos, padding, return_tensors)
+        features.pop("mm_token_type_ids")
+        return features
+
+
+def kimi_k25_processor() -> TinyKimiK25Processor:
+    """The tiny Kimi-K2.5 model's processor (``TinyKimiK25Processor``)."""
+    return TinyKimiK25Processor()

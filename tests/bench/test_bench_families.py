@@ -18,6 +18,7 @@ from ipcv_kernels.bench.variants import VARIANTS, variant_configs
 from ipcv_kernels.bench.vit import Bench, run_case
 from ipcv_kernels.config import IPCVConfig
 from ipcv_kernels.families import ModelUse, Preset, family, find_family, presets
+from ipcv_kernels.families.row import PATCHES
 from ipcv_kernels.flops import (
     clip_vit_flops,
     gemma4_flops,
@@ -40,6 +41,7 @@ CASES = {
     "qwen3_vl": ("8x8", "8x16*2", "8x8@4"),
     "internvl": ("16x16", "32x32*2"),
     "gemma4": ("32x32", "32x48*2"),  # 64 real patches; 48 real and 16 padding rows (the budget: 64)
+    "kimi_k25": ("8x8", "8x16*2", "8x8@4"),
 }
 TILE_CASES = ("32x32", "64x64*2")
 
@@ -64,7 +66,9 @@ def expected_flops(kind, calls, case, config):
 def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(kind):
     tower = families.build_tower(kind)
     calls = tower_calls(tower)
-    assert isinstance(calls, GridCalls if kind.startswith("qwen") else PatchCalls if kind == "gemma4" else TileCalls)
+    row = family(kind)
+    expected = GridCalls if row.kind.takes_grid_thw else PatchCalls if row.kind is PATCHES else TileCalls
+    assert isinstance(calls, expected)
     bench = Bench(tower, calls, torch.device("cpu"), torch.float32, variant_configs(CONFIG, VARIANTS))
     with progress.Progress(0, "test", enabled=False) as bar:
         grid = families.family(kind).kind.takes_grid_thw

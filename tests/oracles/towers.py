@@ -38,7 +38,7 @@ class OracleResult:
 
 def _blocks(tower: nn.Module) -> nn.ModuleList:
     if not hasattr(tower, "encoder"):
-        return tower.blocks  # the Qwen towers
+        return tower.layers if hasattr(tower, "final_layernorm") else tower.blocks  # Kimi-K2.5; the Qwen towers
     return tower.encoder.layer if hasattr(tower.encoder, "layer") else tower.encoder.layers  # InternViT / CLIP
 
 
