@@ -320,6 +320,9 @@ FAMILIES: tuple[Family, ...] = (
         flops.clip_vit_flops,
         hf=_hf(ClipViTAdapter, "Gemma3", "vision_tower"),
         vllm=_clip_vllm("VLLMSiglipAdapter", "Gemma3ForConditionalGeneration", "gemma3_mm"),
+        sglang=SGLangClasses(
+            f"{SGLANG_ADAPTERS}:SGLangSiglipAdapter", {"Gemma3ForConditionalGeneration": "vision_tower"}
+        ),
         tiny_model=TinyModel(
             "Gemma3Config",
             "Gemma3ForConditionalGeneration",

@@ -39,6 +39,9 @@ InternVL (``SGLangInternVLChatAdapter``): SGLang's InternViT takes batched tiles
 D]`` as vLLM's does, so its adapter is vLLM's InternVL one (``engine.batched``: CLS rows pinned,
 each image's tiles one item) with SGLang's layer parts and call sites.
 
+Gemma 3 (``SGLangSiglipAdapter``): SGLang's SigLIP tower encodes one crop per call; its adapter is
+the transformers CLIP / SigLIP one (``models.clip_vit``) with SGLang's layer parts.
+
 CUDA graphs: SGLang's ViT CUDA-graph path (``SGLANG_VIT_ENABLE_CUDA_GRAPH``; Qwen2.5-VL's and
 Qwen3-VL's ``forward_with_cuda_graph``, InternViT's graph runner) replays blocks captured for fixed
 token counts per layout, which IPCV changes per input from block ``P`` on: refused when the patch is
@@ -58,6 +61,7 @@ from torch import nn
 from ..config import IPCVConfig
 from ..engine import BlockCall, ForwardState, IPCVPatch, read_blocks
 from ..engine.batched import PrenormLayer
+from ..models.clip_vit import ClipViTAdapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 from ..vllm.adapters import VLLMInternVLChatAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
@@ -79,13 +83,7 @@ def check_tower(tower: nn.Module, blocks_path: str = "blocks", attention_path: s
     """Refuse a tower IPCV cannot patch: CUDA-graphed (``ValueError``) or of an SGLang version
     whose blocks lack what the adapter uses (``TypeError`` naming it). ``blocks_path``: the
     tower's block list; ``attention_path``: a block's ``VisionAttention``."""
-    encoder = getattr(tower, "encoder", None)
-    if getattr(tower, "enable_cg", False) or getattr(encoder, "enable_cg", False) or vit_cuda_graph_enabled():
-        raise ValueError(
-            f"IPCV cannot run in SGLang's CUDA-graphed vision encoder ({CUDA_GRAPH_VARIABLE}=1 replays blocks "
-            f"captured for fixed token counts; IPCV changes them per image): unset {CUDA_GRAPH_VARIABLE} or remove "
-            "the 'ipcv' key from --json-model-override-args"
-        )
+    refuse_cuda_graph(tower)
     blocks = _follow(tower, blocks_path)
     if not isinstance(blocks, nn.ModuleList) or not len(blocks):
         raise TypeError(f"SGLang's {type(tower).__name__} has no blocks: not supported (tested with {TESTED_VERSION})")
@@ -100,6 +98,18 @@ def check_tower(tower: nn.Module, blocks_path: str = "blocks", attention_path: s
         raise TypeError(
             f"SGLang's {type(block).__name__} lacks {', '.join(missing)}: this SGLang version is not supported by "
             f"IPCV's adapter (tested with SGLang {TESTED_VERSION})"
+        )
+
+
+def refuse_cuda_graph(tower: nn.Module) -> None:
+    """``ValueError`` for a CUDA-graphed tower (the tower's or its encoder's ``enable_cg``, or
+    ``SGLANG_VIT_ENABLE_CUDA_GRAPH``)."""
+    encoder = getattr(tower, "encoder", None)
+    if getattr(tower, "enable_cg", False) or getattr(encoder, "enable_cg", False) or vit_cuda_graph_enabled():
+        raise ValueError(
+            f"IPCV cannot run in SGLang's CUDA-graphed vision encoder ({CUDA_GRAPH_VARIABLE}=1 replays blocks "
+            f"captured for fixed token counts; IPCV changes them per image): unset {CUDA_GRAPH_VARIABLE} or remove "
+            "the 'ipcv' key from --json-model-override-args"
         )
 
 
@@ -404,4 +414,80 @@ class SGLangInternVLChatAdapter(VLLMInternVLChatAdapter):
             scale=scale,
             attn_gain=block.ls1,
             mlp_gain=block.ls2,
+        )
+
+
+# What SGLang's SigLIP tower and its layers must offer (checked when the patch is made).
+SIGLIP_TOWER_PARTS = ("vision_model.embeddings", "vision_model.encoder.layers", "vision_model.config.patch_size")
+SIGLIP_LAYER_PARTS = ("layer_norm1", "layer_norm2", "mlp", *(f"self_attn.{name}" for name in ATTENTION_FIELDS))
+
+
+class SGLangSiglipAdapter(ClipViTAdapter):
+    """SGLang's ``SiglipVisionModel`` (``siglip.py``): the ``vision_tower`` of Gemma 3
+    (``Gemma3ForConditionalGeneration``).
+
+    **Calls and items.** SGLang's ``get_image_feature`` encodes every crop of every image in a tower
+    call of its own (``pixel_values`` ``[1, 3, S, S]``), so each call is one crop, one item (as in
+    transformers and vLLM, where each of Gemma 3's crops is an item): nothing to wrap, a request's
+    output never depends on what SGLang batched it with. No CLS token (nothing pinned); every layer
+    is built and the tower's ``post_layernorm`` runs after the restored last layer.
+
+    **Layers.** ``SiglipEncoderLayer``: ``layer_norm1``, ``self_attn`` (SGLang's
+    ``VisionAttention``: ``qkv_proj``, the rank's ``[q | k | v]``; ``proj``, row-parallel),
+    ``layer_norm2``, ``mlp``, called as ``layer(x [1, N, D], attention_mask, causal_attention_mask)``.
+    Layers before ``P`` run SGLang's own layer, whose attention derives its one segment from its
+    input's shape (the tower hands it no ``cu_seqlens`` or metadata); from ``P`` on the engine runs
+    the functional pre-norm layer (``engine.batched.prenorm_layer``) on the kept rows with this
+    layer's own modules, attention through ``ngr_attention``: no SGLang attention metadata exists
+    in them to go stale.
+    """
+
+    name = "sglang_siglip"
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        check_parts(tower, SIGLIP_TOWER_PARTS)
+        layers = tower.vision_model.encoder.layers
+        check_parts(layers[0], SIGLIP_LAYER_PARTS)
+        refuse_cuda_graph(tower)
+        vision_model = tower.vision_model
+        self.has_cls = hasattr(vision_model.embeddings, "class_embedding")
+        self._patch_size = vision_model.config.patch_size
+        return layers
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        """Nothing: each tower call is one crop (see the class docstring)."""
+
+    def layer_parts(self, block: nn.Module) -> PrenormLayer:
+        attention = block.self_attn
+        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
+
+        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            projected, _ = attention.qkv_proj(x)
+            q, k, v = projected.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+            return q, k, v
+
+        scale = getattr(attention, "softmax_scale", None)
+        return PrenormLayer(
+            norm1=block.layer_norm1,
+            q=None,
+            k=None,
+            v=None,
+            qkv=qkv,
+            out=lambda x: attention.proj(x)[0],
+            norm2=block.layer_norm2,
+            mlp=block.mlp,
+            num_heads=heads,
+            head_dim=head_dim,
+            scale=scale if scale is not None else head_dim**-0.5,
+        )
+
+
+def check_parts(module: nn.Module, parts: tuple[str, ...]) -> None:
+    """Refuse (``TypeError`` naming them) an SGLang module lacking any of ``parts`` (dotted paths):
+    an SGLang version IPCV's adapter does not know."""
+    missing = [path for path in parts if _follow(module, path) is None]
+    if missing:
+        raise TypeError(
+            f"SGLang's {type(module).__name__} lacks {', '.join(missing)}: this SGLang version is not supported by "
+            f"IPCV's adapter (tested with SGLang {TESTED_VERSION})"
         )

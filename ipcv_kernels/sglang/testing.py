@@ -26,7 +26,7 @@ from torch import nn
 from .._validation import check_int
 
 # The families ``build_checkpoint`` saves (those of ``ipcv_kernels.vllm.testing`` that SGLang has).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat", "gemma3")
 # SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
 # (the text config's, through transformers' config); transformers' vision norms use 1e-6.
 VISION_EPS = 1e-6
@@ -46,10 +46,10 @@ def build_checkpoint(
 
     The vLLM tests' checkpoint (``ipcv_kernels.vllm.testing.build_checkpoint``; ``internvl_chat``:
     InternVL's own format, remote-code configuration, the weights of the ``internvl`` checkpoint of
-    the same seed, which transformers loads) with what SGLang 0.5.23 reads differently from the Qwen
-    families: the text config's ``rms_norm_eps`` is 1e-6 (SGLang's vision norms
-    take it, transformers' are 1e-6), Qwen2-VL's vision config also carries ``in_chans`` (SGLang
-    reads it; transformers 5 writes ``in_channels``) and Qwen3.5's text config
+    the same seed, which transformers loads; ``gemma3``: see ``_sglang_gemma3``) with what SGLang
+    0.5.23 reads differently from the Qwen families: the text config's ``rms_norm_eps`` is 1e-6
+    (SGLang's vision norms take it, transformers' are 1e-6), Qwen2-VL's vision config also carries
+    ``in_chans`` (SGLang reads it; transformers 5 writes ``in_channels``) and Qwen3.5's text config
     ``full_attention_interval`` (SGLang's layer layout). Weights keep transformers' saved names, which
     SGLang's ``load_weights`` maps. ``vision``, ``text``, ``max_pixels``: as for the vLLM
     checkpoint (a real tower's widths for a benchmark, a longer context, larger images).
@@ -59,10 +59,11 @@ def build_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     check_int("seed", seed, low=0)
-    if family == "internvl_chat":  # InternVL's own format: SGLang reads it as vLLM does
+    if family in ("internvl_chat", "gemma3"):
         if vision or text or max_pixels is not None:
-            raise ValueError("vision, text and max_pixels apply to the Qwen families only, not to internvl_chat")
-        return build_vllm_checkpoint(path, family, seed=seed)
+            raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
+        path = build_vllm_checkpoint(path, family, seed=seed)  # InternVL's own format: SGLang reads it as vLLM does
+        return _sglang_gemma3(path) if family == "gemma3" else path
     if text is not None and not isinstance(text, Mapping):
         raise TypeError(f"text must be a mapping of config fields, got {type(text).__name__}")
     extra: dict[str, Any] = {} if max_pixels is None else {"max_pixels": max_pixels}
@@ -76,6 +77,31 @@ def build_checkpoint(
         # SGLang lays out Qwen3.5's decoder from ``full_attention_interval`` (every layer is full
         # attention in this checkpoint, see the vLLM one); transformers reads ``layer_types``.
         config["text_config"]["full_attention_interval"] = 1
+    config_file.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _sglang_gemma3(path: Path) -> Path:
+    """The vLLM tests' Gemma 3 checkpoint as SGLang 0.5.23 loads it and computes what transformers
+    computes.
+
+    - No SigLIP pooling head (``vision_use_head: false``, its weights dropped): SGLang's SigLIP has
+      none (``load_weights`` fails on ``vision_tower.vision_model.head.*``), Gemma 3 never uses it
+      (it reads ``last_hidden_state``) and the real checkpoints hold none.
+    - The vision MLP's activation ``quick_gelu``: SGLang's ``SiglipMLP`` always applies QuickGELU
+      (its default ``act_layer``; ``gemma3_mm`` passes none), whatever ``hidden_act`` says (the
+      real checkpoints say ``gelu_pytorch_tanh``, so SGLang 0.5.23's Gemma 3 tower differs from
+      transformers' there before any patch); with ``quick_gelu`` transformers computes what SGLang
+      computes and the two can be compared.
+    """
+    from safetensors.torch import load_file, save_file
+
+    weights_file = path / "model.safetensors"
+    weights = {k: v for k, v in load_file(str(weights_file)).items() if ".vision_model.head." not in k}
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["vision_config"].update(vision_use_head=False, hidden_act="quick_gelu")
     config_file.write_text(json.dumps(config, indent=2))
     return path
 
@@ -162,9 +188,9 @@ def encode_images(model: nn.Module, pixels: torch.Tensor, layout: Any, *, video:
     computes them.
 
     Qwen models: ``model.visual(pixels [n, C * T * p * p], grid_thw=layout [items, 3])`` (their
-    tower call carries the items). InternVL: ``get_image_feature`` (``get_video_feature`` for a
+    tower call carries the items). InternVL, Gemma 3: ``get_image_feature`` (``get_video_feature`` for a
     ``video``) on one item per entry of ``layout`` (tiles, or frames, per image / video) holding
-    its tiles of ``pixels`` ``[tiles, 3, H, W]``, the level where SGLang knows the items; the
+    its tiles (Gemma 3: crops) of ``pixels`` ``[tiles, 3, H, W]``, the level where SGLang knows the items; the
     features ``[tiles, T, D]`` are returned as ``[tiles * T, D]``.
     """
     if hasattr(model, "visual"):
@@ -264,7 +290,8 @@ def _rank_worker(
             output = encode_images(model, torch.from_numpy(pixels), torch.from_numpy(layout))
         (made,) = recorded
         result = {name: value.cpu().numpy() for name, value in made._asdict().items()}
-        attention = patch.blocks[0].attn
+        block = patch.blocks[0]
+        attention = getattr(block, "attn", None) or block.self_attn  # SigLIP's layer: ``self_attn``
         attention = getattr(attention, "attn", attention)  # InternViT's layer wraps SGLang's VisionAttention
         heads = attention.num_attention_heads_per_partition
         extra = {"tokens": list(patch.last_tokens_per_block), "heads": heads}

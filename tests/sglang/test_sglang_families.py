@@ -13,6 +13,10 @@ model built by its own loader with the plugin's hook (``--json-model-override-ar
 - every attention call of SGLang's blocks gets metadata (``VisionAttentionMetadata``) that agrees
   with its ``cu_seqlens`` and its rows, pruned blocks included.
 
+Gemma 3 (SigLIP) is checked alike in its own tests below (``test_gemma3_*``): SGLang's
+``get_image_feature`` encodes each crop in a tower call of its own, so plans and tokens are compared
+per tower call, and transformers runs each crop as its own call too.
+
 Plans are compared up to near-ties (``assert_plans_agree``), outputs on SGLang's plan, bounded as
 every fast path is (``assert_close_to_reference``: SGLang's error against the float64 transformers
 model at most ``TOLERANCE_FACTOR`` times transformers' own fp32 error, plus the fp32 floor).
@@ -277,7 +281,8 @@ def transformers_run(family, hf_model, config, call, pinned=None):
 
 def test_every_sglang_row_of_the_family_table_is_tested_here():
     rows = {row.id: row for row in TABLE if row.sglang is not None}
-    assert set(FAMILIES) == set(rows)
+    assert set(FAMILIES) | set(PER_CROP_FAMILIES) == set(rows)
+    assert {family_id: rows[family_id].name for family_id in PER_CROP_FAMILIES} == PER_CROP_FAMILIES
     for family_id, family in FAMILIES.items():
         assert (family.name, family.recommended) == (rows[family_id].name, rows[family_id].recommended)
         assert rows[family_id].sglang.adapter_class().__name__ == rows[family_id].sglang.adapter.rpartition(":")[2]
@@ -424,3 +429,173 @@ def test_every_attention_call_gets_metadata_of_its_segments(model, family_id, na
         assert torch.equal(metadata.seq_lens.cpu(), lengths.cpu())
         assert metadata.max_seqlen == int(lengths.max())
         assert int(cu_seqlens[-1]) == rows
+
+
+# -- Gemma 3: SGLang's get_image_feature encodes each crop in a tower call of its own --------------
+# Images of several crops (Gemma 3's pan-and-scan crops, 32 x 32: 4 x 4 patches, no CLS); each crop
+# is one item in transformers, vLLM and SGLang alike.
+GEMMA3_CROPS = {"one_image": [1], "images_of_different_sizes": [2, 1, 3]}
+CROP_ROWS = 16
+PER_CROP_FAMILIES = {"gemma3": "Gemma 3"}
+
+
+@pytest.fixture(scope="module")
+def gemma3(sglang_process):
+    return sglang_process("gemma3", {"ipcv": SETTINGS})
+
+
+@pytest.fixture(scope="module")
+def gemma3_hf(checkpoint):
+    """transformers' Gemma 3 of the same weights, fp32 and fp64."""
+    import transformers
+
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(checkpoint("gemma3"), dtype=torch.float32)
+    return model.eval(), copy.deepcopy(model).eval().to(torch.float64)
+
+
+def gemma3_crops(name, seed):
+    counts = GEMMA3_CROPS[name]
+    return torch.randn(sum(counts), 3, 32, 32, generator=torch.Generator().manual_seed(seed)), counts
+
+
+def recording_calls(patch, tower, pinned=None):
+    """From now on every tower call appends its plan to ``patch.adapter.plans`` (``pinned``: the
+    plans to use instead, in call order) and its tokens per block to ``patch.adapter.tokens``;
+    returns the forward hook's handle."""
+    adapter, plan_of = patch.adapter, patch.adapter.plan
+    adapter.plans, adapter.tokens, adapter.inputs = [], [], []
+    queue = None if pinned is None else list(pinned)
+
+    def plan(x_before, x_after, *args, **kwargs):
+        result = plan_of(x_before, x_after, *args, **kwargs) if queue is None else queue.pop(0)
+        adapter.plans.append(result)
+        adapter.inputs.append((x_before, x_after))
+        return result
+
+    adapter.plan = plan
+    return tower.register_forward_hook(lambda *_: adapter.tokens.append(list(patch.last_tokens_per_block)))
+
+
+def gemma3_encode(model, pixels, counts, config):
+    """``(SGLang's image features [crops * 4, D], tokens per block of each tower call, plan of each)``
+    under ``config`` (``None``: unpatched); the plugin's setting is back afterwards."""
+    patch = None if config is None else iks.apply_ipcv(model, config)
+    if patch is None:
+        iks.remove_ipcv(model)
+    hook = None if patch is None else recording_calls(patch, model.vision_tower)
+    try:
+        with torch.no_grad():
+            output = encode_images(model, pixels, counts)
+    finally:
+        if hook is not None:
+            hook.remove()
+        iks.apply_ipcv(model, CONFIG)
+    if patch is None:
+        return output, None, None
+    return output, patch.adapter.tokens, patch.adapter.plans
+
+
+def gemma3_transformers(hf_model, pixels, config, pinned=None):
+    """transformers' projected features of every crop, each crop one call as SGLang makes it
+    (``pinned``: SGLang's plans, one per crop), and ``(x_before, x_after, plan)`` of each call."""
+    with torch.no_grad(), ik.ipcv_applied(hf_model, config):
+        patch = ik.get_ipcv_patch(hf_model)
+        hook = recording_calls(patch, patch.tower, pinned)
+        try:
+            features = [
+                hf_model.model.get_image_features(pixel_values=crop[None].to(hf_model.dtype)).pooler_output
+                for crop in pixels
+            ]
+        finally:
+            hook.remove()
+        recorded = [(*inputs, plan) for inputs, plan in zip(patch.adapter.inputs, patch.adapter.plans, strict=True)]
+    return torch.cat(features).reshape(-1, features[0].shape[-1]), recorded
+
+
+def test_gemma3_plugin_patches_the_model_when_built(gemma3, sglang_process):
+    assert ik.get_ipcv_patch(gemma3).config == CONFIG
+    assert find_sglang_family(gemma3)[0].name == PER_CROP_FAMILIES["gemma3"]
+    given = {"prune_layer": 2, "as_layers": 1}
+    model = sglang_process("gemma3", {"ipcv": given})
+    assert ik.get_ipcv_patch(model).config == ik.IPCVConfig(**given) == ik.recommended_config(model, **given)
+
+
+@pytest.mark.parametrize("name", list(GEMMA3_CROPS))
+def test_gemma3_ratio_zero_equals_unpatched(gemma3, name):
+    pixels, counts = gemma3_crops(name, next(_fresh))
+    expected, _, _ = gemma3_encode(gemma3, pixels, counts, None)
+    got, tokens, _ = gemma3_encode(gemma3, pixels, counts, ik.IPCVConfig(**{**SETTINGS, "ratio": 0.0}))
+    assert_close(got, expected)
+    assert len(tokens) == sum(counts) and {t for call in tokens for t in call} == {CROP_ROWS}
+
+
+@pytest.mark.parametrize("scope", ["image", "authors"])
+@pytest.mark.parametrize("as_layers", [2, 0])
+@pytest.mark.parametrize("name", list(GEMMA3_CROPS))
+def test_gemma3_tower_equals_transformers(gemma3, gemma3_hf, name, as_layers, scope):
+    """Per crop (each one tower call): SGLang's plan equals the float64 transformers model's up to
+    near-ties, and on SGLang's plans its features equal transformers'."""
+    config = ik.IPCVConfig(**{**SETTINGS, "as_layers": as_layers, "scope": scope})
+    pixels, counts = gemma3_crops(name, next(_fresh))
+    got, tokens, plans = gemma3_encode(gemma3, pixels, counts, config)
+    hf32, hf64 = gemma3_hf
+    _, recorded64 = gemma3_transformers(hf64, pixels, config)
+    assert len(plans) == len(recorded64) == sum(counts)
+    for plan, (x_before64, x_after64, plan64) in zip(plans, recorded64, strict=True):
+        assert_plans_agree(plan, plan64, x_before64, x_after64)
+    expected32, _ = gemma3_transformers(hf32, pixels, config, pinned=plans)
+    expected64, _ = gemma3_transformers(hf64, pixels, config, pinned=plans)
+    assert got.shape == expected64.shape
+    assert_close_to_reference(got, expected64, expected32)
+    for call in tokens:
+        assert call[: config.prune_layer] == [CROP_ROWS] * config.prune_layer
+        assert all(count < CROP_ROWS for count in call[config.prune_layer :])
+
+
+def test_gemma3_images_of_different_sizes_equal_each_alone(gemma3):
+    pixels, counts = gemma3_crops("images_of_different_sizes", next(_fresh))
+    together, _, plans = gemma3_encode(gemma3, pixels, counts, CONFIG)
+    alone, plans_alone = [], []
+    for image, count in zip(pixels.split(counts), counts, strict=True):
+        output, _, plan = gemma3_encode(gemma3, image, [count], CONFIG)
+        alone.append(output)
+        plans_alone += plan
+    assert [p.keep.tolist() for p in plans] == [p.keep.tolist() for p in plans_alone]
+    assert_close(together, torch.cat(alone))
+
+
+def test_gemma3_each_crop_is_its_own_item(gemma3, gemma3_hf):
+    """The crops of one call planned as one item (transformers, one batched call, ``scope="global"``)
+    give other features than SGLang's, which equal transformers' per crop (above)."""
+    pixels, counts = gemma3_crops("images_of_different_sizes", next(_fresh))
+    got, _, _ = gemma3_encode(gemma3, pixels, counts, CONFIG)
+    hf32 = gemma3_hf[0]
+    with torch.no_grad(), ik.ipcv_applied(hf32, dataclasses.replace(CONFIG, scope="global")):
+        as_one_item = hf32.model.get_image_features(pixel_values=pixels).pooler_output
+    assert (got - as_one_item.reshape(got.shape)).abs().max().item() > TOLERANCE_FACTOR * tolerance(torch.float32).atol
+
+
+@pytest.mark.parametrize("as_layers", [2, 0])
+def test_gemma3_sglang_attention_runs_before_the_prune_layer_only(gemma3, as_layers):
+    """SGLang's SigLIP attention gets no segments or metadata from its tower (it derives its one
+    segment from its input, one crop): it runs in the layers before ``P``, on every row of the crop;
+    from ``P`` on the functional layer attends through ``ngr_attention``, so no SGLang metadata can
+    go stale there."""
+    config = ik.IPCVConfig(**{**SETTINGS, "as_layers": as_layers})
+    calls = []
+    attentions = [block.self_attn for block in blocks_of(gemma3)]
+    for attention in attentions:
+
+        def record(x, *args, _original=attention.forward, **kwargs):
+            calls.append((tuple(x.shape), kwargs.get("cu_seqlens"), kwargs.get("forward_metadata")))
+            return _original(x, *args, **kwargs)
+
+        attention.forward = record
+    try:
+        pixels, counts = gemma3_crops("images_of_different_sizes", next(_fresh))
+        gemma3_encode(gemma3, pixels, counts, config)
+    finally:
+        for attention in attentions:
+            del attention.forward
+    assert len(calls) == sum(counts) * config.prune_layer
+    assert all(shape[:2] == (1, CROP_ROWS) and cu is None and meta is None for shape, cu, meta in calls)
