@@ -472,6 +472,12 @@ FAMILIES: tuple[Family, ...] = (
             decoder="language_model",
             llm_refusal=GEMMA4_LLM_REFUSAL,
         ),
+        # vLLM builds transformers' tower but calls its encoder itself: the encoder is patched.
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMGemma4Adapter",
+            {"Gemma4ForConditionalGeneration": "vllm.model_executor.models.gemma4_mm"},
+            {"Gemma4ForConditionalGeneration": "vision_tower.encoder"},
+        ),
         tiny_tower=TinyTower("gemma4.modeling_gemma4", "Gemma4VisionConfig", "Gemma4VisionModel", tiny.GEMMA4_VISION),
         tiny_model=TinyModel(
             "Gemma4Config",

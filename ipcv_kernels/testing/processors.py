@@ -366,7 +366,15 @@ def gemma4_processor() -> Any:
         pad_token="<pad>",
         eos_token="<eos>",
         bos_token="<bos>",
-        extra_special_tokens={"image_token": "<image>", "boi_token": "<boi>", "eoi_token": "<eoi>"},
+        extra_special_tokens={
+            "image_token": "<image>",
+            "boi_token": "<boi>",
+            "eoi_token": "<eoi>",
+            # Audio tokens: the processor checks they exist (no audio is ever sent).
+            "audio_token": "<audio>",
+            "boa_token": "<boa>",
+            "eoa_token": "<eoa>",
+        },
     )
     tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
 
@@ -402,10 +410,13 @@ def _image_only(processor_class: type) -> type:
             )
             self.video_token = "<|video|>"
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            # Audio tokens exist (the processor's checks want them) but no audio is ever sent.
             self.audio_seq_length, self.audio_ms_per_token = 0, 40
-            self.audio_token, self.boa_token, self.eoa_token = "<audio>", "<boa>", "<eoa>"
-            self.audio_token_id = tokenizer.convert_tokens_to_ids(self.audio_token)
+            self.audio_token, self.boa_token, self.eoa_token = (
+                tokenizer.audio_token,
+                tokenizer.boa_token,
+                tokenizer.eoa_token,
+            )
+            self.audio_token_id = tokenizer.audio_token_id
             ProcessorMixin.__init__(
                 self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
             )

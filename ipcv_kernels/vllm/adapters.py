@@ -44,6 +44,7 @@ from ..config import IPCVConfig
 from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall
 from ..engine.batched import PrenormLayer, TiledTowerAdapter
 from ..models.clip_vit import ClipViTAdapter
+from ..models.gemma4 import Gemma4Adapter
 from ..models.idefics3 import Idefics3Adapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
@@ -677,3 +678,25 @@ class VLLMIdefics3Adapter(Idefics3Adapter):
         if self._padding_is_key:
             return None, cu_seqlens
         return super().key_rows(call, num_rows, cu_seqlens)
+
+
+class VLLMGemma4Adapter(Gemma4Adapter):
+    """vLLM's Gemma 4 (``gemma4_mm.py``): transformers' own ``Gemma4VisionModel`` (built with
+    ``AutoModel.from_config``, its linear layers replaced by vLLM's, which the layer's own
+    ``Gemma4ClippableLinear`` calls as the model does), but vLLM embeds the patches itself and calls
+    ``vision_tower.encoder(inputs_embeds, attention_mask, pixel_position_ids)`` on batches of
+    images of equal patch count, then pools each image. The family table's tower path is
+    therefore the encoder, which this adapter patches; its blocks, items (each batch row an image;
+    a video's frames, which vLLM encodes as rows of such calls, are items of their own) and
+    padding rows are ``Gemma4Adapter``'s.
+    """
+
+    name = "vllm_gemma4"
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        layers = super().blocks(tower)
+        parts = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "mlp")
+        parts += ("post_feedforward_layernorm",)
+        parts += tuple(f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"))
+        require(layers[0], missing_parts(layers[0], (*parts, "self_attn.v_norm", "self_attn.scaling")), self.name)
+        return layers

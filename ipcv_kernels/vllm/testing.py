@@ -153,7 +153,7 @@ CLIP_FAMILY_CHECKPOINTS: dict[str, dict[str, Any]] = {
 # merges the "\n\n" around each image with neighbouring newlines; PaliGemma ends its prompts with
 # "\n"): ids after the tiny vocabulary's.
 NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
-FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS)
+FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS, "gemma4")
 
 
 def build_checkpoint(
@@ -199,6 +199,8 @@ def build_checkpoint(
             raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
         if family in CLIP_FAMILY_CHECKPOINTS:
             return _build_clip_family(path, family, seed)
+        if family == "gemma4":
+            return _build_gemma4(path, seed)
         return _build_internvl(path, seed) if family == "internvl" else _build_internvl_chat(path, seed)
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -300,6 +302,46 @@ def _build_clip_family(path: Path, family: str, seed: int) -> Path:
             if name not in saved and name != "chat_template" and isinstance(value, (str, int, float, bool)):
                 saved[name] = value
         config_file.write_text(json.dumps(saved, indent=2))
+    return path
+
+
+def _build_gemma4(path: Path, seed: int) -> Path:
+    """The family table's tiny Gemma 4 (4-pixel patches pooled 2 x 2, a decoder of head size 32)
+    with an output layer of its own, and its processor as vLLM loads it: transformers'
+    ``Gemma4Processor`` with the tiny tokenizer and image processor
+    (``ipcv_kernels.testing.processors.gemma4_processor``: a 70-soft-token budget, 280 patch rows
+    per image), plus the audio feature extractor and video processor its ``from_pretrained``
+    expects (defaults; the tests send images only)."""
+    import transformers
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
+
+    from ..families import family as family_row
+    from ..testing.models import finish, jitter
+
+    tiny = family_row("gemma4").tiny_model
+    config = transformers.Gemma4Config(**tiny.fields({}))
+    config.architectures = [tiny.model_class]
+    # Untied output layer: tied, a tiny decoder tends to repeat the prompt whatever the image.
+    config.tie_word_embeddings = False
+    config.get_text_config().tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = transformers.Gemma4ForConditionalGeneration(config)
+    jitter(model, seed)
+    finish(model, "sdpa", torch.float32).save_pretrained(path)
+    tiny_processor = tiny.processor()
+    vision = config.vision_config
+    processor = transformers.Gemma4Processor(
+        feature_extractor=Gemma4AudioFeatureExtractor(),
+        image_processor=tiny_processor.image_processor,
+        tokenizer=tiny_processor.tokenizer,
+        video_processor=Gemma4VideoProcessor(
+            patch_size=vision.patch_size, pooling_kernel_size=vision.pooling_kernel_size, max_soft_tokens=70
+        ),
+        chat_template=tiny_processor.chat_template,
+        image_seq_length=tiny_processor.image_seq_length,
+    )
+    processor.save_pretrained(path)
     return path
 
 

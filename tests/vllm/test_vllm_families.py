@@ -285,6 +285,28 @@ def sub_image_family(name, checkpoint, prefix):
     )  # fmt: skip
 
 
+# Gemma 4: images of (rows, cols) patches of 4 pixels, each padded to 64 rows (vLLM encodes images
+# of one padded length in one encoder call and pools each image).
+GEMMA4_GRIDS = {"one_image": [(6, 8)], "images_of_different_sizes": [(6, 8), (10, 6), (8, 8)]}
+GEMMA4_ROWS = 64
+
+
+def gemma4_call(hf_model, name, seed):
+    """Random patches of the images of ``GEMMA4_GRIDS[name]``, given to vLLM as a list per image."""
+    from ipcv_kernels.testing.models import gemma4_patches
+
+    grids = GEMMA4_GRIDS[name]
+    pixels, positions = gemma4_patches(grids, GEMMA4_ROWS, seed=seed)
+    kwargs = {"pixel_values": list(pixels), "pixel_position_ids": list(positions)}
+    return Call(kwargs, pixels, positions, len(grids) * GEMMA4_ROWS)
+
+
+def gemma4_features(hf_model, pixels, positions):
+    """transformers' projected soft tokens of every image, ``[tokens, D]``."""
+    features = hf_model.model.get_image_features(pixel_values=pixels, image_position_ids=positions).pooler_output
+    return torch.cat(list(features))
+
+
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
 QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
 INTERNVL_IMAGES = [
@@ -365,6 +387,20 @@ FAMILIES = {
     # vLLM's SigLIP: no CLS, layers returning (hidden, None); Gemma 3's image placeholder is <boi>.
     "gemma3": clip_family(
         "Gemma 3", "gemma3", "Gemma3", "user what is <boi> ? assistant", cls_token=False, crops_per_image=True
+    ),
+    # vLLM runs transformers' Gemma 4 tower, calling its encoder itself (the patched module);
+    # padding rows pinned and never keys. Images only: vLLM encodes a video's frames as rows.
+    "gemma4": Family(
+        "Gemma 4",
+        "gemma4",
+        "gemma4",
+        "Gemma4ForConditionalGeneration",
+        "vision_tower.encoder",
+        gemma4_call,
+        gemma4_features,
+        "user what is <image> ? assistant",
+        CLIP_IMAGES,
+        calls=tuple(GEMMA4_GRIDS),
     ),
     # vLLM inserts PaliGemma's image tokens (and <bos>) before the prompt itself.
     "paligemma": clip_family("PaliGemma", "paligemma", "PaliGemma", "what is this ?", cls_token=False),

@@ -1,7 +1,7 @@
 """IPCV in vLLM with a tensor-parallel vision tower: ``tensor_parallel_size=2`` (two CPU worker
 processes, ``distributed_executor_backend="mp"``) against the same checkpoint at
 ``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA 1.5, LLaVA-NeXT,
-Gemma 3 and Idefics3 (vLLM's CLIP / SigLIP / Idefics2 towers: fused ``qkv_proj`` sharded by
+Gemma 3, Idefics3, Gemma 4 (whose tower vLLM replicates on every rank) (vLLM's CLIP / SigLIP / Idefics2 towers: fused ``qkv_proj`` sharded by
 heads, row-parallel ``out_proj`` and ``fc2``; one family per adapter and tower: OneVision,
 PaliGemma and SmolVLM run the same adapters and towers as LLaVA-NeXT, Gemma 3 and Idefics3, and
 each TP=2 engine costs about 30 s of CI) and InternVL in both formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
@@ -64,7 +64,10 @@ class Case:
     ``CALLS`` (a function of the engine and the call returning ``(embed_multimodal's kwargs, the
     call's token count)``) and ``shard``, the width on one rank of a layer of the tower that
     tensor parallelism splits (run in the workers, so a top-level function). ``calls``: the
-    ``CALLS`` the family takes (LLaVA 1.5 takes no video)."""
+    ``CALLS`` the family takes (LLaVA 1.5 takes no video). ``replicated``: vLLM keeps the whole
+    tower on every rank (Gemma 4: transformers' tower with vLLM's ``ReplicatedLinear`` layers), so
+    ``shard`` gives the full width on each rank; the checks of equal plans and embeddings hold
+    all the same."""
 
     checkpoint: str
     engine: dict[str, Any]
@@ -73,6 +76,7 @@ class Case:
     inputs: Callable[[Any, str], tuple[dict[str, torch.Tensor], int]]
     shard: Callable[[torch.nn.Module], int]
     calls: tuple[str, ...] = CALLS
+    replicated: bool = False
 
 
 QWEN_GRIDS = {
@@ -132,6 +136,22 @@ def _sub_image_inputs(engine, call):
     pixels = torch.randn(sum(counts), 3, 32, 32, generator=torch.Generator().manual_seed(next(_fresh)))
     mask = torch.ones(sum(counts), 32, 32, dtype=torch.bool)
     return {"pixel_values": pixels, "pixel_attention_mask": mask, "num_patches": torch.tensor(counts)}, sum(counts) * 16
+
+
+GEMMA4_GRIDS = {"one_image": [(6, 8)], "images_of_different_sizes": [(6, 8), (10, 6), (8, 8)]}
+
+
+def _gemma4_inputs(engine, call):
+    """Gemma 4: each image's patches (4 x 4 pixels) padded to 64 rows, and their positions."""
+    from ipcv_kernels.testing.models import gemma4_patches
+
+    grids = GEMMA4_GRIDS[call]
+    pixels, positions = gemma4_patches(grids, 64, seed=next(_fresh))
+    return {"pixel_values": list(pixels), "pixel_position_ids": list(positions)}, len(grids) * 64
+
+
+def _gemma4_query_width(model: torch.nn.Module) -> int:
+    return model.vision_tower.encoder.layers[0].self_attn.q_proj.linear.weight.shape[0]
 
 
 def _sub_image_heads(model: torch.nn.Module) -> int:
@@ -217,6 +237,16 @@ CASES = {
         functools.partial(_clip_inputs, cls_token=False, crops_per_image=True),
         _clip_heads,
         tuple(CLIP_CROPS),
+    ),
+    "gemma4": Case(
+        "gemma4",
+        {},
+        "user what is <image> ? assistant",
+        [(40, 56), (32, 32), (64, 24)],
+        _gemma4_inputs,
+        _gemma4_query_width,
+        tuple(GEMMA4_GRIDS),
+        replicated=True,
     ),
 }
 
@@ -304,7 +334,7 @@ def _diagnostics(model: torch.nn.Module) -> tuple[list[int], IPCVPlan | None]:
 def test_the_tower_is_sharded_across_two_ranks(engines, case):
     single, parallel = engines
     (width,) = single.apply_model(case.shard)
-    assert parallel.apply_model(case.shard) == [width // 2] * 2
+    assert parallel.apply_model(case.shard) == [width if case.replicated else width // 2] * 2
     assert parallel.apply_model(_config) == [ik.IPCVConfig(**SETTINGS)] * 2  # the plugin ran on every rank
 
 
