@@ -38,7 +38,7 @@ ORACLE_PRECISION = torch.float32
 def two_images(calls: TowerCalls) -> tuple[str, str]:
     """Two single-image cases of different sizes for ``calls``' tower (in pixels)."""
     if isinstance(calls, GridCalls):
-        unit = calls.config.patch_size * calls.config.spatial_merge_size
+        unit = calls.unit
         return f"{2 * unit}x{2 * unit}", f"{2 * unit}x{3 * unit}"
     side = calls.image_size[0]
     if isinstance(calls, SubImageCalls):  # two sub-images and the global one, the second padded

@@ -15,6 +15,7 @@ from .. import flops
 from ..models.clip_vit import ClipViTAdapter
 from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
+from ..models.pixtral import PixtralAdapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
 from ..models.qwen3_vl import Qwen3VLAdapter
@@ -24,6 +25,7 @@ from . import shapes
 from .row import (
     CROPS,
     GRID,
+    IMAGES,
     SUB_IMAGES,
     TILES,
     WINDOWS,
@@ -385,6 +387,34 @@ FAMILIES: tuple[Family, ...] = (
             partial(processors.crop_family_processor, "smolvlm"),
         ),
         image_processor=tiny.siglip_image_processor,
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "mistral3",
+        "Mistral 3",
+        IMAGES,
+        flops.pixtral_flops,
+        hf=_hf(PixtralAdapter, "Mistral3", "vision_tower", ("PixtralVisionModel",)),
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMPixtralAdapter",
+            {"Mistral3ForConditionalGeneration": "vllm.model_executor.models.mistral3"},
+            {"Mistral3ForConditionalGeneration": "vision_tower"},
+        ),
+        tiny_tower=TinyTower(
+            "pixtral.modeling_pixtral", "PixtralVisionConfig", "PixtralVisionModel", tiny.PIXTRAL_VISION
+        ),
+        tiny_model=TinyModel(
+            "Mistral3Config",
+            "Mistral3ForConditionalGeneration",
+            tiny.mistral3_fields,
+            tiny.mistral3_prompt,
+            processors.mistral3_processor,
+        ),
+        image_processor=tiny.pixtral_image_processor,
+        presets={
+            "mistral-small-3.1-24b": Preset(shapes.MISTRAL3_PIXTRAL_VISION),
+            "mistral-small-3.1-24b-d8": Preset({**shapes.MISTRAL3_PIXTRAL_VISION, "num_hidden_layers": 8}),
+        },
         recommended_source=UNTUNED,
     ),
     # Bare towers last: a full model above names its own tower.

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..families import FAMILIES, Family, build_tower, find_family
-from ..families.row import SUB_IMAGES, TILES
+from ..families.row import IMAGES, SUB_IMAGES, TILES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -293,7 +293,8 @@ def load_subject(
 def tower_flops(family: Family, vision_config: Any, sample: Sample, config: IPCVConfig | None) -> float:
     """FLOPs of one tower call by the family's FLOP model (``Family.flops``), its shape read off
     the sample as the call kind describes it: ``grid_thw`` rows; the tiles of the one image of a
-    ``tiles`` call; one item per crop or sub-image of a bare ``crops`` / ``sub_images`` call."""
+    ``tiles`` call; one item per crop or sub-image of a bare ``crops`` / ``sub_images`` call; the
+    image of an ``images`` call at its size."""
     count = sample.pixels.shape[0]
     if family.kind.takes_grid_thw:
         shape: Any = sample.grid_thw.tolist()
@@ -301,6 +302,9 @@ def tower_flops(family: Family, vision_config: Any, sample: Sample, config: IPCV
         shape = [count]
     elif family.kind is SUB_IMAGES:
         shape = [[0]] * count
+    elif family.kind is IMAGES:  # each image at its own size: (1, h, w) in patches
+        patch = vision_config.patch_size
+        shape = [(1, sample.pixels.shape[-2] // patch, sample.pixels.shape[-1] // patch)] * count
     else:
         shape = [1] * count
     return family.flops(vision_config, shape, config).total

@@ -12,7 +12,7 @@ from ipcv_kernels import families
 from ipcv_kernels.__main__ import main
 from ipcv_kernels.api import get_ipcv_patch
 from ipcv_kernels.bench import progress
-from ipcv_kernels.bench.calls import GridCalls, TileCalls, tower_calls
+from ipcv_kernels.bench.calls import GridCalls, ImageCalls, TileCalls, tower_calls
 from ipcv_kernels.bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from ipcv_kernels.bench.variants import VARIANTS, variant_configs
 from ipcv_kernels.bench.vit import Bench, run_case
@@ -22,6 +22,7 @@ from ipcv_kernels.flops import (
     clip_vit_flops,
     idefics3_flops,
     internvl_flops,
+    pixtral_flops,
     predicted_speedup,
     qwen2_5_vl_flops,
     qwen2_vl_flops,
@@ -38,6 +39,7 @@ CASES = {
     "qwen2_5_vl": ("8x8", "8x16*2", "8x8@4"),
     "qwen3_vl": ("8x8", "8x16*2", "8x8@4"),
     "internvl": ("16x16", "32x32*2"),
+    "mistral3": ("16x16", "16x24*2"),  # Pixtral: 4-pixel patches, images at their own size
 }
 TILE_CASES = ("32x32", "64x64*2")
 
@@ -47,6 +49,8 @@ def expected_flops(kind, calls, case, config):
     qwen = {"qwen2_vl": qwen2_vl_flops, "qwen2_5_vl": qwen2_5_vl_flops, "qwen3_vl": qwen3_vl_flops}
     if kind in qwen:
         return qwen[kind](config_, case.grid_thw, config)
+    if kind == "mistral3":
+        return pixtral_flops(config_, case.grid_thw, config)
     if kind == "internvl":
         return internvl_flops(config_, case.tiles_per_image, config, image_size=tuple(config_.image_size))
     if kind in ("idefics3", "smolvlm"):  # sub-images without padding (32-pixel multiples)
@@ -58,7 +62,7 @@ def expected_flops(kind, calls, case, config):
 def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(kind):
     tower = families.build_tower(kind)
     calls = tower_calls(tower)
-    assert isinstance(calls, GridCalls if kind.startswith("qwen") else TileCalls)
+    assert isinstance(calls, ImageCalls if kind == "mistral3" else GridCalls if kind.startswith("qwen") else TileCalls)
     bench = Bench(tower, calls, torch.device("cpu"), torch.float32, variant_configs(CONFIG, VARIANTS))
     with progress.Progress(0, "test", enabled=False) as bar:
         for index, text in enumerate(CASES.get(kind, TILE_CASES)):
