@@ -529,6 +529,35 @@ def idefics3_flops(
     )
 
 
+def pixtral_flops(
+    vision_config: Any,
+    grid_thw: Sequence[Sequence[int]],
+    config: IPCVConfig | None = None,
+    *,
+    read_blocks: Sequence[int] | None = None,
+) -> FlopReport:
+    """``vit_flops`` for a ``PixtralVisionConfig`` tower (Pixtral, Mistral 3): every ``(1, h, w)``
+    row is one image of ``h x w`` patches, one item and one attention segment; with the patch
+    embedding. The gated MLP's three matrices count as a two-matrix MLP of 1.5 x
+    ``intermediate_size``. The patch merger and projector after the tower (Mistral 3) are the
+    model's, not counted.
+
+    Args:
+        read_blocks: the blocks the model reads (``vision_feature_layer``); ``None``: the last one.
+    """
+    c = vision_config
+    return vit_flops(
+        c.num_hidden_layers,
+        c.hidden_size,
+        int(1.5 * c.intermediate_size),
+        c.num_attention_heads,
+        grid_seq_lens(grid_thw),
+        config,
+        patch_dim=c.num_channels * c.patch_size * c.patch_size,
+        read_blocks=read_blocks,
+    )
+
+
 def predicted_speedup(unpatched: FlopReport, patched: FlopReport, *, include_overhead: bool = True) -> float:
     """The FLOP model's bound on the speedup: ``unpatched.total / patched.total``.
 

@@ -1,6 +1,6 @@
 """How the tools call a vision tower of each kind: its cases, inputs, call and FLOP model.
 
-Four call conventions cover every call kind of the family table (``ipcv_kernels.families``),
+Five call conventions cover every call kind of the family table (``ipcv_kernels.families``),
 chosen by the row's ``kind`` (``tower_calls``); FLOPs come from the row's FLOP model
 (``Family.flops``):
 
@@ -13,6 +13,8 @@ chosen by the row's ``kind`` (``tower_calls``); FLOPs come from the row's FLOP m
   (InternVL's tiles, LLaVA-NeXT's crops); the patched tower is told so with the adapter's hint
   (``tiles_per_image`` / ``sequences_per_image``, ``IPCVPatch.hinted``). Batches are several
   images; videos are refused. The output compared is ``last_hidden_state``.
+- ``ImageCalls`` (kind ``images``: Pixtral / Mistral 3): images at their own resolution, padded
+  to the largest, with ``image_sizes``; cases and inputs as ``GridCalls``' (``(1, h, w)`` rows).
 - ``PatchCalls`` (kind ``patches``: Gemma 4): a padded batch of flattened patches ``[B, L, C p^2]``
   and their positions, each image resized into the patch budget ``L`` as Gemma 4's processor
   resizes it, the rest of its row padding.
@@ -49,7 +51,7 @@ from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..config import IPCVConfig
 from ..engine import read_blocks
 from ..families import CALL_KINDS, Family, ModelUse, family, find_family
-from ..families.row import PATCHES, SUB_IMAGES, TILES
+from ..families.row import IMAGES, PATCHES, SUB_IMAGES, TILES
 from ..flops import FlopReport
 from .towers import build_tower, load_vision_tower, model_use, preset_use, tower_output, vision_config_from_preset
 
@@ -472,6 +474,102 @@ class PatchCalls(TowerCalls):
         return self.family.flops(self.config, shape, config)
 
 
+class ImageCalls(GridCalls):
+    """Pixtral towers (kind ``images``): ``tower(pixel_values [B, C, H, W], image_sizes [B, 2])``,
+    every image at its own resolution (the batch zero-padded to the largest), its
+    ``last_hidden_state`` rows ``[n, D]``.
+
+    Cases are ``grid_thw`` rows ``(1, h, w)`` in patches, as for the Qwen towers, with each side
+    rounded to a multiple of ``2 * patch_size`` (Mistral 3's processor rounds to ``patch_size *
+    spatial_merge_size``, 2 x 2 merged after the tower); videos are refused. The inputs are the
+    images' patches, packed (``[N, C p^2]``, each image's patches row-major) with their
+    ``grid_thw``, so that a batch splits into its images as a Qwen call does; ``forward`` lays
+    them out as the images the tower takes.
+    """
+
+    MERGE = 2
+
+    def __init__(self, tower: nn.Module, family: Family, use: ModelUse | None = None) -> None:
+        super().__init__(tower, family, use)
+        self.blocks = family.hf.adapter().blocks(tower)
+        # The blocks the model reads (``vision_feature_layer``; ``None``: the last one).
+        layer = None if use is None else use.feature_layer
+        self.read = None if layer is None else read_blocks(layer, len(self.blocks))
+
+    reading = TileCalls.reading
+
+    @property
+    def depth(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def merge_unit(self) -> int:
+        return self.config.patch_size * self.MERGE
+
+    def parse_case(self, text: str) -> Case:
+        """``"HxW"`` one image, ``"HxW*B"`` ``B`` images; sizes rounded to ``merge_unit`` pixels."""
+        height, width, batch, frames = match_case(text)
+        if frames is not None:
+            raise ValueError(f"cases: videos ({text!r}) need a Qwen tower; {self.family.name} takes images")
+        count = batch if batch is not None else 1
+        if count < 1:
+            raise ValueError(f"cases: batch size must be >= 1, got {text!r}")
+        patch = self.config.patch_size
+        rows, cols = _patches(height, patch, self.MERGE), _patches(width, patch, self.MERGE)
+        return Case(text, "batch" if count > 1 else "image", ((1, rows, cols),) * count)
+
+    def inputs(self, case: Case, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[Case, tuple]:
+        c = self.config
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(case.tokens, c.num_channels * c.patch_size * c.patch_size, generator=generator)
+        return case, (pixels.to(device, dtype), torch.tensor(case.grid_thw, dtype=torch.int64, device=device))
+
+    def images(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pixel_values [B, C, H, W], image_sizes [B, 2])`` of packed patches and their grid."""
+        c, p = self.config, self.config.patch_size
+        rows_cols = [(int(h), int(w)) for _, h, w in grid_thw.tolist()]
+        height, width = max(h for h, _ in rows_cols) * p, max(w for _, w in rows_cols) * p
+        pixel_values = patches.new_zeros(len(rows_cols), c.num_channels, height, width)
+        for i, (part, (h, w)) in enumerate(zip(patches.split([h * w for h, w in rows_cols]), rows_cols, strict=True)):
+            image = part.view(h, w, c.num_channels, p, p).permute(2, 0, 3, 1, 4).reshape(c.num_channels, h * p, w * p)
+            pixel_values[i, :, : h * p, : w * p] = image
+        sizes = torch.tensor([[h * p, w * p] for h, w in rows_cols], dtype=torch.int64, device=patches.device)
+        return pixel_values, sizes
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """The call as the full model makes it: a patched tower is told the blocks read; an
+        unpatched one runs without the blocks after the last of them."""
+        patch = get_ipcv_patch(self.tower)
+        if self.read is None:
+            yield
+        elif patch is not None:
+            with patch.hinted(read_blocks=self.read):
+                yield
+        else:  # left out for this call only (the benchmark is single-threaded)
+            skipped = list(self.blocks[max(self.read) + 1 :])
+            del self.blocks[max(self.read) + 1 :]
+            try:
+                yield
+            finally:
+                self.blocks.extend(skipped)
+
+    def forward(self, inputs: tuple[Case, tuple]) -> torch.Tensor:
+        """``last_hidden_state`` rows ``[n, D]``; with read blocks, the read ``hidden_states``
+        concatenated along the features (as Mistral 3 concatenates a list of feature layers)."""
+        pixel_values, image_sizes = self.images(*inputs[1])
+        with torch.inference_mode(), self._reading():
+            if self.read is None:
+                hidden = self.tower(pixel_values, image_sizes=image_sizes).last_hidden_state
+            else:
+                states = self.tower(pixel_values, image_sizes=image_sizes, output_hidden_states=True).hidden_states
+                hidden = torch.cat([states[block + 1] for block in self.read], -1)
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def flops(self, case: Case, config: IPCVConfig | None) -> FlopReport:
+        return self.family.flops(self.config, case.grid_thw, config, read_blocks=self.read)
+
+
 def tower_calls(tower: nn.Module, use: ModelUse | None = None) -> TowerCalls:
     """The call convention of ``tower``'s call kind (its row in the family table): ``GridCalls``
     for towers that take ``grid_thw``, ``SubImageCalls`` for sub-images, ``TileCalls`` for tiles
@@ -486,7 +584,7 @@ def tower_calls(tower: nn.Module, use: ModelUse | None = None) -> TowerCalls:
         raise TypeError(f"the benchmark times a vision tower, got a full {row.name} model")
     reshaped = use is not None and (use.feature_layer is not None or use.grid_pinpoints is not None)
     calls = KIND_CALLS[row.kind.name]
-    if reshaped and calls is not TileCalls:
+    if reshaped and calls is not TileCalls and not (calls is ImageCalls and use.grid_pinpoints is None):
         raise ValueError(f"use: {row.name} towers ({row.kind.items}) take no feature layer or anyres crops, got {use}")
     return calls(tower, row, use)
 
@@ -499,6 +597,8 @@ KIND_CALLS: dict[str, type[TowerCalls]] = {
     if kind is SUB_IMAGES
     else PatchCalls
     if kind is PATCHES
+    else ImageCalls
+    if kind is IMAGES
     else TileCalls
     for kind in CALL_KINDS
 }

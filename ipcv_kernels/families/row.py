@@ -28,7 +28,7 @@ from ..testing.models import finish, jitter
 class CallKind:
     """How a family's tower is called and what one IPCV item is (``docs/spec.md`` §4).
 
-    name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``).
+    name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``, ``patches``, ``images``).
     items: what forms one item, in words (for docs and messages).
     takes_grid_thw: the tower takes packed patches and ``grid_thw`` rows (the Qwen towers);
         otherwise it takes images ``[B, C, S, S]`` of its fixed size ``S`` (``patches``: a padded
@@ -63,7 +63,11 @@ PATCHES = CallKind(
     "patches", "an image (or video frame): one row of a padded batch of patches with positions, padding "
     "patches pinned and never keys", False, False, "patches_per_image",
 )  # fmt: skip
-CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES)
+IMAGES = CallKind(
+    "images", "an image at its own resolution (a padded batch with image_sizes), one attention segment", False,
+    False, "grid_thw",
+)  # fmt: skip
+CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES, IMAGES)
 
 
 @dataclass(frozen=True)

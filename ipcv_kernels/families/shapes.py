@@ -158,3 +158,19 @@ KIMI_K25_VISION: dict[str, Any] = dict(
     hidden_act="gelu_pytorch_tanh",
     merge_kernel_size=[2, 2],
 )
+
+# Mistral 3's tower (Mistral-Small-3.1-24B-Instruct-2503, ``PixtralVisionConfig``): Pixtral's ViT,
+# 24 blocks of width 1024 (16 heads of 64), gated SiLU MLP of 4096, 14-pixel patches, images up to
+# 1540 pixels a side at their own resolution, 2-D axial rotary; the 2 x 2 patch merger is the
+# model's, after the tower.
+MISTRAL3_PIXTRAL_VISION: dict[str, Any] = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    head_dim=64,
+    image_size=1540,
+    patch_size=14,
+    hidden_act="silu",
+    rope_parameters={"rope_type": "axial", "rope_theta": 10000.0},
+)

@@ -17,6 +17,7 @@ from ..models.gemma4 import Gemma4Adapter
 from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
 from ..models.kimi_k25 import KimiK25Adapter
+from ..models.pixtral import PixtralAdapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
 from ..models.qwen3_5 import Qwen3_5Adapter
@@ -27,6 +28,7 @@ from . import shapes
 from .row import (
     CROPS,
     GRID,
+    IMAGES,
     PATCHES,
     SUB_IMAGES,
     TILES,
@@ -514,6 +516,34 @@ FAMILIES: tuple[Family, ...] = (
         presets={
             "kimi-k2.5": Preset(shapes.KIMI_K25_VISION),
             "kimi-k2.5-d8": Preset({**shapes.KIMI_K25_VISION, "num_hidden_layers": 8}),
+        },
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "mistral3",
+        "Mistral 3",
+        IMAGES,
+        flops.pixtral_flops,
+        hf=_hf(PixtralAdapter, "Mistral3", "vision_tower", ("PixtralVisionModel",)),
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMPixtralAdapter",
+            {"Mistral3ForConditionalGeneration": "vllm.model_executor.models.mistral3"},
+            {"Mistral3ForConditionalGeneration": "vision_tower"},
+        ),
+        tiny_tower=TinyTower(
+            "pixtral.modeling_pixtral", "PixtralVisionConfig", "PixtralVisionModel", tiny.PIXTRAL_VISION
+        ),
+        tiny_model=TinyModel(
+            "Mistral3Config",
+            "Mistral3ForConditionalGeneration",
+            tiny.mistral3_fields,
+            tiny.mistral3_prompt,
+            processors.mistral3_processor,
+        ),
+        image_processor=tiny.pixtral_image_processor,
+        presets={
+            "mistral-small-3.1-24b": Preset(shapes.MISTRAL3_PIXTRAL_VISION),
+            "mistral-small-3.1-24b-d8": Preset({**shapes.MISTRAL3_PIXTRAL_VISION, "num_hidden_layers": 8}),
         },
         recommended_source=UNTUNED,
     ),

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..families import FAMILIES, Family, build_tower, find_family
-from ..families.row import PATCHES, SUB_IMAGES, TILES
+from ..families.row import IMAGES, PATCHES, SUB_IMAGES, TILES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -322,7 +322,8 @@ def tower_flops(family: Family, vision_config: Any, sample: Sample, config: IPCV
     """FLOPs of one tower call by the family's FLOP model (``Family.flops``), its shape read off
     the sample as the call kind describes it: ``grid_thw`` rows; the tiles of the one image of a
     ``tiles`` call; one item per crop or sub-image of a bare ``crops`` / ``sub_images`` call; the
-    padded length and real patches of every image of a ``patches`` call."""
+    padded length and real patches of every image of a ``patches`` call; ``(1, h, w)`` of every
+    image of an ``images`` call at its size."""
     count = sample.pixels.shape[0]
     if family.kind.takes_grid_thw:
         shape: Any = sample.grid_thw.tolist()
@@ -333,6 +334,9 @@ def tower_flops(family: Family, vision_config: Any, sample: Sample, config: IPCV
     elif family.kind is PATCHES:  # (padded length, real patches) of every image
         real = (sample.positions != -1).all(-1).sum(-1).tolist()
         shape = [(sample.positions.shape[1], int(n)) for n in real]
+    elif family.kind is IMAGES:  # each image at its own size: (1, h, w) in patches
+        patch = vision_config.patch_size
+        shape = [(1, sample.pixels.shape[-2] // patch, sample.pixels.shape[-1] // patch)] * count
     else:
         shape = [1] * count
     return family.flops(vision_config, shape, config).total

@@ -734,3 +734,72 @@ def kimi_k25_image_processor(vision_config: Any) -> Any:
     from .processors import TinyKimiK25ImageProcessor
 
     return TinyKimiK25ImageProcessor(vision_config.patch_size)
+
+
+# -- Pixtral / Mistral 3 ------------------------------------------------------------------------------
+# Pixtral towers over images at their own resolution: 4-pixel patches, images up to 64 x 64 pixels.
+PIXTRAL_VISION = dict(
+    model_type="pixtral",
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=4,
+    hidden_act="silu",
+)
+# Mistral 3: ``[IMG]`` tokens per 2 x 2 merged patches, ``[IMG_BREAK]`` after each row of them,
+# ``[IMG_END]`` replacing the last break (as ``PixtralProcessor`` lays them out).
+MISTRAL3_IMAGE_TOKEN = CLIP_FAMILY_IMAGE_TOKEN
+MISTRAL3_BREAK_TOKEN, MISTRAL3_END_TOKEN = CLIP_FAMILY_IMAGE_TOKEN + 1, CLIP_FAMILY_IMAGE_TOKEN + 2
+# The prompt's images (height, width) in pixels, cycled: two sizes, so a call packs unequal images.
+MISTRAL3_IMAGE_SIZES = ((16, 24), (24, 16))
+
+
+def mistral3_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        vision_config=dict(PIXTRAL_VISION),
+        text_config=_text({**CLIP_FAMILY_TEXT, "model_type": "mistral", "head_dim": 12}, text),
+        image_token_index=MISTRAL3_IMAGE_TOKEN,
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+
+
+def mistral3_image_run(rows: int, cols: int) -> list[int]:
+    """The token run of one image of ``rows x cols`` merged tokens, as ``PixtralProcessor`` writes it."""
+    run = [*([MISTRAL3_IMAGE_TOKEN] * cols + [MISTRAL3_BREAK_TOKEN])] * rows
+    run[-1] = MISTRAL3_END_TOKEN
+    return run
+
+
+def mistral3_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One prompt for the tiny Mistral 3: text and ``num_images`` images of ``MISTRAL3_IMAGE_SIZES``
+    (cycled), zero-padded to one batch with their ``image_sizes``."""
+    sizes = [MISTRAL3_IMAGE_SIZES[i % len(MISTRAL3_IMAGE_SIZES)] for i in range(num_images)]
+    unit = model.config.vision_config.patch_size * model.config.spatial_merge_size
+    ids = [3, 4, 5]
+    for height, width in sizes:
+        ids += [*mistral3_image_run(height // unit, width // unit), 6]
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.zeros(num_images, 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    for i, (height, width) in enumerate(sizes):
+        pixels[i, :, :height, :width] = torch.randn(3, height, width, generator=generator)
+    input_ids = torch.tensor([ids])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels.to(model.dtype),
+        "image_sizes": torch.tensor(sizes),
+    }
+
+
+def pixtral_image_processor(vision_config: Any) -> Any:
+    """Pixtral's: the longer side to at most the tower's ``image_size``, both sides rounded up to
+    its patch size."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    patch = vision_config.patch_size
+    return PixtralImageProcessorPil(
+        size={"longest_edge": _tile_side(vision_config)}, patch_size={"height": patch, "width": patch}
+    )

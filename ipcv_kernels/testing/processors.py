@@ -16,7 +16,11 @@ from .models import (
     IDEFICS3_TOKENS_PER_SUB_IMAGE,
     INTERNVL_IMAGE_TOKEN,
     INTERNVL_TOKENS_PER_TILE,
+    MISTRAL3_BREAK_TOKEN,
+    MISTRAL3_END_TOKEN,
+    MISTRAL3_IMAGE_TOKEN,
     ONEVISION_PINPOINTS,
+    PIXTRAL_VISION,
     TINY_SPECIAL_TOKENS,
     TINY_TEXT,
 )
@@ -501,3 +505,101 @@ class TinyKimiK25Processor(TinyQwen2VLProcessor):
 def kimi_k25_processor() -> TinyKimiK25Processor:
     """The tiny Kimi-K2.5 model's processor (``TinyKimiK25Processor``)."""
     return TinyKimiK25Processor()
+
+
+# -- Mistral 3 --------------------------------------------------------------------------------------
+MISTRAL3_SPECIALS = {
+    "[IMG]": MISTRAL3_IMAGE_TOKEN,
+    "[IMG_BREAK]": MISTRAL3_BREAK_TOKEN,
+    "[IMG_END]": MISTRAL3_END_TOKEN,
+}
+
+
+def mistral3_tokenizer() -> Any:
+    """The tiny Mistral 3's tokenizer: ``CLIP_WORDS`` and ``[IMG]`` / ``[IMG_BREAK]`` /
+    ``[IMG_END]`` at the ids of ``ipcv_kernels.testing.models`` (260-262)."""
+    Tokenizer, models, pre_tokenizers, PreTrainedTokenizerFast = _tokenizer_classes()
+    vocab = {w: i for i, w in enumerate(CLIP_WORDS)} | MISTRAL3_SPECIALS
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MISTRAL3_SPECIALS)})
+    return tokenizer
+
+
+def mistral3_image_processor() -> Any:
+    """Pixtral's PIL image processor for the tiny Mistral 3: the longer side to at most 32 pixels,
+    both sides rounded up to 8 (4-pixel patches merged 2 x 2), the batch zero-padded."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    unit = 2 * PIXTRAL_VISION["patch_size"]
+    return PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size={"height": unit, "width": unit})
+
+
+class TinyMistral3Processor:
+    """What ``PixtralProcessor`` does for Mistral 3, for images: the chat template, each ``[IMG]``
+    expanded to a row of ``[IMG]`` per 2 x 2 merged patches and an ``[IMG_BREAK]`` per row, the
+    last one ``[IMG_END]``; tokenisation with padding. A local stand-in: transformers'
+    ``PixtralProcessor`` requires torchvision, which this environment lacks (the vLLM
+    environment's checkpoints save the real one)."""
+
+    chat_template = CLIP_TEMPLATE.replace("IMAGE", "[IMG]")
+
+    def __init__(self) -> None:
+        self.tokenizer = mistral3_tokenizer()
+        self.image_processor = mistral3_image_processor()
+        self.unit = 2 * PIXTRAL_VISION["patch_size"]
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tokenize: bool = False, add_generation_prompt: bool = True
+    ) -> Any:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=tokenize, add_generation_prompt=add_generation_prompt
+        )
+
+    def __call__(
+        self, text: list[str], images: Any = None, padding: bool = True, return_tensors: str = "pt", **_: Any
+    ) -> dict[str, Any]:
+        features: dict[str, Any] = {}
+        if images:
+            flat = [image for row in images for image in row] if isinstance(images[0], list) else list(images)
+            features = dict(self.image_processor(images=flat, return_tensors="pt"))
+            sizes = iter(features["image_sizes"].tolist())
+            expanded = []
+            for prompt in text:
+                parts = prompt.split("[IMG]")
+                pieces = [parts[0]]
+                for part in parts[1:]:
+                    height, width = next(sizes)
+                    rows, cols = height // self.unit, width // self.unit
+                    run = (["[IMG]"] * cols + ["[IMG_BREAK]"]) * rows
+                    run[-1] = "[IMG_END]"
+                    pieces += ["".join(run), part]
+                expanded.append("".join(pieces))
+            text = expanded
+        return {**self.tokenizer(text, padding=padding, return_tensors=return_tensors), **features}
+
+    def batch_decode(self, ids: Any, skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def mistral3_hf_processor() -> Any:
+    """transformers' ``PixtralProcessor`` with ``TinyMistral3Processor``'s tokenizer, image
+    processor and chat template: what a saved tiny Mistral 3 checkpoint carries for vLLM (needs
+    torchvision, which vLLM's environment has)."""
+    from transformers import PixtralProcessor
+
+    return PixtralProcessor(
+        image_processor=mistral3_image_processor(),
+        tokenizer=mistral3_tokenizer(),
+        patch_size=PIXTRAL_VISION["patch_size"],
+        spatial_merge_size=2,
+        chat_template=TinyMistral3Processor.chat_template,
+    )
+
+
+def mistral3_processor() -> TinyMistral3Processor:
+    """The tiny Mistral 3's processor (``TinyMistral3Processor``)."""
+    return TinyMistral3Processor()

@@ -48,7 +48,7 @@ from ..models.gemma4 import Gemma4Adapter
 from ..models.idefics3 import Idefics3Adapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
-from ..selectors import merge_unit_grid
+from ..selectors import merge_unit_grid, token_grid
 from .compat import missing_parameters, missing_parts, require
 
 
@@ -700,3 +700,140 @@ class VLLMGemma4Adapter(Gemma4Adapter):
         parts += tuple(f"self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"))
         require(layers[0], missing_parts(layers[0], (*parts, "self_attn.v_norm", "self_attn.scaling")), self.name)
         return layers
+
+
+class VLLMPixtralAdapter(FamilyAdapter):
+    """vLLM's ``PixtralHFVisionModel`` (``pixtral.py``): the ``vision_tower`` of
+    ``Mistral3ForConditionalGeneration`` (transformers' format of Mistral 3).
+
+    **The call.** ``tower(pixel_values)``: a list of images ``[C, H, W]``, each at its own size,
+    embedded and concatenated into one sequence ``[1, n, D]`` (no CLS, no ``[IMG_BREAK]`` rows);
+    the blocks take it with ``cu_seqlens`` (one segment per image), ``max_seqlen`` and the 2-D
+    rotary tables ``rotary_pos_emb_cos`` / ``_sin`` ``[n, Dh]`` (transformers' ``rotate_half``
+    layout), all by position. Items: the images, in call order. vLLM builds the tower only up to
+    ``vision_feature_layer`` (Mistral 3's ``-1``: every layer), so its last layer is the read one.
+
+    **Blocks from the prune layer on** run vLLM's own layer on the kept rows with the shrunk
+    ``cu_seqlens`` and the kept rotary rows. The attention-stabilisation blocks run the fused
+    ``qkv_proj`` on every row (vLLM repacks its weights on the CPU: see the module docstring),
+    ``ngr_attention`` with kept queries over every key of the same image (rotary on keys at every
+    row, on queries at their kept positions), then ``o_proj`` (row-parallel: all-reduces under
+    tensor parallelism) and the MLP. FlashInfer's cuDNN ViT backend (``sequence_lengths``) is
+    refused.
+    """
+
+    name = "vllm_pixtral"
+    TOWER_PARTS: tuple[str, ...] = ("transformer.layers", "config.patch_size")
+    BLOCK_PARTS: tuple[str, ...] = (
+        "attention_norm",
+        "ffn_norm",
+        "feed_forward",
+        "attention.qkv_proj",
+        "attention.o_proj",
+        "attention.n_heads",
+        "attention.head_dim",
+    )
+    BLOCK_PARAMETERS: tuple[str, ...] = (
+        "rotary_pos_emb_cos",
+        "rotary_pos_emb_sin",
+        "cu_seqlens",
+        "max_seqlen",
+        "sequence_lengths",
+    )
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        missing = missing_parts(tower, self.TOWER_PARTS)
+        if not missing and len(tower.transformer.layers):
+            block = tower.transformer.layers[0]
+            missing += missing_parts(block, self.BLOCK_PARTS)
+            missing += missing_parameters(type(block).forward, self.BLOCK_PARAMETERS)
+        require(tower, missing, self.name)
+        self._patch_size = int(tower.config.patch_size)
+        return tower.transformer.layers
+
+    def _grids(self, args: tuple, kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+        images = kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]
+        if kwargs.get("select_layers") is not None:
+            raise ValueError("IPCV does not support select_layers for vLLM's Pixtral tower (Mistral 3 passes none)")
+        p = self._patch_size
+        return [(int(image.shape[-2]) // p, int(image.shape[-1]) // p) for image in images]
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        """Items: the images, ``rows * columns`` patches each (segments: the blocks' ``cu_seqlens``)."""
+        return TowerCall([rows * cols for rows, cols in self._grids(args, kwargs)])
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Each image its own part, patches row-major (as transformers' Pixtral)."""
+        return token_grid([(1, rows, cols) for rows, cols in self._grids(args, kwargs)], cls=False)
+
+    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def unpack(self, packed: torch.Tensor, layout: torch.Size) -> torch.Tensor:
+        return packed.view(layout)
+
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
+        kwargs = dict(kwargs)
+        values = [kwargs.pop(name) if name in kwargs else None for name in self.BLOCK_PARAMETERS]
+        positional = list(args)
+        for i, value in enumerate(values):  # the tower passes them by position; accept keywords too
+            if value is None and positional:
+                values[i] = positional.pop(0)
+        cos, sin, cu_seqlens, max_seqlen, sequence_lengths = values
+        if sequence_lengths is not None:
+            raise ValueError("IPCV does not support vLLM's FlashInfer cuDNN ViT backend (sequence_lengths)")
+        return BlockCall(cu_seqlens, (cos, sin), tuple(positional), {"max_seqlen": max_seqlen, **kwargs})
+
+    def run_block(
+        self,
+        block: nn.Module,
+        forward: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        call: BlockCall,
+        config: IPCVConfig,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """vLLM's layer on packed rows ``[N, D]`` (given to it as ``[1, N, D]``); returns ``[N, D]``."""
+        kwargs = dict(call.kwargs)
+        longest = kwargs.pop("max_seqlen")
+        if max_seqlen is not None and longest is not None:
+            longest = torch.tensor(max_seqlen, dtype=torch.int32, device=longest.device)
+        cos, sin = position_embeddings
+        out = forward(hidden.unsqueeze(0), cos, sin, cu_seqlens.to(torch.int32), longest, None, **kwargs)
+        return out.squeeze(0)
+
+    def stabilised_block(
+        self,
+        block: nn.Module,
+        kept: torch.Tensor,
+        full: torch.Tensor,
+        plan: IPCVPlan,
+        call: BlockCall,
+        config: IPCVConfig,
+        kept_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queries of the kept rows, keys / values of every row of ``full`` ``[n, D]``; returns
+        the kept rows ``[Nk, D]`` of the block's output."""
+        attention = block.attention
+        heads, head_dim = attention.n_heads, attention.head_dim
+        qkv, _ = attention.qkv_proj(block.attention_norm(full))  # every row: see the module docstring
+        q, k, v = (x.reshape(-1, heads, head_dim) for x in qkv.chunk(3, dim=-1))
+        attended = ngr_attention(
+            q[plan.keep],
+            k,
+            v,
+            kept_cu_seqlens,
+            call.cu_seqlens.to(torch.int32),
+            softmax_scale=head_dim**-0.5,
+            backend=config.attention_backend,
+            rotary=call.position_embeddings,
+            q_positions=plan.keep,
+            skip_check=True,
+        )
+        projected, _ = attention.o_proj(attended.reshape(kept.shape[0], -1))
+        hidden = kept + projected
+        return hidden + block.feed_forward(block.ffn_norm(hidden))

@@ -148,6 +148,7 @@ CLIP_FAMILY_CHECKPOINTS: dict[str, dict[str, Any]] = {
     "smolvlm": CLIP_FAMILY_TEXT_OVERRIDES,
     "gemma3": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32},
     "paligemma": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32, "vocab_size": PALIGEMMA_VOCAB},
+    "mistral3": {**CLIP_FAMILY_TEXT_OVERRIDES, "head_dim": 32},
 }
 # The newline tokens vLLM's Gemma 3 and PaliGemma processors look up in the vocabulary (Gemma 3
 # merges the "\n\n" around each image with neighbouring newlines; PaliGemma ends its prompts with
@@ -266,6 +267,11 @@ def _build_clip_family(path: Path, family: str, seed: int) -> Path:
     jitter(model, seed)
     finish(model, "sdpa", torch.float32).save_pretrained(path)
 
+    if family == "mistral3":  # vLLM maps transformers' names of Mistral 3 itself (its hf_to_vllm_mapper)
+        from ..testing.processors import mistral3_hf_processor
+
+        mistral3_hf_processor().save_pretrained(path)
+        return path
     weights_file = path / "model.safetensors"
     weights = load_file(str(weights_file))
     prefix = "vision_tower."

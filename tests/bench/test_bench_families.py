@@ -12,13 +12,13 @@ from ipcv_kernels import families
 from ipcv_kernels.__main__ import main
 from ipcv_kernels.api import get_ipcv_patch
 from ipcv_kernels.bench import progress
-from ipcv_kernels.bench.calls import GridCalls, PatchCalls, TileCalls, tower_calls
+from ipcv_kernels.bench.calls import GridCalls, ImageCalls, PatchCalls, TileCalls, tower_calls
 from ipcv_kernels.bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from ipcv_kernels.bench.variants import VARIANTS, variant_configs
 from ipcv_kernels.bench.vit import Bench, run_case
 from ipcv_kernels.config import IPCVConfig
 from ipcv_kernels.families import ModelUse, Preset, family, find_family, presets
-from ipcv_kernels.families.row import PATCHES
+from ipcv_kernels.families.row import IMAGES, PATCHES
 from ipcv_kernels.flops import (
     clip_vit_flops,
     gemma4_flops,
@@ -42,6 +42,7 @@ CASES = {
     "internvl": ("16x16", "32x32*2"),
     "gemma4": ("32x32", "32x48*2"),  # 64 real patches; 48 real and 16 padding rows (the budget: 64)
     "kimi_k25": ("8x8", "8x16*2", "8x8@4"),
+    "mistral3": ("16x16", "16x24*2"),  # Pixtral: 4-pixel patches, images at their own size
 }
 TILE_CASES = ("32x32", "64x64*2")
 
@@ -51,7 +52,7 @@ def expected_flops(kind, calls, case, config):
     qwen = {"qwen2_vl": qwen2_vl_flops, "qwen2_5_vl": qwen2_5_vl_flops, "qwen3_vl": qwen3_vl_flops}
     if kind in qwen:
         return qwen[kind](config_, case.grid_thw, config)
-    if families.family(kind).kind.takes_grid_thw:  # a later grid family: its row's FLOP model
+    if families.family(kind).kind.flops_shape == "grid_thw":  # a later grid_thw family: its row's FLOP model
         return families.family(kind).flops(config_, case.grid_thw, config)
     if kind == "internvl":
         return internvl_flops(config_, case.tiles_per_image, config, image_size=tuple(config_.image_size))
@@ -67,7 +68,15 @@ def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(ki
     tower = families.build_tower(kind)
     calls = tower_calls(tower)
     row = family(kind)
-    expected = GridCalls if row.kind.takes_grid_thw else PatchCalls if row.kind is PATCHES else TileCalls
+    expected = (
+        GridCalls
+        if row.kind.takes_grid_thw
+        else PatchCalls
+        if row.kind is PATCHES
+        else ImageCalls
+        if row.kind is IMAGES
+        else TileCalls
+    )
     assert isinstance(calls, expected)
     bench = Bench(tower, calls, torch.device("cpu"), torch.float32, variant_configs(CONFIG, VARIANTS))
     with progress.Progress(0, "test", enabled=False) as bar:

@@ -37,6 +37,8 @@ class OracleResult:
 
 
 def _blocks(tower: nn.Module) -> nn.ModuleList:
+    if hasattr(tower, "transformer"):
+        return tower.transformer.layers  # Pixtral
     if not hasattr(tower, "encoder"):
         return tower.layers if hasattr(tower, "final_layernorm") else tower.blocks  # Kimi-K2.5; the Qwen towers
     return tower.encoder.layer if hasattr(tower.encoder, "layer") else tower.encoder.layers  # InternViT / CLIP
@@ -104,16 +106,35 @@ def ipcv_tower_oracle(
     depth = len(blocks)
     calls = _record_block_calls(tower, call)
     batched = hasattr(tower, "encoder")  # InternViT, CLIP, SigLIP: blocks take [sequences, L, D]
+    # Pixtral: blocks take every image as one sequence [1, n, D] with a block-diagonal mask.
+    one_sequence = hasattr(tower, "transformer")
     layout = calls[0][0][0].shape
     width = layout[-1]
 
+    def image_of(mask: torch.Tensor) -> list[int]:
+        """Each row's image under a block-diagonal mask: the first column it may attend to."""
+        allowed = mask[0, 0] == 0
+        return [int(allowed[j].nonzero()[0]) for j in range(allowed.shape[0])]
+
     def run_full(i: int, x: torch.Tensor) -> torch.Tensor:
         args, kwargs = calls[i]
-        if batched:
+        if batched or one_sequence:
             return blocks[i](x.view(layout), *args[1:], **kwargs).reshape(-1, width)
         return blocks[i](x, *args[1:], **kwargs)
 
     def run_kept(i: int, keep: list[int], h: torch.Tensor) -> torch.Tensor:
+        if one_sequence:  # the model's own block, image by image, on that image's kept rows alone
+            args, kwargs = calls[i]
+            image = image_of(args[1])
+            cos, sin = kwargs["position_embeddings"]
+            out = torch.empty_like(h)
+            for first in sorted(set(image)):
+                rows = [r for r, j in enumerate(keep) if image[j] == first]
+                if rows:
+                    positions = [keep[r] for r in rows]
+                    rotary = (cos[positions], sin[positions])
+                    out[rows] = blocks[i](h[rows][None], None, position_embeddings=rotary)[0]
+            return out
         if batched:
             tile = layout[1]
             out = torch.empty_like(h)
@@ -194,7 +215,7 @@ def ipcv_tower_oracle(
 
     def replace_output(i: int):
         def hook(module, args, output):
-            return restored[i].view(layout) if batched else restored[i]
+            return restored[i].view(layout) if batched or one_sequence else restored[i]
 
         return hook
 

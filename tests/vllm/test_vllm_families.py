@@ -103,7 +103,8 @@ class Family:
     tower attribute path (``"model.vision_model"``). make_call(hf_model, call name, seed): a ``Call``. reference(hf_model, pixels,
     layout): transformers' output for what vLLM's ``embed_multimodal`` returns, concatenated.
     normalise: whether vLLM normalises Qwen pixels on the device (``visual.input_norm``; its
-    processor then skips mean / std), so transformers gets the pixels the blocks see. prompt: a
+    processor then skips mean / std), so transformers gets the pixels the blocks see;
+    normalise_images: the same for a tower taking images ``[B, C, H, W]`` (Mistral 3's Pixtral). prompt: a
     prompt with one image placeholder; image_sizes: the images ``generate`` gets. recommended:
     the family's recommended setting (``IPCVConfig`` fields besides its defaults). calls: the
     ``CALLS`` the family's vLLM model takes (LLaVA 1.5 and the other image-only families take no
@@ -120,6 +121,7 @@ class Family:
     prompt: str
     image_sizes: list[tuple[int, int]]
     normalise: bool = False
+    normalise_images: bool = False
     engine: dict[str, Any] = field(default_factory=dict)
     recommended: dict[str, Any] = field(default_factory=dict)
     calls: tuple[str, ...] = CALLS
@@ -307,6 +309,26 @@ def gemma4_features(hf_model, pixels, positions):
     return torch.cat(list(features))
 
 
+# Mistral 3: images at their own size (Pixtral's 4-pixel patches, 2 x 2 merged after the tower),
+# given to vLLM as a list of [3, H, W], to transformers zero-padded with their image_sizes.
+PIXTRAL_IMAGES = {"one_image": [(16, 24)], "images_of_different_sizes": [(16, 24), (24, 16), (8, 8), (32, 32)]}
+
+
+def pixtral_call(hf_model, name, seed):
+    sizes = PIXTRAL_IMAGES[name]
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.randn(3, height, width, generator=generator) for height, width in sizes]
+    padded = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    for image, target in zip(images, padded, strict=True):
+        target[:, : image.shape[1], : image.shape[2]] = image
+    return Call({"pixel_values": images}, padded, torch.tensor(sizes), sum(h * w for h, w in sizes) // 16)
+
+
+def pixtral_features(hf_model, pixels, image_sizes):
+    """transformers' projected features of every image (2 x 2 merged), concatenated."""
+    return torch.cat(hf_model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes).pooler_output)
+
+
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
 QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
 INTERNVL_IMAGES = [
@@ -404,6 +426,20 @@ FAMILIES = {
     ),
     # vLLM inserts PaliGemma's image tokens (and <bos>) before the prompt itself.
     "paligemma": clip_family("PaliGemma", "paligemma", "PaliGemma", "what is this ?", cls_token=False),
+    # Pixtral: images at their own size packed into one sequence, cu_seqlens per image, 2-D rotary.
+    "mistral3": Family(
+        "Mistral 3",
+        "mistral3",
+        "mistral3",
+        "Mistral3ForConditionalGeneration",
+        "vision_tower",
+        pixtral_call,
+        pixtral_features,
+        "user what is [IMG] ? assistant",
+        CLIP_IMAGES,
+        calls=tuple(PIXTRAL_IMAGES),
+        normalise_images=True,
+    ),
 }
 
 
@@ -457,6 +493,11 @@ def encode(llm, family, call, config):
             record_plans(patch)
         tower = operator.attrgetter(family.tower)(model)
         pixels = tower.input_norm(call.pixels.clone(), tower.dtype) if family.normalise else call.pixels
+        if family.normalise_images:  # every pixel a "patch" of its C channel values
+            batch, channels, height, width = call.pixels.shape
+            flat = call.pixels.permute(0, 2, 3, 1).reshape(-1, channels).clone()
+            normalised = tower.input_norm(flat, tower.dtype).view(batch, height, width, channels)
+            pixels = normalised.permute(0, 3, 1, 2)
         items = list(model.embed_multimodal(**call.kwargs))  # a tuple, or [B, L, D]
         embeddings = torch.cat([item.reshape(-1, item.shape[-1]) for item in items]).clone()
         ikv.apply_ipcv(model, CONFIG)

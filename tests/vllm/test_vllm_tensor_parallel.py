@@ -1,8 +1,10 @@
 """IPCV in vLLM with a tensor-parallel vision tower: ``tensor_parallel_size=2`` (two CPU worker
 processes, ``distributed_executor_backend="mp"``) against the same checkpoint at
 ``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA 1.5, LLaVA-NeXT,
-Gemma 3, Idefics3, Gemma 4 (whose tower vLLM replicates on every rank) (vLLM's CLIP / SigLIP / Idefics2 towers: fused ``qkv_proj`` sharded by
-heads, row-parallel ``out_proj`` and ``fc2``; one family per adapter and tower: OneVision,
+Gemma 3, Idefics3 (vLLM's CLIP / SigLIP / Idefics2 towers: fused ``qkv_proj`` sharded by
+heads, row-parallel ``out_proj`` and ``fc2``), Gemma 4 (whose tower vLLM replicates on every rank) and
+Mistral 3 (vLLM's Pixtral: fused ``qkv_proj`` sharded by heads, row-parallel ``o_proj``, images
+packed with ``cu_seqlens``; one family per adapter and tower: OneVision,
 PaliGemma and SmolVLM run the same adapters and towers as LLaVA-NeXT, Gemma 3 and Idefics3, and
 each TP=2 engine costs about 30 s of CI) and InternVL in both formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
 gathered across the ranks) and transformers' (vLLM's ``InternS1``: replicated attention, sharded
@@ -154,6 +156,21 @@ def _gemma4_query_width(model: torch.nn.Module) -> int:
     return model.vision_tower.encoder.layers[0].self_attn.q_proj.linear.weight.shape[0]
 
 
+PIXTRAL_IMAGES = {"one_image": [(16, 24)], "images_of_different_sizes": [(16, 24), (24, 16), (32, 32)]}
+
+
+def _pixtral_inputs(engine, call):
+    """Mistral 3: a list of images ``[3, H, W]`` at their own sizes (4-pixel patches)."""
+    generator = torch.Generator().manual_seed(next(_fresh))
+    sizes = PIXTRAL_IMAGES[call]
+    images = [torch.randn(3, height, width, generator=generator) for height, width in sizes]
+    return {"pixel_values": images}, sum(height * width for height, width in sizes) // 16
+
+
+def _pixtral_heads(model: torch.nn.Module) -> int:
+    return model.vision_tower.transformer.layers[0].attention.n_heads
+
+
 def _sub_image_heads(model: torch.nn.Module) -> int:
     return model.model.vision_model.encoder.layers[0].self_attn.num_heads_per_partition
 
@@ -247,6 +264,15 @@ CASES = {
         _gemma4_query_width,
         tuple(GEMMA4_GRIDS),
         replicated=True,
+    ),
+    "mistral3": Case(
+        "mistral3",
+        {},
+        "user what is [IMG] ? assistant",
+        [(40, 56), (32, 32), (64, 24)],
+        _pixtral_inputs,
+        _pixtral_heads,
+        tuple(PIXTRAL_IMAGES),
     ),
 }
 
