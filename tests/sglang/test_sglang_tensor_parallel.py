@@ -5,7 +5,7 @@ ranks, the hidden states between blocks stay replicated, so every rank must plan
 plugin through its entry point and building the model through SGLang's loader
 (``ipcv_kernels.sglang.testing.encode_on_ranks``). Against the in-process ``tensor_parallel_size=1``
 model of the same checkpoint, for every family with an SGLang entry (InternVL: 4 vision heads, 2
-per rank, its QK norm gathering every head):
+per rank, its QK norm gathering every head; Gemma 4: 4 heads, 2 per rank, padded images):
 
 - both ranks' plans (``keep``, ``drop``, neighbours, kept segments) are bit-identical, as are
   their token counts per block and their outputs, and each rank holds half the heads;
@@ -43,11 +43,15 @@ def images(model, family_id):
     """``(pixels, layout)`` of three images of different sizes (``encode_images``' arguments)."""
     if family_id == "internvl_chat":
         return internvl_tiles(sum(TILES), seed=7), TILES
+    if family_id == "gemma4":  # patches padded to 64 rows and their positions (-1 on padding)
+        from ipcv_kernels.testing.models import gemma4_patches
+
+        return gemma4_patches([(6, 8), (10, 6), (8, 8)], 64, seed=7)
     kwargs, pixels = qwen_encoder_inputs(model.config.vision_config, GRID, seed=7)
     return pixels, kwargs["image_grid_thw"]
 
 
-@pytest.mark.parametrize("family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat"])
+@pytest.mark.parametrize("family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat", "gemma4"])
 def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, checkpoint):
     model = sglang_process(family_id, {"ipcv": SETTINGS})
     pixels, layout = images(model, family_id)
@@ -58,8 +62,9 @@ def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, chec
         assert torch.equal(first[name], second[name]), name
     assert first["tokens"] == second["tokens"]
     patch = ik.get_ipcv_patch(model)
-    attention = patch.blocks[0].attn
-    total_heads = getattr(attention, "attn", attention).num_attention_heads_per_partition
+    attention = getattr(patch.blocks[0], "attn", None) or patch.blocks[0].self_attn  # Gemma 4: self_attn
+    attention = getattr(attention, "attn", attention)
+    total_heads = getattr(attention, "num_attention_heads_per_partition", None) or attention.num_heads_per_partition
     assert first["heads"] == second["heads"] == total_heads // 2
 
     recorded = []
