@@ -480,6 +480,9 @@ FAMILIES: tuple[Family, ...] = (
             {"Gemma4ForConditionalGeneration": "vllm.model_executor.models.gemma4_mm"},
             {"Gemma4ForConditionalGeneration": "vision_tower.encoder"},
         ),
+        sglang=SGLangClasses(
+            f"{SGLANG_ADAPTERS}:SGLangGemma4Adapter", {"Gemma4ForConditionalGeneration": "vision_tower"}
+        ),
         tiny_tower=TinyTower("gemma4.modeling_gemma4", "Gemma4VisionConfig", "Gemma4VisionModel", tiny.GEMMA4_VISION),
         tiny_model=TinyModel(
             "Gemma4Config",

@@ -60,8 +60,9 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..engine import BlockCall, ForwardState, IPCVPatch, read_blocks
-from ..engine.batched import PrenormLayer
+from ..engine.batched import PrenormLayer, prenorm_layer
 from ..models.clip_vit import ClipViTAdapter
+from ..models.gemma4 import Gemma4Adapter, axial_rope
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 from ..vllm.adapters import VLLMInternVLChatAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
@@ -491,3 +492,138 @@ def check_parts(module: nn.Module, parts: tuple[str, ...]) -> None:
             f"SGLang's {type(module).__name__} lacks {', '.join(missing)}: this SGLang version is not supported by "
             f"IPCV's adapter (tested with SGLang {TESTED_VERSION})"
         )
+
+
+class SGLangGemma4Adapter(Gemma4Adapter):
+    """SGLang's Gemma 4 tower (``gemma4_vision.Gemma4VisionEncoder``, the ``vision_tower`` of
+    ``gemma4_mm.Gemma4ForConditionalGeneration``): transformers' call and layout
+    (``vision_tower(pixel_values [B, L, C p^2], pixel_position_ids [B, L, 2])``, a padded batch,
+    the pooler after the encoder; items, padding rows and rotary as ``Gemma4Adapter``), SGLang's
+    own layers:
+
+    - blocks are called as ``layer(hidden_states, cos, sin, attention_mask)`` (positional);
+    - a fused ``self_attn.qkv`` (``ClippableQKVParallelLinear``: the rank's ``q, k, v``), per-head
+      ``q_norm`` / ``k_norm`` / ``v_norm``, ``o_proj`` (row-parallel), a fused ``mlp.gate_up``;
+    - every layer ends by multiplying its output by ``layer_scalar``;
+    - **padding rows attend to nothing**: SGLang's mask is ``valid_q * valid_k``, so a padding
+      query has no key and its attention output is 0 (its ``sdpa`` backend; transformers lets it
+      attend to the real keys). The adapter computes padding rows the same way, so ratio 0 equals
+      unpatched SGLang. (SGLang 0.5.23's pooler, unlike transformers', does not zero the padding
+      rows before averaging, ``mask_pad_before_pool=False``: they reach its first soft token.)
+
+    SGLang's Gemma 4 attention takes a dense mask, not ``VisionAttentionMetadata``: from ``P`` on
+    every block (stabilisation and pruned) runs the functional layer (``ngr_attention`` per image
+    over its non-padding rows) with SGLang's weights and norms. The fused ``qkv`` runs on every row
+    of the context, queries read at the query rows (``PrenormLayer.qkv``). Heads are the rank's
+    (``num_heads_per_partition``); ``o_proj`` all-reduces as in SGLang's own layer.
+    """
+
+    name = "sglang_gemma4"
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        layers = super().blocks(tower)
+        parts = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "mlp")
+        parts += ("post_feedforward_layernorm", "layer_scalar", "self_attn.qkv", "self_attn.o_proj")
+        parts += ("self_attn.q_norm", "self_attn.k_norm", "self_attn.v_norm", "self_attn.num_heads_per_partition")
+        missing = [part for part in parts if not _has(layers[0], part)]
+        if missing:
+            raise TypeError(
+                f"SGLang's {type(layers[0]).__name__} lacks {', '.join(missing)}: this SGLang is not supported "
+                f"by IPCV's {self.name} adapter"
+            )
+        return layers
+
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
+        """``(cos, sin)`` from the block's positional ``cos, sin`` (``[B, L, Dh]``), as packed rows."""
+        return super().parse_block_call(args[2:], {**kwargs, "position_embeddings": (args[0], args[1])}, state)
+
+    def context_layer(
+        self, block: nn.Module, rotary: tuple[torch.Tensor, torch.Tensor], padding_queries: torch.Tensor | None
+    ) -> PrenormLayer:
+        """The layer's parts, ``qkv`` rotating q and k with ``rotary`` (the tables of every row of
+        the context it runs on); ``padding_queries``: bool ``[Nq]``, query rows whose attention
+        output is 0 (padding), ``None``: none."""
+        attention = block.self_attn
+        heads, kv_heads = attention.num_heads_per_partition, attention.num_kv_heads_per_partition
+        head_dim, groups = attention.head_dim, heads // kv_heads
+
+        def normed(norm: nn.Module, x: torch.Tensor, count: int) -> torch.Tensor:
+            return norm(x.reshape(-1, head_dim)).reshape(x.shape[0], count, head_dim)
+
+        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            q, k, v = attention.qkv(x)
+            q = axial_rope(normed(attention.q_norm, q, heads), *rotary)
+            k = axial_rope(normed(attention.k_norm, k, kv_heads), *rotary).repeat_interleave(groups, dim=1)
+            v = normed(attention.v_norm, v, kv_heads).repeat_interleave(groups, dim=1)
+            return q.flatten(1), k.flatten(1), v.flatten(1)
+
+        def out(attended: torch.Tensor) -> torch.Tensor:
+            if padding_queries is not None:
+                attended = attended.masked_fill(padding_queries[:, None], 0.0)
+            return block.post_attention_layernorm(attention.o_proj(attended))
+
+        return PrenormLayer(
+            norm1=block.input_layernorm,
+            q=None,
+            k=None,
+            v=None,
+            out=out,
+            norm2=block.pre_feedforward_layernorm,
+            mlp=lambda x: block.post_feedforward_layernorm(block.mlp(x)),
+            num_heads=heads,
+            head_dim=head_dim,
+            scale=1.0,
+            qkv=qkv,
+        )
+
+    @staticmethod
+    def _padding_of(call: BlockCall, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """bool padding flags of the query rows (all rows, or the kept ``rows``)."""
+        state = getattr(call, "state", None)
+        if state is None or state.padding is None:
+            return None
+        return state.padding if rows is None else state.padding[rows]
+
+    def run_block(
+        self,
+        block: nn.Module,
+        forward: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        call: BlockCall,
+        config: IPCVConfig,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+        rows, cu_keys = self.key_rows(call, hidden.shape[0], cu_seqlens)
+        state = getattr(call, "state", None)
+        full_length = state is None or state.padding is None or hidden.shape[0] == state.padding.shape[0]
+        padding = self._padding_of(call, None if full_length else state.plan.keep)
+        parts = self.context_layer(block, position_embeddings, padding)
+        out = prenorm_layer(parts, hidden, hidden, None, cu_seqlens, cu_keys, config.attention_backend, rows)
+        return out * block.layer_scalar
+
+    def stabilised_block(
+        self,
+        block: nn.Module,
+        kept: torch.Tensor,
+        full: torch.Tensor,
+        plan: IPCVPlan,
+        call: BlockCall,
+        config: IPCVConfig,
+        kept_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        rows, cu_keys = self.key_rows(call, full.shape[0], call.cu_seqlens)
+        parts = self.context_layer(block, call.position_embeddings, self._padding_of(call, plan.keep))
+        out = prenorm_layer(parts, kept, full, plan.keep, kept_cu_seqlens, cu_keys, config.attention_backend, rows)
+        return out * block.layer_scalar
+
+
+def _has(module: Any, path: str) -> bool:
+    """Whether ``module.a.b...`` exists for ``path`` ``"a.b..."``."""
+    for name in path.split("."):
+        if not hasattr(module, name):
+            return False
+        module = getattr(module, name)
+    return True

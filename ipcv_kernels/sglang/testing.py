@@ -26,7 +26,7 @@ from torch import nn
 from .._validation import check_int
 
 # The families ``build_checkpoint`` saves (those of ``ipcv_kernels.vllm.testing`` that SGLang has).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat", "gemma3")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat", "gemma3", "gemma4")
 # SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
 # (the text config's, through transformers' config); transformers' vision norms use 1e-6.
 VISION_EPS = 1e-6
@@ -59,10 +59,10 @@ def build_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     check_int("seed", seed, low=0)
-    if family in ("internvl_chat", "gemma3"):
+    if family in ("internvl_chat", "gemma3", "gemma4"):  # SGLang reads these as vLLM does
         if vision or text or max_pixels is not None:
             raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
-        path = build_vllm_checkpoint(path, family, seed=seed)  # InternVL's own format: SGLang reads it as vLLM does
+        path = build_vllm_checkpoint(path, family, seed=seed)
         return _sglang_gemma3(path) if family == "gemma3" else path
     if text is not None and not isinstance(text, Mapping):
         raise TypeError(f"text must be a mapping of config fields, got {type(text).__name__}")
@@ -188,13 +188,18 @@ def encode_images(model: nn.Module, pixels: torch.Tensor, layout: Any, *, video:
     computes them.
 
     Qwen models: ``model.visual(pixels [n, C * T * p * p], grid_thw=layout [items, 3])`` (their
-    tower call carries the items). InternVL, Gemma 3: ``get_image_feature`` (``get_video_feature`` for a
+    tower call carries the items). Gemma 4: ``model.vision_tower(pixels [B, L, C p^2], layout)``
+    with ``layout`` the patch positions ``[B, L, 2]``, its pooled soft tokens ``[tokens, D]``.
+    InternVL, Gemma 3: ``get_image_feature`` (``get_video_feature`` for a
     ``video``) on one item per entry of ``layout`` (tiles, or frames, per image / video) holding
     its tiles (Gemma 3: crops) of ``pixels`` ``[tiles, 3, H, W]``, the level where SGLang knows the items; the
     features ``[tiles, T, D]`` are returned as ``[tiles * T, D]``.
     """
     if hasattr(model, "visual"):
         return model.visual(pixels, grid_thw=layout)
+    if hasattr(getattr(model, "vision_tower", None), "pooler"):  # Gemma 4: layout = patch positions
+        pooled, valid = model.vision_tower(pixels, layout)
+        return pooled[valid]
     from types import SimpleNamespace
 
     counts = [int(count) for count in layout]
@@ -290,10 +295,9 @@ def _rank_worker(
             output = encode_images(model, torch.from_numpy(pixels), torch.from_numpy(layout))
         (made,) = recorded
         result = {name: value.cpu().numpy() for name, value in made._asdict().items()}
-        block = patch.blocks[0]
-        attention = getattr(block, "attn", None) or block.self_attn  # SigLIP's layer: ``self_attn``
+        attention = getattr(patch.blocks[0], "attn", None) or patch.blocks[0].self_attn  # Gemma 4: self_attn
         attention = getattr(attention, "attn", attention)  # InternViT's layer wraps SGLang's VisionAttention
-        heads = attention.num_attention_heads_per_partition
+        heads = getattr(attention, "num_attention_heads_per_partition", None) or attention.num_heads_per_partition
         extra = {"tokens": list(patch.last_tokens_per_block), "heads": heads}
         results.put((rank, {**result, "output": output.cpu().numpy(), **extra}))
         shutdown_process()

@@ -99,6 +99,8 @@ class Family:
     recommended: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The calls whose unpatched SGLang output equals transformers' (see TRANSFORMERS_CASES).
     transformers_calls: tuple[str, ...] = CALLS
+    # Its attention takes SGLang's VisionAttentionMetadata (Gemma 4's takes a dense mask).
+    metadata: bool = True
 
 
 # -- Qwen ----------------------------------------------------------------------------------------
@@ -167,6 +169,44 @@ def internvl_attention(depth, config):
     return list(range(config.prune_layer))
 
 
+# -- Gemma 4 ----------------------------------------------------------------------------------------
+# Images of (rows, cols) patches padded to 64 rows. SGLang 0.5.23's pooler averages padding rows into
+# an image's first soft token (transformers zeroes them first), so calls with padding are compared
+# with SGLang's own tower only; "images_of_different_sizes" (three aspect ratios of 64 patches) and
+# "unpadded_image" have none and are compared with transformers too.
+GEMMA4_GRIDS = {
+    "one_image": [(6, 8)],
+    "images_of_different_sizes": [(8, 8), (4, 16), (16, 4)],
+    "video": [(6, 8), (6, 8)],  # two frames, each encoded as a row (each its own item)
+    "unpadded_image": [(8, 8)],
+}
+
+
+def gemma4_call(model, name, seed):
+    from ipcv_kernels.testing.models import gemma4_patches
+
+    grids = GEMMA4_GRIDS[name]
+    pixels, positions = gemma4_patches(grids, 64, seed=seed)
+    return Call(pixels, positions, None, name == "video", len(grids) * 64)
+
+
+def gemma4_split(call):
+    return [
+        Call(pixels[None], positions[None], None, call.video, 64)
+        for pixels, positions in zip(call.pixels, call.layout, strict=True)
+    ]
+
+
+def gemma4_tower(hf_model, call):
+    tower = hf_model.model.vision_tower
+    return tower(pixel_values=call.pixels.to(hf_model.dtype), pixel_position_ids=call.layout).last_hidden_state
+
+
+def gemma4_attention(depth, config):
+    """SGLang's own layers run before ``P``; from ``P`` on the functional layer (``ngr_attention``)."""
+    return list(range(config.prune_layer))
+
+
 def qwen(name, prefix, reference=qwen_merger, **extra):
     return Family(
         name, f"{prefix}ForConditionalGeneration", None, qwen_call, qwen_split, reference, qwen_attention, **extra
@@ -190,6 +230,18 @@ FAMILIES = {
         internvl_attention,
         attention_path="attn.attn",
         recommended=INTERNVL_RECOMMENDED,
+    ),
+    "gemma4": Family(
+        "Gemma 4",
+        "Gemma4ForConditionalGeneration",
+        None,
+        gemma4_call,
+        gemma4_split,
+        gemma4_tower,
+        gemma4_attention,
+        attention_path="self_attn",
+        transformers_calls=("images_of_different_sizes", "unpadded_image"),
+        metadata=False,
     ),
 }
 
@@ -403,6 +455,8 @@ def test_every_attention_call_gets_metadata_of_its_segments(model, family_id, na
     ``sdpa`` backend from ``cu_seqlens``: each call's metadata must describe its own segments
     (``cu_seqlens``, ``seq_lens``, ``max_seqlen``) and cover its rows, pruned blocks included."""
     family = FAMILIES[family_id]
+    if not family.metadata:
+        pytest.skip(f"{family.name}: SGLang's attention takes a dense mask, no metadata (see the next test)")
     config = ik.IPCVConfig(**{**SETTINGS, "as_layers": as_layers})
     calls: list[tuple[int, torch.Tensor, Any]] = []
     attentions = [attention_of(block, family.attention_path) for block in blocks_of(model)]
@@ -599,3 +653,44 @@ def test_gemma3_sglang_attention_runs_before_the_prune_layer_only(gemma3, as_lay
             del attention.forward
     assert len(calls) == sum(counts) * config.prune_layer
     assert all(shape[:2] == (1, CROP_ROWS) and cu is None and meta is None for shape, cu, meta in calls)
+
+
+@pytest.mark.parametrize("family_id", ["gemma4"], indirect=True)
+@pytest.mark.parametrize("as_layers", [2, 0])
+def test_gemma4_runs_sglang_attention_before_the_prune_layer_only(model, family_id, as_layers):
+    """SGLang's Gemma 4 attention (a dense padding mask, no metadata) runs in the blocks before
+    ``P`` on every row; from ``P`` on the functional layer runs (``ngr_attention`` per image)."""
+    config = ik.IPCVConfig(**{**SETTINGS, "as_layers": as_layers})
+    rows = []
+    attentions = [block.self_attn for block in blocks_of(model)]
+    for attention in attentions:
+
+        def record(x, *args, _original=attention.forward, **kwargs):
+            rows.append(x.shape[0] * x.shape[1])
+            return _original(x, *args, **kwargs)
+
+        attention.forward = record
+    try:
+        call = FAMILIES[family_id].make_call(model, "one_image", next(_fresh))
+        _, tokens, _ = encode(model, call, config)
+    finally:
+        for attention in attentions:
+            del attention.forward
+    assert rows == [call.tokens] * config.prune_layer == tokens[: config.prune_layer]
+    assert all(count < call.tokens for count in tokens[config.prune_layer :])
+
+
+@pytest.mark.parametrize("family_id", ["gemma4"], indirect=True)
+def test_gemma4_padding_reaches_sglangs_first_soft_token_unpatched(model, family_id, hf_models):
+    """Why padded Gemma 4 images are compared with SGLang's own tower only (``transformers_calls``):
+    SGLang 0.5.23's pooler averages the padding rows into the first soft token of the image
+    (``mask_pad_before_pool=False``), where transformers zeroes them. Should a later SGLang agree,
+    this fails and the padded calls join ``TRANSFORMERS_CASES``. Without padding the two agree."""
+    family = FAMILIES[family_id]
+    padded = family.make_call(model, "one_image", next(_fresh))
+    got, _, _ = encode(model, padded, None)
+    expected = family.reference(hf_models[0], padded)
+    assert (got[0] - expected[0]).abs().max().item() > TOLERANCE_FACTOR * tolerance(torch.float32).atol
+    assert_close(got[1:], expected[1:])  # the other soft tokens hold no padding row
+    image = family.make_call(model, "unpadded_image", next(_fresh))
+    assert_close(encode(model, image, None)[0], family.reference(hf_models[0], image))

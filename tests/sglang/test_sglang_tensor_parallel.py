@@ -5,7 +5,8 @@ ranks, the hidden states between blocks stay replicated, so every rank must plan
 plugin through its entry point and building the model through SGLang's loader
 (``ipcv_kernels.sglang.testing.encode_on_ranks``). Against the in-process ``tensor_parallel_size=1``
 model of the same checkpoint, for every family with an SGLang entry (InternVL: 4 vision heads, 2
-per rank, its QK norm gathering every head; Gemma 3: one crop, SigLIP's 4 heads, 2 per rank):
+per rank, its QK norm gathering every head; Gemma 3: one crop, SigLIP's 4 heads, 2 per rank; Gemma 4:
+4 heads, 2 per rank, padded images):
 
 - both ranks' plans (``keep``, ``drop``, neighbours, kept segments) are bit-identical, as are
   their token counts per block and their outputs, and each rank holds half the heads;
@@ -45,13 +46,19 @@ def images(model, family_id):
         return internvl_tiles(sum(TILES), seed=7), TILES
     if family_id == "gemma3":  # one crop: SGLang's Gemma 3 runs its tower once per crop
         return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7)), [1]
+    if family_id == "gemma4":  # patches padded to 64 rows and their positions (-1 on padding)
+        from ipcv_kernels.testing.models import gemma4_patches
+
+        return gemma4_patches([(6, 8), (10, 6), (8, 8)], 64, seed=7)
     # SGLang's Qwen3.5 model keeps its text config as ``config``: its tower's patch sizes instead.
     sizes = getattr(model.config, "vision_config", None) or model.visual.patch_embed
     kwargs, pixels = qwen_encoder_inputs(sizes, GRID, seed=7)
     return pixels, kwargs["image_grid_thw"]
 
 
-@pytest.mark.parametrize("family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat", "gemma3"])
+@pytest.mark.parametrize(
+    "family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat", "gemma3", "gemma4"]
+)
 def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, checkpoint):
     model = sglang_process(family_id, {"ipcv": SETTINGS})
     pixels, layout = images(model, family_id)
@@ -62,9 +69,9 @@ def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, chec
         assert torch.equal(first[name], second[name]), name
     assert first["tokens"] == second["tokens"]
     patch = ik.get_ipcv_patch(model)
-    block = patch.blocks[0]
-    attention = getattr(block, "attn", None) or block.self_attn  # SigLIP's layer: ``self_attn``
-    total_heads = getattr(attention, "attn", attention).num_attention_heads_per_partition
+    attention = getattr(patch.blocks[0], "attn", None) or patch.blocks[0].self_attn  # Gemma 4: self_attn
+    attention = getattr(attention, "attn", attention)
+    total_heads = getattr(attention, "num_attention_heads_per_partition", None) or attention.num_heads_per_partition
     assert first["heads"] == second["heads"] == total_heads // 2
 
     recorded = []
