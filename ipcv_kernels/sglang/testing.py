@@ -26,7 +26,7 @@ from torch import nn
 from .._validation import check_int
 
 # The families ``build_checkpoint`` saves (those of ``ipcv_kernels.vllm.testing`` that SGLang has).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat", "mistral3")
 # SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
 # (the text config's, through transformers' config); transformers' vision norms use 1e-6.
 VISION_EPS = 1e-6
@@ -58,9 +58,9 @@ def build_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     check_int("seed", seed, low=0)
-    if family == "internvl_chat":  # InternVL's own format: SGLang reads it as vLLM does
+    if family in ("internvl_chat", "mistral3"):  # SGLang reads these as vLLM does
         if vision or text or max_pixels is not None:
-            raise ValueError("vision, text and max_pixels apply to the Qwen families only, not to internvl_chat")
+            raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
         return build_vllm_checkpoint(path, family, seed=seed)
     if text is not None and not isinstance(text, Mapping):
         raise TypeError(f"text must be a mapping of config fields, got {type(text).__name__}")
@@ -154,11 +154,17 @@ def encode_images(model: nn.Module, pixels: torch.Tensor, layout: Any, *, video:
     tower call carries the items). InternVL: ``get_image_feature`` (``get_video_feature`` for a
     ``video``) on one item per entry of ``layout`` (tiles, or frames, per image / video) holding
     its tiles of ``pixels`` ``[tiles, 3, H, W]``, the level where SGLang knows the items; the
-    features ``[tiles, T, D]`` are returned as ``[tiles * T, D]``.
+    features ``[tiles, T, D]`` are returned as ``[tiles * T, D]``. Mistral 3: ``get_image_feature``
+    of one item holding the zero-padded images ``pixels`` ``[B, 3, H, W]`` and their sizes
+    ``layout`` ``[B, 2]`` (one tower call), the projected features ``[tokens, D]``.
     """
+    from types import SimpleNamespace
+
     if hasattr(model, "visual"):
         return model.visual(pixels, grid_thw=layout)
-    from types import SimpleNamespace
+    if hasattr(model, "multi_modal_projector"):  # Mistral 3: one item of images [B, 3, H, W], image_sizes
+        item = SimpleNamespace(feature=pixels, image_sizes=[tuple(int(v) for v in size) for size in layout])
+        return model.get_image_feature([item])
 
     counts = [int(count) for count in layout]
     items = [SimpleNamespace(feature=tiles) for tiles in pixels.split(counts)]
@@ -253,7 +259,8 @@ def _rank_worker(
             output = encode_images(model, torch.from_numpy(pixels), torch.from_numpy(layout))
         (made,) = recorded
         result = {name: value.cpu().numpy() for name, value in made._asdict().items()}
-        attention = patch.blocks[0].attn
+        block = patch.blocks[0]
+        attention = block.attn if hasattr(block, "attn") else block.attention  # Pixtral's: ``attention``
         attention = getattr(attention, "attn", attention)  # InternViT's layer wraps SGLang's VisionAttention
         heads = attention.num_attention_heads_per_partition
         extra = {"tokens": list(patch.last_tokens_per_block), "heads": heads}

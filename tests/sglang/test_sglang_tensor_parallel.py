@@ -39,15 +39,24 @@ PLAN_FIELDS = IPCVPlan._fields
 _ports = itertools.count(29641, 7)
 
 
+PIXTRAL_SIZES = [(16, 24), (24, 16), (32, 32)]  # Mistral 3: images at their own size
+
+
 def images(model, family_id):
     """``(pixels, layout)`` of three images of different sizes (``encode_images``' arguments)."""
     if family_id == "internvl_chat":
         return internvl_tiles(sum(TILES), seed=7), TILES
+    if family_id == "mistral3":  # zero-padded to one batch, with their sizes
+        generator = torch.Generator().manual_seed(7)
+        pixels = torch.zeros(len(PIXTRAL_SIZES), 3, 32, 32)
+        for image, (height, width) in zip(pixels, PIXTRAL_SIZES, strict=True):
+            image[:, :height, :width] = torch.randn(3, height, width, generator=generator)
+        return pixels, torch.tensor(PIXTRAL_SIZES)
     kwargs, pixels = qwen_encoder_inputs(model.config.vision_config, GRID, seed=7)
     return pixels, kwargs["image_grid_thw"]
 
 
-@pytest.mark.parametrize("family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat"])
+@pytest.mark.parametrize("family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl_chat", "mistral3"])
 def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, checkpoint):
     model = sglang_process(family_id, {"ipcv": SETTINGS})
     pixels, layout = images(model, family_id)
@@ -58,7 +67,8 @@ def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, chec
         assert torch.equal(first[name], second[name]), name
     assert first["tokens"] == second["tokens"]
     patch = ik.get_ipcv_patch(model)
-    attention = patch.blocks[0].attn
+    block = patch.blocks[0]
+    attention = block.attn if hasattr(block, "attn") else block.attention  # Pixtral's: ``attention``
     total_heads = getattr(attention, "attn", attention).num_attention_heads_per_partition
     assert first["heads"] == second["heads"] == total_heads // 2
 
