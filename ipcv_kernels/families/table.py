@@ -533,6 +533,9 @@ FAMILIES: tuple[Family, ...] = (
             {"Mistral3ForConditionalGeneration": "vllm.model_executor.models.mistral3"},
             {"Mistral3ForConditionalGeneration": "vision_tower"},
         ),
+        sglang=SGLangClasses(
+            f"{SGLANG_ADAPTERS}:SGLangPixtralAdapter", {"Mistral3ForConditionalGeneration": "vision_tower"}
+        ),
         tiny_tower=TinyTower(
             "pixtral.modeling_pixtral", "PixtralVisionConfig", "PixtralVisionModel", tiny.PIXTRAL_VISION
         ),

@@ -63,6 +63,7 @@ from ..engine import BlockCall, ForwardState, IPCVPatch, read_blocks
 from ..engine.batched import PrenormLayer, prenorm_layer
 from ..models.clip_vit import ClipViTAdapter
 from ..models.gemma4 import Gemma4Adapter, axial_rope
+from ..models.pixtral import PixtralAdapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 from ..vllm.adapters import VLLMInternVLChatAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
@@ -627,3 +628,99 @@ def _has(module: Any, path: str) -> bool:
             return False
         module = getattr(module, name)
     return True
+
+
+class SGLangPixtralAdapter(PixtralAdapter):
+    """SGLang's ``PixtralHFVisionModel`` (``pixtral.py``): the ``vision_tower`` of
+    ``Mistral3ForConditionalGeneration`` (``mistral.py``).
+
+    **The call** is transformers' (``ipcv_kernels.models.pixtral``): ``tower(pixel_values [B, C,
+    H, W], image_sizes)``, every image cut to its size and all of them packed into one sequence
+    ``[1, n, D]``; its layers take ``(hidden, attention_mask, position_embeddings)`` with
+    transformers' block-diagonal additive mask (``cu_seqlens=None`` and no
+    ``VisionAttentionMetadata``: SGLang's ``VisionAttention`` attends with the mask) and the 2-D
+    rotary tables ``(cos, sin)`` ``[n, Dh]``. Items: the images; segments: one per image.
+
+    **Blocks.** Pruned blocks run SGLang's own layer on the kept rows with the mask rebuilt over
+    each image's kept rows (as in transformers). The attention-stabilisation blocks run
+    ``qkv_proj`` on every row (the rank's ``[q | k | v]``), ``ngr_attention`` with the kept rows as
+    queries (rotary at their positions) over every key of the same image, then ``proj``
+    (row-parallel: all-reduces under tensor parallelism), ``ffn_norm`` and ``feed_forward``.
+
+    **Read layer.** ``get_image_feature`` reads the tower's output (``vision_feature_layer=-1``)
+    or ``hidden_states[vision_feature_layer]``: a wrapper passes it on as the call's read block.
+    The ViT CUDA graph is refused.
+    """
+
+    name = "sglang_pixtral"
+    BLOCK_PARTS: tuple[str, ...] = ("attention_norm", "ffn_norm", "feed_forward", "attention")
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        if vit_cuda_graph_enabled():
+            check_tower(tower)  # raises the CUDA-graph refusal
+        layers = _follow(tower, "transformer.layers")
+        missing = [] if isinstance(layers, nn.ModuleList) and len(layers) else ["transformer.layers"]
+        if not missing:
+            missing += [name for name in self.BLOCK_PARTS if not hasattr(layers[0], name)]
+        if not missing:
+            missing += [f"attention.{name}" for name in ATTENTION_FIELDS if not hasattr(layers[0].attention, name)]
+        if not hasattr(tower, "patch_size"):
+            missing.append("patch_size")
+        if missing:
+            raise TypeError(
+                f"SGLang's {type(tower).__name__} lacks {', '.join(missing)}: this SGLang version is not supported "
+                f"by IPCV's adapter (tested with SGLang {TESTED_VERSION})"
+            )
+        self._patch_size = int(tower.patch_size)
+        return layers
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        """Wrap the model's ``get_image_feature``: it tells the tower call its read block."""
+        model = self.model
+        if model is not None and getattr(model, "vision_tower", None) is patch.tower:
+            patch.wrap(model, "get_image_feature", functools.partial(self._read_layer, patch, model))
+
+    @staticmethod
+    def _read_layer(patch: IPCVPatch, model: nn.Module, inner: Callable[..., Any]) -> Callable[..., Any]:
+        def get_image_feature(*args: Any, **kwargs: Any) -> Any:
+            layer = getattr(model, "vision_feature_layer", -1)
+            with patch.hinted(read_blocks=read_blocks(layer, patch.depth)):
+                return inner(*args, **kwargs)
+
+        return get_image_feature
+
+    def stabilised_block(
+        self,
+        block: nn.Module,
+        kept: torch.Tensor,
+        full: torch.Tensor,
+        plan: IPCVPlan,
+        call: BlockCall,
+        config: IPCVConfig,
+        kept_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queries of the kept rows ``[Nk, D]``, keys / values of every row of ``full`` ``[n, D]``
+        (this rank's heads), per image; returns the kept rows ``[Nk, D]`` of the block's output."""
+        if plan.drop.shape[0] == 0:  # nothing dropped: the model's own layer (see PixtralAdapter)
+            return super().stabilised_block(block, kept, full, plan, call, config, kept_cu_seqlens)
+        attention = block.attention
+        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
+        kv_heads = attention.kv_size // head_dim
+        qkv, _ = attention.qkv_proj(block.attention_norm(full))  # every row: see the module docstring
+        q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+        n = full.shape[0]
+        attended = ngr_attention(
+            q.reshape(n, heads, head_dim),
+            k.reshape(n, kv_heads, head_dim),
+            v.reshape(n, kv_heads, head_dim),
+            kept_cu_seqlens,
+            call.cu_seqlens.to(device=full.device, dtype=torch.int32),
+            softmax_scale=getattr(attention, "softmax_scale", None),
+            backend=config.attention_backend,
+            rotary=call.position_embeddings,
+            q_rows=plan.keep,
+            skip_check=True,
+        )
+        projected, _ = attention.proj(attended.reshape(kept.shape[0], -1))
+        hidden = kept + projected
+        return hidden + block.feed_forward(block.ffn_norm(hidden))

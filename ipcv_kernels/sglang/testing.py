@@ -26,7 +26,7 @@ from torch import nn
 from .._validation import check_int
 
 # The families ``build_checkpoint`` saves (those of ``ipcv_kernels.vllm.testing`` that SGLang has).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat", "gemma3", "gemma4")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat", "gemma3", "gemma4", "mistral3")
 # SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
 # (the text config's, through transformers' config); transformers' vision norms use 1e-6.
 VISION_EPS = 1e-6
@@ -59,7 +59,7 @@ def build_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     check_int("seed", seed, low=0)
-    if family in ("internvl_chat", "gemma3", "gemma4"):  # SGLang reads these as vLLM does
+    if family in ("internvl_chat", "gemma3", "gemma4", "mistral3"):  # SGLang reads these as vLLM does
         if vision or text or max_pixels is not None:
             raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
         path = build_vllm_checkpoint(path, family, seed=seed)
@@ -193,14 +193,20 @@ def encode_images(model: nn.Module, pixels: torch.Tensor, layout: Any, *, video:
     InternVL, Gemma 3: ``get_image_feature`` (``get_video_feature`` for a
     ``video``) on one item per entry of ``layout`` (tiles, or frames, per image / video) holding
     its tiles (Gemma 3: crops) of ``pixels`` ``[tiles, 3, H, W]``, the level where SGLang knows the items; the
-    features ``[tiles, T, D]`` are returned as ``[tiles * T, D]``.
+    features ``[tiles, T, D]`` are returned as ``[tiles * T, D]``. Mistral 3: ``get_image_feature``
+    of one item holding the zero-padded images ``pixels`` ``[B, 3, H, W]`` and their sizes
+    ``layout`` ``[B, 2]`` (one tower call), the projected features ``[tokens, D]``.
     """
+    from types import SimpleNamespace
+
     if hasattr(model, "visual"):
         return model.visual(pixels, grid_thw=layout)
     if hasattr(getattr(model, "vision_tower", None), "pooler"):  # Gemma 4: layout = patch positions
         pooled, valid = model.vision_tower(pixels, layout)
         return pooled[valid]
-    from types import SimpleNamespace
+    if type(model).__name__ == "Mistral3ForConditionalGeneration":  # one item of images [B, 3, H, W], sizes
+        item = SimpleNamespace(feature=pixels, image_sizes=[tuple(int(v) for v in size) for size in layout])
+        return model.get_image_feature([item])
 
     counts = [int(count) for count in layout]
     items = [SimpleNamespace(feature=tiles) for tiles in pixels.split(counts)]
@@ -295,7 +301,9 @@ def _rank_worker(
             output = encode_images(model, torch.from_numpy(pixels), torch.from_numpy(layout))
         (made,) = recorded
         result = {name: value.cpu().numpy() for name, value in made._asdict().items()}
-        attention = getattr(patch.blocks[0], "attn", None) or patch.blocks[0].self_attn  # Gemma 4: self_attn
+        block = patch.blocks[0]
+        # Qwen / InternViT: ``attn``; Pixtral: ``attention``; SigLIP, Gemma 4: ``self_attn``.
+        attention = next(getattr(block, name) for name in ("attn", "attention", "self_attn") if hasattr(block, name))
         attention = getattr(attention, "attn", attention)  # InternViT's layer wraps SGLang's VisionAttention
         heads = getattr(attention, "num_attention_heads_per_partition", None) or attention.num_heads_per_partition
         extra = {"tokens": list(patch.last_tokens_per_block), "heads": heads}

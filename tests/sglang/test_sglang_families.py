@@ -99,7 +99,10 @@ class Family:
     recommended: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The calls whose unpatched SGLang output equals transformers' (see TRANSFORMERS_CASES).
     transformers_calls: tuple[str, ...] = CALLS
-    # Its attention takes SGLang's VisionAttentionMetadata (Gemma 4's takes a dense mask).
+    # The calls the family's tower takes (Mistral 3: images only).
+    calls: tuple[str, ...] = CALLS
+    # Whether SGLang's blocks attend with ``cu_seqlens`` and ``VisionAttentionMetadata`` (else
+    # with a mask: Gemma 4's dense padding mask, Mistral 3's block-diagonal one).
     metadata: bool = True
 
 
@@ -207,6 +210,34 @@ def gemma4_attention(depth, config):
     return list(range(config.prune_layer))
 
 
+# -- Mistral 3 (Pixtral) -------------------------------------------------------------------------
+# Images at their own size (4-pixel patches, 2 x 2 merged after the tower), zero-padded to one batch.
+PIXTRAL_SIZES = {"one_image": [(16, 24)], "images_of_different_sizes": [(16, 24), (24, 16), (8, 16), (32, 32)]}
+
+
+def pixtral_call(model, name, seed):
+    sizes = PIXTRAL_SIZES[name]
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    for image, (height, width) in zip(pixels, sizes, strict=True):
+        image[:, :height, :width] = torch.randn(3, height, width, generator=generator)
+    layout = torch.tensor(sizes)
+    return Call(pixels, layout, layout, False, sum(h * w for h, w in sizes) // 16)
+
+
+def pixtral_split(call):
+    return [
+        Call(call.pixels[i : i + 1, :, :h, :w], call.layout[i : i + 1], call.layout[i : i + 1], False, h * w // 16)
+        for i, (h, w) in enumerate(call.layout.tolist())
+    ]
+
+
+def pixtral_features(hf_model, call):
+    """transformers' projected image features of every image, concatenated."""
+    images = hf_model.model.get_image_features(pixel_values=call.pixels.to(hf_model.dtype), image_sizes=call.layout)
+    return torch.cat(images.pooler_output)
+
+
 def qwen(name, prefix, reference=qwen_merger, **extra):
     return Family(
         name, f"{prefix}ForConditionalGeneration", None, qwen_call, qwen_split, reference, qwen_attention, **extra
@@ -243,6 +274,20 @@ FAMILIES = {
         transformers_calls=("images_of_different_sizes", "unpadded_image"),
         metadata=False,
     ),
+    # Pixtral: images packed into one sequence, SGLang's attention with a block-diagonal mask.
+    "mistral3": Family(
+        "Mistral 3",
+        "Mistral3ForConditionalGeneration",
+        None,
+        pixtral_call,
+        pixtral_split,
+        pixtral_features,
+        qwen_attention,
+        attention_path="attention",
+        transformers_calls=tuple(PIXTRAL_SIZES),
+        calls=tuple(PIXTRAL_SIZES),
+        metadata=False,
+    ),
 }
 
 
@@ -251,6 +296,8 @@ FAMILIES = {
 # for videos (``test_qwen2_5_vl_videos_differ_from_transformers_unpatched``), so a Qwen2.5-VL video
 # is compared with SGLang's own tower only (ratio 0, batching, metadata), never with transformers.
 TRANSFORMERS_CASES = [(family_id, name) for family_id, family in FAMILIES.items() for name in family.transformers_calls]
+# Every call each family's tower takes.
+CASES = [(family_id, name) for family_id, family in FAMILIES.items() for name in family.calls]
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES), ids=list(FAMILIES))
@@ -353,7 +400,7 @@ def test_missing_keys_take_the_recommended_setting(family_id, sglang_process):
     assert ik.get_ipcv_patch(model).config == expected == ik.recommended_config(model, **given)
 
 
-@pytest.mark.parametrize("name", CALLS)
+@pytest.mark.parametrize(("family_id", "name"), CASES, indirect=["family_id"])
 def test_ratio_zero_equals_unpatched(model, family_id, name):
     call = FAMILIES[family_id].make_call(model, name, next(_fresh))
     expected, _, _ = encode(model, call, None)
@@ -449,11 +496,13 @@ def attention_of(block, path):
 
 
 @pytest.mark.parametrize("as_layers", [2, 0])
-@pytest.mark.parametrize("name", CALLS)
+@pytest.mark.parametrize(("family_id", "name"), CASES, indirect=["family_id"])
 def test_every_attention_call_gets_metadata_of_its_segments(model, family_id, name, as_layers):
     """SGLang's GPU attention backends read their segments from ``forward_metadata``, the CPU
     ``sdpa`` backend from ``cu_seqlens``: each call's metadata must describe its own segments
-    (``cu_seqlens``, ``seq_lens``, ``max_seqlen``) and cover its rows, pruned blocks included."""
+    (``cu_seqlens``, ``seq_lens``, ``max_seqlen``) and cover its rows, pruned blocks included.
+    Mistral 3's Pixtral attends with a block-diagonal ``attention_mask`` instead (no segments, no
+    metadata): each call's mask must cover its rows and be block-diagonal over the call's images."""
     family = FAMILIES[family_id]
     if not family.metadata:
         pytest.skip(f"{family.name}: SGLang's attention takes a dense mask, no metadata (see the next test)")
@@ -463,7 +512,8 @@ def test_every_attention_call_gets_metadata_of_its_segments(model, family_id, na
     for attention in attentions:
 
         def record(x, *args, _original=attention.forward, **kwargs):
-            calls.append((x.shape[0] * x.shape[1], kwargs["cu_seqlens"], kwargs["forward_metadata"]))
+            segments = kwargs["cu_seqlens"] if family.metadata else kwargs["attention_mask"]
+            calls.append((x.shape[0] * x.shape[1], segments, kwargs.get("forward_metadata")))
             return _original(x, *args, **kwargs)
 
         attention.forward = record
@@ -475,6 +525,13 @@ def test_every_attention_call_gets_metadata_of_its_segments(model, family_id, na
     expected_blocks = family.own_attention(len(attentions), config)
     assert [rows for rows, _, _ in calls] == [tokens[i] for i in expected_blocks]
     assert any(i >= config.prune_layer for i in expected_blocks) == (family_id != "internvl_chat")
+    if not family.metadata:
+        for rows, mask, metadata in calls:
+            assert metadata is None and mask.shape == (1, 1, rows, rows)
+            allowed = mask[0, 0] == 0
+            first = allowed.int().argmax(-1)  # each row's image: the first row it may attend to
+            assert torch.equal(allowed, first[:, None] == first[None, :])
+        return
     for rows, cu_seqlens, metadata in calls:
         cu_seqlens = torch.as_tensor(cu_seqlens).to(torch.int32)
         assert metadata is not None

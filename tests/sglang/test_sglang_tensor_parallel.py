@@ -40,6 +40,9 @@ PLAN_FIELDS = IPCVPlan._fields
 _ports = itertools.count(29641, 7)
 
 
+PIXTRAL_SIZES = [(16, 24), (24, 16), (32, 32)]  # Mistral 3: images at their own size
+
+
 def images(model, family_id):
     """``(pixels, layout)`` of three images of different sizes (``encode_images``' arguments)."""
     if family_id == "internvl_chat":
@@ -50,6 +53,12 @@ def images(model, family_id):
         from ipcv_kernels.testing.models import gemma4_patches
 
         return gemma4_patches([(6, 8), (10, 6), (8, 8)], 64, seed=7)
+    if family_id == "mistral3":  # zero-padded to one batch, with their sizes
+        generator = torch.Generator().manual_seed(7)
+        pixels = torch.zeros(len(PIXTRAL_SIZES), 3, 32, 32)
+        for image, (height, width) in zip(pixels, PIXTRAL_SIZES, strict=True):
+            image[:, :height, :width] = torch.randn(3, height, width, generator=generator)
+        return pixels, torch.tensor(PIXTRAL_SIZES)
     # SGLang's Qwen3.5 model keeps its text config as ``config``: its tower's patch sizes instead.
     sizes = getattr(model.config, "vision_config", None) or model.visual.patch_embed
     kwargs, pixels = qwen_encoder_inputs(sizes, GRID, seed=7)
@@ -57,7 +66,7 @@ def images(model, family_id):
 
 
 @pytest.mark.parametrize(
-    "family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat", "gemma3", "gemma4"]
+    "family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat", "gemma3", "gemma4", "mistral3"]
 )
 def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, checkpoint):
     model = sglang_process(family_id, {"ipcv": SETTINGS})
@@ -69,7 +78,9 @@ def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, chec
         assert torch.equal(first[name], second[name]), name
     assert first["tokens"] == second["tokens"]
     patch = ik.get_ipcv_patch(model)
-    attention = getattr(patch.blocks[0], "attn", None) or patch.blocks[0].self_attn  # Gemma 4: self_attn
+    block = patch.blocks[0]
+    # Qwen / InternViT: ``attn``; Pixtral: ``attention``; SigLIP, Gemma 4: ``self_attn``.
+    attention = next(getattr(block, name) for name in ("attn", "attention", "self_attn") if hasattr(block, name))
     attention = getattr(attention, "attn", attention)
     total_heads = getattr(attention, "num_attention_heads_per_partition", None) or attention.num_heads_per_partition
     assert first["heads"] == second["heads"] == total_heads // 2
