@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles.serial import hammer
 from oracles.towers import ipcv_tower_oracle
 
 import ipcv_kernels as ik
@@ -189,6 +190,21 @@ def test_tiny_tower_batch_equals_its_images_alone(family_id):
         together = calls.forward(batch)
         alone = torch.cat([calls.forward(inputs) for inputs in split_inputs(calls, batch, cases)])
     assert_close(together, alone)
+
+
+@pytest.mark.parametrize("family_id", WITH_TOWER)
+def test_tiny_tower_concurrent_calls_equal_serial_calls(family_id):
+    """Two threads calling one patched tower at once, with images of different sizes, get exactly
+    what the same calls give one after the other (a patched model is as re-entrant as the
+    unpatched one)."""
+    tower = build_tower(family_id)
+    calls = tower_calls(tower)
+    cpu = torch.device("cpu")
+    inputs = [
+        calls.inputs(calls.parse_case(text), seed, cpu, torch.float32) for seed, text in enumerate(two_images(calls))
+    ]
+    with ik.ipcv_applied(tower, PRUNING):
+        hammer([lambda one=one: calls.forward(one) for one in inputs], rounds=3)
 
 
 # -- the tools on every row -------------------------------------------------------------------------

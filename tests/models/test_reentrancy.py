@@ -10,11 +10,11 @@ libraries' wrappers of the same modules.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import pytest
 import torch
+from oracles.serial import hammer, last_state
 from oracles.towers import build_model, build_tower, internvl_inputs, internvl_tiles, tower_call
 
 import ipcv_kernels as ik
@@ -28,14 +28,9 @@ from ipcv_kernels.testing.models import (
 )
 
 CONFIG = ik.IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=3)
-ROUNDS = 6
 # Grids of the same total size (a plan of one call would fit the other's tensors) and of another.
 SAME_SIZE = ([[1, 4, 6]], [[1, 6, 4]])
 OTHER_SIZE = ([[1, 4, 6]], [[2, 4, 4], [1, 2, 4]])
-
-
-def last_state(output) -> torch.Tensor:
-    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output
 
 
 def qwen_calls(family: str, grids) -> tuple[torch.nn.Module, list[Callable[[], object]]]:
@@ -51,36 +46,6 @@ def internvl_calls(tile_counts) -> tuple[torch.nn.Module, list[Callable[[], obje
     tower = build_tower("internvl")
     tiles = [internvl_tiles(count, seed=seed) for seed, count in enumerate(tile_counts)]
     return tower, [lambda t=t: tower(pixel_values=t) for t in tiles]
-
-
-def hammer(calls: list[Callable[[], object]]) -> None:
-    """Run every call serially, then ``ROUNDS`` times each from its own thread, all at once; every
-    concurrent output must equal its serial one exactly."""
-    with torch.no_grad():
-        expected = [last_state(call()) for call in calls]
-    barrier = threading.Barrier(len(calls))
-    results: dict[int, list[torch.Tensor]] = {index: [] for index in range(len(calls))}
-    errors: list[BaseException] = []
-
-    def worker(index: int) -> None:
-        try:
-            barrier.wait()
-            with torch.no_grad():
-                for _ in range(ROUNDS):
-                    results[index].append(last_state(calls[index]()))
-        except BaseException as error:  # reported in the main thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(index,)) for index in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
-    for index, outputs in results.items():
-        assert len(outputs) == ROUNDS
-        for output in outputs:
-            assert torch.equal(output, expected[index])
 
 
 @pytest.mark.parametrize("grids", [SAME_SIZE, OTHER_SIZE], ids=["same_size", "other_size"])

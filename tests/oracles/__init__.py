@@ -3,4 +3,5 @@
 - ``oracles.spec``: the Qwen2-VL tower oracle (``ipcv_oracle``), built from the tower's sub-modules.
 - ``oracles.towers``: tiny Qwen2.5-VL / Qwen3-VL / InternVL models and their tower oracle
   (``ipcv_tower_oracle``).
+- ``oracles.serial``: concurrent calls against the same calls made one after the other (``hammer``).
 """
