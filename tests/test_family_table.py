@@ -2,8 +2,8 @@
 being added: its structure; its tiny full model at ratio 0 (equal to the unpatched model, exactly but for
 round-off where padding is masked), with a
 pruning setting (generate runs, remove is exact); its tiny tower against the independent float64
-spec oracle and as a batch equal to its items alone, both called as its call kind calls it; the
-bench on it with its checks. The fidelity tool (``fidelity/test_fidelity``: every preset, one per
+spec oracle, as a batch equal to its items alone and from two threads at once equal to serial
+calls, all called as its call kind calls it; the bench on it with its checks. The fidelity tool (``fidelity/test_fidelity``: every preset, one per
 row with a tiny tower), the lmms-eval plugin (``models/test_lmms_eval_adapter``: every row with a
 tiny model) and vLLM (``vllm/test_vllm_families``: every row with a vLLM entry) iterate the same
 table.
