@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from oracles.rows import row_params
 
 from ipcv_kernels import families
 from ipcv_kernels.__main__ import main
@@ -23,6 +24,7 @@ from ipcv_kernels.flops import (
     idefics3_flops,
     internvl_flops,
     kimi_k25_flops,
+    onevision1_5_flops,
     predicted_speedup,
     qwen2_5_vl_flops,
     qwen2_vl_flops,
@@ -40,6 +42,7 @@ CASES = {
     "qwen3_vl": ("8x8", "8x16*2", "8x8@4"),
     "internvl": ("16x16", "32x32*2"),
     "kimi_k25": ("8x8", "8x16*2", "8x8@4"),
+    "llava_onevision1_5": ("8x8", "8x16*2", "8x8@4"),
 }
 TILE_CASES = ("32x32", "64x64*2")
 
@@ -51,6 +54,8 @@ def expected_flops(kind, calls, case, config):
         return qwen[kind](config_, case.grid_thw, config)
     if kind == "kimi_k25":
         return kimi_k25_flops(config_, case.grid_thw, config)
+    if kind == "llava_onevision1_5":
+        return onevision1_5_flops(config_, case.grid_thw, config)
     if kind == "internvl":
         return internvl_flops(config_, case.tiles_per_image, config, image_size=tuple(config_.image_size))
     if kind in ("idefics3", "smolvlm"):  # sub-images without padding (32-pixel multiples)
@@ -58,7 +63,7 @@ def expected_flops(kind, calls, case, config):
     return clip_vit_flops(config_, case.tiles_per_image, config)
 
 
-@pytest.mark.parametrize("kind", families.BUILT_TOWERS)
+@pytest.mark.parametrize("kind", row_params(families.BUILT_TOWERS))
 def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(kind):
     tower = families.build_tower(kind)
     calls = tower_calls(tower)
@@ -96,7 +101,7 @@ def test_tile_towers_group_the_tiles_of_an_image_into_one_item():
     assert clip.parse_case("32x32").tokens == 17 and clip.default_cases() == ("32x32",)
 
 
-@pytest.mark.parametrize("family", families.BUILT_FAMILIES)
+@pytest.mark.parametrize("family", row_params(families.BUILT_FAMILIES))
 def test_model_flag_loads_the_tower_of_every_family_through_the_family_table(family, tmp_path):
     model = families.build_model(family)
     model.save_pretrained(tmp_path)
@@ -144,7 +149,9 @@ PRESET_TOKENS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(presets()))
+@pytest.mark.parametrize(
+    "name", row_params((name, presets()[name][1].tower or presets()[name][0].id) for name in sorted(presets()))
+)
 def test_family_presets_build_with_their_real_shapes(name):
     config = vision_config_from_preset(name)
     tower = build_tower(config, dtype=torch.float32, device=torch.device("meta"))
