@@ -641,3 +641,27 @@ def kimi_k25_flops(
         config,
         patch_dim=3 * c.patch_size * c.patch_size,
     )
+
+
+def onevision1_5_flops(
+    vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None
+) -> FlopReport:
+    """``vit_flops`` for a ``LlavaOnevision15VisionConfig`` (RICE-ViT) and ``grid_thw`` rows: one
+    segment of ``h * w + 1`` rows per image or frame (its CLS row, pinned, then its patches), the
+    patch embedding ``C * p * p`` (no temporal patches), and Qwen2-VL's PatchMerger on the patch
+    rows (the tower drops the CLS rows before it; the model counts it over all rows, CLS rows
+    included, an over-count of ``1 / (h * w)``). The CLS rows' own embedding (elementwise) is not
+    counted."""
+    c = vision_config
+    return vit_flops(
+        c.depth,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        [[int(h) * int(w) + 1] * int(t) for t, h, w in grid_thw],
+        config,
+        patch_dim=c.in_channels * c.patch_size * c.patch_size,
+        merger_out=c.out_hidden_size,
+        spatial_merge=c.spatial_merge_size,
+        pinned_per_segment=1,
+    )

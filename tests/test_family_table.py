@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles.rows import row_params
 from oracles.serial import hammer
 from oracles.towers import ipcv_tower_oracle
 
@@ -26,8 +27,8 @@ from ipcv_kernels.families.row import PATCHES, SUB_IMAGES
 from ipcv_kernels.testing import assert_close
 
 ROWS = {row.id: row for row in FAMILIES}
-WITH_MODEL = [row.id for row in FAMILIES if row.tiny_model is not None]
-WITH_TOWER = [row.id for row in FAMILIES if row.tiny_tower is not None]
+WITH_MODEL = row_params(row.id for row in FAMILIES if row.tiny_model is not None)
+WITH_TOWER = row_params(row.id for row in FAMILIES if row.tiny_tower is not None)
 RATIO_ZERO = ik.IPCVConfig(prune_layer=2, ratio=0.0, as_layers=2, num_neighbors=4)
 PRUNING = ik.IPCVConfig(prune_layer=2, ratio=0.5, as_layers=1, num_neighbors=3)
 ORACLE = dict(prune_layer=2, ratio=0.6, as_layers=2, num_neighbors=3)
@@ -59,6 +60,7 @@ def joined(cases: list[Case]) -> Case:
         sum((case.tiles_per_image for case in cases), ()),
         cases[0].tile_tokens,
         sum((case.tile_real for case in cases), ()),
+        cases[0].frame_cls,
     )
 
 
@@ -67,7 +69,7 @@ def split_inputs(calls: TowerCalls, batch: tuple[Case, tuple], cases: list[Case]
     _, tensors = batch
     if isinstance(calls, GridCalls):
         pixels, grid = tensors
-        sizes = [case.tokens for case in cases]
+        sizes = [case.patches for case in cases]
         return [
             (case, (part, grid[i : i + 1]))
             for i, (case, part) in enumerate(zip(cases, pixels.split(sizes), strict=True))
@@ -80,7 +82,14 @@ def split_inputs(calls: TowerCalls, batch: tuple[Case, tuple], cases: list[Case]
 def oracle_layout(calls: TowerCalls, case: Case, inputs: tuple) -> tuple[list[int], set[int], set[int]]:
     """``(items, pinned rows, key-padding rows)`` of a call, in the rows its blocks see."""
     if isinstance(calls, GridCalls):
-        return [t * h * w for t, h, w in case.grid_thw], set(), set()
+        # A CLS row before every frame where the tower prepends one (pinned).
+        frames = [h * w + case.frame_cls for t, h, w in case.grid_thw for _ in range(t)]
+        starts = [sum(frames[:i]) for i in range(len(frames))]
+        return (
+            [t * (h * w + case.frame_cls) for t, h, w in case.grid_thw],
+            set(starts) if case.frame_cls else set(),
+            set(),
+        )
     items = [tiles * case.tile_tokens for tiles in case.tiles_per_image]
     if isinstance(calls, PatchCalls):  # padding rows: position -1
         padding = (inputs[1] == -1).all(-1).flatten().nonzero().flatten().tolist()
@@ -150,7 +159,9 @@ def test_tiny_model_ratio_zero_equals_unpatched_pruning_generates_remove_exact(f
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
 
 
-@pytest.mark.parametrize("family_id", [row.id for row in FAMILIES if row.hf is not None and row.hf.llm_refusal])
+@pytest.mark.parametrize(
+    "family_id", row_params(row.id for row in FAMILIES if row.hf is not None and row.hf.llm_refusal)
+)
 def test_llm_pruners_are_refused_where_the_row_says(family_id):
     model = build_model(family_id)
     inputs = ROWS[family_id].tiny_model.prompt(model, 1, 0)

@@ -40,7 +40,7 @@ import importlib
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,8 @@ class Case:
     # Sub-image towers: (rows, columns) of real patches of every tile, in order (the rest of its
     # square grid is padding); empty: every patch real.
     tile_real: tuple[tuple[int, int], ...] = ()
+    # Qwen-style towers that prepend a CLS row to every frame (CallKind.frame_cls): 1, else 0.
+    frame_cls: int = 0
 
     @property
     def tile_padding(self) -> tuple[int, ...]:
@@ -81,7 +83,14 @@ class Case:
     @property
     def tokens(self) -> int:
         """Tokens entering the tower's blocks (patches, and CLS tokens where the tower has them)."""
-        return sum(t * h * w for t, h, w in self.grid_thw) + sum(self.tiles_per_image) * self.tile_tokens
+        frames = sum(t for t, _, _ in self.grid_thw)
+        patches = sum(t * h * w for t, h, w in self.grid_thw)
+        return patches + self.frame_cls * frames + sum(self.tiles_per_image) * self.tile_tokens
+
+    @property
+    def patches(self) -> int:
+        """Patch rows of a ``grid_thw`` case's pixels (its tokens without CLS rows)."""
+        return sum(t * h * w for t, h, w in self.grid_thw)
 
 
 def match_case(text: Any) -> tuple[int, int, int | None, int | None]:
@@ -113,11 +122,11 @@ def grid_temporal_patch(vision_config: Any) -> int:
 
 def grid_pixel_shape(vision_config: Any) -> tuple[int, ...]:
     """One patch row of a grid tower's input: Qwen's flattened ``(C * T * p * p,)``, or
-    ``(3, p, p)`` for towers without temporal patches, whose convolution takes each patch as an
-    image (Kimi-K2.5)."""
+    ``(C, p, p)`` for towers without temporal patches, whose convolution takes each patch as an
+    image (Kimi-K2.5, LLaVA-OneVision-1.5)."""
     c = vision_config
     if not hasattr(c, "temporal_patch_size"):
-        return (3, c.patch_size, c.patch_size)
+        return (getattr(c, "in_channels", 3), c.patch_size, c.patch_size)
     return (c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size,)
 
 
@@ -216,11 +225,11 @@ class GridCalls(TowerCalls):
         return self.config.patch_size * grid_merge(self.config)
 
     def parse_case(self, text: str) -> Case:
-        return parse_grid_case(text, self.config)
+        return replace(parse_grid_case(text, self.config), frame_cls=int(self.family.kind.frame_cls))
 
     def inputs(self, case: Case, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[Case, tuple]:
         generator = torch.Generator().manual_seed(seed)
-        pixels = torch.randn(case.tokens, *grid_pixel_shape(self.config), generator=generator).to(device, dtype)
+        pixels = torch.randn(case.patches, *grid_pixel_shape(self.config), generator=generator).to(device, dtype)
         return case, (pixels, torch.tensor(case.grid_thw, dtype=torch.int64, device=device))
 
     def forward(self, inputs: tuple[Case, tuple]) -> torch.Tensor:

@@ -13,6 +13,7 @@ as ``"module:Class"`` and imported on first use.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,8 @@ from ..testing.models import finish, jitter
 class CallKind:
     """How a family's tower is called and what one IPCV item is (``docs/spec.md`` §4).
 
-    name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``, ``patches``, ``images``).
+    name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``, ``patches``, ``images``,
+        ``grid_cls``).
     items: what forms one item, in words (for docs and messages).
     takes_grid_thw: the tower takes packed patches and ``grid_thw`` rows (the Qwen towers);
         otherwise it takes images ``[B, C, S, S]`` of its fixed size ``S`` (``patches``: a padded
@@ -37,6 +39,8 @@ class CallKind:
     flops_shape: what the row's FLOP model takes after the vision config, describing a call:
         ``grid_thw`` rows, ``tiles_per_image`` counts, ``padding_per_image`` (per sub-image,
         padding patches), or ``patches_per_image`` (per image, ``(padded length, real patches)``).
+    frame_cls: a ``grid_thw`` tower that prepends a CLS row to every image and video frame before
+        its blocks (pinned; LLaVA-OneVision-1.5's RICE-ViT).
     """
 
     name: str
@@ -44,6 +48,7 @@ class CallKind:
     takes_grid_thw: bool
     videos: bool
     flops_shape: str
+    frame_cls: bool = False
 
 
 GRID = CallKind("grid", "an image, or a video, given as one grid_thw row", True, True, "grid_thw")
@@ -67,7 +72,11 @@ IMAGES = CallKind(
     "images", "an image at its own resolution (a padded batch with image_sizes), one attention segment", False,
     False, "grid_thw",
 )  # fmt: skip
-CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES, IMAGES)
+GRID_CLS = CallKind(
+    "grid_cls", "an image, or a video, given as one grid_thw row; a CLS row before every frame, pinned", True, True,
+    "grid_thw", frame_cls=True,
+)  # fmt: skip
+CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES, IMAGES, GRID_CLS)
 
 
 @dataclass(frozen=True)
@@ -276,3 +285,18 @@ class Family:
     presets: dict[str, Preset] = field(default_factory=dict)
     recommended: dict[str, Any] = field(default_factory=dict)
     recommended_source: str = "IPCVConfig's defaults: the paper's Qwen2-VL-7B setting (P=3, r=0.65, A=7, k=10)"
+
+    def unavailable(self) -> str | None:
+        """Why this row's transformers models cannot be built with the installed transformers (it
+        lacks their module: LLaVA-OneVision-1.5 before 5.2x), else ``None``."""
+        if self.tiny_tower is None and self.tiny_model is None:
+            return None
+        import transformers
+
+        if self.tiny_tower is not None:
+            module = f"transformers.models.{self.tiny_tower.module.partition('.')[0]}"
+            if importlib.util.find_spec(module) is None:
+                return f"transformers {transformers.__version__} has no {module} ({self.name})"
+        if self.tiny_model is not None and not hasattr(transformers, self.tiny_model.config_class):
+            return f"transformers {transformers.__version__} has no {self.tiny_model.config_class} ({self.name})"
+        return None

@@ -174,3 +174,18 @@ MISTRAL3_PIXTRAL_VISION: dict[str, Any] = dict(
     hidden_act="silu",
     rope_parameters={"rope_type": "axial", "rope_theta": 10000.0},
 )
+
+# LLaVA-OneVision-1.5-8B's tower, RICE-ViT-L/14 (``LlavaOnevision15VisionConfig``; Deep-VLM /
+# lmms-lab LLaVA-OneVision-1.5-8B-Instruct): 24 blocks of width 1024 over 14-pixel patches, a CLS
+# row before every image or frame, 2 x 2 patches merged to the decoder's width (Qwen3-8B, 4096).
+ONEVISION1_5_8B_VISION: dict[str, Any] = dict(
+    depth=24,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_heads=16,
+    in_channels=3,
+    patch_size=14,
+    spatial_merge_size=2,
+    out_hidden_size=4096,
+    hidden_act="gelu",
+)

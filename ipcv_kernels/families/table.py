@@ -17,6 +17,7 @@ from ..models.gemma4 import Gemma4Adapter
 from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
 from ..models.kimi_k25 import KimiK25Adapter
+from ..models.llava_onevision1_5 import LlavaOnevision15Adapter
 from ..models.pixtral import PixtralAdapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
@@ -28,6 +29,7 @@ from . import shapes
 from .row import (
     CROPS,
     GRID,
+    GRID_CLS,
     IMAGES,
     PATCHES,
     SUB_IMAGES,
@@ -550,6 +552,33 @@ FAMILIES: tuple[Family, ...] = (
         presets={
             "mistral-small-3.1-24b": Preset(shapes.MISTRAL3_PIXTRAL_VISION),
             "mistral-small-3.1-24b-d8": Preset({**shapes.MISTRAL3_PIXTRAL_VISION, "num_hidden_layers": 8}),
+        },
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "llava_onevision1_5",
+        "LLaVA-OneVision-1.5",
+        GRID_CLS,
+        flops.onevision1_5_flops,
+        # In transformers after 5.19 only: its tests skip elsewhere (``Family.unavailable``).
+        hf=_hf(LlavaOnevision15Adapter, "LlavaOnevision15", "visual", ("LlavaOnevision15VisionModel",)),
+        tiny_tower=TinyTower(
+            "llava_onevision1_5.modeling_llava_onevision1_5",
+            "LlavaOnevision15VisionConfig",
+            "LlavaOnevision15VisionModel",
+            tiny.ONEVISION1_5_VISION,
+        ),
+        tiny_model=TinyModel(
+            "LlavaOnevision15Config",
+            "LlavaOnevision15ForConditionalGeneration",
+            tiny.onevision1_5_fields,
+            tiny.onevision1_5_prompt,
+            processors.onevision1_5_processor,
+        ),
+        image_processor=tiny.onevision1_5_image_processor,
+        presets={
+            "llava-onevision-1.5-8b": Preset(shapes.ONEVISION1_5_8B_VISION),
+            "llava-onevision-1.5-8b-d8": Preset({**shapes.ONEVISION1_5_8B_VISION, "depth": 8}),
         },
         recommended_source=UNTUNED,
     ),

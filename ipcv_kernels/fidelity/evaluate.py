@@ -162,6 +162,16 @@ def score(reference: torch.Tensor, actual: torch.Tensor, keep: torch.Tensor | No
     )
 
 
+def patch_rows(keep: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """The kept block rows ``keep`` of a tower that prepends a CLS row to every frame (its blocks'
+    rows: ``[CLS, patches]`` per frame of ``grid_thw``), as rows of its output, which holds the
+    patches alone (LLaVA-OneVision-1.5): the CLS rows left out, the others shifted."""
+    frames = [int(h) * int(w) + 1 for t, h, w in grid_thw.tolist() for _ in range(int(t))]
+    cls = torch.tensor([0, *frames[:-1]], dtype=torch.int64).cumsum(0).to(keep.device)
+    patches = keep[~torch.isin(keep, cls)]
+    return patches - torch.searchsorted(cls, patches, right=True)
+
+
 def features(output: Any) -> torch.Tensor:
     """The compared output of a tower call: ``last_hidden_state`` as ``[n, D]`` rows."""
     hidden = output.last_hidden_state
@@ -296,6 +306,8 @@ def evaluate_fidelity(
                 for sample, reference in zip(subject.samples, references, strict=True):
                     actual, millis = _timed(forward(sample), device, repeats)
                     keep = get_ipcv_patch(tower).last_keep
+                    if keep is not None and subject.family.kind.frame_cls:
+                        keep = patch_rows(keep, sample.grid_thw)
                     scores.append(score(reference, actual, keep))
                     wall_ms += millis
                     kept += reference.shape[0] if keep is None else keep.numel()

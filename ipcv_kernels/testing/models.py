@@ -803,3 +803,69 @@ def pixtral_image_processor(vision_config: Any) -> Any:
     return PixtralImageProcessorPil(
         size={"longest_edge": _tile_side(vision_config)}, patch_size={"height": patch, "width": patch}
     )
+
+
+# -- LLaVA-OneVision-1.5: a RICE-ViT tower (a CLS row before every frame) over 2 x 2-pixel patches,
+# merged 2 x 2, and a two-layer Qwen3 decoder (transformers >= 5.2x only) ----------------------------
+ONEVISION1_5_VISION = dict(
+    depth=6,
+    hidden_size=64,
+    intermediate_size=96,
+    num_heads=4,
+    patch_size=2,
+    spatial_merge_size=2,
+    out_hidden_size=TINY_TEXT["hidden_size"],
+)
+ONEVISION1_5_TEXT = {
+    **{key: value for key, value in TINY_TEXT.items() if key != "rope_parameters"},  # plain 1-D rope
+    "model_type": "qwen3",
+    "num_hidden_layers": 2,
+    "head_dim": 12,
+}
+
+
+def onevision1_5_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        text_config=_text(ONEVISION1_5_TEXT, text), vision_config=dict(ONEVISION1_5_VISION), **TINY_SPECIAL_TOKENS
+    )
+
+
+def onevision1_5_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """LLaVA-OneVision-1.5: images of 4 x 4, 4 x 6, 4 x 8, ... patches, Qwen's prompt layout,
+    patches ``[n, 3 * p * p]`` (no temporal patches)."""
+    config = model.config
+    grid_thw = [[1, 4, 4 + 2 * i] for i in range(num_images)]
+    merge = config.vision_config.spatial_merge_size**2
+    ids: list[int] = [3, 4, 5]
+    for t, h, w in grid_thw:
+        ids += [
+            config.vision_start_token_id,
+            *[config.image_token_id] * (t * h * w // merge),
+            config.vision_end_token_id,
+        ]
+    ids += [10, 11]
+    input_ids = torch.tensor([ids])
+    grid = torch.tensor(grid_thw, dtype=torch.int64)
+    p = config.vision_config.patch_size
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * p * p, generator=generator).to(model.dtype)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels,
+        "image_grid_thw": grid,
+    }
+
+
+def onevision1_5_image_processor(vision_config: Any) -> Any:
+    """LLaVA-OneVision-1.5's image processor for a tower's patch sizes: Qwen2-VL's (the checkpoints
+    use it) without temporal patches, at least one merge unit, no upper bound."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    unit = vision_config.patch_size * vision_config.spatial_merge_size
+    return Qwen2VLImageProcessorPil(
+        patch_size=vision_config.patch_size,
+        merge_size=vision_config.spatial_merge_size,
+        temporal_patch_size=1,
+        size={"shortest_edge": unit * unit, "longest_edge": 1 << 40},
+    )

@@ -603,3 +603,30 @@ def mistral3_hf_processor() -> Any:
 def mistral3_processor() -> TinyMistral3Processor:
     """The tiny Mistral 3's processor (``TinyMistral3Processor``)."""
     return TinyMistral3Processor()
+
+
+# -- LLaVA-OneVision-1.5 ---------------------------------------------------------------------------
+class TinyOnevision15Processor(TinyQwen2VLProcessor):
+    """The tiny LLaVA-OneVision-1.5 model's processor: ``TinyQwen2VLProcessor`` with patches of one
+    frame (no temporal patches, as the checkpoints' processor), no ``mm_token_type_ids`` (the
+    model's forward takes none)."""
+
+    def __init__(self) -> None:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        super().__init__()
+        self.image_processor = Qwen2VLImageProcessorPil(
+            patch_size=2, merge_size=2, temporal_patch_size=1, min_pixels=64, max_pixels=1024
+        )
+
+    def __call__(
+        self, text: list[str], images: Any = None, videos: Any = None, padding: bool = True, return_tensors: str = "pt"
+    ) -> dict[str, Any]:
+        features = super().__call__(text, images, videos, padding, return_tensors)
+        features.pop("mm_token_type_ids")
+        return features
+
+
+def onevision1_5_processor() -> TinyOnevision15Processor:
+    """The tiny LLaVA-OneVision-1.5 model's processor (``TinyOnevision15Processor``)."""
+    return TinyOnevision15Processor()

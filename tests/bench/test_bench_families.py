@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from oracles.rows import row_params
 
 from ipcv_kernels import families
 from ipcv_kernels.__main__ import main
@@ -43,6 +44,7 @@ CASES = {
     "gemma4": ("32x32", "32x48*2"),  # 64 real patches; 48 real and 16 padding rows (the budget: 64)
     "kimi_k25": ("8x8", "8x16*2", "8x8@4"),
     "mistral3": ("16x16", "16x24*2"),  # Pixtral: 4-pixel patches, images at their own size
+    "llava_onevision1_5": ("8x8", "8x16*2", "8x8@4"),
 }
 TILE_CASES = ("32x32", "64x64*2")
 
@@ -63,7 +65,7 @@ def expected_flops(kind, calls, case, config):
     return clip_vit_flops(config_, case.tiles_per_image, config)
 
 
-@pytest.mark.parametrize("kind", families.BUILT_TOWERS)
+@pytest.mark.parametrize("kind", row_params(families.BUILT_TOWERS))
 def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(kind):
     tower = families.build_tower(kind)
     calls = tower_calls(tower)
@@ -112,7 +114,7 @@ def test_tile_towers_group_the_tiles_of_an_image_into_one_item():
     assert clip.parse_case("32x32").tokens == 17 and clip.default_cases() == ("32x32",)
 
 
-@pytest.mark.parametrize("family", families.BUILT_FAMILIES)
+@pytest.mark.parametrize("family", row_params(families.BUILT_FAMILIES))
 def test_model_flag_loads_the_tower_of_every_family_through_the_family_table(family, tmp_path):
     model = families.build_model(family)
     model.save_pretrained(tmp_path)
@@ -162,7 +164,9 @@ PRESET_TOKENS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(presets()))
+@pytest.mark.parametrize(
+    "name", row_params((name, presets()[name][1].tower or presets()[name][0].id) for name in sorted(presets()))
+)
 def test_family_presets_build_with_their_real_shapes(name):
     config = vision_config_from_preset(name)
     tower = build_tower(config, dtype=torch.float32, device=torch.device("meta"))

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from oracles.rows import row_params
 from oracles.spec import ipcv_oracle
 from oracles.towers import ipcv_tower_oracle
 from PIL import Image
@@ -32,7 +33,7 @@ def qwen2_vl64():
     return load_subject(preset="qwen2-vl-tiny", dtype=torch.float64, **SMALL)
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", row_params((name, row.id) for name, row in PRESETS.items()))
 def test_every_preset_runs_and_ratio_zero_is_exact(preset):
     subject = load_subject(preset=preset, **SMALL)
     result = evaluate_fidelity(subject, GRID, progress=False)

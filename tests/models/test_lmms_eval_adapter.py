@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracles.rows import row_params
 from PIL import Image
 
 from ipcv_kernels import DART, FastV, IPCVConfig, apply_ipcv, get_llm_pruning_patch
@@ -128,7 +129,7 @@ def test_lmms_eval_loads_the_plugin_and_answers(checkpoint):
 # -- one plugin model for every family ------------------------------------------------------------
 
 # Every row of the family table with a tiny full model: its model and processor come from the row.
-FAMILIES = [row.id for row in TABLE if row.tiny_model is not None]
+FAMILIES = row_params(row.id for row in TABLE if row.tiny_model is not None)
 
 
 def tiny_processor(family_id: str):

@@ -160,8 +160,10 @@ def ipcv_tower_oracle(
                     call_kwargs["position_ids"] = call_kwargs["position_ids"][t : t + 1, local]
                 out[rows] = blocks[i](h[rows][None], *rest, **call_kwargs)[0]
             return out
-        _, kwargs = calls[i]
+        args, kwargs = calls[i]
         kwargs = dict(kwargs)
+        if "cu_seqlens" not in kwargs:  # passed positionally (LLaVA-OneVision-1.5's tower)
+            kwargs["cu_seqlens"] = args[1]
         offsets = _shrunk(kwargs["cu_seqlens"].tolist(), keep)
         kwargs["cu_seqlens"] = torch.tensor(offsets, dtype=kwargs["cu_seqlens"].dtype)
         if "max_seqlen" in kwargs:
