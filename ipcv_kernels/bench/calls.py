@@ -46,7 +46,7 @@ from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..config import IPCVConfig
 from ..engine import read_blocks
 from ..families import CALL_KINDS, Family, ModelUse, family, find_family
-from ..families.row import SUB_IMAGES, TILES
+from ..families.row import FRAMES, SUB_IMAGES, TILES
 from ..flops import FlopReport
 from .towers import build_tower, load_vision_tower, model_use, preset_use, tower_output, vision_config_from_preset
 
@@ -94,10 +94,12 @@ def _patches(pixels: int, patch: int, merge: int) -> int:
     return max(1, round(pixels / unit)) * merge
 
 
-def parse_grid_case(text: str, vision_config: Any) -> Case:
+def parse_grid_case(text: str, vision_config: Any, *, frames_as_rows: bool = False) -> Case:
     """``"HxW"`` one image, ``"HxW*B"`` ``B`` images, ``"HxW@F"`` a video of ``F`` frames, for a
     Qwen tower: sizes in pixels, rounded to the nearest multiple of ``patch_size *
-    spatial_merge_size`` (28 for Qwen2-VL); ``F`` must be a multiple of ``temporal_patch_size``."""
+    spatial_merge_size`` (28 for Qwen2-VL); ``F`` must be a multiple of ``temporal_patch_size``.
+    ``frames_as_rows``: a video is given as one ``[1, h, w]`` row per temporal patch (the ``FRAMES``
+    call kind: GLM-4.1V's model calls its tower so), not as one ``[F / T, h, w]`` row."""
     height, width, batch, frames = match_case(text)
     c = vision_config
     h = _patches(height, c.patch_size, c.spatial_merge_size)
@@ -105,7 +107,8 @@ def parse_grid_case(text: str, vision_config: Any) -> Case:
     if frames is not None:
         if frames < 1 or frames % c.temporal_patch_size:
             raise ValueError(f"cases: frames must be a positive multiple of {c.temporal_patch_size}, got {text!r}")
-        return Case(text, "video", ((frames // c.temporal_patch_size, h, w),))
+        count = frames // c.temporal_patch_size
+        return Case(text, "video", ((1, h, w),) * count if frames_as_rows else ((count, h, w),))
     count = batch if batch is not None else 1
     if count < 1:
         raise ValueError(f"cases: batch size must be >= 1, got {text!r}")
@@ -182,7 +185,7 @@ class GridCalls(TowerCalls):
         return self.config.depth
 
     def parse_case(self, text: str) -> Case:
-        return parse_grid_case(text, self.config)
+        return parse_grid_case(text, self.config, frames_as_rows=self.family.kind is FRAMES)
 
     def inputs(self, case: Case, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[Case, tuple]:
         c = self.config

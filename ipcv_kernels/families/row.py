@@ -58,7 +58,12 @@ SUB_IMAGES = CallKind(
     "sub_images", "all sub-images of one image, padding patches pinned and never keys", False, False,
     "padding_per_image",
 )  # fmt: skip
-CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES)
+# GLM-4.1V: a grid tower whose model gives each video frame its own ``grid_thw`` row (its bare
+# tower takes no ``t > 1`` row): a frame is an item, and a video is called as its frames.
+FRAMES = CallKind(
+    "frames", "an image or one video frame, each given as one grid_thw row", True, False, "grid_thw"
+)  # fmt: skip
+CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, FRAMES)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def images(model, family_id):
     return pixels, kwargs["image_grid_thw"]
 
 
-@pytest.mark.parametrize("family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat"])
+@pytest.mark.parametrize("family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "internvl_chat"])
 def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, checkpoint):
     model = sglang_process(family_id, {"ipcv": SETTINGS})
     pixels, layout = images(model, family_id)
