@@ -421,6 +421,33 @@ def qwen3_vl_flops(
     return replace(flops, total=flops.total + deepstack, merger=flops.merger + deepstack, core=flops.core + deepstack)
 
 
+def glm4v_flops(vision_config: Any, grid_thw: Sequence[Sequence[int]], config: IPCVConfig | None = None) -> FlopReport:
+    """``vit_flops`` for a ``Glm4vVisionConfig`` (GLM-4.1V / 4.5V / 4.6V) and ``grid_thw`` rows.
+
+    Blocks: width ``hidden_size``, a gated MLP of width ``out_hidden_size`` (three matrices, counted
+    as a two-matrix MLP of 1.5 x ``out_hidden_size``). After the tower, per merge unit of ``m^2``
+    tokens: the ``downsample`` convolution ``m^2 * hidden_size -> out_hidden_size`` and the merger
+    (``proj`` ``O x O``, gated MLP ``O -> intermediate_size -> O``), counted as ``merger``. The
+    patch embedding is counted; RMSNorms and position-embedding resampling (elementwise) are not.
+    """
+    c = vision_config
+    merge = c.spatial_merge_size
+    flops = vit_flops(
+        c.depth,
+        c.hidden_size,
+        int(1.5 * c.out_hidden_size),
+        c.num_heads,
+        grid_seq_lens(grid_thw),
+        config,
+        patch_dim=c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size,
+        spatial_merge=merge,
+    )
+    out, context = c.out_hidden_size, c.intermediate_size
+    units = flops.tokens / merge**2  # every token is restored before the downsampling
+    merger = 2.0 * units * (merge**2 * c.hidden_size * out + out * out + 3 * out * context)
+    return replace(flops, total=flops.total + merger, merger=merger, core=flops.core + merger)
+
+
 def internvl_flops(
     vision_config: Any,
     tiles_per_image: Sequence[int],

@@ -51,7 +51,7 @@ from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..config import IPCVConfig
 from ..engine import read_blocks
 from ..families import CALL_KINDS, Family, ModelUse, family, find_family
-from ..families.row import IMAGES, PATCHES, SUB_IMAGES, TILES
+from ..families.row import FRAMES, IMAGES, PATCHES, SUB_IMAGES, TILES
 from ..flops import FlopReport
 from .towers import build_tower, load_vision_tower, model_use, preset_use, tower_output, vision_config_from_preset
 
@@ -130,10 +130,12 @@ def grid_pixel_shape(vision_config: Any) -> tuple[int, ...]:
     return (c.in_channels * c.temporal_patch_size * c.patch_size * c.patch_size,)
 
 
-def parse_grid_case(text: str, vision_config: Any) -> Case:
+def parse_grid_case(text: str, vision_config: Any, *, frames_as_rows: bool = False) -> Case:
     """``"HxW"`` one image, ``"HxW*B"`` ``B`` images, ``"HxW@F"`` a video of ``F`` frames, for a
     Qwen tower: sizes in pixels, rounded to the nearest multiple of ``patch_size *
-    spatial_merge_size`` (28 for Qwen2-VL); ``F`` must be a multiple of ``temporal_patch_size``."""
+    spatial_merge_size`` (28 for Qwen2-VL); ``F`` must be a multiple of ``temporal_patch_size``.
+    ``frames_as_rows``: a video is given as one ``[1, h, w]`` row per temporal patch (the ``FRAMES``
+    call kind: GLM-4.1V's model calls its tower so), not as one ``[F / T, h, w]`` row."""
     height, width, batch, frames = match_case(text)
     c = vision_config
     merge, temporal = grid_merge(c), grid_temporal_patch(c)
@@ -142,7 +144,8 @@ def parse_grid_case(text: str, vision_config: Any) -> Case:
     if frames is not None:
         if frames < 1 or frames % temporal:
             raise ValueError(f"cases: frames must be a positive multiple of {temporal}, got {text!r}")
-        return Case(text, "video", ((frames // temporal, h, w),))
+        count = frames // temporal
+        return Case(text, "video", ((1, h, w),) * count if frames_as_rows else ((count, h, w),))
     count = batch if batch is not None else 1
     if count < 1:
         raise ValueError(f"cases: batch size must be >= 1, got {text!r}")
@@ -225,7 +228,8 @@ class GridCalls(TowerCalls):
         return self.config.patch_size * grid_merge(self.config)
 
     def parse_case(self, text: str) -> Case:
-        return replace(parse_grid_case(text, self.config), frame_cls=int(self.family.kind.frame_cls))
+        case = parse_grid_case(text, self.config, frames_as_rows=self.family.kind is FRAMES)
+        return replace(case, frame_cls=int(self.family.kind.frame_cls))
 
     def inputs(self, case: Case, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[Case, tuple]:
         generator = torch.Generator().manual_seed(seed)

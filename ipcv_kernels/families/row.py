@@ -29,7 +29,7 @@ from ..testing.models import finish, jitter
 class CallKind:
     """How a family's tower is called and what one IPCV item is (``docs/spec.md`` §4).
 
-    name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``, ``patches``, ``images``,
+    name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``, ``patches``, ``images``, ``frames``,
         ``grid_cls``).
     items: what forms one item, in words (for docs and messages).
     takes_grid_thw: the tower takes packed patches and ``grid_thw`` rows (the Qwen towers);
@@ -76,7 +76,12 @@ GRID_CLS = CallKind(
     "grid_cls", "an image, or a video, given as one grid_thw row; a CLS row before every frame, pinned", True, True,
     "grid_thw", frame_cls=True,
 )  # fmt: skip
-CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES, IMAGES, GRID_CLS)
+# GLM-4.1V: a grid tower whose model gives each video frame its own ``grid_thw`` row (its bare
+# tower takes no ``t > 1`` row): a frame is an item, and a video is called as its frames.
+FRAMES = CallKind(
+    "frames", "an image or one video frame, each given as one grid_thw row", True, False, "grid_thw"
+)  # fmt: skip
+CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES, IMAGES, GRID_CLS, FRAMES)
 
 
 @dataclass(frozen=True)

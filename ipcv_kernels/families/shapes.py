@@ -189,3 +189,22 @@ ONEVISION1_5_8B_VISION: dict[str, Any] = dict(
     out_hidden_size=4096,
     hidden_act="gelu",
 )
+
+# GLM-4.1V-9B's vision tower (``Glm4vVisionConfig``'s defaults, zai-org/GLM-4.1V-9B-Thinking; GLM-4.5V
+# and GLM-4.6V keep its shape): 24 RMSNorm blocks of width 1536, 12 heads, gated MLP of width 4096
+# (``out_hidden_size``), 14-pixel patches, position embeddings on a 24 x 24 grid (336 pixels),
+# downsampling convolution and merger (width 13696) after the tower.
+GLM4V_9B_VISION: dict[str, Any] = dict(
+    depth=24,
+    hidden_size=1536,
+    num_heads=12,
+    intermediate_size=13696,
+    out_hidden_size=4096,
+    hidden_act="silu",
+    image_size=336,
+    patch_size=14,
+    temporal_patch_size=2,
+    in_channels=3,
+    spatial_merge_size=2,
+    rms_norm_eps=1e-5,
+)

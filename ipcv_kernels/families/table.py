@@ -14,6 +14,7 @@ from typing import Any
 from .. import flops
 from ..models.clip_vit import ClipViTAdapter
 from ..models.gemma4 import Gemma4Adapter
+from ..models.glm4v import Glm4vAdapter
 from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
 from ..models.kimi_k25 import KimiK25Adapter
@@ -28,6 +29,7 @@ from ..testing import processors
 from . import shapes
 from .row import (
     CROPS,
+    FRAMES,
     GRID,
     GRID_CLS,
     IMAGES,
@@ -579,6 +581,60 @@ FAMILIES: tuple[Family, ...] = (
         presets={
             "llava-onevision-1.5-8b": Preset(shapes.ONEVISION1_5_8B_VISION),
             "llava-onevision-1.5-8b-d8": Preset({**shapes.ONEVISION1_5_8B_VISION, "depth": 8}),
+        },
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "glm4v",
+        "GLM-4.1V / 4.5V / 4.6V",
+        FRAMES,
+        flops.glm4v_flops,
+        # GLM-4.1V (dense decoder), GLM-4.5V (MoE decoder, its own tower class of the same code) and
+        # GLM-4.6V (``Glm46V*``: GLM-4.1V's tower, a dense or MoE decoder by its text config).
+        hf=HFClasses(
+            Glm4vAdapter,
+            ("Glm4vVisionModel", "Glm4vMoeVisionModel"),
+            {
+                "Glm4vForConditionalGeneration": "model.visual",
+                "Glm4vModel": "visual",
+                "Glm4vMoeForConditionalGeneration": "model.visual",
+                "Glm4vMoeModel": "visual",
+                "Glm46VForConditionalGeneration": "model.visual",
+                "Glm46VModel": "visual",
+            },
+            {
+                "Glm4vForConditionalGeneration": "model",
+                "Glm4vModel": "",
+                "Glm4vMoeForConditionalGeneration": "model",
+                "Glm4vMoeModel": "",
+                "Glm46VForConditionalGeneration": "model",
+                "Glm46VModel": "",
+            },
+        ),
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMGlm4vAdapter",
+            {
+                "Glm4vForConditionalGeneration": "vllm.model_executor.models.glm4_1v",
+                "Glm4vMoeForConditionalGeneration": "vllm.model_executor.models.glm4_1v",
+            },
+            {"Glm4vForConditionalGeneration": "visual", "Glm4vMoeForConditionalGeneration": "visual"},
+        ),
+        sglang=SGLangClasses(
+            f"{SGLANG_ADAPTERS}:SGLangGlm4vAdapter",
+            {"Glm4vForConditionalGeneration": "visual", "Glm4vMoeForConditionalGeneration": "visual"},
+        ),
+        tiny_tower=TinyTower("glm4v.modeling_glm4v", "Glm4vVisionConfig", "Glm4vVisionModel", tiny.GLM4V_VISION),
+        tiny_model=TinyModel(
+            "Glm4vConfig",
+            "Glm4vForConditionalGeneration",
+            tiny.glm4v_fields,
+            tiny.glm4v_prompt,
+            processors.qwen_processor,  # GLM's special-token ids are the tiny Qwen processor's
+        ),
+        image_processor=tiny.glm4v_image_processor,
+        presets={
+            "glm-4.1v-9b": Preset(shapes.GLM4V_9B_VISION),
+            "glm-4.1v-9b-d8": Preset({**shapes.GLM4V_9B_VISION, "depth": 8}),
         },
         recommended_source=UNTUNED,
     ),

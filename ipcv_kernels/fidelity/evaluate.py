@@ -5,7 +5,9 @@ Compared output: the tower's per-token features before the merger, ``last_hidden
 last tensor with one row per patch token, so every row is either a kept or a dropped token (the
 merger mixes 2 x 2 tokens into one), and the merger / projector is the same function of it with
 and without IPCV. Rows are in the tower's block order (Qwen2.5-VL: window order), the order of the
-engine's kept positions (``IPCVPatch.last_keep``).
+engine's kept positions (``IPCVPatch.last_keep``). Where ``last_hidden_state`` has fewer rows than
+the last block's output (GLM-4.1V's is after its downsampling convolution), the last block's
+output is compared instead: the same per-token features, before what merges them.
 
 Methods, on the same samples:
 
@@ -45,6 +47,7 @@ from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..bench import measure
 from ..bench.progress import Progress
 from ..config import IPCVConfig
+from ..families import find_tower
 from ..selectors import DEFAULT_SELECTION, available_selectors
 from .subjects import FidelityError, Sample, Subject
 
@@ -172,10 +175,17 @@ def patch_rows(keep: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     return patches - torch.searchsorted(cls, patches, right=True)
 
 
-def features(output: Any) -> torch.Tensor:
-    """The compared output of a tower call: ``last_hidden_state`` as ``[n, D]`` rows."""
+def features(output: Any, last_block: torch.Tensor | None = None) -> torch.Tensor:
+    """The compared output of a tower call: ``last_hidden_state`` as ``[n, D]`` rows, or
+    ``last_block`` (the last block's output, any ``[..., D]``) as rows where it has more of them
+    (a tower whose ``last_hidden_state`` already merges tokens)."""
     hidden = output.last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1])
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    if last_block is not None:
+        block_rows = last_block.reshape(-1, last_block.shape[-1])
+        if block_rows.shape[0] > rows.shape[0]:
+            return block_rows
+    return rows
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -280,10 +290,22 @@ def evaluate_fidelity(
     configs = method_configs(grid, subject.depth, methods)
     tower, device = subject.tower, next(subject.tower.parameters()).device
 
+    last_block = find_tower(tower)[1].blocks(tower)[-1]
+
     def forward(sample: Sample) -> Callable[[], torch.Tensor]:
         def call() -> torch.Tensor:
-            with torch.inference_mode():
-                return features(sample(tower))
+            seen: list[torch.Tensor] = []
+
+            def record(module: torch.nn.Module, args: tuple, output: Any) -> None:
+                seen.append(output[0] if isinstance(output, tuple) else output)
+
+            handle = last_block.register_forward_hook(record)
+            try:
+                with torch.inference_mode():
+                    output = sample(tower)
+            finally:
+                handle.remove()
+            return features(output, seen[-1] if seen else None)
 
         return call
 

@@ -347,7 +347,12 @@ class LLMPruningPatch(InstancePatch):
             ids = kwargs.get("position_ids")
             if ids is not None:
                 if "position_ids" not in state.sliced:
-                    state.sliced["position_ids"] = ids.expand(len(state.kept), -1).gather(1, state.kept)
+                    if ids.dim() == 3:  # multimodal rotary ids [sections, B or 1, S] (GLM-4.5V's layers)
+                        kept = state.kept.expand(ids.shape[0], -1, -1)
+                        sliced = ids.expand(-1, len(state.kept), -1).gather(2, kept)
+                    else:
+                        sliced = ids.expand(len(state.kept), -1).gather(1, state.kept)
+                    state.sliced["position_ids"] = sliced
                 kwargs["position_ids"] = state.sliced["position_ids"]
         return kwargs
 

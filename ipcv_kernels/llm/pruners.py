@@ -10,6 +10,7 @@ references in ``ipcv_kernels.reference.llm_pruning``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -108,8 +109,20 @@ def decoder_last_query_and_keys(
     if getattr(attention, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotary
         query, keys = attention.q_norm(query), attention.k_norm(keys)
     query, keys = query.transpose(1, 2), keys.transpose(1, 2)
-    query = apply_rotary(query, cos[:, -1:], sin[:, -1:])
-    keys = apply_rotary(keys, cos, sin)
+    if cos.shape[-1] < head_dim:
+        # Partial rotary (GLM-4: the first dims, interleaved pairs): which dims and which pairing
+        # only the model's own function knows, so it is applied as the attention applies it.
+        own = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+        if own is None:
+            raise TypeError(
+                f"{type(attention).__name__} applies rotary to {cos.shape[-1]} of {head_dim} head dims and its module "
+                "has no apply_rotary_pos_emb: FastV cannot reproduce its attention"
+            )
+        query = own(query, query, cos[:, -1:], sin[:, -1:])[0]
+        keys = own(keys, keys, cos, sin)[1]
+    else:
+        query = apply_rotary(query, cos[:, -1:], sin[:, -1:])
+        keys = apply_rotary(keys, cos, sin)
     scaling = float(getattr(attention, "scaling", head_dim**-0.5))
     return query[:, :, 0], keys, scaling
 

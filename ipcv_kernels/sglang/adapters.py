@@ -66,7 +66,7 @@ from ..models.gemma4 import Gemma4Adapter, axial_rope
 from ..models.pixtral import PixtralAdapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
-from ..vllm.adapters import VLLMInternVLChatAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
+from ..vllm.adapters import VLLMGlm4vAdapter, VLLMInternVLChatAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
 
 CUDA_GRAPH_VARIABLE = "SGLANG_VIT_ENABLE_CUDA_GRAPH"
 # What SGLang's ``VisionAttention`` and blocks must offer (checked when the patch is made, so an
@@ -320,6 +320,24 @@ class SGLangQwen3_5Adapter(SGLangQwen3VLAdapter):
     ``deepstack_merger_list``), so Qwen3-VL's adapter applies as is."""
 
     name = "sglang_qwen3_5"
+
+
+class SGLangGlm4vAdapter(SGLangQwen2VLAdapter):
+    """SGLang's ``Glm4vVisionModel`` (``Glm4vForConditionalGeneration.visual``, also GLM-4.5V's
+    ``Glm4vMoeForConditionalGeneration``): Qwen2-VL's call with the blocks called as ``blk(x,
+    cu_seqlens=, rotary_pos_emb_cos=, rotary_pos_emb_sin=, forward_metadata=)`` (full-width tables,
+    as Qwen3-VL's), RMSNorm ``norm2`` fusing the residual add (as Qwen2.5-VL's). Items are the
+    video frames and images: SGLang's GLM model gives its tower one ``grid_thw`` row per frame
+    (``get_video_feature``), as transformers' does, and a direct call with a ``[t, h, w]`` row is
+    split into its frames likewise (``VLLMGlm4vAdapter``)."""
+
+    name = "sglang_glm4v"
+    _pop_rotary = SGLangQwen3VLAdapter._pop_rotary
+    _rotary_kwargs = SGLangQwen3VLAdapter._rotary_kwargs
+    residual_mlp = SGLangQwen2_5_VLAdapter.residual_mlp
+    describe_call = VLLMGlm4vAdapter.describe_call
+    token_grid = VLLMGlm4vAdapter.token_grid
+    _frames = staticmethod(VLLMGlm4vAdapter._frames)
 
 
 class SGLangInternVLChatAdapter(VLLMInternVLChatAdapter):

@@ -103,9 +103,18 @@ def sample_pixels(
 
 
 def vision_inputs(
-    model: nn.Module, grid_thw: list[list[int]], *, video: bool = False, text_len: int = 5, seed: int = 0
+    model: nn.Module,
+    grid_thw: list[list[int]],
+    *,
+    video: bool = False,
+    text_len: int = 5,
+    seed: int = 0,
+    bounds: tuple[int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Model inputs for one prompt: text, each item's vision placeholders, text, and the pixels.
+
+    ``bounds``: the tokens around each item's placeholders (default: the config's
+    ``vision_start_token_id`` / ``vision_end_token_id``, Qwen's).
 
     Returns ``input_ids``/``attention_mask`` ``[1, L]``, ``pixel_values[_videos]``,
     ``image|video_grid_thw``, and ``mm_token_type_ids`` (0 text, 1 image, 2 video) where the
@@ -116,7 +125,8 @@ def vision_inputs(
     token = config.video_token_id if video else config.image_token_id
     ids: list[int] = [3 + i for i in range(text_len)]
     for t, h, w in grid_thw:
-        ids += [config.vision_start_token_id, *[token] * (t * h * w // merge), config.vision_end_token_id]
+        start, end = bounds or (config.vision_start_token_id, config.vision_end_token_id)
+        ids += [start, *[token] * (t * h * w // merge), end]
     ids += [10 + i for i in range(text_len)]
     input_ids = torch.tensor([ids])
     pixels, grid = sample_pixels(config.vision_config, grid_thw, dtype=model.dtype, seed=seed)
@@ -174,6 +184,38 @@ QWEN3_5_MOE_TEXT = {
     "moe_intermediate_size": 16,
     "shared_expert_intermediate_size": 16,
 }
+# GLM-4.1V / 4.5V / 4.6V: RMSNorm blocks with a gated MLP of width ``out_hidden_size``, learned
+# position embeddings on an 8 x 8 grid (16-pixel images of 2-pixel patches) resampled per image, a
+# downsampling convolution and merger after the tower; a GLM-4 decoder (interleaved partial rotary).
+GLM4V_VISION = dict(
+    depth=6,
+    hidden_size=64,
+    num_heads=4,
+    intermediate_size=96,
+    out_hidden_size=48,
+    patch_size=2,
+    image_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+)
+GLM4V_TEXT = {
+    **TINY_TEXT,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [1, 1, 1],
+        "partial_rotary_factor": 0.5,
+    },
+}
+GLM4V_SPECIAL_TOKENS = dict(
+    image_token_id=120,
+    video_token_id=121,
+    image_start_token_id=122,
+    image_end_token_id=123,
+    # After the tiny processor's chat tokens (124, 125): GLM's ids as Qwen's, so it serves both.
+    video_start_token_id=126,
+    video_end_token_id=127,
+)
 INTERNVL_VISION = dict(
     hidden_size=64,
     num_hidden_layers=6,
@@ -266,6 +308,10 @@ def qwen3_5_fields(text: dict[str, Any]) -> dict[str, Any]:
 
 def qwen3_5_moe_fields(text: dict[str, Any]) -> dict[str, Any]:
     return dict(text_config=_text(QWEN3_5_MOE_TEXT, text), vision_config=dict(QWEN3_5_VISION), **TINY_SPECIAL_TOKENS)
+
+
+def glm4v_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(text_config=_text(GLM4V_TEXT, text), vision_config=dict(GLM4V_VISION), **GLM4V_SPECIAL_TOKENS)
 
 
 def internvl_fields(text: dict[str, Any]) -> dict[str, Any]:
@@ -470,6 +516,13 @@ def qwen_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, t
     return vision_inputs(model, [[1, 4, 4 + 2 * i] for i in range(num_images)], seed=seed)
 
 
+def glm4v_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """GLM-4.1V / 4.5V / 4.6V: images of 4 x 4, 4 x 6, ... patches between its image bounds."""
+    config = model.config
+    grid = [[1, 4, 4 + 2 * i] for i in range(num_images)]
+    return vision_inputs(model, grid, seed=seed, bounds=(config.image_start_token_id, config.image_end_token_id))
+
+
 def internvl_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """InternVL: images of 2, 1, 2, ... tiles."""
     return internvl_inputs(model, [2 - i % 2 for i in range(num_images)], seed=seed)
@@ -503,6 +556,19 @@ def qwen_image_processor(vision_config: Any) -> Any:
 
     unit = vision_config.patch_size * vision_config.spatial_merge_size
     return Qwen2VLImageProcessorPil(
+        patch_size=vision_config.patch_size,
+        merge_size=vision_config.spatial_merge_size,
+        temporal_patch_size=vision_config.temporal_patch_size,
+        size={"shortest_edge": unit * unit, "longest_edge": 1 << 40},
+    )
+
+
+def glm4v_image_processor(vision_config: Any) -> Any:
+    """GLM-4.1V's processor with the tower's patch sizes, at least one merge unit, no upper bound."""
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    unit = vision_config.patch_size * vision_config.spatial_merge_size
+    return Glm4vImageProcessorPil(
         patch_size=vision_config.patch_size,
         merge_size=vision_config.spatial_merge_size,
         temporal_patch_size=vision_config.temporal_patch_size,

@@ -244,6 +244,43 @@ class VLLMQwen3_5Adapter(VLLMQwen3VLAdapter):
     name = "vllm_qwen3_5"
 
 
+class VLLMGlm4vAdapter(VLLMQwen2VLAdapter):
+    """vLLM's ``Glm4vVisionTransformer`` (``Glm4vForConditionalGeneration.visual``, also GLM-4.5V's
+    ``Glm4vMoeForConditionalGeneration``): Qwen2-VL's call (blocks take ``x [S, 1, D]``,
+    ``cu_seqlens``, half-width ``rotary_pos_emb_cos`` / ``_sin``, ``max_seqlen``; items the
+    ``grid_thw`` rows, patches in merge-unit order) with a ``QKVParallelLinear`` whose ``split_qkv``
+    gives the rank's heads without a gather, and Qwen2.5-VL's fused residual RMSNorm ``norm2``.
+    Position embeddings are added before block 0; ``post_layernorm``, ``downsample`` and the
+    merger run after the last block, on the restored full sequence.
+
+    Items: transformers' GLM model calls its tower with one ``grid_thw`` row per video frame
+    (``get_video_features``), so there each frame is an item; vLLM's model passes a video's
+    ``[t, h, w]`` row as is. The adapter splits such rows into their frames, so that a video's
+    frames are items as in transformers (images are unchanged)."""
+
+    name = "vllm_glm4v"
+    residual_mlp = VLLMQwen2_5_VLAdapter.residual_mlp
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        # Qwen2-VL's checks (a call without grid_thw is refused); SGLang's GLM adapter shares this.
+        VLLMQwen2VLAdapter.describe_call(self, tower, args, kwargs, hints)
+        return TowerCall([length for length, _ in self._frames(args, kwargs)])
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Qwen2-VL's grid with each video frame its own part (as its own ``[1, h, w]`` row)."""
+        rows = [[1, h, w] for _, (h, w) in self._frames(args, kwargs)]
+        return merge_unit_grid(rows, tower.spatial_merge_size)
+
+    @staticmethod
+    def _frames(args: tuple, kwargs: dict[str, Any]) -> list[tuple[int, tuple[int, int]]]:
+        """``(h * w, (h, w))`` of every frame of the call's ``grid_thw`` rows, in packing order."""
+        grid_thw = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+        rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
+        return [(int(h) * int(w), (int(h), int(w))) for t, h, w in rows for _ in range(int(t))]
+
+
 class VLLMInternVLAdapter(TiledTowerAdapter):
     """vLLM's ``InternS1VisionModel`` (``interns1_vit``), the tower of
     ``InternS1ForConditionalGeneration``, which vLLM's registry also maps transformers' native

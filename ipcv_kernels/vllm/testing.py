@@ -19,6 +19,8 @@ import torch
 from .._validation import check_int
 from ..families import build_model
 from ..testing.models import (
+    GLM4V_SPECIAL_TOKENS,
+    GLM4V_VISION,
     INTERNVL_IMAGE_TOKEN,
     INTERNVL_TOKENS_PER_TILE,
     TINY_SPECIAL_TOKENS,
@@ -114,6 +116,34 @@ QWEN3_5_TEXT = {
     "layer_types": ["full_attention"] * VLLM_TEXT["num_hidden_layers"],
 }
 QWEN3_5_VISION = {key: value for key, value in QWEN3_VISION.items() if key != "deepstack_visual_indexes"}
+# GLM-4.1V: a GLM-4 decoder of head size 32 (interleaved rotary over half of it: mrope sections
+# add up to a quarter of the head size) and the family table's tiny tower.
+GLM4V_TEXT = {
+    **VLLM_TEXT,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [2, 3, 3],
+        "partial_rotary_factor": 0.5,
+    },
+}
+# GLM's special tokens at the ids of ``ipcv_kernels.testing.models.GLM4V_SPECIAL_TOKENS`` (what
+# its processor and vLLM's look up by name).
+GLM4V_TOKENS = {
+    "<|image|>": GLM4V_SPECIAL_TOKENS["image_token_id"],
+    "<|video|>": GLM4V_SPECIAL_TOKENS["video_token_id"],
+    "<|begin_of_image|>": GLM4V_SPECIAL_TOKENS["image_start_token_id"],
+    "<|end_of_image|>": GLM4V_SPECIAL_TOKENS["image_end_token_id"],
+    "<|begin_of_video|>": GLM4V_SPECIAL_TOKENS["video_start_token_id"],
+    "<|end_of_video|>": GLM4V_SPECIAL_TOKENS["video_end_token_id"],
+}
+# The table's tiny tower with weights drawn 5x wider than GLM's initialisation (0.02): at that scale
+# the tiny tower's features are ~1e-3 (its merger's gated MLP multiplies small terms), below what
+# absolute fp32 bounds resolve.
+GLM4V_VLLM_VISION = {**GLM4V_VISION, "initializer_range": 0.1}
+GLM4V_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<|begin_of_image|><|image|><|end_of_image|>"
+)
 # family -> (transformers class prefix, text config, vision config, the vision field holding the
 # merger's output width: always the language model's ``hidden_size``)
 CHECKPOINTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
@@ -121,6 +151,7 @@ CHECKPOINTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
     "qwen2_5_vl": ("Qwen2_5_VL", VLLM_TEXT, QWEN2_5_VISION, "out_hidden_size"),
     "qwen3_vl": ("Qwen3VL", QWEN3_TEXT, QWEN3_VISION, "out_hidden_size"),
     "qwen3_5": ("Qwen3_5", QWEN3_5_TEXT, QWEN3_5_VISION, "out_hidden_size"),
+    "glm4v": ("Glm4v", GLM4V_TEXT, GLM4V_VLLM_VISION, "out_hidden_size"),
 }
 
 
@@ -209,7 +240,8 @@ def build_checkpoint(
     prefix, base_text, base_vision, output = CHECKPOINTS[family]
     text = {**base_text, **(text or {})}
     vision = {**base_vision, **(vision or {}), output: text["hidden_size"]}
-    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, **TINY_SPECIAL_TOKENS)
+    special = GLM4V_SPECIAL_TOKENS if family == "glm4v" else TINY_SPECIAL_TOKENS
+    config = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, **special)
     config.architectures = [f"{prefix}ForConditionalGeneration"]
     torch.manual_seed(seed)
     getattr(transformers, f"{prefix}ForConditionalGeneration")(config).to(torch.float32).eval().save_pretrained(path)
@@ -218,6 +250,8 @@ def build_checkpoint(
         temporal_patch_size=vision["temporal_patch_size"],
         merge_size=vision["spatial_merge_size"],
     )
+    if family == "glm4v":
+        return _save_glm4v_processor(path, sizes, max_pixels)
     Qwen2VLImageProcessorPil(**sizes, min_pixels=MIN_PIXELS, max_pixels=max_pixels).save_pretrained(path)
     if family in ("qwen3_vl", "qwen3_5"):  # their processors also load a video processor (Qwen2-VL's: defaults)
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
@@ -227,6 +261,21 @@ def build_checkpoint(
         )
     build_tokenizer().save_pretrained(path)
     (path / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+    return path
+
+
+def _save_glm4v_processor(path: Path, sizes: dict[str, int], max_pixels: int) -> Path:
+    """GLM-4.1V's processor files beside a saved model: its image and video processors (the
+    patch sizes, images kept small), a word-level tokenizer with GLM's special tokens, the chat
+    template."""
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+    from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
+
+    size = {"shortest_edge": MIN_PIXELS, "longest_edge": max_pixels}
+    Glm4vImageProcessorPil(**sizes, size=size).save_pretrained(path)
+    Glm4vVideoProcessor(**sizes, size=size).save_pretrained(path)
+    build_tokenizer(GLM4V_TOKENS).save_pretrained(path)
+    (path / "chat_template.jinja").write_text(GLM4V_CHAT_TEMPLATE)
     return path
 
 

@@ -174,7 +174,7 @@ def test_family_presets_build_with_their_real_shapes(name):
     calls = tower_calls(tower, preset.use)
     assert calls.family is find_family(tower)[0] and calls.model_family is row
     width = getattr(config, "embed_dim", None) or config.hidden_size  # Qwen2-VL's hidden_size is its output
-    assert width in (64, 640, 768, 1024, 1152, 1280)
+    assert width in (64, 640, 768, 1024, 1152, 1280, 1536)
     if name in PRESET_TOKENS:
         (case,) = [calls.parse_case(text) for text in calls.default_cases()]
         assert case.tokens == PRESET_TOKENS[name]

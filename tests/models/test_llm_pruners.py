@@ -35,12 +35,15 @@ from ipcv_kernels.testing.models import (
     build_qwen2_vl_model,
     clip_family_inputs,
     clip_pixels,
+    glm4v_prompt,
     idefics3_inputs,
     onevision_inputs,
     vision_inputs,
 )
 
 LAYER = 2
+# Families whose prompt differs from Qwen's layout (one image of 4 x 8 patches otherwise).
+ROWS_PROMPT = {"glm4v": lambda model, images=1: glm4v_prompt(model, images)}
 NUM_LAYERS = 4  # ipcv_kernels.testing.models.TINY_TEXT
 PRUNERS = [FastV(layer=LAYER, ratio=0.6), DART(layer=LAYER, ratio=0.6, pivot_image_tokens=2, pivot_text_tokens=2)]
 IPCV = IPCVConfig(prune_layer=2, ratio=0.5, as_layers=2, num_neighbors=3)
@@ -187,15 +190,16 @@ def test_dart_selection_matches_reference(model64, ratio, pivots):
         assert torch.equal(chosen[row], expected)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "glm4v"])
 def test_fastv_scores_are_the_models_attention_weights(family):
     """What FastV computes under sdpa equals what eager attention reports (output_attentions);
-    Qwen3-VL's attention normalises q and k per head before the rotary."""
+    Qwen3-VL's attention normalises q and k per head before the rotary; GLM-4's rotary covers
+    part of each head, in interleaved pairs."""
     if family == "qwen2_vl":
         eager = build_qwen2_vl_model(attn_implementation="eager")
     else:
         eager = build_model(family, attn="eager")
-    inputs = vision_inputs(eager, [[1, 4, 8]])
+    inputs = ROWS_PROMPT[family](eager) if family in ROWS_PROMPT else vision_inputs(eager, [[1, 4, 8]])
     layer = eager.model.language_model.layers[LAYER - 1]
     seen = {}
 
@@ -285,7 +289,7 @@ def masked_attention_logits(model, inputs, kept: torch.Tensor, layer: int) -> to
             del decoder_layer.forward
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "glm4v"])
 @pytest.mark.parametrize(
     "pruner",
     [FastV(layer=1, ratio=0.6), DART(layer=1, ratio=0.6, pivot_image_tokens=2, pivot_text_tokens=2)],
@@ -296,7 +300,12 @@ def test_pruned_prefill_equals_masked_attention(family, pruner):
     positions' logits equal that oracle's (fp64), so the kept tokens keep their positions, rotary
     and causal order, and (Qwen3-VL) receive their own DeepStack features at layers >= K."""
     model = family_model(family, torch.float64)
-    inputs = internvl_inputs(model, [2, 1]) if family == "internvl" else vision_inputs(model, [[1, 4, 8], [1, 4, 4]])
+    if family in ROWS_PROMPT:
+        inputs = ROWS_PROMPT[family](model, 2)
+    else:
+        inputs = (
+            internvl_inputs(model, [2, 1]) if family == "internvl" else vision_inputs(model, [[1, 4, 8], [1, 4, 4]])
+        )
     apply_ipcv(model, llm_pruner=pruner)
     pruned = logits(model, inputs)
     kept = get_llm_pruning_patch(model).last_kept[0]
@@ -311,10 +320,11 @@ def test_generation_cache_positions_and_logits(model, pruner):
     check_generation(model, pruner)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "glm4v"])
 @pytest.mark.parametrize("pruner", PRUNERS, ids=["fastv", "dart"])
 def test_generation_of_other_families(family, pruner):
-    check_generation(build_model(family), pruner)
+    model = build_model(family)
+    check_generation(model, pruner, ROWS_PROMPT[family](model) if family in ROWS_PROMPT else None)
 
 
 def check_generation(model, pruner, inputs=None, ipcv=IPCV, next_token_type=0):

@@ -134,6 +134,21 @@ def qwen3_merger_and_taps(hf_model, call):
     return torch.cat([output.pooler_output, *output.deepstack_features], dim=1)
 
 
+def glm4v_call(model, name, seed):
+    """Qwen's calls, a video given as one grid row per frame: SGLang's GLM model calls its tower so
+    (``get_video_feature``), as transformers' does (its tower takes no ``t > 1`` row)."""
+    call = qwen_call(model, name, seed)
+    frames = torch.tensor([[1, h, w] for t, h, w in call.layout.tolist() for _ in range(t)])
+    return Call(call.pixels, frames, frames, call.video, call.tokens)
+
+
+def glm4v_merger(hf_model, call):
+    """transformers' GLM-4.1V features, a video's frames given to the tower as rows of their own
+    (as ``get_video_features`` does; the bare tower takes no ``t > 1``)."""
+    frames = torch.tensor([[1, h, w] for t, h, w in call.layout.tolist() for _ in range(t)])
+    return hf_model.model.visual(call.pixels.to(hf_model.dtype), grid_thw=frames).pooler_output
+
+
 def qwen_attention(depth, config):
     """SGLang's blocks run outside the stabilisation stretch (which runs ``ngr_attention``)."""
     return [i for i in range(depth) if not config.prune_layer <= i < config.stabilisation_end(depth)]
@@ -250,6 +265,8 @@ FAMILIES = {
     "qwen3_vl": qwen("Qwen3-VL", "Qwen3VL", qwen3_merger_and_taps),
     # Qwen3-VL's tower without DeepStack (SGLang builds its Qwen3-VL tower class).
     "qwen3_5": qwen("Qwen3.5", "Qwen3_5"),
+    # A video's frames are items of their own, as transformers' GLM model calls its tower.
+    "glm4v": dataclasses.replace(qwen("GLM-4.1V / 4.5V / 4.6V", "Glm4v", glm4v_merger), make_call=glm4v_call),
     # InternVL's own format; transformers runs the native checkpoint of the same weights.
     "internvl_chat": Family(
         "InternVL-Chat",

@@ -66,7 +66,8 @@ def images(model, family_id):
 
 
 @pytest.mark.parametrize(
-    "family_id", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "internvl_chat", "gemma3", "gemma4", "mistral3"]
+    "family_id",
+    ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "internvl_chat", "gemma3", "gemma4", "mistral3"],
 )
 def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, checkpoint):
     model = sglang_process(family_id, {"ipcv": SETTINGS})

@@ -156,6 +156,14 @@ def qwen3_merger_and_taps(hf_model, pixels, grid_thw):
     return torch.cat([output.pooler_output, *output.deepstack_features], dim=1)
 
 
+def glm4v_merger(hf_model, pixels, grid_thw):
+    """transformers' GLM-4.1V features of ``grid_thw``'s images / videos, a video's frames given to
+    the tower as rows of their own (as ``get_video_features`` does; the bare tower takes no
+    ``t > 1``); vLLM's adapter makes each frame an item likewise."""
+    frames = torch.tensor([[1, h, w] for t, h, w in grid_thw.tolist() for _ in range(t)])
+    return hf_model.model.visual(pixels, grid_thw=frames).pooler_output
+
+
 # -- InternVL ------------------------------------------------------------------------------------
 INTERNVL_TILES = {"one_image": [3], "images_of_different_sizes": [3, 1, 5], "video": [4]}  # per item
 TILE_ROWS = 1 + (INTERNVL_TILE // 4) ** 2  # CLS + 4 x 4 patches
@@ -370,6 +378,11 @@ FAMILIES = {
     "qwen3_vl": qwen("Qwen3-VL", "qwen3_vl", "Qwen3VL", qwen3_merger_and_taps),
     # Qwen3-VL's tower without DeepStack (vLLM's output: the merger's alone).
     "qwen3_5": qwen("Qwen3.5", "qwen3_5", "Qwen3_5"),
+    # Packed like Qwen2-VL's; position embeddings resampled per image, downsampling after the tower.
+    "glm4v": dataclasses.replace(
+        qwen("GLM-4.1V / 4.5V / 4.6V", "glm4v", "Glm4v", glm4v_merger),
+        prompt="w5 w6 <|begin_of_image|><|image|><|end_of_image|> w7 w8",
+    ),
     "internvl": internvl("InternVL", "internvl", "vision_tower", "w5 w6 <IMG_CONTEXT> w7 w8"),
     # The same weights in InternVL's own format; transformers runs the native checkpoint.
     "internvl_chat": internvl(

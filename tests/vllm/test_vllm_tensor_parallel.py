@@ -203,6 +203,9 @@ CASES = {
     "qwen2_5_vl": Case("qwen2_5_vl", {}, QWEN_PROMPT, QWEN_IMAGES, _qwen_inputs, _qwen_heads),
     "qwen3_vl": Case("qwen3_vl", {}, QWEN_PROMPT, QWEN_IMAGES, _qwen_inputs, _qwen_heads),
     "qwen3_5": Case("qwen3_5", {}, QWEN_PROMPT, QWEN_IMAGES, _qwen_inputs, _qwen_heads),
+    "glm4v": Case(
+        "glm4v", {}, "w5 w6 <|begin_of_image|><|image|><|end_of_image|> w7 w8", QWEN_IMAGES, _qwen_inputs, _qwen_heads
+    ),
     "internvl_chat": Case(
         "internvl_chat",
         {"trust_remote_code": True},
