@@ -10,14 +10,15 @@ Qwen2-VL special tokens at the ids of ``ipcv_kernels.testing.models.TINY_SPECIAL
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._validation import check_int
-from ..families import build_model
+from ..families import ModelUse, build_model
 from ..testing.models import (
     GLM4V_SPECIAL_TOKENS,
     GLM4V_VISION,
@@ -188,6 +189,118 @@ NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
 FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS, "gemma4")
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """What ``build_checkpoint`` changes in a family's tiny checkpoint besides the Qwen families'
+    fields: vision-config fields (a preset's tower shape), text-config fields, and the full model's
+    use of the tower (``ModelUse``: anyres resolutions), if any."""
+
+    vision: dict[str, Any]
+    text: dict[str, Any]
+    use: ModelUse | None
+
+
+def _side(value: int | Sequence[int]) -> int:
+    """A square size (image, tile or patch side) given as an int or ``[height, width]``."""
+    return value if isinstance(value, int) else int(value[0])
+
+
+def size_to_tower(family: str, config: Any, processor: Any, use: ModelUse | None = None) -> Any:
+    """Size ``family``'s tiny processor (and the model ``config``'s fields that count image tokens)
+    to ``config``'s vision tower: its image, tile or crop side ``S``, patch side ``p``, tokens per
+    tile; LLaVA-NeXT's and OneVision's anyres resolutions from ``use`` (else the tiny model's 1 x 2,
+    2 x 1 and 2 x 2 crops, at ``S``). Returns the processor (``config`` is changed in place).
+
+    The image processors keep the real checkpoints' conventions: LLaVA's shortest edge to ``S`` and a
+    centre crop; Idefics3's images to at most ``4 S`` on the longer side, split into ``S``
+    sub-images; Gemma 4's budget of ``default_output_length`` soft tokens; Pixtral's longer side to
+    at most ``S``, in units of 2 x 2 merged patches; InternVL's ``S`` tiles (at most
+    ``INTERNVL_MAX_TILES`` and a thumbnail).
+
+    Raises:
+        ValueError: ``family`` is not one of ``SIZED_FAMILIES``'s non-Qwen families.
+    """
+    vision = config.vision_config
+    patch = _side(vision.patch_size)
+    # Gemma 4's tower has no image size (a budget of patches instead): sized by its own fields below.
+    side = _side(vision.image_size) if family != "gemma4" else patch
+    tokens = (side // patch) ** 2  # patches of one image, tile, crop or sub-image
+    square = {"height": side, "width": side}
+    pinpoints = (
+        [list(p) for p in use.grid_pinpoints]
+        if use is not None and use.grid_pinpoints is not None
+        else [[side * rows, side * cols] for rows, cols in ((1, 2), (2, 1), (2, 2))]
+    )
+    if family in ("llava", "llava_next"):
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        processor.patch_size = patch
+        sizes = dict(size={"shortest_edge": side}, crop_size=square)
+        if family == "llava":
+            config.image_seq_length = tokens
+            processor.image_processor = CLIPImageProcessorPil(**sizes)
+        else:
+            config.image_grid_pinpoints = pinpoints
+            processor.image_processor = LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=pinpoints)
+    elif family == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        config.image_grid_pinpoints = pinpoints
+        processor.image_processor = LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=pinpoints)
+        processor.num_image_tokens = tokens  # SigLIP: no CLS
+    elif family in ("idefics3", "smolvlm"):
+        processor.image_processor = type(processor.image_processor)(
+            size={"longest_edge": 4 * side}, max_image_size={"longest_edge": side}
+        )
+        processor.image_seq_len = tokens // config.scale_factor**2  # pixel shuffle
+    elif family == "mistral3":
+        from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+        unit = patch * config.spatial_merge_size
+        processor.image_processor = PixtralImageProcessorPil(
+            size={"longest_edge": side}, patch_size={"height": unit, "width": unit}
+        )
+        processor.patch_size = patch
+    elif family == "gemma4":
+        from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+        budget = vision.default_output_length
+        processor.image_processor = Gemma4ImageProcessorPil(
+            patch_size=patch, pooling_kernel_size=vision.pooling_kernel_size, max_soft_tokens=budget
+        )
+        processor.image_seq_length = budget
+    elif family == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        config.image_seq_length = int(tokens * config.downsample_ratio**2)  # pixel shuffle
+        processor.image_processor = GotOcr2ImageProcessorPil(
+            size=square, crop_to_patches=True, min_patches=1, max_patches=INTERNVL_MAX_TILES
+        )
+        processor.image_seq_length = config.image_seq_length
+    else:
+        raise ValueError(f"family: no processor sizing for {family!r}; one of {SIZED_FAMILIES}")
+    return processor
+
+
+# The families whose tiny checkpoint takes another tower shape (``build_checkpoint``'s ``vision``
+# and ``preset``): the Qwen families' processors take the patch sizes; the others' are sized by
+# ``size_to_tower``.
+SIZED_FAMILIES = (
+    *CHECKPOINTS,
+    "internvl",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "idefics3",
+    "smolvlm",
+    "mistral3",
+    "gemma4",
+)
+
+
 def build_checkpoint(
     path: str | Path,
     family: str = "qwen2_vl",
@@ -196,6 +309,7 @@ def build_checkpoint(
     vision: Mapping[str, Any] | None = None,
     text: Mapping[str, Any] | None = None,
     max_pixels: int = MAX_PIXELS,
+    preset: str | None = None,
 ) -> Path:
     """Save a tiny ``family`` model (one of ``FAMILIES``: fp32 seeded random weights, tokenizer,
     image (and Qwen3-VL / InternVL video) processor settings, a chat template for the Qwen and
@@ -204,11 +318,17 @@ def build_checkpoint(
     Args:
         vision: vision-config fields replacing the tiny tower's (e.g. the 7B tower's widths at a
             reduced depth for the vLLM benchmark); the merger's output width (``hidden_size`` /
-            ``out_hidden_size``) always stays the language model's. Qwen families only.
+            ``out_hidden_size``) always stays the language model's. Every family with presets
+            (``SIZED_FAMILIES``): the image processor is then sized to the tower (its image,
+            tile or crop size, patch size, tokens per tile; ``size_processor``).
         text: language-model config fields replacing the tiny decoder's (e.g. a larger
-            ``max_position_embeddings`` for prompts with large images). Qwen families only.
+            ``max_position_embeddings`` for prompts with large images). Not ``internvl_chat``.
         max_pixels: the image processor's upper bound on an image's pixels (larger images are
             shrunk to it); the default keeps the tests' images small. Qwen families only.
+        preset: a preset of the family's row (``ipcv_kernels.families.presets``): the tower gets
+            the preset's shape (``vision`` applied on top, e.g. a reduced depth for a test) and the
+            processor the full model's use of it (LLaVA-NeXT's and OneVision's anyres
+            resolutions, ``ModelUse.grid_pinpoints``). ``SIZED_FAMILIES`` only.
 
     Loadable by ``vllm.LLM(model=path)`` and by transformers' ``from_pretrained(path)``.
     ``internvl`` is transformers' native format (``InternVLForConditionalGeneration``; vLLM builds
@@ -226,14 +346,26 @@ def build_checkpoint(
         if fields is not None and not isinstance(fields, Mapping):
             raise TypeError(f"{name} must be a mapping of config fields, got {type(fields).__name__}")
     check_int("max_pixels", max_pixels, low=MIN_PIXELS)
+    use = None
+    if preset is not None:
+        from ..families import presets
+
+        row, entry = presets().get(preset, (None, None))
+        if row is None or row.id != family:
+            names = sorted(name for name, (r, _) in presets().items() if r.id == family)
+            raise ValueError(f"preset must be one of {family}'s presets {names}, got {preset!r}")
+        vision, use = {**entry.vision, **(vision or {})}, entry.use
+    if (vision or preset is not None) and family not in SIZED_FAMILIES:
+        raise ValueError(f"vision and preset apply to the families with presets {SIZED_FAMILIES}, not to {family}")
     if family not in CHECKPOINTS:
-        if vision or text or max_pixels != MAX_PIXELS:
-            raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
+        if max_pixels != MAX_PIXELS or (text and family == "internvl_chat"):
+            raise ValueError(f"max_pixels applies to the Qwen families only, and text not to internvl_chat: {family}")
+        sizing = Sizing(dict(vision or {}), dict(text or {}), use)
         if family in CLIP_FAMILY_CHECKPOINTS:
-            return _build_clip_family(path, family, seed)
+            return _build_clip_family(path, family, seed, sizing)
         if family == "gemma4":
-            return _build_gemma4(path, seed)
-        return _build_internvl(path, seed) if family == "internvl" else _build_internvl_chat(path, seed)
+            return _build_gemma4(path, seed, sizing)
+        return _build_internvl(path, seed, sizing) if family == "internvl" else _build_internvl_chat(path, seed)
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -279,7 +411,7 @@ def _save_glm4v_processor(path: Path, sizes: dict[str, int], max_pixels: int) ->
     return path
 
 
-def _build_clip_family(path: Path, family: str, seed: int) -> Path:
+def _build_clip_family(path: Path, family: str, seed: int, sizing: Sizing) -> Path:
     """The family table's tiny ``family`` model (LLaVA 1.5, LLaVA-NeXT, Gemma 3, PaliGemma) and processor,
     with the decoder of ``CLIP_FAMILY_CHECKPOINTS`` and an output layer of its own, saved as vLLM
     loads them.
@@ -291,7 +423,8 @@ def _build_clip_family(path: Path, family: str, seed: int) -> Path:
     processor adds. The processor's settings (LLaVA's ``patch_size``,
     ``vision_feature_select_strategy``, ``num_additional_image_tokens``; Gemma 3's
     ``image_token`` / ``boi_token`` / ``eoi_token`` and ``image_seq_length``) come from
-    ``ipcv_kernels.testing.processors.clip_family_processor``.
+    ``ipcv_kernels.testing.processors.clip_family_processor``. With ``sizing``'s vision fields, the
+    tower takes them and the processor is sized to it (``size_to_tower``).
     """
     import transformers
     from safetensors.torch import load_file, save_file
@@ -301,8 +434,9 @@ def _build_clip_family(path: Path, family: str, seed: int) -> Path:
     from ..testing.models import finish, jitter
 
     tiny = family_row(family).tiny_model
-    text = CLIP_FAMILY_CHECKPOINTS[family]
+    text = {**CLIP_FAMILY_CHECKPOINTS[family], **sizing.text}
     fields = tiny.fields(text)
+    fields["vision_config"] = {**fields["vision_config"], **sizing.vision}
     if family == "paligemma":  # the projector maps the tower to the decoder's width
         fields["projection_dim"] = text["hidden_size"]
         fields["vision_config"] = {**fields["vision_config"], "projection_dim": text["hidden_size"]}
@@ -311,15 +445,21 @@ def _build_clip_family(path: Path, family: str, seed: int) -> Path:
     # Untied output layer: tied, a tiny decoder tends to repeat the prompt whatever the image.
     config.tie_word_embeddings = False
     config.get_text_config().tie_word_embeddings = False
+    if family == "mistral3":
+        from ..testing.processors import mistral3_hf_processor
+
+        processor = mistral3_hf_processor()
+    else:
+        processor = tiny.processor()
+    if sizing.vision:
+        processor = size_to_tower(family, config, processor, sizing.use)
     torch.manual_seed(seed)
     model = getattr(transformers, tiny.model_class)(config)
     jitter(model, seed)
     finish(model, "sdpa", torch.float32).save_pretrained(path)
 
     if family == "mistral3":  # vLLM maps transformers' names of Mistral 3 itself (its hf_to_vllm_mapper)
-        from ..testing.processors import mistral3_hf_processor
-
-        mistral3_hf_processor().save_pretrained(path)
+        processor.save_pretrained(path)
         return path
     weights_file = path / "model.safetensors"
     weights = load_file(str(weights_file))
@@ -334,7 +474,6 @@ def _build_clip_family(path: Path, family: str, seed: int) -> Path:
     }
     save_file(renamed, str(weights_file), metadata={"format": "pt"})
 
-    processor = tiny.processor()
     if family in ("gemma3", "paligemma"):
         processor.tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in NEWLINES])
     if family == "paligemma":
@@ -360,13 +499,14 @@ def _build_clip_family(path: Path, family: str, seed: int) -> Path:
     return path
 
 
-def _build_gemma4(path: Path, seed: int) -> Path:
+def _build_gemma4(path: Path, seed: int, sizing: Sizing) -> Path:
     """The family table's tiny Gemma 4 (4-pixel patches pooled 2 x 2, a decoder of head size 32)
     with an output layer of its own, and its processor as vLLM loads it: transformers'
     ``Gemma4Processor`` with the tiny tokenizer and image processor
     (``ipcv_kernels.testing.processors.gemma4_processor``: a 70-soft-token budget, 280 patch rows
     per image), plus the audio feature extractor and video processor its ``from_pretrained``
-    expects (defaults; the tests send images only)."""
+    expects (defaults; the tests send images only). With ``sizing``'s vision fields, the tower takes
+    them and the processor is sized to it (``size_to_tower``)."""
     import transformers
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
     from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
@@ -375,7 +515,9 @@ def _build_gemma4(path: Path, seed: int) -> Path:
     from ..testing.models import finish, jitter
 
     tiny = family_row("gemma4").tiny_model
-    config = transformers.Gemma4Config(**tiny.fields({}))
+    fields = tiny.fields(sizing.text)
+    fields["vision_config"] = {**fields["vision_config"], **sizing.vision}
+    config = transformers.Gemma4Config(**fields)
     config.architectures = [tiny.model_class]
     # Untied output layer: tied, a tiny decoder tends to repeat the prompt whatever the image.
     config.tie_word_embeddings = False
@@ -385,6 +527,8 @@ def _build_gemma4(path: Path, seed: int) -> Path:
     jitter(model, seed)
     finish(model, "sdpa", torch.float32).save_pretrained(path)
     tiny_processor = tiny.processor()
+    if sizing.vision:
+        tiny_processor = size_to_tower("gemma4", config, tiny_processor, sizing.use)
     vision = config.vision_config
     processor = transformers.Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(),
@@ -400,9 +544,28 @@ def _build_gemma4(path: Path, seed: int) -> Path:
     return path
 
 
-def _tiny_internvl(seed: int) -> Any:
-    """The tiny ``InternVLForConditionalGeneration`` both InternVL checkpoints save."""
-    model = build_model("internvl", seed=seed, text_overrides=INTERNVL_TEXT_OVERRIDES)
+def _tiny_internvl(seed: int, sizing: Sizing | None = None, processor: Any = None) -> Any:
+    """The tiny ``InternVLForConditionalGeneration`` both InternVL checkpoints save (``sizing``: its
+    tower's and decoder's fields changed, the config's tokens per tile and ``processor`` sized to
+    the tower)."""
+    if sizing is None or not (sizing.vision or sizing.text):
+        model = build_model("internvl", seed=seed, text_overrides=INTERNVL_TEXT_OVERRIDES)
+    else:  # what build_model does, with the fields changed
+        import transformers
+
+        from ..families import family as family_row
+        from ..testing.models import finish, jitter
+
+        tiny = family_row("internvl").tiny_model
+        fields = tiny.fields({**INTERNVL_TEXT_OVERRIDES, **sizing.text})
+        fields["vision_config"] = {**fields["vision_config"], **sizing.vision}
+        config = transformers.InternVLConfig(**fields)
+        if sizing.vision:
+            size_to_tower("internvl", config, processor, sizing.use)
+        torch.manual_seed(seed)
+        model = transformers.InternVLForConditionalGeneration(config)
+        jitter(model, seed)
+        model = finish(model, "sdpa", torch.float32)
     model.config.architectures = ["InternVLForConditionalGeneration"]
     # transformers ties InternVL's output embeddings by default, vLLM's decoder reads the text
     # config (untied): save an output layer of its own. Tied, the tiny decoder repeats the prompt's
@@ -414,21 +577,22 @@ def _tiny_internvl(seed: int) -> Any:
     return model
 
 
-def _build_internvl(path: Path, seed: int) -> Path:
+def _build_internvl(path: Path, seed: int, sizing: Sizing) -> Path:
     from transformers import InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 
-    _tiny_internvl(seed).save_pretrained(path)
     size = {"height": INTERNVL_TILE, "width": INTERNVL_TILE}
-    InternVLProcessor(
+    processor = InternVLProcessor(
         image_processor=GotOcr2ImageProcessorPil(
             size=size, crop_to_patches=True, min_patches=1, max_patches=INTERNVL_MAX_TILES
         ),
         tokenizer=build_tokenizer(INTERNVL_SPECIAL_TOKENS, INTERNVL_NAMED_TOKENS),
         video_processor=InternVLVideoProcessor(size=size),
         image_seq_length=INTERNVL_TOKENS_PER_TILE,
-    ).save_pretrained(path)
+    )
+    _tiny_internvl(seed, sizing, processor).save_pretrained(path)  # sizes the processor to its tower
+    processor.save_pretrained(path)
     return path
 
 

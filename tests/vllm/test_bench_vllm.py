@@ -1,9 +1,12 @@
 """Smoke tests of ``python -m ipcv_kernels bench-vllm`` (tiny towers, one or two rounds; behaviour
 only, no timing claims): its checks pass, both measures of both variants are timed, and the result
-files carry every field; every vLLM row of the family table runs with its checks (``--family``)."""
+files carry every field; every vLLM row of the family table runs with its checks (``--family``);
+every preset of those rows is built with a processor of its tower's size, and one preset of each
+non-Qwen call kind runs with its checks at a reduced width (``--preset``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -11,7 +14,8 @@ import pytest
 pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is not installed (tests/vllm run in their own environment)")
 
 from ipcv_kernels.__main__ import main
-from ipcv_kernels.bench.vllm import MEASURES, VARIANTS, VLLM_FAMILIES
+from ipcv_kernels.bench.vllm import MEASURES, VARIANTS, VLLM_FAMILIES, timing
+from ipcv_kernels.bench.vllm.cases import PRESETS, Target, target_from_args
 
 
 def test_bench_vllm_smoke_run_writes_every_field(tmp_path, capsys):
@@ -109,3 +113,108 @@ def test_bench_vllm_runs_every_family_with_its_checks(family, tmp_path):
         assert all(case[measure][v]["median_ms"] > 0 for v in VARIANTS)
         assert case[measure]["bound"] > 1.0
     assert (tmp_path / "smoke.md").stat().st_size > 0
+
+
+# A preset's tower at a reduced width (its depth, patch and image geometry kept, so that images are
+# processed, tiled and counted as for the real tower): every width field of the family's configs.
+REDUCED_WIDTH = {
+    "hidden_size": 64,
+    "embed_dim": 64,
+    "intermediate_size": 96,
+    "num_heads": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 16,
+}
+
+
+def reduced(target: Target, **fields: int) -> Target:
+    """``target`` with its tower at ``REDUCED_WIDTH`` and ``fields`` (a Qwen merger's output width
+    is the tiny language model's whatever is asked)."""
+    sizes = {**REDUCED_WIDTH, **fields}
+    return Target(target.row, target.preset, {k: sizes.get(k, v) for k, v in target.vision.items()})
+
+
+def same_field(saved, preset) -> bool:
+    """A config field as saved equals the preset's (InternVL's configs store sizes as pairs)."""
+    pair = (list, tuple)
+    return saved == preset or (isinstance(saved, pair) and not isinstance(preset, pair) and list(saved) == [preset] * 2)
+
+
+def test_every_preset_of_a_vllm_row_is_taken():
+    from ipcv_kernels.families import presets
+
+    assert set(PRESETS) == {name for name, (row, _) in presets().items() if row.id in VLLM_FAMILIES}
+    assert {presets()[name][0].kind.name for name in PRESETS} == {
+        "grid", "windows", "tiles", "crops", "sub_images", "patches", "images"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_checkpoint_has_a_processor_of_its_towers_size(preset, tmp_path):
+    """Built as bench-vllm builds it (at a reduced width): the tower has the preset's geometry and
+    depth (two blocks where the depth is ``num_hidden_layers``: no Qwen tap or window index to
+    keep), and the saved processor expands one image's placeholder into exactly as many tokens as
+    transformers' model gives the image embeddings, on an image of the preset's default case."""
+    import torch
+
+    from ipcv_kernels.bench.vllm.engine import random_image, save_checkpoint
+    from ipcv_kernels.bench.vllm.reference import Reference
+
+    target = reduced(target_from_args(argparse.Namespace(preset=preset, family=None)), num_hidden_layers=2)
+    checkpoint = save_checkpoint(target, 0, 448 * 448, tmp_path)
+    reference = Reference(checkpoint, torch.float32, torch.device("cpu"))
+    config = reference.model.config.vision_config
+    for key in ("image_size", "patch_size", "depth", "num_hidden_layers", "pooling_kernel_size"):
+        if key in target.vision:
+            assert same_field(getattr(config, key), target.vision[key]), key
+    use = target.row.presets[preset].use
+    height, width = map(int, (use.cases[0] if use is not None and use.cases else "336x448").split("x"))
+    image = random_image(height, width, 0)
+    processor = reference.processor
+    ids = processor(text=[processor.image_token], images=[image], return_tensors="pt")["input_ids"]
+    placeholders = int((ids == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum())
+    assert placeholders == reference.features(image).shape[0] > 0
+    assert reference.prompt_tokens(image) == ids.shape[-1]
+    # The tower's call as the row's call kind counts it (tokens before any merge, newline or tag).
+    case = reference.case("case", image)
+    assert case.tokens > 0 and reference.calls.flops(case, None).total > 0
+
+
+# One preset of each call kind besides the Qwen ones (``qwen2-vl-tiny`` above): as bench-vllm runs
+# it, at a reduced width, on an image the processor tiles or crops as the real checkpoint's does.
+KIND_PRESETS = {
+    "llava-next-7b-d8": "336x672",
+    "internvit-300m-d8": "448x448",
+    "idefics3-8b-d8": "364x364",
+    "gemma4-e2b-d8": "336x448",
+    "mistral-small-3.1-24b-d8": "224x280",
+}
+
+
+@pytest.mark.parametrize("preset", list(KIND_PRESETS))
+def test_bench_vllm_runs_a_preset_of_every_call_kind(preset, tmp_path, monkeypatch):
+    monkeypatch.setattr(timing, "target_from_args", lambda args: reduced(target_from_args(args)))
+    argv = ["bench-vllm", "--preset", preset, "--cases", KIND_PRESETS[preset], "--ratio", "0.5"]
+    argv += ["--prune-layer", "1", "--as-layers", "1", "--neighbors", "4", "--repeats", "1", "--warmup", "0"]
+    argv += ["--out", str(tmp_path), "--name", "smoke", "--no-progress", "--no-plot"]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "smoke.json").read_text())
+    settings = payload["settings"]
+    assert settings["model"] == preset
+    vision = settings["vision_config"]
+    row = target_from_args(argparse.Namespace(preset=preset, family=None)).row
+    for key in ("image_size", "patch_size", "num_hidden_layers"):
+        if key in row.presets[preset].vision:
+            assert same_field(vision[key], row.presets[preset].vision[key]), key
+    (case,) = payload["cases"]
+    checks = case["checks"]
+    assert checks["passed"], checks
+    assert checks["ratio0_vs_unpatched"] <= checks["bound"]
+    assert checks["ipcv_vs_transformers_same_plan"] <= checks["bound"]
+    blocks = case["ipcv_tokens_per_block"]
+    assert blocks[0] == case["tokens"] and blocks[-1] < blocks[0]
+    assert 0 < case["kept_tokens"] < case["tokens"]
+    for measure in MEASURES:
+        assert all(case[measure][v]["median_ms"] > 0 for v in VARIANTS)
+        assert case[measure]["bound"] > 1.0

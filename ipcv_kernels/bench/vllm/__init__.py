@@ -7,12 +7,12 @@ subcommand) and ``python benchmarks/bench_vllm.py ...``, which runs that subcomm
 subcommand exits with status 1 and says so.
 
 The model: a row's tiny checkpoint as the vLLM tests save it (``--family``, ``VLLM_FAMILIES``:
-every row with a vLLM entry that transformers loads, whatever its call kind), or a Qwen row's
+every row with a vLLM entry that transformers loads, whatever its call kind), or such a row's
 checkpoint whose vision tower has the shape of a preset (``--preset``, default ``qwen2-vl-7b-d8``:
-Qwen2-VL-7B's widths at depth 8; ``PRESETS``: the presets of rows whose tiny vLLM checkpoint takes
-another tower shape, ``ipcv_kernels.vllm.testing.CHECKPOINTS``), with the tiny language model of
-``ipcv_kernels.vllm.testing``, saved with seeded random weights into a temporary directory
-(``build_checkpoint``) and loaded by one in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``;
+Qwen2-VL-7B's widths at depth 8; ``PRESETS``: every preset of those rows) and whose processor is
+sized to that tower as the real checkpoint's is (``ipcv_kernels.vllm.testing.size_to_tower``), with
+the tiny language model of ``ipcv_kernels.vllm.testing``, saved with seeded random weights into a
+temporary directory (``build_checkpoint(..., preset=)``) and loaded by one in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``;
 the engine settings of ``ipcv_kernels.vllm.testing.ENGINE``: eager, no prefix caching, no processor
 cache). The plugin patches it at start (``hf_overrides={"ipcv": ...}``); ``LLM.apply_model`` with
 ``ipcv_kernels.vllm.apply_ipcv`` / ``remove_ipcv`` switches IPCV on and off between calls. Every

@@ -8,7 +8,7 @@ from typing import Any
 
 from ...config import IPCVConfig
 from ...families import FAMILIES, Family, family, presets
-from ...vllm.testing import CHECKPOINTS
+from ...vllm.testing import CHECKPOINTS, SIZED_FAMILIES
 from ...vllm.testing import FAMILIES as CHECKPOINT_FAMILIES
 from ..calls import Case, match_case, parse_grid_case
 from ..towers import vision_config_from_preset
@@ -19,11 +19,6 @@ VARIANTS = ("unpatched", "ipcv")
 MEASURES = ("encoder", "ttft")
 
 
-# The presets whose family's tiny vLLM checkpoint takes another tower shape (``build_checkpoint``'s
-# ``vision``: the rows that take ``grid_thw``); a preset of another row's tower (LLaVA's CLIP) has none.
-PRESETS = tuple(name for name, (row, preset) in presets().items() if row.id in CHECKPOINTS and preset.tower is None)
-
-
 # Every row with a vLLM entry and a tiny vLLM checkpoint (``ipcv_kernels.vllm.testing``): ``--family``
 # benchmarks that checkpoint as it is, whatever the row's call kind. A row transformers has no
 # classes of (a remote-code format) has no reference to check against nor tower to count FLOPs
@@ -32,6 +27,12 @@ PRESETS = tuple(name for name, (row, preset) in presets().items() if row.id in C
 VLLM_FAMILIES = tuple(
     row.id for row in FAMILIES if row.vllm is not None and row.hf is not None and row.id in CHECKPOINT_FAMILIES
 )
+
+
+# The presets of those rows (``--preset``): the row's tiny vLLM checkpoint with the preset's tower
+# shape and a processor of its size (``build_checkpoint``'s ``preset``; every such row's
+# checkpoint takes one, ``SIZED_FAMILIES``).
+PRESETS = tuple(name for name, (row, _) in presets().items() if row.id in VLLM_FAMILIES and row.id in SIZED_FAMILIES)
 
 
 DEFAULT_PRESET = "qwen2-vl-7b-d8"
@@ -52,8 +53,9 @@ PROMPT_MARGIN = 16
 @dataclass(frozen=True)
 class Target:
     """What bench-vllm benchmarks: a family-table row's tiny vLLM checkpoint, its tower shaped as
-    ``preset`` (``vision``: the preset's config fields, the merger's output width left to the tiny
-    language model) or, without a preset, as the row's tiny checkpoint has it."""
+    ``preset`` (``vision``: the preset's config fields, a Qwen merger's output width left to the
+    tiny language model) with a processor of its size, or, without a preset, as the row's tiny
+    checkpoint has it."""
 
     row: Family
     preset: str | None
@@ -80,7 +82,7 @@ def target_from_args(args: argparse.Namespace) -> Target:
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     row, entry = presets()[preset]
-    output = CHECKPOINTS[row.id][3]
+    output = CHECKPOINTS[row.id][3] if row.id in CHECKPOINTS else None
     return Target(row, preset, {k: v for k, v in entry.vision.items() if k != output})
 
 
@@ -114,15 +116,17 @@ def bench_vision_config(preset: str) -> Any:
 
 
 def preset_vision_config(target: Target) -> Any | None:
-    """The vision config of a preset target's tower (``None`` for a tiny checkpoint's): the
-    preset's, with the merger's output width the tiny language model's
-    (``ipcv_kernels.vllm.testing.VLLM_TEXT``)."""
-    from ...vllm.testing import VLLM_TEXT
-
-    if target.preset is None:
+    """The vision config of a preset target's tower that takes ``grid_thw`` (``None`` for a tiny
+    checkpoint's or another call kind's, whose processor sizes its images itself): the target's
+    fields, with the merger's output width the tiny language model's
+    (``ipcv_kernels.vllm.testing.CHECKPOINTS``)."""
+    if target.preset is None or not target.row.kind.takes_grid_thw:
         return None
     vision_config = vision_config_from_preset(target.preset)
-    setattr(vision_config, CHECKPOINTS[target.row.id][3], VLLM_TEXT["hidden_size"])
+    for key, value in target.vision.items():  # the target's fields (a test's reduced tower)
+        setattr(vision_config, key, value)
+    _, text, _, output = CHECKPOINTS[target.row.id]
+    setattr(vision_config, output, text["hidden_size"])
     return vision_config
 
 

@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=PRESETS,
         default=DEFAULT_PRESET,
-        help="the vision tower's shape (ipcv_kernels.bench.presets; the language model is always the tiny one)",
+        help="the vision tower's shape (a family-table preset of a vLLM row), with a processor of its size "
+        "(the language model is always the tiny one)",
     )
     model.add_argument(
         "--family",

@@ -178,20 +178,30 @@ def random_image(height: int, width: int, seed: int) -> Any:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def save_checkpoint(target: Target, seed: int, max_model_len: int, pixels: int, directory: Path) -> Path:
-    """The target's tiny checkpoint under ``directory``: a preset's tower shape, room for prompts of
-    ``max_model_len`` tokens and images of ``pixels`` pixels (a row's tiny checkpoint as it is)."""
-    from ...vllm.testing import MAX_PIXELS, VLLM_TEXT, build_checkpoint
+# A preset checkpoint's decoder positions: room for any prompt the benchmark's cases make (a
+# 4,096-token image is 2,048 x 2,048 pixels for a Qwen tower); the engine's max_model_len is then
+# set to the longest prompt of the run (``Reference.prompt_tokens``). Rotary decoders only: no
+# weights depend on it.
+PRESET_MAX_POSITIONS = 1 << 17
 
-    if target.vision is None:
+
+def save_checkpoint(target: Target, seed: int, pixels: int, directory: Path) -> Path:
+    """The target's tiny checkpoint under ``directory``: a preset's tower shape with a processor of
+    its size (a Qwen processor taking images of up to ``pixels`` pixels), room for long prompts
+    (``PRESET_MAX_POSITIONS``); a row's tiny checkpoint as it is."""
+    from ...vllm.testing import MAX_PIXELS, build_checkpoint
+
+    if target.preset is None:
         return build_checkpoint(directory, target.row.id, seed=seed)
+    sizes = {"max_pixels": max(pixels, MAX_PIXELS)} if target.row.kind.takes_grid_thw else {}
     return build_checkpoint(
         directory,
         target.row.id,
         seed=seed,
+        preset=target.preset,
         vision=target.vision,
-        text={"max_position_embeddings": max(max_model_len, VLLM_TEXT["max_position_embeddings"])},
-        max_pixels=max(pixels, MAX_PIXELS),
+        text={"max_position_embeddings": PRESET_MAX_POSITIONS},
+        **sizes,
     )
 
 

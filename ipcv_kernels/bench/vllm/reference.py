@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ...reference import IPCVPlan
-from ..calls import Case, GridCalls, SubImageCalls, TowerCalls, tower_calls
+from ..calls import Case, GridCalls, ImageCalls, PatchCalls, SubImageCalls, TowerCalls, tower_calls
 from ..towers import model_use
 
 
@@ -50,7 +50,8 @@ class Reference:
         from ...families import find_family
 
         self.model = load_model(checkpoint, dtype, device)
-        self.image_processor = AutoProcessor.from_pretrained(checkpoint).image_processor
+        self.processor = AutoProcessor.from_pretrained(checkpoint)
+        self.image_processor = self.processor.image_processor
         _, tower = find_family(self.model)
         self.calls: TowerCalls = tower_calls(tower, model_use(checkpoint))
         self.dtype, self.device = dtype, device
@@ -74,9 +75,26 @@ class Reference:
         """The image processor's tensors of one image (PIL)."""
         return dict(self.image_processor(images=[image], return_tensors="pt"))
 
+    def prompt_tokens(self, image: Any) -> int:
+        """Tokens of a prompt of one image (PIL) and nothing else, as the model's processor expands
+        its image placeholder (``processor.image_token``) for it: the image's share of a request."""
+        encoded = self.processor(text=[self.processor.image_token], images=[image], return_tensors="pt")
+        return int(encoded["input_ids"].shape[-1])
+
     def case(self, name: str, image: Any) -> Case:
         """The tower call of one image of the case's size, as its processor makes it."""
         processed = self.process(image)
+        if isinstance(self.calls, ImageCalls):  # one image at its own (processed) size, in patches
+            patch = self.calls.config.patch_size
+            ((height, width),) = processed["image_sizes"].tolist()
+            return Case(name, "image", ((1, int(height) // patch, int(width) // patch),))
+        if isinstance(self.calls, PatchCalls):
+            # One row of the processor's padded patches (its budget), the real ones positioned
+            # (x, y) >= 0 in the image's top-left rectangle of rows x cols.
+            positions = processed["image_position_ids"][0]
+            real = positions[(positions >= 0).all(-1)]
+            rows, cols = int(real[:, 1].max()) + 1, int(real[:, 0].max()) + 1
+            return Case(name, "image", (), (1,), int(positions.shape[0]), ((rows, cols),))
         if isinstance(self.calls, GridCalls):
             grid = processed["image_grid_thw"].tolist()
             return Case(name, "image", tuple(tuple(int(v) for v in row) for row in grid))

@@ -16,7 +16,7 @@ import torch
 from ...flops import predicted_speedup
 from ...ops import available_backends
 from .. import environment, measure, progress, results
-from ..calls import Case, parse_grid_case
+from ..calls import Case
 from ..vit import PLANNED_OPS
 from .cases import (
     MEASURES,
@@ -154,25 +154,28 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     cases_text = list(args.cases)
     for text in cases_text:  # refused before anything is built
         image_pixels(text, False, None)
-    # A preset's tower is known before its checkpoint is saved: the checkpoint makes room for its
-    # largest prompt and image (a row's tiny checkpoint holds the tests' small images).
+    # A Qwen preset's tower is known before its checkpoint is saved: its processor makes room for
+    # the largest image (a row's tiny checkpoint holds the tests' small images; other call kinds'
+    # processors size images to the tower themselves).
     preset_config = preset_vision_config(target)
-    max_model_len, max_pixels = 0, 0
+    max_pixels = 0
     if preset_config is not None:
         ipcv.check_depth(preset_config.depth)
         for text in cases_text:
             height, width = image_pixels(text, takes_grid_thw, preset_config)
-            tokens = parse_grid_case(text, preset_config).tokens // preset_config.spatial_merge_size**2
-            max_model_len, max_pixels = max(max_model_len, tokens + PROMPT_MARGIN), max(max_pixels, height * width)
+            max_pixels = max(max_pixels, height * width)
     with tempfile.TemporaryDirectory(prefix="ipcv-bench-vllm-") as directory:
-        checkpoint = save_checkpoint(target, args.seed, max_model_len, max_pixels, Path(directory))
+        checkpoint = save_checkpoint(target, args.seed, max_pixels, Path(directory))
         reference = Reference(checkpoint, dtype, torch.device("cpu"))
         ipcv.check_depth(reference.depth)
         vision_config = reference.vision_config
         sizes = [image_pixels(text, takes_grid_thw, vision_config) for text in cases_text]
-        cases = [
-            reference.case(text, random_image(*size, args.seed)) for text, size in zip(cases_text, sizes, strict=True)
-        ]
+        images = [random_image(*size, args.seed) for size in sizes]
+        cases = [reference.case(text, image) for text, image in zip(cases_text, images, strict=True)]
+        # A preset's engine makes room for its longest prompt (the tiny checkpoints' fit the default).
+        max_model_len = 0
+        if target.preset is not None:
+            max_model_len = max(reference.prompt_tokens(image) for image in images) + PROMPT_MARGIN
         engine = start_engine(args, target, ipcv, checkpoint, max_model_len)
         device = engine.device()
         reference.to(device)
