@@ -28,7 +28,8 @@ from ..testing.models import finish, jitter
 class CallKind:
     """How a family's tower is called and what one IPCV item is (``docs/spec.md`` §4).
 
-    name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``, ``patches``, ``images``).
+    name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``, ``patches``, ``images``,
+        ``slices``).
     items: what forms one item, in words (for docs and messages).
     takes_grid_thw: the tower takes packed patches and ``grid_thw`` rows (the Qwen towers);
         otherwise it takes images ``[B, C, S, S]`` of its fixed size ``S`` (``patches``: a padded
@@ -67,7 +68,11 @@ IMAGES = CallKind(
     "images", "an image at its own resolution (a padded batch with image_sizes), one attention segment", False,
     False, "grid_thw",
 )  # fmt: skip
-CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES, IMAGES)
+SLICES = CallKind(
+    "slices", "a slice of an image (its source or one crop): one target_sizes row and attention segment, "
+    "2 x 2 merged inside the tower", False, False, "grid_thw",
+)  # fmt: skip
+CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES, IMAGES, SLICES)
 
 
 @dataclass(frozen=True)
@@ -261,6 +266,8 @@ class Family:
     presets: real-shape towers by preset name (bench, demo, fidelity).
     recommended: ``IPCVConfig`` fields recommended for the family (others take the defaults).
     recommended_source: where those numbers come from.
+    min_transformers: ``(version, why)`` where the row's tiny-tower tests need a newer transformers
+        than the oldest supported one (they skip with ``why`` below it); ``None``: none.
     """
 
     id: str
@@ -276,3 +283,16 @@ class Family:
     presets: dict[str, Preset] = field(default_factory=dict)
     recommended: dict[str, Any] = field(default_factory=dict)
     recommended_source: str = "IPCVConfig's defaults: the paper's Qwen2-VL-7B setting (P=3, r=0.65, A=7, k=10)"
+    min_transformers: tuple[str, str] | None = None
+
+    def tower_test_skip(self) -> str | None:
+        """Why the row's tiny-tower tests cannot run with the installed transformers (``None``: they can)."""
+        if self.min_transformers is None:
+            return None
+        import transformers
+        from packaging.version import Version
+
+        version, why = self.min_transformers
+        if Version(transformers.__version__) >= Version(version):
+            return None
+        return f"{self.name} needs transformers >= {version}: {why}"
