@@ -692,3 +692,61 @@ def onevision1_5_flops(
         spatial_merge=c.spatial_merge_size,
         pinned_per_segment=1,
     )
+
+
+def minicpmv_flops(
+    vision_config: Any,
+    grid_thw: Sequence[Sequence[int]],
+    config: IPCVConfig | None = None,
+    *,
+    merged: bool = True,
+) -> FlopReport:
+    """FLOPs of one call of a ``MiniCPMV4_6VisionConfig`` tower (MiniCPM-V 4.6 / 4.7; spec §5.14):
+    every ``(1, h, w)`` row is one slice of ``h x w`` patches, one item and one attention segment.
+
+    Blocks ``0 .. I`` (``I = insert_layer_id``) run on every patch (``vit_flops`` unpatched, with
+    the patch embedding); the window-attention merger after block ``I`` (``q/k/v/out`` projections
+    and attention within each 2 x 2 window over the ``n`` rows, then its MLP ``4D -> 4M -> D`` on
+    the ``n / 4`` windows) counts as ``merger``; blocks ``I + 1 ..`` run on the ``(h / 2)(w / 2)``
+    merged tokens of each slice, with IPCV from ``P`` on (``config.prune_layer >= I + 2``).
+    ``merged=False`` (the model's ``"4x"`` mode): no merge, plain ``vit_flops``. The model's
+    ``Merger`` and projector after the tower are not counted.
+
+    Raises:
+        ValueError: a slice with an odd side (it cannot be merged), or a prune layer at or before
+            ``I + 1``.
+    """
+    c = vision_config
+    depth, width, mlp, heads = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads
+    patch_dim = c.num_channels * c.patch_size * c.patch_size
+    full = [int(h) * int(w) for _, h, w in grid_thw]
+    insert = int(c.insert_layer_id)
+    if not merged or insert < 0:
+        return vit_flops(depth, width, mlp, heads, full, config, patch_dim=patch_dim)
+    for _, h, w in grid_thw:
+        if int(h) % 2 or int(w) % 2:
+            raise ValueError(f"grid_thw: a slice of {h} x {w} patches cannot be merged 2 x 2")
+    if config is not None and config.prune_layer < insert + 2:
+        raise ValueError(f"prune_layer must be >= insert_layer_id + 2 = {insert + 2}, got {config.prune_layer}")
+    before = vit_flops(insert + 1, width, mlp, heads, full, None, patch_dim=patch_dim)
+    after = vit_flops(depth, width, mlp, heads, [n // 4 for n in full], config)
+    tokens = sum(full)
+    # Attention within 4-row windows and its q / k / v / out projections, then the MLP per window.
+    window = 4.0 * width * tokens * 4 + 8.0 * tokens * width * width
+    merger = window + 2.0 * (tokens / 4) * (4 * width * 4 * mlp + 4 * mlp * width)
+    blocks = before.blocks + after.blocks[insert + 1 :]
+    per_block = tuple(b.total for b in blocks)
+    total = sum(per_block) + after.planning + after.restoration + before.embed + merger
+    return FlopReport(
+        total,
+        per_block,
+        blocks,
+        after.planning,
+        after.restoration,
+        before.embed,
+        merger,
+        total - after.overhead,
+        after.overhead,
+        tokens,
+        after.kept_tokens,
+    )

@@ -51,7 +51,7 @@ from ..api import apply_ipcv, get_ipcv_patch, remove_ipcv
 from ..config import IPCVConfig
 from ..engine import read_blocks
 from ..families import CALL_KINDS, Family, ModelUse, family, find_family
-from ..families.row import FRAMES, IMAGES, PATCHES, SUB_IMAGES, TILES
+from ..families.row import FRAMES, IMAGES, PATCHES, SLICES, SUB_IMAGES, TILES
 from ..flops import FlopReport
 from .towers import build_tower, load_vision_tower, model_use, preset_use, tower_output, vision_config_from_preset
 
@@ -583,6 +583,33 @@ class ImageCalls(GridCalls):
         return self.family.flops(self.config, case.grid_thw, config, read_blocks=self.read)
 
 
+class SliceCalls(ImageCalls):
+    """MiniCPM-V towers (kind ``slices``): ``tower(pixel_values [1, C, p, n p], target_sizes [S, 2])``,
+    every slice at its own size, packed as the model's processor packs them; the tower's
+    ``last_hidden_state`` rows ``[n / 4, D]`` (2 x 2 merged inside it).
+
+    Cases are ``grid_thw`` rows ``(1, h, w)`` in patches, one per slice, each side rounded to a
+    multiple of ``4 * patch_size`` (the tower's merge and the model's ``Merger`` after it each take
+    2 x 2); the inputs are the slices' patches ``[N, C p^2]`` with their ``grid_thw``, as for
+    ``ImageCalls``.
+    """
+
+    MERGE = 4
+
+    def forward(self, inputs: tuple[Case, tuple]) -> torch.Tensor:
+        patches, grid_thw = inputs[1]
+        c, p = self.config, self.config.patch_size
+        # Patch j of the packed sequence is pixel_values[0, :, :, j p : (j + 1) p].
+        pixel_values = patches.view(-1, c.num_channels, p, p).permute(1, 2, 0, 3).reshape(1, c.num_channels, p, -1)
+        target_sizes = grid_thw[:, 1:].to(torch.int32)
+        with torch.inference_mode():
+            hidden = self.tower(pixel_values, target_sizes=target_sizes).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def flops(self, case: Case, config: IPCVConfig | None) -> FlopReport:
+        return self.family.flops(self.config, case.grid_thw, config)
+
+
 def tower_calls(tower: nn.Module, use: ModelUse | None = None) -> TowerCalls:
     """The call convention of ``tower``'s call kind (its row in the family table): ``GridCalls``
     for towers that take ``grid_thw``, ``SubImageCalls`` for sub-images, ``TileCalls`` for tiles
@@ -612,6 +639,8 @@ KIND_CALLS: dict[str, type[TowerCalls]] = {
     if kind is PATCHES
     else ImageCalls
     if kind is IMAGES
+    else SliceCalls
+    if kind is SLICES
     else TileCalls
     for kind in CALL_KINDS
 }

@@ -149,6 +149,11 @@ class FamilyAdapter:
     def blocks(self, tower: nn.Module) -> nn.ModuleList:
         return tower.blocks
 
+    def check_config(self, tower: nn.Module, config: IPCVConfig) -> None:
+        """Refuse (``ValueError`` naming the field) a config this tower cannot take beyond
+        ``IPCVConfig.check_depth``, when the patch is built; every config by default (MiniCPM-V:
+        prune layers at or before its in-tower merge)."""
+
     def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
         """Items (and segments, where blocks take none) of one ``tower(*args, **kwargs)`` call.
 
@@ -310,6 +315,7 @@ class IPCVPatch(InstancePatch):
         self.blocks = adapter.blocks(tower)
         self.depth = len(self.blocks)
         config.check_depth(self.depth)
+        adapter.check_config(tower, config)
         self.selector = get_selector(config.selection)
         self.stabilisation_end = config.stabilisation_end(self.depth)
         self.last_tokens_per_block: list[int] = []

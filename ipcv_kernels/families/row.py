@@ -29,8 +29,8 @@ from ..testing.models import finish, jitter
 class CallKind:
     """How a family's tower is called and what one IPCV item is (``docs/spec.md`` §4).
 
-    name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``, ``patches``, ``images``, ``frames``,
-        ``grid_cls``).
+    name: the kind's id (``grid``, ``windows``, ``tiles``, ``crops``, ``sub_images``, ``patches``, ``images``,
+        ``grid_cls``, ``frames``, ``slices``).
     items: what forms one item, in words (for docs and messages).
     takes_grid_thw: the tower takes packed patches and ``grid_thw`` rows (the Qwen towers);
         otherwise it takes images ``[B, C, S, S]`` of its fixed size ``S`` (``patches``: a padded
@@ -81,7 +81,11 @@ GRID_CLS = CallKind(
 FRAMES = CallKind(
     "frames", "an image or one video frame, each given as one grid_thw row", True, False, "grid_thw"
 )  # fmt: skip
-CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES, IMAGES, GRID_CLS, FRAMES)
+SLICES = CallKind(
+    "slices", "a slice of an image (its source or one crop): one target_sizes row and attention segment, "
+    "2 x 2 merged inside the tower", False, False, "grid_thw",
+)  # fmt: skip
+CALL_KINDS = (GRID, WINDOWS, TILES, CROPS, SUB_IMAGES, PATCHES, IMAGES, GRID_CLS, FRAMES, SLICES)
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,8 @@ class Family:
     presets: real-shape towers by preset name (bench, demo, fidelity).
     recommended: ``IPCVConfig`` fields recommended for the family (others take the defaults).
     recommended_source: where those numbers come from.
+    min_transformers: ``(version, why)`` where the row's tiny-tower tests need a newer transformers
+        than the oldest supported one (they skip with ``why`` below it); ``None``: none.
     """
 
     id: str
@@ -290,6 +296,19 @@ class Family:
     presets: dict[str, Preset] = field(default_factory=dict)
     recommended: dict[str, Any] = field(default_factory=dict)
     recommended_source: str = "IPCVConfig's defaults: the paper's Qwen2-VL-7B setting (P=3, r=0.65, A=7, k=10)"
+    min_transformers: tuple[str, str] | None = None
+
+    def tower_test_skip(self) -> str | None:
+        """Why the row's tiny-tower tests cannot run with the installed transformers (``None``: they can)."""
+        if self.min_transformers is None:
+            return None
+        import transformers
+        from packaging.version import Version
+
+        version, why = self.min_transformers
+        if Version(transformers.__version__) >= Version(version):
+            return None
+        return f"{self.name} needs transformers >= {version}: {why}"
 
     def unavailable(self) -> str | None:
         """Why this row's transformers models cannot be built with the installed transformers (it

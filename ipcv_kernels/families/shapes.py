@@ -208,3 +208,20 @@ GLM4V_9B_VISION: dict[str, Any] = dict(
     spatial_merge_size=2,
     rms_norm_eps=1e-5,
 )
+
+# MiniCPM-V 4.6's tower (openbmb/MiniCPM-V-4.6, ``MiniCPMV4_6VisionConfig``; 4.7 has the same
+# tower): SigLIP-So400m/14 blocks (27 of width 1152, 16 heads, MLP 4304) over 448-pixel slices
+# (``scale_resolution``; the position table covers 980 pixels = 70 x 70 patches), 2 x 2 merged
+# inside the tower after block ``insert_layer_id`` = 6. The so400m block shape is the one
+# MiniCPM-V 4.x towers use; no 4.6 config.json was at hand to confirm it (see the report).
+MINICPMV4_6_VISION: dict[str, Any] = dict(
+    model_type="minicpmv4_6_vision",
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    image_size=980,
+    patch_size=14,
+    hidden_act="gelu_pytorch_tanh",
+    insert_layer_id=6,
+)

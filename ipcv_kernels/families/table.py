@@ -19,6 +19,7 @@ from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
 from ..models.kimi_k25 import KimiK25Adapter
 from ..models.llava_onevision1_5 import LlavaOnevision15Adapter
+from ..models.minicpmv import MiniCPMVAdapter
 from ..models.pixtral import PixtralAdapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
@@ -34,6 +35,7 @@ from .row import (
     GRID_CLS,
     IMAGES,
     PATCHES,
+    SLICES,
     SUB_IMAGES,
     TILES,
     WINDOWS,
@@ -63,6 +65,17 @@ GEMMA4_LLM_REFUSAL = (
 KIMI_K25_LLM_REFUSAL = (
     "its DeepSeek-V3 decoder uses multi-head latent attention, without the per-head q_proj / k_proj "
     "FastV / DART score tokens with"
+)
+# MiniCPM-V: IPCV applies after the in-tower 2 x 2 merge (spec §5.14), from block insert_layer_id + 2
+# = 8 on; the rest IPCVConfig's defaults.
+MINICPMV_RECOMMENDED: dict[str, Any] = dict(prune_layer=8, ratio=0.65, as_layers=2, num_neighbors=10)
+MINICPMV_SOURCE = (
+    "untuned (the paper gives none): the first prune layer after MiniCPM-V's in-tower merge "
+    "(insert_layer_id + 2 = 8), IPCVConfig's ratio and k, 2 stabilisation blocks; check with `ipcv_kernels fidelity`"
+)
+MINICPMV_517 = (
+    "transformers 5.17's vit_merger reshapes a call's rows as slices of target_sizes[0]'s size, so the "
+    "unpatched tower fails on a call of slices of different sizes"
 )
 VLLM_ADAPTERS = "ipcv_kernels.vllm.adapters"
 SGLANG_ADAPTERS = "ipcv_kernels.sglang.adapters"
@@ -637,6 +650,52 @@ FAMILIES: tuple[Family, ...] = (
             "glm-4.1v-9b-d8": Preset({**shapes.GLM4V_9B_VISION, "depth": 8}),
         },
         recommended_source=UNTUNED,
+    ),
+    Family(
+        "minicpmv",
+        "MiniCPM-V 4.6 / 4.7",
+        SLICES,
+        flops.minicpmv_flops,
+        # One tower under two names; 4.7 (transformers >= 5.25) changes the language model's
+        # positions only. The decoder is Qwen3.5's hybrid one, which LLM-side pruners refuse.
+        hf=HFClasses(
+            MiniCPMVAdapter,
+            ("MiniCPMV4_6VisionModel", "MiniCPMV4_7VisionModel"),
+            {
+                "MiniCPMV4_6ForConditionalGeneration": "model.vision_tower",
+                "MiniCPMV4_6Model": "vision_tower",
+                "MiniCPMV4_7ForConditionalGeneration": "model.vision_tower",
+                "MiniCPMV4_7Model": "vision_tower",
+            },
+            {
+                "MiniCPMV4_6ForConditionalGeneration": "model",
+                "MiniCPMV4_6Model": "",
+                "MiniCPMV4_7ForConditionalGeneration": "model",
+                "MiniCPMV4_7Model": "",
+            },
+        ),
+        tiny_tower=TinyTower(
+            "minicpmv4_6.modeling_minicpmv4_6",
+            "MiniCPMV4_6VisionConfig",
+            "MiniCPMV4_6VisionModel",
+            tiny.MINICPMV_VISION,
+        ),
+        tiny_model=TinyModel(
+            "MiniCPMV4_6Config",
+            "MiniCPMV4_6ForConditionalGeneration",
+            tiny.minicpmv_fields,
+            tiny.minicpmv_prompt,
+            processors.minicpmv_processor,
+        ),
+        image_processor=tiny.minicpmv_image_processor,
+        presets={
+            "minicpm-v-4.6": Preset(shapes.MINICPMV4_6_VISION),
+            # Reduced depth keeping insert_layer_id = 6, so that IPCV's blocks (8 ..) exist.
+            "minicpm-v-4.6-d12": Preset({**shapes.MINICPMV4_6_VISION, "num_hidden_layers": 12}),
+        },
+        recommended=MINICPMV_RECOMMENDED,
+        recommended_source=MINICPMV_SOURCE,
+        min_transformers=("5.25", MINICPMV_517),
     ),
     # Bare towers last: a full model above names its own tower.
     Family(

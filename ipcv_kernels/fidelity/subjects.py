@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..families import FAMILIES, Family, build_tower, find_family
-from ..families.row import IMAGES, PATCHES, SUB_IMAGES, TILES
+from ..families.row import IMAGES, PATCHES, SLICES, SUB_IMAGES, TILES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -74,8 +74,13 @@ class Sample:
     pixels: torch.Tensor
     grid_thw: torch.Tensor | None
     positions: torch.Tensor | None = None
+    # MiniCPM-V (call kind ``slices``): int32 ``[S, 2]`` patches of every slice, with ``pixels``
+    # ``[1, C, p, n p]`` as its processor packs them; ``None`` for the others.
+    target_sizes: torch.Tensor | None = None
 
     def __call__(self, tower: nn.Module) -> Any:
+        if self.target_sizes is not None:
+            return tower(self.pixels, target_sizes=self.target_sizes)
         if self.positions is not None:
             # The compared output has one row per patch: the last block's (read by a hook, as the
             # patched block returns it: restored), before the pooler averages patches.
@@ -230,7 +235,8 @@ def make_samples(
             positions = out["image_position_ids"]
             real = int((positions != -1).all(-1).sum())
             pixels, positions = pixels[:, :real], positions[:, :real].to(device)
-        samples.append(Sample(name, "image", pixels.to(device, dtype), grid_thw, positions))
+        target_sizes = out["target_sizes"].to(device) if family.kind is SLICES else None
+        samples.append(Sample(name, "image", pixels.to(device, dtype), grid_thw, positions, target_sizes))
     if family.kind.videos:
         for name, frames in videos:
             frames = [scaled(f, image_size) for f in frames]
@@ -337,6 +343,8 @@ def tower_flops(family: Family, vision_config: Any, sample: Sample, config: IPCV
     elif family.kind is IMAGES:  # each image at its own size: (1, h, w) in patches
         patch = vision_config.patch_size
         shape = [(1, sample.pixels.shape[-2] // patch, sample.pixels.shape[-1] // patch)] * count
+    elif family.kind is SLICES:  # every slice at its own size: (1, h, w) in patches
+        shape = [(1, int(h), int(w)) for h, w in sample.target_sizes.tolist()]
     else:
         shape = [1] * count
     return family.flops(vision_config, shape, config).total

@@ -935,3 +935,84 @@ def onevision1_5_image_processor(vision_config: Any) -> Any:
         temporal_patch_size=1,
         size={"shortest_edge": unit * unit, "longest_edge": 1 << 40},
     )
+
+
+# -- MiniCPM-V 4.6 / 4.7 ------------------------------------------------------------------------------
+# SigLIP blocks over packed slices, 2 x 2 merged inside the tower after block ``insert_layer_id``
+# (0 here, so that the table's tests prune from block 2 = insert_layer_id + 2 on); 2-pixel patches.
+MINICPMV_VISION = dict(
+    model_type="minicpmv4_6_vision",
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=2,
+    insert_layer_id=0,
+)
+MINICPMV_INSERT_LAYER = 0
+# The prompt's slices, (rows, columns) in patches: every image one slice of this size (transformers
+# 5.17's tower takes only calls of equal slices, spec §5.14), 4 tokens after both 2 x 2 merges.
+MINICPMV_SLICE = (8, 8)
+
+
+def minicpmv_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        # transformers 5.17 needs the text config's model_type (5.2x defaults it).
+        text_config=_text({**QWEN3_5_TEXT, "model_type": "qwen3_5_text"}, text),
+        vision_config=dict(MINICPMV_VISION),
+        insert_layer_id=MINICPMV_INSERT_LAYER,
+        image_token_id=TINY_SPECIAL_TOKENS["image_token_id"],
+        video_token_id=TINY_SPECIAL_TOKENS["video_token_id"],
+    )
+
+
+def minicpmv_pixels(
+    vision_config: Any, target_sizes: list[tuple[int, int]], *, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random slices as MiniCPM-V's processor packs them: ``(pixel_values [1, C, p, n p]`` (patch
+    ``j`` at columns ``j p .. (j + 1) p``, each slice row-major), ``target_sizes`` int32 ``[S, 2])``."""
+    p, channels = vision_config.patch_size, vision_config.num_channels
+    count = sum(h * w for h, w in target_sizes)
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(1, channels, p, count * p, generator=generator).to(dtype)
+    return pixels, torch.tensor(target_sizes, dtype=torch.int32)
+
+
+def minicpmv_inputs(model: nn.Module, target_sizes: list[tuple[int, int]], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One prompt: text, per slice ``<start> <image> * (h w / 16) <end>``, text; and the slices."""
+    config = model.config
+    ids: list[int] = [3, 4, 5]
+    for h, w in target_sizes:
+        ids += [
+            TINY_SPECIAL_TOKENS["vision_start_token_id"],
+            *[config.image_token_id] * (h * w // 16),
+            TINY_SPECIAL_TOKENS["vision_end_token_id"],
+        ]
+    ids += [10, 11]
+    input_ids = torch.tensor([ids])
+    pixels, sizes = minicpmv_pixels(config.vision_config, target_sizes, dtype=model.dtype, seed=seed)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels,
+        "target_sizes": sizes,
+    }
+
+
+def minicpmv_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """MiniCPM-V: ``num_images`` images of one ``MINICPMV_SLICE`` slice each."""
+    return minicpmv_inputs(model, [MINICPMV_SLICE] * num_images, seed=seed)
+
+
+def minicpmv_image_processor(vision_config: Any) -> Any:
+    """MiniCPM-V's image processor (its PIL backend) for the tower's patch size, one slice per image
+    (no crops: ``slice_mode=False``, so every call is of one slice, which transformers 5.17 takes
+    too), sides in multiples of 4 patches."""
+    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+    return MiniCPMV4_6ImageProcessorPil(
+        patch_size=vision_config.patch_size,
+        scale_resolution=_tile_side(vision_config),
+        slice_mode=False,
+    )

@@ -630,3 +630,60 @@ class TinyOnevision15Processor(TinyQwen2VLProcessor):
 def onevision1_5_processor() -> TinyOnevision15Processor:
     """The tiny LLaVA-OneVision-1.5 model's processor (``TinyOnevision15Processor``)."""
     return TinyOnevision15Processor()
+
+
+# -- MiniCPM-V 4.6 / 4.7 ------------------------------------------------------------------------------
+class TinyMiniCPMVProcessor(TinyQwen2VLProcessor):
+    """The tiny MiniCPM-V model's processor, a local stand-in for ``MiniCPMV4_6Processor`` (which
+    needs a video processor and a tokenizer carrying MiniCPM-V's markup tokens): ``TinyQwen2VLProcessor``'s
+    tokenizer and chat template (image token id 120, as ``ipcv_kernels.testing.models`` builds the
+    model), transformers' own MiniCPM-V PIL image processor for 2-pixel patches (the source image
+    and up to 4 crops per image, 16-pixel ``scale_resolution``), one image token per slice token
+    after both 2 x 2 merges (``h w / 16``), every slice of an image in one run; no
+    ``mm_token_type_ids`` (the model takes none)."""
+
+    def __init__(self) -> None:
+        from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+
+        super().__init__()
+        self.image_processor = MiniCPMV4_6ImageProcessorPil(patch_size=2, scale_resolution=16, max_slice_nums=4)
+
+    def __call__(
+        self, text: list[str], images: Any = None, videos: Any = None, padding: bool = True, return_tensors: str = "pt"
+    ) -> dict[str, Any]:
+        if videos is not None:
+            raise ValueError("videos: TinyMiniCPMVProcessor takes images only")
+        features: dict[str, Any] = {}
+        if images:
+            flat = [image for group in images for image in group] if isinstance(images[0], list) else list(images)
+            out = self.image_processor(images=flat, return_tensors="pt")
+            tokens = (out["target_sizes"].prod(-1) // 16).tolist()
+            per_image, first = [], 0
+            for count in out["num_patches_per_image"]:
+                per_image.append(sum(tokens[first : first + count]))
+                first += count
+            counts = iter(per_image)
+            text = [
+                "".join(
+                    part + ("<|image_pad|>" * next(counts) if i < t.count("<|image_pad|>") else "")
+                    for i, part in enumerate(t.split("<|image_pad|>"))
+                )
+                for t in text
+            ]
+            features = {"pixel_values": out["pixel_values"], "target_sizes": out["target_sizes"]}
+        encoded = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        return {**encoded, **features}
+
+
+def minicpmv_processor() -> TinyMiniCPMVProcessor:
+    """The tiny MiniCPM-V model's processor (``TinyMiniCPMVProcessor``). Below transformers 5.25 it
+    is unavailable: its slices differ in size, which 5.17's tower cannot take in one call (spec §5.14)."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.25"):
+        raise ProcessorUnavailable(
+            "MiniCPM-V's processor makes slices of different sizes, which transformers < 5.25's tower "
+            "cannot take in one call (its vit_merger assumes target_sizes[0]'s size for every slice)"
+        )
+    return TinyMiniCPMVProcessor()

@@ -105,10 +105,14 @@ def ipcv_tower_oracle(
     blocks = _blocks(tower)
     depth = len(blocks)
     calls = _record_block_calls(tower, call)
-    batched = hasattr(tower, "encoder")  # InternViT, CLIP, SigLIP: blocks take [sequences, L, D]
+    # MiniCPM-V: blocks take every slice as one sequence [1, n, D] with cu_seqlens, and merge 2 x 2
+    # inside the tower (after block insert_layer_id < P - 1): block shapes differ before and after.
+    packed_batch = hasattr(tower, "vit_merger")
+    batched = hasattr(tower, "encoder") and not packed_batch  # InternViT, CLIP, SigLIP: [sequences, L, D]
     # Pixtral: blocks take every image as one sequence [1, n, D] with a block-diagonal mask.
     one_sequence = hasattr(tower, "transformer")
     layout = calls[0][0][0].shape
+    layouts = [args[0].shape for args, _ in calls]
     width = layout[-1]
 
     def image_of(mask: torch.Tensor) -> list[int]:
@@ -118,11 +122,19 @@ def ipcv_tower_oracle(
 
     def run_full(i: int, x: torch.Tensor) -> torch.Tensor:
         args, kwargs = calls[i]
-        if batched or one_sequence:
-            return blocks[i](x.view(layout), *args[1:], **kwargs).reshape(-1, width)
+        if batched or one_sequence or packed_batch:
+            return blocks[i](x.view(layouts[i]), *args[1:], **kwargs).reshape(-1, width)
         return blocks[i](x, *args[1:], **kwargs)
 
     def run_kept(i: int, keep: list[int], h: torch.Tensor) -> torch.Tensor:
+        if packed_batch:  # the model's own block on the kept rows [1, Nk, D], segments shrunk
+            args, kwargs = calls[i]
+            kwargs = dict(kwargs)
+            offsets = _shrunk(kwargs["cu_seqlens"].tolist(), keep)
+            kwargs["cu_seqlens"] = torch.tensor(offsets, dtype=kwargs["cu_seqlens"].dtype)
+            if kwargs.get("max_seqlen") is not None:
+                kwargs["max_seqlen"] = max(b - a for a, b in itertools.pairwise(offsets))
+            return blocks[i](h[None], *args[1:], **kwargs)[0]
         if one_sequence:  # the model's own block, image by image, on that image's kept rows alone
             args, kwargs = calls[i]
             image = image_of(args[1])
@@ -172,8 +184,10 @@ def ipcv_tower_oracle(
         kwargs["position_embeddings"] = (cos[keep], sin[keep])
         return blocks[i](h, **kwargs)
 
-    x = calls[0][0][0].reshape(-1, width)
-    for i in range(prune_layer):
+    # MiniCPM-V: from block P - 1's recorded input, the blocks before it (and the merge) run unpatched.
+    start = prune_layer - 1 if packed_batch else 0
+    x = calls[start][0][0].reshape(-1, width)
+    for i in range(start, prune_layer):
         x_prev, x = x, run_full(i, x)
     base = x
 
@@ -217,7 +231,7 @@ def ipcv_tower_oracle(
 
     def replace_output(i: int):
         def hook(module, args, output):
-            return restored[i].view(layout) if batched or one_sequence else restored[i]
+            return restored[i].view(layouts[i]) if batched or one_sequence or packed_batch else restored[i]
 
         return hook
 
