@@ -17,6 +17,7 @@ from ..models.gemma4 import Gemma4Adapter
 from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
 from ..models.kimi_k25 import KimiK25Adapter
+from ..models.llama4 import Llama4Adapter
 from ..models.pixtral import PixtralAdapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
@@ -59,6 +60,13 @@ GEMMA4_LLM_REFUSAL = (
 KIMI_K25_LLM_REFUSAL = (
     "its DeepSeek-V3 decoder uses multi-head latent attention, without the per-head q_proj / k_proj "
     "FastV / DART score tokens with"
+)
+# Llama 4's decoder is a MoE whose layers interleave chunked-attention layers with rotary and
+# global-attention layers without it (NoPE) and scale the latter's queries by position
+# (attn_temperature_tuning): FastV / DART's scores and cuts assume neither.
+LLAMA4_LLM_REFUSAL = (
+    "its MoE decoder interleaves chunked-attention layers with rotary and global layers without rotary "
+    "(NoPE) whose queries are scaled by position (attn_temperature_tuning), which FastV / DART do not handle"
 )
 VLLM_ADAPTERS = "ipcv_kernels.vllm.adapters"
 SGLANG_ADAPTERS = "ipcv_kernels.sglang.adapters"
@@ -547,6 +555,36 @@ FAMILIES: tuple[Family, ...] = (
         presets={
             "mistral-small-3.1-24b": Preset(shapes.MISTRAL3_PIXTRAL_VISION),
             "mistral-small-3.1-24b-d8": Preset({**shapes.MISTRAL3_PIXTRAL_VISION, "num_hidden_layers": 8}),
+        },
+        recommended_source=UNTUNED,
+    ),
+    Family(
+        "llama4",
+        "Llama 4",
+        TILES,
+        flops.llama4_flops,
+        # The tower sits on the full model itself (no base model in between); the decoder is
+        # Llama4ForCausalLM's, refused to LLM-side pruners (spec §5).
+        hf=HFClasses(
+            Llama4Adapter,
+            ("Llama4VisionModel",),
+            {"Llama4ForConditionalGeneration": "vision_model"},
+            {"Llama4ForConditionalGeneration": ""},
+            decoder="language_model",
+            llm_refusal=LLAMA4_LLM_REFUSAL,
+        ),
+        tiny_tower=TinyTower("llama4.modeling_llama4", "Llama4VisionConfig", "Llama4VisionModel", tiny.LLAMA4_VISION),
+        tiny_model=TinyModel(
+            "Llama4Config",
+            "Llama4ForConditionalGeneration",
+            tiny.llama4_fields,
+            tiny.llama4_prompt,
+            processors.llama4_processor,
+        ),
+        image_processor=tiny.llama4_image_processor,
+        presets={
+            "llama4-scout": Preset(shapes.LLAMA4_SCOUT_VISION),
+            "llama4-scout-d8": Preset({**shapes.LLAMA4_SCOUT_VISION, "num_hidden_layers": 8}),
         },
         recommended_source=UNTUNED,
     ),
