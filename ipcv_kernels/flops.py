@@ -750,3 +750,40 @@ def minicpmv_flops(
         tokens,
         after.kept_tokens,
     )
+
+
+def llama4_flops(
+    vision_config: Any,
+    tiles_per_image: Sequence[int],
+    config: IPCVConfig | None = None,
+    *,
+    read_blocks: Sequence[int] | None = None,
+) -> FlopReport:
+    """``vit_flops`` for a ``Llama4VisionConfig``: every tile is one attention segment of ``N + 1``
+    rows (``N`` patches and its CLS token, pinned), the tiles of an image one item; with the patch
+    embedding and, as the ``merger``, the tower's pixel-shuffle adapter MLP (``N / 4`` rows of
+    ``intermediate_size`` per tile through ``fc1`` to ``projector_input_dim`` and ``fc2`` to
+    ``projector_output_dim``), which sees every restored row. ``scope="authors"`` is ``"global"``.
+
+    Args:
+        tiles_per_image: tiles of every image, in order.
+        read_blocks: the blocks the model reads (``vit_flops``); ``None``: the last one.
+    """
+    c = vision_config
+    if config is not None and config.scope == "authors":
+        config = replace(config, scope="global")
+    patches = (c.image_size // c.patch_size) ** 2
+    report = vit_flops(
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        [[patches + 1] * tiles if tiles > 1 else patches + 1 for tiles in tiles_per_image],
+        config,
+        patch_dim=c.num_channels * c.patch_size * c.patch_size,
+        pinned_per_segment=1,
+        read_blocks=read_blocks,
+    )
+    rows = sum(tiles_per_image) * patches * c.pixel_shuffle_ratio**2
+    adapter = 2.0 * rows * (c.intermediate_size * c.projector_input_dim + c.projector_output_dim**2)
+    return replace(report, total=report.total + adapter, merger=report.merger + adapter, core=report.core + adapter)

@@ -106,7 +106,8 @@ def oracle_layout(calls: TowerCalls, case: Case, inputs: tuple) -> tuple[list[in
     if isinstance(calls, SubImageCalls):
         padding = (~inputs[1].flatten(1)).flatten().nonzero().flatten().tolist()
         return items, set(padding), set(padding)
-    pinned = set(range(0, sum(items), case.tile_tokens)) if calls.cls else set()
+    first = case.tile_tokens - 1 if calls.cls_last else 0  # Llama 4 appends its CLS token last
+    pinned = set(range(first, sum(items), case.tile_tokens)) if calls.cls else set()
     return items, pinned, set()
 
 

@@ -256,6 +256,8 @@ class TileCalls(TowerCalls):
         self.patch_size = _pair(c.patch_size)
         self.cls = 1 if self.internvl else int(getattr(c, "model_type", "") == "clip_vision_model")
         self.hint = "tiles_per_image" if self.internvl else "sequences_per_image"
+        # The CLS row is every tile's last (Llama 4) rather than its first.
+        self.cls_last = bool(getattr(family.hf.adapter, "cls_last", False))
         self.blocks = family.hf.adapter().blocks(tower)
         # The blocks the model reads (``None``: the last one, as the tower's own output).
         layer = None if use is None else use.feature_layer

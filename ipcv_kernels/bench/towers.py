@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..families import FAMILIES, ModelUse, TinyTower, find_family, presets
+from ..testing.models import to_real_dtype
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -55,7 +56,7 @@ def build_tower(
     torch.manual_seed(seed)
     with torch.device(device):
         tower = tower_class(vision_config)
-    return tower.to(dtype=dtype).eval()
+    return to_real_dtype(tower, dtype).eval()  # Llama 4's complex rotary table kept complex
 
 
 def read_vision_state_dict(root: Path, prefixes: tuple[str, ...] = VISION_PREFIXES) -> dict[str, torch.Tensor]:
@@ -162,7 +163,7 @@ def load_vision_tower(
     with torch.device(device):
         tower = type(skeleton)(skeleton.config)
     tower.load_state_dict(state, strict=True)
-    return tower.to(dtype=dtype).eval()
+    return to_real_dtype(tower, dtype).eval()  # Llama 4's complex rotary table kept complex
 
 
 def model_use(path: str | Path) -> ModelUse | None:

@@ -225,3 +225,20 @@ MINICPMV4_6_VISION: dict[str, Any] = dict(
     hidden_act="gelu_pytorch_tanh",
     insert_layer_id=6,
 )
+
+# Llama 4's tower (meta-llama/Llama-4-Scout-17B-16E-Instruct, ``Llama4VisionConfig``; Maverick's is
+# the same): 34 blocks of width 1408 (16 heads of 88), GELU MLP of 5632, 336-pixel tiles of 14-pixel
+# patches (24 x 24 and a CLS token), pixel-shuffled by 0.5 into a 4096-wide adapter MLP.
+LLAMA4_SCOUT_VISION: dict[str, Any] = dict(
+    hidden_size=1408,
+    intermediate_size=5632,
+    num_hidden_layers=34,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    pixel_shuffle_ratio=0.5,
+    projector_input_dim=4096,
+    projector_output_dim=4096,
+    vision_output_dim=4096,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)

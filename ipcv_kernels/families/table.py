@@ -18,6 +18,7 @@ from ..models.glm4v import Glm4vAdapter
 from ..models.idefics3 import Idefics3Adapter
 from ..models.internvl import InternVLAdapter
 from ..models.kimi_k25 import KimiK25Adapter
+from ..models.llama4 import Llama4Adapter
 from ..models.llava_onevision1_5 import LlavaOnevision15Adapter
 from ..models.minicpmv import MiniCPMVAdapter
 from ..models.pixtral import PixtralAdapter
@@ -76,6 +77,13 @@ MINICPMV_SOURCE = (
 MINICPMV_517 = (
     "transformers 5.17's vit_merger reshapes a call's rows as slices of target_sizes[0]'s size, so the "
     "unpatched tower fails on a call of slices of different sizes"
+)
+# Llama 4's decoder is a MoE whose layers interleave chunked-attention layers with rotary and
+# global-attention layers without it (NoPE) and scale the latter's queries by position
+# (attn_temperature_tuning): FastV / DART's scores and cuts assume neither.
+LLAMA4_LLM_REFUSAL = (
+    "its MoE decoder interleaves chunked-attention layers with rotary and global layers without rotary "
+    "(NoPE) whose queries are scaled by position (attn_temperature_tuning), which FastV / DART do not handle"
 )
 VLLM_ADAPTERS = "ipcv_kernels.vllm.adapters"
 SGLANG_ADAPTERS = "ipcv_kernels.sglang.adapters"
@@ -696,6 +704,36 @@ FAMILIES: tuple[Family, ...] = (
         recommended=MINICPMV_RECOMMENDED,
         recommended_source=MINICPMV_SOURCE,
         min_transformers=("5.25", MINICPMV_517),
+    ),
+    Family(
+        "llama4",
+        "Llama 4",
+        TILES,
+        flops.llama4_flops,
+        # The tower sits on the full model itself (no base model in between); the decoder is
+        # Llama4ForCausalLM's, refused to LLM-side pruners (spec §5).
+        hf=HFClasses(
+            Llama4Adapter,
+            ("Llama4VisionModel",),
+            {"Llama4ForConditionalGeneration": "vision_model"},
+            {"Llama4ForConditionalGeneration": ""},
+            decoder="language_model",
+            llm_refusal=LLAMA4_LLM_REFUSAL,
+        ),
+        tiny_tower=TinyTower("llama4.modeling_llama4", "Llama4VisionConfig", "Llama4VisionModel", tiny.LLAMA4_VISION),
+        tiny_model=TinyModel(
+            "Llama4Config",
+            "Llama4ForConditionalGeneration",
+            tiny.llama4_fields,
+            tiny.llama4_prompt,
+            processors.llama4_processor,
+        ),
+        image_processor=tiny.llama4_image_processor,
+        presets={
+            "llama4-scout": Preset(shapes.LLAMA4_SCOUT_VISION),
+            "llama4-scout-d8": Preset({**shapes.LLAMA4_SCOUT_VISION, "num_hidden_layers": 8}),
+        },
+        recommended_source=UNTUNED,
     ),
     # Bare towers last: a full model above names its own tower.
     Family(

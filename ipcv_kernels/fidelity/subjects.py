@@ -92,6 +92,17 @@ class Sample:
             finally:
                 handle.remove()
             return SimpleNamespace(last_hidden_state=captured[-1])
+        if self.grid_thw is None and hasattr(tower, "vision_adapter"):
+            # Llama 4: the tower's own output is pixel-shuffled (2 x 2 patches per row, CLS
+            # dropped); the compared rows are the last block's, one per token (restored).
+            captured = []
+            last = tower.model.layers[-1]
+            handle = last.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+            try:
+                tower(pixel_values=self.pixels)
+            finally:
+                handle.remove()
+            return SimpleNamespace(last_hidden_state=captured[-1])
         if self.grid_thw is None:
             return tower(pixel_values=self.pixels)
         return tower(self.pixels, grid_thw=self.grid_thw)

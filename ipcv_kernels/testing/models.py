@@ -8,6 +8,7 @@ through the model's own modules.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -240,7 +241,23 @@ def finish(model: nn.Module, attn: str, dtype: torch.dtype) -> nn.Module:
     for config in (model.config, *(getattr(model.config, n, None) for n in ("vision_config", "text_config"))):
         if config is not None:
             config._attn_implementation = attn
-    return model.to(dtype=dtype).eval()
+    return to_real_dtype(model, dtype).eval()
+
+
+def to_real_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype=dtype)`` with its complex buffers left complex.
+
+    ``Module.to(dtype)`` casts complex buffers to the real dtype, dropping their imaginary part:
+    Llama 4's rotary table ``freqs_ci`` stays complex, as the model builds and loads it.
+    """
+    complex_buffers = [(name, buffer) for name, buffer in model.named_buffers() if buffer.is_complex()]
+    with warnings.catch_warnings():  # the cast's "discards the imaginary part", undone below
+        warnings.filterwarnings("ignore", message="Casting complex values to real")
+        model = model.to(dtype=dtype)
+    for name, buffer in complex_buffers:
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer
+    return model
 
 
 def jitter(model: nn.Module, seed: int) -> None:
@@ -1016,3 +1033,127 @@ def minicpmv_image_processor(vision_config: Any) -> Any:
         scale_resolution=_tile_side(vision_config),
         slice_mode=False,
     )
+
+
+# -- Llama 4: 16 x 16-pixel tiles of 4 x 4 patches and a CLS appended last, pixel-shuffled by 0.5 to
+# 2 x 2 tokens per tile; a two-layer MoE decoder (one layer without rotary, as Llama 4 interleaves them).
+LLAMA4_VISION = dict(
+    hidden_size=64,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    # The pixel shuffle turns D-wide patches into 4D-wide tokens, the adapter MLP's input width.
+    intermediate_size=256,
+    image_size=16,
+    patch_size=4,
+    pixel_shuffle_ratio=0.5,
+    projector_input_dim=32,
+    projector_output_dim=32,
+    vision_output_dim=32,
+)
+LLAMA4_TEXT = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    intermediate_size_mlp=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=2,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=1,
+    attention_chunk_size=8,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+# <|patch|> (the model's image token), <|image_start|>, <|image_end|>, <|image|> (before the global
+# tile), <|tile_x_separator|>, <|tile_y_separator|>.
+LLAMA4_TOKENS = dict(
+    image_token_index=CLIP_FAMILY_IMAGE_TOKEN,
+    boi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 1,
+    eoi_token_index=CLIP_FAMILY_IMAGE_TOKEN + 2,
+)
+LLAMA4_IMAGE_MARK, LLAMA4_TILE_X, LLAMA4_TILE_Y = (CLIP_FAMILY_IMAGE_TOKEN + i for i in (3, 4, 5))
+LLAMA4_TOKENS_PER_TILE = 4
+
+
+def llama4_fields(text: dict[str, Any]) -> dict[str, Any]:
+    return dict(text_config=_text(LLAMA4_TEXT, text), vision_config=dict(LLAMA4_VISION), **LLAMA4_TOKENS)
+
+
+def llama4_image_run(rows: int, cols: int) -> list[int]:
+    """The token run of one image of ``rows x cols`` tiles (and a global tile when there are several),
+    as ``Llama4Processor`` writes it."""
+    patches = [LLAMA4_TOKENS["image_token_index"]] * LLAMA4_TOKENS_PER_TILE
+    run = [LLAMA4_TOKENS["boi_token_index"]]
+    if rows * cols > 1:
+        for _ in range(rows):
+            for x in range(cols):
+                run += patches + ([LLAMA4_TILE_X] if x < cols - 1 else [])
+            run.append(LLAMA4_TILE_Y)
+    return [*run, LLAMA4_IMAGE_MARK, *patches, LLAMA4_TOKENS["eoi_token_index"]]
+
+
+def llama4_inputs(model: nn.Module, grids: list[tuple[int, int]], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One prompt for the tiny Llama 4: text, then per image of ``(rows, cols)`` tiles its token run,
+    then text; and the tiles (``rows * cols``, plus the global one when there are several)."""
+    ids = [1, 3, 4]
+    for rows, cols in grids:
+        ids += [*llama4_image_run(rows, cols), 5]
+    tiles = sum(rows * cols + (rows * cols > 1) for rows, cols in grids)
+    input_ids = torch.tensor([[*ids, 6, 7]])
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(tiles, 3, 16, 16, generator=generator).to(model.dtype)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+
+
+def llama4_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Llama 4: images of 1 x 2 tiles (3 with the global one), 1 tile, 1 x 2, ..."""
+    return llama4_inputs(model, [(1, 2) if i % 2 == 0 else (1, 1) for i in range(num_images)], seed=seed)
+
+
+class Llama4TileProcessor:
+    """What Llama 4's image processor does, in its shape: each image resized to ``rows x cols`` tiles of
+    the tower's size ``S`` (each side's tile count ``round(side / S)`` in ``1 .. max_tiles_per_side``),
+    split into them row-major, plus a global tile of the whole image resized to ``S`` when there are
+    several; pixels normalised to ``[-1, 1]`` (mean and std 0.5). A local stand-in: transformers'
+    ``Llama4ImageProcessor`` requires torchvision, which this environment lacks (its canvas choice
+    among ``max_patches`` tiles is not reproduced)."""
+
+    def __init__(self, tile: int, max_tiles_per_side: int = 2) -> None:
+        self.tile, self.max_tiles_per_side = tile, max_tiles_per_side
+
+    def grid(self, image: Any) -> tuple[int, int]:
+        """``(rows, cols)`` of tiles of a PIL image."""
+        return tuple(
+            min(self.max_tiles_per_side, max(1, round(side / self.tile))) for side in (image.height, image.width)
+        )
+
+    def tiles(self, image: Any) -> torch.Tensor:
+        """float32 ``[T, 3, S, S]``: the tiles of a PIL image, then its global tile if ``T > 1``."""
+        import numpy as np
+
+        rows, cols = self.grid(image)
+        side = self.tile
+
+        def array(picture: Any) -> torch.Tensor:
+            pixels = torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)
+            return ((pixels - 0.5) / 0.5).permute(2, 0, 1)
+
+        grid = array(image.resize((cols * side, rows * side)))
+        tiles = [
+            grid[:, r * side : (r + 1) * side, c * side : (c + 1) * side] for r in range(rows) for c in range(cols)
+        ]
+        if rows * cols > 1:
+            tiles.append(array(image.resize((side, side))))
+        return torch.stack(tiles)
+
+    def __call__(self, images: Any, return_tensors: str = "pt", **_: Any) -> dict[str, torch.Tensor]:
+        """``pixel_values`` ``[all tiles, 3, S, S]`` of ``images`` in order."""
+        return {"pixel_values": torch.cat([self.tiles(image) for image in images])}
+
+
+def llama4_image_processor(vision_config: Any) -> Llama4TileProcessor:
+    """``Llama4TileProcessor`` for the tower's tile size, up to 2 x 2 tiles and the global one."""
+    return Llama4TileProcessor(_tile_side(vision_config))

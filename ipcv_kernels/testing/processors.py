@@ -16,6 +16,12 @@ from .models import (
     IDEFICS3_TOKENS_PER_SUB_IMAGE,
     INTERNVL_IMAGE_TOKEN,
     INTERNVL_TOKENS_PER_TILE,
+    LLAMA4_IMAGE_MARK,
+    LLAMA4_TILE_X,
+    LLAMA4_TILE_Y,
+    LLAMA4_TOKENS,
+    LLAMA4_TOKENS_PER_TILE,
+    LLAMA4_VISION,
     MISTRAL3_BREAK_TOKEN,
     MISTRAL3_END_TOKEN,
     MISTRAL3_IMAGE_TOKEN,
@@ -23,6 +29,7 @@ from .models import (
     PIXTRAL_VISION,
     TINY_SPECIAL_TOKENS,
     TINY_TEXT,
+    llama4_image_processor,
 )
 
 # The Qwen families' vision tokens (``build_tokenizer``'s default).
@@ -687,3 +694,82 @@ def minicpmv_processor() -> TinyMiniCPMVProcessor:
             "cannot take in one call (its vit_merger assumes target_sizes[0]'s size for every slice)"
         )
     return TinyMiniCPMVProcessor()
+
+
+# -- Llama 4 ----------------------------------------------------------------------------------------
+LLAMA4_SPECIALS = {
+    "<|patch|>": LLAMA4_TOKENS["image_token_index"],
+    "<|image_start|>": LLAMA4_TOKENS["boi_token_index"],
+    "<|image_end|>": LLAMA4_TOKENS["eoi_token_index"],
+    "<|image|>": LLAMA4_IMAGE_MARK,
+    "<|tile_x_separator|>": LLAMA4_TILE_X,
+    "<|tile_y_separator|>": LLAMA4_TILE_Y,
+}
+
+
+class _Llama4Tiles:  # the tiny tower's tile size, as a vision config gives it
+    image_size = LLAMA4_VISION["image_size"]
+
+
+class TinyLlama4Processor:
+    """What ``Llama4Processor`` does, for images, at the tiny Llama 4's sizes: the tiles of
+    ``Llama4TileProcessor`` (16 pixels, up to 2 x 2 and a global tile); each ``<|image|>`` of the
+    text expanded to ``<|image_start|>``, the tiles' ``<|patch|>`` runs with
+    ``<|tile_x_separator|>`` / ``<|tile_y_separator|>``, ``<|image|>``, the global tile's run,
+    ``<|image_end|>``. A local stand-in: transformers' Llama 4 image processor requires torchvision,
+    which this environment lacks."""
+
+    chat_template = CLIP_TEMPLATE.replace("IMAGE", "<|image|>")
+
+    def __init__(self) -> None:
+        Tokenizer, models, pre_tokenizers, PreTrainedTokenizerFast = _tokenizer_classes()
+        vocab = {w: i for i, w in enumerate(CLIP_WORDS)} | LLAMA4_SPECIALS
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        self.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
+        )
+        self.tokenizer.add_special_tokens({"additional_special_tokens": list(LLAMA4_SPECIALS)})
+        self.image_processor = llama4_image_processor(_Llama4Tiles)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tokenize: bool = False, add_generation_prompt: bool = True
+    ) -> Any:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=tokenize, add_generation_prompt=add_generation_prompt
+        )
+
+    def image_run(self, rows: int, cols: int) -> str:
+        patches = "<|patch|>" * LLAMA4_TOKENS_PER_TILE
+        run = "<|image_start|>"
+        if rows * cols > 1:
+            run += "".join("<|tile_x_separator|>".join([patches] * cols) + "<|tile_y_separator|>" for _ in range(rows))
+        return run + "<|image|>" + patches + "<|image_end|>"
+
+    def __call__(
+        self, text: list[str], images: Any = None, padding: bool = True, return_tensors: str = "pt", **_: Any
+    ) -> dict[str, Any]:
+        import torch
+
+        features: dict[str, Any] = {}
+        if images:
+            flat = [image for row in images for image in row] if isinstance(images[0], list) else list(images)
+            features["pixel_values"] = torch.cat([self.image_processor.tiles(image) for image in flat])
+            grids = iter(self.image_processor.grid(image) for image in flat)
+            expanded = []
+            for prompt in text:
+                parts = prompt.split("<|image|>")
+                pieces = [parts[0]]
+                for part in parts[1:]:
+                    pieces += [self.image_run(*next(grids)), part]
+                expanded.append("".join(pieces))
+            text = expanded
+        return {**self.tokenizer(text, padding=padding, return_tensors=return_tensors), **features}
+
+    def batch_decode(self, ids: Any, skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def llama4_processor() -> TinyLlama4Processor:
+    """The tiny Llama 4's processor (``TinyLlama4Processor``)."""
+    return TinyLlama4Processor()

@@ -25,6 +25,7 @@ from ipcv_kernels.flops import (
     gemma4_flops,
     idefics3_flops,
     internvl_flops,
+    llama4_flops,
     predicted_speedup,
     qwen2_5_vl_flops,
     qwen2_vl_flops,
@@ -60,6 +61,8 @@ def expected_flops(kind, calls, case, config):
         return internvl_flops(config_, case.tiles_per_image, config, image_size=tuple(config_.image_size))
     if kind == "gemma4":  # (padded length, real patches) per image
         return gemma4_flops(config_, [(case.tile_tokens, r * c) for r, c in case.tile_real], config)
+    if kind == "llama4":  # tiles with a CLS each, and the pixel-shuffle adapter
+        return llama4_flops(config_, case.tiles_per_image, config)
     if kind in ("idefics3", "smolvlm"):  # sub-images without padding (32-pixel multiples)
         return idefics3_flops(config_, [[0] * tiles for tiles in case.tiles_per_image], config)
     return clip_vit_flops(config_, case.tiles_per_image, config)
@@ -159,6 +162,8 @@ PRESET_TOKENS = {
     "llava-next-7b-d8": 5 * 577,  # 672x672: the base crop and 2 x 2 crops of 336
     "llava-onevision-7b-d8": 5 * 729,  # 768x768: the base crop and 2 x 2 crops of 384
     "idefics3-8b-d8": 5 * 676,  # 728x700: 2 x 2 sub-images of 364 and the global one
+    "llama4-scout": 577,  # one 336-pixel tile: 24 x 24 patches and the CLS token
+    "llama4-scout-d8": 577,
     "gemma4-e2b": 2520,  # 768x768: a row of 280 soft tokens of 3 x 3 patches of 16 pixels
     "gemma4-e2b-d8": 2520,
 }
@@ -174,7 +179,7 @@ def test_family_presets_build_with_their_real_shapes(name):
     calls = tower_calls(tower, preset.use)
     assert calls.family is find_family(tower)[0] and calls.model_family is row
     width = getattr(config, "embed_dim", None) or config.hidden_size  # Qwen2-VL's hidden_size is its output
-    assert width in (64, 640, 768, 1024, 1152, 1280, 1536)
+    assert width in (64, 640, 768, 1024, 1152, 1280, 1408, 1536)
     if name in PRESET_TOKENS:
         (case,) = [calls.parse_case(text) for text in calls.default_cases()]
         assert case.tokens == PRESET_TOKENS[name]

@@ -37,6 +37,8 @@ class OracleResult:
 
 
 def _blocks(tower: nn.Module) -> nn.ModuleList:
+    if hasattr(tower, "vision_adapter"):
+        return tower.model.layers  # Llama 4
     if hasattr(tower, "transformer"):
         return tower.transformer.layers  # Pixtral
     if not hasattr(tower, "encoder"):
@@ -48,7 +50,10 @@ def _record_block_calls(tower: nn.Module, call) -> list[tuple[tuple, dict]]:
     calls: list[tuple[tuple, dict]] = []
 
     def record(module, args, kwargs):
-        calls.append((args, dict(kwargs)))
+        kwargs = dict(kwargs)
+        if not args and "hidden_state" in kwargs:  # Llama 4's encoder passes it by name
+            args = (kwargs.pop("hidden_state"),)
+        calls.append((args, kwargs))
 
     handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in _blocks(tower)]
     try:
@@ -108,7 +113,8 @@ def ipcv_tower_oracle(
     # MiniCPM-V: blocks take every slice as one sequence [1, n, D] with cu_seqlens, and merge 2 x 2
     # inside the tower (after block insert_layer_id < P - 1): block shapes differ before and after.
     packed_batch = hasattr(tower, "vit_merger")
-    batched = hasattr(tower, "encoder") and not packed_batch  # InternViT, CLIP, SigLIP: [sequences, L, D]
+    # InternViT, CLIP, SigLIP, Llama 4: blocks take [sequences, L, D]
+    batched = (hasattr(tower, "encoder") or hasattr(tower, "vision_adapter")) and not packed_batch
     # Pixtral: blocks take every image as one sequence [1, n, D] with a block-diagonal mask.
     one_sequence = hasattr(tower, "transformer")
     layout = calls[0][0][0].shape
@@ -120,10 +126,15 @@ def ipcv_tower_oracle(
         allowed = mask[0, 0] == 0
         return [int(allowed[j].nonzero()[0]) for j in range(allowed.shape[0])]
 
+    def block(i: int, *args, **kwargs) -> torch.Tensor:
+        """Block ``i``'s output (Llama 4's blocks return a one-element tuple)."""
+        output = blocks[i](*args, **kwargs)
+        return output[0] if isinstance(output, tuple) else output
+
     def run_full(i: int, x: torch.Tensor) -> torch.Tensor:
         args, kwargs = calls[i]
         if batched or one_sequence or packed_batch:
-            return blocks[i](x.view(layouts[i]), *args[1:], **kwargs).reshape(-1, width)
+            return block(i, x.view(layouts[i]), *args[1:], **kwargs).reshape(-1, width)
         return blocks[i](x, *args[1:], **kwargs)
 
     def run_kept(i: int, keep: list[int], h: torch.Tensor) -> torch.Tensor:
@@ -170,7 +181,9 @@ def ipcv_tower_oracle(
                     cos, sin = call_kwargs["position_embeddings"]
                     call_kwargs["position_embeddings"] = (cos[t : t + 1, local], sin[t : t + 1, local])
                     call_kwargs["position_ids"] = call_kwargs["position_ids"][t : t + 1, local]
-                out[rows] = blocks[i](h[rows][None], *rest, **call_kwargs)[0]
+                if "freqs_ci" in call_kwargs:  # Llama 4: one complex rotary row per tile position
+                    call_kwargs["freqs_ci"] = call_kwargs["freqs_ci"][[keep[r] - t * tile for r in rows]]
+                out[rows] = block(i, h[rows][None], *rest, **call_kwargs)[0]
             return out
         args, kwargs = calls[i]
         kwargs = dict(kwargs)
@@ -231,7 +244,8 @@ def ipcv_tower_oracle(
 
     def replace_output(i: int):
         def hook(module, args, output):
-            return restored[i].view(layouts[i]) if batched or one_sequence or packed_batch else restored[i]
+            full = restored[i].view(layouts[i]) if batched or one_sequence or packed_batch else restored[i]
+            return (full,) if isinstance(output, tuple) else full
 
         return hook
 
