@@ -13,13 +13,13 @@ from ipcv_kernels import families
 from ipcv_kernels.__main__ import main
 from ipcv_kernels.api import get_ipcv_patch
 from ipcv_kernels.bench import progress
-from ipcv_kernels.bench.calls import GridCalls, ImageCalls, PatchCalls, TileCalls, tower_calls
+from ipcv_kernels.bench.calls import GridCalls, ImageCalls, PatchCalls, SliceCalls, TileCalls, tower_calls
 from ipcv_kernels.bench.towers import build_tower, load_vision_tower, model_use, vision_config_from_preset
 from ipcv_kernels.bench.variants import VARIANTS, variant_configs
 from ipcv_kernels.bench.vit import Bench, run_case
 from ipcv_kernels.config import IPCVConfig
 from ipcv_kernels.families import ModelUse, Preset, family, find_family, presets
-from ipcv_kernels.families.row import IMAGES, PATCHES
+from ipcv_kernels.families.row import IMAGES, PATCHES, SLICES
 from ipcv_kernels.flops import (
     clip_vit_flops,
     gemma4_flops,
@@ -46,6 +46,7 @@ CASES = {
     "kimi_k25": ("8x8", "8x16*2", "8x8@4"),
     "mistral3": ("16x16", "16x24*2"),  # Pixtral: 4-pixel patches, images at their own size
     "llava_onevision1_5": ("8x8", "8x16*2", "8x8@4"),
+    "minicpmv": ("16x16", "16x24*2"),  # MiniCPM-V: 2-pixel patches, slices in 4-patch multiples
 }
 TILE_CASES = ("32x32", "64x64*2")
 
@@ -80,6 +81,8 @@ def test_every_family_tiny_tower_passes_the_checks_and_is_bounded_by_flops_py(ki
         if row.kind is PATCHES
         else ImageCalls
         if row.kind is IMAGES
+        else SliceCalls
+        if row.kind is SLICES
         else TileCalls
     )
     assert isinstance(calls, expected)
