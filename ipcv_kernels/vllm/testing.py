@@ -358,8 +358,10 @@ def build_checkpoint(
     if (vision or preset is not None) and family not in SIZED_FAMILIES:
         raise ValueError(f"vision and preset apply to the families with presets {SIZED_FAMILIES}, not to {family}")
     if family not in CHECKPOINTS:
-        if max_pixels != MAX_PIXELS or (text and family == "internvl_chat"):
-            raise ValueError(f"max_pixels applies to the Qwen families only, and text not to internvl_chat: {family}")
+        if max_pixels != MAX_PIXELS:
+            raise ValueError(f"max_pixels applies to the Qwen families only, not to {family}")
+        if text and family == "internvl_chat":
+            raise ValueError("text does not apply to internvl_chat (its configuration is written by hand)")
         sizing = Sizing(dict(vision or {}), dict(text or {}), use)
         if family in CLIP_FAMILY_CHECKPOINTS:
             return _build_clip_family(path, family, seed, sizing)

@@ -218,3 +218,16 @@ def test_bench_vllm_runs_a_preset_of_every_call_kind(preset, tmp_path, monkeypat
     for measure in MEASURES:
         assert all(case[measure][v]["median_ms"] > 0 for v in VARIANTS)
         assert case[measure]["bound"] > 1.0
+
+
+def test_build_checkpoint_refuses_a_preset_it_cannot_size(tmp_path):
+    from ipcv_kernels.vllm.testing import build_checkpoint
+
+    with pytest.raises(ValueError, match="preset must be one of llava's presets"):
+        build_checkpoint(tmp_path, "llava", preset="qwen2-vl-7b-d8")
+    with pytest.raises(ValueError, match="vision and preset apply"):
+        build_checkpoint(tmp_path, "gemma3", vision={"image_size": 64})
+    with pytest.raises(ValueError, match="max_pixels"):
+        build_checkpoint(tmp_path, "llava", max_pixels=128 * 128)
+    with pytest.raises(TypeError, match="vision"):
+        build_checkpoint(tmp_path, "llava", vision=[("image_size", 64)])
