@@ -540,7 +540,7 @@ FAMILIES: tuple[Family, ...] = (
             tiny.kimi_k25_prompt,
             processors.kimi_k25_processor,
         ),
-        image_processor=tiny.kimi_k25_image_processor,
+        image_processor=processors.kimi_k25_image_processor,
         presets={
             "kimi-k2.5": Preset(shapes.KIMI_K25_VISION),
             "kimi-k2.5-d8": Preset({**shapes.KIMI_K25_VISION, "num_hidden_layers": 8}),

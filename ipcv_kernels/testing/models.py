@@ -811,14 +811,6 @@ def kimi_k25_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[st
     return kimi_k25_inputs(model, [[1, 4, 4 + 2 * i] for i in range(num_images)], seed=seed)
 
 
-def kimi_k25_image_processor(vision_config: Any) -> Any:
-    """Kimi-K2.5's image processor for the tower's patch size (a stand-in without torchvision:
-    ``ipcv_kernels.testing.processors.TinyKimiK25ImageProcessor``), at least one 2 x 2 window."""
-    from .processors import TinyKimiK25ImageProcessor
-
-    return TinyKimiK25ImageProcessor(vision_config.patch_size)
-
-
 # -- Pixtral / Mistral 3 ------------------------------------------------------------------------------
 # Pixtral towers over images at their own resolution: 4-pixel patches, images up to 64 x 64 pixels.
 PIXTRAL_VISION = dict(

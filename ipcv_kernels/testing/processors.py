@@ -509,6 +509,12 @@ class TinyKimiK25Processor(TinyQwen2VLProcessor):
         return features
 
 
+def kimi_k25_image_processor(vision_config: Any) -> Any:
+    """Kimi-K2.5's image processor for the tower's patch size (a stand-in without torchvision:
+    ``TinyKimiK25ImageProcessor``), at least one 2 x 2 window."""
+    return TinyKimiK25ImageProcessor(vision_config.patch_size)
+
+
 def kimi_k25_processor() -> TinyKimiK25Processor:
     """The tiny Kimi-K2.5 model's processor (``TinyKimiK25Processor``)."""
     return TinyKimiK25Processor()
