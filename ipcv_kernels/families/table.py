@@ -720,6 +720,11 @@ FAMILIES: tuple[Family, ...] = (
             decoder="language_model",
             llm_refusal=LLAMA4_LLM_REFUSAL,
         ),
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMLlama4Adapter",
+            {"Llama4ForConditionalGeneration": "vllm.model_executor.models.mllama4"},
+            {"Llama4ForConditionalGeneration": "vision_model"},
+        ),
         tiny_tower=TinyTower("llama4.modeling_llama4", "Llama4VisionConfig", "Llama4VisionModel", tiny.LLAMA4_VISION),
         tiny_model=TinyModel(
             "Llama4Config",

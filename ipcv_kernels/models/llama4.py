@@ -108,7 +108,7 @@ def _hidden_positional(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -
     return args, kwargs
 
 
-def _tuple_output(module: nn.Module, args: tuple, output: Any) -> Any:
+def tuple_output(module: nn.Module, args: tuple, output: Any) -> Any:
     """Forward hook: a tensor the engine returned, as the one-element tuple the encoder indexes."""
     return (output,) if isinstance(output, torch.Tensor) else output
 
@@ -135,7 +135,7 @@ class Llama4Adapter(TiledTowerAdapter):
         model's forward / ``generate`` reading the tiles per image from ``input_ids``."""
         for block in patch.blocks:
             patch.add_hook(block.register_forward_pre_hook(_hidden_positional, with_kwargs=True))
-            patch.add_hook(block.register_forward_hook(_tuple_output))
+            patch.add_hook(block.register_forward_hook(tuple_output))
         holders = (
             [m for m in self.model.modules() if getattr(m, "vision_model", None) is patch.tower] if self.model else []
         )

@@ -46,6 +46,7 @@ from ..engine.batched import PrenormLayer, TiledTowerAdapter
 from ..models.clip_vit import ClipViTAdapter
 from ..models.gemma4 import Gemma4Adapter
 from ..models.idefics3 import Idefics3Adapter
+from ..models.llama4 import Llama4Adapter, Rotary, complex_rope, tuple_output
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 from ..selectors import merge_unit_grid, token_grid
@@ -874,3 +875,146 @@ class VLLMPixtralAdapter(FamilyAdapter):
         projected, _ = attention.o_proj(attended.reshape(kept.shape[0], -1))
         hidden = kept + projected
         return hidden + block.feed_forward(block.ffn_norm(hidden))
+
+
+class VLLMLlama4Adapter(Llama4Adapter):
+    """vLLM's ``Llama4VisionModel`` (``mllama4.py``), the ``vision_model`` of
+    ``Llama4ForConditionalGeneration``: transformers' tower (spec §5.15) in vLLM's layers.
+
+    **The call.** ``vision_model(pixel_values [tiles, 3, S, S])``, each tile embedded as
+    ``[patch_1 .. patch_N, CLS]`` (CLS last, pinned), the layers on ``[tiles, N + 1, D]`` with
+    dense attention inside each tile; after them ``layernorm_post``, the CLS rows dropped and the
+    pixel-shuffle ``vision_adapter``, which see the restored ``[tiles, N + 1, D]``. vLLM builds
+    every layer; the tower's last output is read.
+
+    **What is vLLM's.** Each layer is called with the hidden states alone and returns
+    ``(hidden,)`` (a forward hook gives the encoder that tuple where the engine returns a tensor).
+    Its attention has one ``qkv_proj`` (``QKVParallelLinear``: this rank's heads ``[q | k | v]``,
+    run on every row since vLLM repacks its weights on the CPU, see ``PrenormLayer``) and applies
+    the rotary itself, from ``rotary_emb.cos_sin_cache``: complex ``[N + 1, 1, Dh / 2]``, equal to
+    transformers' ``freqs_ci`` (the CLS row's frequencies zero), shared by every layer (vLLM's
+    ``get_rope`` builds one module). The adapter reads that table as transformers' adapter reads
+    ``freqs_ci`` and rotates q and k of the rows a layer runs on with their own rows of it (a
+    complex product in float32, as vLLM's ``forward_native``). ``o_proj`` and the MLP's ``fc2``
+    are row-parallel: under tensor parallelism they all-reduce, as in vLLM's own layer.
+
+    **Items: each image's tiles** (its global tile included). vLLM encodes all tiles of a batch
+    of images in one tower call (``encode_image_chunks``); the tiles per image are known one level
+    up, ``_process_image_input(image_input)``'s ``patches_per_image`` (from vLLM's processor). A
+    wrapper of that method hands them to the tower call inside (``hints["tiles_per_image"]``, this
+    call only), so an image's output never depends on what vLLM batched it with. A bare tower call
+    makes all its tiles one item. ``mm_encoder_tp_mode="data"`` shards the tiles across ranks
+    inside that call (``run_dp_sharded_vision_model``), below what the patch sees: refused when the
+    patch is made; so are compiled and CUDA-graphed encoders (the plugin's ``check_engine_settings``).
+    """
+
+    name = "vllm_llama4"
+    TOWER_PARTS: tuple[str, ...] = ("model.layers", "vision_adapter", "patch_size")
+    LAYER_PARTS: tuple[str, ...] = (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "mlp",
+        "self_attn.qkv_proj",
+        "self_attn.o_proj",
+        "self_attn.rotary_emb.cos_sin_cache",
+        "self_attn.num_local_heads",
+        "self_attn.head_dim",
+        "self_attn.q_size",
+        "self_attn.kv_size",
+        "self_attn.scaling",
+    )
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        super().__init__(model)
+        self._rotary: nn.Module | None = None  # the layers' shared rotary module (``blocks``)
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        if getattr(self.model, "use_data_parallel", False):
+            raise ValueError(
+                "IPCV does not support mm_encoder_tp_mode='data' for Llama 4's vision model (it shards its tiles "
+                "across ranks inside one call): use the default mm_encoder_tp_mode"
+            )
+        missing = missing_parts(tower, self.TOWER_PARTS)
+        layers = tower.model.layers if not missing else None
+        if layers:
+            missing += missing_parts(layers[0], self.LAYER_PARTS)
+        if self.model is not None:  # install_hooks wraps it; checked before anything is patched
+            missing += missing_parts(self.model, ("_process_image_input",))
+        require(tower, missing, self.name)
+        rotary = layers[0].self_attn.rotary_emb if layers else None
+        if any(layer.self_attn.rotary_emb is not rotary for layer in layers):
+            raise TypeError(
+                f"vLLM's {type(tower).__name__} gives its layers different rotary modules: IPCV's {self.name} "
+                "adapter reads one table for every layer"
+            )
+        self._rotary = rotary
+        return layers
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        """The layers' tuple outputs, and the wrapper of ``_process_image_input`` (required: without
+        it each image's tiles could not be told apart, see the class)."""
+        for block in patch.blocks:
+            patch.add_hook(block.register_forward_hook(tuple_output))
+        if self.model is not None:
+            patch.wrap(self.model, "_process_image_input", functools.partial(self._read_tiles, patch))
+
+    @staticmethod
+    def _read_tiles(patch: IPCVPatch, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``_process_image_input`` telling its tower call the tiles of each image."""
+
+        def process_image_input(image_input: Any) -> Any:
+            counts = [int(count) for count in image_input["patches_per_image"].tolist()]
+            with patch.hinted(tiles_per_image=counts):
+                return inner(image_input)
+
+        return process_image_input
+
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
+        """The layer's rotary table (``rotary_emb.cos_sin_cache``, its ``freqs_ci``) packed as
+        transformers' adapter packs ``freqs_ci``: ``(real, imag)`` rows ``[tiles * (N + 1), Dh / 2]``."""
+        freqs = self._rotary.cos_sin_cache.to(state.segments.device)
+        return super().parse_block_call(args, {**kwargs, "freqs_ci": freqs}, state)
+
+    def layer_parts(
+        self, block: nn.Module, query_rotary: Rotary | None = None, key_rotary: Rotary | None = None
+    ) -> PrenormLayer:
+        """vLLM's layer as a ``PrenormLayer`` with one fused ``qkv``. That projection runs on every
+        row of the layer's context, so q and k are both rotated with ``key_rotary`` (the context
+        rows' tables); ``PrenormLayer.project`` then picks the query rows, whose tables
+        ``query_rotary`` holds (unused here)."""
+        if key_rotary is None:
+            raise ValueError("Llama 4 layers need the rotary tables of their rows")
+        qkv_proj, out_proj, heads, head_dim, widths, scale = self.attention_parts(block.self_attn)
+
+        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            projected, _ = qkv_proj(x)
+            q, k, v = projected.split(widths, dim=-1)
+            q, k = (complex_rope(t.view(x.shape[0], heads, head_dim), *key_rotary).flatten(1) for t in (q, k))
+            return q, k, v
+
+        return PrenormLayer(
+            norm1=block.input_layernorm,
+            q=None,
+            k=None,
+            v=None,
+            qkv=qkv,
+            out=lambda x: out_proj(x)[0],
+            norm2=block.post_attention_layernorm,
+            mlp=block.mlp,
+            num_heads=heads,
+            head_dim=head_dim,
+            scale=scale,
+        )
+
+    def attention_parts(self, attention: nn.Module) -> tuple[nn.Module, nn.Module, int, int, list[int], float]:
+        """``(qkv_proj, o_proj, heads of this rank, head size, [q, k, v] widths, softmax scale)`` of
+        vLLM's ``Llama4VisionAttention``."""
+        widths = [attention.q_size, attention.kv_size, attention.kv_size]
+        return (
+            attention.qkv_proj,
+            attention.o_proj,
+            attention.num_local_heads,
+            attention.head_dim,
+            widths,
+            attention.scaling,
+        )

