@@ -725,6 +725,9 @@ FAMILIES: tuple[Family, ...] = (
             {"Llama4ForConditionalGeneration": "vllm.model_executor.models.mllama4"},
             {"Llama4ForConditionalGeneration": "vision_model"},
         ),
+        sglang=SGLangClasses(
+            f"{SGLANG_ADAPTERS}:SGLangLlama4Adapter", {"Llama4ForConditionalGeneration": "vision_model"}
+        ),
         tiny_tower=TinyTower("llama4.modeling_llama4", "Llama4VisionConfig", "Llama4VisionModel", tiny.LLAMA4_VISION),
         tiny_model=TinyModel(
             "Llama4Config",

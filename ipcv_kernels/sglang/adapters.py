@@ -63,10 +63,17 @@ from ..engine import BlockCall, ForwardState, IPCVPatch, read_blocks
 from ..engine.batched import PrenormLayer, prenorm_layer
 from ..models.clip_vit import ClipViTAdapter
 from ..models.gemma4 import Gemma4Adapter, axial_rope
+from ..models.llama4 import Llama4Adapter
 from ..models.pixtral import PixtralAdapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
-from ..vllm.adapters import VLLMGlm4vAdapter, VLLMInternVLChatAdapter, VLLMQwen2VLAdapter, VLLMQwen3VLAdapter
+from ..vllm.adapters import (
+    VLLMGlm4vAdapter,
+    VLLMInternVLChatAdapter,
+    VLLMLlama4Adapter,
+    VLLMQwen2VLAdapter,
+    VLLMQwen3VLAdapter,
+)
 
 CUDA_GRAPH_VARIABLE = "SGLANG_VIT_ENABLE_CUDA_GRAPH"
 # What SGLang's ``VisionAttention`` and blocks must offer (checked when the patch is made, so an
@@ -742,3 +749,78 @@ class SGLangPixtralAdapter(PixtralAdapter):
         projected, _ = attention.proj(attended.reshape(kept.shape[0], -1))
         hidden = kept + projected
         return hidden + block.feed_forward(block.ffn_norm(hidden))
+
+
+class SGLangLlama4Adapter(VLLMLlama4Adapter):
+    """SGLang's ``Llama4VisionModel`` (``mllama4.py``), the ``vision_model`` of
+    ``Llama4ForConditionalGeneration``: transformers' tower (spec §5.15) in SGLang's layers.
+
+    **Layers.** ``Llama4VisionEncoderLayer(hidden [tiles, N + 1, D], freqs_ci=)`` returns the
+    hidden states (a tensor). Its attention is SGLang's ``VisionAttention`` built with
+    ``flatten_batch=False`` (one sequence per batch row: it cannot take packed rows of several
+    tiles; it derives its segments from the batch shape, so no ``cu_seqlens`` or metadata is
+    passed), ``qkv_proj`` (the rank's ``[q | k | v]``), ``proj`` (row-parallel: all-reduces under
+    tensor parallelism) and transformers' ``vision_apply_rotary_emb`` with the tower's
+    ``freqs_ci`` (complex ``[N + 1, 1, Dh / 2]``). Layers before ``P`` run SGLang's own layer;
+    from ``P`` on the functional pre-norm layer with this layer's modules, q and k rotated as
+    vLLM's adapter rotates them, from the call's ``freqs_ci`` packed as transformers' adapter
+    packs it (SGLang's attention is then not called: nothing of its segments goes stale).
+
+    **Items.** SGLang encodes all tiles of a batch's images in one tower call
+    (``get_image_feature``: the items' features concatenated); ``get_image_feature(items)`` gets
+    one ``MultimodalDataItem`` per image, its ``feature`` the image's tiles ``[tiles, 3, S, S]``.
+    A wrapper hands the counts to the tower call (``IPCVPatch.hinted``), so each image's tiles
+    form one item. A bare tower call treats all its tiles as one item.
+
+    **Refused:** the ViT CUDA graph (``refuse_cuda_graph``).
+    """
+
+    name = "sglang_llama4"
+    LAYER_PARTS: tuple[str, ...] = (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "mlp",
+        *(f"self_attn.{name}" for name in ATTENTION_FIELDS),
+    )
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        refuse_cuda_graph(tower)
+        missing = [path for path in self.TOWER_PARTS if _follow(tower, path) is None]
+        layers = tower.model.layers if not missing else None
+        if layers:
+            missing += [path for path in self.LAYER_PARTS if _follow(layers[0], path) is None]
+        if self.model is not None and not hasattr(self.model, "get_image_feature"):
+            missing.append("get_image_feature (of the model)")
+        if missing or not layers:
+            raise TypeError(
+                f"SGLang's {type(tower).__name__} lacks {', '.join(missing) or 'layers'}: this SGLang version is not "
+                f"supported by IPCV's {self.name} adapter (tested with SGLang {TESTED_VERSION})"
+            )
+        return layers
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        """The wrapper of the model's ``get_image_feature`` (the tiles of each image)."""
+        if self.model is not None:
+            patch.wrap(self.model, "get_image_feature", functools.partial(self._read_tiles, patch))
+
+    @staticmethod
+    def _read_tiles(patch: IPCVPatch, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """``get_image_feature(items)`` telling its tower call the tiles of each image."""
+
+        def get_image_feature(items: Any) -> Any:
+            counts = [int(item.feature.shape[0]) for item in items]
+            with patch.hinted(tiles_per_image=counts):
+                return inner(items)
+
+        return get_image_feature
+
+    # The layer takes the tower's ``freqs_ci`` by keyword, as transformers' does.
+    parse_block_call = Llama4Adapter.parse_block_call
+
+    def attention_parts(self, attention: nn.Module) -> tuple[nn.Module, nn.Module, int, int, list[int], float]:
+        """``(qkv_proj, proj, heads of this rank, head size, [q, k, v] widths, softmax scale)`` of
+        SGLang's ``VisionAttention``."""
+        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
+        scale = getattr(attention, "softmax_scale", None) or head_dim**-0.5
+        widths = [attention.q_size, attention.kv_size, attention.kv_size]
+        return attention.qkv_proj, attention.proj, heads, head_dim, widths, scale

@@ -26,7 +26,18 @@ from torch import nn
 from .._validation import check_int
 
 # The families ``build_checkpoint`` saves (those of ``ipcv_kernels.vllm.testing`` that SGLang has).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "internvl_chat", "gemma3", "gemma4", "mistral3")
+FAMILIES = (
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_5",
+    "glm4v",
+    "internvl_chat",
+    "gemma3",
+    "gemma4",
+    "mistral3",
+    "llama4",
+)
 # SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
 # (the text config's, through transformers' config); transformers' vision norms use 1e-6.
 VISION_EPS = 1e-6
@@ -46,7 +57,8 @@ def build_checkpoint(
 
     The vLLM tests' checkpoint (``ipcv_kernels.vllm.testing.build_checkpoint``; ``internvl_chat``:
     InternVL's own format, remote-code configuration, the weights of the ``internvl`` checkpoint of
-    the same seed, which transformers loads; ``gemma3``: see ``_sglang_gemma3``) with what SGLang
+    the same seed, which transformers loads; ``gemma3``: see ``_sglang_gemma3``; ``llama4``: with a
+    weight index, ``_with_weight_index``) with what SGLang
     0.5.23 reads differently from the Qwen families: the text config's ``rms_norm_eps`` is 1e-6
     (SGLang's vision norms take it, transformers' are 1e-6), Qwen2-VL's vision config also carries
     ``in_chans`` (SGLang reads it; transformers 5 writes ``in_channels``) and Qwen3.5's text config
@@ -59,10 +71,12 @@ def build_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     check_int("seed", seed, low=0)
-    if family in ("internvl_chat", "gemma3", "gemma4", "mistral3"):  # SGLang reads these as vLLM does
+    if family in ("internvl_chat", "gemma3", "gemma4", "mistral3", "llama4"):  # SGLang reads these as vLLM does
         if vision or text or max_pixels is not None:
             raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
         path = build_vllm_checkpoint(path, family, seed=seed)
+        if family == "llama4":
+            return _with_weight_index(path)
         return _sglang_gemma3(path) if family == "gemma3" else path
     if text is not None and not isinstance(text, Mapping):
         raise TypeError(f"text must be a mapping of config fields, got {type(text).__name__}")
@@ -78,6 +92,19 @@ def build_checkpoint(
         # attention in this checkpoint, see the vLLM one); transformers reads ``layer_types``.
         config["text_config"]["full_attention_interval"] = 1
     config_file.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _with_weight_index(path: Path) -> Path:
+    """The checkpoint with a ``model.safetensors.index.json`` naming where every weight is, as a sharded
+    Hub checkpoint has: SGLang 0.5.23's Llama 4 builds its vision model only when that index names
+    vision weights (``_has_vision_weights``; without it the model is text-only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, "model.safetensors")}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return path
 
 
@@ -150,6 +177,9 @@ def init_process(
         mm_attention_backend=mm_attention_backend,
         tp_size=tp_size,
         disable_radix_cache=True,
+        # ``--enable-multimodal``: SGLang builds Llama 4's vision model only with it (its model config
+        # turns multimodal off for Llama 4 and Gemma 3 by default; the model reads this setting).
+        enable_multimodal=True,
     )
     reset_context()
     publish(server_args, role="test", ranks=SpawnRanks(world_rank=rank))

@@ -24,6 +24,7 @@ model at most ``TOLERANCE_FACTOR`` times transformers' own fp32 error, plus the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -253,6 +254,35 @@ def pixtral_features(hf_model, call):
     return torch.cat(images.pooler_output)
 
 
+# -- Llama 4 --------------------------------------------------------------------------------------
+# Fixed tiles of 16 pixels (4 x 4 patches and a CLS row last), an image's tiles (its global tile
+# included) one item: SGLang's get_image_feature gets one item per image.
+LLAMA4_TILES = {"one_image": [3], "images_of_different_sizes": [3, 1, 5]}
+LLAMA4_TILE_ROWS = 1 + 4 * 4
+
+
+def llama4_call(model, name, seed):
+    counts = LLAMA4_TILES[name]
+    tiles = torch.randn(sum(counts), 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+    return Call(tiles, counts, counts, False, sum(counts) * LLAMA4_TILE_ROWS)
+
+
+def llama4_split(call):
+    return [
+        Call(tiles, [count], [count], False, count * LLAMA4_TILE_ROWS)
+        for tiles, count in zip(call.pixels.split(call.layout), call.layout, strict=True)
+    ]
+
+
+def llama4_features(hf_model, call):
+    """transformers' projected features ``[tiles * 4, D]``, ``call.items`` tiles per item (transformers
+    5.19's ``get_image_features`` returns the tower's output, projected in ``forward``)."""
+    patch = ik.get_ipcv_patch(hf_model)
+    with patch.hinted(tiles_per_image=call.items) if patch is not None else contextlib.nullcontext():
+        features = hf_model.get_image_features(pixel_values=call.pixels.to(hf_model.dtype)).last_hidden_state
+    return hf_model.multi_modal_projector(features.reshape(-1, features.shape[-1]))
+
+
 def qwen(name, prefix, reference=qwen_merger, **extra):
     return Family(
         name, f"{prefix}ForConditionalGeneration", None, qwen_call, qwen_split, reference, qwen_attention, **extra
@@ -305,6 +335,20 @@ FAMILIES = {
         calls=tuple(PIXTRAL_SIZES),
         metadata=False,
     ),
+    # Batched tiles, CLS last; SGLang's attention (flatten_batch=False) takes no segments or metadata.
+    "llama4": Family(
+        "Llama 4",
+        "Llama4ForConditionalGeneration",
+        None,
+        llama4_call,
+        llama4_split,
+        llama4_features,
+        internvl_attention,
+        attention_path="self_attn",
+        transformers_calls=tuple(LLAMA4_TILES),
+        calls=tuple(LLAMA4_TILES),
+        metadata=False,
+    ),
 }
 
 
@@ -330,8 +374,11 @@ def model(family_id, sglang_process):
 
 @pytest.fixture(scope="module")
 def hf_models(family_id, checkpoint, tmp_path_factory):
-    """transformers' model of the same weights, fp32 and fp64."""
+    """transformers' model of the same weights, fp32 and fp64 (complex buffers left complex: Llama 4's
+    rotary table)."""
     import transformers
+
+    from ipcv_kernels.testing.models import to_real_dtype
 
     family = FAMILIES[family_id]
     if family.reference_checkpoint is None:
@@ -339,7 +386,7 @@ def hf_models(family_id, checkpoint, tmp_path_factory):
     else:
         path = build_checkpoint(tmp_path_factory.mktemp(family.reference_checkpoint), family.reference_checkpoint)
     model = getattr(transformers, family.hf_class).from_pretrained(path, dtype=torch.float32).eval()
-    return model, copy.deepcopy(model).to(torch.float64)
+    return model, to_real_dtype(copy.deepcopy(model), torch.float64)
 
 
 def blocks_of(model):
@@ -522,7 +569,7 @@ def test_every_attention_call_gets_metadata_of_its_segments(model, family_id, na
     metadata): each call's mask must cover its rows and be block-diagonal over the call's images."""
     family = FAMILIES[family_id]
     if not family.metadata:
-        pytest.skip(f"{family.name}: SGLang's attention takes a dense mask, no metadata (see the next test)")
+        pytest.skip(f"{family.name}: SGLang's attention takes no metadata (a dense mask, or batched tiles)")
     config = ik.IPCVConfig(**{**SETTINGS, "as_layers": as_layers})
     calls: list[tuple[int, torch.Tensor, Any]] = []
     attentions = [attention_of(block, family.attention_path) for block in blocks_of(model)]
@@ -729,28 +776,31 @@ def test_gemma3_sglang_attention_runs_before_the_prune_layer_only(gemma3, as_lay
     assert all(shape[:2] == (1, CROP_ROWS) and cu is None and meta is None for shape, cu, meta in calls)
 
 
-@pytest.mark.parametrize("family_id", ["gemma4"], indirect=True)
+@pytest.mark.parametrize("family_id", ["gemma4", "llama4"], indirect=True)
 @pytest.mark.parametrize("as_layers", [2, 0])
-def test_gemma4_runs_sglang_attention_before_the_prune_layer_only(model, family_id, as_layers):
-    """SGLang's Gemma 4 attention (a dense padding mask, no metadata) runs in the blocks before
-    ``P`` on every row; from ``P`` on the functional layer runs (``ngr_attention`` per image)."""
+def test_sglang_attention_without_metadata_runs_before_the_prune_layer_only(model, family_id, as_layers):
+    """SGLang's Gemma 4 attention (a dense padding mask) and Llama 4's (batched tiles, segments from
+    the batch shape) take no segments or metadata: they run in the blocks before ``P`` on every row;
+    from ``P`` on the functional layer runs (``ngr_attention`` per image or tile), so no SGLang
+    segments can go stale there."""
     config = ik.IPCVConfig(**{**SETTINGS, "as_layers": as_layers})
-    rows = []
+    calls = []
     attentions = [block.self_attn for block in blocks_of(model)]
     for attention in attentions:
 
         def record(x, *args, _original=attention.forward, **kwargs):
-            rows.append(x.shape[0] * x.shape[1])
+            calls.append((x.shape[0] * x.shape[1], kwargs.get("cu_seqlens"), kwargs.get("forward_metadata")))
             return _original(x, *args, **kwargs)
 
         attention.forward = record
     try:
-        call = FAMILIES[family_id].make_call(model, "one_image", next(_fresh))
+        call = FAMILIES[family_id].make_call(model, "images_of_different_sizes", next(_fresh))
         _, tokens, _ = encode(model, call, config)
     finally:
         for attention in attentions:
             del attention.forward
-    assert rows == [call.tokens] * config.prune_layer == tokens[: config.prune_layer]
+    assert [rows for rows, _, _ in calls] == [call.tokens] * config.prune_layer == tokens[: config.prune_layer]
+    assert all(cu_seqlens is None and metadata is None for _, cu_seqlens, metadata in calls)
     assert all(count < call.tokens for count in tokens[config.prune_layer :])
 
 

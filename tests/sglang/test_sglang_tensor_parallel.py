@@ -6,7 +6,7 @@ plugin through its entry point and building the model through SGLang's loader
 (``ipcv_kernels.sglang.testing.encode_on_ranks``). Against the in-process ``tensor_parallel_size=1``
 model of the same checkpoint, for every family with an SGLang entry (InternVL: 4 vision heads, 2
 per rank, its QK norm gathering every head; Gemma 3: one crop, SigLIP's 4 heads, 2 per rank; Gemma 4:
-4 heads, 2 per rank, padded images):
+4 heads, 2 per rank, padded images; Llama 4: 4 heads, 2 per rank, tiles of three images):
 
 - both ranks' plans (``keep``, ``drop``, neighbours, kept segments) are bit-identical, as are
   their token counts per block and their outputs, and each rank holds half the heads;
@@ -35,7 +35,7 @@ from ipcv_kernels.vllm.testing import internvl_tiles, qwen_encoder_inputs
 
 SETTINGS = {"prune_layer": 2, "ratio": 0.5, "as_layers": 2, "num_neighbors": 3}
 GRID = [[1, 8, 12], [1, 6, 4], [1, 8, 8]]
-TILES = [3, 1, 5]  # InternVL: tiles per image
+TILES = [3, 1, 5]  # InternVL, Llama 4: tiles per image
 PLAN_FIELDS = IPCVPlan._fields
 _ports = itertools.count(29641, 7)
 
@@ -47,6 +47,8 @@ def images(model, family_id):
     """``(pixels, layout)`` of three images of different sizes (``encode_images``' arguments)."""
     if family_id == "internvl_chat":
         return internvl_tiles(sum(TILES), seed=7), TILES
+    if family_id == "llama4":  # tiles of 16 pixels, an image's tiles (its global tile included) one item
+        return torch.randn(sum(TILES), 3, 16, 16, generator=torch.Generator().manual_seed(7)), TILES
     if family_id == "gemma3":  # one crop: SGLang's Gemma 3 runs its tower once per crop
         return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(7)), [1]
     if family_id == "gemma4":  # patches padded to 64 rows and their positions (-1 on padding)
@@ -67,7 +69,18 @@ def images(model, family_id):
 
 @pytest.mark.parametrize(
     "family_id",
-    ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v", "internvl_chat", "gemma3", "gemma4", "mistral3"],
+    [
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "qwen3_5",
+        "glm4v",
+        "internvl_chat",
+        "gemma3",
+        "gemma4",
+        "mistral3",
+        "llama4",
+    ],
 )
 def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, checkpoint):
     model = sglang_process(family_id, {"ipcv": SETTINGS})

@@ -120,7 +120,8 @@ def test_bench_vllm_runs_every_family_with_its_checks(family, tmp_path):
 REDUCED_WIDTH = {
     "hidden_size": 64,
     "embed_dim": 64,
-    "intermediate_size": 96,
+    # 4 x 64: Llama 4's pixel shuffle feeds its adapter MLP 4 D-wide tokens (intermediate_size wide).
+    "intermediate_size": 256,
     "num_heads": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
@@ -173,7 +174,9 @@ def test_preset_checkpoint_has_a_processor_of_its_towers_size(preset, tmp_path):
     image = random_image(height, width, 0)
     processor = reference.processor
     ids = processor(text=[processor.image_token], images=[image], return_tensors="pt")["input_ids"]
-    placeholders = int((ids == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum())
+    # The token the model scatters image features into (Llama 4: each tile's <|patch|> tokens, where its
+    # processor's image_token <|image|> marks the global tile once).
+    placeholders = int((ids == reference.model.config.image_token_id).sum())
     assert placeholders == reference.features(image).shape[0] > 0
     assert reference.prompt_tokens(image) == ids.shape[-1]
     # The tower's call as the row's call kind counts it (tokens before any merge, newline or tag).

@@ -126,7 +126,13 @@ class Reference:
         }
         with torch.inference_mode():
             output = self.features_of(**kwargs)
-        rows = concatenated(output.pooler_output)
+            features = output.pooler_output
+            if features is None:
+                # transformers releases whose get_image_features returns the tower's output
+                # unprojected (Llama 4 before 5.2x, spec §5.15) project it in forward, with the
+                # model's projector.
+                features = self.model.multi_modal_projector(output.last_hidden_state)
+        rows = concatenated(features)
         taps = getattr(output, "deepstack_features", None)
         if taps:
             rows = torch.cat([rows, *(concatenated(tap) for tap in taps)], dim=-1)
