@@ -710,8 +710,8 @@ FAMILIES: tuple[Family, ...] = (
         "Llama 4",
         TILES,
         flops.llama4_flops,
-        # The tower sits on the full model itself (no base model in between); the decoder is
-        # Llama4ForCausalLM's, refused to LLM-side pruners (spec §5).
+        # The tower sits on the full model itself (no base model in between), in vLLM and SGLang too
+        # (their own layers); the decoder is Llama4ForCausalLM's, refused to LLM-side pruners (spec §5).
         hf=HFClasses(
             Llama4Adapter,
             ("Llama4VisionModel",),

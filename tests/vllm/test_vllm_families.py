@@ -21,7 +21,8 @@ to ``vision_feature_layer``, CLS dropped after the encoder), LLaVA-NeXT (anyres 
 image one item; vLLM's padded stack: its padding crops are items of their own), LLaVA-OneVision
 (SigLIP anyres crops, a video's frames one item), Gemma 3 and PaliGemma (SigLIP, layers returning
 pairs), Idefics3 and SmolVLM (sub-images of each image one item from vLLM's ``num_patches``,
-padding patches pinned; the tower path ``model.vision_model``). transformers gets the same
+padding patches pinned; the tower path ``model.vision_model``), Llama 4 (vLLM's own tower of fixed tiles, CLS last
+pinned, each image's tiles one item from ``patches_per_image``). transformers gets the same
 pixels (vLLM 0.32 does not normalise these on the device).
 
 Plans are compared up to near-ties (``assert_plans_agree``), embeddings on vLLM's plan.
