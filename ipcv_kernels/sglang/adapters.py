@@ -42,6 +42,10 @@ each image's tiles one item) with SGLang's layer parts and call sites.
 Gemma 3 (``SGLangSiglipAdapter``): SGLang's SigLIP tower encodes one crop per call; its adapter is
 the transformers CLIP / SigLIP one (``models.clip_vit``) with SGLang's layer parts.
 
+Llama 4 (``SGLangLlama4Adapter``): batched tiles with the CLS last, as vLLM's Llama 4 adapter, whose
+functional layer it shares; SGLang's layers take the tower's ``freqs_ci`` as transformers' do, and
+``get_image_feature``'s items give each image's tiles.
+
 CUDA graphs: SGLang's ViT CUDA-graph path (``SGLANG_VIT_ENABLE_CUDA_GRAPH``; Qwen2.5-VL's and
 Qwen3-VL's ``forward_with_cuda_graph``, InternViT's graph runner) replays blocks captured for fixed
 token counts per layout, which IPCV changes per input from block ``P`` on: refused when the patch is

@@ -24,6 +24,8 @@ crops ``[B, L, D]`` as in transformers, with a fused ``qkv_proj``; vLLM builds t
 layer the model reads. vLLM's InternViT (``VLLMInternVLAdapter``) takes batched tiles ``[tiles, 1 + N, D]`` as in
 transformers, so its adapter is a ``BatchedTowerAdapter`` (``ipcv_kernels.engine.batched``); what
 is vLLM's there is where the tiles per image come from (see the class).
+vLLM's Llama 4 tower (``VLLMLlama4Adapter``) takes batched tiles too, CLS last, its rotary applied
+inside the attention from a table the adapter reads (see the class).
 
 Tensor parallelism: the hidden states are replicated on every rank, so every rank plans the same
 ``keep`` / ``drop`` / neighbours; ``qkv`` + ``split_qkv`` give the rank's heads (vLLM's own
