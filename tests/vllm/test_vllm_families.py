@@ -666,18 +666,28 @@ def test_generate_batched_equals_each_request_alone(llm, family):
         return {"prompt": family.prompt, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [run]}}
 
     calls = []
-    # Counted at the tower's first block (run once per encoder call), a plain module call: vLLM's
-    # torch.compile-decorated towers (Llama 4's) call their forward directly when not compiled,
+
+    # Counted by a wrapper of the tower's forward, not a module hook: vLLM's torch.compile-decorated
+    # modules (Llama 4's tower, Qwen2.5-VL's blocks) call their forward directly when not compiled,
     # past module hooks.
-    (hook,) = llm.apply_model(
-        lambda m: ik.get_ipcv_patch(m).blocks[0].register_forward_hook(lambda *_: calls.append(1))
-    )
+    def count_calls(model):
+        tower = operator.attrgetter(family.tower)(model)
+        patched = tower.forward  # the plugin's wrapper, restored afterwards
+
+        def forward(*args, **kwargs):
+            calls.append(1)
+            return patched(*args, **kwargs)
+
+        tower.forward = forward
+        return patched
+
+    (patched,) = llm.apply_model(count_calls)
     try:
         batched = llm.generate([request(im, f"b{next(_fresh)}") for im in images], params, use_tqdm=False)
         batched_calls = len(calls)
         alone = [llm.generate(request(im, f"a{next(_fresh)}"), params, use_tqdm=False)[0] for im in images]
     finally:
-        hook.remove()
+        llm.apply_model(lambda m: setattr(operator.attrgetter(family.tower)(m), "forward", patched))
     assert batched_calls < len(images)  # several requests' images shared an encoder call
     assert len(calls) == batched_calls + len(images)
     assert [out.outputs[0].token_ids for out in batched] == [out.outputs[0].token_ids for out in alone]
