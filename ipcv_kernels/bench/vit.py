@@ -1,5 +1,5 @@
-"""End-to-end benchmark of a vision tower of any supported family (Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL, InternViT, CLIP, SigLIP, Idefics3 / SmolVLM): unpatched vs the paper's formulation vs IPCV.
+"""End-to-end benchmark of a vision tower of any family of the table (``ipcv_kernels.families``):
+unpatched vs the paper's formulation vs IPCV.
 
 Entry points: ``python -m ipcv_kernels bench ...`` (``add_arguments`` and ``run`` are its
 subcommand) and ``python benchmarks/bench_vit.py ...``, which runs that subcommand. The variants

@@ -213,7 +213,7 @@ GLM4V_9B_VISION: dict[str, Any] = dict(
 # tower): SigLIP-So400m/14 blocks (27 of width 1152, 16 heads, MLP 4304) over 448-pixel slices
 # (``scale_resolution``; the position table covers 980 pixels = 70 x 70 patches), 2 x 2 merged
 # inside the tower after block ``insert_layer_id`` = 6. The so400m block shape is the one
-# MiniCPM-V 4.x towers use; no 4.6 config.json was at hand to confirm it (see the report).
+# MiniCPM-V 4.x towers use; no 4.6 config.json could be read here (no downloads) to confirm it.
 MINICPMV4_6_VISION: dict[str, Any] = dict(
     model_type="minicpmv4_6_vision",
     hidden_size=1152,

@@ -74,10 +74,6 @@ MINICPMV_SOURCE = (
     "untuned (the paper gives none): the first prune layer after MiniCPM-V's in-tower merge "
     "(insert_layer_id + 2 = 8), IPCVConfig's ratio and k, 2 stabilisation blocks; check with `ipcv_kernels fidelity`"
 )
-MINICPMV_517 = (
-    "transformers 5.17's vit_merger reshapes a call's rows as slices of target_sizes[0]'s size, so the "
-    "unpatched tower fails on a call of slices of different sizes"
-)
 # Llama 4's decoder is a MoE whose layers interleave chunked-attention layers with rotary and
 # global-attention layers without it (NoPE) and scale the latter's queries by position
 # (attn_temperature_tuning): FastV / DART's scores and cuts assume neither.
@@ -703,7 +699,7 @@ FAMILIES: tuple[Family, ...] = (
         },
         recommended=MINICPMV_RECOMMENDED,
         recommended_source=MINICPMV_SOURCE,
-        min_transformers=("5.25", MINICPMV_517),
+        min_transformers=processors.MINICPMV_MIXED_SLICES,
     ),
     Family(
         "llama4",

@@ -291,9 +291,10 @@ def evaluate_fidelity(
     tower, device = subject.tower, next(subject.tower.parameters()).device
 
     last_block = find_tower(tower)[1].blocks(tower)[-1]
-    # A tower whose output merges tokens (GLM) is compared on its last block's rows; one whose
-    # output only leaves out the CLS rows its blocks carry (LLaVA-OneVision-1.5) on its output,
-    # the kept rows mapped there (``patch_rows``).
+    # A tower whose output merges or pools tokens (GLM's merger, Gemma 4's pooler, Llama 4's pixel
+    # shuffle) is compared on its last block's rows, one per token (restored); one whose output
+    # only leaves out the CLS rows its blocks carry (LLaVA-OneVision-1.5) on its output, the kept
+    # rows mapped there (``patch_rows``).
     block_rows = not subject.family.kind.frame_cls
 
     def forward(sample: Sample) -> Callable[[], torch.Tensor]:

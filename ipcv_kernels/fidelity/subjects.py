@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -82,27 +81,7 @@ class Sample:
         if self.target_sizes is not None:
             return tower(self.pixels, target_sizes=self.target_sizes)
         if self.positions is not None:
-            # The compared output has one row per patch: the last block's (read by a hook, as the
-            # patched block returns it: restored), before the pooler averages patches.
-            captured: list[torch.Tensor] = []
-            last = tower.encoder.layers[-1]
-            handle = last.register_forward_hook(lambda module, args, output: captured.append(output))
-            try:
-                tower(pixel_values=self.pixels, pixel_position_ids=self.positions)
-            finally:
-                handle.remove()
-            return SimpleNamespace(last_hidden_state=captured[-1])
-        if self.grid_thw is None and hasattr(tower, "vision_adapter"):
-            # Llama 4: the tower's own output is pixel-shuffled (2 x 2 patches per row, CLS
-            # dropped); the compared rows are the last block's, one per token (restored).
-            captured = []
-            last = tower.model.layers[-1]
-            handle = last.register_forward_hook(lambda module, args, output: captured.append(output[0]))
-            try:
-                tower(pixel_values=self.pixels)
-            finally:
-                handle.remove()
-            return SimpleNamespace(last_hidden_state=captured[-1])
+            return tower(pixel_values=self.pixels, pixel_position_ids=self.positions)
         if self.grid_thw is None:
             return tower(pixel_values=self.pixels)
         return tower(self.pixels, grid_thw=self.grid_thw)

@@ -133,6 +133,52 @@ def _follow(module: Any, path: str) -> Any:
     return module
 
 
+def vision_attention_layer(
+    attention: nn.Module,
+    norm1: nn.Module,
+    norm2: nn.Module,
+    mlp: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    qk_norm: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    attn_gain: torch.Tensor | float | None = None,
+    mlp_gain: torch.Tensor | float | None = None,
+) -> PrenormLayer:
+    """A pre-norm layer around SGLang's ``VisionAttention`` (``engine.batched.prenorm_layer``'s parts).
+
+    ``qkv_proj`` gives the rank's ``[q | k | v]`` (``q_size``, ``kv_size``, ``kv_size`` wide; the
+    rank's ``num_attention_heads_per_partition`` heads of ``head_size``); ``proj`` is row-parallel and
+    returns ``(output, bias)``. ``qk_norm(q, k)``, where the tower normalises queries and keys
+    (InternViT), takes and returns them as ``[rows, heads, head_size]``. The softmax scale is the
+    attention's ``softmax_scale``, ``head_size ** -0.5`` where it has none.
+    """
+    heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
+
+    def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        projected, _ = attention.qkv_proj(x)
+        q, k, v = projected.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+        if qk_norm is not None:
+            q, k = qk_norm(q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (-1, head_dim)))
+            q, k = q.flatten(-2), k.flatten(-2)
+        return q, k, v
+
+    scale = getattr(attention, "softmax_scale", None)
+    return PrenormLayer(
+        norm1=norm1,
+        q=None,
+        k=None,
+        v=None,
+        qkv=qkv,
+        out=lambda x: attention.proj(x)[0],
+        norm2=norm2,
+        mlp=mlp,
+        num_heads=heads,
+        head_dim=head_dim,
+        scale=scale if scale is not None else head_dim**-0.5,
+        attn_gain=attn_gain,
+        mlp_gain=mlp_gain,
+    )
+
+
 def kept_metadata(metadata: Any, cu_seqlens: torch.Tensor, max_seqlen: int | None) -> Any:
     """SGLang's ``VisionAttentionMetadata`` for the segments ``cu_seqlens`` (int32 ``[S + 1]`` on
     the device): ``cu_seqlens``, ``seq_lens`` ``[S]`` and ``max_seqlen`` (``None``: read from the
@@ -420,29 +466,12 @@ class SGLangInternVLChatAdapter(VLLMInternVLChatAdapter):
 
     def layer_parts(self, block: nn.Module) -> PrenormLayer:
         attention = block.attn.attn
-        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
-
-        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            projected, _ = attention.qkv_proj(x)
-            q, k, v = projected.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
-            if attention.qk_normalization:
-                q, k = attention._apply_qk_norm(q.unflatten(-1, (heads, head_dim)), k.unflatten(-1, (-1, head_dim)))
-                q, k = q.flatten(-2), k.flatten(-2)
-            return q, k, v
-
-        scale = attention.softmax_scale if attention.softmax_scale is not None else head_dim**-0.5
-        return PrenormLayer(
-            norm1=block.norm1,
-            q=None,
-            k=None,
-            v=None,
-            qkv=qkv,
-            out=lambda x: attention.proj(x)[0],
-            norm2=block.norm2,
-            mlp=block.mlp,
-            num_heads=heads,
-            head_dim=head_dim,
-            scale=scale,
+        return vision_attention_layer(
+            attention,
+            block.norm1,
+            block.norm2,
+            block.mlp,
+            qk_norm=attention._apply_qk_norm if attention.qk_normalization else None,
             attn_gain=block.ls1,
             mlp_gain=block.ls2,
         )
@@ -489,28 +518,7 @@ class SGLangSiglipAdapter(ClipViTAdapter):
         """Nothing: each tower call is one crop (see the class docstring)."""
 
     def layer_parts(self, block: nn.Module) -> PrenormLayer:
-        attention = block.self_attn
-        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
-
-        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            projected, _ = attention.qkv_proj(x)
-            q, k, v = projected.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
-            return q, k, v
-
-        scale = getattr(attention, "softmax_scale", None)
-        return PrenormLayer(
-            norm1=block.layer_norm1,
-            q=None,
-            k=None,
-            v=None,
-            qkv=qkv,
-            out=lambda x: attention.proj(x)[0],
-            norm2=block.layer_norm2,
-            mlp=block.mlp,
-            num_heads=heads,
-            head_dim=head_dim,
-            scale=scale if scale is not None else head_dim**-0.5,
-        )
+        return vision_attention_layer(block.self_attn, block.layer_norm1, block.layer_norm2, block.mlp)
 
 
 def check_parts(module: nn.Module, parts: tuple[str, ...]) -> None:

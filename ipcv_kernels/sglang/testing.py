@@ -24,20 +24,10 @@ import torch
 from torch import nn
 
 from .._validation import check_int
+from ..families import FAMILIES as TABLE
 
-# The families ``build_checkpoint`` saves (those of ``ipcv_kernels.vllm.testing`` that SGLang has).
-FAMILIES = (
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "qwen3_5",
-    "glm4v",
-    "internvl_chat",
-    "gemma3",
-    "gemma4",
-    "mistral3",
-    "llama4",
-)
+# The families ``build_checkpoint`` saves: every row of the family table with an SGLang entry.
+FAMILIES = tuple(row.id for row in TABLE if row.sglang is not None)
 # SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
 # (the text config's, through transformers' config); transformers' vision norms use 1e-6.
 VISION_EPS = 1e-6

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,6 +103,20 @@ def sample_pixels(
     return pixels, grid
 
 
+def placeholder_prompt(
+    counts: Sequence[int], token: int, bounds: tuple[int, int], *, text_len: int = 5, **pixels: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """One prompt: ``text_len`` text tokens, per item ``start, token * count, end`` (``bounds``),
+    ``text_len`` text tokens; ``input_ids`` / ``attention_mask`` ``[1, L]`` and the ``pixels`` fields."""
+    start, end = bounds
+    ids: list[int] = [3 + i for i in range(text_len)]
+    for count in counts:
+        ids += [start, *[token] * count, end]
+    ids += [10 + i for i in range(text_len)]
+    input_ids = torch.tensor([ids])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
+
+
 def vision_inputs(
     model: nn.Module,
     grid_thw: list[list[int]],
@@ -124,22 +138,17 @@ def vision_inputs(
     config = model.config
     merge = config.vision_config.spatial_merge_size**2
     token = config.video_token_id if video else config.image_token_id
-    ids: list[int] = [3 + i for i in range(text_len)]
-    for t, h, w in grid_thw:
-        start, end = bounds or (config.vision_start_token_id, config.vision_end_token_id)
-        ids += [start, *[token] * (t * h * w // merge), end]
-    ids += [10 + i for i in range(text_len)]
-    input_ids = torch.tensor([ids])
     pixels, grid = sample_pixels(config.vision_config, grid_thw, dtype=model.dtype, seed=seed)
     prefix = "video" if video else "image"
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values_videos" if video else "pixel_values": pixels,
-        f"{prefix}_grid_thw": grid,
-    }
+    inputs = placeholder_prompt(
+        [t * h * w // merge for t, h, w in grid_thw],
+        token,
+        bounds or (config.vision_start_token_id, config.vision_end_token_id),
+        text_len=text_len,
+        **{"pixel_values_videos" if video else "pixel_values": pixels, f"{prefix}_grid_thw": grid},
+    )
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-        inputs["mm_token_type_ids"] = (input_ids == token).long() * (2 if video else 1)
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == token).long() * (2 if video else 1)
     return inputs
 
 
@@ -788,22 +797,15 @@ def kimi_k25_inputs(model: nn.Module, grid_thw: list[list[int]], *, seed: int = 
     """
     config = model.config
     kh, kw = config.vision_config.merge_kernel_size
-    ids: list[int] = [3, 4, 5]
-    for _, h, w in grid_thw:
-        ids += [
-            config.vision_start_token_id,
-            *[config.image_token_id] * (h * w // (kh * kw)),
-            config.vision_end_token_id,
-        ]
-    ids += [10, 11]
-    input_ids = torch.tensor([ids])
     pixels, grid = kimi_k25_pixels(config.vision_config, grid_thw, dtype=model.dtype, seed=seed)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": pixels,
-        "image_grid_thw": grid,
-    }
+    return placeholder_prompt(
+        [h * w // (kh * kw) for _, h, w in grid_thw],
+        config.image_token_id,
+        (config.vision_start_token_id, config.vision_end_token_id),
+        text_len=3,
+        pixel_values=pixels,
+        image_grid_thw=grid,
+    )
 
 
 def kimi_k25_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -911,25 +913,18 @@ def onevision1_5_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dic
     config = model.config
     grid_thw = [[1, 4, 4 + 2 * i] for i in range(num_images)]
     merge = config.vision_config.spatial_merge_size**2
-    ids: list[int] = [3, 4, 5]
-    for t, h, w in grid_thw:
-        ids += [
-            config.vision_start_token_id,
-            *[config.image_token_id] * (t * h * w // merge),
-            config.vision_end_token_id,
-        ]
-    ids += [10, 11]
-    input_ids = torch.tensor([ids])
     grid = torch.tensor(grid_thw, dtype=torch.int64)
     p = config.vision_config.patch_size
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * p * p, generator=generator).to(model.dtype)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": pixels,
-        "image_grid_thw": grid,
-    }
+    return placeholder_prompt(
+        [t * h * w // merge for t, h, w in grid_thw],
+        config.image_token_id,
+        (config.vision_start_token_id, config.vision_end_token_id),
+        text_len=3,
+        pixel_values=pixels,
+        image_grid_thw=grid,
+    )
 
 
 def onevision1_5_image_processor(vision_config: Any) -> Any:
@@ -991,22 +986,15 @@ def minicpmv_pixels(
 def minicpmv_inputs(model: nn.Module, target_sizes: list[tuple[int, int]], *, seed: int = 0) -> dict[str, torch.Tensor]:
     """One prompt: text, per slice ``<start> <image> * (h w / 16) <end>``, text; and the slices."""
     config = model.config
-    ids: list[int] = [3, 4, 5]
-    for h, w in target_sizes:
-        ids += [
-            TINY_SPECIAL_TOKENS["vision_start_token_id"],
-            *[config.image_token_id] * (h * w // 16),
-            TINY_SPECIAL_TOKENS["vision_end_token_id"],
-        ]
-    ids += [10, 11]
-    input_ids = torch.tensor([ids])
     pixels, sizes = minicpmv_pixels(config.vision_config, target_sizes, dtype=model.dtype, seed=seed)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": pixels,
-        "target_sizes": sizes,
-    }
+    return placeholder_prompt(
+        [h * w // 16 for h, w in target_sizes],
+        config.image_token_id,
+        (TINY_SPECIAL_TOKENS["vision_start_token_id"], TINY_SPECIAL_TOKENS["vision_end_token_id"]),
+        text_len=3,
+        pixel_values=pixels,
+        target_sizes=sizes,
+    )
 
 
 def minicpmv_prompt(model: nn.Module, num_images: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -688,17 +688,24 @@ class TinyMiniCPMVProcessor(TinyQwen2VLProcessor):
         return {**encoded, **features}
 
 
+# The transformers version whose MiniCPM-V tower takes slices of different sizes in one call, and
+# why older ones cannot (the family row's ``min_transformers``).
+MINICPMV_MIXED_SLICES = (
+    "5.25",
+    "transformers 5.17's vit_merger reshapes a call's rows as slices of target_sizes[0]'s size, so the "
+    "unpatched tower fails on a call of slices of different sizes",
+)
+
+
 def minicpmv_processor() -> TinyMiniCPMVProcessor:
-    """The tiny MiniCPM-V model's processor (``TinyMiniCPMVProcessor``). Below transformers 5.25 it
-    is unavailable: its slices differ in size, which 5.17's tower cannot take in one call (spec §5.14)."""
+    """The tiny MiniCPM-V model's processor (``TinyMiniCPMVProcessor``). Below transformers
+    ``MINICPMV_MIXED_SLICES``' version it is unavailable: its slices differ in size (spec §5.14)."""
     import transformers
     from packaging.version import Version
 
-    if Version(transformers.__version__) < Version("5.25"):
-        raise ProcessorUnavailable(
-            "MiniCPM-V's processor makes slices of different sizes, which transformers < 5.25's tower "
-            "cannot take in one call (its vit_merger assumes target_sizes[0]'s size for every slice)"
-        )
+    version, why = MINICPMV_MIXED_SLICES
+    if Version(transformers.__version__) < Version(version):
+        raise ProcessorUnavailable(f"MiniCPM-V's processor makes slices of different sizes: {why}")
     return TinyMiniCPMVProcessor()
 
 

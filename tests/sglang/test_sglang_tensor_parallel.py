@@ -29,7 +29,7 @@ pytest.importorskip(
 import ipcv_kernels as ik
 import ipcv_kernels.sglang as iks
 from ipcv_kernels.reference import IPCVPlan
-from ipcv_kernels.sglang.testing import encode_images, encode_on_ranks
+from ipcv_kernels.sglang.testing import FAMILIES, encode_images, encode_on_ranks
 from ipcv_kernels.testing import assert_close, assert_plans_agree
 from ipcv_kernels.vllm.testing import internvl_tiles, qwen_encoder_inputs
 
@@ -67,21 +67,7 @@ def images(model, family_id):
     return pixels, kwargs["image_grid_thw"]
 
 
-@pytest.mark.parametrize(
-    "family_id",
-    [
-        "qwen2_vl",
-        "qwen2_5_vl",
-        "qwen3_vl",
-        "qwen3_5",
-        "glm4v",
-        "internvl_chat",
-        "gemma3",
-        "gemma4",
-        "mistral3",
-        "llama4",
-    ],
-)
+@pytest.mark.parametrize("family_id", FAMILIES)
 def test_two_ranks_plan_alike_and_equal_one_rank(family_id, sglang_process, checkpoint):
     model = sglang_process(family_id, {"ipcv": SETTINGS})
     pixels, layout = images(model, family_id)

@@ -45,6 +45,8 @@ from PIL import Image
 
 import ipcv_kernels as ik
 import ipcv_kernels.vllm as ikv
+from ipcv_kernels.families import FAMILIES as TABLE
+from ipcv_kernels.families import family
 from ipcv_kernels.reference import IPCVPlan
 from ipcv_kernels.testing import assert_close
 from ipcv_kernels.vllm.testing import (
@@ -304,6 +306,14 @@ CASES = {
         tuple(LLAMA4_GRIDS),
     ),
 }
+
+
+def test_every_vllm_adapter_has_a_case():
+    """TP=2 runs once per vLLM adapter class (what shards and plans on each rank), so every row's
+    adapter, a new family's included, has a case."""
+    assert {row.vllm.adapter for row in TABLE if row.vllm is not None} == {
+        family(family_id).vllm.adapter for family_id in CASES
+    }
 
 
 @pytest.fixture(scope="module", params=CASES.values(), ids=CASES.keys())
