@@ -67,7 +67,7 @@ from ..engine import BlockCall, ForwardState, IPCVPatch, read_blocks
 from ..engine.batched import PrenormLayer, prenorm_layer
 from ..models.clip_vit import ClipViTAdapter
 from ..models.gemma4 import Gemma4Adapter, axial_rope
-from ..models.llama4 import Llama4Adapter
+from ..models.llama4 import Llama4Adapter, Rotary, complex_rope
 from ..models.pixtral import PixtralAdapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
@@ -148,7 +148,7 @@ def vision_attention_layer(
     ``qkv_proj`` gives the rank's ``[q | k | v]`` (``q_size``, ``kv_size``, ``kv_size`` wide; the
     rank's ``num_attention_heads_per_partition`` heads of ``head_size``); ``proj`` is row-parallel and
     returns ``(output, bias)``. ``qk_norm(q, k)``, where the tower normalises queries and keys
-    (InternViT), takes and returns them as ``[rows, heads, head_size]``. The softmax scale is the
+    (InternViT) or rotates them (Llama 4), takes and returns them as ``[rows, heads, head_size]``. The softmax scale is the
     attention's ``softmax_scale``, ``head_size ** -0.5`` where it has none.
     """
     heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
@@ -829,10 +829,18 @@ class SGLangLlama4Adapter(VLLMLlama4Adapter):
     # The layer takes the tower's ``freqs_ci`` by keyword, as transformers' does.
     parse_block_call = Llama4Adapter.parse_block_call
 
-    def attention_parts(self, attention: nn.Module) -> tuple[nn.Module, nn.Module, int, int, list[int], float]:
-        """``(qkv_proj, proj, heads of this rank, head size, [q, k, v] widths, softmax scale)`` of
-        SGLang's ``VisionAttention``."""
-        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
-        scale = getattr(attention, "softmax_scale", None) or head_dim**-0.5
-        widths = [attention.q_size, attention.kv_size, attention.kv_size]
-        return attention.qkv_proj, attention.proj, heads, head_dim, widths, scale
+    def layer_parts(
+        self, block: nn.Module, query_rotary: Rotary | None = None, key_rotary: Rotary | None = None
+    ) -> PrenormLayer:
+        """The layer around SGLang's ``VisionAttention`` (``vision_attention_layer``), q and k rotated
+        with ``key_rotary``, the tables of the context rows its fused projection runs on (as
+        ``VLLMLlama4Adapter.layer_parts``)."""
+        if key_rotary is None:
+            raise ValueError("Llama 4 layers need the rotary tables of their rows")
+
+        def rotate(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return complex_rope(q, *key_rotary), complex_rope(k, *key_rotary)
+
+        return vision_attention_layer(
+            block.self_attn, block.input_layernorm, block.post_attention_layernorm, block.mlp, qk_norm=rotate
+        )
