@@ -92,7 +92,9 @@ def test_bench_vllm_runs_every_family_with_its_checks(family, tmp_path):
     """One round on the row's tiny checkpoint (vLLM's processor makes every input, whatever the
     call kind): ratio 0 equals unpatched vLLM, vLLM's IPCV equals transformers' on the same
     weights and image, the tokens per block show the pruning and the FLOP model counts the call."""
-    argv = ["bench-vllm", "--family", family, "--cases", "48x80", "--ratio", "0.5", "--prune-layer", "1"]
+    # Prune layer 2: every tiny tower takes it (MiniCPM-V's merges 2 x 2 after block 0, so IPCV
+    # starts at block 2 there), as in test_vllm_families.py.
+    argv = ["bench-vllm", "--family", family, "--cases", "48x80", "--ratio", "0.5", "--prune-layer", "2"]
     argv += ["--as-layers", "1", "--neighbors", "4", "--repeats", "1", "--warmup", "0"]
     argv += ["--out", str(tmp_path), "--name", "smoke", "--no-progress", "--no-plot"]
     assert main(argv) == 0
