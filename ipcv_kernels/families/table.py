@@ -688,6 +688,17 @@ FAMILIES: tuple[Family, ...] = (
             },
             {"MiniCPMV4_6ForConditionalGeneration": "vpm", "MiniCPMV4_7ForConditionalGeneration": "vpm"},
         ),
+        # SGLang's classes are wrappers (not modules) holding the model of the checkpoint's version
+        # as ``minicpmv`` (``MiniCPMV4_6``, or its subclass ``MiniCPMV4_7``), whose packed tower
+        # (transformers' call) is ``vpm``; either may be handed to IPCV.
+        sglang=SGLangClasses(
+            f"{SGLANG_ADAPTERS}:SGLangMiniCPMVAdapter",
+            {
+                "MiniCPMV4_6ForConditionalGeneration": "minicpmv.vpm",
+                "MiniCPMV4_7ForConditionalGeneration": "minicpmv.vpm",
+                "MiniCPMV4_6": "vpm",
+            },
+        ),
         tiny_tower=TinyTower(
             "minicpmv4_6.modeling_minicpmv4_6",
             "MiniCPMV4_6VisionConfig",

@@ -8,7 +8,9 @@ packed with ``cu_seqlens``; one family per adapter and tower: OneVision,
 PaliGemma and SmolVLM run the same adapters and towers as LLaVA-NeXT, Gemma 3 and Idefics3, and
 each TP=2 engine costs about 30 s of CI) and InternVL in both formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
 gathered across the ranks) and transformers' (vLLM's ``InternS1``: replicated attention, sharded
-MLP).
+MLP), and MiniCPM-V 4.6 (vLLM's Idefics2 layers run from the model's ``get_vision_hidden_states``,
+heads sharded; slices 2 x 2 merged after block 0, so the call's token count is the merged one
+from block 1 on).
 
 vLLM shards the tower's layers across the ranks; the hidden states between blocks are replicated.
 So every rank must plan the same, return the same embeddings, and equal the TP=1 engine's
