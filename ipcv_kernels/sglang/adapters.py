@@ -852,23 +852,7 @@ class SGLangMiniCPMVAdapter(MiniCPMVAdapter):
         (this rank's heads), per slice; returns the kept rows ``[Nk, D]`` of the block's output."""
         if plan.drop.shape[0] == 0:  # nothing dropped: the model's own layer (see MiniCPMVAdapter)
             return super().stabilised_block(block, kept, full, plan, call, config, kept_cu_seqlens)
-        attention = block.self_attn
-        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
-        kv_heads = attention.kv_size // head_dim
-        qkv, _ = attention.qkv_proj(block.layer_norm1(full))  # every row: see the module docstring
-        q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
-        n = full.shape[0]
-        attended = ngr_attention(
-            q.reshape(n, heads, head_dim),
-            k.reshape(n, kv_heads, head_dim),
-            v.reshape(n, kv_heads, head_dim),
-            kept_cu_seqlens,
-            call.cu_seqlens.to(device=full.device, dtype=torch.int32),
-            softmax_scale=getattr(attention, "softmax_scale", None),
-            backend=config.attention_backend,
-            q_rows=plan.keep,
-            skip_check=True,
-        )
-        projected, _ = attention.proj(attended.reshape(kept.shape[0], -1))
-        hidden = kept + projected
-        return hidden + block.mlp(block.layer_norm2(hidden))
+        # ``qkv_proj`` on every row (see the module docstring), the kept rows' queries over them.
+        layer = vision_attention_layer(block.self_attn, block.layer_norm1, block.layer_norm2, block.mlp)
+        segments = call.cu_seqlens.to(device=full.device, dtype=torch.int32)
+        return prenorm_layer(layer, kept, full, plan.keep, kept_cu_seqlens, segments, config.attention_backend)
