@@ -237,6 +237,31 @@ def authors_plan(
     )
 
 
+def without_padding(plan: IPCVPlan, padding: torch.Tensor) -> IPCVPlan:
+    """``plan``, made over rows of which ``padding`` (bool ``[n]``) marks pinned padding rows, as
+    the same plan over the other rows alone, in their order: what a framework that packs those rows
+    without padding plans for the same input (vLLM's MiniCPM-V pads the slices transformers packs).
+
+    Row indices (``keep``, ``drop``) count the real rows only; offsets into ``keep``
+    (``cu_keep``, ``cu_seqlens_kept``) and neighbour positions in ``keep`` count its real rows;
+    ``cu_drop`` is unchanged (padding rows are never dropped).
+    """
+    real = ~padding.to(device=plan.keep.device, dtype=torch.bool)
+    row = real.cumsum(0) - 1  # the real row of every real row
+    kept_real = real[plan.keep]
+    # Real kept rows before each position of ``keep`` (and after its last).
+    before = torch.cat([kept_real.new_zeros(1, dtype=torch.int64), kept_real.cumsum(0)])
+    neighbors = torch.where(plan.neighbors >= 0, before[plan.neighbors.clamp_min(0).long()], plan.neighbors.long())
+    return IPCVPlan(
+        keep=row[plan.keep[kept_real]],
+        drop=row[plan.drop],
+        cu_keep=before[plan.cu_keep.long()].to(plan.cu_keep.dtype),
+        cu_drop=plan.cu_drop,
+        neighbors=neighbors.to(plan.neighbors.dtype),
+        cu_seqlens_kept=before[plan.cu_seqlens_kept.long()].to(plan.cu_seqlens_kept.dtype),
+    )
+
+
 def sequence_segments(num_sequences: int, length: int, device: torch.device) -> torch.Tensor:
     """int32 ``[num_sequences + 1]``: one attention segment of ``length`` rows per sequence."""
     return torch.arange(num_sequences + 1, device=device, dtype=torch.int32) * length

@@ -154,6 +154,11 @@ class FamilyAdapter:
         ``IPCVConfig.check_depth``, when the patch is built; every config by default (MiniCPM-V:
         prune layers at or before its in-tower merge)."""
 
+    @classmethod
+    def check_model_config(cls, model_config: Any, config: IPCVConfig) -> None:
+        """``check_config`` from the model's configuration alone (``config.json``'s, before any
+        model is built: a serving engine's settings check); every config by default."""
+
     def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
         """Items (and segments, where blocks take none) of one ``tower(*args, **kwargs)`` call.
 
@@ -223,6 +228,12 @@ class FamilyAdapter:
             backend=config.ops_backend,
             skip_check=True,
         )
+
+    def reference_plan(self, plan: IPCVPlan, padding: torch.Tensor | None) -> IPCVPlan:
+        """``plan`` (made by ``plan`` with ``padding``) over the rows the family's transformers
+        adapter plans for the same input, for comparisons across frameworks: the same rows by
+        default (vLLM's MiniCPM-V leaves out the padding it adds, ``engine.batched.without_padding``)."""
+        return plan
 
     def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
         kwargs = dict(kwargs)
@@ -353,6 +364,12 @@ class IPCVPatch(InstancePatch):
             return self._block_forward(index, block, inner, hidden_states, args, kwargs)
 
         return forward
+
+    def wrap_tower_call(self, module: nn.Module, name: str) -> None:
+        """Make ``module.<name>`` a tower call (items described, the forward's state bound), as
+        the tower's own ``forward`` is: for models that run the tower's blocks themselves, between
+        modules of their own, without calling the tower (vLLM's MiniCPM-V). Removed with the patch."""
+        self.wrap(module, name, self._make_tower_forward)
 
     @contextlib.contextmanager
     def hinted(self, **hints: Any) -> Iterator[None]:

@@ -236,8 +236,10 @@ def vllm_ipcv_patch(model: nn.Module) -> IPCVPatch | None:
 
 
 def is_sglang_model(model: object) -> bool:
-    """Whether ``model``'s class derives from a class defined by SGLang."""
-    return isinstance(model, nn.Module) and bool(_class_names(model, SGLANG_MODULE))
+    """Whether ``model``'s class derives from a class defined by SGLang. Not necessarily an
+    ``nn.Module``: SGLang's MiniCPM-V classes are plain wrappers that build the model of the
+    checkpoint's version as ``minicpmv`` and hand every attribute on to it."""
+    return bool(_class_names(model, SGLANG_MODULE))
 
 
 def find_sglang_family(model: nn.Module) -> tuple[Family, nn.Module]:

@@ -678,6 +678,27 @@ FAMILIES: tuple[Family, ...] = (
                 "MiniCPMV4_7Model": "",
             },
         ),
+        # vLLM builds its own tower (Idefics2's SigLIP layers as ``vpm``, the merger beside it) and
+        # runs its layers from the model's get_vision_hidden_states, which the adapter wraps.
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMMiniCPMVAdapter",
+            {
+                "MiniCPMV4_6ForConditionalGeneration": "vllm.model_executor.models.minicpmv4_6",
+                "MiniCPMV4_7ForConditionalGeneration": "vllm.model_executor.models.minicpmv4_7",
+            },
+            {"MiniCPMV4_6ForConditionalGeneration": "vpm", "MiniCPMV4_7ForConditionalGeneration": "vpm"},
+        ),
+        # SGLang's classes are wrappers (not modules) holding the model of the checkpoint's version
+        # as ``minicpmv`` (``MiniCPMV4_6``, or its subclass ``MiniCPMV4_7``), whose packed tower
+        # (transformers' call) is ``vpm``; either may be handed to IPCV.
+        sglang=SGLangClasses(
+            f"{SGLANG_ADAPTERS}:SGLangMiniCPMVAdapter",
+            {
+                "MiniCPMV4_6ForConditionalGeneration": "minicpmv.vpm",
+                "MiniCPMV4_7ForConditionalGeneration": "minicpmv.vpm",
+                "MiniCPMV4_6": "vpm",
+            },
+        ),
         tiny_tower=TinyTower(
             "minicpmv4_6.modeling_minicpmv4_6",
             "MiniCPMV4_6VisionConfig",

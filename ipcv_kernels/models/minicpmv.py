@@ -51,6 +51,19 @@ def slice_grids(args: tuple, kwargs: dict[str, Any], merged: bool) -> list[tuple
     return [(int(h), int(w)) for h, w in sizes]
 
 
+def check_prune_layer(insert_layer: int, config: IPCVConfig) -> None:
+    """Refuse (``ValueError`` naming ``prune_layer`` and ``insert_layer_id``) a prune layer before
+    block ``insert_layer + 2``, the first whose input and whose previous block's input both follow
+    the in-tower merge (spec §5.14); a tower without the merge (``insert_layer < 0``) takes any."""
+    first = insert_layer + 2
+    if insert_layer >= 0 and config.prune_layer < first:
+        raise ValueError(
+            f"prune_layer must be >= insert_layer_id + 2 = {first} on a MiniCPM-V tower (got "
+            f"{config.prune_layer}): its vit_merger merges 2 x 2 tokens after block {insert_layer}, "
+            "and IPCV applies only to blocks whose input and whose previous block's input both follow it"
+        )
+
+
 class MiniCPMVAdapter(FamilyAdapter):
     """``MiniCPMV4_6VisionModel`` / ``MiniCPMV4_7VisionModel``; see the module docstring."""
 
@@ -64,13 +77,7 @@ class MiniCPMVAdapter(FamilyAdapter):
 
     def check_config(self, tower: nn.Module, config: IPCVConfig) -> None:
         """Refuse a prune layer at or before the block after the in-tower merge (spec §5.14)."""
-        first = self._insert_layer + 2
-        if self._insert_layer >= 0 and config.prune_layer < first:
-            raise ValueError(
-                f"prune_layer must be >= insert_layer_id + 2 = {first} on a MiniCPM-V tower (got "
-                f"{config.prune_layer}): its vit_merger merges 2 x 2 tokens after block {self._insert_layer}, "
-                "and IPCV applies only to blocks whose input and whose previous block's input both follow it"
-            )
+        check_prune_layer(self._insert_layer, config)
 
     # -- the call ---------------------------------------------------------------------------------
     def _merged(self, args: tuple, kwargs: dict[str, Any]) -> bool:

@@ -63,11 +63,12 @@ import torch
 from torch import nn
 
 from ..config import IPCVConfig
-from ..engine import BlockCall, ForwardState, IPCVPatch, read_blocks
+from ..engine import BlockCall, ForwardState, IPCVPatch, TowerCall, read_blocks
 from ..engine.batched import PrenormLayer, prenorm_layer
 from ..models.clip_vit import ClipViTAdapter
 from ..models.gemma4 import Gemma4Adapter, axial_rope
 from ..models.llama4 import Llama4Adapter, Rotary, complex_rope
+from ..models.minicpmv import MiniCPMVAdapter
 from ..models.pixtral import PixtralAdapter
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
@@ -844,3 +845,108 @@ class SGLangLlama4Adapter(VLLMLlama4Adapter):
         return vision_attention_layer(
             block.self_attn, block.input_layernorm, block.post_attention_layernorm, block.mlp, qk_norm=rotate
         )
+
+
+class SGLangMiniCPMVAdapter(MiniCPMVAdapter):
+    """SGLang's ``MiniCPMV_VisionTransformer`` (``minicpmv_vit.py``): the ``vpm`` of MiniCPM-V 4.6 /
+    4.7 (``MiniCPMV4_6ForConditionalGeneration`` / ``MiniCPMV4_7ForConditionalGeneration``, whose
+    version-dispatching wrapper holds the model as ``minicpmv``; spec §5.14).
+
+    **The call** is transformers' (``ipcv_kernels.models.minicpmv``): ``vpm(pixel_values,
+    patch_attention_mask, target_sizes, use_vit_merger)``, every slice cut to its patches and all
+    of them packed into one sequence ``[1, n, D]``, 2 x 2 merged by ``vit_merger`` after block
+    ``insert_layer_id`` (the later blocks take the merged slices, one segment each). Items: the
+    slices; nothing pinned; ``prune_layer >= insert_layer_id + 2``.
+
+    **Blocks.** SGLang's ``Idefics2EncoderLayer`` called as ``layer(hidden [1, n, D], cu_seqlens=,
+    forward_metadata=)`` with a ``VisionAttention`` ``self_attn`` (``qkv_proj`` / ``proj``): pruned
+    blocks run it on the kept rows with metadata for the kept segments (``kept_metadata``); the
+    attention-stabilisation blocks run ``qkv_proj`` on every row (the rank's ``[q | k | v]``),
+    ``ngr_attention`` with the kept rows as queries over every key of the same slice, ``proj``
+    (row-parallel: all-reduces under tensor parallelism) and the MLP. With nothing dropped the
+    model's own layer runs (ratio 0 equals the unpatched tower). The ViT CUDA graph is refused.
+    """
+
+    name = "sglang_minicpmv"
+    # ``MiniCPMV_VisionTransformer.forward``'s parameters, for calls that pass them by position.
+    CALL_PARAMETERS: tuple[str, ...] = ("pixel_values", "patch_attention_mask", "target_sizes", "use_vit_merger")
+    LAYER_PARTS: tuple[str, ...] = (
+        "layer_norm1",
+        "layer_norm2",
+        "mlp",
+        *(f"self_attn.{name}" for name in ATTENTION_FIELDS),
+    )
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        refuse_cuda_graph(tower)
+        layers = super().blocks(tower)
+        if not len(layers):
+            raise TypeError(f"SGLang's {type(tower).__name__} has no layers (tested with SGLang {TESTED_VERSION})")
+        check_parts(layers[0], self.LAYER_PARTS)
+        return layers
+
+    def _as_keywords(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {**dict(zip(self.CALL_PARAMETERS, args, strict=False)), **kwargs}
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        return super().describe_call(tower, (), self._as_keywords(args, kwargs), hints)
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        return super().token_grid(tower, (), self._as_keywords(args, kwargs), hints)
+
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
+        """``layer(hidden, cu_seqlens=, forward_metadata=)``: the segments from the metadata (the
+        same offsets, on the device and int32) where there is one."""
+        kwargs = dict(kwargs)
+        positional = list(args)
+        cu_seqlens = kwargs.pop("cu_seqlens") if "cu_seqlens" in kwargs else positional.pop(0)
+        metadata = kwargs.get("forward_metadata")
+        if metadata is not None:
+            if getattr(metadata, "packed_indptrs", None) is not None:
+                raise ValueError(
+                    "IPCV does not support SGLang's flashinfer_cudnn vision attention (its metadata holds padded "
+                    "offsets of the full sequence): choose another --mm-attention-backend"
+                )
+            cu_seqlens = metadata.cu_seqlens
+        return BlockCall(cu_seqlens, None, tuple(positional), kwargs)
+
+    def run_block(
+        self,
+        block: nn.Module,
+        forward: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        call: BlockCall,
+        config: IPCVConfig,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """SGLang's layer on packed rows ``[N, D]`` (given to it as ``[1, N, D]``) with segments
+        ``cu_seqlens``; returns ``[N, D]``. Rows other than the tower's get metadata of their own."""
+        kwargs = dict(call.kwargs)
+        metadata = kwargs.get("forward_metadata")
+        if metadata is not None and cu_seqlens is not call.cu_seqlens:
+            kwargs["forward_metadata"] = kept_metadata(metadata, cu_seqlens, max_seqlen)
+        out = forward(hidden.unsqueeze(0), *call.args, cu_seqlens=cu_seqlens.to(torch.int32), **kwargs)
+        return out.reshape(-1, hidden.shape[-1])
+
+    def stabilised_block(
+        self,
+        block: nn.Module,
+        kept: torch.Tensor,
+        full: torch.Tensor,
+        plan: IPCVPlan,
+        call: BlockCall,
+        config: IPCVConfig,
+        kept_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queries of the kept rows ``[Nk, D]``, keys / values of every row of ``full`` ``[n, D]``
+        (this rank's heads), per slice; returns the kept rows ``[Nk, D]`` of the block's output."""
+        if plan.drop.shape[0] == 0:  # nothing dropped: the model's own layer (see MiniCPMVAdapter)
+            return super().stabilised_block(block, kept, full, plan, call, config, kept_cu_seqlens)
+        # ``qkv_proj`` on every row (see the module docstring), the kept rows' queries over them.
+        layer = vision_attention_layer(block.self_attn, block.layer_norm1, block.layer_norm2, block.mlp)
+        segments = call.cu_seqlens.to(device=full.device, dtype=torch.int32)
+        return prenorm_layer(layer, kept, full, plan.keep, kept_cu_seqlens, segments, config.attention_backend)

@@ -61,12 +61,14 @@ def build_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     check_int("seed", seed, low=0)
-    if family in ("internvl_chat", "gemma3", "gemma4", "mistral3", "llama4"):  # SGLang reads these as vLLM does
+    if family in ("internvl_chat", "gemma3", "gemma4", "mistral3", "llama4", "minicpmv"):  # read as vLLM does
         if vision or text or max_pixels is not None:
             raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
         path = build_vllm_checkpoint(path, family, seed=seed)
         if family == "llama4":
             return _with_weight_index(path)
+        if family == "minicpmv":
+            return _full_attention_decoder(path)
         return _sglang_gemma3(path) if family == "gemma3" else path
     if text is not None and not isinstance(text, Mapping):
         raise TypeError(f"text must be a mapping of config fields, got {type(text).__name__}")
@@ -77,10 +79,17 @@ def build_checkpoint(
     config = json.loads(config_file.read_text())
     vision = config["vision_config"]
     vision.setdefault("in_chans", vision.get("in_channels", 3))
-    if family == "qwen3_5":
-        # SGLang lays out Qwen3.5's decoder from ``full_attention_interval`` (every layer is full
-        # attention in this checkpoint, see the vLLM one); transformers reads ``layer_types``.
-        config["text_config"]["full_attention_interval"] = 1
+    config_file.write_text(json.dumps(config, indent=2))
+    return _full_attention_decoder(path) if family == "qwen3_5" else path
+
+
+def _full_attention_decoder(path: Path) -> Path:
+    """Qwen3.5's decoder (Qwen3.5, MiniCPM-V 4.6) as SGLang lays it out: from
+    ``full_attention_interval`` (every layer full attention in these checkpoints, see the vLLM
+    ones), where transformers reads ``layer_types``."""
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["text_config"]["full_attention_interval"] = 1
     config_file.write_text(json.dumps(config, indent=2))
     return path
 
@@ -141,6 +150,7 @@ def init_process(
     check_int("rank", rank, low=0, high=tp_size)
     check_int("port", port, low=1024, high=65536)
     import sglang.srt.layers.rotary_embedding.base as rotary
+    import sglang.srt.models.minicpmv as minicpmv
     from sglang.srt.distributed import parallel_state
     from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish, reset_context
     from sglang.srt.server_args import ServerArgs
@@ -148,6 +158,9 @@ def init_process(
     # Without CUDA and without SGLang's CPU engine the text model's rotary embedding would import
     # vLLM's custom ops; SGLang's CPU path is plain PyTorch.
     rotary._is_cpu = True
+    # SGLang's MiniCPM-V 4.6 / 4.7 moves its merger to ``get_device()``, which raises without an
+    # accelerator (SGLang's CPU engine aside): on this CPU setup, the CPU.
+    minicpmv.get_device = lambda device_id=None: "cpu"
     # This process's own world: a spawned rank inherits its parent's variables, and SGLang may
     # build groups from them.
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -215,7 +228,10 @@ def encode_images(model: nn.Module, pixels: torch.Tensor, layout: Any, *, video:
     its tiles (Gemma 3: crops) of ``pixels`` ``[tiles, 3, H, W]``, the level where SGLang knows the items; the
     features ``[tiles, T, D]`` are returned as ``[tiles * T, D]``. Mistral 3: ``get_image_feature``
     of one item holding the zero-padded images ``pixels`` ``[B, 3, H, W]`` and their sizes
-    ``layout`` ``[B, 2]`` (one tower call), the projected features ``[tokens, D]``.
+    ``layout`` ``[B, 2]`` (one tower call), the projected features ``[tokens, D]``. MiniCPM-V:
+    ``get_image_feature`` of one item per slice (as SGLang's processor makes them) of the packed
+    slices ``pixels`` ``[1, C, p, n p]`` with their ``target_sizes`` ``layout`` ``[S, 2]`` (one tower
+    call), the projected features ``[tokens, D]``.
     """
     from types import SimpleNamespace
 
@@ -227,6 +243,13 @@ def encode_images(model: nn.Module, pixels: torch.Tensor, layout: Any, *, video:
     if type(model).__name__ == "Mistral3ForConditionalGeneration":  # one item of images [B, 3, H, W], sizes
         item = SimpleNamespace(feature=pixels, image_sizes=[tuple(int(v) for v in size) for size in layout])
         return model.get_image_feature([item])
+    if type(model).__name__.startswith("MiniCPMV"):  # packed slices [1, C, p, n p], target_sizes [S, 2]
+        widths = (layout.prod(-1) * pixels.shape[2]).tolist()
+        items = [
+            SimpleNamespace(feature=[piece], tgt_size=[size], model_specific_data={}, format=None)
+            for piece, size in zip(pixels[0].split(widths, dim=-1), layout, strict=True)
+        ]
+        return model.get_image_feature(items)
 
     counts = [int(count) for count in layout]
     items = [SimpleNamespace(feature=tiles) for tiles in pixels.split(counts)]

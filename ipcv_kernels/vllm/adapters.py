@@ -44,11 +44,12 @@ from torch import nn
 
 from ..config import IPCVConfig
 from ..engine import BlockCall, FamilyAdapter, ForwardState, IPCVPatch, TowerCall
-from ..engine.batched import PrenormLayer, TiledTowerAdapter
+from ..engine.batched import PrenormLayer, TiledTowerAdapter, sequence_segments, without_padding
 from ..models.clip_vit import ClipViTAdapter
 from ..models.gemma4 import Gemma4Adapter
 from ..models.idefics3 import Idefics3Adapter
 from ..models.llama4 import Llama4Adapter, Rotary, complex_rope, tuple_output
+from ..models.minicpmv import check_prune_layer, slice_grids
 from ..ops import ngr_attention
 from ..reference import IPCVPlan
 from ..selectors import merge_unit_grid, token_grid
@@ -1020,3 +1021,100 @@ class VLLMLlama4Adapter(Llama4Adapter):
             widths,
             attention.scaling,
         )
+
+
+class VLLMMiniCPMVAdapter(VLLMIdefics3Adapter):
+    """vLLM's MiniCPM-V 4.6 / 4.7 (``MiniCPMV4_6ForConditionalGeneration``,
+    ``MiniCPMV4_7ForConditionalGeneration``, which derives from it; spec §5.14).
+
+    **The tower vLLM builds.** Not transformers' packed ``MiniCPMV4_6VisionModel``: an
+    ``Idefics2VisionTransformer`` (``vpm``, SigLIP layers with a fused ``qkv_proj``, padding keys
+    masked: ``apply_encoder_attention_mask=True``), the window merger ``vit_merger`` and the
+    ``merger`` beside it on the model. The model never calls the tower:
+    ``get_vision_hidden_states(data, downsample_mode)`` embeds the slices as a padded batch
+    ``[S, L, D]`` (one slice per row, ``L`` its longest slice), runs layers ``0 .. I``
+    (``insert_layer_id``), ``vit_merger`` (each slice 2 x 2 merged, padded again to ``[S, L', D]``),
+    the later layers, ``post_layernorm`` and ``merger``. That method is therefore the tower call
+    (``IPCVPatch.wrap_tower_call``); a direct call of ``vpm`` is refused.
+
+    **Items, padding.** Each slice (each ``tgt_sizes`` row) is one item, as in transformers; the
+    rows past a slice's ``(h / 2)(w / 2)`` tokens (``h w`` in ``"4x"`` mode) are padding, pinned
+    and never keys (``VLLMIdefics3Adapter``'s handling), so the plan over a slice's real rows is
+    the one transformers makes over its packed rows (``reference_plan`` leaves the padding out, for
+    comparisons with transformers). Blocks from ``P`` on run the functional
+    SigLIP layer on packed kept rows; the last one restores ``[S, L', D]`` for ``post_layernorm``
+    and the merger, which read each slice's real rows only.
+
+    **Where IPCV applies:** from block ``I + 2`` on (``check_config``; also from the model
+    configuration alone, ``check_model_config``, when vLLM validates its settings). Under tensor
+    parallelism (``qkv_proj`` / ``out_proj`` / ``fc2`` sharded) every rank plans the same; with
+    ``mm_encoder_tp_mode="data"`` the layers are replicated and each rank encodes every slice of
+    its call (the model does not shard slices), so it needs no refusal.
+    """
+
+    name = "vllm_minicpmv"
+    TOWER_PARTS: tuple[str, ...] = ("embeddings", "encoder.layers", "post_layernorm")
+    MODEL_PARTS: tuple[str, ...] = ("vpm", "vit_merger", "merger", "get_vision_hidden_states", "config.insert_layer_id")
+
+    @classmethod
+    def check_model_config(cls, model_config: Any, config: IPCVConfig) -> None:
+        """``prune_layer >= insert_layer_id + 2`` from ``MiniCPMV4_6Config`` / ``MiniCPMV4_7Config``."""
+        check_prune_layer(int(model_config.insert_layer_id), config)
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        model = self.model
+        if model is None or getattr(model, "vpm", None) is not tower:
+            raise TypeError(
+                "vLLM's MiniCPM-V tower is patched through its model (whose get_vision_hidden_states runs "
+                "the tower's layers): apply IPCV to the MiniCPMV4_6ForConditionalGeneration, not to its vpm"
+            )
+        missing = missing_parts(tower, self.TOWER_PARTS) + missing_parts(model, self.MODEL_PARTS)
+        layers = tower.encoder.layers if not missing else None
+        if layers:
+            missing += missing_parts(layers[0], self.LAYER_PARTS)
+        require(tower, missing, self.name)
+        self.has_cls = False
+        self._insert_layer = int(model.config.insert_layer_id)
+        self._downsample_mode = getattr(model.config, "downsample_mode", "16x")
+        self._padding_is_key = not getattr(tower, "apply_encoder_attention_mask", False)
+        return layers
+
+    def check_config(self, tower: nn.Module, config: IPCVConfig) -> None:
+        check_prune_layer(self._insert_layer, config)
+
+    def install_hooks(self, patch: IPCVPatch) -> None:
+        patch.wrap_tower_call(self.model, "get_vision_hidden_states")
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        """Items: the slices, ``L'`` rows each as the blocks from ``P`` on see them (one segment
+        per slice), the rows past each slice's tokens padding."""
+        data = kwargs["data"] if "data" in kwargs else (args[0] if args else None)
+        try:  # vLLM's MiniCPMVImagePixelInputs (a TensorSchema, read by key)
+            target_sizes = data["tgt_sizes"]
+        except (TypeError, KeyError, IndexError, AttributeError):
+            target_sizes = None
+        if not isinstance(target_sizes, torch.Tensor):
+            raise ValueError(
+                "vLLM's MiniCPM-V tower takes IPCV inside get_vision_hidden_states(data, downsample_mode); "
+                "a direct call of its vpm is not supported"
+            )
+        mode = kwargs["downsample_mode"] if "downsample_mode" in kwargs else (args[1] if len(args) > 1 else None)
+        merged = (mode or self._downsample_mode) != "4x" and self._insert_layer >= 0
+        counts = [rows * cols for rows, cols in slice_grids((), {"target_sizes": target_sizes}, merged)]
+        length = max(counts)
+        device = target_sizes.device
+        padding = torch.arange(length, device=device)[None, :] >= torch.tensor(counts, device=device)[:, None]
+        segments = sequence_segments(len(counts), length, device)
+        padded = padding.reshape(-1) if bool(padding.any()) else None
+        return TowerCall([length] * len(counts), segments, padding=padded)
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Unknown: the padded layout has rows off every slice's grid (a selector that needs the
+        grid, such as ``"uniform"``, refuses)."""
+        return None
+
+    def reference_plan(self, plan: IPCVPlan, padding: torch.Tensor | None) -> IPCVPlan:
+        """The plan over transformers' packed slices: the padding rows vLLM adds left out."""
+        return plan if padding is None else without_padding(plan, padding)

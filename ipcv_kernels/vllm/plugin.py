@@ -80,14 +80,17 @@ def check_settings(vllm_config: Any) -> IPCVConfig | None:
 
     Checks what needs no model: the ``ipcv`` value is a mapping, the architecture is one IPCV
     supports in vLLM, every field is an ``IPCVConfig`` field of the right type and range (missing
-    ones take the family's recommended setting), the selector is registered, and the engine
-    settings allow IPCV (``check_engine_settings``). ``prune_layer`` against the tower's depth is
-    checked when the model is built. Returns the setting, or ``None`` without an ``ipcv`` key.
+    ones take the family's recommended setting), the selector is registered, the model's
+    configuration allows the setting (the adapter's ``check_model_config``: MiniCPM-V's prune layer
+    after its in-tower merge) and the engine settings allow IPCV (``check_engine_settings``).
+    ``prune_layer`` against the tower's depth is checked when the model is built. Returns the
+    setting, or ``None`` without an ``ipcv`` key.
 
     Raises:
         TypeError: ``ipcv`` not a mapping, an unknown field or a field of the wrong type.
-        ValueError: an unsupported architecture, a field out of range, an unknown selector, or
-            engine settings IPCV cannot work with. Each message names the field or setting.
+        ValueError: an unsupported architecture, a field out of range, an unknown selector, a
+            setting the model's configuration rules out, or engine settings IPCV cannot work with.
+            Each message names the field or setting.
     """
     hf_config = vllm_config.model_config.hf_config
     settings = getattr(hf_config, CONFIG_KEY, None)
@@ -106,6 +109,7 @@ def check_settings(vllm_config: Any) -> IPCVConfig | None:
     try:
         config = IPCVConfig(**{**family.recommended, **settings})
         get_selector(config.selection)
+        family.vllm.adapter_class().check_model_config(hf_config, config)
     except (TypeError, ValueError) as error:
         raise type(error)(f"{where}: {error}") from None
     check_engine_settings(vllm_config)

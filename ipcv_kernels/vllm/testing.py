@@ -28,6 +28,7 @@ from ..testing.models import (
     TINY_TEXT,
     TINY_VISION,
     internvl_tiles,
+    minicpmv_pixels,
     sample_pixels,
 )
 from ..testing.processors import (
@@ -156,6 +157,38 @@ CHECKPOINTS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
 }
 
 
+# MiniCPM-V 4.6: the family table's tiny model (its tower merges 2 x 2 after block 0, so IPCV
+# applies from block 2 on) with Qwen3.5's full-attention decoder of head size 32 (``QWEN3_5_TEXT``:
+# vLLM 0.32's CPU Gated DeltaNet kernel takes bf16 only); its tokens at the ids 120 .. 127, named
+# on the tokenizer as transformers' MiniCPMV4_6Processor reads them.
+MINICPMV_TOKENS = {
+    "<|image_pad|>": TINY_SPECIAL_TOKENS["image_token_id"],
+    "<|video_pad|>": TINY_SPECIAL_TOKENS["video_token_id"],
+    "<image>": 122,
+    "</image>": 123,
+    "<slice>": 124,
+    "</slice>": 125,
+    "<image_id>": 126,
+    "</image_id>": 127,
+}
+MINICPMV_NAMED_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "image_start_token": "<image>",
+    "image_end_token": "</image>",
+    "slice_start_token": "<slice>",
+    "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>",
+    "image_id_end_token": "</image_id>",
+}
+# The tiny image processor: 16-pixel source slices (8 x 8 patches of 2, 4 tokens) and no crops (at
+# most 1 slice), so that a request's image is one unpadded slice and the tower's first block sees
+# exactly its patches (bench-vllm's check); images of several slices, of different sizes, are
+# given to the encoder directly by the tests (``minicpmv_encoder_inputs``).
+MINICPMV_SCALE_RESOLUTION, MINICPMV_MAX_SLICES = 16, 1
+MINICPMV_CHECKPOINT_SCALE_RESOLUTION = 448
+
+
 # InternVL: vLLM's CPU attention needs a decoder head size of 32.
 INTERNVL_TEXT_OVERRIDES = {
     key: VLLM_TEXT[key]
@@ -201,7 +234,7 @@ LLAMA4_TEXT_OVERRIDES = {
     "initializer_range": 0.1,
 }
 LLAMA4_MAX_TILES = 4
-FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS, "gemma4", "llama4")
+FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS, "gemma4", "llama4", "minicpmv")
 
 
 @dataclass(frozen=True)
@@ -230,7 +263,8 @@ def size_to_tower(family: str, config: Any, processor: Any, use: ModelUse | None
     centre crop; Idefics3's images to at most ``4 S`` on the longer side, split into ``S``
     sub-images; Gemma 4's budget of ``default_output_length`` soft tokens; Pixtral's longer side to
     at most ``S``, in units of 2 x 2 merged patches; InternVL's ``S`` tiles (at most
-    ``INTERNVL_MAX_TILES`` and a thumbnail).
+    ``INTERNVL_MAX_TILES`` and a thumbnail); MiniCPM-V's slicing (448-pixel source slices, up to 9
+    crops, in the tower's patches).
 
     Raises:
         ValueError: ``family`` is not one of ``SIZED_FAMILIES``'s non-Qwen families.
@@ -287,6 +321,15 @@ def size_to_tower(family: str, config: Any, processor: Any, use: ModelUse | None
             patch_size=patch, pooling_kernel_size=vision.pooling_kernel_size, max_soft_tokens=budget
         )
         processor.image_seq_length = budget
+    elif family == "minicpmv":
+        from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+        from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
+
+        # The checkpoint's slicing (openbmb/MiniCPM-V-4.6's preprocessor): 448-pixel source
+        # slices, up to 9 crops; the tower's image size is its position table's, not a slice's.
+        slicing = dict(patch_size=patch, scale_resolution=MINICPMV_CHECKPOINT_SCALE_RESOLUTION)
+        processor.image_processor = MiniCPMV4_6ImageProcessorPil(**slicing, max_slice_nums=9)
+        processor.video_processor = MiniCPMV4_6VideoProcessor(**slicing)
     elif family == "internvl":
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
@@ -319,6 +362,7 @@ SIZED_FAMILIES = (
     "mistral3",
     "gemma4",
     "llama4",
+    "minicpmv",
 )
 
 
@@ -390,6 +434,8 @@ def build_checkpoint(
             return _build_gemma4(path, seed, sizing)
         if family == "llama4":
             return _build_llama4(path, seed, sizing)
+        if family == "minicpmv":
+            return _build_minicpmv(path, seed, sizing)
         return _build_internvl(path, seed, sizing) if family == "internvl" else _build_internvl_chat(path, seed)
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -607,6 +653,51 @@ def _build_llama4(path: Path, seed: int, sizing: Sizing) -> Path:
     return path
 
 
+def _build_minicpmv(path: Path, seed: int, sizing: Sizing) -> Path:
+    """The family table's tiny MiniCPM-V 4.6 (``QWEN3_5_TEXT``'s decoder, its own output layer) and
+    transformers' own ``MiniCPMV4_6Processor`` as vLLM loads it: the tiny image processor
+    (``MINICPMV_SCALE_RESOLUTION``, ``MINICPMV_MAX_SLICES``), a video processor of the same patch
+    size (the processor requires one; the tests send images), a tokenizer with the named tokens of
+    ``MINICPMV_NAMED_TOKENS``. With ``sizing``'s vision fields the tower takes them (its
+    ``insert_layer_id`` too: the model config's, which the tower config follows) and the processor
+    is sized to it (``size_to_tower``). vLLM maps transformers' weight names itself."""
+    import transformers
+    from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+    from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
+
+    from ..families import family as family_row
+    from ..testing.models import finish, jitter
+
+    tiny = family_row("minicpmv").tiny_model
+    fields = tiny.fields({**QWEN3_5_TEXT, **sizing.text})
+    fields["vision_config"] = {**fields["vision_config"], **sizing.vision}
+    fields["insert_layer_id"] = fields["vision_config"].get("insert_layer_id", fields["insert_layer_id"])
+    config = transformers.MiniCPMV4_6Config(**fields)
+    config.architectures = [tiny.model_class]
+    # Untied output layer: tied, a tiny decoder tends to repeat the prompt whatever the image.
+    config.tie_word_embeddings = False
+    config.get_text_config().tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = transformers.MiniCPMV4_6ForConditionalGeneration(config)
+    jitter(model, seed)
+    finish(model, "sdpa", torch.float32).save_pretrained(path)
+    patch = config.vision_config.patch_size
+    processor = transformers.MiniCPMV4_6Processor(
+        image_processor=MiniCPMV4_6ImageProcessorPil(
+            patch_size=patch, scale_resolution=MINICPMV_SCALE_RESOLUTION, max_slice_nums=MINICPMV_MAX_SLICES
+        ),
+        video_processor=MiniCPMV4_6VideoProcessor(
+            patch_size=patch, scale_resolution=MINICPMV_SCALE_RESOLUTION, max_slice_nums=MINICPMV_MAX_SLICES
+        ),
+        tokenizer=build_tokenizer(MINICPMV_TOKENS, MINICPMV_NAMED_TOKENS),
+        chat_template=QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"),
+    )
+    if sizing.vision:
+        processor = size_to_tower("minicpmv", config, processor, sizing.use)
+    processor.save_pretrained(path)
+    return path
+
+
 def _tiny_internvl(seed: int, sizing: Sizing | None = None, processor: Any = None) -> Any:
     """The tiny ``InternVLForConditionalGeneration`` both InternVL checkpoints save (``sizing``: its
     tower's and decoder's fields changed, the config's tokens per tile and ``processor`` sized to
@@ -772,6 +863,30 @@ def internvl_encoder_inputs(
         }
         kwargs["image_token_id"] = torch.tensor(INTERNVL_IMAGE_TOKEN)
     return kwargs, tiles
+
+
+def minicpmv_encoder_inputs(
+    vision_config: Any, images: list[list[tuple[int, int]]], *, seed: int = 0
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """``(kwargs, pixels, target_sizes)``: what vLLM's MiniCPM-V model takes in
+    ``embed_multimodal(**kwargs)`` for random slices, ``images`` a list of each image's slices
+    ``(rows, columns)`` in patches (each image's slices padded to its longest, ``[slices, C, p,
+    L]``, and their ``tgt_sizes``); and the same slices as transformers takes them, packed
+    ``[1, C, p, n p]`` with ``target_sizes`` int32 ``[S, 2]``
+    (``ipcv_kernels.testing.models.minicpmv_pixels``)."""
+    sizes = [size for image in images for size in image]
+    pixels, target_sizes = minicpmv_pixels(vision_config, sizes, seed=seed)
+    columns = (target_sizes.prod(-1) * vision_config.patch_size).tolist()
+    slices = iter(pixels[0].split(columns, dim=-1))
+    per_image = []
+    for image in images:
+        own = [next(slices) for _ in image]
+        padded = torch.zeros(len(own), *own[0].shape[:2], max(s.shape[-1] for s in own))
+        for target, source in zip(padded, own, strict=True):
+            target[..., : source.shape[-1]] = source
+        per_image.append(padded)
+    kwargs = {"pixel_values": per_image, "tgt_sizes": [torch.tensor(image) for image in images]}
+    return kwargs, pixels, target_sizes
 
 
 def shutdown_engine(llm: Any) -> None:

@@ -45,7 +45,7 @@ import ipcv_kernels as ik
 import ipcv_kernels.sglang as iks
 from ipcv_kernels.families import FAMILIES as TABLE
 from ipcv_kernels.families import find_sglang_family
-from ipcv_kernels.families.table import INTERNVL_RECOMMENDED
+from ipcv_kernels.families.table import INTERNVL_RECOMMENDED, MINICPMV_RECOMMENDED
 from ipcv_kernels.sglang.testing import encode_images
 from ipcv_kernels.testing import (
     TOLERANCE_FACTOR,
@@ -105,6 +105,9 @@ class Family:
     # Whether SGLang's blocks attend with ``cu_seqlens`` and ``VisionAttentionMetadata`` (else
     # with a mask: Gemma 4's dense padding mask, Mistral 3's block-diagonal one).
     metadata: bool = True
+    # The blocks before a merge inside the tower (MiniCPM-V: block 0), whose rows the call's
+    # ``tokens`` (the rows from the merge on) does not count.
+    unmerged_blocks: int = 0
 
 
 # -- Qwen ----------------------------------------------------------------------------------------
@@ -283,6 +286,38 @@ def llama4_features(hf_model, call):
     return hf_model.multi_modal_projector(features.reshape(-1, features.shape[-1]))
 
 
+# -- MiniCPM-V 4.6 ----------------------------------------------------------------------------------
+# Slices (rows, columns) of 2-pixel patches, multiples of 4 (two 2 x 2 merges), packed into one
+# sequence as transformers and SGLang take them; the tower merges 2 x 2 after block 0, so the
+# call's tokens are the merged rows of blocks 1 on.
+MINICPMV_SLICES = {
+    "one_image": [(8, 12), (8, 8), (8, 8)],
+    "images_of_different_sizes": [(8, 12), (8, 8), (4, 8), (12, 8), (4, 4)],
+}
+
+
+def minicpmv_call(model, name, seed):
+    from ipcv_kernels.testing.models import minicpmv_pixels
+
+    sizes = MINICPMV_SLICES[name]
+    pixels, target_sizes = minicpmv_pixels(model.config.vision_config, sizes, seed=seed)
+    return Call(pixels, target_sizes, target_sizes, False, sum((h // 2) * (w // 2) for h, w in sizes))
+
+
+def minicpmv_split(call):
+    p = call.pixels.shape[2]
+    widths = (call.layout.prod(-1) * p).tolist()
+    return [
+        Call(pixels, size[None], size[None], False, int(size[0] // 2) * int(size[1] // 2))
+        for pixels, size in zip(call.pixels.split(widths, dim=-1), call.layout, strict=True)
+    ]
+
+
+def minicpmv_features(hf_model, call):
+    """transformers' projected features of every slice, concatenated."""
+    return torch.cat(hf_model.model.get_image_features(call.pixels.to(hf_model.dtype), call.layout).pooler_output)
+
+
 def qwen(name, prefix, reference=qwen_merger, **extra):
     return Family(
         name, f"{prefix}ForConditionalGeneration", None, qwen_call, qwen_split, reference, qwen_attention, **extra
@@ -348,6 +383,21 @@ FAMILIES = {
         transformers_calls=tuple(LLAMA4_TILES),
         calls=tuple(LLAMA4_TILES),
         metadata=False,
+    ),
+    # Slices packed with cu_seqlens (transformers' call), 2 x 2 merged inside the tower after block 0.
+    "minicpmv": Family(
+        "MiniCPM-V 4.6 / 4.7",
+        "MiniCPMV4_6ForConditionalGeneration",
+        None,
+        minicpmv_call,
+        minicpmv_split,
+        minicpmv_features,
+        qwen_attention,
+        attention_path="self_attn",
+        recommended=MINICPMV_RECOMMENDED,
+        transformers_calls=tuple(MINICPMV_SLICES),
+        calls=tuple(MINICPMV_SLICES),
+        unmerged_blocks=1,
     ),
 }
 
@@ -470,7 +520,7 @@ def test_ratio_zero_equals_unpatched(model, family_id, name):
     expected, _, _ = encode(model, call, None)
     got, tokens, _ = encode(model, call, ik.IPCVConfig(**{**SETTINGS, "ratio": 0.0}))
     assert_close(got, expected)
-    assert set(tokens) == {call.tokens}
+    assert set(tokens[FAMILIES[family_id].unmerged_blocks :]) == {call.tokens}
 
 
 @pytest.mark.parametrize("scope", ["image", "authors"])
@@ -491,7 +541,8 @@ def test_tower_equals_transformers(model, family_id, hf_models, name, as_layers,
     expected64, _ = transformers_run(family, hf64, config, call, pinned=plan)
     assert got.shape == expected64.shape
     assert_close_to_reference(got, expected64, expected32)
-    assert tokens[: config.prune_layer] == [call.tokens] * config.prune_layer
+    unmerged = family.unmerged_blocks
+    assert tokens[unmerged : config.prune_layer] == [call.tokens] * (config.prune_layer - unmerged)
     assert all(count < call.tokens for count in tokens[config.prune_layer :])
 
 

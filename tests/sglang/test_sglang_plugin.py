@@ -85,6 +85,14 @@ def test_bad_settings_are_refused_at_start_naming_the_field(sglang_process, ipcv
         sglang_process("qwen2_vl", {"ipcv": ipcv})
 
 
+def test_a_minicpmv_prune_layer_before_its_merge_is_refused_at_start(sglang_process):
+    """MiniCPM-V merges 2 x 2 tokens inside its tower after block ``insert_layer_id`` (0 in the tiny
+    checkpoint): a prune layer before ``insert_layer_id + 2`` is refused when SGLang builds the model,
+    naming the field (spec §5.14)."""
+    with pytest.raises(ValueError, match=r"prune_layer must be >= insert_layer_id \+ 2 = 2 "):
+        sglang_process("minicpmv", {"ipcv": {"prune_layer": 1}})
+
+
 def test_cuda_graphed_vision_encoder_is_refused_at_start(sglang_process, monkeypatch):
     monkeypatch.setenv("SGLANG_VIT_ENABLE_CUDA_GRAPH", "1")
     with pytest.raises(ValueError, match="SGLANG_VIT_ENABLE_CUDA_GRAPH"):

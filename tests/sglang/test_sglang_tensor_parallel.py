@@ -6,7 +6,8 @@ plugin through its entry point and building the model through SGLang's loader
 (``ipcv_kernels.sglang.testing.encode_on_ranks``). Against the in-process ``tensor_parallel_size=1``
 model of the same checkpoint, for every family with an SGLang entry (InternVL: 4 vision heads, 2
 per rank, its QK norm gathering every head; Gemma 3: one crop, SigLIP's 4 heads, 2 per rank; Gemma 4:
-4 heads, 2 per rank, padded images; Llama 4: 4 heads, 2 per rank, tiles of three images):
+4 heads, 2 per rank, padded images; Llama 4: 4 heads, 2 per rank, tiles of three images; MiniCPM-V: 4
+heads, 2 per rank, slices 2 x 2 merged inside the tower):
 
 - both ranks' plans (``keep``, ``drop``, neighbours, kept segments) are bit-identical, as are
   their token counts per block and their outputs, and each rank holds half the heads;
@@ -41,6 +42,7 @@ _ports = itertools.count(29641, 7)
 
 
 PIXTRAL_SIZES = [(16, 24), (24, 16), (32, 32)]  # Mistral 3: images at their own size
+MINICPMV_SLICES = [(8, 12), (8, 8), (4, 8)]  # MiniCPM-V: slices in patches, multiples of 4
 
 
 def images(model, family_id):
@@ -55,6 +57,10 @@ def images(model, family_id):
         from ipcv_kernels.testing.models import gemma4_patches
 
         return gemma4_patches([(6, 8), (10, 6), (8, 8)], 64, seed=7)
+    if family_id == "minicpmv":  # slices of different sizes packed into one sequence, their target sizes
+        from ipcv_kernels.testing.models import minicpmv_pixels
+
+        return minicpmv_pixels(model.config.vision_config, MINICPMV_SLICES, seed=7)
     if family_id == "mistral3":  # zero-padded to one batch, with their sizes
         generator = torch.Generator().manual_seed(7)
         pixels = torch.zeros(len(PIXTRAL_SIZES), 3, 32, 32)

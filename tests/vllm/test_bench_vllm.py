@@ -92,7 +92,9 @@ def test_bench_vllm_runs_every_family_with_its_checks(family, tmp_path):
     """One round on the row's tiny checkpoint (vLLM's processor makes every input, whatever the
     call kind): ratio 0 equals unpatched vLLM, vLLM's IPCV equals transformers' on the same
     weights and image, the tokens per block show the pruning and the FLOP model counts the call."""
-    argv = ["bench-vllm", "--family", family, "--cases", "48x80", "--ratio", "0.5", "--prune-layer", "1"]
+    # Prune layer 2: every tiny tower takes it (MiniCPM-V's merges 2 x 2 after block 0, so IPCV
+    # starts at block 2 there), as in test_vllm_families.py.
+    argv = ["bench-vllm", "--family", family, "--cases", "48x80", "--ratio", "0.5", "--prune-layer", "2"]
     argv += ["--as-layers", "1", "--neighbors", "4", "--repeats", "1", "--warmup", "0"]
     argv += ["--out", str(tmp_path), "--name", "smoke", "--no-progress", "--no-plot"]
     assert main(argv) == 0
@@ -192,14 +194,18 @@ KIND_PRESETS = {
     "idefics3-8b-d8": "364x364",
     "gemma4-e2b-d8": "336x448",
     "mistral-small-3.1-24b-d8": "224x280",
+    "minicpm-v-4.6-d12": "448x448",  # one 448-pixel source slice, no crops
 }
+# Where a preset refuses prune layer 1: MiniCPM-V prunes after its in-tower merge (insert_layer_id 6).
+FIRST_PRUNE_LAYER = {"minicpm-v-4.6-d12": 8}
 
 
 @pytest.mark.parametrize("preset", list(KIND_PRESETS))
 def test_bench_vllm_runs_a_preset_of_every_call_kind(preset, tmp_path, monkeypatch):
     monkeypatch.setattr(timing, "target_from_args", lambda args: reduced(target_from_args(args)))
     argv = ["bench-vllm", "--preset", preset, "--cases", KIND_PRESETS[preset], "--ratio", "0.5"]
-    argv += ["--prune-layer", "1", "--as-layers", "1", "--neighbors", "4", "--repeats", "1", "--warmup", "0"]
+    argv += ["--prune-layer", str(FIRST_PRUNE_LAYER.get(preset, 1)), "--as-layers", "1", "--neighbors", "4"]
+    argv += ["--repeats", "1", "--warmup", "0"]
     argv += ["--out", str(tmp_path), "--name", "smoke", "--no-progress", "--no-plot"]
     assert main(argv) == 0
     payload = json.loads((tmp_path / "smoke.json").read_text())

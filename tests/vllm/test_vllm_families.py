@@ -62,6 +62,7 @@ import ipcv_kernels as ik
 import ipcv_kernels.vllm as ikv
 from ipcv_kernels.families import FAMILIES as TABLE
 from ipcv_kernels.families import find_vllm_family
+from ipcv_kernels.families.table import MINICPMV_RECOMMENDED
 from ipcv_kernels.testing import (
     TOLERANCE_FACTOR,
     assert_close,
@@ -73,6 +74,7 @@ from ipcv_kernels.vllm.testing import (
     ENGINE,
     INTERNVL_TILE,
     internvl_encoder_inputs,
+    minicpmv_encoder_inputs,
     qwen_encoder_inputs,
     shutdown_engine,
 )
@@ -109,7 +111,10 @@ class Family:
     prompt with one image placeholder; image_sizes: the images ``generate`` gets. recommended:
     the family's recommended setting (``IPCVConfig`` fields besides its defaults). calls: the
     ``CALLS`` the family's vLLM model takes (LLaVA 1.5 and the other image-only families take no
-    video).
+    video). unmerged_blocks: the blocks before a merge inside the tower (MiniCPM-V: block 0), whose
+    rows ``Call.tokens`` (the rows from the merge on) does not count. For MiniCPM-V ``tower`` is
+    its ``merger``, the module called once per encoder call (vLLM runs the tower's layers from the
+    model itself).
     """
 
     name: str
@@ -126,6 +131,7 @@ class Family:
     engine: dict[str, Any] = field(default_factory=dict)
     recommended: dict[str, Any] = field(default_factory=dict)
     calls: tuple[str, ...] = CALLS
+    unmerged_blocks: int = 0
 
 
 # -- Qwen ----------------------------------------------------------------------------------------
@@ -367,6 +373,29 @@ def llama4_features(hf_model, tiles, counts):
     return hf_model.multi_modal_projector(features.reshape(-1, features.shape[-1]))
 
 
+# MiniCPM-V 4.6: images of slices (rows, columns) of 2-pixel patches, multiples of 4 (two 2 x 2
+# merges). vLLM takes each image's slices padded to its longest ([slices, 3, 2, L]) and encodes the
+# call's slices as a padded batch, 2 x 2 merged after block 0 ([S, L', D], its padding rows
+# pinned); transformers packs every slice into one sequence ([1, 3, 2, n 2]).
+MINICPMV_SLICES = {
+    "one_image": [[(8, 12), (8, 8), (8, 8)]],
+    "images_of_different_sizes": [[(8, 12), (8, 8), (8, 8)], [(4, 8)], [(12, 8), (4, 4)]],
+}
+
+
+def minicpmv_call(hf_model, name, seed):
+    images = MINICPMV_SLICES[name]
+    kwargs, pixels, target_sizes = minicpmv_encoder_inputs(hf_model.config.vision_config, images, seed=seed)
+    sizes = [size for image in images for size in image]
+    merged = max((h // 2) * (w // 2) for h, w in sizes)  # rows per slice of the blocks after the merge
+    return Call(kwargs, pixels, target_sizes, len(sizes) * merged)
+
+
+def minicpmv_features(hf_model, pixels, target_sizes):
+    """transformers' projected features of every slice, concatenated."""
+    return torch.cat(hf_model.model.get_image_features(pixels, target_sizes).pooler_output)
+
+
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
 QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
 INTERNVL_IMAGES = [
@@ -496,6 +525,22 @@ FAMILIES = {
         LLAMA4_IMAGES,
         calls=tuple(LLAMA4_GRIDS),
     ),
+    # vLLM's own MiniCPM-V tower (Idefics2's SigLIP layers, the merger beside them), run from the
+    # model's get_vision_hidden_states: each slice one item, the merged slices padded (pinned).
+    "minicpmv": Family(
+        "MiniCPM-V 4.6 / 4.7",
+        "minicpmv",
+        "minicpmv",
+        "MiniCPMV4_6ForConditionalGeneration",
+        "merger",
+        minicpmv_call,
+        minicpmv_features,
+        "w5 w6 <|image_pad|> w7 w8",
+        CLIP_IMAGES,
+        recommended=MINICPMV_RECOMMENDED,
+        calls=tuple(MINICPMV_SLICES),
+        unmerged_blocks=1,
+    ),
 }
 
 
@@ -528,12 +573,13 @@ def hf_models(family, checkpoint):
 
 def record_plans(patch, pinned=None):
     """From now on ``patch``'s adapter keeps ``(x_before, x_after, plan)`` of its latest forward as
-    ``recorded``; with ``pinned`` it returns that plan instead of planning."""
+    ``recorded``, the plan over transformers' rows (``reference_plan``: vLLM's MiniCPM-V leaves out
+    the padding rows it adds); with ``pinned`` it returns that plan instead of planning."""
     adapter, plan_of = patch.adapter, patch.adapter.plan
 
-    def plan(x_before, x_after, *args, **kwargs):
-        result = plan_of(x_before, x_after, *args, **kwargs) if pinned is None else pinned
-        adapter.recorded = (x_before, x_after, result)
+    def plan(x_before, x_after, cu_items, cu_seqlens, config, padding=None, scores=None):
+        result = plan_of(x_before, x_after, cu_items, cu_seqlens, config, padding, scores) if pinned is None else pinned
+        adapter.recorded = (x_before, x_after, adapter.reference_plan(result, padding))
         return result
 
     adapter.plan = plan
@@ -634,7 +680,8 @@ def test_vision_embeddings_equal_transformers(llm, family, hf_models, as_layers,
             expected64, _ = transformers_run(family, hf64, config, pixels, call.layout, pinned=plan)
             assert got.shape == expected64.shape
             assert_close_to_reference(got, expected64, expected32)
-            assert tokens[: config.prune_layer] == [call.tokens] * config.prune_layer
+            unmerged = family.unmerged_blocks
+            assert tokens[unmerged : config.prune_layer] == [call.tokens] * (config.prune_layer - unmerged)
             assert all(count < call.tokens for count in tokens[config.prune_layer :])
 
 

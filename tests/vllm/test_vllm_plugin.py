@@ -143,6 +143,17 @@ def test_invalid_ipcv_dict_fails_when_the_engine_config_is_built(checkpoint):
     assert raised.traceback[-1].name == "check_settings"
 
 
+def test_a_minicpmv_prune_layer_before_its_merge_fails_when_the_engine_config_is_built(checkpoint):
+    """MiniCPM-V merges 2 x 2 tokens inside its tower after block ``insert_layer_id`` (0 in the tiny
+    checkpoint): a prune layer before ``insert_layer_id + 2`` is refused from the model's
+    configuration in the caller's process, before any engine starts, naming the field (spec §5.14;
+    the model build refuses it too, ``check_config``)."""
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=r"^hf_overrides\['ipcv'\]: prune_layer must be >= insert_layer_id \+ 2 = 2 "):
+        LLM(model=checkpoint("minicpmv"), hf_overrides={"ipcv": {"prune_layer": 1}}, **ENGINE)
+
+
 def fake_engine_config(ipcv, architectures=("Qwen2VLForConditionalGeneration",), **compilation):
     return SimpleNamespace(
         model_config=SimpleNamespace(hf_config=SimpleNamespace(ipcv=ipcv, architectures=list(architectures))),

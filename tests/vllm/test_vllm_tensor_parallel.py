@@ -9,7 +9,9 @@ packed with ``cu_seqlens``; one family per adapter and tower: OneVision,
 PaliGemma and SmolVLM run the same adapters and towers as LLaVA-NeXT, Gemma 3 and Idefics3, and
 each TP=2 engine costs about 30 s of CI) and InternVL in both formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
 gathered across the ranks) and transformers' (vLLM's ``InternS1``: replicated attention, sharded
-MLP).
+MLP), and MiniCPM-V 4.6 (vLLM's Idefics2 layers run from the model's ``get_vision_hidden_states``,
+heads sharded; slices 2 x 2 merged after block 0, so the call's token count is the merged one
+from block 1 on).
 
 vLLM shards the tower's layers across the ranks; the hidden states between blocks are replicated.
 So every rank must plan the same, return the same embeddings, and equal the TP=1 engine's
@@ -53,6 +55,7 @@ from ipcv_kernels.vllm.testing import (
     ENGINE,
     INTERNVL_TILE,
     internvl_encoder_inputs,
+    minicpmv_encoder_inputs,
     qwen_encoder_inputs,
     shutdown_engine,
 )
@@ -72,7 +75,8 @@ class Case:
     ``CALLS`` the family takes (LLaVA 1.5 takes no video). ``replicated``: vLLM keeps the whole
     tower on every rank (Gemma 4: transformers' tower with vLLM's ``ReplicatedLinear`` layers), so
     ``shard`` gives the full width on each rank; the checks of equal plans and embeddings hold
-    all the same."""
+    all the same. ``unmerged_blocks``: the blocks before a merge inside the tower (MiniCPM-V: block
+    0), whose rows the call's token count (the rows from the merge on) does not count."""
 
     checkpoint: str
     engine: dict[str, Any]
@@ -82,6 +86,7 @@ class Case:
     shard: Callable[[torch.nn.Module], int]
     calls: tuple[str, ...] = CALLS
     replicated: bool = False
+    unmerged_blocks: int = 0
 
 
 QWEN_GRIDS = {
@@ -210,6 +215,23 @@ def _interns1_mlp_width(model: torch.nn.Module) -> int:
     return model.vision_tower.encoder.layer[0].mlp.fc1.output_size_per_partition
 
 
+MINICPMV_SLICES = {"one_image": [[(8, 12), (8, 8)]], "images_of_different_sizes": [[(8, 12), (8, 8)], [(4, 8)]]}
+
+
+def _minicpmv_inputs(engine, call):
+    """MiniCPM-V: each image's slices (2-pixel patches); the call's rows after the tower's 2 x 2
+    merge, the merged slices padded to the longest."""
+    images = MINICPMV_SLICES[call]
+    vision = engine.llm_engine.model_config.hf_config.vision_config
+    kwargs, _, _ = minicpmv_encoder_inputs(vision, images, seed=next(_fresh))
+    sizes = [size for image in images for size in image]
+    return kwargs, len(sizes) * max((h // 2) * (w // 2) for h, w in sizes)
+
+
+def _minicpmv_heads(model: torch.nn.Module) -> int:
+    return model.vpm.encoder.layers[0].self_attn.num_heads_per_partition
+
+
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
 QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
 INTERNVL_IMAGES = [
@@ -304,6 +326,18 @@ CASES = {
         _llama4_inputs,
         _llama4_heads,
         tuple(LLAMA4_GRIDS),
+    ),
+    # vLLM's own tower (Idefics2's layers, heads sharded) run from get_vision_hidden_states, 2 x 2
+    # merged after block 0.
+    "minicpmv": Case(
+        "minicpmv",
+        {},
+        "w5 w6 <|image_pad|> w7 w8",
+        [(40, 56), (32, 32), (64, 24)],
+        _minicpmv_inputs,
+        _minicpmv_heads,
+        tuple(MINICPMV_SLICES),
+        unmerged_blocks=1,
     ),
 }
 
@@ -422,7 +456,8 @@ def check_call(engines, case, call):
         assert tokens0 == tokens1
         assert all(torch.equal(a, b) for a, b in zip(plan0, plan1, strict=True))
         assert torch.equal(ranks[0], ranks[1])
-        assert tokens0[: SETTINGS["prune_layer"]] == [total] * SETTINGS["prune_layer"]
+        prune_layer, unmerged = SETTINGS["prune_layer"], case.unmerged_blocks
+        assert tokens0[unmerged:prune_layer] == [total] * (prune_layer - unmerged)
         assert all(count < total for count in tokens0[SETTINGS["prune_layer"] :])
 
         single.apply_model(functools.partial(_pin_plan, plan=plan0))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ...reference import IPCVPlan
-from ..calls import Case, GridCalls, ImageCalls, PatchCalls, SubImageCalls, TowerCalls, tower_calls
+from ..calls import Case, GridCalls, ImageCalls, PatchCalls, SliceCalls, SubImageCalls, TowerCalls, tower_calls
 from ..towers import model_use
 
 
@@ -56,6 +56,9 @@ class Reference:
         self.calls: TowerCalls = tower_calls(tower, model_use(checkpoint))
         self.dtype, self.device = dtype, device
         self.features_of = self.model.get_image_features
+        if not named_parameters(self.features_of):
+            # A full model that forwards (*args, **kwargs) to its base model (MiniCPM-V): the base's.
+            self.features_of = self.model.model.get_image_features
         self.accepted = set(inspect.signature(self.features_of).parameters)
 
     def to(self, device: torch.device) -> None:
@@ -84,6 +87,8 @@ class Reference:
     def case(self, name: str, image: Any) -> Case:
         """The tower call of one image of the case's size, as its processor makes it."""
         processed = self.process(image)
+        if isinstance(self.calls, SliceCalls):  # every slice of the image (its source, its crops), in patches
+            return Case(name, "image", tuple((1, int(h), int(w)) for h, w in processed["target_sizes"].tolist()))
         if isinstance(self.calls, ImageCalls):  # one image at its own (processed) size, in patches
             patch = self.calls.config.patch_size
             ((height, width),) = processed["image_sizes"].tolist()
@@ -157,6 +162,12 @@ class Reference:
         return own, plans[0], on_plan
 
 
+def named_parameters(function: Callable[..., Any]) -> set[str]:
+    """The parameters of ``function`` that take a name (not ``*args`` / ``**kwargs``)."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {name for name, p in inspect.signature(function).parameters.items() if p.kind not in variadic}
+
+
 def concatenated(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """Features of one call as rows ``[rows, D]``: a tensor ``[..., D]`` or a sequence of
     per-image tensors, concatenated in order."""
@@ -166,11 +177,14 @@ def concatenated(features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tenso
 
 def recording_plans(adapter: Any, plans: list[IPCVPlan]) -> Callable[..., IPCVPlan]:
     """A stand-in for ``adapter.plan`` (set on the adapter instance of one patch, deleted after
-    use) that appends each plan it makes to ``plans``."""
+    use) that appends each plan it makes to ``plans``, as a plan over transformers' rows
+    (``FamilyAdapter.reference_plan``: vLLM's MiniCPM-V leaves out the padding rows it adds)."""
     planner = adapter.plan
 
     def plan(*args: Any, **kwargs: Any) -> IPCVPlan:
-        plans.append(planner(*args, **kwargs))
-        return plans[-1]
+        made = planner(*args, **kwargs)
+        padding = kwargs["padding"] if "padding" in kwargs else (args[5] if len(args) > 5 else None)
+        plans.append(adapter.reference_plan(made, padding))
+        return made
 
     return plan
