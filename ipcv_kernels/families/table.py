@@ -536,6 +536,9 @@ FAMILIES: tuple[Family, ...] = (
             {"KimiK25ForConditionalGeneration": "vllm.model_executor.models.kimi_k25"},
             {"KimiK25ForConditionalGeneration": "vision_tower"},
         ),
+        sglang=SGLangClasses(
+            f"{SGLANG_ADAPTERS}:SGLangKimiK25Adapter", {"KimiK25ForConditionalGeneration": "vision_tower"}
+        ),
         tiny_tower=TinyTower(
             "kimi_k25.modeling_kimi_k25", "Kimi_K25VisionConfig", "Kimi_K25VisionModel", tiny.KIMI_K25_VISION
         ),

@@ -699,6 +699,7 @@ def _build_kimi_k25(path: Path, seed: int, sizing: Sizing, max_pixels: int) -> P
     saved["architectures"] = ["KimiK25ForConditionalGeneration"]
     saved["torch_dtype"] = "float32"
     saved["media_placeholder_token_id"] = config.image_token_id
+    saved["text_config"]["architectures"] = ["DeepseekV3ForCausalLM"]  # as the Hub's (SGLang reads it)
     vision = saved["vision_config"]
     # The Hub's vision fields besides transformers' (SGLang's own config class reads these).
     vision.update({f"init_pos_emb_{side}": vision[f"pos_emb_{side}"] for side in ("height", "width", "time")})
