@@ -39,9 +39,9 @@ FAMILIES = (
     "kimi_k25",
 )
 # Models built encoder-only (SGLang's ``--encoder-only``: the vision tower and projector, no decoder),
-# by architecture: SGLang 0.5.23's DeepSeek-V3 decoder (Kimi-K2.5's) cannot build on the CPU (its CPU
-# rotary embedding takes ``deepseek_yarn`` scaling only, and its MLA attention needs a GPU backend);
-# IPCV only touches the tower.
+# by architecture: SGLang 0.5.23's DeepSeek-V3 decoder (Kimi-K2.5's) does not build on the CPU for the
+# tiny checkpoint (its CPU rotary embedding takes ``deepseek_yarn`` scaling only: "Only deepseek_yarn is
+# supported for CPU for now"; further than that it was not tried). IPCV only touches the tower.
 ENCODER_ONLY = ("KimiK25ForConditionalGeneration",)
 # SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
 # (the text config's, through transformers' config); transformers' vision norms use 1e-6.
