@@ -211,7 +211,9 @@ def start_engine(
     from vllm import LLM
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
-    from ...vllm.testing import ENGINE, engine_settings, image_modality
+    from ...vllm.testing import ENGINE, allow_in_process_engines_after_numba, engine_settings, image_modality
+
+    allow_in_process_engines_after_numba()  # an in-process engine whose processor imports numba
 
     max_model_len = max(max_model_len, ENGINE["max_model_len"])
     # The row's engine settings (ENGINE and what the family needs besides, ENGINE_OPTIONS), then these.
