@@ -21,8 +21,10 @@ to ``vision_feature_layer``, CLS dropped after the encoder), LLaVA-NeXT (anyres 
 image one item; vLLM's padded stack: its padding crops are items of their own), LLaVA-OneVision
 (SigLIP anyres crops, a video's frames one item), Gemma 3 and PaliGemma (SigLIP, layers returning
 pairs), Idefics3 and SmolVLM (sub-images of each image one item from vLLM's ``num_patches``,
-padding patches pinned; the tower path ``model.vision_model``). transformers gets the same
-pixels (vLLM 0.32 does not normalise these on the device).
+padding patches pinned; the tower path ``model.vision_model``). Kimi-K2.5 (vLLM's MoonViT: fused
+``wqkv``, interleaved complex rotary, a clip of 4 frames one item; its engine options, media
+modality and Hub-layout checkpoint from ``ipcv_kernels.vllm.testing``). transformers gets the same
+pixels (vLLM 0.32 does not normalise these on the device; Kimi-K2.5's engine turns it off).
 
 Plans are compared up to near-ties (``assert_plans_agree``), embeddings on vLLM's plan.
 Tolerance: blocks before ``P`` run vLLM's own layers (its attention and RMSNorm round differently

@@ -4,7 +4,9 @@ processes, ``distributed_executor_backend="mp"``) against the same checkpoint at
 Gemma 3, Idefics3 (vLLM's CLIP / SigLIP / Idefics2 towers: fused ``qkv_proj`` sharded by
 heads, row-parallel ``out_proj`` and ``fc2``), Gemma 4 (whose tower vLLM replicates on every rank) and
 Mistral 3 (vLLM's Pixtral: fused ``qkv_proj`` sharded by heads, row-parallel ``o_proj``, images
-packed with ``cu_seqlens``; one family per adapter and tower: OneVision,
+packed with ``cu_seqlens``), Kimi-K2.5 (vLLM's MoonViT: fused ``wqkv`` sharded by heads, row-parallel
+``wo``; its decoder's tokens are not compared across TP sizes, see ``Case.decoder_matches_tp1``; one
+family per adapter and tower: OneVision,
 PaliGemma and SmolVLM run the same adapters and towers as LLaVA-NeXT, Gemma 3 and Idefics3, and
 each TP=2 engine costs about 30 s of CI) and InternVL in both formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
 gathered across the ranks) and transformers' (vLLM's ``InternS1``: replicated attention, sharded
