@@ -188,9 +188,10 @@ CLIP_FAMILY_CHECKPOINTS: dict[str, dict[str, Any]] = {
 NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
 # Kimi-K2.5: the family table's tiny model with a decoder vLLM's CPU MLA kernels take (they fix the
 # latent cache at kv_lora_rank 512 + qk_rope_head_dim 64 = 576 wide) and dense layers only (vLLM 0.32
-# has no CPU MoE backend for fp32: "No Unquantized MoE backend supports the deployment configuration"), its media tokens at the ids of
-# the tiny model's special tokens (vLLM looks <|media_pad|> up by name), and what vLLM's own image
-# processor (``KimiK25FusedVisionProcessor``) reads from ``processor_config.json``.
+# has no CPU MoE backend for fp32: "No Unquantized MoE backend supports the deployment
+# configuration"), its media tokens at the ids of the tiny model's special tokens (vLLM looks
+# <|media_pad|> up by name), and what vLLM's own image processor (``KimiK25FusedVisionProcessor``)
+# reads from ``processor_config.json``.
 KIMI_K25_TEXT = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "first_k_dense_replace": 2}
 KIMI_K25_TOKENS = {
     "<|media_pad|>": TINY_SPECIAL_TOKENS["image_token_id"],
