@@ -526,6 +526,15 @@ FAMILIES: tuple[Family, ...] = (
         flops.kimi_k25_flops,
         # The decoder is DeepSeek-V3's (MLA attention, MoE): FastV / DART are refused there (spec §5.10).
         hf=_hf(KimiK25Adapter, "Kimi_K25", "vision_tower", ("Kimi_K25VisionModel",), llm_refusal=KIMI_K25_LLM_REFUSAL),
+        # vLLM builds a tower of its own (MoonViT: fused wqkv, interleaved complex rotary) at vision_tower.
+        vllm=VLLMClasses(
+            f"{VLLM_ADAPTERS}:VLLMKimiK25Adapter",
+            {"KimiK25ForConditionalGeneration": "vllm.model_executor.models.kimi_k25"},
+            {"KimiK25ForConditionalGeneration": "vision_tower"},
+        ),
+        sglang=SGLangClasses(
+            f"{SGLANG_ADAPTERS}:SGLangKimiK25Adapter", {"KimiK25ForConditionalGeneration": "vision_tower"}
+        ),
         tiny_tower=TinyTower(
             "kimi_k25.modeling_kimi_k25", "Kimi_K25VisionConfig", "Kimi_K25VisionModel", tiny.KIMI_K25_VISION
         ),

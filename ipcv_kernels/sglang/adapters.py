@@ -75,9 +75,12 @@ from ..reference import IPCVPlan
 from ..vllm.adapters import (
     VLLMGlm4vAdapter,
     VLLMInternVLChatAdapter,
+    VLLMKimiK25Adapter,
     VLLMLlama4Adapter,
     VLLMQwen2VLAdapter,
     VLLMQwen3VLAdapter,
+    full_width_rotary,
+    interleaved_to_halves,
 )
 
 CUDA_GRAPH_VARIABLE = "SGLANG_VIT_ENABLE_CUDA_GRAPH"
@@ -950,3 +953,140 @@ class SGLangMiniCPMVAdapter(MiniCPMVAdapter):
         layer = vision_attention_layer(block.self_attn, block.layer_norm1, block.layer_norm2, block.mlp)
         segments = call.cu_seqlens.to(device=full.device, dtype=torch.int32)
         return prenorm_layer(layer, kept, full, plan.keep, kept_cu_seqlens, segments, config.attention_backend)
+
+
+class SGLangKimiK25Adapter(VLLMKimiK25Adapter):
+    """SGLang's ``MoonViT3dPretrainedModel`` (``kimi_k25.py``): the ``vision_tower`` of
+    ``KimiK25ForConditionalGeneration`` (Kimi-K2.5), vLLM's MoonViT call and items
+    (``VLLMKimiK25Adapter``: ``tower(pixel_values [n, 3, p, p], grid_thws)``, the ``grid_thws``
+    rows as items, patches row-major) with SGLang's blocks.
+
+    **Blocks.** ``x = x + attn(norm0(x)); x = x + mlp(norm1(x))`` on packed rows, called as ``blk(x, cu_seqlens, max_seqlen, rope_freqs_cis=, forward_metadata=,
+    sequence_lengths=)``; ``attn`` is SGLang's ``VisionAttention`` (``qkv_proj``: the rank's
+    ``[q | k | v]``; ``proj``: row-parallel) with the interleaved complex rotary (``apply_rope``).
+    The rotary table is complex ``[n, Dh / 2]``, or, on CUDA in 16-bit, prepared for SGLang's
+    in-place kernel (``prepare_fused_qk_complex_rope_inplace``: ``(cat(real, imag) [n, Dh],
+    positions)``); either way the engine gathers its real and imaginary parts, and a block run on
+    other rows gets the table in the tower's form again. Pruned blocks get ``max_seqlen``,
+    ``sequence_lengths`` and ``VisionAttentionMetadata`` of the kept segments; ``flashinfer_cudnn``
+    metadata is refused, as the CUDA-graphed encoder is. The stabilisation blocks as vLLM's
+    adapter's, on SGLang's ``qkv_proj`` / ``proj``.
+    """
+
+    name = "sglang_kimi_k25"
+    BLOCK_PARTS: tuple[str, ...] = ("norm0", "norm1", "mlp", "attn")
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        refuse_cuda_graph(tower)
+        blocks = _follow(tower, "encoder.blocks")
+        missing = [] if isinstance(blocks, nn.ModuleList) and len(blocks) else ["encoder.blocks"]
+        if not missing:
+            missing += [name for name in self.BLOCK_PARTS if not hasattr(blocks[0], name)]
+        if not missing:
+            missing += [f"attn.{name}" for name in ATTENTION_FIELDS if not hasattr(blocks[0].attn, name)]
+        if missing:
+            raise TypeError(
+                f"SGLang's {type(tower).__name__} lacks {', '.join(missing)}: this SGLang version is not supported "
+                f"by IPCV's adapter (tested with SGLang {TESTED_VERSION})"
+            )
+        return blocks
+
+    def pack(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def unpack(self, packed: torch.Tensor, layout: torch.Size) -> torch.Tensor:
+        return packed.view(layout)
+
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
+        kwargs = dict(kwargs)
+        positional = list(args)
+        cu_seqlens = kwargs.pop("cu_seqlens") if "cu_seqlens" in kwargs else positional.pop(0)
+        max_seqlen = kwargs.pop("max_seqlen") if "max_seqlen" in kwargs else positional.pop(0)
+        rope = kwargs.pop("rope_freqs_cis") if "rope_freqs_cis" in kwargs else positional.pop(0)
+        metadata = kwargs.get("forward_metadata")
+        if metadata is not None and getattr(metadata, "packed_indptrs", None) is not None:
+            raise ValueError(
+                "IPCV does not support SGLang's flashinfer_cudnn vision attention (its metadata holds padded "
+                "offsets of the full sequence): choose another --mm-attention-backend"
+            )
+        if isinstance(rope, tuple):  # prepared for the in-place kernel: a (cos | sin) cache and positions
+            cache, positions = rope
+            half = cache.shape[-1] // 2
+            rows = cache[positions]
+            rotary = (rows[:, :half], rows[:, half:])
+        else:
+            rotary = (rope.real, rope.imag)
+        # The tower's own forms stay in the call: run_block gives other rows theirs.
+        kwargs.update(max_seqlen=max_seqlen, rope_freqs_cis=rope)
+        return BlockCall(cu_seqlens.to(torch.int32), rotary, tuple(positional), kwargs)
+
+    def run_block(
+        self,
+        block: nn.Module,
+        forward: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        call: BlockCall,
+        config: IPCVConfig,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """SGLang's block on packed rows ``[N, D]`` with segments ``cu_seqlens``; rows other than
+        the tower's get their rotary rows in the tower's form and metadata of their own."""
+        kwargs = dict(call.kwargs)
+        if cu_seqlens is not call.cu_seqlens:
+            cu_seqlens = cu_seqlens.to(torch.int32)
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            longest = max_seqlen if max_seqlen is not None else int(lengths.max()) if lengths.numel() else 0
+            kwargs["max_seqlen"] = longest
+            if kwargs.get("sequence_lengths") is not None:
+                kwargs["sequence_lengths"] = lengths
+            metadata = kwargs.get("forward_metadata")
+            if metadata is not None:
+                kwargs["forward_metadata"] = kept_metadata(metadata, cu_seqlens, longest)
+            real, imag = position_embeddings
+            table = torch.complex(real.float(), imag.float())
+            if isinstance(kwargs["rope_freqs_cis"], tuple):
+                from sglang.kernels.ops.attention.vision_rope import prepare_fused_qk_complex_rope_inplace
+
+                kwargs["rope_freqs_cis"] = prepare_fused_qk_complex_rope_inplace(table)
+            else:
+                kwargs["rope_freqs_cis"] = table
+        out = forward(hidden, cu_seqlens, kwargs.pop("max_seqlen"), *call.args, **kwargs)
+        return out.reshape(-1, out.shape[-1])
+
+    def stabilised_block(
+        self,
+        block: nn.Module,
+        kept: torch.Tensor,
+        full: torch.Tensor,
+        plan: IPCVPlan,
+        call: BlockCall,
+        config: IPCVConfig,
+        kept_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queries of the kept rows ``[Nk, D]``, keys / values of every row of ``full`` ``[n, D]``
+        (this rank's heads); returns the kept rows ``[Nk, D]`` of the block's output."""
+        attention = block.attn
+        heads, head_dim = attention.num_attention_heads_per_partition, attention.head_size
+        kv_heads = attention.kv_size // head_dim
+        qkv, _ = attention.qkv_proj(block.norm0(full))  # every row: see the module docstring
+        q, k, v = qkv.split([attention.q_size, attention.kv_size, attention.kv_size], dim=-1)
+        n = full.shape[0]
+        order = interleaved_to_halves(head_dim, full.device)
+        real, imag = call.position_embeddings
+        attended = ngr_attention(
+            q.reshape(n, heads, head_dim)[..., order],
+            k.reshape(n, kv_heads, head_dim)[..., order],
+            v.reshape(n, kv_heads, head_dim),
+            kept_cu_seqlens,
+            call.cu_seqlens,
+            softmax_scale=getattr(attention, "softmax_scale", None),
+            backend=config.attention_backend,
+            rotary=full_width_rotary(real, imag),
+            q_rows=plan.keep,
+            skip_check=True,
+        )
+        projected, _ = attention.proj(attended.reshape(kept.shape[0], -1))
+        hidden = kept + projected
+        return hidden + block.mlp(block.norm1(hidden))

@@ -28,6 +28,11 @@ from ..families import FAMILIES as TABLE
 
 # The families ``build_checkpoint`` saves: every row of the family table with an SGLang entry.
 FAMILIES = tuple(row.id for row in TABLE if row.sglang is not None)
+# Models built encoder-only (SGLang's ``--encoder-only``: the vision tower and projector, no decoder),
+# by architecture: SGLang 0.5.23's DeepSeek-V3 decoder (Kimi-K2.5's) does not build on the CPU for the
+# tiny checkpoint (its CPU rotary embedding takes ``deepseek_yarn`` scaling only: "Only deepseek_yarn is
+# supported for CPU for now"; further than that it was not tried). IPCV only touches the tower.
+ENCODER_ONLY = ("KimiK25ForConditionalGeneration",)
 # SGLang's Qwen vision norms take their epsilon from the model config's top-level ``rms_norm_eps``
 # (the text config's, through transformers' config); transformers' vision norms use 1e-6.
 VISION_EPS = 1e-6
@@ -61,7 +66,7 @@ def build_checkpoint(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     check_int("seed", seed, low=0)
-    if family in ("internvl_chat", "gemma3", "gemma4", "mistral3", "llama4", "minicpmv"):  # read as vLLM does
+    if family in ("internvl_chat", "gemma3", "gemma4", "mistral3", "llama4", "minicpmv", "kimi_k25"):  # as vLLM
         if vision or text or max_pixels is not None:
             raise ValueError(f"vision, text and max_pixels apply to the Qwen families only, not to {family}")
         path = build_vllm_checkpoint(path, family, seed=seed)
@@ -202,7 +207,8 @@ def shutdown_process() -> None:
 def load_model(path: str | Path, *, overrides: Mapping[str, Any] | None = None, dtype: str = "float32") -> nn.Module:
     """The model of the checkpoint at ``path``, built and loaded on the CPU by SGLang's loader path
     (``get_model`` → ``DefaultModelLoader.load_model`` → ``_initialize_model`` → ``load_weights``),
-    with ``overrides`` as ``--json-model-override-args`` (e.g. ``{"ipcv": {"ratio": 0.5}}``)."""
+    with ``overrides`` as ``--json-model-override-args`` (e.g. ``{"ipcv": {"ratio": 0.5}}``);
+    encoder-only for the architectures of ``ENCODER_ONLY``."""
     from sglang.srt.configs.device_config import DeviceConfig
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
@@ -210,7 +216,13 @@ def load_model(path: str | Path, *, overrides: Mapping[str, Any] | None = None, 
 
     if overrides is not None and not isinstance(overrides, Mapping):
         raise TypeError(f"overrides must be a mapping, got {type(overrides).__name__}")
-    model_config = ModelConfig(model_path=str(path), model_override_args=json.dumps(dict(overrides or {})), dtype=dtype)
+    (architecture,) = json.loads((Path(path) / "config.json").read_text())["architectures"]
+    model_config = ModelConfig(
+        model_path=str(path),
+        model_override_args=json.dumps(dict(overrides or {})),
+        dtype=dtype,
+        encoder_only=architecture in ENCODER_ONLY,
+    )
     return get_model(
         model_config=model_config, load_config=LoadConfig(load_format="auto"), device_config=DeviceConfig("cpu")
     )
@@ -240,6 +252,9 @@ def encode_images(model: nn.Module, pixels: torch.Tensor, layout: Any, *, video:
     if hasattr(getattr(model, "vision_tower", None), "pooler"):  # Gemma 4: layout = patch positions
         pooled, valid = model.vision_tower(pixels, layout)
         return pooled[valid]
+    if type(model).__name__ == "KimiK25ForConditionalGeneration":  # one item: patches [n, 3, p, p], grid_thws
+        item = SimpleNamespace(feature=pixels, model_specific_data={"grid_thws": layout})
+        return model.get_image_feature([item])
     if type(model).__name__ == "Mistral3ForConditionalGeneration":  # one item of images [B, 3, H, W], sizes
         item = SimpleNamespace(feature=pixels, image_sizes=[tuple(int(v) for v in size) for size in layout])
         return model.get_image_feature([item])

@@ -285,6 +285,156 @@ class VLLMGlm4vAdapter(VLLMQwen2VLAdapter):
         return [(int(h) * int(w), (int(h), int(w))) for t, h, w in rows for _ in range(int(t))]
 
 
+def interleaved_to_halves(head_dim: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[Dh]``: the head features ``0, 2, 4, ..`` then ``1, 3, 5, ..``.
+
+    An interleaved ("complex") rotary turns the pairs ``(x[2i], x[2i + 1])`` by angle ``i``; on
+    the features in this order it is the ``rotate_half`` rotary with tables ``cat([cos, cos])``,
+    ``cat([sin, sin])``. Attention scores ``q . k`` do not change when q and k take the same order,
+    so ``ngr_attention`` runs on q and k reordered so (values keep theirs)."""
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)]).to(device)
+
+
+class VLLMKimiK25Adapter(FamilyAdapter):
+    """vLLM's ``MoonViT3dPretrainedModel`` (``kimi_k25_vit.py``): the ``vision_tower`` of
+    ``KimiK25ForConditionalGeneration`` (Kimi-K2.5), the same computation as transformers'
+    ``Kimi_K25VisionModel`` (spec §5.10) in vLLM's layout.
+
+    **The call.** ``tower(pixel_values [n, 3, p, p], grid_thws, encoder_metadata=...)``: the tower
+    embeds the patches, then ``encoder`` runs ``encoder.blocks`` on packed rows ``[n, D]`` with
+    ``cu_seqlens`` (one segment per ``grid_thws`` row: every frame of a clip attends to the others),
+    the rotary table ``rope_freqs_cis`` (complex ``[n, Dh / 2]``, interleaved pairs), ``max_seqlen``
+    and ``sequence_lengths`` (FlashInfer only, refused), computed once per call
+    (``prepare_encoder_metadata``) and handed to every block. ``final_layernorm`` and the temporal
+    pooling (``tpool_patch_merger``) follow the last block, on the restored rows. Items: the
+    ``grid_thws`` rows (an image, or a clip of ``t`` frames), patches row-major. The encoder
+    CUDA-graph call (no ``grid_thws``) is refused.
+
+    **Blocks.** ``x = x + wo(attn(norm0(x))); x = x + mlp(norm1(x))``, a fused ``wqkv``
+    (``QKVParallelLinear``: the rank's heads as ``[q; k; v]``) and a row-parallel ``wo``. From the
+    prune layer on, vLLM's own block runs on the kept rows with the kept segments, their rotary rows
+    (the engine gathers the table's real and imaginary parts, ``BlockCall.position_embeddings``)
+    and the kept ``max_seqlen``. The attention-stabilisation blocks run ``wqkv`` on every row
+    (see the module docstring), reorder q's and k's head features for ``ngr_attention``'s
+    ``rotate_half`` rotary (``interleaved_to_halves``), attend with the kept queries over every key
+    of their segment, then ``wo`` (all-reduced under tensor parallelism) and the MLP.
+    """
+
+    name = "vllm_kimi_k25"
+    TOWER_PARTS: tuple[str, ...] = ("encoder.blocks", "encoder.final_layernorm")
+    BLOCK_PARTS: tuple[str, ...] = (
+        "norm0",
+        "norm1",
+        "mlp",
+        "wqkv",
+        "wo",
+        "attn.scale",
+        "num_attention_heads_per_partition",
+        "hidden_size_per_attention_head",
+    )
+    BLOCK_PARAMETERS: tuple[str, ...] = ("cu_seqlens", "rope_freqs_cis", "max_seqlen", "sequence_lengths")
+
+    def blocks(self, tower: nn.Module) -> nn.ModuleList:
+        missing = missing_parts(tower, self.TOWER_PARTS)
+        if not missing and len(tower.encoder.blocks):
+            block = tower.encoder.blocks[0]
+            missing += missing_parts(block, self.BLOCK_PARTS)
+            missing += missing_parameters(type(block).forward, self.BLOCK_PARAMETERS)
+        require(tower, missing, self.name)
+        return tower.encoder.blocks
+
+    @staticmethod
+    def _grid(args: tuple, kwargs: dict[str, Any]) -> list[list[int]]:
+        """The call's ``grid_thws`` rows ``[t, h, w]`` (a tensor or a list)."""
+        grid = kwargs["grid_thws"] if "grid_thws" in kwargs else (args[1] if len(args) > 1 else None)
+        if grid is None:
+            raise ValueError("IPCV needs the tower's grid_thws (a CUDA-graphed encoder call has none)")
+        rows = grid.tolist() if isinstance(grid, torch.Tensor) else grid
+        return [[int(v) for v in row] for row in rows]
+
+    def describe_call(self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]) -> TowerCall:
+        """Items: the ``grid_thws`` rows, ``t * h * w`` rows each."""
+        return TowerCall([t * h * w for t, h, w in self._grid(args, kwargs)])
+
+    def token_grid(
+        self, tower: nn.Module, args: tuple, kwargs: dict[str, Any], hints: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Each frame its own part, patches row-major (as transformers' Kimi-K2.5)."""
+        return merge_unit_grid(self._grid(args, kwargs), 1)
+
+    def parse_block_call(self, args: tuple, kwargs: dict[str, Any], state: ForwardState) -> BlockCall:
+        kwargs = dict(kwargs)
+        values = [kwargs.pop(name) if name in kwargs else None for name in self.BLOCK_PARAMETERS]
+        positional = list(args)
+        for i, value in enumerate(values):  # the encoder passes cu_seqlens by position, the rest by keyword
+            if value is None and positional:
+                values[i] = positional.pop(0)
+        cu_seqlens, rope_freqs_cis, max_seqlen, sequence_lengths = values
+        if sequence_lengths is not None:
+            raise ValueError("IPCV does not support vLLM's FlashInfer cuDNN ViT backend (sequence_lengths)")
+        rotary = (rope_freqs_cis.real, rope_freqs_cis.imag)
+        return BlockCall(cu_seqlens, rotary, tuple(positional), {"max_seqlen": max_seqlen, **kwargs})
+
+    def run_block(
+        self,
+        block: nn.Module,
+        forward: Callable[..., torch.Tensor],
+        hidden: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        call: BlockCall,
+        config: IPCVConfig,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """vLLM's block on packed rows ``[N, D]``, the rotary rows ``(real, imag)`` ``[N, Dh / 2]``
+        as its complex table again; returns ``[N, D]``."""
+        kwargs = dict(call.kwargs)
+        longest = kwargs.pop("max_seqlen")
+        if max_seqlen is not None and longest is not None:
+            longest = torch.tensor(max_seqlen, dtype=torch.int32, device=longest.device)
+        real, imag = position_embeddings
+        return forward(
+            hidden,
+            cu_seqlens.to(torch.int32),
+            *call.args,
+            rope_freqs_cis=torch.complex(real, imag),
+            max_seqlen=longest,
+            **kwargs,
+        )
+
+    def stabilised_block(
+        self,
+        block: nn.Module,
+        kept: torch.Tensor,
+        full: torch.Tensor,
+        plan: IPCVPlan,
+        call: BlockCall,
+        config: IPCVConfig,
+        kept_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queries of the kept rows, keys / values of every row of ``full`` ``[n, D]``; returns
+        the kept rows ``[Nk, D]`` of the block's output."""
+        heads, head_dim = block.num_attention_heads_per_partition, block.hidden_size_per_attention_head
+        qkv, _ = block.wqkv(block.norm0(full))  # every row: see the module docstring
+        q, k, v = qkv.view(-1, 3, heads, head_dim).unbind(1)
+        order = interleaved_to_halves(head_dim, full.device)
+        attended = ngr_attention(
+            q[plan.keep][..., order],
+            k[..., order],
+            v,
+            kept_cu_seqlens,
+            call.cu_seqlens.to(torch.int32),
+            softmax_scale=block.attn.scale,
+            backend=config.attention_backend,
+            rotary=full_width_rotary(*call.position_embeddings),
+            q_positions=plan.keep,
+            skip_check=True,
+        )
+        projected, _ = block.wo(attended.reshape(kept.shape[0], -1))
+        hidden = kept + projected
+        return hidden + block.mlp(block.norm1(hidden))
+
+
 class VLLMInternVLAdapter(TiledTowerAdapter):
     """vLLM's ``InternS1VisionModel`` (``interns1_vit``), the tower of
     ``InternS1ForConditionalGeneration``, which vLLM's registry also maps transformers' native

@@ -234,7 +234,77 @@ LLAMA4_TEXT_OVERRIDES = {
     "initializer_range": 0.1,
 }
 LLAMA4_MAX_TILES = 4
-FAMILIES = (*CHECKPOINTS, "internvl", "internvl_chat", *CLIP_FAMILY_CHECKPOINTS, "gemma4", "llama4", "minicpmv")
+# Kimi-K2.5: the family table's tiny model with a decoder vLLM's CPU MLA kernels take (they fix the
+# latent cache at kv_lora_rank 512 + qk_rope_head_dim 64 = 576 wide) and dense layers only (vLLM 0.32
+# has no CPU MoE backend for fp32: "No Unquantized MoE backend supports the deployment
+# configuration"), its media tokens at the ids of the tiny model's special tokens (vLLM looks
+# <|media_pad|> up by name), and what vLLM's own image processor (``KimiK25FusedVisionProcessor``)
+# reads from ``processor_config.json``.
+KIMI_K25_TEXT = {"kv_lora_rank": 512, "qk_rope_head_dim": 64, "first_k_dense_replace": 2}
+KIMI_K25_TOKENS = {
+    "<|media_pad|>": TINY_SPECIAL_TOKENS["image_token_id"],
+    "<|media_begin|>": TINY_SPECIAL_TOKENS["vision_start_token_id"],
+    "<|media_end|>": TINY_SPECIAL_TOKENS["vision_end_token_id"],
+    "<|media_content|>": TINY_SPECIAL_TOKENS["vision_end_token_id"] + 1,
+}
+# One image's placeholder in a Kimi-K2.5 prompt (vLLM's ``get_placeholder_str``).
+KIMI_K25_IMAGE = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
+KIMI_K25_MEAN_STD = (0.5, 0.5, 0.5)
+# Engine settings some families need beyond ``ENGINE`` (``engine_settings``). Kimi-K2.5: fp32 MLA
+# runs on the reference CPU_MLA backend (vLLM picks AMX_MLA on CPUs with AMX, which takes 16-bit and
+# 8-bit weights only); pixels normalised by the processor, not in the tower (vLLM's default for this
+# model, ``mm_device_do_normalize``, normalises inside ``patch_embed``: the tests hand the tower
+# the pixels transformers gets); media go in as ``vision_chunk`` items (the model's one modality).
+ENGINE_OPTIONS: dict[str, dict[str, Any]] = {
+    "kimi_k25": dict(
+        attention_config={"backend": "CPU_MLA"},
+        mm_device_do_normalize=False,
+        limit_mm_per_prompt={"vision_chunk": 4},
+    ),
+}
+# The ``multi_modal_data`` key of images where it is not ``"image"``: Kimi-K2.5 takes images and video
+# clips as one modality.
+IMAGE_MODALITY = {"kimi_k25": "vision_chunk"}
+FAMILIES = (
+    *CHECKPOINTS,
+    "internvl",
+    "internvl_chat",
+    *CLIP_FAMILY_CHECKPOINTS,
+    "gemma4",
+    "llama4",
+    "minicpmv",
+    "kimi_k25",
+)
+
+
+def engine_settings(family: str, **overrides: Any) -> dict[str, Any]:
+    """``vllm.LLM``'s settings for a ``family`` checkpoint: ``ENGINE``, the family's
+    ``ENGINE_OPTIONS``, then ``overrides`` (a limit of images per prompt is given as the family's
+    media modality's: ``limit_mm_per_prompt={"image": n}`` becomes ``{"vision_chunk": n}`` for
+    Kimi-K2.5)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    settings = {**ENGINE, **ENGINE_OPTIONS.get(family, {})}
+    limits = overrides.pop("limit_mm_per_prompt", None)
+    if limits is not None:
+        modality = image_modality(family)
+        settings["limit_mm_per_prompt"] = {modality if key == "image" else key: n for key, n in limits.items()}
+    return {**settings, **overrides}
+
+
+def image_modality(family: str) -> str:
+    """The ``multi_modal_data`` key a ``family`` model takes images under (``IMAGE_MODALITY``)."""
+    return IMAGE_MODALITY.get(family, "image")
+
+
+def image_request(family: str, prompt: str, images: Any, uuid: str) -> dict[str, Any]:
+    """A ``generate`` request of ``prompt`` with ``images`` (a PIL image or a list) for a
+    ``family`` model, under a new ``uuid`` per image (vLLM keys its encoder cache by it)."""
+    images = images if isinstance(images, list) else [images]
+    modality = image_modality(family)
+    data = [{"type": "image", "image": image} for image in images] if modality == "vision_chunk" else images
+    uuids = [uuid if len(images) == 1 else f"{uuid}-{i}" for i in range(len(images))]
+    return {"prompt": prompt, "multi_modal_data": {modality: data}, "multi_modal_uuids": {modality: uuids}}
 
 
 @dataclass(frozen=True)
@@ -363,6 +433,7 @@ SIZED_FAMILIES = (
     "gemma4",
     "llama4",
     "minicpmv",
+    "kimi_k25",
 )
 
 
@@ -423,8 +494,8 @@ def build_checkpoint(
     if (vision or preset is not None) and family not in SIZED_FAMILIES:
         raise ValueError(f"vision and preset apply to the families with presets {SIZED_FAMILIES}, not to {family}")
     if family not in CHECKPOINTS:
-        if max_pixels != MAX_PIXELS:
-            raise ValueError(f"max_pixels applies to the Qwen families only, not to {family}")
+        if max_pixels != MAX_PIXELS and family != "kimi_k25":
+            raise ValueError(f"max_pixels applies to the Qwen families and kimi_k25 only, not to {family}")
         if text and family == "internvl_chat":
             raise ValueError("text does not apply to internvl_chat (its configuration is written by hand)")
         sizing = Sizing(dict(vision or {}), dict(text or {}), use)
@@ -436,6 +507,8 @@ def build_checkpoint(
             return _build_llama4(path, seed, sizing)
         if family == "minicpmv":
             return _build_minicpmv(path, seed, sizing)
+        if family == "kimi_k25":
+            return _build_kimi_k25(path, seed, sizing, max_pixels)
         return _build_internvl(path, seed, sizing) if family == "internvl" else _build_internvl_chat(path, seed)
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -698,6 +771,151 @@ def _build_minicpmv(path: Path, seed: int, sizing: Sizing) -> Path:
     return path
 
 
+# transformers' Kimi-K2.5 weight names -> the Hub's (what vLLM loads, and transformers converts back
+# on load), applied in order; the attention's q / k / v are fused separately (``kimi_k25_state_dict``).
+_KIMI_K25_NAMES = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.patch_embed.pos_emb.position_embeddings", "vision_tower.patch_embed.pos_emb.weight"),
+    ("model.vision_tower.patch_embed.", "vision_tower.patch_embed."),
+    ("model.vision_tower.final_layernorm.", "vision_tower.encoder.final_layernorm."),
+    ("model.vision_tower.layers.", "vision_tower.encoder.blocks."),
+    (".norm1.", ".norm0."),
+    (".norm2.", ".norm1."),
+    (".mlp.fc1.", ".mlp.fc0."),
+    (".mlp.fc2.", ".mlp.fc1."),
+    (".attn.proj.", ".wo."),
+    ("model.mm_projector.in_proj.", "mm_projector.proj.0."),
+    ("model.mm_projector.out_proj.", "mm_projector.proj.2."),
+    ("model.mm_projector.", "mm_projector."),
+)
+
+
+def _interleave_rotary_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """A q / k projection's output rows (weight or bias) from transformers' ``rotate_half`` order
+    (each head's features ``0, 2, 4, ..`` then ``1, 3, 5, ..``) back to the Hub's interleaved
+    order: the inverse of transformers' ``PermuteForRope``."""
+    rows = tensor.shape[0]
+    half = rows // heads // 2
+    return tensor.reshape(heads, 2, half, *tensor.shape[1:]).transpose(1, 2).reshape(tensor.shape)
+
+
+def kimi_k25_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """A transformers ``Kimi_K25ForConditionalGeneration``'s weights under the Hub's names: the
+    tower's ``q_proj`` / ``k_proj`` / ``v_proj`` as one ``wqkv`` (rows ``[q; k; v]``, q and k in the
+    interleaved rotary order), the decoder's fused experts as one module per expert."""
+    heads = model.config.vision_config.num_attention_heads
+    weights: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        for old, new in _KIMI_K25_NAMES:
+            name = name.replace(old, new)
+        weights[name] = tensor.detach().clone().contiguous()
+    for name in [n for n in weights if ".attn.q_proj." in n]:
+        q, k, v = (weights.pop(name.replace(".q_proj.", f".{x}_proj.")) for x in "qkv")
+        fused = torch.cat([_interleave_rotary_rows(q, heads), _interleave_rotary_rows(k, heads), v])
+        weights[name.replace(".attn.q_proj.", ".wqkv.")] = fused.contiguous()
+    for name in [n for n in weights if n.endswith(".mlp.experts.gate_up_proj")]:
+        gate_up, down = weights.pop(name), weights.pop(name.replace("gate_up_proj", "down_proj"))
+        prefix = name[: -len("gate_up_proj")]
+        for expert, (gate, up) in enumerate(zip(*gate_up.chunk(2, dim=1), strict=True)):
+            weights[f"{prefix}{expert}.gate_proj.weight"] = gate.contiguous()
+            weights[f"{prefix}{expert}.up_proj.weight"] = up.contiguous()
+            weights[f"{prefix}{expert}.down_proj.weight"] = down[expert].contiguous()
+    return weights
+
+
+def _build_kimi_k25(path: Path, seed: int, sizing: Sizing, max_pixels: int) -> Path:
+    """The family table's tiny Kimi-K2.5 in the Hub's layout, which vLLM and transformers both load.
+
+    transformers 5.19's ``save_pretrained`` cannot write it (its reverse weight conversion renames
+    the decoder's attention) and its architecture name (``Kimi_K25ForConditionalGeneration``)
+    sends vLLM to its transformers backend, so the files are written here: the weights under the
+    Hub's names (``kimi_k25_state_dict``), ``config.json`` with the Hub's architecture
+    (``KimiK25ForConditionalGeneration``) and vision fields (SGLang's config class reads
+    ``init_pos_emb_*``, ``vt_hidden_size``, ...; vLLM and transformers read transformers'), an untied
+    output layer, the decoder of ``KIMI_K25_TEXT`` (and ``sizing.text``), the tower of ``sizing.vision``;
+    ``processor_config.json``: transformers' processor and the ``media_proc_cfg`` for vLLM's processor (images of up to
+    ``max_pixels`` pixels); the word-level tokenizer with the media tokens ``KIMI_K25_TOKENS``.
+    """
+    import json
+
+    import transformers
+    from safetensors.torch import save_file
+
+    from ..families import family as family_row
+    from ..testing.models import finish, jitter
+
+    tiny = family_row("kimi_k25").tiny_model
+    fields = tiny.fields({**KIMI_K25_TEXT, **sizing.text})
+    fields["vision_config"] = {**fields["vision_config"], **sizing.vision}
+    config = transformers.Kimi_K25Config(**fields, tie_word_embeddings=False)
+    config.get_text_config().tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = transformers.Kimi_K25ForConditionalGeneration(config)
+    jitter(model, seed)
+    model = finish(model, "sdpa", torch.float32)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(kimi_k25_state_dict(model), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    saved = config.to_dict()
+    saved["architectures"] = ["KimiK25ForConditionalGeneration"]
+    saved["torch_dtype"] = "float32"
+    saved["media_placeholder_token_id"] = config.image_token_id
+    saved["text_config"]["architectures"] = ["DeepseekV3ForCausalLM"]  # as the Hub's (SGLang reads it)
+    vision = saved["vision_config"]
+    # The Hub's vision fields besides transformers' (SGLang's own config class reads these).
+    vision.update({f"init_pos_emb_{side}": vision[f"pos_emb_{side}"] for side in ("height", "width", "time")})
+    vision.update(
+        pos_emb_type="divided_fixed",
+        video_attn_type="spatial_temporal",
+        merge_type="sd2_tpool",
+        mm_projector_type="patchmerger",
+        projector_ln_eps=config.projection_layer_norm_eps,
+        vt_hidden_size=vision["hidden_size"],
+        text_hidden_size=saved["text_config"]["hidden_size"],
+    )
+    (path / "config.json").write_text(json.dumps(saved, indent=2))
+
+    patch = int(config.vision_config.patch_size)
+    patches = max_pixels // (patch * patch)
+    media = dict(
+        patch_size=patch,
+        merge_kernel_size=list(config.vision_config.merge_kernel_size),
+        in_patch_limit=patches,
+        patch_limit_on_one_side=512,  # the tower's rotary grid
+        fixed_output_tokens=None,
+        image_mean=list(KIMI_K25_MEAN_STD),
+        image_std=list(KIMI_K25_MEAN_STD),
+        temporal_merge_kernel_size=config.vision_config.pos_emb_time,
+        in_patch_limit_each_frame=patches,
+        in_patch_limit_video=None,
+    )
+    # transformers' processor of the same sizes (navit resize within the patch budget, padding to
+    # whole pooling windows: what vLLM's processor does), for the benchmark's reference; vLLM reads
+    # ``media_proc_cfg`` beside its fields.
+    from transformers.models.kimi_k25.image_processing_kimi_k25 import Kimi_K25ImageProcessor
+    from transformers.models.kimi_k25.video_processing_kimi_k25 import Kimi_K25VideoProcessor
+
+    sizes = dict(patch_size=patch, merge_size=int(config.vision_config.merge_kernel_size[0]))
+    transformers.Kimi_K25Processor(
+        image_processor=Kimi_K25ImageProcessor(
+            **sizes,
+            max_patches=patches,
+            size={"max_height": media["patch_limit_on_one_side"], "max_width": media["patch_limit_on_one_side"]},
+            image_mean=list(KIMI_K25_MEAN_STD),
+            image_std=list(KIMI_K25_MEAN_STD),
+        ),
+        tokenizer=build_tokenizer(KIMI_K25_TOKENS),
+        video_processor=Kimi_K25VideoProcessor(**sizes),
+    ).save_pretrained(path)
+    # Both read the image processor's entry of processor_config.json.
+    processor_file = path / "processor_config.json"
+    saved = json.loads(processor_file.read_text())
+    saved["image_processor"]["media_proc_cfg"] = media
+    processor_file.write_text(json.dumps(saved, indent=2))
+    return path
+
+
 def _tiny_internvl(seed: int, sizing: Sizing | None = None, processor: Any = None) -> Any:
     """The tiny ``InternVLForConditionalGeneration`` both InternVL checkpoints save (``sizing``: its
     tower's and decoder's fields changed, the config's tokens per tile and ``processor`` sized to
@@ -901,6 +1119,26 @@ def shutdown_engine(llm: Any) -> None:
 
     llm.llm_engine.engine_core.shutdown()
     gc.collect()
+
+
+def allow_in_process_engines_after_numba() -> None:
+    """Let an in-process vLLM 0.32 CPU engine start in a process that imported numba.
+
+    Without Triton, vLLM's CPU worker rebinds some Triton kernels to C++ ones at start
+    (``register_triton_kernel_overrides``) by scanning every attribute of every imported module,
+    reading ``vars(value)`` where ``hasattr(value, "__dict__")``. numba's llvmlite holds a library
+    wrapper (``llvmlite.binding.ffi.lib``) whose ``__getattr__`` wraps any name as a C function,
+    ``__dict__`` included, so the scan fails (``'_lib_fn_wrapper' object has no attribute
+    'get'``). Kimi-K2.5's processor in vLLM imports numba before an in-process engine's worker
+    starts (a spawned worker imports it later, and is unaffected). Giving the wrapper an empty
+    ``__dict__`` entry lets the scan pass it; llvmlite never looks the name up itself. A no-op
+    without llvmlite; idempotent.
+    """
+    if importlib.util.find_spec("llvmlite") is None:
+        return
+    from llvmlite.binding import ffi
+
+    ffi.lib._fntab.setdefault("__dict__", {})
 
 
 _TORCHVISION_SCHEMAS: list[Any] = []  # the library fragment must stay alive

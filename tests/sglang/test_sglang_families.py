@@ -318,6 +318,25 @@ def minicpmv_features(hf_model, call):
     return torch.cat(hf_model.model.get_image_features(call.pixels.to(hf_model.dtype), call.layout).pooler_output)
 
 
+# -- Kimi-K2.5 ------------------------------------------------------------------------------------
+def kimi_k25_call(model, name, seed):
+    """Patches ``[n, 3, p, p]`` of the ``GRIDS`` rows, row-major (a video: one clip of ``t``
+    frames, one grid row, one item)."""
+    from ipcv_kernels.testing.models import kimi_k25_pixels
+
+    pixels, grid_thws = kimi_k25_pixels(model.config.vision_config, GRIDS[name], seed=seed)
+    return Call(pixels, grid_thws, grid_thws, name == "video", int(grid_thws.prod(-1).sum()))
+
+
+def kimi_k25_features(hf_model, call):
+    """transformers' tower (temporal pooling included) and projector, ``[tokens, D]`` (its
+    ``get_image_features`` splits a clip's rows by ``t * h * w / 4``: spec §5.10)."""
+    model = hf_model.model
+    pooled = model.vision_tower(call.pixels.to(hf_model.dtype), grid_thw=call.layout).pooler_output
+    features = model.mm_projector(pooled)
+    return features.reshape(-1, features.shape[-1])
+
+
 def qwen(name, prefix, reference=qwen_merger, **extra):
     return Family(
         name, f"{prefix}ForConditionalGeneration", None, qwen_call, qwen_split, reference, qwen_attention, **extra
@@ -355,6 +374,17 @@ FAMILIES = {
         attention_path="self_attn",
         transformers_calls=("images_of_different_sizes", "unpadded_image"),
         metadata=False,
+    ),
+    # MoonViT: packed rows, interleaved complex rotary, a clip's frames one segment; SGLang's
+    # VisionAttention with metadata, as the Qwen towers'.
+    "kimi_k25": Family(
+        "Kimi-K2.5",
+        "Kimi_K25ForConditionalGeneration",
+        None,
+        kimi_k25_call,
+        qwen_split,
+        kimi_k25_features,
+        qwen_attention,
     ),
     # Pixtral: images packed into one sequence, SGLang's attention with a block-diagonal mask.
     "mistral3": Family(
@@ -628,7 +658,7 @@ def test_every_attention_call_gets_metadata_of_its_segments(model, family_id, na
 
         def record(x, *args, _original=attention.forward, **kwargs):
             segments = kwargs["cu_seqlens"] if family.metadata else kwargs["attention_mask"]
-            calls.append((x.shape[0] * x.shape[1], segments, kwargs.get("forward_metadata")))
+            calls.append((x.reshape(-1, x.shape[-1]).shape[0], segments, kwargs.get("forward_metadata")))
             return _original(x, *args, **kwargs)
 
         attention.forward = record

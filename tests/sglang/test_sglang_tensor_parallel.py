@@ -7,7 +7,7 @@ plugin through its entry point and building the model through SGLang's loader
 model of the same checkpoint, for every family with an SGLang entry (InternVL: 4 vision heads, 2
 per rank, its QK norm gathering every head; Gemma 3: one crop, SigLIP's 4 heads, 2 per rank; Gemma 4:
 4 heads, 2 per rank, padded images; Llama 4: 4 heads, 2 per rank, tiles of three images; MiniCPM-V: 4
-heads, 2 per rank, slices 2 x 2 merged inside the tower):
+heads, 2 per rank, slices 2 x 2 merged inside the tower; Kimi-K2.5: MoonViT's 4 heads, 2 per rank):
 
 - both ranks' plans (``keep``, ``drop``, neighbours, kept segments) are bit-identical, as are
   their token counts per block and their outputs, and each rank holds half the heads;
@@ -67,6 +67,10 @@ def images(model, family_id):
         for image, (height, width) in zip(pixels, PIXTRAL_SIZES, strict=True):
             image[:, :height, :width] = torch.randn(3, height, width, generator=generator)
         return pixels, torch.tensor(PIXTRAL_SIZES)
+    if family_id == "kimi_k25":  # patches [n, 3, p, p], row-major, and their grid rows
+        from ipcv_kernels.testing.models import kimi_k25_pixels
+
+        return kimi_k25_pixels(model.config.vision_config, GRID, seed=7)
     # SGLang's Qwen3.5 model keeps its text config as ``config``: its tower's patch sizes instead.
     sizes = getattr(model.config, "vision_config", None) or model.visual.patch_embed
     kwargs, pixels = qwen_encoder_inputs(sizes, GRID, seed=7)

@@ -19,6 +19,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def in_process_engines_after_numba():
+    """In-process engines start after numba is imported (Kimi-K2.5's processor imports it):
+    ``ipcv_kernels.vllm.testing.allow_in_process_engines_after_numba``."""
+    from ipcv_kernels.vllm.testing import allow_in_process_engines_after_numba
+
+    allow_in_process_engines_after_numba()
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """``checkpoint(family)``: the path of a tiny saved ``family`` checkpoint

