@@ -669,7 +669,7 @@ FAMILIES: tuple[Family, ...] = (
         "MiniCPM-V 4.6 / 4.7",
         SLICES,
         flops.minicpmv_flops,
-        # One tower under two names; 4.7 (transformers >= 5.25) changes the language model's
+        # One tower under two names; 4.7 (transformers >= 5.19) changes the language model's
         # positions only. The decoder is Qwen3.5's hybrid one, which LLM-side pruners refuse.
         hf=HFClasses(
             MiniCPMVAdapter,

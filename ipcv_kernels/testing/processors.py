@@ -691,7 +691,7 @@ class TinyMiniCPMVProcessor(TinyQwen2VLProcessor):
 # The transformers version whose MiniCPM-V tower takes slices of different sizes in one call, and
 # why older ones cannot (the family row's ``min_transformers``).
 MINICPMV_MIXED_SLICES = (
-    "5.25",
+    "5.19",
     "transformers 5.17's vit_merger reshapes a call's rows as slices of target_sizes[0]'s size, so the "
     "unpatched tower fails on a call of slices of different sizes",
 )

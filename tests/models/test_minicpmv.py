@@ -18,7 +18,7 @@ from ipcv_kernels.testing import assert_close
 from ipcv_kernels.testing.models import MINICPMV_VISION, minicpmv_pixels
 
 ROW = family("minicpmv")
-# Slices of different sizes need transformers >= 5.25 (spec §5.12); equal ones run on 5.17 too.
+# Slices of different sizes need transformers >= 5.19 (spec §5.14); equal ones run on 5.17 too.
 MIXED = ROW.tower_test_skip()
 SLICES = [(8, 8), (8, 12)] if MIXED is None else [(8, 8), (8, 8)]
 INSERT = 2  # a tower whose merge follows block 2: IPCV from block 4 on
@@ -120,7 +120,7 @@ def test_4x_mode_without_the_merge_counts_every_patch_per_item():
 
 @pytest.mark.skipif(
     importlib.util.find_spec("transformers.models.minicpmv4_7") is None,
-    reason="MiniCPM-V 4.7 needs transformers >= 5.25",
+    reason="MiniCPM-V 4.7 needs transformers >= 5.19",
 )
 def test_4_7_tower_is_the_row_and_equals_4_6_with_the_same_weights():
     tower_4_6 = tower_with_merge_after(INSERT)
