@@ -193,6 +193,16 @@ def kept_metadata(metadata: Any, cu_seqlens: torch.Tensor, max_seqlen: int | Non
     return type(metadata)(cu_seqlens=cu_seqlens, seq_lens=cu_seqlens[1:] - cu_seqlens[:-1], max_seqlen=max_seqlen)
 
 
+def segment_kwargs(call: BlockCall, cu_seqlens: torch.Tensor, max_seqlen: int | None) -> dict[str, Any]:
+    """The block call's keyword arguments for rows of segments ``cu_seqlens``: the tower's, with its
+    ``forward_metadata`` recomputed (``kept_metadata``) where the rows are not the tower's."""
+    kwargs = dict(call.kwargs)
+    metadata = kwargs.get("forward_metadata")
+    if metadata is not None and cu_seqlens is not call.cu_seqlens:
+        kwargs["forward_metadata"] = kept_metadata(metadata, cu_seqlens, max_seqlen)
+    return kwargs
+
+
 class SGLangQwen2VLAdapter(VLLMQwen2VLAdapter):
     """SGLang's ``Qwen2VisionTransformer`` (``Qwen2VLForConditionalGeneration.visual``).
 
@@ -247,10 +257,7 @@ class SGLangQwen2VLAdapter(VLLMQwen2VLAdapter):
     ) -> torch.Tensor:
         """SGLang's block on packed rows ``[N, D]`` (given to it as ``[N, 1, D]``) with segments
         ``cu_seqlens``; returns ``[N, D]``. Rows other than the tower's get metadata of their own."""
-        kwargs = dict(call.kwargs)
-        metadata = kwargs.get("forward_metadata")
-        if metadata is not None and cu_seqlens is not call.cu_seqlens:
-            kwargs["forward_metadata"] = kept_metadata(metadata, cu_seqlens, max_seqlen)
+        kwargs = segment_kwargs(call, cu_seqlens, max_seqlen)
         if self.blocks_modify_input:
             hidden = hidden.clone()  # the engine keeps the tensors it hands out (the base's kept rows)
         out = forward(
@@ -928,10 +935,7 @@ class SGLangMiniCPMVAdapter(MiniCPMVAdapter):
     ) -> torch.Tensor:
         """SGLang's layer on packed rows ``[N, D]`` (given to it as ``[1, N, D]``) with segments
         ``cu_seqlens``; returns ``[N, D]``. Rows other than the tower's get metadata of their own."""
-        kwargs = dict(call.kwargs)
-        metadata = kwargs.get("forward_metadata")
-        if metadata is not None and cu_seqlens is not call.cu_seqlens:
-            kwargs["forward_metadata"] = kept_metadata(metadata, cu_seqlens, max_seqlen)
+        kwargs = segment_kwargs(call, cu_seqlens, max_seqlen)
         out = forward(hidden.unsqueeze(0), *call.args, cu_seqlens=cu_seqlens.to(torch.int32), **kwargs)
         return out.reshape(-1, hidden.shape[-1])
 
